@@ -43,6 +43,10 @@ class UnsupportedModelError(ValueError):
     """Raised for an architecture this library cannot rotate/quantize."""
 
 
+class ModelNotFoundError(OSError):
+    """Raised when a model name is neither the embedded alias, a local folder nor reachable on the hub."""
+
+
 def cache_dir() -> Path:
     """Folder for caches (dequantized model, tokenized corpora, trained models). Outside the repo.
 
@@ -137,7 +141,15 @@ def load(
     else:
         from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-        cfg = AutoConfig.from_pretrained(name_or_path)
+        try:
+            cfg = AutoConfig.from_pretrained(name_or_path)
+        except (OSError, ValueError) as e:
+            raise ModelNotFoundError(
+                f"Could not load a model config for {name_or_path!r}: not the embedded alias "
+                f"{EMBEDDED_ALIAS!r}, not a local folder with config.json, and not reachable on the Hugging Face "
+                f"hub (offline: HF_HUB_OFFLINE={os.environ.get('HF_HUB_OFFLINE', '')!r}). Use "
+                f"load({EMBEDDED_ALIAS!r}) for the offline default. Cause: {type(e).__name__}: {str(e)[:200]}"
+            ) from e
         _check_config(cfg)
         model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype)
         tok = AutoTokenizer.from_pretrained(name_or_path)

@@ -1,0 +1,106 @@
+"""Command line: ``python -m rcp_lib {ppl,reproduce,...}``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+
+def _cmd_ppl(args: argparse.Namespace) -> int:
+    import torch
+
+    from .data import corpus_tokens
+    from .evaluation import perplexity_details
+    from .models import describe, load
+
+    torch.manual_seed(args.seed)
+    model, tok = load(args.model, device=args.device)
+    ids = corpus_tokens(tok, args.corpus, args.split)
+    if torch.cuda.is_available() and args.device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+    r = perplexity_details(model, ids, seqlen=args.seqlen, max_windows=args.max_windows, batch_size=args.batch_size)
+    out = {
+        "model": args.model,
+        "model_note": describe(args.model),
+        "corpus": args.corpus,
+        "split": args.split,
+        "seqlen": args.seqlen,
+        "windows": r.windows,
+        "tokens_scored": r.tokens_scored,
+        "ppl": round(r.ppl, 4),
+        "seconds": round(r.seconds, 1),
+        "tokens_per_second": round(r.tokens_per_second, 1),
+    }
+    if args.json:
+        print(json.dumps(out))
+    else:
+        print(f"{args.model} on {args.corpus}/{args.split} @ seqlen {args.seqlen}: ppl = {r.ppl:.4f} "
+              f"({r.windows} windows, {r.tokens_scored} tokens scored, {r.seconds:.1f} s, {r.tokens_per_second:.0f} tok/s)")
+    return 0
+
+
+def _cmd_qat(args: argparse.Namespace) -> int:
+    from .run_config import RunConfig, run_qat
+
+    cfg = RunConfig.load(args.config)
+    if args.steps is not None:
+        cfg.qat.steps = args.steps
+    summary = run_qat(cfg, progress=not args.quiet)
+    print(json.dumps({k: v for k, v in summary.items() if k != "config"}, default=str))
+    return 0
+
+
+def _cmd_reproduce(args: argparse.Namespace) -> int:
+    from .reproduce import NotebookFailed, reproduce
+
+    try:
+        done = reproduce(args.profile, notebooks=args.notebooks or None)
+    except NotebookFailed as e:
+        print(f"[rcp_lib] reproduce stopped: {e}", file=sys.stderr)
+        return 1
+    print("\n".join(str(p) for p in done))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m rcp_lib", description=__doc__)
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    q = sub.add_parser("ppl", help="perplexity of a (full-precision) model on a corpus split")
+    q.add_argument("--model", default="smollm2-135m")
+    q.add_argument("--corpus", default="wiki-excerpt", choices=["wiki-excerpt", "wikitext2"])
+    q.add_argument("--split", default="test", choices=["train", "test"])
+    q.add_argument("--seqlen", type=int, default=2048)
+    q.add_argument("--max-windows", type=int, default=None)
+    q.add_argument("--batch-size", type=int, default=1)
+    q.add_argument("--device", default="cpu")
+    q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--json", action="store_true", help="print one JSON line")
+    q.set_defaults(func=_cmd_ppl)
+
+    t = sub.add_parser("qat", help="rotate + quantize + QAT-train a model from a YAML/JSON run config")
+    t.add_argument("--config", required=True, help="e.g. configs/cpu.yaml")
+    t.add_argument("--steps", type=int, default=None, help="override qat.steps")
+    t.add_argument("--quiet", action="store_true", help="no progress bars")
+    t.set_defaults(func=_cmd_qat)
+
+    r = sub.add_parser("reproduce", help="execute the notebooks with papermill for a profile")
+    r.add_argument("--profile", default="cpu", choices=["smoke", "cpu", "paper"])
+    r.add_argument("--notebooks", nargs="*", help="only these notebooks (file names)")
+    r.set_defaults(func=_cmd_reproduce)
+
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    t = time.time()
+    rc = args.func(args)
+    print(f"[rcp_lib] {args.cmd} done in {time.time() - t:.1f} s", file=sys.stderr)
+    return rc
+
+
+if __name__ == "__main__":
+    sys.exit(main())

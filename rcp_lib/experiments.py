@@ -1,0 +1,447 @@
+"""Experiments: named methods -> built models -> cached result rows with provenance.
+
+Used by the notebooks and the CLI; holds no algorithm of its own (it composes ``rotate_model``,
+``quantize_model``, GPTQ, ``train`` and the evaluators). Every row carries its full config (model,
+rotation, quantization, PTQ/QAT recipe), corpus, seqlen, tokens, seed, versions, git commit and date.
+
+Rows are cached as JSON under ``cache_dir()/rows/<hash>.json`` (outside the repo) keyed by the hash of
+everything that determines them plus the library version, so re-running a notebook reuses finished work;
+trained QAT students are cached likewise under ``cache_dir()/qat/<hash>/``.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from . import __version__
+from .data import calibration_windows, corpus_tokens
+from .evaluation import perplexity_details
+from .io import atomic_write_csv, atomic_write_json, provenance
+from .models import cache_dir, describe, load
+from .profiles import Profile
+from .qat import QATConfig, config_hash, train
+from .quant.apply import QuantConfig, preset, quantize_model
+from .rotation.fuse import RotationConfig, rotate_model
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@dataclass
+class Method:
+    """One row of the paper's tables: how a model is rotated, quantized, and calibrated or trained."""
+
+    name: str
+    setting: str = "FP16"  # W2A4KV4 ...
+    rotation: dict | None = None  # RotationConfig fields, None = no rotation
+    quant: dict | None = None  # QuantConfig overrides on top of the setting preset; None with setting FP16
+    ptq: str = "none"  # none | rtn | gptq
+    qat: bool = False
+    family: str = "baseline"  # baseline | ptq | qat
+
+    def rotation_config(self) -> RotationConfig | None:
+        return RotationConfig(**self.rotation) if self.rotation is not None else None
+
+    def quant_config(self, profile: Profile) -> QuantConfig | None:
+        if self.setting == "FP16":
+            return None
+        return preset(self.setting, w_group_size=profile.w_group_size, **(self.quant or {}))
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+QUAROT = {"r1": "random_hadamard", "r2": True, "r3": True, "r4": True}
+GSR = {"r1": "gsr", "r2": True, "r3": True, "r4": True}
+RTN_Q = {"w_method": "rtn", "w_lwc": False}
+
+
+def ptq_methods(settings: list[str]) -> list[Method]:
+    """FP, RTN without rotation, QuaRot-style (random Hadamard R1-R4) + RTN / + GPTQ, GSR R1 + GPTQ."""
+    rows = [Method("FP", family="baseline")]
+    for s in settings:
+        rows += [
+            Method("RTN", s, None, RTN_Q, "rtn", family="ptq"),
+            Method("QuaRot-RTN", s, QUAROT, RTN_Q, "rtn", family="ptq"),
+            Method("QuaRot-GPTQ", s, QUAROT, RTN_Q, "gptq", family="ptq"),
+            Method("GSR-GPTQ", s, GSR, RTN_Q, "gptq", family="ptq"),
+        ]
+    return rows
+
+
+def qat_methods(settings: list[str]) -> list[Method]:
+    """RCP and its ablations, all through the same QAT loop (our reconstruction; see README)."""
+    rcp_q = {"w_method": "ldp", "w_lwc": True}
+    rows = []
+    for s in settings:
+        if s == "W2A4KV4":
+            rows += [
+                Method("RCP", s, QUAROT, rcp_q, qat=True, family="qat"),
+                Method("RCP w/o Partition (LWC+uniform)", s, QUAROT, {"w_method": "rtn", "w_lwc": True}, qat=True, family="qat"),
+                Method("RCP w/o Rotate", s, None, rcp_q, qat=True, family="qat"),
+                Method("RCP w/o Clip", s, QUAROT, {"w_method": "ldp", "w_lwc": False}, qat=True, family="qat"),
+                Method("RCP+GSR", s, GSR, rcp_q, qat=True, family="qat"),
+            ]
+        else:
+            rows.append(Method("RCP", s, QUAROT, rcp_q, qat=True, family="qat"))
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------------
+# building models
+# ---------------------------------------------------------------------------------------------------
+
+_BASE: dict[tuple[str, str], tuple[nn.Module, object]] = {}
+
+
+def base_model(profile: Profile) -> tuple[nn.Module, object]:
+    """The full-precision model of a profile (loaded once per process; callers get deep copies)."""
+    key = (profile.model, profile.device)
+    if key not in _BASE:
+        _BASE[key] = load(profile.model, device=profile.device)
+    return _BASE[key]
+
+
+def tokens(profile: Profile, split: str) -> torch.Tensor:
+    return corpus_tokens(base_model(profile)[1], profile.corpus, split)
+
+
+def calibration(profile: Profile) -> torch.Tensor:
+    """``[calib_windows, calib_seqlen]`` random windows of the train split (GPTQ/QuaRot convention)."""
+    return calibration_windows(tokens(profile, "train"), profile.calib_windows, profile.calib_seqlen, seed=profile.seed)
+
+
+def qat_config(profile: Profile) -> QATConfig:
+    return QATConfig(steps=profile.qat_steps, seqlen=profile.qat_seqlen, batch_size=profile.qat_batch_size,
+                     grad_accum=profile.qat_grad_accum, val_every=profile.qat_val_every,
+                     checkpoint_every=max(1, min(profile.qat_val_every, profile.qat_steps)),
+                     warmup_steps=max(0, min(10, profile.qat_steps // 10)), seed=profile.seed)
+
+
+def build(method: Method, profile: Profile, progress: bool = True) -> nn.Module:
+    """A fresh model for ``method``: copy of the FP model -> rotate -> quantize -> GPTQ or QAT (cached)."""
+    from .quant.calibrate import gptq_model
+
+    fp, _ = base_model(profile)
+    model = copy.deepcopy(fp)
+    rot = method.rotation_config()
+    if rot is not None:
+        rotate_model(model, rot)
+    qcfg = method.quant_config(profile)
+    if qcfg is None:
+        return model
+    quantize_model(model, qcfg)
+    if method.ptq == "gptq":
+        gptq_model(model, calibration(profile), progress=progress)
+    if method.qat:
+        key = config_hash(_row_key(method, profile), {"kind": "qat-student"})
+        out = cache_dir() / "qat" / key
+        done = out / "student.pt"
+        if done.exists():
+            model.load_state_dict(torch.load(done), strict=True)
+        else:
+            res = train(model, fp, tokens(profile, "train"), qat_config(profile), out_dir=out, resume=True, progress=progress)
+            from .io import atomic_save_torch
+
+            atomic_save_torch(model.state_dict(), done)
+            atomic_write_json(res.history, out / "history.json")
+    return model
+
+
+def qat_history(method: Method, profile: Profile) -> list[dict]:
+    key = config_hash(_row_key(method, profile), {"kind": "qat-student"})
+    p = cache_dir() / "qat" / key / "history.json"
+    return json.loads(p.read_text()) if p.exists() else []
+
+
+# ---------------------------------------------------------------------------------------------------
+# rows
+# ---------------------------------------------------------------------------------------------------
+
+
+def _row_key(method: Method, profile: Profile) -> dict:
+    p = profile.to_dict()
+    for k in ("name", "analysis_layers", "analysis_rotations", "zero_shot_tasks", "zero_shot_limit", "settings", "device"):
+        p.pop(k, None)
+    if not method.qat:
+        for k in list(p):
+            if k.startswith("qat_"):
+                p.pop(k)
+    return {"method": method.to_dict(), "profile": p, "rcp_lib": __version__}
+
+
+def _cached(kind: str, key: dict, compute) -> dict:
+    path = cache_dir() / "rows" / f"{kind}-{config_hash(key)}.json"
+    if path.exists():
+        return json.loads(path.read_text())
+    row = compute()
+    atomic_write_json(row, path)
+    return row
+
+
+def method_config(method: Method, profile: Profile) -> dict:
+    q = method.quant_config(profile)
+    r = method.rotation_config()
+    return {"method": method.name, "setting": method.setting, "family": method.family,
+            "rotation": r.to_dict() if r else None, "quant": q.to_dict() if q else None,
+            "ptq": method.ptq, "qat": qat_config(profile).to_dict() if method.qat else None}
+
+
+def ppl_row(method: Method, profile: Profile, progress: bool = True) -> dict:
+    """Perplexity row for a method (cached)."""
+
+    def compute():
+        t0 = time.time()
+        model = build(method, profile, progress=progress)
+        build_s = time.time() - t0
+        r = perplexity_details(model, tokens(profile, "test"), seqlen=profile.seqlen,
+                               max_windows=profile.eval_windows, progress=progress)
+        return {"method": method.name, "setting": method.setting, "family": method.family, "ppl": r.ppl,
+                "model": profile.model, "model_note": describe(profile.model), "corpus": profile.corpus,
+                "split": "test", "seqlen": profile.seqlen, "windows": r.windows, "tokens_scored": r.tokens_scored,
+                "seed": profile.seed, "build_seconds": round(build_s, 1), "eval_seconds": round(r.seconds, 1),
+                "config": method_config(method, profile), **provenance()}
+
+    return _cached("ppl", _row_key(method, profile), compute)
+
+
+def results_dir(profile: Profile) -> Path:
+    return REPO / "results" / profile.name
+
+
+def figures_dir(profile: Profile) -> Path:
+    d = REPO / "figures" / profile.name
+    d.mkdir(parents=True, exist_ok=True)
+    return d
+
+
+def write_rows(rows: list[dict], profile: Profile, name: str) -> Path:
+    """Write result rows atomically to ``results/<profile>/<name>.csv``."""
+    return atomic_write_csv(rows, results_dir(profile) / f"{name}.csv")
+
+
+# ---------------------------------------------------------------------------------------------------
+# tables used by the notebooks
+# ---------------------------------------------------------------------------------------------------
+
+
+def all_methods(profile: Profile) -> list[Method]:
+    return ptq_methods(profile.settings) + qat_methods(profile.settings)
+
+
+def ppl_table(profile: Profile, progress: bool = True) -> list[dict]:
+    """Perplexity rows: FP, the PTQ baselines and the QAT rows for every setting of the profile."""
+    from tqdm.auto import tqdm
+
+    methods = all_methods(profile)
+    rows = []
+    for m in tqdm(methods, desc="methods", unit="row", disable=not progress):
+        rows.append(ppl_row(m, profile, progress=progress))
+    return rows
+
+
+def qat_curves(profile: Profile) -> dict[str, list[dict]]:
+    """Training histories of the QAT rows (``"RCP W2A4KV4"`` -> list of {step, loss, ...})."""
+    return {f"{m.name} {m.setting}": qat_history(m, profile) for m in qat_methods(profile.settings)}
+
+
+def zero_shot_methods(profile: Profile) -> list[Method]:
+    """The rows of the zero-shot table: FP, the PTQ baselines and RCP / RCP+GSR at the first setting."""
+    s = profile.settings[0]
+    keep = {"FP", "RTN", "QuaRot-RTN", "QuaRot-GPTQ", "GSR-GPTQ", "RCP", "RCP+GSR"}
+    return [m for m in all_methods(profile) if m.name in keep and m.setting in (s, "FP16")]
+
+
+def zero_shot_table(profile: Profile, progress: bool = True) -> list[dict]:
+    """Zero-shot rows (lm-evaluation-harness) for :func:`zero_shot_methods` (cached per method)."""
+    from .evaluation.zero_shot import zero_shot
+
+    rows: list[dict] = []
+    for m in zero_shot_methods(profile):
+        key = {**_row_key(m, profile), "tasks": profile.zero_shot_tasks, "limit": profile.zero_shot_limit}
+
+        def compute(m=m):
+            model = build(m, profile, progress=progress)
+            df = zero_shot(model, base_model(profile)[1], tasks=profile.zero_shot_tasks,
+                           limit=profile.zero_shot_limit, config=method_config(m, profile), seed=profile.seed)
+            recs = df.to_dict("records")
+            prov = provenance()
+            return {"rows": [{"method": m.name, "setting": m.setting, "model": profile.model, **r, **prov} for r in recs]}
+
+        rows += _cached("zeroshot", key, compute)["rows"]
+    return rows
+
+
+def chance_level(task: str) -> float | None:
+    """Random-guess accuracy of a multiple-choice task (None for generation/loglikelihood tasks)."""
+    return {"wiki_nextsent": 0.25, "arc_easy": 0.25, "arc_challenge": 0.25, "hellaswag": 0.25, "piqa": 0.5,
+            "winogrande": 0.5, "boolq": 0.5}.get(task)
+
+
+# ---------------------------------------------------------------------------------------------------
+# memory
+# ---------------------------------------------------------------------------------------------------
+
+# Published architecture sizes (config facts; no weights needed).
+REFERENCE_CONFIGS = {
+    "LLaMA-2-7B": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+                       num_key_value_heads=32, head_dim=128, vocab_size=32000, tie_word_embeddings=False),
+    "LLaMA-3.2-1B": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+                         num_key_value_heads=8, head_dim=64, vocab_size=128256, tie_word_embeddings=True),
+    "LLaMA-3.2-3B": dict(hidden_size=3072, intermediate_size=8192, num_hidden_layers=28, num_attention_heads=24,
+                         num_key_value_heads=8, head_dim=128, vocab_size=128256, tie_word_embeddings=True),
+}
+
+
+def _memory_configs(profile: Profile) -> dict[str, dict]:
+    from .models import dims
+
+    cfgs = dict(REFERENCE_CONFIGS)
+    d = dims(base_model(profile)[0])
+    cfgs[profile.model] = dict(hidden_size=d.hidden, intermediate_size=d.intermediate, num_hidden_layers=d.n_layers,
+                               num_attention_heads=d.n_heads, num_key_value_heads=d.n_kv_heads, head_dim=d.head_dim,
+                               vocab_size=d.vocab, tie_word_embeddings=d.tied)
+    return cfgs
+
+
+def memory_table(profile: Profile, seq_len: int = 2048) -> list[dict]:
+    """Footprints (FP16, W2A4KV4, W4A4KV4, W2A16KV16) of the reference models and the profile's model.
+
+    Quantized rows count ``lm_head`` separately even for tied models (rotation needs untied embeddings);
+    the FP16 row keeps the published tying. Ratios are FP16 bytes / scheme bytes.
+    """
+    from dataclasses import replace as _replace
+
+    from .memory import PRESETS, footprint
+
+    rows = []
+    for name, cfg in _memory_configs(profile).items():
+        gs = 128 if cfg["hidden_size"] % 128 == 0 and cfg["intermediate_size"] % 128 == 0 else 64
+        fp = footprint(cfg, "FP16", seq_len=seq_len)
+        for sname in ("FP16", "W2A4KV4", "W4A4KV4", "W2A16KV16"):
+            scheme = PRESETS[sname] if sname == "FP16" else _replace(PRESETS[sname], group_size=gs, kv_group_size=cfg["head_dim"])
+            c = cfg if sname == "FP16" else {**cfg, "tie_word_embeddings": False}
+            f = footprint(c, scheme, seq_len=seq_len)
+            rows.append({"model": name, "scheme": sname, "group_size": gs if sname != "FP16" else None,
+                         "kv_seq_len": seq_len, "weights_gb": f.weights / 1e9, "kv_gb": f.kv_cache / 1e9,
+                         "total_gb": f.total / 1e9, "weight_ratio_vs_fp16": fp.weights / f.weights,
+                         "total_ratio_vs_fp16": fp.total / f.total, "weights_bytes": f.weights,
+                         "kv_bytes": f.kv_cache, "quant_metadata_bytes": f.quant_metadata,
+                         "paper_claim": "5.29x (LLaMA-2-7B W2A4KV4, RCP abstract)" if (name, sname) == ("LLaMA-2-7B", "W2A4KV4") else ""})
+    return rows
+
+
+def kv_curve(profile: Profile) -> "pd.DataFrame":
+    import pandas as pd
+
+    from .memory import PRESETS, footprint
+
+    rows = []
+    for name in ("LLaMA-2-7B", "LLaMA-3.2-1B"):
+        cfg = REFERENCE_CONFIGS[name]
+        for sname in ("FP16", "W2A4KV4"):
+            for s in [2 ** k for k in range(7, 16)]:
+                from dataclasses import replace as _replace
+
+                scheme = PRESETS[sname] if sname == "FP16" else _replace(PRESETS[sname], kv_group_size=cfg["head_dim"])
+                rows.append({"model": name, "scheme": sname, "seq_len": s,
+                             "kv_gb": footprint(cfg, scheme, seq_len=s).kv_cache / 1e9})
+    return pd.DataFrame(rows)
+
+
+def memory_vs_saved(profile: Profile) -> dict:
+    """Accountant vs bytes on disk for the profile's model exported with ``save_quantized`` (W2A4KV4)."""
+    import tempfile
+    from dataclasses import replace as _replace
+
+    from .memory import PRESETS, footprint
+    from .packing import packed_model_bytes, save_quantized
+
+    m = Method("QuaRot-RTN", "W2A4KV4", QUAROT, RTN_Q, "rtn", family="ptq")
+    model = build(m, profile, progress=False)
+    cfg = {**_memory_configs(profile)[profile.model], "tie_word_embeddings": False}
+    scheme = _replace(PRESETS["W2A4KV4"], group_size=profile.w_group_size, kv_group_size=cfg["head_dim"])
+    f = footprint(cfg, scheme)
+    with tempfile.TemporaryDirectory() as d:
+        save_quantized(model, d)
+        disk = packed_model_bytes(d)
+    block_acc = sum(v for k, v in f.per_kind.items() if k.startswith(("attn_", "mlp_")))
+    return {"model": profile.model, "scheme": "W2A4KV4", "group_size": profile.w_group_size,
+            "accountant_block_bytes": block_acc, "disk_block_bytes": disk.get("block_linears"),
+            "accountant_weight_bytes": f.weights, "disk_total_bytes": disk.get("total"),
+            "block_rel_diff": abs(disk.get("block_linears", 0) - block_acc) / block_acc,
+            "total_rel_diff": abs(disk.get("total", 0) - f.weights) / f.weights, **provenance()}
+
+
+# ---------------------------------------------------------------------------------------------------
+# kernel
+# ---------------------------------------------------------------------------------------------------
+
+
+def kernel_correctness(profile: Profile, interpret: bool = True) -> list[dict]:
+    """W2A4 op vs a float64 dense product of the dequantized operands, on random and on real exported weights.
+
+    Backends: the torch reference always; the Triton kernel on CUDA, or under ``TRITON_INTERPRET=1`` on CPU
+    (small shapes only: the interpreter is slow).
+    """
+    import os
+
+    from .kernels import dequantize_activation, pack_codes, quantize_activation_a4, triton_available, w2a4_gemv
+    from .kernels.packing import dequantize
+
+    cases = []
+    g = torch.Generator().manual_seed(profile.seed)
+    for (B, N, K, G) in ((1, 33, 200, 40), (3, 17, 72, 8)):
+        codes = torch.randint(0, 4, (N, K), generator=g, dtype=torch.uint8)
+        lut = torch.sort(torch.randn(N, -(-K // G), 4, generator=g), dim=-1).values.half()
+        cases.append((f"random {N}x{K} g{G}", B, codes, lut, G))
+    # a real layer of the profile's model, quantized to 2 bits with the LDP/uniform grid and exported
+    from .quant.apply import QuantConfig, quantize_model
+
+    fp, _ = base_model(profile)
+    layer = copy.deepcopy(fp.model.layers[0].self_attn.k_proj)
+    holder = nn.Module()
+    holder.lin = layer
+    from .quant.linear import QuantLinear
+    from .quant.quantizers import WeightQuantConfig
+
+    q = QuantLinear.from_linear(layer, WeightQuantConfig(bits=2, group_size=profile.w_group_size, method="ldp", lwc=False,
+                                                         ldp_init="lloyd"))
+    codes, levels = q.export()
+    cases.append((f"real {profile.model} layer0.k_proj {codes.shape[0]}x{codes.shape[1]}", 1, codes, levels.half(),
+                  profile.w_group_size))
+    rows = []
+    use_triton = triton_available() and (torch.cuda.is_available() or interpret)
+    for name, B, codes, lut, G in cases:
+        N, K = codes.shape
+        x = torch.randn(B, K, generator=g)
+        xc, xs, xz = quantize_activation_a4(x)
+        packed = pack_codes(codes)
+        ref = dequantize_activation(xc, xs, xz).double() @ dequantize(packed, lut, K, G).double().T
+        backends = ["torch"] + (["triton"] if use_triton else [])
+        for be in backends:
+            small = N * K <= 20_000
+            if be == "triton" and not torch.cuda.is_available() and not small:
+                continue  # the interpreter is too slow for big shapes
+            if be == "triton" and not torch.cuda.is_available():
+                os.environ["TRITON_INTERPRET"] = "1"
+            dev = "cuda" if (be == "triton" and torch.cuda.is_available()) else "cpu"
+            y = w2a4_gemv(xc.to(dev), xs.to(dev), xz.to(dev), packed.to(dev), lut.to(dev), K, G, backend=be).cpu()
+            rel = ((y.double() - ref).norm() / ref.norm()).item()
+            rows.append({"case": name, "backend": be + ("" if dev == "cuda" or be == "torch" else " (TRITON_INTERPRET)"),
+                         "B": B, "N": N, "K": K, "G": G, "rel_err_vs_float64": rel, "ok": rel < 1e-3})
+    return rows
+
+
+def kernel_speed_table():
+    """``results/kernel_speed.csv`` written by ``benchmarks/bench_kernel.py`` on a GPU, or None."""
+    import pandas as pd
+
+    p = REPO / "results" / "kernel_speed.csv"
+    return pd.read_csv(p) if p.exists() else None

@@ -1,0 +1,72 @@
+"""Run profiles: one dataclass drives the notebooks (papermill parameters), the CLI and the tests.
+
+* ``smoke`` - CI: every notebook end to end in minutes on 2 CPU cores (tiny eval slices, a few QAT steps).
+  Its numbers only prove the pipeline runs; they are written under ``results/smoke/``.
+* ``cpu``   - the embedded default (real SmolLM2-135M, real wiki-excerpt text), the README main command.
+* ``paper`` - LLaMA-2-7B on a GPU with WikiText-2, the paper's setting (needs the data set and the weights).
+
+Results of each profile go to ``results/<profile>/`` and figures to ``figures/<profile>/`` so that one
+profile never overwrites another's files.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields, replace
+
+
+@dataclass
+class Profile:
+    name: str
+    model: str = "smollm2-135m"
+    corpus: str = "wiki-excerpt"
+    device: str = "cpu"
+    seqlen: int = 512
+    eval_windows: int | None = 32  # None: the whole test split
+    calib_windows: int = 32
+    calib_seqlen: int = 512
+    w_group_size: int = 64  # 576 is not divisible by 128
+    qat_steps: int = 80
+    qat_seqlen: int = 256
+    qat_batch_size: int = 1
+    qat_grad_accum: int = 1
+    qat_val_every: int = 40
+    analysis_layers: list[int] | None = None  # None: all
+    analysis_rotations: list[str] = field(default_factory=lambda: ["none", "random_hadamard", "walsh", "gsr"])
+    zero_shot_tasks: list[str] = field(default_factory=lambda: ["wiki_lastword", "wiki_nextsent"])
+    zero_shot_limit: int | None = 300
+    settings: list[str] = field(default_factory=lambda: ["W2A4KV4", "W2A16KV16", "W4A4KV4"])
+    seed: int = 0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def with_overrides(self, **kw) -> "Profile":
+        known = {f.name for f in fields(self)}
+        bad = set(kw) - known
+        if bad:
+            raise ValueError(f"unknown profile fields {sorted(bad)}; known: {sorted(known)}")
+        return replace(self, **{k: v for k, v in kw.items() if v is not None})
+
+
+PROFILES: dict[str, Profile] = {
+    "smoke": Profile(
+        name="smoke", seqlen=128, eval_windows=2, calib_windows=4, calib_seqlen=128, qat_steps=2, qat_seqlen=64,
+        qat_val_every=2, analysis_layers=[0], analysis_rotations=["none", "gsr"], zero_shot_limit=8,
+        settings=["W2A4KV4"],
+    ),
+    "cpu": Profile(name="cpu"),
+    "paper": Profile(
+        name="paper", model="meta-llama/Llama-2-7b-hf", corpus="wikitext2", device="cuda", seqlen=2048,
+        eval_windows=None, calib_windows=128, calib_seqlen=2048, w_group_size=128, qat_steps=8000, qat_seqlen=2048,
+        qat_batch_size=4, qat_grad_accum=8, qat_val_every=500,
+        zero_shot_tasks=["arc_challenge", "arc_easy", "hellaswag", "piqa", "winogrande", "boolq", "lambada_openai"],
+        zero_shot_limit=None,
+    ),
+}
+
+
+def get_profile(name: str, **overrides) -> Profile:
+    """A named profile with optional field overrides (None values are ignored)."""
+    if name not in PROFILES:
+        raise ValueError(f"unknown profile {name!r}; choose one of {sorted(PROFILES)}")
+    return PROFILES[name].with_overrides(**overrides)

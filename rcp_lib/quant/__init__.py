@@ -1,0 +1,55 @@
+"""Fake quantization for RCP-style W/A/KV quantization: weight quantizers (RTN, LWC, LDP), per-token activation
+and KV quantizers, the quantized linear layer and GPTQ.
+
+The model-level surgery (``quantize_model``) lives in :mod:`rcp_lib.quant.apply`.
+"""
+
+from .activations import check_act_bits, fake_quant_kv, fake_quant_per_token
+from .gptq import GPTQResult, HessianAccumulator, gptq_quantize
+from .linear import QuantLinear
+from .quantizers import (
+    WeightQuantConfig,
+    WeightQuantizer,
+    check_weight_bits,
+    fake_quant_uniform,
+    group_view,
+    ldp_fractions,
+    ldp_levels,
+    lloyd_fractions,
+    lwc_range,
+    minmax_range,
+    nearest_level_codes,
+    quantize_to_levels,
+    quantize_uniform,
+    ratio_to_logit,
+    round_ste,
+    search_clip_ratio,
+    uniform_levels,
+)
+
+__all__ = [
+    "WeightQuantConfig",
+    "WeightQuantizer",
+    "check_weight_bits",
+    "fake_quant_uniform",
+    "group_view",
+    "ldp_fractions",
+    "ldp_levels",
+    "lloyd_fractions",
+    "lwc_range",
+    "minmax_range",
+    "nearest_level_codes",
+    "quantize_to_levels",
+    "quantize_uniform",
+    "ratio_to_logit",
+    "round_ste",
+    "search_clip_ratio",
+    "uniform_levels",
+    "check_act_bits",
+    "fake_quant_per_token",
+    "fake_quant_kv",
+    "QuantLinear",
+    "GPTQResult",
+    "HessianAccumulator",
+    "gptq_quantize",
+]

@@ -1,0 +1,135 @@
+"""``QuantLinear``: an ``nn.Linear`` with weight fake-quantization and per-token input fake-quantization.
+
+forward(x): ``x -> input_transform (optional, e.g. the online R4 Hadamard of down_proj) -> per-token activation
+fake quant (optional) -> F.linear(x, weight_quantizer(weight), bias)``. The latent weight and bias are the very
+``nn.Parameter`` objects of the wrapped linear (trained in QAT); the quantizer's own parameters (LWC/LDP) are
+reported separately by :meth:`QuantLinear.quant_parameters` so that the two get different optimizer groups.
+"""
+
+from __future__ import annotations
+
+from typing import Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .activations import check_act_bits, fake_quant_per_token
+from .quantizers import WeightQuantConfig, WeightQuantizer
+
+
+class QuantLinear(nn.Module):
+    """Fake-quantized linear layer.
+
+    Attributes:
+        weight: latent weight ``[out, in]`` (``nn.Parameter``).
+        bias: ``[out]`` or None.
+        weight_quantizer: :class:`WeightQuantizer` or None (weights in full precision).
+        act_bits: input activation bits (1..8) or None (off; 16 is accepted and stored as None).
+        act_clip_ratio: per-token clip ratio of the input quantizer.
+        input_transform: optional ``nn.Module`` applied to the input before the activation quantizer.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        weight_config: WeightQuantConfig | None = None,
+        act_bits: int | None = None,
+        act_clip_ratio: float = 1.0,
+        input_transform: nn.Module | None = None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+        name: str = "weight",
+        weight: nn.Parameter | None = None,
+        bias_param: nn.Parameter | None = None,
+    ):
+        """Create a layer with fresh (uninitialised) parameters, or around given ``weight`` / ``bias_param``
+        parameters (shared, not copied; see :meth:`from_linear`)."""
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        if weight is None:
+            weight = nn.Parameter(torch.empty(out_features, in_features, device=device, dtype=dtype))
+            bias_param = nn.Parameter(torch.zeros(out_features, device=device, dtype=dtype)) if bias else None
+        elif tuple(weight.shape) != (out_features, in_features):
+            raise ValueError(f"{name}: weight shape {tuple(weight.shape)} != ({out_features}, {in_features})")
+        self.weight = weight
+        self.bias = bias_param
+        self.act_bits = check_act_bits(act_bits)
+        if not 0 < act_clip_ratio <= 1:
+            raise ValueError(f"act_clip_ratio must be in (0, 1], got {act_clip_ratio}")
+        self.act_clip_ratio = float(act_clip_ratio)
+        self.input_transform = input_transform
+        self.weight_quantizer = (
+            WeightQuantizer((out_features, in_features), weight_config, name=name).to(self.weight.device)
+            if weight_config is not None else None
+        )
+
+    @classmethod
+    def from_linear(
+        cls,
+        linear: nn.Linear,
+        wcfg: WeightQuantConfig | None,
+        act_bits: int | None = None,
+        act_clip_ratio: float = 1.0,
+        input_transform: nn.Module | None = None,
+        name: str = "weight",
+    ) -> "QuantLinear":
+        """Wrap ``linear`` (sharing its weight and bias parameters) and initialise the weight quantizer from its
+        weight (:meth:`WeightQuantizer.init_from`, e.g. the Lloyd fit).
+
+        Args:
+            linear: any module with ``weight [out, in]`` and ``bias`` (``nn.Linear``).
+            wcfg: weight quantizer config, or None for full-precision weights.
+            act_bits: input activation bits, None/16 = off.
+            act_clip_ratio: clip ratio of the input quantizer.
+            input_transform: optional module applied to the input first.
+            name: layer name used in error messages (e.g. a group size that does not divide).
+        """
+        out_f, in_f = linear.weight.shape
+        bias = getattr(linear, "bias", None)
+        q = cls(in_f, out_f, bias=bias is not None, weight_config=wcfg, act_bits=act_bits,
+                act_clip_ratio=act_clip_ratio, input_transform=input_transform, name=name,
+                weight=linear.weight, bias_param=bias)
+        if q.weight_quantizer is not None:
+            q.weight_quantizer.init_from(linear.weight.detach())
+        return q
+
+    def quantized_weight(self) -> torch.Tensor:
+        """The weight used in forward, ``[out, in]`` (fake-quantized if a weight quantizer is set)."""
+        return self.weight if self.weight_quantizer is None else self.weight_quantizer(self.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``x [..., in] -> [..., out]``."""
+        if self.input_transform is not None:
+            x = self.input_transform(x)
+        if self.act_bits is not None:
+            x = fake_quant_per_token(x, self.act_bits, self.act_clip_ratio)
+        return F.linear(x, self.quantized_weight(), self.bias)
+
+    def quant_parameters(self) -> Iterator[nn.Parameter]:
+        """Quantizer parameters (LWC gamma/beta, LDP theta)."""
+        if self.weight_quantizer is not None:
+            yield from self.weight_quantizer.quant_parameters()
+
+    def latent_parameters(self) -> Iterator[nn.Parameter]:
+        """The latent weight and the bias (if any)."""
+        yield self.weight
+        if self.bias is not None:
+            yield self.bias
+
+    @torch.no_grad()
+    def export(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(codes uint8 [out, in], levels float32 [out, n_groups, L])`` of the quantized weight."""
+        if self.weight_quantizer is None:
+            raise ValueError("this QuantLinear has no weight quantizer (full-precision weights)")
+        return self.weight_quantizer.export(self.weight)
+
+    def extra_repr(self) -> str:
+        wq = self.weight_quantizer
+        w = "w_bits=16" if wq is None else f"w_bits={wq.config.bits}, w_method={wq.config.method}, w_group_size={wq.config.group_size}, lwc={wq.config.learn_clip}"
+        a = f"a_bits={16 if self.act_bits is None else self.act_bits}"
+        if self.act_bits is not None:
+            a += f", a_clip_ratio={self.act_clip_ratio}"
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, {w}, {a}"

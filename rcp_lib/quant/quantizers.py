@@ -1,0 +1,659 @@
+"""Weight fake-quantizers: uniform RTN, learnable weight clipping (LWC) and Learnable Direct Partitioning (LDP).
+
+All quantizers act on a weight ``w`` of shape ``[out, in]`` (an ``nn.Linear`` weight) and work per *group*:
+``group_size`` consecutive input elements of one output row (``group_size=-1``: the whole row is one group).
+A weight is viewed as ``[out, n_groups, group_size]``; every range / level tensor below is per group,
+``lo, hi: [out, n_groups]`` and ``levels: [out, n_groups, L]`` with ``L = 2**bits``.
+Fake quantization returns a tensor of the shape and dtype of ``w`` whose values lie on the per-group grid, with
+straight-through gradients, so the latent (full-precision) weight can be trained (QAT).
+
+Clipping range of a group (``lo <= hi``)
+----------------------------------------
+* min-max (``lwc=False``): ``hi = clip_ratio * max(w_g)``, ``lo = clip_ratio * min(w_g)`` (QuaRot's ``w_clip``
+  multiplies both ends by the ratio; ``clip_ratio=1`` is plain min-max). :func:`search_clip_ratio` picks the
+  ratio that minimises the layer *output* error on calibration activations.
+* LWC (OmniQuant's learnable weight clipping, ``lwc=True``): ``hi = sigmoid(gamma) * max(w_g)``,
+  ``lo = sigmoid(beta) * min(w_g)`` with learnable ``gamma, beta: [out, n_groups]``, initialised to ``lwc_init``
+  (4.0 as in OmniQuant, i.e. a ratio of 0.982). ``sigmoid -> 1`` recovers min-max. The group min / max are
+  treated as statistics of the weight (no gradient flows into ``w`` through them).
+
+Uniform asymmetric grid (method ``"rtn"``)
+------------------------------------------
+``s = (hi - lo) / (L - 1)``, codes ``k = clamp(round((w - lo) / s), 0, L - 1)``, value ``lo + s * k``. By default
+the zero point is *not* rounded to an integer (``round_zero=False``), so the grid is exactly the ``L`` evenly spaced
+levels from ``lo`` to ``hi`` - the grid LDP reduces to at ``theta = 0``. ``round_zero=True`` gives the integer
+zero-point variant of GPTQ/QuaRot (``z = round(-lo / s)``, value ``(k - z) * s``). Gradients: straight-through
+rounding (identity) for weights inside ``[lo, hi]`` and zero outside; ``lo``/``hi`` (hence LWC's ``gamma``/``beta``)
+receive the LSQ/OmniQuant-style gradient of the formula with straight-through rounding.
+
+LDP - Learnable Direct Partitioning (method ``"ldp"``). OUR RECONSTRUCTION, not a quote of the paper.
+---------------------------------------------------------------------------------------------------------
+Only the abstract of RCP (arXiv 2502.15779) is available to us. Our reading of it: LDP is a learnable non-uniform
+``b``-bit quantizer whose ``L = 2**b`` levels partition the (clipped) range of each group, trained jointly with the
+weights. We parametrise it as follows (every choice is a :class:`WeightQuantConfig` field):
+
+    q_0 = lo,    q_k = lo + (hi - lo) * sum_{j<k} softmax(theta)_j,   k = 1 .. L-1     (so q_{L-1} = hi)
+
+with ``theta in R^{L-1}`` learnable per group (``ldp_granularity="group"``) or shared by all the groups of an output
+row (``"row"``; the levels then still scale with each group's own ``[lo, hi]``). ``[lo, hi]`` comes from LWC when
+``lwc=True`` (RCP's quantizer: rotation + clipping + partitioning) or from min-max/``clip_ratio`` when ``lwc=False``
+(the "no clip" ablation). Each weight goes to its nearest level (thresholds at the midpoints between consecutive
+levels). Since ``softmax > 0`` the levels are ordered by construction, and ``theta = 0`` gives exactly the uniform
+grid of method ``"rtn"``.
+
+Gradients (our choice): the output value is ``levels[code]``; ``d out / d w = 1`` for ``w`` inside ``[lo, hi]`` and 0
+outside (clipped weights get no gradient, as in LWC/PACT); ``d out / d q_k = 1`` for the elements assigned to level
+``k``, so ``theta``, ``lo`` and ``hi`` (hence ``gamma``, ``beta``) get the exact gradient of the level formula for the
+current assignment.
+
+Initialisation (``ldp_init``): ``"uniform"`` (``theta = 0``) or ``"lloyd"``: the MSE-optimal levels of each group
+(1-D k-means / Lloyd-Max) with the two end levels pinned at ``lo`` and ``hi`` (the parametrisation fixes them), then
+``theta = log`` of the normalised gaps. For ``"row"`` granularity one set of normalised levels is fitted to the
+pooled, range-normalised weights of the row (weighted by the squared group range, i.e. the real MSE).
+
+Export: :meth:`WeightQuantizer.export` returns ``codes`` (uint8 ``[out, in]``, values ``0..L-1``) and ``levels``
+(float32 ``[out, n_groups, L]``) with ``levels.gather(codes)`` equal to the fake-quantized weight (bit-exact for
+float32 weights) - the layout a 2-bit kernel with a 4-entry LUT per group consumes.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, fields
+from typing import Iterator, Sequence
+
+import torch
+from torch import nn
+
+METHODS = ("rtn", "lwc", "ldp")
+LDP_GRANULARITIES = ("group", "row")
+LDP_INITS = ("uniform", "lloyd")
+_EPS = 1e-10  # smallest group range (constant groups quantize to themselves)
+
+
+# --------------------------------------------------------------------------------------------------
+# validation and grouping
+# --------------------------------------------------------------------------------------------------
+
+
+def check_weight_bits(bits: int) -> int:
+    """Validate a weight bit width (integer in 1..8). 16 ("off") is handled by callers, not here."""
+    if isinstance(bits, bool) or not isinstance(bits, int) or not 1 <= bits <= 8:
+        raise ValueError(f"weight bits must be an integer in 1..8, got {bits!r} (16 = 'off' is handled by the caller)")
+    return bits
+
+
+def check_finite(w: torch.Tensor, name: str = "weight") -> None:
+    """Raise ``ValueError`` if ``w`` has NaN or inf entries."""
+    if not torch.isfinite(w).all():
+        n_bad = int((~torch.isfinite(w)).sum())
+        raise ValueError(f"{name} has {n_bad} NaN/inf values (shape {tuple(w.shape)}); cannot quantize")
+
+
+def resolve_group_size(in_features: int, group_size: int, name: str = "weight") -> int:
+    """The effective group size (``-1`` -> ``in_features``); ``ValueError`` if it does not divide ``in_features``."""
+    if group_size == -1:
+        return in_features
+    if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size <= 0:
+        raise ValueError(f"group_size must be a positive integer or -1 (per output row), got {group_size!r} for {name}")
+    if in_features % group_size:
+        raise ValueError(
+            f"group_size={group_size} does not divide the input size {in_features} of {name}; use a divisor "
+            f"(e.g. {math.gcd(in_features, group_size)}) or -1 (per output row)"
+        )
+    return group_size
+
+
+def group_view(w: torch.Tensor, group_size: int, name: str = "weight") -> torch.Tensor:
+    """View ``w [out, in]`` as ``[out, n_groups, group_size]`` (``group_size=-1``: one group per row)."""
+    if w.dim() != 2:
+        raise ValueError(f"{name} must be 2-D [out, in], got shape {tuple(w.shape)}")
+    gs = resolve_group_size(w.shape[1], group_size, f"{name} {tuple(w.shape)}")
+    return w.reshape(w.shape[0], w.shape[1] // gs, gs)
+
+
+def _compute_dtype(*ts: torch.Tensor) -> torch.dtype:
+    dt = torch.float32
+    for t in ts:
+        dt = torch.promote_types(dt, t.dtype)
+    return dt
+
+
+def minmax_range(wg: torch.Tensor, clip_ratio: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-group ``(lo, hi)`` = ``clip_ratio * (min, max)`` of ``wg [..., gs]`` -> two ``[...]`` tensors (no grad)."""
+    wd = wg.detach()
+    return clip_ratio * wd.amin(-1), clip_ratio * wd.amax(-1)
+
+
+def lwc_range(wg: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """OmniQuant LWC range: ``hi = sigmoid(gamma) * max``, ``lo = sigmoid(beta) * min`` over the last dim of ``wg``.
+
+    Args:
+        wg: ``[out, n_groups, gs]`` grouped weight (min / max are taken without gradient).
+        gamma, beta: ``[out, n_groups]`` (or broadcastable) learnable logits.
+    Returns:
+        ``(lo, hi)``, each ``[out, n_groups]``, differentiable w.r.t. ``gamma`` and ``beta`` (``hi`` is raised to
+        ``lo`` in the degenerate case of a one-signed group with ``hi < lo``).
+    """
+    wd = wg.detach()
+    lo, hi = torch.sigmoid(beta) * wd.amin(-1), torch.sigmoid(gamma) * wd.amax(-1)
+    return lo, torch.maximum(hi, lo)  # a group of one sign could otherwise get hi < lo
+
+
+def ratio_to_logit(ratio: float | torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """LWC logit that reproduces a fixed clip ratio: ``logit(ratio)`` (ratio clamped into ``[eps, 1 - eps]``)."""
+    r = torch.as_tensor(ratio, dtype=torch.float64).clamp(eps, 1 - eps)
+    return torch.log(r) - torch.log1p(-r)
+
+
+# --------------------------------------------------------------------------------------------------
+# uniform grid
+# --------------------------------------------------------------------------------------------------
+
+
+class _RoundSTE(torch.autograd.Function):
+    """``torch.round`` forward, identity backward (exact forward values, unlike ``x + (round(x) - x).detach()``)."""
+
+    @staticmethod
+    def forward(ctx, x):  # type: ignore[override]
+        return torch.round(x)
+
+    @staticmethod
+    def backward(ctx, g):  # type: ignore[override]
+        return g
+
+
+def round_ste(x: torch.Tensor) -> torch.Tensor:
+    """Round to nearest (half to even) with a straight-through (identity) gradient. Same shape/dtype as ``x``."""
+    return _RoundSTE.apply(x)
+
+
+def uniform_levels(lo: torch.Tensor, hi: torch.Tensor, bits: int, round_zero: bool = False) -> torch.Tensor:
+    """The ``L = 2**bits`` levels of the uniform asymmetric grid of each group.
+
+    Args:
+        lo, hi: ``[...]`` group ranges.
+    Returns:
+        ``[..., L]`` levels, in the dtype of ``lo``; computed with the same floating-point operations as
+        :func:`quantize_uniform`, so ``levels.gather(codes)`` equals its output bit for bit.
+    """
+    L = 2 ** check_weight_bits(bits)
+    s = ((hi - lo) / (L - 1)).clamp_min(_EPS).unsqueeze(-1)
+    k = torch.arange(L, dtype=lo.dtype, device=lo.device)
+    if round_zero:
+        z = torch.round(-lo.unsqueeze(-1) / s)
+        return (k - z) * s
+    return lo.unsqueeze(-1) + s * k
+
+
+def quantize_uniform(
+    wg: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, bits: int, round_zero: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Uniform asymmetric fake quantization of grouped weights with straight-through rounding.
+
+    Args:
+        wg: ``[out, n_groups, gs]`` weights.
+        lo, hi: ``[out, n_groups]`` ranges (may carry gradients, e.g. from LWC).
+        bits: 1..8.
+        round_zero: integer zero point (GPTQ/QuaRot) instead of the exact ``lo`` (default).
+    Returns:
+        ``(wq, codes)``: ``wq [out, n_groups, gs]`` (dtype of ``wg`` promoted with ``lo``) and ``codes`` (int64, same
+        shape, ``0..L-1``). Gradient w.r.t. ``wg``: 1 inside ``[lo, hi]``, 0 outside.
+    """
+    L = 2 ** check_weight_bits(bits)
+    s = ((hi - lo) / (L - 1)).clamp_min(_EPS).unsqueeze(-1)
+    lo_ = lo.unsqueeze(-1)
+    if round_zero:
+        z = round_ste(-lo_ / s)
+        q = round_ste(torch.clamp(wg / s + z, 0, L - 1))
+        wq = (q - z) * s
+    else:
+        q = round_ste(torch.clamp((wg - lo_) / s, 0, L - 1))
+        wq = lo_ + s * q
+    return wq, q.detach().long()
+
+
+def fake_quant_uniform(
+    w: torch.Tensor, bits: int, group_size: int = 128, clip_ratio: float = 1.0, round_zero: bool = False,
+    name: str = "weight",
+) -> torch.Tensor:
+    """Uniform asymmetric min-max round-to-nearest fake quantization of a weight, with STE gradients.
+
+    Args:
+        w: ``[out, in]`` float weight.
+        bits: 1..8.
+        group_size: consecutive input elements per group (must divide ``in``), or -1 for one group per row.
+        clip_ratio: range ``clip_ratio * [min, max]`` of each group (QuaRot's ``w_clip``), in ``(0, 1]``.
+        round_zero: integer zero point instead of the exact group minimum.
+    Returns:
+        ``[out, in]`` tensor, dtype of ``w``.
+    """
+    check_weight_bits(bits)
+    check_finite(w, name)
+    if not 0 < clip_ratio <= 1:
+        raise ValueError(f"clip_ratio must be in (0, 1], got {clip_ratio}")
+    cdt = _compute_dtype(w)
+    wg = group_view(w, group_size, name).to(cdt)
+    lo, hi = minmax_range(wg, clip_ratio)
+    wq, _ = quantize_uniform(wg, lo, hi, bits, round_zero)
+    return wq.reshape(w.shape).to(w.dtype)
+
+
+# --------------------------------------------------------------------------------------------------
+# LDP
+# --------------------------------------------------------------------------------------------------
+
+
+def ldp_fractions(theta: torch.Tensor) -> torch.Tensor:
+    """Normalised level positions ``c_k = sum_{j<k} softmax(theta)_j`` in ``[0, 1]``.
+
+    Args:
+        theta: ``[..., L-1]``.
+    Returns:
+        ``[..., L]`` with ``c_0 = 0`` and ``c_{L-1} = 1`` exactly, non-decreasing.
+    """
+    p = torch.softmax(theta, dim=-1)
+    zeros = torch.zeros_like(p[..., :1])
+    inner = torch.cumsum(p[..., :-1], dim=-1).clamp(max=1.0)
+    return torch.cat([zeros, inner, torch.ones_like(zeros)], dim=-1)
+
+
+def ldp_levels(theta: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
+    """LDP levels ``q_k = lo + (hi - lo) * c_k`` (see module docstring).
+
+    Args:
+        theta: ``[out, n_groups or 1, L-1]`` partition logits.
+        lo, hi: ``[out, n_groups]``.
+    Returns:
+        ``[out, n_groups, L]`` levels (ordered), differentiable w.r.t. all three inputs.
+    """
+    c = ldp_fractions(theta)
+    # lo * (1 - c) + hi * c == lo + (hi - lo) * c, written so that q_0 == lo and q_{L-1} == hi exactly
+    return lo.unsqueeze(-1) * (1 - c) + hi.unsqueeze(-1) * c
+
+
+def nearest_level_codes(wg: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
+    """Index of the nearest level for every element (ties go to the lower level).
+
+    Args:
+        wg: ``[out, n_groups, gs]``.
+        levels: ``[out, n_groups, L]`` ordered levels.
+    Returns:
+        int64 codes ``[out, n_groups, gs]`` in ``0..L-1``.
+    """
+    lv = levels.detach()
+    mid = ((lv[..., 1:] + lv[..., :-1]) * 0.5).contiguous()
+    return torch.searchsorted(mid, wg.detach().to(mid.dtype).contiguous())
+
+
+def quantize_to_levels(
+    wg: torch.Tensor, levels: torch.Tensor, lo: torch.Tensor | None = None, hi: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Nearest-level fake quantization with LDP's gradients.
+
+    Args:
+        wg: ``[out, n_groups, gs]`` weights.
+        levels: ``[out, n_groups, L]`` ordered levels (may carry gradients).
+        lo, hi: ``[out, n_groups]`` clipping range for the straight-through mask (default: first / last level).
+    Returns:
+        ``(wq, codes)``: ``wq = levels[code]`` (``[out, n_groups, gs]``) with ``d wq / d w = 1`` inside ``[lo, hi]``
+        and 0 outside, ``d wq / d levels_k = 1`` for the elements assigned to level ``k``; int64 ``codes``.
+    """
+    codes = nearest_level_codes(wg, levels)
+    q_sel = torch.gather(levels, -1, codes)
+    lo_ = (levels[..., 0] if lo is None else lo).detach().unsqueeze(-1)
+    hi_ = (levels[..., -1] if hi is None else hi).detach().unsqueeze(-1)
+    inside = ((wg >= lo_) & (wg <= hi_)).to(q_sel.dtype)
+    wq = q_sel + (wg - wg.detach()).to(q_sel.dtype) * inside
+    return wq, codes
+
+
+def lloyd_fractions(
+    u: torch.Tensor, L: int, weights: torch.Tensor | None = None, iters: int = 50
+) -> torch.Tensor:
+    """Weighted 1-D Lloyd-Max / k-means levels in ``[0, 1]`` with the end levels pinned at 0 and 1.
+
+    Args:
+        u: ``[S, M]`` values in ``[0, 1]`` (S independent sets).
+        L: number of levels (>= 2).
+        weights: ``[S, M]`` non-negative sample weights (default 1).
+        iters: Lloyd iterations (assignment to the nearest level, interior levels -> weighted cell means; an
+            empty cell keeps its level).
+    Returns:
+        ``[S, L]`` ordered levels, ``[:, 0] = 0``, ``[:, -1] = 1``.
+    """
+    S = u.shape[0]
+    lv = torch.linspace(0, 1, L, dtype=u.dtype, device=u.device).expand(S, L).clone()
+    wt = torch.ones_like(u) if weights is None else weights.to(u.dtype)
+    for _ in range(iters):
+        mid = ((lv[:, 1:] + lv[:, :-1]) * 0.5).contiguous()
+        codes = torch.searchsorted(mid, u.contiguous())
+        sums = torch.zeros_like(lv).scatter_add_(1, codes, u * wt)
+        cnt = torch.zeros_like(lv).scatter_add_(1, codes, wt)
+        new = torch.where(cnt > 0, sums / cnt.clamp_min(1e-30), lv)
+        new[:, 0], new[:, -1] = 0.0, 1.0
+        new = torch.sort(new, dim=-1).values
+        if torch.equal(new, lv):
+            break
+        lv = new
+    return lv
+
+
+def fractions_to_theta(c: torch.Tensor, min_gap: float = 1e-6) -> torch.Tensor:
+    """Inverse of :func:`ldp_fractions`: ``theta = log(gaps)`` with gaps floored at ``min_gap``. ``[..., L] -> [..., L-1]``."""
+    gaps = (c[..., 1:] - c[..., :-1]).clamp_min(min_gap)
+    return torch.log(gaps / gaps.sum(-1, keepdim=True))
+
+
+# --------------------------------------------------------------------------------------------------
+# clip-ratio search (QuaRot's w_clip, on the output error)
+# --------------------------------------------------------------------------------------------------
+
+
+def _as_hessian(x_calib: torch.Tensor | None, hessian: torch.Tensor | None, in_features: int) -> torch.Tensor:
+    if hessian is not None:
+        return hessian.to(torch.float64)
+    if x_calib is None:
+        raise ValueError("search_clip_ratio needs x_calib [..., in] or hessian [in, in]")
+    x = x_calib.reshape(-1, x_calib.shape[-1]).to(torch.float64)
+    if x.shape[-1] != in_features:
+        raise ValueError(f"x_calib has last dim {x.shape[-1]}, weight has in_features={in_features}")
+    return x.T @ x
+
+
+def search_clip_ratio(
+    w: torch.Tensor,
+    x_calib: torch.Tensor | None,
+    bits: int,
+    group_size: int = 128,
+    grid: Sequence[float] | torch.Tensor | None = None,
+    granularity: str = "layer",
+    round_zero: bool = False,
+    hessian: torch.Tensor | None = None,
+) -> float | torch.Tensor:
+    """Grid search of the min-max clip ratio minimising the layer output error ``||x W^T - x Q_r(W)^T||^2``.
+
+    ``Q_r`` is :func:`fake_quant_uniform` with ``clip_ratio=r``. The error is evaluated through
+    ``H = x^T x`` as ``sum_rows (W - Q) H (W - Q)^T`` in float64.
+
+    Args:
+        w: ``[out, in]`` weight.
+        x_calib: ``[..., in]`` calibration inputs of the layer (or None when ``hessian`` is given).
+        bits, group_size, round_zero: the quantizer.
+        grid: candidate ratios in ``(0, 1]`` (default ``1.00, 0.99, ..., 0.50``).
+        granularity: ``"layer"`` (one ratio, exact), ``"row"`` (one per output row, exact: the output error is a sum
+            over rows) or ``"group"`` (one per group, minimising each group's diagonal block ``e_g H_gg e_g^T``; the
+            cross-group terms are ignored, an approximation).
+        hessian: optional precomputed ``x^T x`` ``[in, in]`` (any positive multiple gives the same answer).
+    Returns:
+        a float (``"layer"``), or a float32 tensor ``[out]`` (``"row"``) / ``[out, n_groups]`` (``"group"``).
+    """
+    check_weight_bits(bits)
+    check_finite(w)
+    if granularity not in ("layer", "row", "group"):
+        raise ValueError(f"granularity must be 'layer', 'row' or 'group', got {granularity!r}")
+    grid_t = torch.linspace(1.0, 0.5, 51, dtype=torch.float64) if grid is None else torch.as_tensor(grid, dtype=torch.float64).flatten()
+    if len(grid_t) == 0 or bool(((grid_t <= 0) | (grid_t > 1)).any()):
+        raise ValueError("grid ratios must be in (0, 1] and non-empty")
+    H = _as_hessian(x_calib, hessian, w.shape[1]).to(w.device)
+    wd = w.detach().to(torch.float64)
+    wg = group_view(wd, group_size)
+    out, ng, gs = wg.shape
+    if granularity == "group":
+        Hb = torch.stack([H[g * gs:(g + 1) * gs, g * gs:(g + 1) * gs] for g in range(ng)])  # [ng, gs, gs]
+    errs = []
+    for r in grid_t.tolist():
+        lo, hi = minmax_range(wg, r)
+        q, _ = quantize_uniform(wg, lo, hi, bits, round_zero)
+        e = (wg - q)  # [out, ng, gs]
+        if granularity == "group":
+            errs.append(torch.einsum("ogi,gij,ogj->og", e, Hb, e))
+        else:
+            e2 = e.reshape(out, -1)
+            per_row = ((e2 @ H) * e2).sum(-1)
+            errs.append(per_row.sum() if granularity == "layer" else per_row)
+    E = torch.stack(errs)  # [n_grid, ...]
+    best = E.argmin(0)
+    ratios = grid_t.to(torch.float64)[best.cpu()]
+    if granularity == "layer":
+        return float(ratios)
+    return ratios.to(torch.float32)
+
+
+# --------------------------------------------------------------------------------------------------
+# config + module
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class WeightQuantConfig:
+    """Settings of a :class:`WeightQuantizer` (JSON round-trip with :meth:`to_dict` / :meth:`from_dict`).
+
+    Attributes:
+        bits: 1..8.
+        group_size: input elements per group (must divide the layer's ``in``), -1 = one group per output row.
+        method: ``"rtn"`` (uniform grid), ``"lwc"`` (uniform grid with learnable clipping, same as
+            ``method="rtn", lwc=True``) or ``"ldp"`` (learnable direct partitioning).
+        lwc: learnable clipping (OmniQuant LWC). ``ldp`` + ``lwc`` is RCP's quantizer; ``rtn`` + ``lwc`` the
+            "uniform" ablation; ``ldp`` without ``lwc`` the "no clip" ablation.
+        lwc_init: initial value of the LWC logits ``gamma`` and ``beta`` (4.0: ratio 0.982).
+        clip_ratio: fixed clip ratio of the min-max range when LWC is off.
+        ldp_granularity: ``"group"`` (theta per group) or ``"row"`` (theta shared by a row's groups).
+        ldp_init: ``"uniform"`` (theta = 0) or ``"lloyd"`` (pinned-end Lloyd-Max fit in :meth:`WeightQuantizer.init_from`).
+        round_zero: integer zero point for the uniform grid (GPTQ/QuaRot style) instead of the exact minimum.
+        lloyd_iters: Lloyd iterations for ``ldp_init="lloyd"``.
+    """
+
+    bits: int = 2
+    group_size: int = 128
+    method: str = "ldp"
+    lwc: bool = True
+    lwc_init: float = 4.0
+    clip_ratio: float = 1.0
+    ldp_granularity: str = "group"
+    ldp_init: str = "uniform"
+    round_zero: bool = False
+    lloyd_iters: int = 50
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise ``ValueError`` on an invalid setting."""
+        check_weight_bits(self.bits)
+        if self.group_size != -1 and (isinstance(self.group_size, bool) or not isinstance(self.group_size, int) or self.group_size <= 0):
+            raise ValueError(f"group_size must be a positive integer or -1 (per output row), got {self.group_size!r}")
+        if self.method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
+        if self.ldp_granularity not in LDP_GRANULARITIES:
+            raise ValueError(f"ldp_granularity must be one of {LDP_GRANULARITIES}, got {self.ldp_granularity!r}")
+        if self.ldp_init not in LDP_INITS:
+            raise ValueError(f"ldp_init must be one of {LDP_INITS}, got {self.ldp_init!r}")
+        if not 0 < self.clip_ratio <= 1:
+            raise ValueError(f"clip_ratio must be in (0, 1], got {self.clip_ratio}")
+        if not math.isfinite(self.lwc_init):
+            raise ValueError(f"lwc_init must be finite, got {self.lwc_init}")
+        if self.lloyd_iters < 1:
+            raise ValueError(f"lloyd_iters must be >= 1, got {self.lloyd_iters}")
+
+    @property
+    def learn_clip(self) -> bool:
+        """Whether LWC parameters are used (``lwc=True`` or ``method="lwc"``)."""
+        return self.lwc or self.method == "lwc"
+
+    @property
+    def levels_count(self) -> int:
+        return 2 ** self.bits
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "WeightQuantConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"unknown WeightQuantConfig fields {sorted(unknown)}; known: {sorted(known)}")
+        return cls(**d)
+
+    @classmethod
+    def from_json(cls, s: str) -> "WeightQuantConfig":
+        return cls.from_dict(json.loads(s))
+
+
+class WeightQuantizer(nn.Module):
+    """Fake-quantizer of one ``[out, in]`` weight: holds only the quantizer parameters (LWC ``gamma``/``beta``,
+    LDP ``theta``); the latent weight lives outside (e.g. in :class:`~rcp_lib.quant.linear.QuantLinear`).
+
+    Parameters (float32, created according to the config):
+        gamma, beta: ``[out, n_groups]`` LWC logits (if ``config.learn_clip``).
+        theta: ``[out, n_groups, L-1]`` (``"group"``) or ``[out, 1, L-1]`` (``"row"``) LDP logits (if method ``"ldp"``).
+    """
+
+    def __init__(self, shape: Sequence[int] | torch.Size, config: WeightQuantConfig | None = None, name: str = "weight"):
+        super().__init__()
+        cfg = config or WeightQuantConfig()
+        cfg.validate()
+        if len(shape) != 2:
+            raise ValueError(f"WeightQuantizer needs a 2-D shape [out, in], got {tuple(shape)} for {name}")
+        self.config = cfg
+        self.name = name
+        self.out_features, self.in_features = int(shape[0]), int(shape[1])
+        self.group_size = resolve_group_size(self.in_features, cfg.group_size, f"{name} {tuple(shape)}")
+        self.n_groups = self.in_features // self.group_size
+        L = cfg.levels_count
+        if cfg.learn_clip:
+            self.gamma = nn.Parameter(torch.full((self.out_features, self.n_groups), float(cfg.lwc_init)))
+            self.beta = nn.Parameter(torch.full((self.out_features, self.n_groups), float(cfg.lwc_init)))
+        else:
+            self.gamma = None
+            self.beta = None
+        if cfg.method == "ldp":
+            ng = self.n_groups if cfg.ldp_granularity == "group" else 1
+            self.theta = nn.Parameter(torch.zeros(self.out_features, ng, L - 1))
+        else:
+            self.theta = None
+        self.check_finite = True
+
+    # -- pieces ---------------------------------------------------------------------------------
+    def _grouped(self, weight: torch.Tensor) -> torch.Tensor:
+        if tuple(weight.shape) != (self.out_features, self.in_features):
+            raise ValueError(f"{self.name}: expected weight of shape {(self.out_features, self.in_features)}, got {tuple(weight.shape)}")
+        if self.check_finite:
+            check_finite(weight, self.name)
+        params = [p for p in (self.gamma, self.theta) if p is not None]
+        cdt = _compute_dtype(weight, *params)
+        return weight.to(cdt).reshape(self.out_features, self.n_groups, self.group_size)
+
+    def clip_range(self, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-group ``(lo, hi)``, each ``[out, n_groups]`` (LWC if enabled, else ``clip_ratio`` * min-max)."""
+        return self._range(self._grouped(weight))
+
+    def _range(self, wg: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.gamma is not None:
+            return lwc_range(wg, self.gamma, self.beta)
+        return minmax_range(wg, self.config.clip_ratio)
+
+    def _levels(self, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
+        if self.theta is not None:
+            return ldp_levels(self.theta, lo, hi)
+        return uniform_levels(lo, hi, self.config.bits, self.config.round_zero)
+
+    def _quantize(self, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        wg = self._grouped(weight)
+        lo, hi = self._range(wg)
+        if self.theta is not None:
+            levels = ldp_levels(self.theta, lo, hi)
+            wq, codes = quantize_to_levels(wg, levels, lo, hi)
+        else:
+            wq, codes = quantize_uniform(wg, lo, hi, self.config.bits, self.config.round_zero)
+            levels = uniform_levels(lo.detach(), hi.detach(), self.config.bits, self.config.round_zero)
+        return wq, codes, levels
+
+    # -- public API -----------------------------------------------------------------------------
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        """Fake-quantized weight ``[out, in]`` (dtype of ``weight``), with the gradients described in the module doc."""
+        wq, _, _ = self._quantize(weight)
+        return wq.reshape(weight.shape).to(weight.dtype)
+
+    @torch.no_grad()
+    def levels(self, weight: torch.Tensor) -> torch.Tensor:
+        """Current quantization levels of every group, ``[out, n_groups, L]`` (compute dtype, no grad)."""
+        wg = self._grouped(weight)
+        lo, hi = self._range(wg)
+        return self._levels(lo, hi)
+
+    @torch.no_grad()
+    def export(self, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Codes and level table of the quantized weight.
+
+        Returns:
+            ``codes`` uint8 ``[out, in]`` in ``0..L-1`` and ``levels`` float32 ``[out, n_groups, L]`` such that
+            ``levels.gather(-1, codes.view(out, n_groups, gs).long()).view(out, in)`` equals ``forward(weight)``
+            (bit-exact for float32 weights).
+        """
+        _, codes, levels = self._quantize(weight)
+        return codes.reshape(weight.shape).to(torch.uint8), levels.to(torch.float32).contiguous()
+
+    def quant_parameters(self) -> Iterator[nn.Parameter]:
+        """The quantizer's learnable parameters (theta, gamma, beta) - not the latent weight."""
+        for p in (self.theta, self.gamma, self.beta):
+            if p is not None:
+                yield p
+
+    @torch.no_grad()
+    def set_clip_ratio(self, ratio: float | torch.Tensor) -> None:
+        """Set LWC ``gamma = beta = logit(ratio)`` (scalar, ``[out]`` or ``[out, n_groups]``), e.g. from
+        :func:`search_clip_ratio`. Requires LWC."""
+        if self.gamma is None:
+            raise ValueError(f"{self.name}: set_clip_ratio needs LWC (lwc=True or method='lwc'); use config.clip_ratio otherwise")
+        lg = ratio_to_logit(ratio).to(self.gamma.dtype)
+        if lg.dim() == 1:
+            lg = lg.unsqueeze(-1)
+        self.gamma.copy_(lg.expand_as(self.gamma))
+        self.beta.copy_(lg.expand_as(self.beta))
+
+    @torch.no_grad()
+    def init_from(self, weight: torch.Tensor) -> "WeightQuantizer":
+        """Initialise the quantizer parameters from a weight ``[out, in]``.
+
+        LWC logits are reset to ``lwc_init``; LDP ``theta`` to 0 (``ldp_init="uniform"``) or to the pinned-end
+        Lloyd-Max levels of the (clipped) weights (``"lloyd"``). Returns ``self``.
+        """
+        wg = self._grouped(weight)
+        if self.gamma is not None:
+            self.gamma.fill_(float(self.config.lwc_init))
+            self.beta.fill_(float(self.config.lwc_init))
+        if self.theta is None:
+            return self
+        if self.config.ldp_init == "uniform":
+            self.theta.zero_()
+            return self
+        wg = wg.to(torch.float64)
+        lo, hi = self._range(wg)
+        lo, hi = lo.to(torch.float64), hi.to(torch.float64)
+        rng = (hi - lo).clamp_min(_EPS).unsqueeze(-1)
+        u = ((wg - lo.unsqueeze(-1)) / rng).clamp(0, 1)  # [out, ng, gs]
+        L = self.config.levels_count
+        if self.config.ldp_granularity == "group":
+            c = lloyd_fractions(u.reshape(-1, self.group_size), L, iters=self.config.lloyd_iters)
+            c = c.reshape(self.out_features, self.n_groups, L)
+        else:
+            wt = (rng ** 2).expand_as(u).reshape(self.out_features, -1)
+            c = lloyd_fractions(u.reshape(self.out_features, -1), L, weights=wt, iters=self.config.lloyd_iters)
+            c = c.unsqueeze(1)
+        self.theta.copy_(fractions_to_theta(c).to(self.theta.dtype))
+        return self
+
+    def extra_repr(self) -> str:
+        c = self.config
+        s = f"shape=({self.out_features}, {self.in_features}), bits={c.bits}, group_size={c.group_size}, method={c.method}, lwc={c.learn_clip}"
+        if c.method == "ldp":
+            s += f", ldp_granularity={c.ldp_granularity}, ldp_init={c.ldp_init}"
+        elif not c.learn_clip and c.clip_ratio != 1.0:
+            s += f", clip_ratio={c.clip_ratio}"
+        return s

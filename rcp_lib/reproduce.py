@@ -1,0 +1,63 @@
+"""Run the companion notebooks in order with papermill (``python -m rcp_lib reproduce --profile cpu``).
+
+Executed copies go to ``runs/<profile>/`` (ignored by git); the notebooks in ``notebooks/`` stay clean.
+The first failing notebook stops the run with the notebook and the cell named. Work already done for the
+same config is reused through the row and model caches of :mod:`rcp_lib.experiments`.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+from .profiles import PROFILES
+
+REPO = Path(__file__).resolve().parent.parent
+NOTEBOOKS = (
+    "00_quickstart.ipynb",
+    "01_rotation_impact.ipynb",
+    "02_perplexity.ipynb",
+    "03_zero_shot.ipynb",
+    "04_memory.ipynb",
+    "05_kernel_speed.ipynb",
+)
+
+
+class NotebookFailed(RuntimeError):
+    pass
+
+
+def run_notebook(path: Path, profile: str, out_dir: Path, kernel: str = "python3", timeout: int | None = None,
+                 parameters: dict | None = None) -> Path:
+    """Execute one notebook with papermill; raise :class:`NotebookFailed` naming the notebook and cell."""
+    import papermill as pm
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    out = out_dir / path.name
+    params = {"profile": profile, **(parameters or {})}
+    try:
+        pm.execute_notebook(str(path), str(out), parameters=params, kernel_name=kernel, cwd=str(path.parent),
+                            progress_bar=False, log_output=False, execution_timeout=timeout)
+    except pm.PapermillExecutionError as e:
+        raise NotebookFailed(
+            f"{path.name} failed in cell {e.cell_index} (execution count {e.exec_count}): {e.ename}: {e.evalue}\n"
+            f"executed copy with the traceback: {out}") from e
+    return out
+
+
+def reproduce(profile: str = "cpu", notebooks: list[str] | None = None, kernel: str = "python3") -> list[Path]:
+    """Execute the notebooks (all, in order, or the named ones) for a profile; stop at the first failure."""
+    if profile not in PROFILES:
+        raise ValueError(f"unknown profile {profile!r}; choose one of {sorted(PROFILES)}")
+    names = notebooks or list(NOTEBOOKS)
+    unknown = [n for n in names if n not in NOTEBOOKS]
+    if unknown:
+        raise ValueError(f"unknown notebooks {unknown}; available: {NOTEBOOKS}")
+    done = []
+    for name in names:
+        t0 = time.time()
+        print(f"[reproduce:{profile}] {name} ...", file=sys.stderr, flush=True)
+        done.append(run_notebook(REPO / "notebooks" / name, profile, REPO / "runs" / profile, kernel=kernel))
+        print(f"[reproduce:{profile}] {name} done in {time.time() - t0:.0f} s", file=sys.stderr, flush=True)
+    return done

@@ -1,0 +1,79 @@
+"""Sequency-ordered Walsh matrices and GSR (Grouped Sequency-arranged Rotation, arXiv 2505.03810).
+
+The sequency of a ±1 row is its number of sign changes. The Walsh matrix orders the rows of the natural
+(Sylvester) Hadamard matrix by sequency: row ``s`` is natural row ``bitrev(gray(s))`` with
+``gray(s) = s ^ (s >> 1)``, so row ``s`` has exactly ``s`` sign changes. It is symmetric and orthogonal
+(here orthonormal). GSR's training-free R1 is the block-diagonal matrix of small Walsh blocks: similar
+frequencies are grouped, and an outlier channel only mixes within its block.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .hadamard import hadamard
+
+__all__ = ["walsh", "gsr", "block_hadamard", "largest_pow2_divisor", "sequency"]
+
+
+def largest_pow2_divisor(n: int) -> int:
+    """Largest power of two dividing ``n`` (576 -> 64, 4096 -> 4096, 11008 -> 256)."""
+    if n < 1:
+        raise ValueError(f"n must be positive, got {n}")
+    return n & (-n)
+
+
+def _check_pow2(n: int, what: str) -> None:
+    if n < 1 or n & (n - 1):
+        raise ValueError(f"{what} must be a power of two, got {n}")
+
+
+def sequency(rows: torch.Tensor) -> torch.Tensor:
+    """Number of sign changes along the last dim of ``rows [..., n]`` (int64 ``[...]``)."""
+    s = torch.sign(rows)
+    return (s[..., 1:] != s[..., :-1]).sum(-1)
+
+
+def _bitrev(v: int, bits: int) -> int:
+    return int(format(v, f"0{bits}b")[::-1], 2) if bits else 0
+
+
+def walsh(n: int, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """Sequency-ordered Walsh-Hadamard matrix ``[n, n]``, orthonormal; ``n`` a power of two."""
+    _check_pow2(n, "walsh order n")
+    bits = n.bit_length() - 1
+    order = [_bitrev(s ^ (s >> 1), bits) for s in range(n)]
+    return hadamard(n, dtype)[order]
+
+
+def _signs(n: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randint(0, 2, (n,), generator=g, dtype=torch.int64) * 2 - 1).to(torch.float64)
+
+
+def _block_diag(block: torch.Tensor, n: int) -> torch.Tensor:
+    return torch.block_diag(*([block] * (n // block.shape[0])))
+
+
+def gsr(n: int, block: int, random_signs: bool = False, seed: int = 0, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """GSR rotation ``[n, n]``: block-diagonal of ``walsh(block)``, times a random ±1 diagonal if asked.
+
+    Raises:
+        ValueError: ``block`` is not a power of two or does not divide ``n``.
+    """
+    _check_pow2(block, "GSR block")
+    if n % block:
+        raise ValueError(f"GSR block {block} does not divide n={n}; the largest power-of-two block that "
+                         f"does is {largest_pow2_divisor(n)}")
+    R = _block_diag(walsh(block), n)
+    if random_signs:
+        R = R * _signs(n, seed)[None, :]
+    return R.to(dtype)
+
+
+def block_hadamard(n: int, block: int, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """Block-diagonal natural-order Hadamard (an explicit option for sizes with no full Hadamard matrix)."""
+    _check_pow2(block, "block")
+    if n % block:
+        raise ValueError(f"block {block} does not divide n={n}")
+    return _block_diag(hadamard(block), n).to(dtype)

@@ -1,0 +1,106 @@
+"""Per-token activation and KV fake quantization: error bounds, idempotence, references, gradients."""
+
+import numpy as np
+import pytest
+import torch
+
+from rcp_lib.quant import fake_quant_kv, fake_quant_per_token
+
+
+@pytest.mark.parametrize("bits", [None, 16])
+def test_off_is_identity(bits):
+    x = torch.randn(2, 5, 8)
+    assert fake_quant_per_token(x, bits) is x
+    assert fake_quant_kv(x, bits) is x
+
+
+@pytest.mark.parametrize("bits", [0, 9, 17, 4.0])
+def test_bits_validated(bits):
+    with pytest.raises(ValueError, match="bits"):
+        fake_quant_per_token(torch.randn(3, 4), bits)
+
+
+def test_matches_numpy_reference():
+    x = torch.randn(7, 33) * torch.rand(7, 1) * 5
+    got = fake_quant_per_token(x, 4, clip_ratio=0.9).double().numpy()
+    xn = x.double().numpy()
+    lo, hi = 0.9 * xn.min(-1, keepdims=True), 0.9 * xn.max(-1, keepdims=True)
+    s = (hi - lo) / 15
+    ref = lo + s * np.clip(np.round((xn - lo) / s), 0, 15)
+    np.testing.assert_allclose(got, ref, atol=1e-5)
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+@pytest.mark.parametrize("round_zero", [False, True])
+def test_error_bound_inside_clip_range(bits, round_zero):
+    x = torch.randn(64, 128) * 3 + 0.5
+    for ratio in (1.0, 0.9):
+        q = fake_quant_per_token(x, bits, clip_ratio=ratio, round_zero=round_zero)
+        xd = x.double()
+        lo, hi = xd.amin(-1, keepdim=True), xd.amax(-1, keepdim=True)
+        if round_zero:
+            lo, hi = lo.clamp(max=0), hi.clamp(min=0)
+        lo, hi = lo * ratio, hi * ratio
+        s = (hi - lo) / (2**bits - 1)
+        inside = (xd >= lo) & (xd <= hi)
+        err = (q.double() - xd).abs()
+        assert bool((err <= s / 2 * (1 + 1e-5) + 1e-7)[inside].all())
+        assert max(len(torch.unique(r)) for r in q) <= 2**bits
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_idempotent(bits):
+    x = torch.randn(16, 4, 64)
+    q = fake_quant_per_token(x, bits)
+    torch.testing.assert_close(fake_quant_per_token(q, bits), q, atol=1e-6, rtol=0)
+    k = fake_quant_kv(x, bits, 16)
+    torch.testing.assert_close(fake_quant_kv(k, bits, 16), k, atol=1e-6, rtol=0)
+
+
+def test_round_zero_keeps_zero_exact():
+    x = torch.randn(10, 32)
+    x[:, 5] = 0.0
+    q = fake_quant_per_token(x, 4, round_zero=True)
+    assert torch.all(q[:, 5] == 0)
+
+
+def test_symmetric_grid():
+    x = torch.randn(8, 40)
+    q = fake_quant_per_token(x, 4, asym=False)
+    s = x.abs().amax(-1, keepdim=True) / 7
+    k = q / s
+    torch.testing.assert_close(k, torch.round(k), atol=1e-4, rtol=0)
+    assert bool((k.round() >= -8).all() and (k.round() <= 7).all())
+    assert ((q - x).abs() <= s / 2 + 1e-6).all()
+    with pytest.raises(ValueError):
+        fake_quant_per_token(x, 1, asym=False)
+
+
+def test_ste_gradient_masks_clipped():
+    x = torch.randn(6, 50, requires_grad=True)
+    fake_quant_per_token(x, 4, clip_ratio=0.7).sum().backward()
+    xd = x.detach()
+    inside = (xd >= 0.7 * xd.amin(-1, keepdim=True)) & (xd <= 0.7 * xd.amax(-1, keepdim=True))
+    assert 0 < inside.float().mean() < 1
+    assert torch.equal(x.grad, inside.float())
+
+
+def test_dtype_preserved_bf16():
+    x = torch.randn(4, 64, dtype=torch.bfloat16)
+    q = fake_quant_per_token(x, 4)
+    assert q.dtype == torch.bfloat16 and q.shape == x.shape
+
+
+def test_kv_groups_per_token_and_head():
+    x = torch.randn(2, 3, 5, 64)  # [B, heads, T, head_dim]
+    q = fake_quant_kv(x, 4, group_size=16)
+    ref = fake_quant_per_token(x.reshape(2, 3, 5, 4, 16), 4).reshape(x.shape)
+    assert torch.equal(q, ref)
+    # default group = whole head_dim = per token and head
+    assert torch.equal(fake_quant_kv(x, 4), fake_quant_per_token(x, 4))
+    # heads are independent: scaling head 1 leaves head 0 unchanged
+    y = x.clone()
+    y[:, 1] *= 100
+    assert torch.equal(fake_quant_kv(y, 4)[:, 0], fake_quant_kv(x, 4)[:, 0])
+    with pytest.raises(ValueError, match="divide"):
+        fake_quant_kv(x, 4, group_size=24)

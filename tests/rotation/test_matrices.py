@@ -1,0 +1,88 @@
+import pytest
+import torch
+
+from rcp_lib.rotation.hadamard import (BASE_ORDERS, apply_hadamard, hadamard, hadamard_int, is_hadamard_order,
+                                       random_hadamard, random_orthogonal)
+from rcp_lib.rotation.walsh import block_hadamard, gsr, largest_pow2_divisor, sequency, walsh
+
+BUILDABLE_BASES = [b for b in BASE_ORDERS if is_hadamard_order(b)]
+
+
+@pytest.mark.parametrize("n", [1, 2, 4, 64, 576, 1536, 3072, 4096] + BUILDABLE_BASES)
+def test_hadamard_exact(n):
+    H = hadamard_int(n)
+    assert set(H.unique().tolist()) <= {-1, 1}
+    # exact: ±1 entries and |dot products| <= n are integers that float64 represents exactly
+    Hf = H.double()
+    assert torch.equal(Hf @ Hf.T, n * torch.eye(n, dtype=torch.float64))
+    Hn = hadamard(n)
+    assert torch.allclose(Hn @ Hn.T, torch.eye(n, dtype=torch.float64), atol=1e-12)
+
+
+def test_paper_sizes_and_failures():
+    for n in (12, 20, 28, 36, 40, 44, 52, 60, 108, 140):
+        assert is_hadamard_order(n), n
+    for n in (10944, 13696, 18944, 6, 7, 100):
+        with pytest.raises(ValueError, match=str(n)):
+            hadamard(n)
+
+
+@pytest.mark.parametrize("n", [1, 2, 12, 20, 28, 36, 40, 44, 52, 60, 108, 140, 576, 1536, 4096])
+def test_fast_transform_matches_dense(n):
+    x = torch.randn(5, 3, n, dtype=torch.float64)
+    assert torch.allclose(apply_hadamard(x), x @ hadamard(n), atol=1e-10, rtol=0)
+    x32 = x.float()
+    ref = (x @ hadamard(n)).float()
+    assert ((apply_hadamard(x32) - ref).norm() / ref.norm()) < 1e-5
+
+
+def test_fast_transform_autograd():
+    x = torch.randn(2, 24, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda t: apply_hadamard(t), (x,))
+
+
+def test_random_rotations_orthogonal_and_seeded():
+    for f in (random_hadamard, random_orthogonal):
+        R = f(96, 3)
+        assert torch.allclose(R @ R.T, torch.eye(96, dtype=torch.float64), atol=1e-12)
+        assert torch.equal(R, f(96, 3)) and not torch.equal(R, f(96, 4))
+    D = hadamard(96).T @ random_hadamard(96, 1)  # = diag(±1)
+    assert torch.allclose(D.abs(), torch.eye(96, dtype=torch.float64), atol=1e-12)
+
+
+@pytest.mark.parametrize("n", [1, 2, 8, 64, 256])
+def test_walsh_sequency_property(n):
+    W = walsh(n)
+    assert torch.equal(sequency(W), torch.arange(n))  # row s has exactly s sign changes
+    assert torch.allclose(W, W.T)
+    assert torch.allclose(W @ W.T, torch.eye(n, dtype=torch.float64), atol=1e-12)
+    # same rows as the natural-order Hadamard matrix, permuted
+    nat = {tuple(r.tolist()) for r in hadamard(n).sign()}
+    assert {tuple(r.tolist()) for r in W.sign()} == nat
+
+
+def test_gsr_block_structure():
+    R = gsr(576, 64)
+    assert torch.allclose(R @ R.T, torch.eye(576, dtype=torch.float64), atol=1e-12)
+    for i in range(9):
+        blk = R[64 * i:64 * (i + 1), 64 * i:64 * (i + 1)]
+        assert torch.equal(blk, walsh(64))
+    off = R.clone()
+    for i in range(9):
+        off[64 * i:64 * (i + 1), 64 * i:64 * (i + 1)] = 0
+    assert off.abs().max() == 0
+    Rs = gsr(576, 64, random_signs=True, seed=1)
+    assert torch.equal(Rs.abs(), R.abs()) and torch.equal(Rs, gsr(576, 64, random_signs=True, seed=1))
+    assert largest_pow2_divisor(576) == 64 and largest_pow2_divisor(11008) == 256
+
+
+@pytest.mark.parametrize("n,block", [(576, 128), (576, 48), (100, 3)])
+def test_gsr_bad_block(n, block):
+    with pytest.raises(ValueError, match=str(block)):
+        gsr(n, block)
+
+
+def test_block_hadamard():
+    B = block_hadamard(1376, 32)  # 1376 = 43 · 32 has no full Hadamard construction here
+    assert torch.allclose(B @ B.T, torch.eye(1376, dtype=torch.float64), atol=1e-12)
+    assert torch.equal(B[32:64, 32:64], hadamard(32)) and B[:32, 32:].abs().max() == 0

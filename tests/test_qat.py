@@ -1,0 +1,149 @@
+import copy
+import dataclasses
+import math
+
+import pytest
+import torch
+
+from rcp_lib import models as M
+from rcp_lib.qat import NonFiniteLossError, QATConfig, config_hash, train
+from rcp_lib.quant.apply import QuantConfig, quantize_model
+from rcp_lib.rotation.fuse import RotationConfig, rotate_model
+
+
+def _pair(seed=0, r1="random_hadamard", **q):
+    fp = M.tiny_llama(hidden=64, intermediate=128, heads=2, kv_heads=1, layers=2, vocab=128, seed=seed)
+    student = copy.deepcopy(fp)
+    rotate_model(student, RotationConfig(r1=r1))
+    quantize_model(student, QuantConfig(**{"w_bits": 2, "a_bits": 4, "kv_bits": 4, "w_group_size": 32, **q}))
+    return fp, student
+
+
+def _data(n=6000, vocab=128, seed=0):
+    # a learnable stream: a noisy repeating pattern, so distillation has structure to fit
+    g = torch.Generator().manual_seed(seed)
+    base = torch.randint(0, vocab, (97,), generator=g)
+    ids = base.repeat(n // 97 + 1)[:n]
+    noise = torch.rand(n, generator=g) < 0.1
+    ids[noise] = torch.randint(0, vocab, (int(noise.sum()),), generator=g)
+    return ids.unsqueeze(0)
+
+
+def _cfg(**kw):
+    base = dict(steps=30, seqlen=64, lr_weights=1e-3, lr_quant=1e-2, warmup_steps=2, val_every=1000,
+                checkpoint_every=1000, val_windows=2)
+    base.update(kw)
+    return QATConfig(**base)
+
+
+def test_few_steps_lower_the_loss_and_levels_stay_ordered():
+    fp, student = _pair()
+    res = train(student, fp, _data(), _cfg(), progress=False)
+    losses = [h["loss"] for h in res.history]
+    assert len(losses) == 30 and all(math.isfinite(v) for v in losses)
+    assert sum(losses[-5:]) / 5 < 0.8 * sum(losses[:5]) / 5
+    from rcp_lib.quant.apply import quantized_linears
+
+    for _, q in quantized_linears(student):
+        lv = q.weight_quantizer.levels(q.weight)
+        assert torch.all(lv[..., 1:] >= lv[..., :-1])
+    assert "val_ppl" in res.history[-1]
+
+
+@pytest.mark.parametrize("loss", ["ce", "mix"])
+def test_other_losses_run(loss):
+    fp, student = _pair()
+    res = train(student, fp, _data(), _cfg(steps=3, loss=loss), progress=False)
+    assert res.steps == 3 and math.isfinite(res.final_loss)
+
+
+def test_resume_equals_uninterrupted(tmp_path):
+    cfg = _cfg(steps=6, checkpoint_every=2, val_every=3)
+    fp, a = _pair()
+    train(a, fp, _data(), cfg, out_dir=tmp_path / "a", progress=False)
+
+    fp_b, b = _pair()
+    train(b, fp_b, _data(), cfg, out_dir=tmp_path / "b", progress=False, stop_after=3)  # "killed" after step 3
+    assert (tmp_path / "b" / "checkpoint" / "rcp_step.json").exists()
+    fp_c, c = _pair(seed=0)  # a fresh process would rebuild the same student, then resume
+    res = train(c, fp_c, _data(), cfg, out_dir=tmp_path / "b", resume=True, progress=False)
+    assert res.steps == 6
+    sa, sc = a.state_dict(), c.state_dict()
+    for k in sa:
+        assert torch.allclose(sa[k], sc[k], atol=1e-6, rtol=0), k
+    hist_a = [l for l in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
+    hist_c = [l for l in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
+    assert len(hist_a) == len(hist_c) == 6
+
+
+def test_nan_guard_names_step_and_keeps_checkpoint(tmp_path):
+    cfg = _cfg(steps=6, checkpoint_every=2)
+    fp, student = _pair()
+    calls = {"n": 0}
+
+    def poison(module, inputs, output):  # the 3rd training forward (step index 2) returns NaN logits
+        calls["n"] += 1
+        return output * float("nan") if calls["n"] == 3 else output
+
+    handle = student.lm_head.register_forward_hook(poison)
+    with pytest.raises(NonFiniteLossError, match="at step 2"):
+        train(student, fp, _data(), cfg, out_dir=tmp_path, progress=False)
+    handle.remove()
+    import json
+
+    meta = json.loads((tmp_path / "checkpoint" / "rcp_step.json").read_text())
+    assert meta["step"] == 2  # the last good checkpoint is kept
+    # and a resumed run continues from it to the end
+    fp2, s2 = _pair()
+    assert train(s2, fp2, _data(), cfg, out_dir=tmp_path, resume=True, progress=False).steps == 6
+
+
+def test_resume_with_other_config_is_refused(tmp_path):
+    fp, student = _pair()
+    train(student, fp, _data(), _cfg(steps=2, checkpoint_every=1), out_dir=tmp_path, progress=False)
+    fp2, s2 = _pair()
+    with pytest.raises(ValueError, match="lr_weights"):
+        train(s2, fp2, _data(), _cfg(steps=4, checkpoint_every=1, lr_weights=5e-4), out_dir=tmp_path, resume=True,
+              progress=False)
+
+
+def test_config_hash_changes_with_every_field():
+    base = QATConfig()
+    h0 = config_hash(base.to_dict())
+    for f in dataclasses.fields(QATConfig):
+        v = getattr(base, f.name)
+        if isinstance(v, bool):
+            nv = not v
+        elif isinstance(v, (int, float)):
+            nv = v + 1
+        else:
+            nv = "mix" if v != "mix" else "ce"
+        changed = dataclasses.replace(base, **{f.name: nv})
+        assert config_hash(changed.to_dict()) != h0, f.name
+    assert config_hash(QATConfig().to_dict()) == h0
+
+
+@pytest.mark.parametrize("kw,match", [
+    (dict(steps=0), "steps"),
+    (dict(lr_weights=0.0), "lr_weights"),
+    (dict(lr_quant=-1.0), "lr_quant"),
+    (dict(loss="mse"), "loss"),
+    (dict(batch_size=0), "batch_size"),
+])
+def test_bad_configs_fail_before_work(kw, match):
+    fp, student = _pair()
+    before = {k: v.clone() for k, v in student.state_dict().items()}
+    with pytest.raises(ValueError, match=match):
+        train(student, fp, _data(), QATConfig(**kw), progress=False)
+    assert all(torch.equal(before[k], v) for k, v in student.state_dict().items())
+
+
+def test_unknown_rotation_is_rejected():
+    with pytest.raises(ValueError, match="r1"):
+        RotationConfig(r1="spin").validate()
+
+
+def test_kl_needs_teacher():
+    _, student = _pair()
+    with pytest.raises(ValueError, match="teacher"):
+        train(student, None, _data(), _cfg(steps=1), progress=False)
