@@ -1,13 +1,26 @@
 """rcp_lib: companion library to RCP (arXiv 2502.15779) and GSR (arXiv 2505.03810).
 
-Public API (re-exported here; see each module for details).
+Public API (re-exported here; see each module for details):
+
+* models:     ``load``                                  (rcp_lib.models)
+* data:       ``load_corpus``, ``tokenize``, ``corpus_tokens``, ``calibration_windows``   (rcp_lib.data)
+* rotate:     ``rotate_model``, ``RotationConfig``, ``hadamard``, ``walsh``, ``gsr``       (rcp_lib.rotation)
+* quantize:   ``quantize_model``, ``QuantConfig``, ``gptq_model``                        (rcp_lib.quant)
+* train:      ``train``, ``QATConfig``                  (rcp_lib.qat)
+* evaluate:   ``perplexity``, ``zero_shot``             (rcp_lib.evaluation)
+* deploy:     ``save_quantized``, ``load_quantized``, ``footprint``   (rcp_lib.packing, rcp_lib.memory)
 """
 
 __version__ = "0.1.0"
 
 from .data import calibration_windows, corpus_tokens, load_corpus, tokenize
 from .evaluation import perplexity, perplexity_details
+from .memory import footprint
 from .models import load
+from .qat import QATConfig, train
+from .quant.apply import QuantConfig, quantize_model
+from .quant.calibrate import gptq_model
+from .rotation import RotationConfig, gsr, hadamard, rotate_model, walsh
 
 __all__ = [
     "__version__",
@@ -18,4 +31,31 @@ __all__ = [
     "calibration_windows",
     "perplexity",
     "perplexity_details",
+    "zero_shot",
+    "rotate_model",
+    "RotationConfig",
+    "hadamard",
+    "walsh",
+    "gsr",
+    "quantize_model",
+    "QuantConfig",
+    "gptq_model",
+    "train",
+    "QATConfig",
+    "footprint",
+    "save_quantized",
+    "load_quantized",
 ]
+
+
+def __getattr__(name: str):
+    # heavier / optional pieces are imported on first use
+    if name == "zero_shot":
+        from .evaluation.zero_shot import zero_shot
+
+        return zero_shot
+    if name in ("save_quantized", "load_quantized"):
+        from . import packing
+
+        return getattr(packing, name)
+    raise AttributeError(f"module 'rcp_lib' has no attribute {name!r}")

@@ -38,7 +38,7 @@ class Method:
     """One row of the paper's tables: how a model is rotated, quantized, and calibrated or trained."""
 
     name: str
-    setting: str = "FP16"  # W2A4KV4 ...
+    setting: str = "FP"  # full precision, or W2A4KV4 ...
     rotation: dict | None = None  # RotationConfig fields, None = no rotation
     quant: dict | None = None  # QuantConfig overrides on top of the setting preset; None with setting FP16
     ptq: str = "none"  # none | rtn | gptq
@@ -49,7 +49,7 @@ class Method:
         return RotationConfig(**self.rotation) if self.rotation is not None else None
 
     def quant_config(self, profile: Profile) -> QuantConfig | None:
-        if self.setting == "FP16":
+        if self.setting == "FP":
             return None
         return preset(self.setting, w_group_size=profile.w_group_size, **(self.quant or {}))
 
@@ -140,8 +140,7 @@ def build(method: Method, profile: Profile, progress: bool = True) -> nn.Module:
     if method.ptq == "gptq":
         gptq_model(model, calibration(profile), progress=progress)
     if method.qat:
-        key = config_hash(_row_key(method, profile), {"kind": "qat-student"})
-        out = cache_dir() / "qat" / key
+        out = cache_dir() / "qat" / _qat_key(method, profile)
         done = out / "student.pt"
         if done.exists():
             model.load_state_dict(torch.load(done), strict=True)
@@ -155,8 +154,7 @@ def build(method: Method, profile: Profile, progress: bool = True) -> nn.Module:
 
 
 def qat_history(method: Method, profile: Profile) -> list[dict]:
-    key = config_hash(_row_key(method, profile), {"kind": "qat-student"})
-    p = cache_dir() / "qat" / key / "history.json"
+    p = cache_dir() / "qat" / _qat_key(method, profile) / "history.json"
     return json.loads(p.read_text()) if p.exists() else []
 
 
@@ -167,7 +165,8 @@ def qat_history(method: Method, profile: Profile) -> list[dict]:
 
 def _row_key(method: Method, profile: Profile) -> dict:
     p = profile.to_dict()
-    for k in ("name", "analysis_layers", "analysis_rotations", "zero_shot_tasks", "zero_shot_limit", "settings", "device"):
+    for k in ("name", "analysis_layers", "analysis_rotations", "zero_shot_tasks", "zero_shot_limit", "settings", "device",
+              "methods"):
         p.pop(k, None)
     if not method.qat:
         for k in list(p):
@@ -183,6 +182,13 @@ def _cached(kind: str, key: dict, compute) -> dict:
     row = compute()
     atomic_write_json(row, path)
     return row
+
+
+def _qat_key(method: Method, profile: Profile) -> str:
+    """Cache key of a trained student: what determines the weights (not the evaluation settings)."""
+    return config_hash({"method": method.to_dict(), "model": profile.model, "corpus": profile.corpus,
+                        "w_group_size": profile.w_group_size, "qat": qat_config(profile).to_dict(),
+                        "rcp_lib": __version__, "kind": "qat-student"})
 
 
 def method_config(method: Method, profile: Profile) -> dict:
@@ -232,7 +238,8 @@ def write_rows(rows: list[dict], profile: Profile, name: str) -> Path:
 
 
 def all_methods(profile: Profile) -> list[Method]:
-    return ptq_methods(profile.settings) + qat_methods(profile.settings)
+    ms = ptq_methods(profile.settings) + qat_methods(profile.settings)
+    return ms if profile.methods is None else [m for m in ms if m.name in profile.methods]
 
 
 def ppl_table(profile: Profile, progress: bool = True) -> list[dict]:
@@ -248,14 +255,14 @@ def ppl_table(profile: Profile, progress: bool = True) -> list[dict]:
 
 def qat_curves(profile: Profile) -> dict[str, list[dict]]:
     """Training histories of the QAT rows (``"RCP W2A4KV4"`` -> list of {step, loss, ...})."""
-    return {f"{m.name} {m.setting}": qat_history(m, profile) for m in qat_methods(profile.settings)}
+    return {f"{m.name} {m.setting}": qat_history(m, profile) for m in all_methods(profile) if m.qat}
 
 
 def zero_shot_methods(profile: Profile) -> list[Method]:
     """The rows of the zero-shot table: FP, the PTQ baselines and RCP / RCP+GSR at the first setting."""
     s = profile.settings[0]
     keep = {"FP", "RTN", "QuaRot-RTN", "QuaRot-GPTQ", "GSR-GPTQ", "RCP", "RCP+GSR"}
-    return [m for m in all_methods(profile) if m.name in keep and m.setting in (s, "FP16")]
+    return [m for m in all_methods(profile) if m.name in keep and m.setting in (s, "FP")]
 
 
 def zero_shot_table(profile: Profile, progress: bool = True) -> list[dict]:
@@ -445,3 +452,68 @@ def kernel_speed_table():
 
     p = REPO / "results" / "kernel_speed.csv"
     return pd.read_csv(p) if p.exists() else None
+
+
+# ---------------------------------------------------------------------------------------------------
+# rotation impact
+# ---------------------------------------------------------------------------------------------------
+
+
+def _parse_rotation(name: str) -> tuple[str, int | None]:
+    """``"gsr:16"`` -> ("gsr", 16); ``"hadamard"`` -> ("hadamard", None)."""
+    kind, _, block = name.partition(":")
+    return kind, int(block) if block else None
+
+
+def rotation_analysis(profile: Profile, progress: bool = True) -> "pd.DataFrame":
+    """Per-layer weight statistics for each rotation in ``profile.analysis_rotations`` (cached per rotation)."""
+    import pandas as pd
+    from tqdm.auto import tqdm
+
+    from .rotation.analysis import layer_statistics
+
+    frames = []
+    for name in tqdm(profile.analysis_rotations, desc="rotations", disable=not progress):
+        kind, block = _parse_rotation(name)
+        key = {"kind": "rotation-analysis", "model": profile.model, "rotation": name, "layers": profile.analysis_layers,
+               "group_size": profile.w_group_size, "seed": profile.seed, "rcp_lib": __version__}
+
+        def compute(kind=kind, block=block, name=name):
+            df = layer_statistics(base_model(profile)[0], kind, block=block, seed=profile.seed,
+                                  group_size=profile.w_group_size, bits=2, layers=profile.analysis_layers)
+            df["rotation"] = name
+            return {"rows": df.to_dict("records")}
+
+        frames.append(pd.DataFrame(_cached("rotation", key, compute)["rows"]))
+    df = pd.concat(frames, ignore_index=True)
+    df["model"] = profile.model
+    return df
+
+
+def summarize_rotation(df: "pd.DataFrame") -> "pd.DataFrame":
+    from .rotation.analysis import summarize
+
+    return summarize(df)
+
+
+def rotation_example(profile: Profile, layer: int = 0, proj: str = "q_proj", group: int = 0) -> dict:
+    """One weight group of a real layer before/after each rotation, with its uniform and Lloyd-Max 2-bit levels."""
+    from .models import dims, input_norm, layer_linears
+    from .rotation.analysis import kurtosis, lloyd_max_levels, residual_rotation, rotated_weight
+
+    model = base_model(profile)[0]
+    lay = model.model.layers[layer]
+    W = layer_linears(lay)[f"self_attn.{proj}"].weight.detach().double() * input_norm(lay).weight.detach().double()[None, :]
+    out = {}
+    gs = profile.w_group_size
+    for name in profile.analysis_rotations:
+        kind, block = _parse_rotation(name)
+        R1, _ = residual_rotation(kind, dims(model).hidden, block, profile.seed)
+        Wr = rotated_weight(W, rot_in=R1)
+        row = Wr[: max(1, 4096 // gs)].reshape(-1, gs)  # a few rows' worth of groups for the histogram
+        g = Wr.reshape(-1, gs)[group : group + 1]
+        lo, hi = g.min().item(), g.max().item()
+        out[name] = {"name": f"{profile.model} layer {layer} {proj}", "weights": row.flatten().numpy(),
+                     "kurtosis": kurtosis(Wr), "uniform_levels": [lo + (hi - lo) * k / 3 for k in range(4)],
+                     "lloyd_levels": lloyd_max_levels(g, 2)[0].tolist()}
+    return out

@@ -31,10 +31,11 @@ class Profile:
     qat_grad_accum: int = 1
     qat_val_every: int = 40
     analysis_layers: list[int] | None = None  # None: all
-    analysis_rotations: list[str] = field(default_factory=lambda: ["none", "random_hadamard", "walsh", "gsr"])
+    analysis_rotations: list[str] = field(default_factory=lambda: ["none", "hadamard", "random_hadamard", "gsr", "gsr:16"])
     zero_shot_tasks: list[str] = field(default_factory=lambda: ["wiki_lastword", "wiki_nextsent"])
     zero_shot_limit: int | None = 300
     settings: list[str] = field(default_factory=lambda: ["W2A4KV4", "W2A16KV16", "W4A4KV4"])
+    methods: list[str] | None = None  # None: every method of the tables; else only these names
     seed: int = 0
 
     def to_dict(self) -> dict:
@@ -52,7 +53,7 @@ PROFILES: dict[str, Profile] = {
     "smoke": Profile(
         name="smoke", seqlen=128, eval_windows=2, calib_windows=4, calib_seqlen=128, qat_steps=2, qat_seqlen=64,
         qat_val_every=2, analysis_layers=[0], analysis_rotations=["none", "gsr"], zero_shot_limit=8,
-        settings=["W2A4KV4"],
+        settings=["W2A4KV4"], methods=["FP", "QuaRot-GPTQ", "RCP"],
     ),
     "cpu": Profile(name="cpu"),
     "paper": Profile(

@@ -97,8 +97,24 @@ class QuantLinear(nn.Module):
         return q
 
     def quantized_weight(self) -> torch.Tensor:
-        """The weight used in forward, ``[out, in]`` (fake-quantized if a weight quantizer is set)."""
-        return self.weight if self.weight_quantizer is None else self.weight_quantizer(self.weight)
+        """The weight used in forward, ``[out, in]`` (fake-quantized if a weight quantizer is set).
+
+        Without autograd (evaluation) the fake-quantized weight is cached until the weight, a quantizer
+        parameter or the quantizer itself changes (tensor version counters), so evaluation does not
+        re-quantize every layer on every forward pass.
+        """
+        wq = self.weight_quantizer
+        if wq is None:
+            return self.weight
+        if torch.is_grad_enabled():
+            return wq(self.weight)
+        key = (id(wq), self.weight.data_ptr(), self.weight._version, self.weight.dtype,
+               tuple((t.data_ptr(), t._version) for t in list(wq.parameters()) + list(wq.buffers())))
+        cached = self.__dict__.get("_wq_cache")
+        if cached is None or cached[0] != key:
+            cached = (key, wq(self.weight))
+            self.__dict__["_wq_cache"] = cached
+        return cached[1]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x [..., in] -> [..., out]``."""
