@@ -218,6 +218,14 @@ def teacher_generated_data(teacher: nn.Module, prompts: torch.Tensor, cfg: QATCo
     return torch.cat(outs).unsqueeze(0)
 
 
+def check_world(num_processes: int, device_type: str, available: int) -> None:
+    """Refuse a launch that asks for more GPU processes than GPUs (each process needs its own device)."""
+    if device_type == "cuda" and num_processes > available:
+        raise RuntimeError(
+            f"accelerate launched {num_processes} processes but only {available} CUDA devices are visible; "
+            f"use --num_processes <= {available} (or a config file for this machine, see configs/accelerate/)")
+
+
 def _atomic_save_state(accelerator, out_dir: Path, step: int, log_len: int, config: dict) -> None:
     """accelerator.save_state into a temp folder, then rename to ``checkpoint`` (never half-written)."""
     final = out_dir / "checkpoint"
@@ -261,7 +269,9 @@ def train(
         cfg: the recipe.
         out_dir: where checkpoints (``checkpoint/``) and ``metrics.jsonl`` go (None: no checkpoints).
         resume: continue from ``out_dir/checkpoint`` if present (same result as an uninterrupted run).
-        accelerator: an ``accelerate.Accelerator`` (created if None; CPU single process by default).
+        accelerator: an ``accelerate.Accelerator`` (created if None: CPU single process by default, or whatever
+            ``accelerate launch`` / ``torchrun`` set up); pass ``step_scheduler_with_optimizer=False`` to one
+            you create, the loop steps the schedule once per optimizer step.
         stop_after: stop (after checkpointing) once this step count is reached - used to simulate a kill.
     """
     cfg.validate()
@@ -281,8 +291,11 @@ def train(
         mp = cfg.mixed_precision
         if mp == "auto":
             mp = "bf16" if torch.cuda.is_available() else "no"
+        # the schedule counts optimizer steps of the global batch: stepped by us once per step, not per process
         accelerator = Accelerator(gradient_accumulation_steps=cfg.grad_accum, mixed_precision=mp,
-                                  cpu=not torch.cuda.is_available())
+                                  cpu=not torch.cuda.is_available(), step_scheduler_with_optimizer=False)
+    check_world(accelerator.num_processes, accelerator.device.type,
+                torch.cuda.device_count() if accelerator.device.type == "cuda" else 0)
     torch.manual_seed(cfg.seed)
     if cfg.teacher_generated:
         teacher.to(accelerator.device)
@@ -361,7 +374,8 @@ def train(
                 if accelerator.sync_gradients and cfg.grad_clip > 0:
                     accelerator.clip_grad_norm_(student.parameters(), cfg.grad_clip)
                 opt.step()
-                sched.step()
+                if accelerator.sync_gradients:
+                    sched.step()
                 opt.zero_grad(set_to_none=True)
             step_loss += loss.detach().float().item() / cfg.grad_accum
         last = float(accelerator.reduce(torch.tensor(step_loss, device=accelerator.device), reduction="mean"))

@@ -108,6 +108,10 @@ def run_qat(cfg: RunConfig, progress: bool = True) -> dict:
     quantize_model(student, cfg.quant)
     out = Path(cfg.out_dir) if cfg.out_dir else cache_dir() / "qat-cli" / cfg.key()
     res = train(student, teacher, train_ids, cfg.qat, out_dir=out, resume=True, progress=progress)
+    from accelerate import PartialState
+
+    if not PartialState().is_main_process:  # under accelerate launch: evaluation and export on rank 0 only
+        return {"rank": PartialState().process_index, "train_steps": res.steps}
     ev = perplexity_details(student, test_ids, seqlen=cfg.eval.get("seqlen", 512),
                             max_windows=cfg.eval.get("max_windows"), progress=progress)
     summary = {"model": cfg.model, "model_note": describe(cfg.model), "corpus": cfg.corpus, "setting": cfg.quant.label,
