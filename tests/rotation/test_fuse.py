@@ -139,7 +139,7 @@ def real_text_ids(embedded, excerpt_test_ids):
     return excerpt_test_ids[:, :256]
 
 
-@pytest.mark.parametrize("r1", ["random_hadamard", "hadamard", "gsr", "random_orthogonal", "none"])
+@pytest.mark.parametrize("r1", ["random_hadamard", "gsr"])
 def test_embedded_model_rotated_logits(embedded, real_text_ids, r1):
     model = copy.deepcopy(embedded[0])
     ref = _logits(embedded[0], real_text_ids)
