@@ -1,0 +1,123 @@
+"""save_quantized / load_quantized: packed tensors round-trip to the fake-quant model; bad folders are refused."""
+
+import copy
+import json
+from dataclasses import replace
+
+import pytest
+import torch
+
+from rcp_lib import models as M
+from rcp_lib.packing import PackedFormatError, PackedLinear, load_quantized, packed_model_bytes, save_quantized
+from rcp_lib.quant.apply import QuantConfig, quantize_model
+from rcp_lib.quant.calibrate import gptq_model
+from rcp_lib.rotation.fuse import RotationConfig, rotate_model
+
+
+def _model(q: QuantConfig, r1="gsr"):
+    m = M.tiny_llama(hidden=96, intermediate=160, heads=3, kv_heads=1, layers=2, vocab=128)
+    rotate_model(m, RotationConfig(r1=r1))
+    return quantize_model(m, q)
+
+
+def _rel(a, b):
+    return ((a - b).abs().max() / a.abs().max()).item()
+
+
+IDS = torch.randint(0, 128, (2, 24), generator=torch.Generator().manual_seed(0))
+
+
+@pytest.mark.parametrize("q", [QuantConfig(w_group_size=32), QuantConfig(w_group_size=32, a_bits=16, kv_bits=16),
+                               QuantConfig(w_bits=4, w_group_size=32)], ids=lambda q: q.label)
+def test_round_trip_logits_and_generation(tmp_path, q):
+    m = _model(q)
+    with torch.no_grad():
+        ref = m(IDS).logits
+        gen = m.generate(IDS[:1, :5], max_new_tokens=8, do_sample=False)
+    save_quantized(m, tmp_path / "f32", dtype=torch.float32)
+    loaded, _ = load_quantized(tmp_path / "f32")
+    assert sum(isinstance(x, PackedLinear) for x in loaded.modules()) == 14
+    with torch.no_grad():
+        assert _rel(ref, loaded(IDS).logits) < 1e-5
+        assert torch.equal(gen, loaded.generate(IDS[:1, :5], max_new_tokens=8, do_sample=False))
+    if q.a_bits == 16:  # fp16 storage: within fp16 rounding (with A4, rounding flips of the 4-bit grid amplify it)
+        save_quantized(m, tmp_path / "f16")
+        l16, _ = load_quantized(tmp_path / "f16")
+        with torch.no_grad():
+            assert _rel(ref, l16(IDS).logits) < 3e-3
+
+
+def test_gptq_model_round_trip(tmp_path):
+    m = _model(QuantConfig(w_group_size=32, w_method="rtn", w_lwc=False))
+    gptq_model(m, torch.randint(0, 128, (16, 32)), progress=False)
+    with torch.no_grad():
+        ref = m(IDS).logits
+    save_quantized(m, tmp_path / "g", dtype=torch.float32)
+    loaded, _ = load_quantized(tmp_path / "g")
+    with torch.no_grad():
+        assert _rel(ref, loaded(IDS).logits) < 1e-5
+
+
+def test_three_bits_cannot_be_packed(tmp_path):
+    with pytest.raises(NotImplementedError, match="3 bits"):
+        save_quantized(_model(QuantConfig(w_bits=3, w_group_size=32)), tmp_path / "x")
+
+
+def test_unquantized_model_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="quantize_model"):
+        save_quantized(M.tiny_llama(), tmp_path / "x")
+
+
+@pytest.fixture()
+def saved(tmp_path):
+    save_quantized(_model(QuantConfig(w_group_size=32)), tmp_path / "m")
+    return tmp_path / "m"
+
+
+def test_wrong_format_version(saved):
+    mp = saved / "quant_map.json"
+    d = json.loads(mp.read_text())
+    d["format_version"] = 99
+    mp.write_text(json.dumps(d))
+    with pytest.raises(PackedFormatError, match="version 99"):
+        load_quantized(saved)
+
+
+def test_truncated_file(saved):
+    w = saved / "model.safetensors"
+    w.write_bytes(w.read_bytes()[:-100])
+    with pytest.raises(PackedFormatError, match="checksum"):
+        load_quantized(saved)
+
+
+def test_map_names_a_missing_tensor(saved):
+    mp = saved / "quant_map.json"
+    d = json.loads(mp.read_text())
+    d["tensors"]["model.layers.0.mlp.extra.qweight"] = {"shape": [1], "dtype": "int32"}
+    mp.write_text(json.dumps(d))
+    with pytest.raises(PackedFormatError, match="extra.qweight"):
+        load_quantized(saved)
+
+
+def test_shape_mismatch(saved):
+    mp = saved / "quant_map.json"
+    d = json.loads(mp.read_text())
+    d["tensors"]["model.layers.0.mlp.up_proj.lut"]["shape"][0] += 1
+    mp.write_text(json.dumps(d))
+    with pytest.raises(PackedFormatError, match="up_proj.lut"):
+        load_quantized(saved)
+
+
+def test_accountant_matches_bytes_on_disk_for_embedded_model(embedded, tmp_path):
+    from rcp_lib.memory import W2A4KV4, footprint
+
+    model = copy.deepcopy(embedded[0])
+    quantize_model(model, QuantConfig(w_group_size=64, w_method="rtn", w_lwc=False))
+    save_quantized(model, tmp_path / "packed")
+    disk = packed_model_bytes(tmp_path / "packed")
+    f = footprint(model.config, replace(W2A4KV4, group_size=64, kv_group_size=64))
+    block = sum(v for k, v in f.per_kind.items() if k.startswith(("attn_", "mlp_")))
+    assert abs(disk["block_linears"] - block) / block < 0.01
+    assert abs(disk["total"] - f.weights) / f.weights < 0.01
+    assert abs(disk["file_bytes"] - f.weights) / f.weights < 0.01
+    assert model.config.tie_word_embeddings is False  # quantize_model unties: lm_head is counted and stored
