@@ -33,7 +33,7 @@ class Profile:
     analysis_layers: list[int] | None = None  # None: all
     analysis_rotations: list[str] = field(default_factory=lambda: ["none", "hadamard", "random_hadamard", "gsr", "gsr:16"])
     zero_shot_tasks: list[str] = field(default_factory=lambda: ["wiki_lastword", "wiki_nextsent"])
-    zero_shot_limit: int | None = 150
+    zero_shot_limit: int | None = 100
     settings: list[str] = field(default_factory=lambda: ["W2A4KV4", "W2A16KV16", "W4A4KV4"])
     methods: list[str] | None = None  # None: every method of the tables; else only these names
     seed: int = 0

@@ -161,9 +161,9 @@ def test_random_tiny_model_is_near_chance(embedded):
     assert average_accuracy(pd.concat([df, lw.reset_index()])) == pytest.approx((ns.loc["acc_norm", "value"] + lw.loc["acc", "value"]) / 2)
 
 
-@pytest.mark.slow
 def test_embedded_model_beats_chance(embedded):
+    # the full task (680 docs) gives acc_norm 0.69 for the FP embedded model; 48 docs: stderr ~0.07
     model, tok = embedded
-    df = zero_shot(model, tok, tasks=["wiki_nextsent"], limit=100, batch_size=8)
+    df = zero_shot(model, tok, tasks=["wiki_nextsent"], limit=48, batch_size=8)
     acc = df.set_index("metric").loc["acc_norm", "value"]
     assert acc > 0.45, df
