@@ -138,7 +138,7 @@ def build(method: Method, profile: Profile, progress: bool = True) -> nn.Module:
         return model
     quantize_model(model, qcfg)
     if method.ptq == "gptq":
-        gptq_model(model, calibration(profile), progress=progress)
+        _gptq_cached(model, method, profile, progress)
     if method.qat:
         out = cache_dir() / "qat" / _qat_key(method, profile)
         done = out / "student.pt"
@@ -151,6 +151,29 @@ def build(method: Method, profile: Profile, progress: bool = True) -> nn.Module:
             atomic_save_torch(model.state_dict(), done)
             atomic_write_json(res.history, out / "history.json")
     return model
+
+
+def _gptq_cached(model: nn.Module, method: Method, profile: Profile, progress: bool) -> None:
+    """GPTQ the model, or restore its codes + level tables from the cache (GPTQ is the slow part of a PTQ row)."""
+    from .quant.apply import quantized_linears
+    from .quant.calibrate import FrozenLevelsQuantizer, gptq_model
+
+    key = config_hash({"method": method.to_dict(), "model": profile.model, "corpus": profile.corpus,
+                       "w_group_size": profile.w_group_size, "calib_windows": profile.calib_windows,
+                       "calib_seqlen": profile.calib_seqlen, "seed": profile.seed, "rcp_lib": __version__, "kind": "gptq"})
+    path = cache_dir() / "gptq" / f"{key}.pt"
+    if path.exists():
+        saved = torch.load(path)
+        for name, q in quantized_linears(model):
+            codes, levels = saved[name]
+            fq = FrozenLevelsQuantizer(codes, levels, q.weight_quantizer.config).to(q.weight.device)
+            q.weight.data = fq(q.weight.data)
+            q.weight_quantizer = fq
+        return
+    gptq_model(model, calibration(profile), progress=progress)
+    from .io import atomic_save_torch
+
+    atomic_save_torch({name: q.weight_quantizer.export() for name, q in quantized_linears(model)}, path)
 
 
 def qat_history(method: Method, profile: Profile) -> list[dict]:

@@ -25,11 +25,11 @@ class Profile:
     calib_windows: int = 32
     calib_seqlen: int = 512
     w_group_size: int = 64  # 576 is not divisible by 128
-    qat_steps: int = 60
+    qat_steps: int = 40
     qat_seqlen: int = 256
     qat_batch_size: int = 1
     qat_grad_accum: int = 1
-    qat_val_every: int = 30
+    qat_val_every: int = 20
     analysis_layers: list[int] | None = None  # None: all
     analysis_rotations: list[str] = field(default_factory=lambda: ["none", "hadamard", "random_hadamard", "gsr", "gsr:16"])
     zero_shot_tasks: list[str] = field(default_factory=lambda: ["wiki_lastword", "wiki_nextsent"])
