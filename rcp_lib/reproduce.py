@@ -43,6 +43,8 @@ def run_notebook(path: Path, profile: str, out_dir: Path, kernel: str = "python3
         raise NotebookFailed(
             f"{path.name} failed in cell {e.cell_index} (execution count {e.exec_count}): {e.ename}: {e.evalue}\n"
             f"executed copy with the traceback: {out}") from e
+    except Exception as e:  # dead kernel, timeout, missing kernel spec ...
+        raise NotebookFailed(f"{path.name} did not finish: {type(e).__name__}: {e}\npartial copy: {out}") from e
     return out
 
 
