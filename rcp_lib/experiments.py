@@ -14,8 +14,9 @@ from __future__ import annotations
 import copy
 import json
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -29,6 +30,9 @@ from .profiles import Profile
 from .qat import QATConfig, config_hash, train
 from .quant.apply import QuantConfig, preset, quantize_model
 from .rotation.fuse import RotationConfig, rotate_model
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -126,8 +130,6 @@ def qat_config(profile: Profile) -> QATConfig:
 
 def build(method: Method, profile: Profile, progress: bool = True) -> nn.Module:
     """A fresh model for ``method``: copy of the FP model -> rotate -> quantize -> GPTQ or QAT (cached)."""
-    from .quant.calibrate import gptq_model
-
     fp, _ = base_model(profile)
     model = copy.deepcopy(fp)
     rot = method.rotation_config()
@@ -431,9 +433,7 @@ def kernel_correctness(profile: Profile, interpret: bool = True) -> list[dict]:
         codes = torch.randint(0, 4, (N, K), generator=g, dtype=torch.uint8)
         lut = torch.sort(torch.randn(N, -(-K // G), 4, generator=g), dim=-1).values.half()
         cases.append((f"random {N}x{K} g{G}", B, codes, lut, G))
-    # a real layer of the profile's model, quantized to 2 bits with the LDP/uniform grid and exported
-    from .quant.apply import QuantConfig, quantize_model
-
+    # a real layer of the profile's model, quantized to 2 bits with a Lloyd-initialised LDP grid and exported
     fp, _ = base_model(profile)
     layer = copy.deepcopy(fp.model.layers[0].self_attn.k_proj)
     holder = nn.Module()

@@ -25,7 +25,7 @@ import math
 import os
 import shutil
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from .config import JsonConfig
 from .data import calibration_windows, split_holdout
 from .io import atomic_write_json
 
@@ -44,7 +45,7 @@ class NonFiniteLossError(FloatingPointError):
 
 
 @dataclass
-class QATConfig:
+class QATConfig(JsonConfig):
     """Training recipe. Round-trips to JSON; its hash is part of the trained-model cache key."""
 
     steps: int = 200
@@ -100,16 +101,6 @@ class QATConfig:
         if errs:
             raise ValueError("invalid QATConfig: " + "; ".join(errs))
 
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "QATConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = set(d) - known
-        if unknown:
-            raise ValueError(f"unknown QATConfig fields {sorted(unknown)}")
-        return cls(**d)
 
 
 @dataclass

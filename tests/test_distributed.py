@@ -7,7 +7,6 @@ and the training code is identical (Accelerator picks the distributed state up f
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path

@@ -14,12 +14,13 @@ Everything is validated before the model is changed.
 
 from __future__ import annotations
 
-import json
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 
 import torch
 from torch import nn
+
+from ..config import JsonConfig
 
 from .. import models as M
 from ..rotation.online import use_rcp_attention
@@ -31,7 +32,7 @@ W_METHODS = ("rtn", "ldp")
 
 
 @dataclass
-class QuantConfig:
+class QuantConfig(JsonConfig):
     """W/A/KV quantization settings (16 bits = off). Round-trips to JSON.
 
     Weight quantizer (see :mod:`rcp_lib.quant.quantizers` for the formulas):
@@ -87,19 +88,6 @@ class QuantConfig:
                                  lwc=self.w_lwc, lwc_init=self.w_lwc_init, clip_ratio=self.w_clip_ratio,
                                  ldp_granularity=self.ldp_granularity, ldp_init=self.ldp_init)
 
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), sort_keys=True)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "QuantConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = set(d) - known
-        if unknown:
-            raise ValueError(f"unknown QuantConfig fields {sorted(unknown)}; known: {sorted(known)}")
-        return cls(**d)
 
 
 def preset(name: str, **overrides) -> QuantConfig:

@@ -58,13 +58,14 @@ float32 weights) - the layout a 2-bit kernel with a 4-entry LUT per group consum
 
 from __future__ import annotations
 
-import json
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 from typing import Iterator, Sequence
 
 import torch
 from torch import nn
+
+from ..config import JsonConfig
 
 METHODS = ("rtn", "lwc", "ldp")
 LDP_GRANULARITIES = ("group", "row")
@@ -427,7 +428,7 @@ def search_clip_ratio(
 
 
 @dataclass
-class WeightQuantConfig:
+class WeightQuantConfig(JsonConfig):
     """Settings of a :class:`WeightQuantizer` (JSON round-trip with :meth:`to_dict` / :meth:`from_dict`).
 
     Attributes:
@@ -486,23 +487,7 @@ class WeightQuantConfig:
     def levels_count(self) -> int:
         return 2 ** self.bits
 
-    def to_dict(self) -> dict:
-        return asdict(self)
 
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), sort_keys=True)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "WeightQuantConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = set(d) - known
-        if unknown:
-            raise ValueError(f"unknown WeightQuantConfig fields {sorted(unknown)}; known: {sorted(known)}")
-        return cls(**d)
-
-    @classmethod
-    def from_json(cls, s: str) -> "WeightQuantConfig":
-        return cls.from_dict(json.loads(s))
 
 
 class WeightQuantizer(nn.Module):

@@ -24,13 +24,13 @@ Inputs are validated (architecture, sizes, block sizes) before anything is chang
 
 from __future__ import annotations
 
-import json
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from .. import models as M
+from ..config import JsonConfig
 from .hadamard import hadamard, random_hadamard, random_orthogonal
 from .online import InputRotatedLinear, OnlineHadamard, use_rcp_attention
 from .walsh import gsr
@@ -40,7 +40,7 @@ R2_KINDS = ("hadamard", "random_hadamard")
 
 
 @dataclass
-class RotationConfig:
+class RotationConfig(JsonConfig):
     """Which rotations to fuse. Round-trips to JSON (``to_dict`` / ``from_dict``).
 
     Attributes:
@@ -79,20 +79,6 @@ class RotationConfig:
             b = getattr(self, n)
             if b is not None and (b < 1 or b & (b - 1)):
                 raise ValueError(f"{n} must be a positive power of two or None, got {b}")
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "RotationConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = set(d) - known
-        if unknown:
-            raise ValueError(f"unknown RotationConfig fields {sorted(unknown)}; known: {sorted(known)}")
-        return cls(**d)
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), sort_keys=True)
 
     @property
     def is_identity(self) -> bool:

@@ -2,7 +2,6 @@ import math
 
 import pytest
 import torch
-from torch import nn
 
 from rcp_lib.evaluation import perplexity, perplexity_details
 from rcp_lib.models import tiny_llama
