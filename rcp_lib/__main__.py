@@ -64,6 +64,19 @@ def _cmd_reproduce(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_table(args: argparse.Namespace) -> int:
+    from . import experiments as X
+    from .profiles import get_profile
+
+    P = get_profile(args.profile)
+    rows = X.ppl_table(P, families=tuple(args.families))
+    path = X.write_rows(rows, P, args.name)
+    for r in rows:
+        print(f"{r['method']:34s} {r['setting']:10s} ppl {r['ppl']:.2f}")
+    print(path)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m rcp_lib", description=__doc__)
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -90,6 +103,12 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--profile", default="cpu", choices=["smoke", "cpu", "paper"])
     r.add_argument("--notebooks", nargs="*", help="only these notebooks (file names)")
     r.set_defaults(func=_cmd_reproduce)
+
+    tb = sub.add_parser("table", help="compute (or read from the cache) perplexity rows of a profile and write a CSV")
+    tb.add_argument("--profile", default="cpu", choices=["smoke", "cpu", "paper"])
+    tb.add_argument("--families", nargs="+", default=["baseline", "ptq"], choices=["baseline", "ptq", "qat"])
+    tb.add_argument("--name", default="perplexity_ptq", help="results/<profile>/<name>.csv")
+    tb.set_defaults(func=_cmd_table)
 
     return p
 

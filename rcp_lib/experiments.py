@@ -267,11 +267,14 @@ def all_methods(profile: Profile) -> list[Method]:
     return ms if profile.methods is None else [m for m in ms if m.name in profile.methods]
 
 
-def ppl_table(profile: Profile, progress: bool = True) -> list[dict]:
-    """Perplexity rows: FP, the PTQ baselines and the QAT rows for every setting of the profile."""
+def ppl_table(profile: Profile, progress: bool = True, families: tuple[str, ...] = ("baseline", "ptq", "qat")) -> list[dict]:
+    """Perplexity rows: FP, the PTQ baselines and the QAT rows for every setting of the profile.
+
+    ``families`` selects a part of the table (e.g. ``("baseline", "ptq")`` for the PTQ table alone).
+    """
     from tqdm.auto import tqdm
 
-    methods = all_methods(profile)
+    methods = [m for m in all_methods(profile) if m.family in families]
     rows = []
     for m in tqdm(methods, desc="methods", unit="row", disable=not progress):
         rows.append(ppl_row(m, profile, progress=progress))
