@@ -56,7 +56,7 @@ class RotationConfig(JsonConfig):
         r4: online Hadamard on the down_proj input.
         r4_block: None for the full Hadamard of the intermediate size; a power of two dividing it for a
             block-diagonal Hadamard instead (the explicit option for sizes with no full construction here,
-            e.g. 11008 = 43 · 256 of LLaMA-2-7B while no Williamson quadruple of order 43 is registered).
+            e.g. 10944 = 171 · 64, or to trade mixing for speed).
         seed: seed of every random choice.
     """
 

@@ -10,8 +10,10 @@ Constructions (all built here from their definitions, checked by ``H Hᵀ = n I`
   ``H = C ⊗ [[1, 1], [1, -1]] + I ⊗ [[1, -1], [-1, -1]]`` of order ``2(q + 1)`` (28 from q = 13, 36 from
   q = 17, 52 from GF(25)).
 * Sylvester doubling of a base: 40 = 2 · 20.
-* Williamson (orders 4m from four symmetric circulant ±1 matrices, e.g. 156 = 4·39, 172 = 4·43): used only if a
-  quadruple is registered in :data:`WILLIAMSON`; without one those orders raise ``ValueError``.
+* Williamson: order ``4m`` from four symmetric circulant ±1 matrices ``A, B, C, D`` of order m with
+  ``A² + B² + C² + D² = 4m I`` in the array ``[[A, B, C, D], [-B, A, -D, C], [-C, D, A, -B], [-D, -C, B, A]]``:
+  156 = 4·39 and 172 = 4·43 (172 · 64 = 11008, LLaMA-2-7B's MLP width), from the quadruples in
+  :data:`WILLIAMSON`, which were found by our own search (``benchmarks/williamson_search.py``).
 
 Order ``n = b · 2^k`` is built as ``kron(H_b, H_{2^k})`` with the smallest base ``b`` that is available.
 :func:`apply_hadamard` computes ``x @ hadamard(n)`` in ``O(n log n)`` (butterflies over the power-of-two
@@ -37,8 +39,27 @@ __all__ = [
 ]
 
 # Williamson quadruples: m -> first rows (±1 lists of length m) of the symmetric circulants A, B, C, D with
-# A² + B² + C² + D² = 4m I. None registered yet (156 = 4·39 and 172 = 4·43 need them).
-WILLIAMSON: dict[int, tuple[list[int], list[int], list[int], list[int]]] = {}
+# A² + B² + C² + D² = 4m I. Stored as half-rows a_0 .. a_{(m-1)/2} ('+' = 1, '-' = -1; a_j = a_{m-j} gives the
+# rest). Both were found by our own search, benchmarks/williamson_search.py (PSD filter + meet in the middle on
+# periodic autocorrelations, exact integer check), on a shared 2-core CPU:
+# * m = 43: `python benchmarks/williamson_search.py 43` -- found in 0.03 s among sequences invariant under the
+#   multiplier subgroup H = {1, 6, 7, 36, 37, 42} of Z_43^* (row sums 7, 7, 7, 5);
+# * m = 39: `python benchmarks/williamson_search.py 39` -- the H = {±1} (plain symmetric) search, found in 125 s
+#   (row sums 9, 5, 5, 5; the larger subgroups, tried first, have no solution).
+_WILLIAMSON_HALF_ROWS: dict[int, tuple[str, str, str, str]] = {
+    39: ("++------+--+-+--++-+", "+-+-----+-+++--+++--", "++---+--++----+-+-++", "++-++-++---+-----+-+"),
+    43: ("+-+-+----++++-++++-++-", "+--+++--+-+--+-+++++-+", "++-+--++-+++----+++-++", "+--++----+-+---+--++++"),
+}
+
+
+def _from_half_row(h: str) -> list[int]:
+    v = [1 if c == "+" else -1 for c in h]
+    return v + v[1:][::-1]
+
+
+WILLIAMSON: dict[int, tuple[list[int], list[int], list[int], list[int]]] = {
+    m: tuple(_from_half_row(h) for h in rows) for m, rows in _WILLIAMSON_HALF_ROWS.items()
+}
 
 
 # ------------------------------------------------------------------------------------------- finite fields
@@ -161,7 +182,7 @@ def _decompose(n: int) -> tuple[int, int]:
             return b, n // b
     raise ValueError(
         f"no Hadamard matrix of order {n} can be built here: supported orders are 2^k and b·2^k for "
-        f"b in {sorted(avail)} (156 and 172 need a Williamson quadruple in WILLIAMSON). For such sizes use a "
+        f"b in {sorted(avail)}. For such sizes use a "
         f"block-diagonal rotation instead (r1='gsr' with a power-of-two block, e.g. {n & -n}).")
 
 

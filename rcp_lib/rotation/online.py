@@ -29,7 +29,7 @@ class OnlineHadamard(nn.Module):
     """``x [..., n] -> x @ H`` with the fast transform. No parameters.
 
     ``H = hadamard(n)``, or with ``block`` the block-diagonal ``kron(I_{n/block}, hadamard(block))`` (the
-    explicit option for sizes with no full Hadamard construction, e.g. 11008 with block 256).
+    explicit option for sizes with no full Hadamard construction, e.g. 10944 with block 64).
     """
 
     def __init__(self, n: int, block: int | None = None):

@@ -86,3 +86,58 @@ def test_block_hadamard():
     B = block_hadamard(1376, 32)  # 1376 = 43 · 32 has no full Hadamard construction here
     assert torch.allclose(B @ B.T, torch.eye(1376, dtype=torch.float64), atol=1e-12)
     assert torch.equal(B[32:64, 32:64], hadamard(32)) and B[:32, 32:].abs().max() == 0
+
+
+# ------------------------------------------------------------------ Williamson orders 156 = 4·39, 172 = 4·43
+def _williamson_search_module():
+    import importlib.util
+    from pathlib import Path
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "williamson_search.py"
+    spec = importlib.util.spec_from_file_location("williamson_search", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.mark.parametrize("n", [156, 172])
+def test_williamson_orders_exact(n):
+    assert n in BASE_ORDERS and is_hadamard_order(n)
+    H = hadamard_int(n)
+    assert H.dtype == torch.int64 and set(H.unique().tolist()) == {-1, 1}
+    assert torch.equal(H @ H.T, n * torch.eye(n, dtype=torch.int64))  # exact integer arithmetic
+
+
+def test_williamson_registered_rows_pass_search_verifier():
+    from rcp_lib.rotation.hadamard import WILLIAMSON
+    ws = _williamson_search_module()
+    assert set(WILLIAMSON) >= {39, 43}
+    for m, rows in WILLIAMSON.items():
+        assert all(len(r) == m for r in rows)
+        assert ws.verify([list(r) for r in rows]), m
+        assert torch.equal(hadamard_int(4 * m), torch.from_numpy(ws.williamson_array(rows)))
+    bad = [list(r) for r in WILLIAMSON[43]]
+    bad[0][5] = -bad[0][5]
+    assert not ws.verify(bad)
+
+
+def test_williamson_search_finds_order_43():
+    ws = _williamson_search_module()
+    H6 = next(H for H in ws.subgroups_with_minus_one(43) if len(H) == 6)
+    rows = ws.search_group(43, H6, max_pairs=10**6, canonical=True, seed=0, log=lambda *a: None)
+    assert rows is not None and ws.verify(rows)
+
+
+@pytest.mark.parametrize("n", [156, 172, 156 * 32, 11008])
+def test_williamson_fast_transform(n):
+    assert is_hadamard_order(n)
+    x = torch.randn(3, n, dtype=torch.float64, generator=torch.Generator().manual_seed(n))
+    assert torch.allclose(apply_hadamard(x), x @ hadamard(n), atol=1e-10, rtol=0)
+    if n >= 4096:
+        hadamard_int.cache_clear()  # do not keep the ~1 GB int64 matrix cached for the rest of the session
+
+
+def test_orders_without_construction_still_raise():
+    for n in (10944, 13696, 18944):
+        assert not is_hadamard_order(n)
+        with pytest.raises(ValueError, match=str(n)):
+            apply_hadamard(torch.zeros(1, n), n)
