@@ -36,6 +36,7 @@ test-slow: $(STAMP)
 
 reproduce: $(STAMP)
 	$(PY) -m rcp_lib reproduce --profile $(PROFILE)
+	@if [ "$(PROFILE)" = cpu ]; then $(PY) -m rcp_lib readme --profile cpu; fi
 
 clean-cache:
 	rm -rf $${RCP_CACHE:-$${XDG_CACHE_HOME:-$$HOME/.cache}/rcp_lib}

@@ -77,6 +77,13 @@ def _cmd_table(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_readme(args: argparse.Namespace) -> int:
+    from .report import update_readme
+
+    print(update_readme(args.profile))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m rcp_lib", description=__doc__)
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -109,6 +116,10 @@ def build_parser() -> argparse.ArgumentParser:
     tb.add_argument("--families", nargs="+", default=["baseline", "ptq"], choices=["baseline", "ptq", "qat"])
     tb.add_argument("--name", default="perplexity_ptq", help="results/<profile>/<name>.csv")
     tb.set_defaults(func=_cmd_table)
+
+    rd = sub.add_parser("readme", help="rewrite the README results block from results/<profile>/ (no computation)")
+    rd.add_argument("--profile", default="cpu", choices=["smoke", "cpu", "paper"])
+    rd.set_defaults(func=_cmd_readme)
 
     return p
 

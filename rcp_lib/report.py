@@ -1,0 +1,98 @@
+"""Markdown summaries of a profile's results, and the README block that shows the last ``cpu`` run.
+
+``python -m rcp_lib readme --profile cpu`` reads ``results/<profile>/perplexity.csv`` and ``zero_shot.csv`` (written by
+notebooks 02 and 03) and rewrites the part of README.md between ``<!-- RESULTS-TABLE -->`` and
+``<!-- /RESULTS-TABLE -->``. Nothing here computes a number: it only formats rows that the notebooks measured.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+
+from .io import atomic_write_text
+
+REPO = Path(__file__).resolve().parent.parent
+BEGIN, END = "<!-- RESULTS-TABLE -->", "<!-- /RESULTS-TABLE -->"
+
+
+def _fmt_ppl(x: float) -> str:
+    if pd.isna(x):
+        return "–"
+    return f"{x:.2f}" if x < 1e3 else f"{x:.3g}"
+
+
+def ppl_markdown(df: pd.DataFrame) -> str:
+    """Methods × settings table of perplexities (rows in first-seen order, FP first).
+
+    ``df`` has at least the columns method, setting, ppl (one row per method and setting).
+    """
+    settings = [s for s in dict.fromkeys(df["setting"]) if s != "FP"]
+    methods = list(dict.fromkeys(df["method"]))
+    fam = df.drop_duplicates("method").set_index("method")["family"] if "family" in df else None
+    head = "| method | family | " + " | ".join(settings) + " |"
+    lines = [head, "|" + "---|" * (len(settings) + 2)]
+    for m in methods:
+        sub = df[df.method == m].set_index("setting")["ppl"]
+        if m == "FP" or "FP" in sub.index:
+            cells = [_fmt_ppl(float(sub.iloc[0]))] * len(settings)
+        else:
+            cells = [_fmt_ppl(float(sub[s])) if s in sub.index else "–" for s in settings]
+        lines.append(f"| {m} | {fam[m] if fam is not None else ''} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def zero_shot_markdown(df: pd.DataFrame) -> str:
+    """Methods × tasks table of accuracy ± stderr (metric ``acc``), with the number of examples per task."""
+    acc = df[df.metric == "acc"]
+    tasks = list(dict.fromkeys(acc["task"]))
+    n = acc.drop_duplicates("task").set_index("task")["n_examples"]
+    lines = ["| method | setting | " + " | ".join(f"{t} acc (n={int(n[t])})" for t in tasks) + " |",
+             "|" + "---|" * (len(tasks) + 2)]
+    for (m, s), sub in acc.groupby(["method", "setting"], sort=False):
+        sub = sub.set_index("task")
+        cells = [f"{sub.at[t, 'value']:.3f} ± {sub.at[t, 'stderr']:.3f}" if t in sub.index else "–" for t in tasks]
+        lines.append(f"| {m} | {s} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def results_markdown(profile: str = "cpu", results: Path | None = None) -> str:
+    """The README block for a profile: perplexity and zero-shot tables with their protocol and provenance."""
+    d = Path(results) if results else REPO / "results" / profile
+    ppl_path, zs_path = d / "perplexity.csv", d / "zero_shot.csv"
+    if not ppl_path.exists():
+        raise FileNotFoundError(f"{ppl_path} not found: run notebook 02 first "
+                                f"(python -m rcp_lib reproduce --profile {profile} --notebooks 02_perplexity.ipynb)")
+    ppl = pd.read_csv(ppl_path)
+    r0 = ppl.iloc[0]
+    qat = ppl[ppl.family == "qat"]
+    out = [f"### Measured here: `{profile}` profile (regenerate with `python -m rcp_lib reproduce --profile {profile}` "
+           f"then `python -m rcp_lib readme --profile {profile}`)", "",
+           f"Perplexity of **{r0['model']}** on the **{r0['corpus']} test split**, seqlen {int(r0['seqlen'])}, "
+           f"{int(r0['windows'])} windows ({int(r0['tokens_scored'])} tokens scored); git {r0['git_commit']}, "
+           f"{r0['date_utc']}, {r0['device']}. Lower is better.", ""]
+    if len(qat):
+        import json
+
+        q = json.loads(qat.iloc[0]["config"])["qat"]
+        out += [f"QAT rows: {q['steps']} steps × batch {q['batch_size']} × grad-accum {q['grad_accum']} × "
+                f"{q['seqlen']} tokens of the train split (same budget for every QAT row), KL to the FP teacher.", ""]
+    out += [ppl_markdown(ppl), "", f"![perplexity](figures/{profile}/perplexity.png)", ""]
+    if zs_path.exists():
+        zs = pd.read_csv(zs_path)
+        out += ["Zero-shot accuracy (lm-evaluation-harness, offline tasks built from the held-out wiki-excerpt test "
+                "articles; chance on wiki_nextsent is 0.25):", "", zero_shot_markdown(zs), ""]
+    return "\n".join(out)
+
+
+def update_readme(profile: str = "cpu", readme: Path | None = None, results: Path | None = None) -> Path:
+    """Replace the block between the RESULTS-TABLE markers of ``readme`` with :func:`results_markdown`."""
+    path = Path(readme) if readme else REPO / "README.md"
+    text = path.read_text()
+    if BEGIN not in text:
+        raise ValueError(f"{path} has no {BEGIN} marker")
+    head, rest = text.split(BEGIN, 1)
+    tail = rest.split(END, 1)[1] if END in rest else rest
+    block = f"{BEGIN}\n{results_markdown(profile, results)}\n{END}"
+    return atomic_write_text(head + block + tail, path)
