@@ -20,7 +20,9 @@ BEGIN, END = "<!-- RESULTS-TABLE -->", "<!-- /RESULTS-TABLE -->"
 def _fmt_ppl(x: float) -> str:
     if pd.isna(x):
         return "–"
-    return f"{x:.2f}" if x < 1e3 else f"{x:.3g}"
+    if x < 100:
+        return f"{x:.2f}"
+    return f"{x:.0f}" if x < 1e5 else f"{x:.3g}"
 
 
 def ppl_markdown(df: pd.DataFrame) -> str:
@@ -70,8 +72,9 @@ def results_markdown(profile: str = "cpu", results: Path | None = None) -> str:
     out = [f"### Measured here: `{profile}` profile (regenerate with `python -m rcp_lib reproduce --profile {profile}` "
            f"then `python -m rcp_lib readme --profile {profile}`)", "",
            f"Perplexity of **{r0['model']}** on the **{r0['corpus']} test split**, seqlen {int(r0['seqlen'])}, "
-           f"{int(r0['windows'])} windows ({int(r0['tokens_scored'])} tokens scored); git {r0['git_commit']}, "
-           f"{r0['date_utc']}, {r0['device']}. Lower is better.", ""]
+           f"{int(r0['windows'])} windows ({int(r0['tokens_scored'])} tokens scored), {r0['device']}; first row computed "
+           f"{r0['date_utc']} at git {r0['git_commit']} (each row's provenance is in `results/{profile}/perplexity.csv`). "
+           "Lower is better.", ""]
     if len(qat):
         import json
 

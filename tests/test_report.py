@@ -24,7 +24,7 @@ def test_ppl_markdown_layout():
     md = ppl_markdown(_ppl_rows()).splitlines()
     assert md[0] == "| method | family | W2A4KV4 | W4A4KV4 |"
     assert md[2] == "| FP | baseline | 10.00 | 10.00 |"
-    assert md[3] == "| RTN | ptq | 1.23e+04 | 20.50 |"
+    assert md[3] == "| RTN | ptq | 12345 | 20.50 |"
     assert md[4] == "| RCP | qat | 30.25 | – |"
 
 
