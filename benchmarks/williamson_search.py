@@ -48,6 +48,8 @@ import numpy as np
 
 
 # ------------------------------------------------------------------------------------------- verification
+# Written independently of rcp_lib.rotation.hadamard (numpy here, torch there) on purpose: the tests check that
+# both builders give the same matrix from the registered rows.
 def circulant(row) -> np.ndarray:
     r = np.asarray(row, dtype=np.int64)
     return np.stack([np.roll(r, i) for i in range(len(r))])
@@ -78,11 +80,6 @@ def verify(rows) -> bool:
 def half_row(row) -> str:
     """``a_0 .. a_{(m-1)/2}`` as a '+'/'-' string (the rest follows from symmetry)."""
     return "".join("+" if v > 0 else "-" for v in row[: (len(row) + 1) // 2])
-
-
-def from_half_row(s: str) -> list[int]:
-    h = [1 if c == "+" else -1 for c in s]
-    return h + h[1:][::-1]
 
 
 # ------------------------------------------------------------------------------------------- group theory

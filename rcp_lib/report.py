@@ -7,6 +7,7 @@ notebooks 02 and 03) and rewrites the part of README.md between ``<!-- RESULTS-T
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pandas as pd
@@ -37,7 +38,7 @@ def ppl_markdown(df: pd.DataFrame) -> str:
     lines = [head, "|" + "---|" * (len(settings) + 2)]
     for m in methods:
         sub = df[df.method == m].set_index("setting")["ppl"]
-        if m == "FP" or "FP" in sub.index:
+        if "FP" in sub.index:  # the FP baseline has no setting: one value for every column
             cells = [_fmt_ppl(float(sub.iloc[0]))] * len(settings)
         else:
             cells = [_fmt_ppl(float(sub[s])) if s in sub.index else "–" for s in settings]
@@ -76,16 +77,19 @@ def results_markdown(profile: str = "cpu", results: Path | None = None) -> str:
            f"{r0['date_utc']} at git {r0['git_commit']} (each row's provenance is in `results/{profile}/perplexity.csv`). "
            "Lower is better.", ""]
     if len(qat):
-        import json
-
         q = json.loads(qat.iloc[0]["config"])["qat"]
         out += [f"QAT rows: {q['steps']} steps × batch {q['batch_size']} × grad-accum {q['grad_accum']} × "
-                f"{q['seqlen']} tokens of the train split (same budget for every QAT row), KL to the FP teacher.", ""]
+                f"{q['seqlen']} tokens of the train split (same budget for every QAT row), loss "
+                f"`{q.get('loss', 'kl')}` against the FP teacher.", ""]
     out += [ppl_markdown(ppl), "", f"![perplexity](figures/{profile}/perplexity.png)", ""]
     if zs_path.exists():
+        from .experiments import chance_level
+
         zs = pd.read_csv(zs_path)
-        out += ["Zero-shot accuracy (lm-evaluation-harness, offline tasks built from the held-out wiki-excerpt test "
-                "articles; chance on wiki_nextsent is 0.25):", "", zero_shot_markdown(zs), ""]
+        chance = {t: chance_level(t) for t in dict.fromkeys(zs["task"])}
+        floor = ", ".join(f"{t} {c:g}" for t, c in chance.items() if c is not None) or "n/a"
+        out += [f"Zero-shot accuracy (lm-evaluation-harness, 0-shot, acc ± stderr; random-guess accuracy: {floor}):", "",
+                zero_shot_markdown(zs), ""]
     return "\n".join(out)
 
 

@@ -48,7 +48,7 @@ def test_update_readme_replaces_block_idempotently(tmp_path):
     update_readme("cpu", readme=readme, results=res)
     once = readme.read_text()
     assert once.startswith("intro\n\n" + BEGIN) and once.count(END) == 1 and once.endswith("\n\n## next section\n")
-    assert "| RCP | qat | 30.25 | – |" in once and "3 steps" in once
+    assert "| RCP | qat | 30.25 | – |" in once and "3 steps" in once and "loss `kl`" in once
     update_readme("cpu", readme=readme, results=res)
     assert readme.read_text() == once
 
