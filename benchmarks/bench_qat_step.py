@@ -3,7 +3,9 @@
 python benchmarks/bench_qat_step.py [--seqlen 512] [--repeats 3] [--model smollm2-135m]
 
 Both steps: forward of the model being trained + teacher forward (no grad) + KL loss + backward + AdamW step,
-batch 1. FP and quantized steps are interleaved so that machine load affects both alike; the script reports
+batch 1, and both train the same parameters (``rcp_lib.qat.parameter_groups``: the linears of the decoder blocks;
+the student also its quantizer parameters). ``--fp-train all`` instead trains every parameter of the FP model
+(embedding and norms too), a more expensive FP step and therefore a smaller ratio. FP and quantized steps are interleaved so that machine load affects both alike; the script reports
 the median of each, their ratio (target: fake-quant overhead <= 1.5x) and the peak resident memory of the
 process while running each kind of step (Linux ru_maxrss / VmHWM, reset between kinds where possible).
 """
@@ -49,6 +51,8 @@ def main() -> None:
     ap.add_argument("--seqlen", type=int, default=512)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--group-size", type=int, default=64)
+    ap.add_argument("--fp-train", choices=("same", "all"), default="same",
+                    help="FP model trains the student's parameter set (default) or all its parameters")
     ap.add_argument("--json", default=None, help="also write the numbers to this file")
     args = ap.parse_args()
 
@@ -61,7 +65,7 @@ def main() -> None:
     quantize_model(student, QuantConfig(w_bits=2, a_bits=4, kv_bits=4, w_group_size=args.group_size))
     opts = {}
     for name, m in (("fp", fp), ("rcp_w2a4kv4", student)):
-        if name == "fp":
+        if name == "fp" and args.fp_train == "all":
             for p in m.parameters():
                 p.requires_grad_(True)
             params = [p for p in m.parameters()]
@@ -94,7 +98,7 @@ def main() -> None:
             times[name].append(step(name, models[name], ids[1 + 2 * r + i : 2 + 2 * r + i]))
             peaks[name] = max(peaks[name], _rss_peak_mb())
     med = {k: statistics.median(v) for k, v in times.items()}
-    out = {"model": args.model, "seqlen": args.seqlen, "batch": 1, "repeats": args.repeats,
+    out = {"model": args.model, "seqlen": args.seqlen, "batch": 1, "repeats": args.repeats, "fp_train": args.fp_train,
            "fp_step_s": round(med["fp"], 3), "rcp_step_s": round(med["rcp_w2a4kv4"], 3),
            "overhead_ratio": round(med["rcp_w2a4kv4"] / med["fp"], 3),
            "fp_peak_rss_mb": round(peaks["fp"]), "rcp_peak_rss_mb": round(peaks["rcp_w2a4kv4"]),

@@ -68,13 +68,30 @@ def _cmd_table(args: argparse.Namespace) -> int:
     from . import experiments as X
     from .profiles import get_profile
 
-    P = get_profile(args.profile)
+    P = get_profile(args.profile, **_parse_overrides(args.set))
     rows = X.ppl_table(P, families=tuple(args.families))
     path = X.write_rows(rows, P, args.name)
     for r in rows:
         print(f"{r['method']:34s} {r['setting']:10s} ppl {r['ppl']:.2f}")
     print(path)
     return 0
+
+
+def _parse_overrides(items: list[str] | None) -> dict:
+    """``["qat_steps=160", 'methods=["RCP"]']`` -> ``{"qat_steps": 160, "methods": ["RCP"]}`` (values parsed as
+    JSON where possible, else kept as strings)."""
+    import json
+
+    out: dict = {}
+    for item in items or []:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise SystemExit(f"--set expects KEY=VALUE, got {item!r}")
+        try:
+            out[key] = json.loads(raw)
+        except json.JSONDecodeError:
+            out[key] = raw
+    return out
 
 
 def _cmd_readme(args: argparse.Namespace) -> int:
@@ -115,6 +132,8 @@ def build_parser() -> argparse.ArgumentParser:
     tb.add_argument("--profile", default="cpu", choices=["smoke", "cpu", "paper"])
     tb.add_argument("--families", nargs="+", default=["baseline", "ptq"], choices=["baseline", "ptq", "qat"])
     tb.add_argument("--name", default="perplexity_ptq", help="results/<profile>/<name>.csv")
+    tb.add_argument("--set", action="append", metavar="KEY=VALUE",
+                    help='override a profile field (JSON value), e.g. --set qat_steps=160 --set \'methods=["RCP"]\'')
     tb.set_defaults(func=_cmd_table)
 
     rd = sub.add_parser("readme", help="rewrite the README results block from results/<profile>/ (no computation)")

@@ -44,7 +44,7 @@ class _StraightThrough(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):  # type: ignore[override]
         (inside,) = ctx.saved_tensors
-        return g * inside.to(g.dtype), None, None
+        return torch.where(inside, g, 0.0), None, None
 
 
 def fake_quant_per_token(
@@ -68,6 +68,8 @@ def fake_quant_per_token(
         raise ValueError(f"clip_ratio must be in (0, 1], got {clip_ratio}")
     cdt = torch.promote_types(x.dtype, torch.float32)
     xd = x.detach().to(cdt)
+    # the element-wise chains below run in place on one buffer: a handful of full-size temporaries instead of
+    # one per operation (same operations and order, hence the same values, as the formulas in the module doc)
     if asym:
         L = 2**b
         lo, hi = xd.amin(-1, keepdim=True), xd.amax(-1, keepdim=True)
@@ -77,9 +79,9 @@ def fake_quant_per_token(
         s = ((hi - lo) / (L - 1)).clamp_min(_EPS)
         if round_zero:
             z = torch.round(-lo / s)
-            xq = (torch.clamp(torch.round(xd / s) + z, 0, L - 1) - z) * s
+            xq = torch.div(xd, s).round_().add_(z).clamp_(0, L - 1).sub_(z).mul_(s)
         else:
-            xq = lo + s * torch.clamp(torch.round((xd - lo) / s), 0, L - 1)
+            xq = torch.sub(xd, lo).div_(s).round_().clamp_(0, L - 1).mul_(s).add_(lo)
     else:
         if b < 2:
             raise ValueError("symmetric activation quantization needs bits >= 2")
@@ -87,8 +89,8 @@ def fake_quant_per_token(
         hi = xd.abs().amax(-1, keepdim=True) * clip_ratio
         lo = -hi
         s = (hi / qmax).clamp_min(_EPS)
-        xq = torch.clamp(torch.round(xd / s), -qmax - 1, qmax) * s
-    inside = (xd >= lo) & (xd <= hi)
+        xq = torch.div(xd, s).round_().clamp_(-qmax - 1, qmax).mul_(s)
+    inside = (xd >= lo).logical_and_(xd <= hi)
     return _StraightThrough.apply(x, xq.to(x.dtype), inside)
 
 

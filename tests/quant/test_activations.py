@@ -104,3 +104,29 @@ def test_kv_groups_per_token_and_head():
     assert torch.equal(fake_quant_kv(y, 4)[:, 0], fake_quant_kv(x, 4)[:, 0])
     with pytest.raises(ValueError, match="divide"):
         fake_quant_kv(x, 4, group_size=24)
+
+
+@pytest.mark.parametrize("asym,round_zero", [(True, False), (True, True), (False, False)])
+def test_in_place_chain_equals_plain_formula_and_leaves_input_alone(asym, round_zero):
+    """The implementation runs its element-wise chain in place; values must equal the textbook formula bit for bit."""
+    torch.manual_seed(11)
+    x = torch.randn(7, 3, 96) * torch.rand(7, 3, 1) * 5
+    x0 = x.clone()
+    b, r = 4, 0.9
+    if asym:
+        lo, hi = x.amin(-1, keepdim=True), x.amax(-1, keepdim=True)
+        if round_zero:
+            lo, hi = lo.clamp(max=0), hi.clamp(min=0)
+        lo, hi = lo * r, hi * r
+        s = ((hi - lo) / (2**b - 1)).clamp_min(1e-10)
+        if round_zero:
+            z = torch.round(-lo / s)
+            ref = (torch.clamp(torch.round(x / s) + z, 0, 2**b - 1) - z) * s
+        else:
+            ref = lo + s * torch.clamp(torch.round((x - lo) / s), 0, 2**b - 1)
+    else:
+        s = (x.abs().amax(-1, keepdim=True) * r / 7).clamp_min(1e-10)
+        ref = torch.clamp(torch.round(x / s), -8, 7) * s
+    q = fake_quant_per_token(x, b, clip_ratio=r, asym=asym, round_zero=round_zero)
+    assert torch.equal(q, ref)
+    assert torch.equal(x, x0)

@@ -366,3 +366,58 @@ def test_search_clip_ratio_matches_brute_force():
     q_rows = torch.cat([fake_quant_uniform(w[i:i + 1], 2, 16, clip_ratio=float(rows[i])) for i in range(16)])
     assert ((x @ (w - q_rows).T) ** 2).sum() <= min(errs) * (1 + 1e-4)
     assert math.isclose(torch.sigmoid(ratio_to_logit(best)).item(), best, rel_tol=1e-9)
+
+
+def test_check_finite_overflowing_sum_of_finite_values_passes():
+    """The one-reduction fast path must not reject finite weights whose sum overflows (float16)."""
+    from rcp_lib.quant.quantizers import check_finite
+
+    w = torch.full((4, 64), 60000.0, dtype=torch.float16)  # finite; the float32 sum is finite too
+    check_finite(w)
+    w32 = torch.full((4, 8), 3.0e38, dtype=torch.float32)  # finite; its float32 sum overflows to inf
+    check_finite(w32)
+    w32[2, 5] = float("-inf")
+    with pytest.raises(ValueError, match="1 NaN/inf"):
+        check_finite(w32)
+
+
+@pytest.mark.parametrize("L", [2, 4, 16, 32])
+def test_nearest_level_codes_match_searchsorted_including_ties(L):
+    """Comparison counting (L <= 16) and searchsorted (larger L) give the reference assignment, ties to the lower level."""
+    from rcp_lib.quant import nearest_level_codes
+
+    torch.manual_seed(L)
+    lv = torch.sort(torch.randn(5, 3, L, dtype=torch.float64), -1).values
+    mid = (lv[..., 1:] + lv[..., :-1]) * 0.5
+    wg = torch.randn(5, 3, 40, dtype=torch.float64)
+    wg[..., : L - 1] = mid  # exact ties at every threshold
+    codes = nearest_level_codes(wg, lv)
+    assert codes.dtype == torch.int64
+    ref = torch.searchsorted(mid.contiguous(), wg.contiguous())  # side="left": index of the first threshold >= w
+    assert torch.equal(codes, ref)
+    dist = (wg.unsqueeze(-1) - lv.unsqueeze(-2)).abs()
+    # nearest level (at an exact tie both neighbours are nearest, up to the rounding of the midpoint)
+    torch.testing.assert_close(torch.gather(dist, -1, codes.unsqueeze(-1)).squeeze(-1), dist.min(-1).values, rtol=0, atol=1e-12)
+
+
+def test_quantize_to_levels_gradients_match_autograd_reference():
+    """The fused node's gradients equal autograd through gather plus a masked straight-through term."""
+    torch.manual_seed(7)
+    wg = (0.8 * torch.randn(6, 4, 32, dtype=torch.float64)).requires_grad_()
+    theta = torch.randn(6, 4, 3, dtype=torch.float64, requires_grad=True)
+    lo = torch.full((6, 4), -1.0, dtype=torch.float64, requires_grad=True)
+    hi = torch.full((6, 4), 1.2, dtype=torch.float64, requires_grad=True)
+    g = torch.randn(6, 4, 32, dtype=torch.float64)
+
+    wq, codes = quantize_to_levels(wg, ldp_levels(theta, lo, hi), lo, hi)
+    grads = torch.autograd.grad(wq, (wg, theta, lo, hi), g)
+
+    lv = ldp_levels(theta, lo, hi)
+    idx = torch.searchsorted(((lv[..., 1:] + lv[..., :-1]) * 0.5).detach().contiguous(), wg.detach().contiguous())
+    inside = ((wg >= lo.detach().unsqueeze(-1)) & (wg <= hi.detach().unsqueeze(-1))).double()
+    ref = torch.gather(lv, -1, idx) + (wg - wg.detach()) * inside
+    ref_grads = torch.autograd.grad(ref, (wg, theta, lo, hi), g)
+    assert torch.equal(codes, idx) and torch.equal(wq, ref.detach())
+    assert 0 < int(inside.sum()) < inside.numel()  # both clipped and unclipped weights are exercised
+    for a, b in zip(grads, ref_grads):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
