@@ -1,7 +1,8 @@
 """Markdown summaries of a profile's results, and the README block that shows the last ``cpu`` run.
 
 ``python -m rcp_lib readme --profile cpu`` reads ``results/<profile>/perplexity.csv`` and ``zero_shot.csv`` (written by
-notebooks 02 and 03) and rewrites the part of README.md between ``<!-- RESULTS-TABLE -->`` and
+notebooks 02 and 03), plus any ``perplexity_qat_*.csv`` (QAT rows re-trained longer with ``python -m rcp_lib table
+--families qat --set qat_steps=N``), and rewrites the part of README.md between ``<!-- RESULTS-TABLE -->`` and
 ``<!-- /RESULTS-TABLE -->``. Nothing here computes a number: it only formats rows that the notebooks measured.
 """
 
@@ -60,6 +61,24 @@ def zero_shot_markdown(df: pd.DataFrame) -> str:
     return "\n".join(lines)
 
 
+def _qat_budget(config: str) -> dict:
+    return json.loads(config)["qat"]
+
+
+def longer_qat_markdown(main: pd.DataFrame, longer: pd.DataFrame) -> str:
+    """QAT rows trained for more steps, next to the same method and setting of the main table.
+
+    Both frames have the columns method, setting, ppl and config (JSON with a ``qat`` entry holding ``steps``).
+    """
+    main_steps = {(r.method, r.setting): (r.ppl, _qat_budget(r.config)["steps"]) for r in main.itertuples() if r.family == "qat"}
+    lines = ["| method | setting | main table (steps: ppl) | longer run (steps: ppl) |", "|---|---|---|---|"]
+    for r in longer.itertuples():
+        m = main_steps.get((r.method, r.setting))
+        left = f"{m[1]}: {_fmt_ppl(float(m[0]))}" if m else "–"
+        lines.append(f"| {r.method} | {r.setting} | {left} | {_qat_budget(r.config)['steps']}: {_fmt_ppl(float(r.ppl))} |")
+    return "\n".join(lines)
+
+
 def results_markdown(profile: str = "cpu", results: Path | None = None) -> str:
     """The README block for a profile: perplexity and zero-shot tables with their protocol and provenance."""
     d = Path(results) if results else REPO / "results" / profile
@@ -77,11 +96,20 @@ def results_markdown(profile: str = "cpu", results: Path | None = None) -> str:
            f"{r0['date_utc']} at git {r0['git_commit']} (each row's provenance is in `results/{profile}/perplexity.csv`). "
            "Lower is better.", ""]
     if len(qat):
-        q = json.loads(qat.iloc[0]["config"])["qat"]
+        q = _qat_budget(qat.iloc[0]["config"])
         out += [f"QAT rows: {q['steps']} steps × batch {q['batch_size']} × grad-accum {q['grad_accum']} × "
                 f"{q['seqlen']} tokens of the train split (same budget for every QAT row), loss "
                 f"`{q.get('loss', 'kl')}` against the FP teacher.", ""]
     out += [ppl_markdown(ppl), "", f"![perplexity](figures/{profile}/perplexity.png)", ""]
+    for extra in sorted(d.glob("perplexity_qat_*.csv")):  # optional: QAT rows re-trained with a longer budget
+        longer = pd.read_csv(extra)
+        if not len(longer):
+            continue
+        q = _qat_budget(longer.iloc[0]["config"])
+        out += [f"Longer QAT, `results/{profile}/{extra.name}` (written by `python -m rcp_lib table --profile {profile} "
+                f"--families qat --name {extra.stem} --set qat_steps={q['steps']} ...`; {q['steps']} steps × "
+                f"{q['batch_size'] * q['grad_accum'] * q['seqlen']} tokens, same test windows):", "",
+                longer_qat_markdown(ppl, longer), ""]
     if zs_path.exists():
         from .experiments import chance_level
 

@@ -5,7 +5,7 @@ import json
 import pandas as pd
 import pytest
 
-from rcp_lib.report import BEGIN, END, ppl_markdown, update_readme, zero_shot_markdown
+from rcp_lib.report import BEGIN, END, longer_qat_markdown, ppl_markdown, update_readme, zero_shot_markdown
 
 
 def _ppl_rows():
@@ -58,3 +58,22 @@ def test_update_readme_needs_results(tmp_path):
     readme.write_text(BEGIN)
     with pytest.raises(FileNotFoundError, match="notebook 02"):
         update_readme("cpu", readme=readme, results=tmp_path)
+
+
+def test_longer_qat_rows_sit_next_to_the_main_table(tmp_path):
+    main = _ppl_rows()
+    longer = main[main.family == "qat"].copy()
+    longer["ppl"] = 25.0
+    longer["config"] = json.dumps({"qat": {"steps": 12, "batch_size": 1, "grad_accum": 2, "seqlen": 8}})
+    extra = longer.iloc[[0]].assign(method="RCP w/o Clip", ppl=27.5)
+    md = longer_qat_markdown(main, pd.concat([longer, extra])).splitlines()
+    assert md[2] == "| RCP | W2A4KV4 | 3: 30.25 | 12: 25.00 |"
+    assert md[3] == "| RCP w/o Clip | W2A4KV4 | – | 12: 27.50 |"
+    res = tmp_path / "results"
+    res.mkdir()
+    main.to_csv(res / "perplexity.csv", index=False)
+    longer.to_csv(res / "perplexity_qat_12steps.csv", index=False)
+    readme = tmp_path / "README.md"
+    readme.write_text(BEGIN)
+    text = update_readme("cpu", readme=readme, results=res).read_text()
+    assert "perplexity_qat_12steps.csv" in text and "12 steps × 16 tokens" in text and "| RCP | W2A4KV4 | 3: 30.25 | 12: 25.00 |" in text
