@@ -106,8 +106,11 @@ def results_markdown(profile: str = "cpu", results: Path | None = None) -> str:
         if not len(longer):
             continue
         q = _qat_budget(longer.iloc[0]["config"])
+        settings = json.dumps(list(dict.fromkeys(longer["setting"])))
+        methods = json.dumps(list(dict.fromkeys(longer["method"])))
         out += [f"Longer QAT, `results/{profile}/{extra.name}` (written by `python -m rcp_lib table --profile {profile} "
-                f"--families qat --name {extra.stem} --set qat_steps={q['steps']} ...`; {q['steps']} steps × "
+                f"--families qat --name {extra.stem} --set qat_steps={q['steps']} --set 'settings={settings}' "
+                f"--set 'methods={methods}'`; {q['steps']} steps × "
                 f"{q['batch_size'] * q['grad_accum'] * q['seqlen']} tokens, same test windows):", "",
                 longer_qat_markdown(ppl, longer), ""]
     if zs_path.exists():
