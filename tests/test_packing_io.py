@@ -16,7 +16,7 @@ from rcp_lib.rotation.fuse import RotationConfig, rotate_model
 
 def _model(q: QuantConfig, r1="gsr"):
     m = M.tiny_llama(hidden=96, intermediate=160, heads=3, kv_heads=1, layers=2, vocab=128)
-    rotate_model(m, RotationConfig(r1=r1))
+    rotate_model(m, RotationConfig(r1=r1, r1_block=32 if r1 == "gsr" else None))
     return quantize_model(m, q)
 
 

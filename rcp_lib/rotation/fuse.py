@@ -33,9 +33,10 @@ from .. import models as M
 from ..config import JsonConfig
 from .hadamard import hadamard, random_hadamard, random_orthogonal
 from .online import InputRotatedLinear, OnlineHadamard, use_rcp_attention
-from .walsh import gsr
+from .walsh import block_hadamard, gsr
 
-R1_KINDS = ("none", "hadamard", "random_hadamard", "walsh", "gsr", "random_orthogonal")
+R1_KINDS = ("none", "hadamard", "random_hadamard", "walsh", "gsr", "block_hadamard", "random_orthogonal")
+BLOCK_KINDS = ("gsr", "block_hadamard")  # R1 kinds built from blocks of size r1_block
 R2_KINDS = ("hadamard", "random_hadamard")
 
 
@@ -47,9 +48,13 @@ class RotationConfig(JsonConfig):
         r1: residual-stream rotation: "none", "hadamard" (Kronecker/Sylvester, natural order),
             "random_hadamard" (QuaRot's R1: Hadamard times random signs), "walsh" (sequency-ordered Walsh,
             full size; needs a power-of-two hidden size), "gsr" (GSR: block-diagonal of sequency-ordered Walsh
-            blocks of size ``r1_block``), "random_orthogonal".
-        r1_block: block size for "gsr" (must divide hidden; None = largest power of two dividing it).
-        r1_random_signs: multiply the GSR/Walsh matrix by a random ±1 diagonal (seeded).
+            blocks of size ``r1_block``), "block_hadamard" (the same blocks in natural Hadamard order: the control
+            that separates GSR's sequency order from its block-diagonal structure), "random_orthogonal".
+        r1_block: block size for "gsr" / "block_hadamard", required for those kinds and must divide the hidden
+            size. Our reading of GSR: the block equals the weight quantization group (64 or 128); the
+            experiments set it to the profile's group size and record it in every row.
+        r1_random_signs: multiply the GSR/Walsh/block-Hadamard matrix by a random ±1 diagonal on the input
+            side, ``diag(s) @ R`` (seeded).
         r2: fuse a per-head rotation into v_proj/o_proj.
         r2_kind: "hadamard" or "random_hadamard".
         r3: online Hadamard on queries and keys after RoPE.
@@ -79,6 +84,9 @@ class RotationConfig(JsonConfig):
             b = getattr(self, n)
             if b is not None and (b < 1 or b & (b - 1)):
                 raise ValueError(f"{n} must be a positive power of two or None, got {b}")
+        if self.r1 in BLOCK_KINDS and self.r1_block is None:
+            raise ValueError(f"r1={self.r1!r} needs r1_block (a power of two dividing the hidden size; GSR's blocks "
+                             f"match the weight quantization group, e.g. r1_block=64 or 128)")
 
     @property
     def is_identity(self) -> bool:
@@ -105,13 +113,19 @@ def r1_matrix(kind: str, n: int, block: int | None = None, random_signs: bool = 
                 f"r1='walsh' needs a power-of-two hidden size, got {n}; use r1='gsr' with r1_block dividing {n} "
                 f"(largest power-of-two block: {_largest_pow2_divisor(n)})")
         return gsr(n, n, random_signs=random_signs, seed=seed)
-    if kind == "gsr":
-        b = block if block is not None else _largest_pow2_divisor(n)
-        return gsr(n, b, random_signs=random_signs, seed=seed)
+    if kind in BLOCK_KINDS:
+        if block is None:
+            raise ValueError(f"r1={kind!r} needs a block size (r1_block), e.g. the weight group size")
+        if n % block:
+            raise ValueError(f"r1_block={block} does not divide the hidden size {n} (largest power-of-two block "
+                             f"that does: {_largest_pow2_divisor(n)})")
+        build = gsr if kind == "gsr" else block_hadamard
+        return build(n, block, random_signs=random_signs, seed=seed)
     raise ValueError(f"unknown r1 kind {kind!r}; choose one of {R1_KINDS}")
 
 
 def r2_matrix(kind: str, head_dim: int, seed: int) -> torch.Tensor:
+    """The per-head rotation ``R2`` ``[head_dim, head_dim]`` float64 (random signs seeded with ``seed + 1``)."""
     return hadamard(head_dim) if kind == "hadamard" else random_hadamard(head_dim, seed + 1)
 
 

@@ -31,6 +31,7 @@ __all__ = [
     "hadamard",
     "hadamard_int",
     "random_hadamard",
+    "random_signs",
     "random_orthogonal",
     "apply_hadamard",
     "is_hadamard_order",
@@ -216,11 +217,20 @@ def hadamard(n: int, dtype: torch.dtype = torch.float64) -> torch.Tensor:
     return (hadamard_int(n).to(torch.float64) / math.sqrt(n)).to(dtype)
 
 
-def random_hadamard(n: int, seed: int = 0, dtype: torch.dtype = torch.float64) -> torch.Tensor:
-    """QuaRot's R1: ``hadamard(n) @ diag(s)`` with random signs ``s ∈ {±1}^n`` from ``torch.Generator(seed)``."""
+def random_signs(n: int, seed: int) -> torch.Tensor:
+    """Seeded random signs ``s ∈ {±1}^n`` (float64 ``[n]``) from ``torch.Generator().manual_seed(seed)``."""
     g = torch.Generator().manual_seed(seed)
-    s = torch.randint(0, 2, (n,), generator=g, dtype=torch.int64) * 2 - 1
-    return (hadamard(n) * s.to(torch.float64)[None, :]).to(dtype)
+    return (torch.randint(0, 2, (n,), generator=g, dtype=torch.int64) * 2 - 1).to(torch.float64)
+
+
+def random_hadamard(n: int, seed: int = 0, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """QuaRot's randomised Hadamard ``diag(s) @ hadamard(n)`` ``[n, n]``, signs ``s`` from :func:`random_signs`.
+
+    The signs act on the *input* before the mixing (``x R = (x ⊙ s) H``), as in QuaRot and QuIP#, so two
+    seeds give different rotated weights and group statistics. (``H diag(s)`` would only flip output signs
+    after mixing, which no per-group quantizer statistic sees.)
+    """
+    return (random_signs(n, seed)[:, None] * hadamard(n)).to(dtype)
 
 
 def random_orthogonal(n: int, seed: int = 0, dtype: torch.dtype = torch.float64) -> torch.Tensor:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 
 from .hadamard import hadamard
+from .hadamard import random_signs as _random_signs
 
 __all__ = ["walsh", "gsr", "block_hadamard", "largest_pow2_divisor", "sequency"]
 
@@ -46,17 +47,14 @@ def walsh(n: int, dtype: torch.dtype = torch.float64) -> torch.Tensor:
     return hadamard(n, dtype)[order]
 
 
-def _signs(n: int, seed: int) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    return (torch.randint(0, 2, (n,), generator=g, dtype=torch.int64) * 2 - 1).to(torch.float64)
-
-
 def _block_diag(block: torch.Tensor, n: int) -> torch.Tensor:
     return torch.block_diag(*([block] * (n // block.shape[0])))
 
 
 def gsr(n: int, block: int, random_signs: bool = False, seed: int = 0, dtype: torch.dtype = torch.float64) -> torch.Tensor:
-    """GSR rotation ``[n, n]``: block-diagonal of ``walsh(block)``, times a random ±1 diagonal if asked.
+    """GSR rotation ``[n, n]``: block-diagonal of ``walsh(block)``; with ``random_signs`` ``diag(s) @ R``.
+
+    The random signs act on the input before the mixing, as in :func:`~rcp_lib.rotation.hadamard.random_hadamard`.
 
     Raises:
         ValueError: ``block`` is not a power of two or does not divide ``n``.
@@ -67,13 +65,25 @@ def gsr(n: int, block: int, random_signs: bool = False, seed: int = 0, dtype: to
                          f"does is {largest_pow2_divisor(n)}")
     R = _block_diag(walsh(block), n)
     if random_signs:
-        R = R * _signs(n, seed)[None, :]
+        R = _random_signs(n, seed)[:, None] * R
     return R.to(dtype)
 
 
-def block_hadamard(n: int, block: int, dtype: torch.dtype = torch.float64) -> torch.Tensor:
-    """Block-diagonal natural-order Hadamard (an explicit option for sizes with no full Hadamard matrix)."""
-    _check_pow2(block, "block")
-    if n % block:
-        raise ValueError(f"block {block} does not divide n={n}")
-    return _block_diag(hadamard(block), n).to(dtype)
+def block_hadamard(n: int, block: int, random_signs: bool = False, seed: int = 0,
+                   dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """Block-diagonal natural-order Hadamard ``[n, n]`` (``kron(I_{n/block}, hadamard(block))``).
+
+    The control for GSR: the same blocks as :func:`gsr` with the rows in natural (Sylvester/Paley) order
+    instead of sequency order; also the explicit option for sizes with no full Hadamard matrix. ``block`` may be
+    any order :func:`~rcp_lib.rotation.hadamard.hadamard` can build (e.g. 64, 128, 12·2^k).
+
+    Raises:
+        ValueError: ``block`` does not divide ``n`` or no Hadamard matrix of that order can be built.
+    """
+    if block < 1 or n % block:
+        raise ValueError(f"block {block} does not divide n={n}; the largest power-of-two block that does is "
+                         f"{largest_pow2_divisor(n)}")
+    R = _block_diag(hadamard(block), n)
+    if random_signs:
+        R = _random_signs(n, seed)[:, None] * R
+    return R.to(dtype)

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from rcp_lib import models as M
-from rcp_lib.rotation.fuse import R1_KINDS, RotationConfig, rotate_model
+from rcp_lib.rotation.fuse import BLOCK_KINDS, R1_KINDS, RotationConfig, rotate_model
 
 
 F64_TOL = 2e-6
@@ -40,7 +40,7 @@ def test_tiny_rotated_logits_float64(shape, r1, online):
     model = M.tiny_llama(layers=2, vocab=300, **TINY[shape]).double()
     ids = torch.randint(0, 300, (2, 24), generator=torch.Generator().manual_seed(1))
     ref = _logits(model, ids)
-    cfg = RotationConfig(r1=r1, r2=online, r3=online, r4=online, seed=3)
+    cfg = RotationConfig(r1=r1, r1_block=8 if r1 in BLOCK_KINDS else None, r2=online, r3=online, r4=online, seed=3)
     rotate_model(model, cfg)
     assert _max_rel(ref, _logits(model, ids)) < F64_TOL
     assert model.lm_head.weight is not model.model.embed_tokens.weight
@@ -63,7 +63,7 @@ def test_tiny_rotated_logits_float32_eager(r1):
     model.config._attn_implementation = "eager"
     ids = torch.randint(0, 256, (2, 32))
     ref = _logits(model, ids)
-    rotate_model(model, RotationConfig(r1=r1))
+    rotate_model(model, RotationConfig(r1=r1, r1_block=32 if r1 == "gsr" else None))
     assert model.config._attn_implementation == "rcp_eager"
     assert _max_rel(ref, _logits(model, ids)) < 1e-5
 
@@ -84,6 +84,8 @@ def _snapshot(model):
     (RotationConfig(r1="gsr", r1_block=64), ValueError),       # 64 does not divide 96
     (RotationConfig(r1="gsr", r1_block=24), ValueError),       # not a power of two
     (RotationConfig(r1="bogus"), ValueError),
+    (RotationConfig(r1="gsr"), ValueError),                    # no block: GSR's block must be chosen (the group)
+    (RotationConfig(r1="block_hadamard", r1_block=64), ValueError),
     (RotationConfig(r2_kind="bogus"), ValueError),
 ])
 def test_bad_config_leaves_model_untouched(cfg, err):
@@ -143,14 +145,14 @@ def real_text_ids(embedded, excerpt_test_ids):
 def test_embedded_model_rotated_logits(embedded, real_text_ids, r1):
     model = copy.deepcopy(embedded[0])
     ref = _logits(embedded[0], real_text_ids)
-    rotate_model(model, RotationConfig(r1=r1, r2=True, r3=True, r4=True))
+    rotate_model(model, RotationConfig(r1=r1, r1_block=64 if r1 == "gsr" else None, r2=True, r3=True, r4=True))
     assert _max_rel(ref, _logits(model, real_text_ids)) < 1e-4
 
 
 def test_embedded_generation_with_kv_cache(embedded):
     model, tok = embedded
     rot = copy.deepcopy(model)
-    rotate_model(rot, RotationConfig(r1="gsr"))
+    rotate_model(rot, RotationConfig(r1="gsr", r1_block=64))
     ids = tok("The history of mathematics", return_tensors="pt").input_ids
     with torch.no_grad():
         a = model.generate(ids, max_new_tokens=12, do_sample=False)

@@ -46,8 +46,35 @@ def test_random_rotations_orthogonal_and_seeded():
         R = f(96, 3)
         assert torch.allclose(R @ R.T, torch.eye(96, dtype=torch.float64), atol=1e-12)
         assert torch.equal(R, f(96, 3)) and not torch.equal(R, f(96, 4))
-    D = hadamard(96).T @ random_hadamard(96, 1)  # = diag(±1)
-    assert torch.allclose(D.abs(), torch.eye(96, dtype=torch.float64), atol=1e-12)
+    # QuaRot's definition diag(s)·H: the signs act on the input before the mixing, so R Hᵀ = diag(±1)
+    D = random_hadamard(96, 1) @ hadamard(96).T
+    assert torch.allclose(D, torch.diag(torch.diagonal(D)), atol=1e-12)
+    assert torch.allclose(torch.diagonal(D).abs(), torch.ones(96, dtype=torch.float64), atol=1e-12)
+    assert not torch.allclose(D, torch.eye(96, dtype=torch.float64))  # some signs are flipped
+    # and not H·diag(s): Hᵀ R is not diagonal
+    E = hadamard(96).T @ random_hadamard(96, 1)
+    assert (E - torch.diag(torch.diagonal(E))).abs().max() > 0.1
+
+
+def test_random_hadamard_seed_changes_group_statistics():
+    """The defect of H·diag(s): two seeds gave the same per-group statistics of a rotated weight (only output
+    signs flipped after the mixing). With diag(s)·H the seed changes the rotated groups and their 2-bit error."""
+    g = torch.Generator().manual_seed(0)
+    W = torch.randn(64, 128, generator=g, dtype=torch.float64)
+    W[:, :4] *= 20  # outlier input channels, as in LLMs
+
+    def stats(R):
+        Wr = (W @ R).reshape(64, -1, 32)  # groups of 32 rotated input columns
+        rng = Wr.amax(-1) - Wr.amin(-1)
+        return rng.mean().item(), Wr.abs().amax(-1).mean().item()
+
+    a, b = stats(random_hadamard(128, 0)), stats(random_hadamard(128, 1))
+    assert abs(a[0] - b[0]) / a[0] > 1e-3 and abs(a[1] - b[1]) / a[1] > 1e-3
+    # block-diagonal Walsh / Hadamard with random signs: diag(s)·R as well
+    for f in (gsr, block_hadamard):
+        Rs, R = f(128, 32, random_signs=True, seed=2), f(128, 32)
+        D = Rs @ R.T
+        assert torch.allclose(D, torch.diag(torch.diagonal(D)), atol=1e-12)
 
 
 @pytest.mark.parametrize("n", [1, 2, 8, 64, 256])
@@ -86,6 +113,13 @@ def test_block_hadamard():
     B = block_hadamard(1376, 32)  # 1376 = 43 · 32 has no full Hadamard construction here
     assert torch.allclose(B @ B.T, torch.eye(1376, dtype=torch.float64), atol=1e-12)
     assert torch.equal(B[32:64, 32:64], hadamard(32)) and B[:32, 32:].abs().max() == 0
+    # GSR's control: the same blocks as gsr(), rows in natural instead of sequency order
+    G = gsr(576, 64)
+    H = block_hadamard(576, 64)
+    assert torch.equal(G.abs(), H.abs()) and not torch.equal(G, H)
+    assert {tuple(r) for r in G[:64, :64].tolist()} == {tuple(r) for r in H[:64, :64].tolist()}
+    with pytest.raises(ValueError, match="does not divide"):
+        block_hadamard(576, 128)
 
 
 # ------------------------------------------------------------------ Williamson orders 156 = 4·39, 172 = 4·43
