@@ -266,6 +266,13 @@ def layer_linears(layer: nn.Module) -> dict[str, nn.Module]:
     return out
 
 
+def shared_input_groups(layer: nn.Module) -> list[tuple[str, ...]]:
+    """Names (as in :func:`layer_linears`) of the projections of a block that read the same input tensor: q/k/v
+    (the attention norm's output) and gate/up (the MLP norm's output). Used to accumulate one calibration Hessian
+    per input instead of one per projection."""
+    return [tuple(f"self_attn.{n}" for n in ("q_proj", "k_proj", "v_proj")), ("mlp.gate_proj", "mlp.up_proj")]
+
+
 def named_block_linears(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
     """All projections inside decoder blocks, as ``("model.layers.{i}.self_attn.q_proj", module)``."""
     for i, layer in enumerate(decoder_layers(model)):

@@ -38,7 +38,8 @@ class QuantConfig(JsonConfig):
     Weight quantizer (see :mod:`rcp_lib.quant.quantizers` for the formulas):
         w_bits, w_group_size (-1: per output row), w_method ("rtn": uniform asymmetric grid; "ldp": learnable
         direct partitioning), w_lwc (learnable clipping, OmniQuant-style), w_lwc_init (initial logit of the
-        clip sigmoid), w_clip_ratio (fixed clip ratio for RTN without LWC), ldp_granularity ("group"/"row"),
+        clip sigmoid), w_clip_ratio (fixed clip ratio for RTN without LWC), w_clip_search ("none" or "mse":
+        QuaRot's per-row, per-group weight clip search for RTN/GPTQ without LWC), ldp_granularity ("group"/"row"),
         ldp_init ("uniform"/"lloyd").
     Activations: a_bits (per-token asymmetric on every block linear input), a_clip_ratio (QuaRot's 0.9).
     KV cache: kv_bits, kv_group_size (None: head_dim), kv_clip_ratio.
@@ -51,6 +52,7 @@ class QuantConfig(JsonConfig):
     w_lwc: bool = True
     w_lwc_init: float = 4.0
     w_clip_ratio: float = 1.0
+    w_clip_search: str = "none"
     ldp_granularity: str = "group"
     ldp_init: str = "uniform"
     a_bits: int = 4
@@ -86,6 +88,7 @@ class QuantConfig(JsonConfig):
             return None
         return WeightQuantConfig(bits=self.w_bits, group_size=self.w_group_size, method=self.w_method,
                                  lwc=self.w_lwc, lwc_init=self.w_lwc_init, clip_ratio=self.w_clip_ratio,
+                                 clip_search=self.w_clip_search,
                                  ldp_granularity=self.ldp_granularity, ldp_init=self.ldp_init)
 
 

@@ -3,18 +3,21 @@
 The calibration windows are pushed through the model once up to the first decoder block; then for each block:
 
 1. the block runs on the cached inputs with *full-precision* weights while a hook on every ``QuantLinear``
-   accumulates the Hessian of what the layer really sees (after its input transform, e.g. R4, and after the
-   activation quantizer, so W4A4 GPTQ sees 4-bit inputs);
+   accumulates the Hessian of what the layer sees (after its input transform, e.g. R4);
 2. each of the seven projections is quantized with :func:`~rcp_lib.quant.gptq.gptq_quantize` on the grid of its
-   weight quantizer (uniform RTN grid; or the fixed LDP / Lloyd-Max level table), and its quantizer is replaced
-   by a :class:`FrozenLevelsQuantizer` holding the GPTQ codes and level table;
-3. the block runs again, now quantized, and its outputs are the next block's inputs (as in GPTQ).
+   weight quantizer (uniform RTN grid, with QuaRot's per-group clip search when the config asks for it; or the
+   fixed LDP / Lloyd-Max level table), and its quantizer is replaced by a :class:`FrozenLevelsQuantizer` holding
+   the GPTQ codes and level table;
+3. the block runs again, now with quantized weights, and its outputs are the next block's inputs (as in GPTQ).
 
 All seven Hessians of a block come from the same full-precision pass (GPTQ without ``true-sequential``).
+By default activations and the KV cache stay in 16/32 bits during calibration, as in QuaRot, which runs GPTQ
+before its activation quantizers are installed (``quantized_activations=True`` feeds 4-bit inputs instead).
 """
 
 from __future__ import annotations
 
+import contextlib
 from typing import Iterator
 
 import torch
@@ -55,6 +58,25 @@ class FrozenLevelsQuantizer(nn.Module):
 
 class _Stop(Exception):
     pass
+
+
+@contextlib.contextmanager
+def activations_in_full_precision(model: nn.Module) -> Iterator[None]:
+    """Within the block: every ``QuantLinear`` input and the KV cache unquantized; restored on exit."""
+    saved_a = [(q, q.act_bits) for _, q in M.named_block_linears(model) if isinstance(q, QuantLinear)]
+    saved_kv = [(a, a.rcp_kv_quantizer) for a in (M.attention(l) for l in M.decoder_layers(model))
+                if getattr(a, "rcp_kv_quantizer", None) is not None]
+    try:
+        for q, _ in saved_a:
+            q.act_bits = None
+        for a, _ in saved_kv:
+            a.rcp_kv_quantizer = None
+        yield
+    finally:
+        for q, b in saved_a:
+            q.act_bits = b
+        for a, kvq in saved_kv:
+            a.rcp_kv_quantizer = kvq
 
 
 def _transformed_input(q: QuantLinear, x: torch.Tensor) -> torch.Tensor:
@@ -108,12 +130,15 @@ def gptq_model(
     block_size: int = 128,
     batch_size: int = 8,
     progress: bool = True,
+    quantized_activations: bool = False,
 ) -> nn.Module:
     """Quantize every ``QuantLinear`` weight of a quantized model with GPTQ, in place (see module docstring).
 
     Args:
         model: output of :func:`~rcp_lib.quant.apply.quantize_model` (weights not yet GPTQ'd).
         calib: ``LongTensor [n, seqlen]`` calibration windows of the train split.
+        quantized_activations: collect Hessians and propagate block outputs with the activation and KV quantizers
+            on (False, the default: 16/32-bit activations, QuaRot's protocol).
     Returns:
         the model, whose quantized projections now hold frozen GPTQ codes and level tables.
     """
@@ -125,14 +150,45 @@ def gptq_model(
             raise ValueError("gptq_model needs a model prepared with quantize_model")
     was_training = model.training
     model.eval()
+    ctx = contextlib.nullcontext() if quantized_activations else activations_in_full_precision(model)
+    with ctx:
+        _gptq_layers(model, layers, calib, percdamp, act_order, block_size, batch_size, progress)
+    model.train(was_training)
+    return model
+
+
+def _shared_accumulators(layer: nn.Module, qlins: dict[str, QuantLinear]) -> dict[str, HessianAccumulator]:
+    """One Hessian accumulator per distinct input: projections that read the same tensor (q/k/v, gate/up; see
+    :func:`rcp_lib.models.shared_input_groups`) and transform it the same way share one, so its ``X^T X`` is computed
+    once (the Hessians are identical)."""
+    accs: dict[str, HessianAccumulator] = {}
+    for group in M.shared_input_groups(layer):
+        members = [n for n in group if n in qlins]
+        if not members:
+            continue
+        q0 = qlins[members[0]]
+        same = all(qlins[n].input_transform is None and q0.input_transform is None and qlins[n].act_bits == q0.act_bits
+                   and qlins[n].act_clip_ratio == q0.act_clip_ratio and qlins[n].in_features == q0.in_features
+                   for n in members)
+        if same:
+            acc = HessianAccumulator(q0.in_features, device=q0.weight.device)
+            accs.update({n: acc for n in members})
+    for n, q in qlins.items():
+        accs.setdefault(n, HessianAccumulator(q.in_features, device=q.weight.device))
+    return accs
+
+
+def _gptq_layers(model, layers, calib, percdamp, act_order, block_size, batch_size, progress) -> None:
     inputs = _block_inputs(model, calib, batch_size)
     for li, layer in enumerate(tqdm(layers, desc="GPTQ", unit="layer", disable=not progress, leave=False)):
         qlins = {n: q for n, q in M.layer_linears(layer).items() if q.weight_quantizer is not None}
         saved = {n: q.weight_quantizer for n, q in qlins.items()}
-        accs = {n: HessianAccumulator(q.in_features, device=q.weight.device) for n, q in qlins.items()}
+        accs = _shared_accumulators(layer, qlins)
         hooks = []
         for n, q in qlins.items():
             q.weight_quantizer = None  # full-precision weights for the Hessian pass
+            if any(m != n and accs[m] is accs[n] for m in list(qlins)[: list(qlins).index(n)]):
+                continue  # reads the same input as an earlier projection: its Hessian is already accumulated
 
             def hook(mod, args, n=n):
                 accs[n].add_batch(_transformed_input(mod, args[0]))
@@ -151,7 +207,8 @@ def gptq_model(
             if cfg.method == "rtn" and not getattr(cfg, "learn_clip", False):
                 res = gptq_quantize(q.weight.data, accs[n].H, bits=cfg.bits, group_size=cfg.group_size,
                                     block_size=block_size, percdamp=percdamp, act_order=act_order,
-                                    clip_ratio=cfg.clip_ratio)
+                                    clip_ratio=cfg.clip_ratio, round_zero=cfg.round_zero,
+                                    clip_search=getattr(cfg, "clip_search", "none"))
             else:  # fixed non-uniform (LDP / Lloyd) or clipped grid: its current level table
                 res = gptq_quantize(q.weight.data, accs[n].H, levels=wq.levels(q.weight.data).detach(),
                                     group_size=cfg.group_size, block_size=block_size, percdamp=percdamp,
@@ -159,5 +216,3 @@ def gptq_model(
             q.weight.data = res.weight.to(q.weight.dtype)
             q.weight_quantizer = FrozenLevelsQuantizer(res.codes, res.levels, cfg).to(q.weight.device)
         inputs = _run_block(layer, inputs)
-    model.train(was_training)
-    return model

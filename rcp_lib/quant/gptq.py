@@ -25,7 +25,15 @@ from dataclasses import dataclass
 
 import torch
 
-from .quantizers import check_finite, check_weight_bits, minmax_range, quantize_uniform, resolve_group_size, uniform_levels
+from .quantizers import (
+    check_finite,
+    check_weight_bits,
+    minmax_range,
+    mse_clip_range,
+    quantize_uniform,
+    resolve_group_size,
+    uniform_levels,
+)
 
 
 class HessianAccumulator:
@@ -102,6 +110,7 @@ def gptq_quantize(
     clip_ratio: float = 1.0,
     round_zero: bool = False,
     static_groups: bool = False,
+    clip_search: str = "none",
     dtype: torch.dtype = torch.float32,
 ) -> GPTQResult:
     """Quantize ``W`` with GPTQ.
@@ -116,6 +125,10 @@ def gptq_quantize(
         percdamp: damping, as a fraction of the mean of ``diag(H)``.
         act_order: process columns by decreasing ``diag(H)`` (permutation undone at the end).
         clip_ratio: min-max shrink of the uniform grid's range (``(0, 1]``).
+        clip_search: ``"mse"``: each group's range is searched with
+            :func:`~rcp_lib.quant.quantizers.mse_clip_range` on the group's current (updated) weights when the group
+            starts, as QuaRot's GPTQ does with ``--w_clip`` (``clip_ratio`` is then ignored); ``"none"``: min-max ×
+            ``clip_ratio``.
         round_zero: integer zero point for the uniform grid.
         static_groups: uniform grid only: take every group's ``lo``/``hi`` from the *original* weight before any
             update (AutoGPTQ's ``static_groups``) instead of from the updated weights when the group starts (GPTQ's
@@ -125,6 +138,8 @@ def gptq_quantize(
     Returns:
         :class:`GPTQResult`.
     """
+    if clip_search not in ("none", "mse"):
+        raise ValueError(f"clip_search must be 'none' or 'mse', got {clip_search!r}")
     if (bits is None) == (levels is None):
         raise ValueError("give exactly one of bits (uniform grid) or levels (fixed per-group level table)")
     check_finite(W, "weight")
@@ -171,7 +186,8 @@ def gptq_quantize(
     Hinv = torch.linalg.cholesky(torch.cholesky_inverse(Lc), upper=True)
 
     if bits is not None and static_groups:
-        lo0, hi0 = minmax_range(W.detach().to(dtype).reshape(out_f, ng, gs), clip_ratio)
+        W0 = W.detach().to(dtype).reshape(out_f, ng, gs)
+        lo0, hi0 = mse_clip_range(W0, bits, round_zero)[:2] if clip_search == "mse" else minmax_range(W0, clip_ratio)
         lo_t.copy_(lo0)
         hi_t.copy_(hi0)
         table.copy_(uniform_levels(lo0, hi0, bits, round_zero))
@@ -197,7 +213,10 @@ def gptq_quantize(
                     # updates of this block's columns so far that the lazy batch update has not applied yet
                     beyond = Wk[:, pos] - E1[:, :i] @ Hinv[i1:i1 + i][:, pos]
                     cur = torch.where(((pos >= i1) & (pos < i2)).unsqueeze(0), W1[:, (pos - i1).clamp(0, i2 - i1 - 1)], beyond)
-                    lo, hi = minmax_range(cur, clip_ratio)
+                    if clip_search == "mse":
+                        lo, hi, _ = mse_clip_range(cur, bits, round_zero)
+                    else:
+                        lo, hi = minmax_range(cur, clip_ratio)
                     lo_t[:, g], hi_t[:, g] = lo, hi
                     table[:, g] = uniform_levels(lo, hi, bits, round_zero)
                     have[g] = True

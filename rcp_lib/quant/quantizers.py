@@ -494,6 +494,51 @@ def search_clip_ratio(
     return ratios.to(torch.float32)
 
 
+CLIP_SEARCHES = ("none", "mse")
+MSE_CLIP_NORM = 2.4  # QuaRot's / GPTQ's error norm in the weight clip search
+
+
+def mse_clip_grid() -> torch.Tensor:
+    """The ratios QuaRot's ``--w_clip`` search tries: ``1.00, 0.99, ..., 0.20`` (grid 100, max shrink 0.8), float64."""
+    return torch.arange(100, 19, -1, dtype=torch.float64) / 100
+
+
+@torch.no_grad()
+def mse_clip_range(
+    wg: torch.Tensor, bits: int, round_zero: bool = False, grid: Sequence[float] | torch.Tensor | None = None,
+    norm: float = MSE_CLIP_NORM,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Weight clip search of QuaRot (``--w_clip``) / GPTQ (``mse=True``), per group and output row.
+
+    For each group (last dim of ``wg``) the shrink ratio ``r`` of the min-max range that minimises
+    ``Σ |Q_r(w) - w|^norm`` (``Q_r``: uniform asymmetric ``bits``-bit grid on ``[r·min, r·max]``) is picked from
+    ``grid`` (default :func:`mse_clip_grid`); ties keep the larger ratio (the search starts at 1.0).
+
+    Args:
+        wg: ``[..., gs]`` weights (one group per leading index; e.g. ``[out, n_groups, gs]``).
+        bits, round_zero: the uniform quantizer.
+        grid: candidate ratios in ``(0, 1]``.
+        norm: error exponent (2.4 in QuaRot and GPTQ; 2 gives the MSE).
+    Returns:
+        ``(lo, hi, ratio)``, each ``[...]`` in the dtype of ``wg``.
+    """
+    check_weight_bits(bits)
+    grid_t = mse_clip_grid() if grid is None else torch.as_tensor(grid, dtype=torch.float64).flatten()
+    if len(grid_t) == 0 or bool(((grid_t <= 0) | (grid_t > 1)).any()):
+        raise ValueError("clip search grid ratios must be in (0, 1] and non-empty")
+    wd = wg.detach()
+    lo0, hi0 = wd.amin(-1), wd.amax(-1)
+    best = torch.full_like(lo0, float("inf"))
+    best_r = torch.ones_like(lo0)
+    for r in grid_t.tolist():
+        q, _ = quantize_uniform(wd, r * lo0, r * hi0, bits, round_zero)
+        err = (q - wd).abs().pow(norm).sum(-1)
+        better = err < best
+        best = torch.where(better, err, best)
+        best_r = torch.where(better, torch.full_like(best_r, r), best_r)
+    return best_r * lo0, best_r * hi0, best_r
+
+
 # --------------------------------------------------------------------------------------------------
 # config + module
 # --------------------------------------------------------------------------------------------------
@@ -512,6 +557,9 @@ class WeightQuantConfig(JsonConfig):
             "uniform" ablation; ``ldp`` without ``lwc`` the "no clip" ablation.
         lwc_init: initial value of the LWC logits ``gamma`` and ``beta`` (4.0: ratio 0.982).
         clip_ratio: fixed clip ratio of the min-max range when LWC is off.
+        clip_search: ``"none"`` or ``"mse"``: without LWC, each group's range is ``r·[min, max]`` with ``r`` from
+            :func:`mse_clip_range` (QuaRot's ``--w_clip`` search, per output row and group; GPTQ searches it again
+            on the updated weights when a group starts). Uniform grid (``method="rtn"``) only.
         ldp_granularity: ``"group"`` (theta per group) or ``"row"`` (theta shared by a row's groups).
         ldp_init: ``"uniform"`` (theta = 0) or ``"lloyd"`` (pinned-end Lloyd-Max fit in :meth:`WeightQuantizer.init_from`).
         round_zero: integer zero point for the uniform grid (GPTQ/QuaRot style) instead of the exact minimum.
@@ -524,6 +572,7 @@ class WeightQuantConfig(JsonConfig):
     lwc: bool = True
     lwc_init: float = 4.0
     clip_ratio: float = 1.0
+    clip_search: str = "none"
     ldp_granularity: str = "group"
     ldp_init: str = "uniform"
     round_zero: bool = False
@@ -545,6 +594,11 @@ class WeightQuantConfig(JsonConfig):
             raise ValueError(f"ldp_init must be one of {LDP_INITS}, got {self.ldp_init!r}")
         if not 0 < self.clip_ratio <= 1:
             raise ValueError(f"clip_ratio must be in (0, 1], got {self.clip_ratio}")
+        if self.clip_search not in CLIP_SEARCHES:
+            raise ValueError(f"clip_search must be one of {CLIP_SEARCHES}, got {self.clip_search!r}")
+        if self.clip_search != "none" and (self.method != "rtn" or self.lwc):
+            raise ValueError("clip_search applies to the fixed uniform grid (method='rtn', lwc=False); LWC learns its "
+                             "clip and LDP sets its range from LWC")
         if not math.isfinite(self.lwc_init):
             raise ValueError(f"lwc_init must be finite, got {self.lwc_init}")
         if self.lloyd_iters < 1:
@@ -613,6 +667,9 @@ class WeightQuantizer(nn.Module):
     def _range(self, wg: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self.gamma is not None:
             return lwc_range(wg, self.gamma, self.beta)
+        if self.config.clip_search == "mse":
+            lo, hi, _ = mse_clip_range(wg, self.config.bits, self.config.round_zero)
+            return lo, hi
         return minmax_range(wg, self.config.clip_ratio)
 
     def _levels(self, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
@@ -713,4 +770,6 @@ class WeightQuantizer(nn.Module):
             s += f", ldp_granularity={c.ldp_granularity}, ldp_init={c.ldp_init}"
         elif not c.learn_clip and c.clip_ratio != 1.0:
             s += f", clip_ratio={c.clip_ratio}"
+        if c.clip_search != "none":
+            s += f", clip_search={c.clip_search}"
         return s

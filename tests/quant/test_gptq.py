@@ -191,3 +191,106 @@ def test_real_layer_gptq_beats_rtn(embedded, excerpt_test_ids):
         for ao in (False, True):
             g = out_err(W, gptq_quantize(W, acc.H, bits=bits, group_size=64, act_order=ao).weight, Xt)
             assert g < rtn, (bits, ao, g, rtn)
+
+
+# ------------------------------------------------------------------ QuaRot's weight clip search (--w_clip)
+def test_mse_clip_range_matches_brute_force():
+    from rcp_lib.quant.quantizers import mse_clip_grid, mse_clip_range, quantize_uniform
+
+    g = torch.Generator().manual_seed(0)
+    wg = torch.randn(5, 3, 16, generator=g, dtype=torch.float64)
+    lo, hi, r = mse_clip_range(wg, bits=2)
+    for i in range(5):
+        for j in range(3):
+            w = wg[i, j]
+            errs = []
+            for rr in mse_clip_grid().tolist():
+                q, _ = quantize_uniform(w.view(1, 1, -1), torch.tensor([[rr * w.min()]]), torch.tensor([[rr * w.max()]]), 2)
+                errs.append(((q.flatten() - w).abs() ** 2.4).sum().item())
+            best = mse_clip_grid()[int(torch.tensor(errs).argmin())].item()
+            assert r[i, j].item() == pytest.approx(best)
+            assert lo[i, j].item() == pytest.approx(best * w.min().item())
+    # at 2 bits on Gaussian groups the search clips (r well below 1) and lowers the MSE a lot (0.20 -> ~0.12 σ²)
+    x = torch.randn(4000, 64, generator=g, dtype=torch.float64)
+    lo, hi, r = mse_clip_range(x, bits=2, norm=2.0)
+    q_s, _ = quantize_uniform(x, lo, hi, 2)
+    q_m, _ = quantize_uniform(x, x.amin(-1), x.amax(-1), 2)
+    mse_s, mse_m = ((q_s - x) ** 2).mean().item(), ((q_m - x) ** 2).mean().item()
+    assert 0.17 < mse_m < 0.23 and 0.10 < mse_s < 0.14 and r.mean() < 0.75
+
+
+def test_weight_quantizer_clip_search_config():
+    from rcp_lib.quant.quantizers import mse_clip_range
+
+    W = torch.randn(8, 64, generator=torch.Generator().manual_seed(1))
+    q = WeightQuantizer(W.shape, WeightQuantConfig(bits=2, group_size=32, method="rtn", lwc=False, clip_search="mse"))
+    lo, hi = q.clip_range(W)
+    lo_ref, hi_ref, _ = mse_clip_range(W.reshape(8, 2, 32), 2)
+    assert torch.equal(lo, lo_ref) and torch.equal(hi, hi_ref)
+    plain = WeightQuantizer(W.shape, WeightQuantConfig(bits=2, group_size=32, method="rtn", lwc=False))
+    assert ((q(W) - W) ** 2).sum() < ((plain(W) - W) ** 2).sum()
+    with pytest.raises(ValueError, match="clip_search"):
+        WeightQuantConfig(method="ldp", clip_search="mse")
+    with pytest.raises(ValueError, match="clip_search"):
+        WeightQuantConfig(method="rtn", lwc=False, clip_search="bogus")
+
+
+def test_gptq_clip_search_lowers_heldout_error_at_2_bits():
+    d, out = 128, 64
+    W = torch.randn(out, d, generator=torch.Generator().manual_seed(3))
+    X, Xt = correlated_inputs(2048, d, 4), correlated_inputs(2048, d, 5)
+    acc = HessianAccumulator(d)
+    acc.add_batch(X)
+    plain = gptq_quantize(W, acc.H, bits=2, group_size=32)
+    clipped = gptq_quantize(W, acc.H, bits=2, group_size=32, clip_search="mse")
+    assert out_err(W, clipped.weight, Xt) < 0.8 * out_err(W, plain.weight, Xt)
+    ranges = clipped.levels[..., -1] - clipped.levels[..., 0]
+    assert (ranges < (plain.levels[..., -1] - plain.levels[..., 0]) - 1e-6).any()  # some groups were clipped
+    with pytest.raises(ValueError, match="clip_search"):
+        gptq_quantize(W, acc.H, bits=2, group_size=32, clip_search="grid")
+
+
+def test_gptq_model_hessians_from_16bit_activations():
+    """QuaRot runs GPTQ before its activation quantizers exist: the A4 and A16 models get the same GPTQ codes,
+    and the activation/KV quantizers are back in place afterwards."""
+    import copy
+
+    from rcp_lib import models as M
+    from rcp_lib.quant.apply import QuantConfig, quantize_model, quantized_linears
+    from rcp_lib.quant.calibrate import gptq_model
+
+    base = M.tiny_llama(hidden=64, intermediate=128, heads=2, kv_heads=1, layers=2, vocab=128)
+    calib = torch.randint(0, 128, (4, 32), generator=torch.Generator().manual_seed(0))
+    codes = {}
+    for a in (4, 16):
+        m = quantize_model(copy.deepcopy(base), QuantConfig(w_bits=2, a_bits=a, kv_bits=a, w_group_size=32,
+                                                            w_method="rtn", w_lwc=False, w_clip_search="mse"))
+        gptq_model(m, calib, progress=False)
+        codes[a] = {n: q.weight_quantizer.codes.clone() for n, q in quantized_linears(m)}
+        if a == 4:
+            assert all(q.act_bits == 4 for _, q in quantized_linears(m))
+            assert all(M.attention(l).rcp_kv_quantizer is not None for l in M.decoder_layers(m))
+    assert codes[4].keys() == codes[16].keys()
+    assert all(torch.equal(codes[4][n], codes[16][n]) for n in codes[4])
+    m = quantize_model(copy.deepcopy(base), QuantConfig(w_bits=2, a_bits=4, kv_bits=4, w_group_size=32, w_method="rtn",
+                                                        w_lwc=False, w_clip_search="mse"))
+    gptq_model(m, calib, progress=False, quantized_activations=True)  # the old behaviour, still available
+    assert any(not torch.equal(q.weight_quantizer.codes, codes[4][n]) for n, q in quantized_linears(m))
+
+
+def test_gptq_model_shared_hessians_equal_separate(monkeypatch):
+    """q/k/v and gate/up share one accumulated Hessian: the codes equal those of one accumulator per projection."""
+    import copy
+
+    from rcp_lib import models as M
+    from rcp_lib.quant.apply import QuantConfig, quantize_model, quantized_linears
+    from rcp_lib.quant.calibrate import gptq_model
+
+    base = M.tiny_llama(hidden=64, intermediate=128, heads=2, kv_heads=1, layers=2, vocab=128)
+    calib = torch.randint(0, 128, (4, 32), generator=torch.Generator().manual_seed(1))
+    cfg = QuantConfig(w_bits=2, a_bits=16, kv_bits=16, w_group_size=32, w_method="rtn", w_lwc=False, w_clip_search="mse")
+    shared = gptq_model(quantize_model(copy.deepcopy(base), cfg), calib, progress=False)
+    monkeypatch.setattr(M, "shared_input_groups", lambda layer: [])
+    separate = gptq_model(quantize_model(copy.deepcopy(base), cfg), calib, progress=False)
+    a, b = dict(quantized_linears(shared)), dict(quantized_linears(separate))
+    assert all(torch.equal(a[n].weight_quantizer.codes, b[n].weight_quantizer.codes) for n in a)
