@@ -57,3 +57,25 @@ def test_bad_arguments(kwargs, match):
     m = tiny_llama(vocab=64, hidden=32, intermediate=64, heads=2, kv_heads=1, layers=1)
     with pytest.raises(ValueError, match=match):
         perplexity(m, torch.randint(0, 64, (1, 100)), progress=False, **kwargs)
+
+
+def test_spread_windows_cover_the_split():
+    from rcp_lib.evaluation.ppl import window_indices
+
+    assert window_indices(235, 32, spread=False) == list(range(32))
+    idx = window_indices(235, 32, spread=True)
+    assert len(idx) == 32 and len(set(idx)) == 32 and idx[0] == 0 and idx[-1] >= 235 - 235 // 32 - 1
+    assert all(0 < b - a <= 235 // 32 + 1 for a, b in zip(idx, idx[1:]))  # evenly spaced over the whole split
+    assert window_indices(10, None, spread=True) == list(range(10)) == window_indices(10, 99, spread=True)
+
+
+def test_spread_perplexity_scores_exactly_those_windows():
+    m = tiny_llama(vocab=128, hidden=32, intermediate=64, heads=2, kv_heads=1, layers=1)
+    ids = torch.randint(0, 128, (1, 10 * 40 + 7), generator=torch.Generator().manual_seed(0))
+    r = perplexity_details(m, ids, seqlen=40, max_windows=3, spread=True, progress=False)
+    assert r.window_indices == [0, 3, 6] and r.windows == 3
+    wins = ids[0, : 400].view(10, 40)[[0, 3, 6]]
+    with torch.no_grad():
+        logits = m(input_ids=wins).logits
+    nll = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, 128).float(), wins[:, 1:].reshape(-1))
+    assert abs(r.nll - nll.item()) < 1e-5
