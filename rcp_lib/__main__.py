@@ -52,12 +52,24 @@ def _cmd_qat(args: argparse.Namespace) -> int:
     return 0
 
 
+def _apply_allow_dirty(args: argparse.Namespace) -> None:
+    """``--allow-dirty`` sets ``RCP_ALLOW_DIRTY=1`` (inherited by the notebook kernels that ``reproduce`` starts)."""
+    import os
+
+    from .io import ALLOW_DIRTY_ENV
+
+    if getattr(args, "allow_dirty", False):
+        os.environ[ALLOW_DIRTY_ENV] = "1"
+
+
 def _cmd_reproduce(args: argparse.Namespace) -> int:
+    from .io import DirtyTreeError
     from .reproduce import NotebookFailed, reproduce
 
+    _apply_allow_dirty(args)
     try:
         done = reproduce(args.profile, notebooks=args.notebooks or None)
-    except NotebookFailed as e:
+    except (NotebookFailed, DirtyTreeError) as e:
         print(f"[rcp_lib] reproduce stopped: {e}", file=sys.stderr)
         return 1
     print("\n".join(str(p) for p in done))
@@ -66,9 +78,16 @@ def _cmd_reproduce(args: argparse.Namespace) -> int:
 
 def _cmd_table(args: argparse.Namespace) -> int:
     from . import experiments as X
+    from .io import DirtyTreeError, require_clean_tree
     from .profiles import get_profile
 
+    _apply_allow_dirty(args)
     P = get_profile(args.profile, **_parse_overrides(args.set))
+    try:
+        require_clean_tree()  # fail before computing, not after
+    except DirtyTreeError as e:
+        print(f"[rcp_lib] table refused: {e}", file=sys.stderr)
+        return 1
     rows = X.ppl_table(P, families=tuple(args.families))
     path = X.write_rows(rows, P, args.name)
     for r in rows:
@@ -126,6 +145,8 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("reproduce", help="execute the notebooks with papermill for a profile")
     r.add_argument("--profile", default="cpu", choices=["smoke", "cpu", "paper"])
     r.add_argument("--notebooks", nargs="*", help="only these notebooks (file names)")
+    r.add_argument("--allow-dirty", action="store_true",
+                   help="write results even with uncommitted changes to code or configs (sets RCP_ALLOW_DIRTY=1)")
     r.set_defaults(func=_cmd_reproduce)
 
     tb = sub.add_parser("table", help="compute (or read from the cache) perplexity rows of a profile and write a CSV")
@@ -134,6 +155,8 @@ def build_parser() -> argparse.ArgumentParser:
     tb.add_argument("--name", default="perplexity_ptq", help="results/<profile>/<name>.csv")
     tb.add_argument("--set", action="append", metavar="KEY=VALUE",
                     help='override a profile field (JSON value), e.g. --set qat_steps=160 --set \'methods=["RCP"]\'')
+    tb.add_argument("--allow-dirty", action="store_true",
+                    help="write the CSV even with uncommitted changes to code or configs (sets RCP_ALLOW_DIRTY=1)")
     tb.set_defaults(func=_cmd_table)
 
     rd = sub.add_parser("readme", help="rewrite the README results block from results/<profile>/ (no computation)")

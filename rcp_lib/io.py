@@ -1,9 +1,17 @@
-"""Atomic file writing and result provenance (so results are never half-written and always traceable)."""
+"""Atomic file writing and result provenance (so results are never half-written and always traceable).
+
+Also: the code fingerprint that keys every cache (:func:`code_fingerprint`), the dirty-tree guard that keeps
+results from uncommitted code out of ``results/`` (:func:`require_clean_tree`), and deterministic figure files
+(:func:`save_figure`).
+"""
 
 from __future__ import annotations
 
 import csv
 import datetime as _dt
+import functools
+import hashlib
+import importlib.util
 import io
 import json
 import os
@@ -11,11 +19,18 @@ import platform
 import subprocess
 import tempfile
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterable, Mapping, Sequence
+
+REPO = Path(__file__).resolve().parent.parent
+ALLOW_DIRTY_ENV = "RCP_ALLOW_DIRTY"
+# Outputs of a run (and the README block that `rcp_lib readme` regenerates): changes there do not make a tree
+# "dirty"; only uncommitted changes to code or configs do.
+OUTPUT_PATHS = ("results", "figures", "runs", "README.md")
 
 
 def _atomic_write_bytes(data: bytes, path: str | os.PathLike) -> Path:
     path = Path(path)
+    check_results_write(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
@@ -66,24 +81,152 @@ def atomic_write_csv(rows: Iterable[Mapping[str, Any]], path: str | os.PathLike)
     return atomic_write_text(buf.getvalue(), path)
 
 
+def _is_output(rel: str) -> bool:
+    return any(rel == o or rel.startswith(o + "/") for o in OUTPUT_PATHS)
+
+
+def dirty_files(repo: str | os.PathLike | None = None) -> list[str]:
+    """Tracked files with uncommitted changes to code or configs (repo-relative paths).
+
+    Changes to a run's own outputs (``results/``, ``figures/``, ``runs/``, ``README.md``) and untracked files are
+    ignored. Outside a git checkout (or without git) the list is empty.
+    """
+    repo = Path(repo) if repo else REPO
+    try:
+        out = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "-z"], cwd=repo,
+                             capture_output=True, text=True, timeout=10)
+    except Exception:
+        return []
+    if out.returncode != 0:
+        return []
+    files: list[str] = []
+    entries = out.stdout.split("\0")
+    i = 0
+    while i < len(entries):
+        e = entries[i]
+        i += 1
+        if len(e) < 4:
+            continue
+        status, rel = e[:2], e[3:]
+        if "R" in status or "C" in status:  # rename/copy: the next entry is the source path
+            src = entries[i] if i < len(entries) else ""
+            i += 1
+            for f in (rel, src):
+                if f and not _is_output(f):
+                    files.append(f)
+            continue
+        if not _is_output(rel):
+            files.append(rel)
+    return sorted(set(files))
+
+
 def git_commit(repo: str | os.PathLike | None = None) -> str:
-    """Commit hash of the checkout this library runs from ('+dirty' if modified), or 'unknown'."""
-    repo = Path(repo) if repo else Path(__file__).resolve().parent.parent
+    """Commit hash of the checkout this library runs from, or 'unknown'.
+
+    '+dirty' is appended when tracked code or configs have uncommitted changes (see :func:`dirty_files`); a
+    run's own outputs under ``results/``, ``figures/``, ``runs/`` and untracked files do not count.
+    """
+    repo = Path(repo) if repo else REPO
     try:
         sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True, timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=repo, capture_output=True, text=True, timeout=10).stdout.strip()
-        return (sha + ("+dirty" if dirty else "")) if sha else "unknown"
     except Exception:
         return "unknown"
+    if not sha:
+        return "unknown"
+    return sha + ("+dirty" if dirty_files(repo) else "")
+
+
+# ---------------------------------------------------------------------------------------------------
+# dirty-tree guard for results/
+# ---------------------------------------------------------------------------------------------------
+
+
+class DirtyTreeError(RuntimeError):
+    """Refusal to write results from a checkout with uncommitted changes to code or configs."""
+
+
+def allow_dirty() -> bool:
+    """True when ``$RCP_ALLOW_DIRTY`` is set to a true value (``--allow-dirty`` of the CLI sets it)."""
+    return os.environ.get(ALLOW_DIRTY_ENV, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def require_clean_tree(repo: str | os.PathLike | None = None) -> None:
+    """Raise :class:`DirtyTreeError` if code or configs have uncommitted changes, unless dirty runs are allowed."""
+    if allow_dirty():
+        return
+    files = dirty_files(repo)
+    if files:
+        shown = ", ".join(files[:5]) + (f", ... (+{len(files) - 5} more)" if len(files) > 5 else "")
+        raise DirtyTreeError(f"uncommitted changes to code or configs ({shown}); commit them, "
+                             f"or pass --allow-dirty / set {ALLOW_DIRTY_ENV}=1")
+
+
+def check_results_write(path: str | os.PathLike) -> None:
+    """Apply :func:`require_clean_tree` when ``path`` lies under ``<repo>/results/`` (called by every atomic write)."""
+    try:
+        Path(path).resolve().relative_to(REPO / "results")
+    except ValueError:
+        return
+    require_clean_tree()
+
+
+# ---------------------------------------------------------------------------------------------------
+# code fingerprint (cache keys)
+# ---------------------------------------------------------------------------------------------------
+
+
+def source_roots() -> dict[str, Path]:
+    """The source trees the fingerprint covers: the installed ``rcp_lib`` and ``rcp_lib.kernels`` packages and
+    the repository's ``configs/`` (when present), as ``{prefix: directory}``."""
+    roots = {"rcp_lib": Path(__file__).resolve().parent}
+    spec = importlib.util.find_spec("rcp_lib.kernels")  # imports rcp_lib only, not the kernels package
+    if spec is not None and spec.submodule_search_locations:
+        roots["kernels"] = Path(list(spec.submodule_search_locations)[0]).resolve()
+    if (REPO / "configs").is_dir():
+        roots["configs"] = REPO / "configs"
+    return roots
+
+
+def fingerprint_tree(roots: Mapping[str, str | os.PathLike]) -> str:
+    """12-hex-digit hash of the files under ``roots`` (``{prefix: directory}``): ``*.py`` under the
+    ``rcp_lib`` and ``kernels`` prefixes, every file under any other prefix (configs), as sorted
+    ``prefix/relative/path`` names plus bytes. Byte caches (``__pycache__``, ``*.pyc``) are skipped."""
+    h = hashlib.sha256()
+    items: list[tuple[str, Path]] = []
+    for prefix, root in roots.items():
+        root = Path(root)
+        if not root.is_dir():
+            continue
+        for f in root.rglob("*"):
+            if not f.is_file() or "__pycache__" in f.parts or f.suffix == ".pyc":
+                continue
+            if prefix in ("rcp_lib", "kernels") and f.suffix != ".py":
+                continue
+            items.append((f"{prefix}/{f.relative_to(root).as_posix()}", f))
+    for rel, f in sorted(items):
+        data = f.read_bytes()
+        h.update(rel.encode() + b"\0" + str(len(data)).encode() + b"\0" + data)
+    return h.hexdigest()[:12]
+
+
+@functools.lru_cache(maxsize=1)
+def code_fingerprint() -> str:
+    """Hash of the code and configs this process runs (:func:`fingerprint_tree` of :func:`source_roots`),
+    computed once per process. Every row/model cache key includes it, so a code change invalidates caches."""
+    return fingerprint_tree(source_roots())
 
 
 def provenance() -> dict[str, Any]:
-    """Versions, machine, git commit and UTC date, to be stored with every result row."""
+    """Versions, machine, git commit, code fingerprint and UTC date, to be stored with every result row.
+
+    ``allow_dirty`` is true when the commit is dirty and dirty runs were allowed (``--allow-dirty``).
+    """
     import torch
     import transformers
 
     from . import __version__
 
+    commit = git_commit()
     return {
         "rcp_lib": __version__,
         "torch": torch.__version__,
@@ -91,6 +234,41 @@ def provenance() -> dict[str, Any]:
         "python": platform.python_version(),
         "machine": platform.machine(),
         "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"cpu x{os.cpu_count()}",
-        "git_commit": git_commit(),
+        "git_commit": commit,
+        "code_fingerprint": code_fingerprint(),
+        "allow_dirty": commit.endswith("+dirty") and allow_dirty(),
         "date_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     }
+
+
+# ---------------------------------------------------------------------------------------------------
+# deterministic figures
+# ---------------------------------------------------------------------------------------------------
+
+# Metadata that would make two saves of the same figure differ (dates) or tie it to a library version.
+_FIG_METADATA: dict[str, dict[str, Any]] = {
+    "pdf": {"CreationDate": None, "ModDate": None, "Producer": None, "Creator": None},
+    "png": {"Software": None},
+    "svg": {"Date": None, "Creator": None},
+}
+
+
+def save_figure(fig: Any, directory: str | os.PathLike, stem: str, exts: Sequence[str] = ("png", "pdf"),
+                dpi: int = 150, **kwargs: Any) -> list[Path]:
+    """Save a matplotlib figure as ``directory/stem.<ext>`` for each ext, byte-reproducibly and atomically.
+
+    Dates and software versions are left out of the file metadata (PDF ``CreationDate``/``Producer``, PNG
+    ``Software``, SVG ``Date``), so the same figure saved twice gives identical bytes. Extra keyword arguments
+    go to ``fig.savefig``. Returns the written paths.
+    """
+    user_meta = kwargs.pop("metadata", None) or {}
+    paths = []
+    for ext in exts:
+        buf = io.BytesIO()
+        meta = {**_FIG_METADATA.get(ext, {}), **user_meta}
+        import matplotlib
+
+        with matplotlib.rc_context({"svg.hashsalt": "rcp_lib"} if ext == "svg" else {}):  # SVG ids are random without it
+            fig.savefig(buf, format=ext, dpi=dpi, **({"metadata": meta} if meta else {}), **kwargs)
+        paths.append(_atomic_write_bytes(buf.getvalue(), Path(directory) / f"{stem}.{ext}"))
+    return paths

@@ -2,11 +2,15 @@
 
 Executed copies go to ``runs/<profile>/`` (ignored by git); the notebooks in ``notebooks/`` stay clean.
 The first failing notebook stops the run with the notebook and the cell named. Work already done for the
-same config is reused through the row and model caches of :mod:`rcp_lib.experiments`.
+same config and the same code (see :func:`rcp_lib.io.code_fingerprint`) is reused through the row and model
+caches of :mod:`rcp_lib.experiments`. A checkout with uncommitted changes to code or configs is refused before
+any notebook runs, unless dirty runs are allowed (``allow_dirty=True``, ``--allow-dirty`` or
+``RCP_ALLOW_DIRTY=1``; the notebook kernels inherit the environment variable).
 """
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from pathlib import Path
@@ -48,18 +52,41 @@ def run_notebook(path: Path, profile: str, out_dir: Path, kernel: str = "python3
     return out
 
 
-def reproduce(profile: str = "cpu", notebooks: list[str] | None = None, kernel: str = "python3") -> list[Path]:
-    """Execute the notebooks (all, in order, or the named ones) for a profile; stop at the first failure."""
+def reproduce(profile: str = "cpu", notebooks: list[str] | None = None, kernel: str = "python3",
+              allow_dirty: bool = False) -> list[Path]:
+    """Execute the notebooks (all, in order, or the named ones) for a profile; stop at the first failure.
+
+    Raises :class:`rcp_lib.io.DirtyTreeError` up front when code or configs have uncommitted changes, unless
+    ``allow_dirty`` (or ``RCP_ALLOW_DIRTY=1``); ``allow_dirty=True`` sets that variable for the notebook kernels.
+    """
+    from .io import ALLOW_DIRTY_ENV, code_fingerprint, git_commit, require_clean_tree
+
     if profile not in PROFILES:
         raise ValueError(f"unknown profile {profile!r}; choose one of {sorted(PROFILES)}")
     names = notebooks or list(NOTEBOOKS)
     unknown = [n for n in names if n not in NOTEBOOKS]
     if unknown:
         raise ValueError(f"unknown notebooks {unknown}; available: {NOTEBOOKS}")
-    done = []
+    if allow_dirty:
+        os.environ[ALLOW_DIRTY_ENV] = "1"
+    require_clean_tree()
+    print(f"[reproduce:{profile}] git {git_commit()}, code fingerprint {code_fingerprint()}", file=sys.stderr,
+          flush=True)
+    from .models import cache_dir
+
+    rows_dir = cache_dir() / "rows"
+    cached_at_start = len(list(rows_dir.glob("*.json"))) if rows_dir.exists() else 0
+    done, seconds, start = [], {}, time.time()
     for name in names:
         t0 = time.time()
         print(f"[reproduce:{profile}] {name} ...", file=sys.stderr, flush=True)
         done.append(run_notebook(REPO / "notebooks" / name, profile, REPO / "runs" / profile, kernel=kernel))
-        print(f"[reproduce:{profile}] {name} done in {time.time() - t0:.0f} s", file=sys.stderr, flush=True)
+        seconds[name] = round(time.time() - t0, 1)
+        print(f"[reproduce:{profile}] {name} done in {seconds[name]:.0f} s", file=sys.stderr, flush=True)
+    if names == list(NOTEBOOKS):  # a full run: record how long it took (the README quotes it from this file)
+        from .io import atomic_write_json, provenance
+
+        atomic_write_json({"profile": profile, "total_seconds": round(time.time() - start, 1), "notebooks": seconds,
+                           "cached_rows_at_start": cached_at_start, **provenance()},
+                          REPO / "results" / profile / "reproduce_timing.json")
     return done

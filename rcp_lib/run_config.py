@@ -76,13 +76,13 @@ class RunConfig:
         return d
 
     def key(self) -> str:
-        from . import __version__
+        from .io import code_fingerprint
 
         d = self.to_dict()
         d.pop("out_dir", None)
         d.pop("export_dir", None)
         d.pop("eval", None)
-        return config_hash(d, {"rcp_lib": __version__})
+        return config_hash(d, {"code": code_fingerprint()})
 
 
 def run_qat(cfg: RunConfig, progress: bool = True) -> dict:

@@ -4,6 +4,9 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Tests run from dirty checkouts during development and write results/smoke/: allow that for the session
+# (rows record `allow_dirty` in their provenance). Tests of the refusal itself unset it with monkeypatch.
+os.environ["RCP_ALLOW_DIRTY"] = "1"
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
