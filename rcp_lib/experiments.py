@@ -5,8 +5,9 @@ Used by the notebooks and the CLI; holds no algorithm of its own (it composes ``
 rotation, quantization, PTQ/QAT recipe), corpus, seqlen, tokens, seed, versions, git commit and date.
 
 Rows are cached as JSON under ``cache_dir()/rows/<hash>.json`` (outside the repo) keyed by the hash of
-everything that determines them plus the library version, so re-running a notebook reuses finished work;
-trained QAT students are cached likewise under ``cache_dir()/qat/<hash>/``.
+everything that determines them plus a fingerprint of the code (:func:`rcp_lib.io.code_fingerprint`), so
+re-running a notebook reuses finished work and a code change recomputes it; trained QAT students and GPTQ codes
+are cached likewise under ``cache_dir()/qat/<hash>/`` and ``cache_dir()/gptq/``.
 """
 
 from __future__ import annotations
@@ -21,7 +22,6 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from . import __version__
 from .data import calibration_windows, corpus_tokens
 from .evaluation import perplexity_details
 from .io import atomic_write_csv, atomic_write_json, provenance
@@ -29,7 +29,7 @@ from .models import cache_dir, describe, load
 from .profiles import Profile
 from .qat import QATConfig, config_hash, train
 from .quant.apply import QuantConfig, preset, quantize_model
-from .rotation.fuse import RotationConfig, rotate_model
+from .rotation.fuse import BLOCK_KINDS, RotationConfig, rotate_model
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -49,8 +49,16 @@ class Method:
     qat: bool = False
     family: str = "baseline"  # baseline | ptq | qat
 
-    def rotation_config(self) -> RotationConfig | None:
-        return RotationConfig(**self.rotation) if self.rotation is not None else None
+    def rotation_config(self, profile: Profile) -> RotationConfig | None:
+        """The method's rotation for a profile: seeded with the profile's seed; a block-diagonal R1 (GSR and its
+        block-Hadamard control) without an explicit block gets the profile's weight group size (our reading of
+        GSR: its blocks match the weight quantization group)."""
+        if self.rotation is None:
+            return None
+        r = {"seed": profile.seed, **self.rotation}
+        if r.get("r1") in BLOCK_KINDS and r.get("r1_block") is None:
+            r["r1_block"] = profile.w_group_size
+        return RotationConfig(**r)
 
     def quant_config(self, profile: Profile) -> QuantConfig | None:
         if self.setting == "FP":
@@ -62,12 +70,19 @@ class Method:
 
 
 QUAROT = {"r1": "random_hadamard", "r2": True, "r3": True, "r4": True}
-GSR = {"r1": "gsr", "r2": True, "r3": True, "r4": True}
-RTN_Q = {"w_method": "rtn", "w_lwc": False}
+GSR = {"r1": "gsr", "r2": True, "r3": True, "r4": True}  # r1_block: the profile's group size (Method.rotation_config)
+# The control of GSR: the same blocks with the rows in natural Hadamard order (separates sequency order from the
+# block-diagonal structure; at block == group the two differ only by a permutation inside each group).
+BLOCK_HAD = {"r1": "block_hadamard", "r2": True, "r3": True, "r4": True}
+# Uniform baselines get QuaRot's weight clip search (--w_clip: per row and group, |e|^2.4 over r = 1.00 ... 0.20),
+# in RTN and inside GPTQ, as their authors tune them.
+RTN_Q = {"w_method": "rtn", "w_lwc": False, "w_clip_search": "mse"}
+CONTROL_SETTINGS = ("W2A4KV4", "W2A16KV16")  # settings that also get the block-Hadamard control rows
 
 
 def ptq_methods(settings: list[str]) -> list[Method]:
-    """FP, RTN without rotation, QuaRot-style (random Hadamard R1-R4) + RTN / + GPTQ, GSR R1 + GPTQ."""
+    """FP, RTN without rotation, QuaRot-style (random Hadamard R1-R4) + RTN / + GPTQ, GSR R1 + GPTQ, and the
+    block-Hadamard + GPTQ control of GSR at the 2-bit settings. Every uniform baseline uses the clip search."""
     rows = [Method("FP", family="baseline")]
     for s in settings:
         rows += [
@@ -76,6 +91,8 @@ def ptq_methods(settings: list[str]) -> list[Method]:
             Method("QuaRot-GPTQ", s, QUAROT, RTN_Q, "gptq", family="ptq"),
             Method("GSR-GPTQ", s, GSR, RTN_Q, "gptq", family="ptq"),
         ]
+        if s in CONTROL_SETTINGS:
+            rows.append(Method("BlockHadamard-GPTQ", s, BLOCK_HAD, RTN_Q, "gptq", family="ptq"))
     return rows
 
 
@@ -91,6 +108,7 @@ def qat_methods(settings: list[str]) -> list[Method]:
                 Method("RCP w/o Rotate", s, None, rcp_q, qat=True, family="qat"),
                 Method("RCP w/o Clip", s, QUAROT, {"w_method": "ldp", "w_lwc": False}, qat=True, family="qat"),
                 Method("RCP+GSR", s, GSR, rcp_q, qat=True, family="qat"),
+                Method("RCP+BlockHadamard", s, BLOCK_HAD, rcp_q, qat=True, family="qat"),
             ]
         else:
             rows.append(Method("RCP", s, QUAROT, rcp_q, qat=True, family="qat"))
@@ -132,7 +150,7 @@ def build(method: Method, profile: Profile, progress: bool = True) -> nn.Module:
     """A fresh model for ``method``: copy of the FP model -> rotate -> quantize -> GPTQ or QAT (cached)."""
     fp, _ = base_model(profile)
     model = copy.deepcopy(fp)
-    rot = method.rotation_config()
+    rot = method.rotation_config(profile)
     if rot is not None:
         rotate_model(model, rot)
     qcfg = method.quant_config(profile)
@@ -162,7 +180,7 @@ def _gptq_cached(model: nn.Module, method: Method, profile: Profile, progress: b
 
     key = config_hash({"method": method.to_dict(), "model": profile.model, "corpus": profile.corpus,
                        "w_group_size": profile.w_group_size, "calib_windows": profile.calib_windows,
-                       "calib_seqlen": profile.calib_seqlen, "seed": profile.seed, "rcp_lib": __version__, "kind": "gptq"})
+                       "calib_seqlen": profile.calib_seqlen, "seed": profile.seed, "code": _code(), "kind": "gptq"})
     path = cache_dir() / "gptq" / f"{key}.pt"
     if path.exists():
         saved = torch.load(path)
@@ -191,19 +209,46 @@ def qat_history(method: Method, profile: Profile) -> list[dict]:
 def _row_key(method: Method, profile: Profile) -> dict:
     p = profile.to_dict()
     for k in ("name", "analysis_layers", "analysis_rotations", "zero_shot_tasks", "zero_shot_limit", "settings", "device",
-              "methods"):
+              "methods", "full_eval_methods"):
         p.pop(k, None)
     if not method.qat:
         for k in list(p):
             if k.startswith("qat_"):
                 p.pop(k)
-    return {"method": method.to_dict(), "profile": p, "rcp_lib": __version__}
+    return {"method": method.to_dict(), "profile": p, "code": _code()}
+
+
+def _code() -> str:
+    """The code fingerprint that every cache key carries (a code or config change invalidates the caches)."""
+    from .io import code_fingerprint
+
+    return code_fingerprint()
+
+
+def _cache_label(key: dict) -> str:
+    """Short human label of a cache key for the hit/miss log (``"RCP W2A4KV4"``, ``"rotation gsr"``)."""
+    m = key.get("method")
+    if isinstance(m, dict):
+        return f"{m.get('name', '?')} {m.get('setting', '')}".strip()
+    return " ".join(str(key[k]) for k in ("kind", "rotation") if k in key) or "?"
+
+
+def _log_cache(hit: bool, name: str, label: str) -> None:
+    """One stderr line per cache look-up: ``[rcp_lib cache] hit ppl-<hash> (RCP W2A4KV4)``."""
+    import sys
+
+    print(f"[rcp_lib cache] {'hit' if hit else 'miss'} {name} ({label})" + ("" if hit else " computing"),
+          file=sys.stderr, flush=True)
 
 
 def _cached(kind: str, key: dict, compute) -> dict:
-    path = cache_dir() / "rows" / f"{kind}-{config_hash(key)}.json"
+    """Row cache: ``cache_dir()/rows/<kind>-<hash of key>.json``; ``compute()`` runs on a miss."""
+    name = f"{kind}-{config_hash(key)}"
+    path = cache_dir() / "rows" / f"{name}.json"
     if path.exists():
+        _log_cache(True, name, _cache_label(key))
         return json.loads(path.read_text())
+    _log_cache(False, name, _cache_label(key))
     row = compute()
     atomic_write_json(row, path)
     return row
@@ -213,33 +258,62 @@ def _qat_key(method: Method, profile: Profile) -> str:
     """Cache key of a trained student: what determines the weights (not the evaluation settings)."""
     return config_hash({"method": method.to_dict(), "model": profile.model, "corpus": profile.corpus,
                         "w_group_size": profile.w_group_size, "qat": qat_config(profile).to_dict(),
-                        "rcp_lib": __version__, "kind": "qat-student"})
+                        "code": _code(), "kind": "qat-student"})
 
 
 def method_config(method: Method, profile: Profile) -> dict:
     q = method.quant_config(profile)
-    r = method.rotation_config()
+    r = method.rotation_config(profile)
     return {"method": method.name, "setting": method.setting, "family": method.family,
             "rotation": r.to_dict() if r else None, "quant": q.to_dict() if q else None,
             "ptq": method.ptq, "qat": qat_config(profile).to_dict() if method.qat else None}
 
 
+def _window_note(idx: list[int], n_total: int) -> str:
+    """Compact description of the scored windows, e.g. ``"32 of 235: every 7.3th from 0 (0, 7, 14, ...)"``."""
+    if idx == list(range(n_total)):
+        return f"all {n_total}"
+    if idx == list(range(len(idx))):
+        return f"first {len(idx)} of {n_total}"
+    return f"{len(idx)} of {n_total} evenly spread: floor(i*{n_total}/{len(idx)})"
+
+
 def ppl_row(method: Method, profile: Profile, progress: bool = True) -> dict:
-    """Perplexity row for a method (cached)."""
+    """Perplexity row for a method (cached). Records which windows of the test split were scored."""
 
     def compute():
         t0 = time.time()
         model = build(method, profile, progress=progress)
         build_s = time.time() - t0
-        r = perplexity_details(model, tokens(profile, "test"), seqlen=profile.seqlen,
-                               max_windows=profile.eval_windows, progress=progress)
+        test = tokens(profile, "test")
+        r = perplexity_details(model, test, seqlen=profile.seqlen, max_windows=profile.eval_windows,
+                               progress=progress, spread=profile.eval_spread)
+        rot = method.rotation_config(profile)
         return {"method": method.name, "setting": method.setting, "family": method.family, "ppl": r.ppl,
                 "model": profile.model, "model_note": describe(profile.model), "corpus": profile.corpus,
                 "split": "test", "seqlen": profile.seqlen, "windows": r.windows, "tokens_scored": r.tokens_scored,
-                "seed": profile.seed, "build_seconds": round(build_s, 1), "eval_seconds": round(r.seconds, 1),
+                "windows_note": _window_note(r.window_indices, test.numel() // profile.seqlen),
+                "window_indices": r.window_indices,
+                "seed": profile.seed, "rotation_seed": rot.seed if rot is not None else None,
+                "r1_block": rot.r1_block if rot is not None else None,
+                "build_seconds": round(build_s, 1), "eval_seconds": round(r.seconds, 1),
                 "config": method_config(method, profile), **provenance()}
 
     return _cached("ppl", _row_key(method, profile), compute)
+
+
+def full_split_table(profile: Profile, progress: bool = True) -> list[dict]:
+    """Rows of ``profile.full_eval_methods`` (first setting) scored on every window of the test split (cached).
+
+    The same trained / calibrated models as the main table (their caches are shared); only the evaluation differs.
+    """
+    from dataclasses import replace as _replace
+
+    full = _replace(profile, eval_windows=None)
+    keep = set(profile.full_eval_methods)
+    s = profile.settings[0]
+    return [ppl_row(m, full, progress=progress) for m in all_methods(profile)
+            if m.name in keep and m.setting in (s, "FP")]
 
 
 def results_dir(profile: Profile) -> Path:
@@ -253,7 +327,14 @@ def figures_dir(profile: Profile) -> Path:
 
 
 def write_rows(rows: list[dict], profile: Profile, name: str) -> Path:
-    """Write result rows atomically to ``results/<profile>/<name>.csv``."""
+    """Write result rows atomically to ``results/<profile>/<name>.csv``.
+
+    Raises :class:`rcp_lib.io.DirtyTreeError` when code or configs have uncommitted changes, unless dirty runs
+    are allowed (``--allow-dirty`` / ``RCP_ALLOW_DIRTY=1``).
+    """
+    from .io import require_clean_tree
+
+    require_clean_tree()
     return atomic_write_csv(rows, results_dir(profile) / f"{name}.csv")
 
 
@@ -398,7 +479,7 @@ def memory_vs_saved(profile: Profile) -> dict:
     from .memory import PRESETS, footprint
     from .packing import packed_model_bytes, save_quantized
 
-    m = Method("QuaRot-RTN", "W2A4KV4", QUAROT, RTN_Q, "rtn", family="ptq")
+    m = Method("QuaRot-RTN", "W2A4KV4", QUAROT, RTN_Q, "rtn", family="ptq")  # the same recipe as the table row
     model = build(m, profile, progress=False)
     cfg = {**_memory_configs(profile)[profile.model], "tie_word_embeddings": False}
     scheme = _replace(PRESETS["W2A4KV4"], group_size=profile.w_group_size, kv_group_size=cfg["head_dim"])
@@ -485,10 +566,31 @@ def kernel_speed_table():
 # ---------------------------------------------------------------------------------------------------
 
 
-def _parse_rotation(name: str) -> tuple[str, int | None]:
-    """``"gsr:16"`` -> ("gsr", 16); ``"hadamard"`` -> ("hadamard", None)."""
-    kind, _, block = name.partition(":")
-    return kind, int(block) if block else None
+def _parse_rotation(name: str) -> tuple[str, int | None, int | None]:
+    """An analysis rotation spec ``kind[:block][/g<group>]`` -> (kind, block, group size).
+
+    ``"hadamard"`` -> ("hadamard", None, None); ``"gsr:16"`` -> ("gsr", 16, None); ``"gsr:64/g16"`` ->
+    ("gsr", 64, 16): Walsh blocks of 64 quantized in groups of 16 (a block larger than the group, where the
+    sequency order inside a block can matter). None means: the block kinds use the group size as block, and the
+    group size is the profile's ``w_group_size``.
+    """
+    spec, _, group = name.partition("/")
+    kind, _, block = spec.partition(":")
+    if group and not group.startswith("g"):
+        raise ValueError(f"bad rotation spec {name!r}: expected kind[:block][/g<group>], e.g. 'gsr:64/g16'")
+    try:
+        return kind, int(block) if block else None, int(group[1:]) if group else None
+    except ValueError:
+        raise ValueError(f"bad rotation spec {name!r}: expected kind[:block][/g<group>], e.g. 'gsr:64/g16'") from None
+
+
+def _rotation_setting(name: str, profile: Profile) -> tuple[str, int | None, int]:
+    """(kind, block, group size) that an analysis rotation spec means under ``profile``."""
+    from .rotation.fuse import BLOCK_KINDS
+
+    kind, block, group = _parse_rotation(name)
+    group = group or profile.w_group_size
+    return kind, (block or group) if kind in BLOCK_KINDS else block, group
 
 
 def rotation_analysis(profile: Profile, progress: bool = True) -> "pd.DataFrame":
@@ -496,17 +598,21 @@ def rotation_analysis(profile: Profile, progress: bool = True) -> "pd.DataFrame"
     import pandas as pd
     from tqdm.auto import tqdm
 
-    from .rotation.analysis import layer_statistics
+    from .rotation.analysis import CLIP_RATIOS, SEARCH, layer_statistics
 
     frames = []
     for name in tqdm(profile.analysis_rotations, desc="rotations", disable=not progress):
-        kind, block = _parse_rotation(name)
+        kind, block, group = _rotation_setting(name, profile)
         key = {"kind": "rotation-analysis", "model": profile.model, "rotation": name, "layers": profile.analysis_layers,
-               "group_size": profile.w_group_size, "seed": profile.seed, "rcp_lib": __version__}
+               "group_size": profile.w_group_size, "seed": profile.seed, "code": _code()}
 
-        def compute(kind=kind, block=block, name=name):
+        # what determines a row beyond the spec string: the block and group it resolves to, the search settings
+        key["setting"] = {"kind": kind, "block": block, "group_size": group, "search": SEARCH,
+                          "ratios": [CLIP_RATIOS[0], CLIP_RATIOS[-1], len(CLIP_RATIOS)]}
+
+        def compute(kind=kind, block=block, group=group, name=name):
             df = layer_statistics(base_model(profile)[0], kind, block=block, seed=profile.seed,
-                                  group_size=profile.w_group_size, bits=2, layers=profile.analysis_layers)
+                                  group_size=group, bits=2, layers=profile.analysis_layers)
             df["rotation"] = name
             return {"rows": df.to_dict("records")}
 
@@ -516,30 +622,30 @@ def rotation_analysis(profile: Profile, progress: bool = True) -> "pd.DataFrame"
     return df
 
 
-def summarize_rotation(df: "pd.DataFrame") -> "pd.DataFrame":
+def summarize_rotation(df: "pd.DataFrame", by: tuple[str, ...] = ("rotation",)) -> "pd.DataFrame":
+    """Means per rotation (or per ``by``) with the range/shape ratios (see :func:`rcp_lib.rotation.analysis.summarize`)."""
     from .rotation.analysis import summarize
 
-    return summarize(df)
+    return summarize(df, by)
 
 
 def rotation_example(profile: Profile, layer: int = 0, proj: str = "q_proj", group: int = 0) -> dict:
-    """One weight group of a real layer before/after each rotation, with its uniform and Lloyd-Max 2-bit levels."""
+    """One weight group of a real layer before/after each rotation, with its 2-bit levels: uniform min-max,
+    uniform with the MSE-optimal clip, pinned-end non-uniform (LDP-representable) and Lloyd-Max."""
     from .models import dims, input_norm, layer_linears
-    from .rotation.analysis import kurtosis, lloyd_max_levels, residual_rotation, rotated_weight
+    from .rotation import analysis as A
 
     model = base_model(profile)[0]
     lay = model.model.layers[layer]
     W = layer_linears(lay)[f"self_attn.{proj}"].weight.detach().double() * input_norm(lay).weight.detach().double()[None, :]
     out = {}
-    gs = profile.w_group_size
     for name in profile.analysis_rotations:
-        kind, block = _parse_rotation(name)
-        R1, _ = residual_rotation(kind, dims(model).hidden, block, profile.seed)
-        Wr = rotated_weight(W, rot_in=R1)
+        kind, block, gs = _rotation_setting(name, profile)
+        R1, _ = A.analysis_r1(kind, dims(model).hidden, block, gs, profile.seed)
+        Wr = A.rotated_weight(W, rot_in=R1)
         row = Wr[: max(1, 4096 // gs)].reshape(-1, gs)  # a few rows' worth of groups for the histogram
         g = Wr.reshape(-1, gs)[group : group + 1]
-        lo, hi = g.min().item(), g.max().item()
-        out[name] = {"name": f"{profile.model} layer {layer} {proj}", "weights": row.flatten().numpy(),
-                     "kurtosis": kurtosis(Wr), "uniform_levels": [lo + (hi - lo) * k / 3 for k in range(4)],
-                     "lloyd_levels": lloyd_max_levels(g, 2)[0].tolist()}
+        lv = A.group_levels(g, 2)
+        out[name] = {"name": f"{profile.model} layer {layer} {proj}", "group_size": gs, "weights": row.flatten().numpy(),
+                     "kurtosis": A.kurtosis(Wr), **{f"{k}_levels": v[0].tolist() for k, v in lv.items()}}
     return out

@@ -22,6 +22,8 @@ class Profile:
     device: str = "cpu"
     seqlen: int = 512
     eval_windows: int | None = 32  # None: the whole test split
+    eval_spread: bool = True  # eval_windows evenly spaced over the whole split (every k-th window), not the first ones
+    full_eval_methods: list[str] = field(default_factory=lambda: ["FP", "RCP"])  # also scored on the whole split
     calib_windows: int = 32
     calib_seqlen: int = 512
     w_group_size: int = 64  # 576 is not divisible by 128
@@ -31,7 +33,12 @@ class Profile:
     qat_grad_accum: int = 1
     qat_val_every: int = 20
     analysis_layers: list[int] | None = None  # None: all
-    analysis_rotations: list[str] = field(default_factory=lambda: ["none", "hadamard", "random_hadamard", "gsr", "gsr:16"])
+    # R1 specs "kind[:block][/g<group>]" (block kinds default to block = group; group defaults to w_group_size):
+    # each "gsr:<b>" has its "block_hadamard:<b>" control; "/g32" quantizes Walsh blocks of 64 in groups of 32, the
+    # one setting where the sequency order inside a block can change per-group statistics (block > group)
+    analysis_rotations: list[str] = field(default_factory=lambda: [
+        "none", "hadamard", "random_hadamard", "block_hadamard:64", "gsr:64", "gsr:16", "block_hadamard:16",
+        "block_hadamard:64/g32", "gsr:64/g32"])
     zero_shot_tasks: list[str] = field(default_factory=lambda: ["wiki_lastword", "wiki_nextsent"])
     zero_shot_limit: int | None = 100
     settings: list[str] = field(default_factory=lambda: ["W2A4KV4", "W2A16KV16", "W4A4KV4"])
@@ -52,14 +59,15 @@ class Profile:
 PROFILES: dict[str, Profile] = {
     "smoke": Profile(
         name="smoke", seqlen=128, eval_windows=2, calib_windows=4, calib_seqlen=128, qat_steps=2, qat_seqlen=64,
-        qat_val_every=2, analysis_layers=[0], analysis_rotations=["none", "gsr"], zero_shot_limit=8,
+        qat_val_every=2, full_eval_methods=[], analysis_layers=[0],
+        analysis_rotations=["none", "gsr:64", "block_hadamard:64"], zero_shot_limit=8,
         settings=["W2A4KV4"], methods=["FP", "QuaRot-GPTQ", "RCP"],
     ),
     "cpu": Profile(name="cpu"),
     "paper": Profile(
         name="paper", model="meta-llama/Llama-2-7b-hf", corpus="wikitext2", device="cuda", seqlen=2048,
         eval_windows=None, calib_windows=128, calib_seqlen=2048, w_group_size=128, qat_steps=8000, qat_seqlen=2048,
-        qat_batch_size=4, qat_grad_accum=8, qat_val_every=500,
+        qat_batch_size=4, qat_grad_accum=8, qat_val_every=500, full_eval_methods=[],
         zero_shot_tasks=["arc_challenge", "arc_easy", "hellaswag", "piqa", "winogrande", "boolq", "lambada_openai"],
         zero_shot_limit=None,
     ),

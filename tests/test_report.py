@@ -35,8 +35,8 @@ def test_zero_shot_markdown_layout():
         {"method": "RCP", "setting": "W2A4KV4", "task": "t1", "metric": "acc", "value": 0.25, "stderr": 0.04, "n_examples": 100},
     ])
     md = zero_shot_markdown(df).splitlines()
-    assert md[0] == "| method | setting | t1 acc (n=100) |"
-    assert md[2:] == ["| FP | FP | 0.500 ± 0.050 |", "| RCP | W2A4KV4 | 0.250 ± 0.040 |"]
+    assert md[0] == "| method | setting | t1 acc (n=100) | t1 acc_norm (n=100) |"
+    assert md[2:] == ["| FP | FP | 0.500 ± 0.050 | 0.600 ± 0.050 |", "| RCP | W2A4KV4 | 0.250 ± 0.040 | – |"]
 
 
 def test_update_readme_replaces_block_idempotently(tmp_path):
@@ -77,3 +77,74 @@ def test_longer_qat_rows_sit_next_to_the_main_table(tmp_path):
     readme.write_text(BEGIN)
     text = update_readme("cpu", readme=readme, results=res).read_text()
     assert "perplexity_qat_12steps.csv" in text and "12 steps × 16 tokens" in text and "| RCP | W2A4KV4 | 3: 30.25 | 12: 25.00 |" in text
+
+
+def test_gsr_control_pairs_from_rows():
+    from rcp_lib.report import gsr_control_markdown
+
+    df = pd.DataFrame([
+        {"method": "GSR-GPTQ", "setting": "W2A4KV4", "ppl": 200.0, "r1_block": 64},
+        {"method": "BlockHadamard-GPTQ", "setting": "W2A4KV4", "ppl": 100.0, "r1_block": 64},
+        {"method": "GSR-GPTQ", "setting": "W4A4KV4", "ppl": 30.0, "r1_block": 64},
+    ])
+    md = gsr_control_markdown(df).splitlines()
+    assert md[2] == "| GSR-GPTQ vs BlockHadamard-GPTQ | W2A4KV4, block 64 | 200 | 100 | 2.000 |"
+    assert len(md) == 3  # no control row at W4A4KV4
+
+
+def _readme_static() -> str:
+    from rcp_lib.report import REPO
+
+    text = (REPO / "README.md").read_text()
+    a, b = text.index(BEGIN), text.index(END)
+    return text[:a] + text[b:]
+
+
+def test_readme_prose_quotes_no_measured_number():
+    """Measured numbers live only in the generated block (python -m rcp_lib readme). Outside it, a number with a
+    unit of a measurement is either the paper's (quoted as such) or a stated budget."""
+    import re
+
+    allowed = {"5.29×",  # the paper's headline, quoted as the paper's
+               "15-minute", "80 GB"}  # the test-time budget; the GPU memory size in the estimate table's header
+    found = set(re.findall(r"(?<![\w.-])\d+(?:\.\d+)?(?:×|-minute| ?%| min\b| ms\b| GB\b)", _readme_static()))
+    assert found <= allowed, found - allowed
+    assert "| claim" not in _readme_static()  # the claim table is generated from results/
+
+
+def test_readme_gpu_memory_table_matches_the_estimator():
+    """The QAT memory-per-GPU table in README.md is an estimate: every cell equals qat_memory_per_gpu's output."""
+    import re
+
+    from rcp_lib.experiments import REFERENCE_CONFIGS
+    from rcp_lib.train_memory import qat_memory_per_gpu
+
+    rows = [l for l in _readme_static().splitlines() if re.match(r"\| LLaMA-[\w.-]+ \| \d+ \| (single|FSDP|DDP) \|", l)]
+    assert len(rows) >= 4
+    for line in rows:
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        name, n, strat = cells[0], int(cells[1]), cells[2].lower()
+        est = qat_memory_per_gpu(REFERENCE_CONFIGS[name], n_gpus=n, strategy="ddp" if strat == "ddp" else "fsdp")
+        got = [float(c) for c in cells[3:7]]
+        want = [est[k] for k in ("student_states_gb", "teacher_gb", "activations_gb", "total_gb")]
+        assert got == [round(w, 1) for w in want], (line, want)
+
+
+def test_rotation_markdown_pairs_gsr_with_its_control():
+    from rcp_lib.report import rotation_claim_row, rotation_markdown
+
+    base = {"kurtosis": 3.0, "err_uniform": 0.2, "err_uniform_clip": 0.1, "err_nonuniform_pinned": 0.09,
+            "err_nonuniform": 0.085, "range_gain": 2.0, "shape_gain": 1.1}
+    df = pd.DataFrame([
+        {"rotation": "none", "block": None, "group_size": 64, **base, "kurtosis": 12.0, "err_uniform": 0.25},
+        {"rotation": "random_hadamard", "block": None, "group_size": 64, **base},
+        {"rotation": "gsr:64/g32", "block": 64, "group_size": 32, **base},
+        {"rotation": "block_hadamard:64/g32", "block": 64, "group_size": 32, **base, "err_uniform": 0.21},
+    ])
+    md = rotation_markdown(df)
+    assert "| gsr:64/g32 | 64 | 32 | 3.00 | 0.200 |" in md and "| none | – | 64 | 12.00 |" in md
+    assert "`gsr:64/g32` vs `block_hadamard:64/g32` (block 64, groups of 32): largest relative difference of the " \
+           "mean errors 4.8 %" in md
+    row = rotation_claim_row(df)
+    assert "kurtosis 12 → 3 (random_hadamard)" in row and "the range accounts for 2×" in row
+    assert "most of the gain" in row  # 2.0 (range) > 0.1 / 0.09 (shape)
