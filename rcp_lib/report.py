@@ -126,7 +126,9 @@ def claims_markdown(d: Path, ppl: pd.DataFrame) -> str:
             rot = f" Inside QAT, rotation is worth {_fmt_x(float(at['RCP w/o Rotate']) / rcp)} (w/o Rotate {_fmt_ppl(float(at['RCP w/o Rotate']))})."
         rows.append(f"| RCP ≫ PTQ baselines at W2A4KV4 | embedded model: RCP {_fmt_ppl(rcp)} vs the best PTQ row "
                     f"({best}, {clip}) {_fmt_ppl(float(ptq.min()))}, i.e. "
-                    f"{_fmt_x(float(ptq.min()) / rcp)} lower; still {_fmt_x(rcp / float(fp.iloc[0]))} the FP perplexity "
+                    + (f"{_fmt_x(float(ptq.min()) / rcp)} lower" if rcp < float(ptq.min()) else
+                       f"{_fmt_x(rcp / float(ptq.min()))} higher than that baseline") + "; still"
+                    f" {_fmt_x(rcp / float(fp.iloc[0]))} the FP perplexity "
                     f"({_fmt_ppl(float(fp.iloc[0]))}) after our short QAT.{rot} The Clip / Partition / GSR ablations are "
                     f"one seed each: not separable at this budget (see the recipe issue). | order {order}; far from "
                     f"the paper's gap to FP |")
