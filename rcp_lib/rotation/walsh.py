@@ -51,6 +51,21 @@ def _block_diag(block: torch.Tensor, n: int) -> torch.Tensor:
     return torch.block_diag(*([block] * (n // block.shape[0])))
 
 
+def _check_block(n: int, block: int, what: str) -> None:
+    if block < 1 or n % block:
+        raise ValueError(f"{what} {block} does not divide n={n}; the largest power-of-two block that does is "
+                         f"{largest_pow2_divisor(n)}")
+
+
+def _signed_block_diag(block_matrix: torch.Tensor, n: int, random_signs: bool, seed: int,
+                       dtype: torch.dtype) -> torch.Tensor:
+    """``kron(I, block_matrix)`` ``[n, n]``, times ``diag(s)`` on the input side when ``random_signs``."""
+    R = _block_diag(block_matrix, n)
+    if random_signs:
+        R = _random_signs(n, seed)[:, None] * R
+    return R.to(dtype)
+
+
 def gsr(n: int, block: int, random_signs: bool = False, seed: int = 0, dtype: torch.dtype = torch.float64) -> torch.Tensor:
     """GSR rotation ``[n, n]``: block-diagonal of ``walsh(block)``; with ``random_signs`` ``diag(s) @ R``.
 
@@ -60,13 +75,8 @@ def gsr(n: int, block: int, random_signs: bool = False, seed: int = 0, dtype: to
         ValueError: ``block`` is not a power of two or does not divide ``n``.
     """
     _check_pow2(block, "GSR block")
-    if n % block:
-        raise ValueError(f"GSR block {block} does not divide n={n}; the largest power-of-two block that "
-                         f"does is {largest_pow2_divisor(n)}")
-    R = _block_diag(walsh(block), n)
-    if random_signs:
-        R = _random_signs(n, seed)[:, None] * R
-    return R.to(dtype)
+    _check_block(n, block, "GSR block")
+    return _signed_block_diag(walsh(block), n, random_signs, seed, dtype)
 
 
 def block_hadamard(n: int, block: int, random_signs: bool = False, seed: int = 0,
@@ -80,10 +90,5 @@ def block_hadamard(n: int, block: int, random_signs: bool = False, seed: int = 0
     Raises:
         ValueError: ``block`` does not divide ``n`` or no Hadamard matrix of that order can be built.
     """
-    if block < 1 or n % block:
-        raise ValueError(f"block {block} does not divide n={n}; the largest power-of-two block that does is "
-                         f"{largest_pow2_divisor(n)}")
-    R = _block_diag(hadamard(block), n)
-    if random_signs:
-        R = _random_signs(n, seed)[:, None] * R
-    return R.to(dtype)
+    _check_block(n, block, "block")
+    return _signed_block_diag(hadamard(block), n, random_signs, seed, dtype)
