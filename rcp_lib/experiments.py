@@ -6,8 +6,9 @@ rotation, quantization, PTQ/QAT recipe), corpus, seqlen, tokens, seed, versions,
 
 Rows are cached as JSON under ``cache_dir()/rows/<hash>.json`` (outside the repo) keyed by the hash of
 everything that determines them plus a fingerprint of the code (:func:`rcp_lib.io.code_fingerprint`), so
-re-running a notebook reuses finished work and a code change recomputes it; trained QAT students and GPTQ codes
-are cached likewise under ``cache_dir()/qat/<hash>/`` and ``cache_dir()/gptq/``.
+re-running a notebook reuses finished work and a code change recomputes it; trained QAT students and the frozen
+weights of PTQ rows (GPTQ, clip-searched RTN) are cached likewise under ``cache_dir()/qat/<hash>/`` and
+``cache_dir()/ptq/``.
 """
 
 from __future__ import annotations
@@ -157,8 +158,8 @@ def build(method: Method, profile: Profile, progress: bool = True) -> nn.Module:
     if qcfg is None:
         return model
     quantize_model(model, qcfg)
-    if method.ptq == "gptq":
-        _gptq_cached(model, method, profile, progress)
+    if method.ptq in ("rtn", "gptq"):
+        _ptq_cached(model, method, profile, progress)
     if method.qat:
         out = cache_dir() / "qat" / _qat_key(method, profile)
         done = out / "student.pt"
@@ -173,27 +174,46 @@ def build(method: Method, profile: Profile, progress: bool = True) -> nn.Module:
     return model
 
 
-def _gptq_cached(model: nn.Module, method: Method, profile: Profile, progress: bool) -> None:
-    """GPTQ the model, or restore its codes + level tables from the cache (GPTQ is the slow part of a PTQ row)."""
+def ptq_key(method: Method, profile: Profile) -> dict:
+    """What determines a PTQ row's quantized weights: the rotation, the weight quantizer and, for GPTQ, the
+    calibration data. Not the activation / KV bits: RTN never sees activations, and GPTQ collects its Hessians and
+    propagates block outputs with 16-bit activations and KV cache (QuaRot's protocol, ``gptq_model``'s default), so
+    e.g. QuaRot-GPTQ at W2A4KV4 and at W2A16KV16 share one set of codes (a test checks this)."""
+    rot = method.rotation_config(profile)
+    qcfg = method.quant_config(profile)
+    key = {"kind": f"ptq-{method.ptq}", "model": profile.model, "rotation": rot.to_dict() if rot else None,
+           "weights": qcfg.weight_config().to_dict() if qcfg and qcfg.weight_config() else None, "code": _code()}
+    if method.ptq == "gptq":
+        key.update({"corpus": profile.corpus, "calib_windows": profile.calib_windows,
+                    "calib_seqlen": profile.calib_seqlen, "seed": profile.seed, "gptq_activations": "16-bit"})
+    return key
+
+
+def _ptq_cached(model: nn.Module, method: Method, profile: Profile, progress: bool) -> None:
+    """Quantize the weights of a PTQ row once (GPTQ, or RTN with its clip search) and freeze them as codes + level
+    tables, or restore those from the cache (``cache_dir()/ptq/``, keyed by :func:`ptq_key`). Every later use of the
+    same weights (another activation setting, the zero-shot table, the export of the memory check) loads them."""
+    from .io import atomic_save_torch
     from .quant.apply import quantized_linears
     from .quant.calibrate import FrozenLevelsQuantizer, gptq_model
 
-    key = config_hash({"method": method.to_dict(), "model": profile.model, "corpus": profile.corpus,
-                       "w_group_size": profile.w_group_size, "calib_windows": profile.calib_windows,
-                       "calib_seqlen": profile.calib_seqlen, "seed": profile.seed, "code": _code(), "kind": "gptq"})
-    path = cache_dir() / "gptq" / f"{key}.pt"
+    key = ptq_key(method, profile)
+    name = f"{key['kind']}-{config_hash(key)}"
+    path = cache_dir() / "ptq" / f"{name}.pt"
+    label = f"{method.name} weights ({method.quant_config(profile).weight_config().bits}-bit)"
+    _log_cache(path.exists(), name, label)
     if path.exists():
         saved = torch.load(path)
-        for name, q in quantized_linears(model):
-            codes, levels = saved[name]
-            fq = FrozenLevelsQuantizer(codes, levels, q.weight_quantizer.config).to(q.weight.device)
-            q.weight.data = fq(q.weight.data)
-            q.weight_quantizer = fq
-        return
-    gptq_model(model, calibration(profile), progress=progress)
-    from .io import atomic_save_torch
-
-    atomic_save_torch({name: q.weight_quantizer.export() for name, q in quantized_linears(model)}, path)
+    else:
+        if method.ptq == "gptq":
+            gptq_model(model, calibration(profile), progress=progress)
+        saved = {n: q.weight_quantizer.export(q.weight) for n, q in quantized_linears(model)}
+        atomic_save_torch(saved, path)
+    for n, q in quantized_linears(model):
+        codes, levels = saved[n]
+        fq = FrozenLevelsQuantizer(codes, levels, q.weight_quantizer.config).to(q.weight.device)
+        q.weight.data = fq(q.weight.data)
+        q.weight_quantizer = fq
 
 
 def qat_history(method: Method, profile: Profile) -> list[dict]:

@@ -103,7 +103,7 @@ def test_gptq_and_rotation_keys_contain_the_fingerprint(monkeypatch):
     monkeypatch.setattr(X, "config_hash", capture)
     P = get_profile("smoke")
     with pytest.raises(Stop):
-        X._gptq_cached(None, X.Method("QuaRot-GPTQ", "W2A4KV4", X.QUAROT, X.RTN_Q, "gptq", family="ptq"), P, False)
+        X._ptq_cached(None, X.Method("QuaRot-GPTQ", "W2A4KV4", X.QUAROT, X.RTN_Q, "gptq", family="ptq"), P, False)
     with pytest.raises(Stop):
         X.rotation_analysis(P, progress=False)
     assert [k.get("code") for k in seen] == ["cccccccccccc"] * 2

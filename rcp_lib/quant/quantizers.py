@@ -530,9 +530,20 @@ def mse_clip_range(
     lo0, hi0 = wd.amin(-1), wd.amax(-1)
     best = torch.full_like(lo0, float("inf"))
     best_r = torch.ones_like(lo0)
+    qmax = 2 ** bits - 1
+    buf = torch.empty_like(wd)
     for r in grid_t.tolist():
-        q, _ = quantize_uniform(wd, r * lo0, r * hi0, bits, round_zero)
-        err = (q - wd).abs().pow(norm).sum(-1)
+        # quantize_uniform(wd, r*lo0, r*hi0) with the same floating-point operations (bit for bit), without the
+        # autograd function, the integer codes and the temporaries: this loop is the cost of the search
+        lo, hi = r * lo0, r * hi0
+        s = ((hi - lo) / qmax).clamp_min(_EPS).unsqueeze(-1)
+        lo_ = lo.unsqueeze(-1)
+        if round_zero:
+            z = torch.round(-lo_ / s)
+            torch.div(wd, s, out=buf).add_(z).clamp_(0, qmax).round_().sub_(z).mul_(s)
+        else:
+            torch.sub(wd, lo_, out=buf).div_(s).clamp_(0, qmax).round_().mul_(s).add_(lo_)
+        err = buf.sub_(wd).abs_().pow_(norm).sum(-1)
         better = err < best
         best = torch.where(better, err, best)
         best_r = torch.where(better, torch.full_like(best_r, r), best_r)
