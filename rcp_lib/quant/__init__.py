@@ -21,9 +21,7 @@ from .quantizers import (
     nearest_level_codes,
     quantize_to_levels,
     quantize_uniform,
-    ratio_to_logit,
     round_ste,
-    search_clip_ratio,
     uniform_levels,
 )
 
@@ -41,9 +39,7 @@ __all__ = [
     "nearest_level_codes",
     "quantize_to_levels",
     "quantize_uniform",
-    "ratio_to_logit",
     "round_ste",
-    "search_clip_ratio",
     "uniform_levels",
     "check_act_bits",
     "fake_quant_per_token",

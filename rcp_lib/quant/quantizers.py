@@ -10,8 +10,8 @@ straight-through gradients, so the latent (full-precision) weight can be trained
 Clipping range of a group (``lo <= hi``)
 ----------------------------------------
 * min-max (``lwc=False``): ``hi = clip_ratio * max(w_g)``, ``lo = clip_ratio * min(w_g)`` (QuaRot's ``w_clip``
-  multiplies both ends by the ratio; ``clip_ratio=1`` is plain min-max). :func:`search_clip_ratio` picks the
-  ratio that minimises the layer *output* error on calibration activations.
+  multiplies both ends by the ratio; ``clip_ratio=1`` is plain min-max). :func:`mse_clip_range` (``clip_search=
+  "mse"``) picks the ratio per group that minimises QuaRot's ``|Q(w) - w|^2.4`` weight error.
 * LWC (OmniQuant's learnable weight clipping, ``lwc=True``): ``hi = sigmoid(gamma) * max(w_g)``,
   ``lo = sigmoid(beta) * min(w_g)`` with learnable ``gamma, beta: [out, n_groups]``, initialised to ``lwc_init``
   (4.0 as in OmniQuant, i.e. a ratio of 0.982). ``sigmoid -> 1`` recovers min-max. The group min / max are
@@ -146,12 +146,6 @@ def lwc_range(wg: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor) -> tupl
     wd = wg.detach()
     lo, hi = torch.sigmoid(beta) * wd.amin(-1), torch.sigmoid(gamma) * wd.amax(-1)
     return lo, torch.maximum(hi, lo)  # a group of one sign could otherwise get hi < lo
-
-
-def ratio_to_logit(ratio: float | torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
-    """LWC logit that reproduces a fixed clip ratio: ``logit(ratio)`` (ratio clamped into ``[eps, 1 - eps]``)."""
-    r = torch.as_tensor(ratio, dtype=torch.float64).clamp(eps, 1 - eps)
-    return torch.log(r) - torch.log1p(-r)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -420,78 +414,8 @@ def fractions_to_theta(c: torch.Tensor, min_gap: float = 1e-6) -> torch.Tensor:
 
 
 # --------------------------------------------------------------------------------------------------
-# clip-ratio search (QuaRot's w_clip, on the output error)
+# clip-ratio search (QuaRot's --w_clip, on the weight error)
 # --------------------------------------------------------------------------------------------------
-
-
-def _as_hessian(x_calib: torch.Tensor | None, hessian: torch.Tensor | None, in_features: int) -> torch.Tensor:
-    if hessian is not None:
-        return hessian.to(torch.float64)
-    if x_calib is None:
-        raise ValueError("search_clip_ratio needs x_calib [..., in] or hessian [in, in]")
-    x = x_calib.reshape(-1, x_calib.shape[-1]).to(torch.float64)
-    if x.shape[-1] != in_features:
-        raise ValueError(f"x_calib has last dim {x.shape[-1]}, weight has in_features={in_features}")
-    return x.T @ x
-
-
-def search_clip_ratio(
-    w: torch.Tensor,
-    x_calib: torch.Tensor | None,
-    bits: int,
-    group_size: int = 128,
-    grid: Sequence[float] | torch.Tensor | None = None,
-    granularity: str = "layer",
-    round_zero: bool = False,
-    hessian: torch.Tensor | None = None,
-) -> float | torch.Tensor:
-    """Grid search of the min-max clip ratio minimising the layer output error ``||x W^T - x Q_r(W)^T||^2``.
-
-    ``Q_r`` is :func:`fake_quant_uniform` with ``clip_ratio=r``. The error is evaluated through
-    ``H = x^T x`` as ``sum_rows (W - Q) H (W - Q)^T`` in float64.
-
-    Args:
-        w: ``[out, in]`` weight.
-        x_calib: ``[..., in]`` calibration inputs of the layer (or None when ``hessian`` is given).
-        bits, group_size, round_zero: the quantizer.
-        grid: candidate ratios in ``(0, 1]`` (default ``1.00, 0.99, ..., 0.50``).
-        granularity: ``"layer"`` (one ratio, exact), ``"row"`` (one per output row, exact: the output error is a sum
-            over rows) or ``"group"`` (one per group, minimising each group's diagonal block ``e_g H_gg e_g^T``; the
-            cross-group terms are ignored, an approximation).
-        hessian: optional precomputed ``x^T x`` ``[in, in]`` (any positive multiple gives the same answer).
-    Returns:
-        a float (``"layer"``), or a float32 tensor ``[out]`` (``"row"``) / ``[out, n_groups]`` (``"group"``).
-    """
-    check_weight_bits(bits)
-    check_finite(w)
-    if granularity not in ("layer", "row", "group"):
-        raise ValueError(f"granularity must be 'layer', 'row' or 'group', got {granularity!r}")
-    grid_t = torch.linspace(1.0, 0.5, 51, dtype=torch.float64) if grid is None else torch.as_tensor(grid, dtype=torch.float64).flatten()
-    if len(grid_t) == 0 or bool(((grid_t <= 0) | (grid_t > 1)).any()):
-        raise ValueError("grid ratios must be in (0, 1] and non-empty")
-    H = _as_hessian(x_calib, hessian, w.shape[1]).to(w.device)
-    wd = w.detach().to(torch.float64)
-    wg = group_view(wd, group_size)
-    out, ng, gs = wg.shape
-    if granularity == "group":
-        Hb = torch.stack([H[g * gs:(g + 1) * gs, g * gs:(g + 1) * gs] for g in range(ng)])  # [ng, gs, gs]
-    errs = []
-    for r in grid_t.tolist():
-        lo, hi = minmax_range(wg, r)
-        q, _ = quantize_uniform(wg, lo, hi, bits, round_zero)
-        e = (wg - q)  # [out, ng, gs]
-        if granularity == "group":
-            errs.append(torch.einsum("ogi,gij,ogj->og", e, Hb, e))
-        else:
-            e2 = e.reshape(out, -1)
-            per_row = ((e2 @ H) * e2).sum(-1)
-            errs.append(per_row.sum() if granularity == "layer" else per_row)
-    E = torch.stack(errs)  # [n_grid, ...]
-    best = E.argmin(0)
-    ratios = grid_t.to(torch.float64)[best.cpu()]
-    if granularity == "layer":
-        return float(ratios)
-    return ratios.to(torch.float32)
 
 
 CLIP_SEARCHES = ("none", "mse")
@@ -729,18 +653,6 @@ class WeightQuantizer(nn.Module):
         for p in (self.theta, self.gamma, self.beta):
             if p is not None:
                 yield p
-
-    @torch.no_grad()
-    def set_clip_ratio(self, ratio: float | torch.Tensor) -> None:
-        """Set LWC ``gamma = beta = logit(ratio)`` (scalar, ``[out]`` or ``[out, n_groups]``), e.g. from
-        :func:`search_clip_ratio`. Requires LWC."""
-        if self.gamma is None:
-            raise ValueError(f"{self.name}: set_clip_ratio needs LWC (lwc=True or method='lwc'); use config.clip_ratio otherwise")
-        lg = ratio_to_logit(ratio).to(self.gamma.dtype)
-        if lg.dim() == 1:
-            lg = lg.unsqueeze(-1)
-        self.gamma.copy_(lg.expand_as(self.gamma))
-        self.beta.copy_(lg.expand_as(self.beta))
 
     @torch.no_grad()
     def init_from(self, weight: torch.Tensor) -> "WeightQuantizer":

@@ -1,7 +1,6 @@
 """Weight quantizers: uniform RTN, LWC, LDP - against float64 references, identities, gradcheck and invariants."""
 
 import json
-import math
 
 import numpy as np
 import pytest
@@ -16,8 +15,6 @@ from rcp_lib.quant import (
     lloyd_fractions,
     quantize_to_levels,
     quantize_uniform,
-    ratio_to_logit,
-    search_clip_ratio,
 )
 
 
@@ -142,17 +139,6 @@ def test_lwc_large_logits_recover_minmax(method):
     q = WeightQuantizer(w.shape, WeightQuantConfig(bits=2, group_size=16, method=method, lwc=True, lwc_init=40.0))
     ref = fake_quant_uniform(w, 2, 16)
     torch.testing.assert_close(q(w), ref, atol=1e-6, rtol=0)
-
-
-def test_lwc_logit_of_ratio_equals_fixed_clip_ratio():
-    w = torch.randn(16, 64)
-    q = WeightQuantizer(w.shape, WeightQuantConfig(bits=3, group_size=32, method="rtn", lwc=True))
-    q.set_clip_ratio(0.7)
-    torch.testing.assert_close(q(w), fake_quant_uniform(w, 3, 32, clip_ratio=0.7), atol=1e-6, rtol=0)
-    assert abs(torch.sigmoid(ratio_to_logit(0.7)).item() - 0.7) < 1e-12
-    # per-row ratios broadcast over groups
-    q.set_clip_ratio(torch.linspace(0.5, 1.0, 16))
-    assert torch.allclose(torch.sigmoid(q.gamma[:, 1]), torch.linspace(0.5, 1.0, 16), atol=1e-5)
 
 
 def test_lwc_default_init_and_param_groups():
@@ -334,38 +320,6 @@ def test_export_reproduces_forward_exactly(cfg):
     assert levels.dtype == torch.float32 and levels.shape == (8, 64 // gs, L)
     rebuilt = levels.gather(-1, codes.view(8, 64 // gs, gs).long()).view(8, 64)
     assert torch.equal(rebuilt, q(w))
-
-
-# ------------------------------------------------------------------------------------------------
-# clip-ratio search
-# ------------------------------------------------------------------------------------------------
-
-
-def test_search_clip_ratio_matches_brute_force():
-    torch.manual_seed(8)
-    w = torch.randn(16, 64)
-    w[torch.rand_like(w) < 0.02] *= 6  # outliers make clipping worthwhile
-    x = torch.randn(300, 64) @ (torch.eye(64) + 0.3 * torch.randn(64, 64))
-    grid = [1.0, 0.9, 0.8, 0.7, 0.6, 0.5]
-    errs = []
-    for r in grid:
-        q = fake_quant_uniform(w.double(), 2, 16, clip_ratio=r)
-        errs.append(((x.double() @ w.double().T - x.double() @ q.T) ** 2).sum().item())
-    best = search_clip_ratio(w, x, 2, 16, grid=grid)
-    assert best == grid[int(np.argmin(errs))]
-    assert best < 1.0
-    rows = search_clip_ratio(w, x, 2, 16, grid=grid, granularity="row")
-    assert rows.shape == (16,)
-    # per-row choice: each row's ratio minimises that row's output error
-    for i in range(0, 16, 5):
-        e = [((x.double() @ (w.double()[i] - fake_quant_uniform(w.double(), 2, 16, clip_ratio=r)[i])) ** 2).sum().item() for r in grid]
-        assert rows[i].item() == pytest.approx(grid[int(np.argmin(e))])
-    groups = search_clip_ratio(w, x, 2, 16, grid=grid, granularity="group")
-    assert groups.shape == (16, 4)
-    # total error of the per-row choice is no worse than the per-layer one
-    q_rows = torch.cat([fake_quant_uniform(w[i:i + 1], 2, 16, clip_ratio=float(rows[i])) for i in range(16)])
-    assert ((x @ (w - q_rows).T) ** 2).sum() <= min(errs) * (1 + 1e-4)
-    assert math.isclose(torch.sigmoid(ratio_to_logit(best)).item(), best, rel_tol=1e-9)
 
 
 def test_check_finite_overflowing_sum_of_finite_values_passes():
