@@ -47,10 +47,10 @@ from __future__ import annotations
 import torch
 
 from .. import models as M
-from .fuse import BLOCK_KINDS, R1_KINDS, r1_matrix
+from ..quant.quantizers import group_view, minmax_range, quantize_uniform
+from .fuse import BLOCK_KINDS, r1_matrix
 from .hadamard import hadamard
 
-ROTATIONS = R1_KINDS
 #: shrink ratios ``r`` of the per-group range ``[r·min, r·max]`` searched by the clipped quantizers
 CLIP_RATIOS: tuple[float, ...] = tuple(k / 100 for k in range(30, 101))
 #: error columns of :func:`layer_statistics`, from the most constrained quantizer to the least
@@ -71,21 +71,18 @@ def max_over_std(w: torch.Tensor) -> float:
 
 
 def _groups(w: torch.Tensor, group_size: int) -> torch.Tensor:
-    if w.dim() == 1:
-        w = w[None, :]
-    out, n = w.shape
-    g = n if group_size == -1 else group_size
-    if n % g:
-        raise ValueError(f"group_size {group_size} does not divide the input size {n} (weight {tuple(w.shape)})")
-    return w.detach().double().reshape(out * (n // g), g)
+    """The groups of ``w [out, in]`` (or ``[in]``) as rows ``[out · in/group_size, group_size]`` in float64
+    (:func:`~rcp_lib.quant.quantizers.group_view`; ``group_size`` -1: one group per row)."""
+    w = w.detach().double()
+    wg = group_view(w[None, :] if w.dim() == 1 else w, group_size)
+    return wg.reshape(-1, wg.shape[-1])
 
 
 def uniform_quant_error(w: torch.Tensor, bits: int = 2, group_size: int = 128) -> float:
-    """Normalised MSE of asymmetric min-max RTN per group of ``group_size`` inputs of each row (-1: per row)."""
+    """Normalised MSE of asymmetric min-max RTN per group of ``group_size`` inputs of each row (-1: per row): the
+    library's quantizer (:func:`~rcp_lib.quant.quantizers.quantize_uniform` on the min-max range)."""
     wg = _groups(w, group_size)
-    lo, hi = wg.amin(1, keepdim=True), wg.amax(1, keepdim=True)
-    s = ((hi - lo) / (2**bits - 1)).clamp_min(1e-12)
-    q = lo + s * torch.round((wg - lo) / s).clamp(0, 2**bits - 1)
+    q, _ = quantize_uniform(wg, *minmax_range(wg), bits)
     return float(((wg - q) ** 2).sum() / (wg**2).sum())
 
 
@@ -388,7 +385,7 @@ def layer_statistics(model, rotation: str = "none", block: int | None = None, se
     """Per-layer, per-projection weight statistics after rotation ``rotation`` (see module docstring).
 
     Args:
-        rotation: an R1 kind of :data:`ROTATIONS`; ``block`` is its block for "gsr"/"block_hadamard" (None: the
+        rotation: an R1 kind of :data:`rcp_lib.rotation.fuse.R1_KINDS`; ``block`` is its block for "gsr"/"block_hadamard" (None: the
             group size).
         ratios: clip ratios searched by ``err_uniform_clip`` / ``err_nonuniform_pinned`` (None: :data:`CLIP_RATIOS`).
         stride: coarse-to-fine search over ``ratios`` (see :func:`_grid_min`; 1: exhaustive).
