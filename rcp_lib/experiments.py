@@ -25,10 +25,10 @@ from torch import nn
 
 from .data import calibration_windows, corpus_tokens
 from .evaluation import perplexity_details
-from .io import atomic_write_csv, atomic_write_json, provenance
+from .io import atomic_write_csv, atomic_write_json, config_hash, provenance
 from .models import cache_dir, describe, load
 from .profiles import Profile
-from .qat import QATConfig, config_hash, train
+from .qat import QATConfig, train
 from .quant.apply import QuantConfig, preset, quantize_model
 from .rotation.fuse import BLOCK_KINDS, RotationConfig, rotate_model
 

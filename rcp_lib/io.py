@@ -1,8 +1,8 @@
 """Atomic file writing and result provenance (so results are never half-written and always traceable).
 
-Also: the code fingerprint that keys every cache (:func:`code_fingerprint`), the dirty-tree guard that keeps
-results from uncommitted code out of ``results/`` (:func:`require_clean_tree`), and deterministic figure files
-(:func:`save_figure`).
+Also: the cache keys (:func:`config_hash` of a config, :func:`code_fingerprint` of the code), the dirty-tree guard
+that keeps results from uncommitted code out of ``results/`` (:func:`require_clean_tree`), and deterministic figure
+files (:func:`save_figure`).
 """
 
 from __future__ import annotations
@@ -171,8 +171,15 @@ def check_results_write(path: str | os.PathLike) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------
-# code fingerprint (cache keys)
+# cache keys: config hash and code fingerprint
 # ---------------------------------------------------------------------------------------------------
+
+
+def config_hash(*parts: Mapping[str, Any]) -> str:
+    """Stable 16-hex-digit hash of JSON-serialisable config dicts (keys sorted; non-JSON values by ``str``): the
+    name of every cached model, row and run."""
+    blob = json.dumps(parts, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
 def source_roots() -> dict[str, Path]:

@@ -113,12 +113,6 @@ class TrainResult:
     out_dir: str | None = None
 
 
-def config_hash(*parts: dict) -> str:
-    """Stable hash of JSON-serialisable config dicts (the cache key of trained models)."""
-    blob = json.dumps(parts, sort_keys=True, default=str)
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
-
-
 def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor | None, labels: torch.Tensor,
                       cfg: QATConfig) -> torch.Tensor:
     """Loss over next-token positions. Logits ``[B, T, V]``, labels ``[B, T]`` (ids; position t predicts t+1).

@@ -12,7 +12,8 @@ import json
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
-from .qat import QATConfig, config_hash
+from .io import config_hash
+from .qat import QATConfig
 from .quant.apply import QuantConfig
 from .rotation.fuse import RotationConfig
 

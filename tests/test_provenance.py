@@ -72,8 +72,8 @@ def test_code_fingerprint_is_per_process_and_follows_source_roots(tmp_path, monk
 
 def test_cache_keys_contain_the_fingerprint(monkeypatch):
     from rcp_lib import experiments as X
+    from rcp_lib.io import config_hash
     from rcp_lib.profiles import get_profile
-    from rcp_lib.qat import config_hash
 
     P = get_profile("smoke")
     m = X.Method("RCP", "W2A4KV4", X.QUAROT, {"w_method": "ldp", "w_lwc": True}, qat=True, family="qat")

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from rcp_lib import models as M
-from rcp_lib.qat import NonFiniteLossError, QATConfig, config_hash, train
+from rcp_lib.io import config_hash
+from rcp_lib.qat import NonFiniteLossError, QATConfig, train
 from rcp_lib.quant.apply import QuantConfig, quantize_model
 from rcp_lib.rotation.fuse import RotationConfig, rotate_model
 
