@@ -56,7 +56,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no-tune", action="store_true", help="only the default block configuration")
     p.add_argument("--copy-mib", type=int, default=512, help="buffer size of the copy-bandwidth measurement")
     p.add_argument("--rep", type=int, default=200, help="do_bench repetition time in ms")
-    p.add_argument("--out", type=Path, default=REPO / "results" / "kernel_speed.csv")
+    p.add_argument("--out", type=Path, default=None,
+                   help="CSV to write (default: results/kernel_speed.csv, the registry's 'kernel_speed' file)")
     return p.parse_args(argv)
 
 
@@ -206,7 +207,9 @@ def main(argv: list[str] | None = None) -> int:
     except KernelMismatch as e:
         print(f"bench_kernel: {e}; no numbers written", file=sys.stderr)
         return 1
-    path = atomic_write_csv(rows, args.out)
+    from rcp_lib.experiments.registry import result_path
+
+    path = atomic_write_csv(rows, args.out or result_path("kernel_speed"))
     print(f"wrote {path}")
     return 0
 

@@ -76,22 +76,49 @@ def _cmd_reproduce(args: argparse.Namespace) -> int:
     return 0
 
 
+def _table_for(args: argparse.Namespace):
+    """The registered table a ``table`` call computes and the file stem it writes: ``--table``, else the table
+    whose file (family) ``--name`` belongs to, else ``perplexity_ptq``."""
+    from .experiments.registry import TABLES, table_for_file
+
+    if args.table:
+        t = TABLES[args.table]
+    elif args.name:
+        t = table_for_file(f"{args.name}.csv")
+        if t is None or t.rows is None:
+            raise SystemExit(f"--name {args.name!r} is no registered table that the CLI computes; pass --table "
+                             f"or register it in rcp_lib/experiments/registry.py")
+    else:
+        t = TABLES["perplexity_ptq"]
+    stem = args.name or t.file.rsplit(".", 1)[0]
+    if not t.matches(f"{stem}.csv"):
+        raise SystemExit(f"--name {stem!r} is not a file of table {t.name!r} ({t.file})")
+    if t.is_pattern and not args.name:
+        raise SystemExit(f"table {t.name!r} is a family of files ({t.file}): name one with --name")
+    if args.families and t.families is None:
+        raise SystemExit(f"--families applies to the perplexity tables, not to {t.name!r}")
+    return t, stem
+
+
 def _cmd_table(args: argparse.Namespace) -> int:
     from . import experiments as X
     from .io import DirtyTreeError, require_clean_tree
     from .profiles import get_profile
 
     _apply_allow_dirty(args)
+    t, stem = _table_for(args)
     P = get_profile(args.profile, **_parse_overrides(args.set))
     try:
         require_clean_tree()  # fail before computing, not after
     except DirtyTreeError as e:
         print(f"[rcp_lib] table refused: {e}", file=sys.stderr)
         return 1
-    rows = X.ppl_table(P, families=tuple(args.families))
-    path = X.write_rows(rows, P, args.name)
+    kwargs = {} if t.families is None else {"families": tuple(args.families or t.families)}
+    rows = getattr(X, t.rows)(P, **kwargs)
+    path = X.write_rows(rows, P, stem)
     for r in rows:
-        print(f"{r['method']:34s} {r['setting']:10s} ppl {r['ppl']:.2f}")
+        if "ppl" in r:
+            print(f"{r['method']:34s} {r['setting']:10s} ppl {r['ppl']:.2f}")
     print(path)
     return 0
 
@@ -118,6 +145,13 @@ def _cmd_readme(args: argparse.Namespace) -> int:
 
     print(update_readme(args.profile))
     return 0
+
+
+def _computable_tables() -> list[str]:
+    """Names of the registered tables that ``table`` can compute (those with a rows function)."""
+    from .experiments.registry import TABLES
+
+    return [n for n, t in TABLES.items() if t.rows]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -149,10 +183,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="write results even with uncommitted changes to code or configs (sets RCP_ALLOW_DIRTY=1)")
     r.set_defaults(func=_cmd_reproduce)
 
-    tb = sub.add_parser("table", help="compute (or read from the cache) perplexity rows of a profile and write a CSV")
+    tb = sub.add_parser("table", help="compute (or read from the cache) a registered table of a profile and write "
+                                      "its CSV (default: the PTQ perplexity rows)")
     tb.add_argument("--profile", default="cpu", choices=["smoke", "cpu", "paper"])
-    tb.add_argument("--families", nargs="+", default=["baseline", "ptq"], choices=["baseline", "ptq", "qat"])
-    tb.add_argument("--name", default="perplexity_ptq", help="results/<profile>/<name>.csv")
+    tb.add_argument("--table", choices=_computable_tables(),
+                    help="a table of rcp_lib.experiments.registry (default: the one --name belongs to, else "
+                         "perplexity_ptq)")
+    tb.add_argument("--families", nargs="+", choices=["baseline", "ptq", "qat"],
+                    help="method families of a perplexity table (default: the table's)")
+    tb.add_argument("--name", help="results/<profile>/<name>.csv (default: the table's file; required for a family "
+                                   "such as perplexity_qat_<steps>)")
     tb.add_argument("--set", action="append", metavar="KEY=VALUE",
                     help='override a profile field (JSON value), e.g. --set qat_steps=160 --set \'methods=["RCP"]\'')
     tb.add_argument("--allow-dirty", action="store_true",

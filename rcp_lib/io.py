@@ -1,8 +1,8 @@
 """Atomic file writing and result provenance (so results are never half-written and always traceable).
 
 Also: the cache keys (:func:`config_hash` of a config, :func:`code_fingerprint` of the code), the dirty-tree guard
-that keeps results from uncommitted code out of ``results/`` (:func:`require_clean_tree`), and deterministic figure
-files (:func:`save_figure`).
+that keeps results from uncommitted code out of the results root (:func:`require_clean_tree`), and deterministic
+figure files (:func:`save_figure`). Where the results root is: :mod:`rcp_lib.paths`.
 """
 
 from __future__ import annotations
@@ -21,7 +21,8 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
-REPO = Path(__file__).resolve().parent.parent
+from .paths import REPO_ROOT, is_under_results
+
 ALLOW_DIRTY_ENV = "RCP_ALLOW_DIRTY"
 # Outputs of a run (and the README block that `rcp_lib readme` regenerates): changes there do not make a tree
 # "dirty"; only uncommitted changes to code or configs do.
@@ -91,7 +92,7 @@ def dirty_files(repo: str | os.PathLike | None = None) -> list[str]:
     Changes to a run's own outputs (``results/``, ``figures/``, ``runs/``, ``README.md``) and untracked files are
     ignored. Outside a git checkout (or without git) the list is empty.
     """
-    repo = Path(repo) if repo else REPO
+    repo = Path(repo) if repo else REPO_ROOT
     try:
         out = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "-z"], cwd=repo,
                              capture_output=True, text=True, timeout=10)
@@ -126,7 +127,7 @@ def git_commit(repo: str | os.PathLike | None = None) -> str:
     '+dirty' is appended when tracked code or configs have uncommitted changes (see :func:`dirty_files`); a
     run's own outputs under ``results/``, ``figures/``, ``runs/`` and untracked files do not count.
     """
-    repo = Path(repo) if repo else REPO
+    repo = Path(repo) if repo else REPO_ROOT
     try:
         sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True, timeout=10).stdout.strip()
     except Exception:
@@ -162,12 +163,10 @@ def require_clean_tree(repo: str | os.PathLike | None = None) -> None:
 
 
 def check_results_write(path: str | os.PathLike) -> None:
-    """Apply :func:`require_clean_tree` when ``path`` lies under ``<repo>/results/`` (called by every atomic write)."""
-    try:
-        Path(path).resolve().relative_to(REPO / "results")
-    except ValueError:
-        return
-    require_clean_tree()
+    """Apply :func:`require_clean_tree` when ``path`` lies under the results root (:func:`rcp_lib.paths.results_root`;
+    called by every atomic write)."""
+    if is_under_results(path):
+        require_clean_tree()
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -189,8 +188,8 @@ def source_roots() -> dict[str, Path]:
     spec = importlib.util.find_spec("rcp_lib.kernels")  # imports rcp_lib only, not the kernels package
     if spec is not None and spec.submodule_search_locations:
         roots["kernels"] = Path(list(spec.submodule_search_locations)[0]).resolve()
-    if (REPO / "configs").is_dir():
-        roots["configs"] = REPO / "configs"
+    if (REPO_ROOT / "configs").is_dir():
+        roots["configs"] = REPO_ROOT / "configs"
     return roots
 
 

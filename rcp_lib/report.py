@@ -4,6 +4,7 @@
 notebooks 02 and 03), plus any ``perplexity_qat_*.csv`` (QAT rows re-trained longer with ``python -m rcp_lib table
 --families qat --set qat_steps=N``), and rewrites the part of README.md between ``<!-- RESULTS-TABLE -->`` and
 ``<!-- /RESULTS-TABLE -->``. Nothing here computes a number: it only formats rows that the notebooks measured.
+The files it reads are the ``readme=True`` entries of :data:`rcp_lib.experiments.registry.TABLES`.
 """
 
 from __future__ import annotations
@@ -13,10 +14,19 @@ from pathlib import Path
 
 import pandas as pd
 
+from .experiments.registry import TABLES
 from .io import atomic_write_text
+from .paths import readme_path, results_dir
 
-REPO = Path(__file__).resolve().parent.parent
 BEGIN, END = "<!-- RESULTS-TABLE -->", "<!-- /RESULTS-TABLE -->"
+
+
+def _file(name: str) -> str:
+    """File name (or glob pattern) of the registered result ``name``; it must be registered as read here."""
+    t = TABLES[name]
+    if not t.readme:
+        raise KeyError(f"result {name!r} is not registered with readme=True in rcp_lib.experiments.registry")
+    return t.file
 
 
 def _fmt_ppl(x: float) -> str:
@@ -91,13 +101,13 @@ def claims_markdown(d: Path, ppl: pd.DataFrame) -> str:
     here is read from the CSVs of ``d`` (memory.csv, memory_vs_saved.csv, perplexity.csv,
     rotation_impact_summary.csv); a claim whose file is missing says so instead of a number."""
     rows = ["| claim (the paper's numbers) | measured here (from `results/`) | status |", "|---|---|---|"]
-    mem_p = d / "memory.csv"
+    mem_p = d / _file("memory")
     if mem_p.exists():
         mem = pd.read_csv(mem_p)
         r = mem[(mem.model == "LLaMA-2-7B") & (mem.scheme == "W2A4KV4")].iloc[0]
         saved = ""
-        if (d / "memory_vs_saved.csv").exists():
-            mv = pd.read_csv(d / "memory_vs_saved.csv").iloc[0]
+        if (d / _file("memory_vs_saved")).exists():
+            mv = pd.read_csv(d / _file("memory_vs_saved")).iloc[0]
             saved = (f" For the embedded model the accountant's block-linear bytes differ from the bytes "
                      f"`save_quantized` writes by {100 * float(mv['block_rel_diff']):.2g} %.")
         rows.append(f"| 5.29× smaller (LLaMA-2-7B W2A4KV4) | memory accountant from the config alone: "
@@ -108,7 +118,7 @@ def claims_markdown(d: Path, ppl: pd.DataFrame) -> str:
                     f"this ratio; the paper's own accounting is not stated) |")
     rows.append("| −2.84 WikiText-2 ppl (LLaMA-2-7B W2A4KV4) | needs a GPU, the weights and WikiText-2: the `paper` "
                 "profile | not reproduced here |")
-    rot_p = d / "rotation_impact_summary.csv"
+    rot_p = d / _file("rotation_impact_summary")
     if rot_p.exists():
         rows.append(rotation_claim_row(pd.read_csv(rot_p)))
     s = "W2A4KV4"
@@ -217,7 +227,7 @@ def gsr_control_markdown(ppl: pd.DataFrame) -> str:
 def benchmarks_markdown(d: Path) -> str:
     """Benchmark table from ``hadamard_speed.json`` and ``qat_step.json`` (scripts of ``benchmarks/``), if present."""
     lines = []
-    hp, qp = d / "hadamard_speed.json", d / "qat_step.json"
+    hp, qp = d / _file("hadamard_speed"), d / _file("qat_step")
     if hp.exists():
         h = json.loads(hp.read_text())
         cells = ", ".join(f"n = {r['n']}: {r['speedup']:.2g}× ({1000 * r['fast_s']:.0f} ms vs {1000 * r['dense_s']:.0f} ms)"
@@ -242,8 +252,8 @@ def benchmarks_markdown(d: Path) -> str:
 
 def results_markdown(profile: str = "cpu", results: Path | None = None) -> str:
     """The README block for a profile: perplexity and zero-shot tables with their protocol and provenance."""
-    d = Path(results) if results else REPO / "results" / profile
-    ppl_path, zs_path = d / "perplexity.csv", d / "zero_shot.csv"
+    d = Path(results) if results else results_dir(profile)
+    ppl_path, zs_path = d / _file("perplexity"), d / _file("zero_shot")
     if not ppl_path.exists():
         raise FileNotFoundError(f"{ppl_path} not found: run notebook 02 first "
                                 f"(python -m rcp_lib reproduce --profile {profile} --notebooks 02_perplexity.ipynb)")
@@ -258,7 +268,7 @@ def results_markdown(profile: str = "cpu", results: Path | None = None) -> str:
         windows = f"{r0['windows_note']} windows"
     out = [f"### Measured here: `{profile}` profile (regenerate with `python -m rcp_lib reproduce --profile {profile}` "
            f"then `python -m rcp_lib readme --profile {profile}`)", ""]
-    timing = d / "reproduce_timing.json"
+    timing = d / _file("reproduce_timing")
     if timing.exists():
         t = json.loads(timing.read_text())
         cold = ("from empty caches" if not t.get("cached_rows_at_start") else
@@ -276,7 +286,7 @@ def results_markdown(profile: str = "cpu", results: Path | None = None) -> str:
                 f"{q['seqlen']} tokens of the train split (same budget for every QAT row), loss "
                 f"`{q.get('loss', 'kl')}` against the FP teacher.", ""]
     out += [ppl_markdown(ppl), "", f"![perplexity](figures/{profile}/perplexity.png)", ""]
-    rot_p = d / "rotation_impact_summary.csv"
+    rot_p = d / _file("rotation_impact_summary")
     if rot_p.exists():
         out += [f"Rotation impact (notebook 01; `results/{profile}/rotation_impact_summary.csv`): mean over layers and "
                 "projections of the 2-bit relative weight error ||W − Q(W)||² / ||W||² of four nested quantizers — "
@@ -292,7 +302,7 @@ def results_markdown(profile: str = "cpu", results: Path | None = None) -> str:
                 "permutation of the rotated columns, which per-group RTN/LWC/LDP and per-token activation quantizers "
                 "cannot see (GPTQ's column order can); any difference below comes from that order and from one seed "
                 "per row, so no order between the two is claimed (not separable at this budget).", "", ctl, ""]
-    full_p = d / "perplexity_full_split.csv"
+    full_p = d / _file("perplexity_full_split")
     if full_p.exists():
         full = pd.read_csv(full_p)
         sampled = ppl.set_index(["method", "setting"])["ppl"]
@@ -306,7 +316,7 @@ def results_markdown(profile: str = "cpu", results: Path | None = None) -> str:
                        f"{float(smp) / float(r.ppl):.3f} |" if smp is not None else
                        f"| {r.method} | {r.setting} | {_fmt_ppl(float(r.ppl))} | – | – |")
         out.append("")
-    for extra in sorted(d.glob("perplexity_qat_*.csv")):  # optional: QAT rows re-trained with a longer budget
+    for extra in sorted(d.glob(_file("perplexity_qat"))):  # optional: QAT rows re-trained with a longer budget
         longer = pd.read_csv(extra)
         if not len(longer):
             continue
@@ -335,7 +345,7 @@ def results_markdown(profile: str = "cpu", results: Path | None = None) -> str:
 
 def update_readme(profile: str = "cpu", readme: Path | None = None, results: Path | None = None) -> Path:
     """Replace the block between the RESULTS-TABLE markers of ``readme`` with :func:`results_markdown`."""
-    path = Path(readme) if readme else REPO / "README.md"
+    path = Path(readme) if readme else readme_path()
     text = path.read_text()
     if BEGIN not in text:
         raise ValueError(f"{path} has no {BEGIN} marker")

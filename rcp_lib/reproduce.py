@@ -1,6 +1,8 @@
 """Run the companion notebooks in order with papermill (``python -m rcp_lib reproduce --profile cpu``).
 
-Executed copies go to ``runs/<profile>/`` (ignored by git); the notebooks in ``notebooks/`` stay clean.
+The notebooks are those of the table registry (:data:`rcp_lib.experiments.registry.NOTEBOOKS`). Executed copies
+go to ``runs/<profile>/`` (ignored by git; the roots are in :mod:`rcp_lib.paths`); the notebooks in ``notebooks/``
+stay clean.
 The first failing notebook stops the run with the notebook and the cell named. Work already done for the
 same config and the same code (see :func:`rcp_lib.io.code_fingerprint`) is reused through the row and model
 caches of :mod:`rcp_lib.experiments`. A checkout with uncommitted changes to code or configs is refused before
@@ -15,17 +17,9 @@ import sys
 import time
 from pathlib import Path
 
+from .experiments.registry import NOTEBOOKS, result_path
+from .paths import absolutize_env, notebooks_dir, runs_dir
 from .profiles import PROFILES
-
-REPO = Path(__file__).resolve().parent.parent
-NOTEBOOKS = (
-    "00_quickstart.ipynb",
-    "01_rotation_impact.ipynb",
-    "02_perplexity.ipynb",
-    "03_zero_shot.ipynb",
-    "04_memory.ipynb",
-    "05_kernel_speed.ipynb",
-)
 
 
 class NotebookFailed(RuntimeError):
@@ -69,6 +63,7 @@ def reproduce(profile: str = "cpu", notebooks: list[str] | None = None, kernel: 
         raise ValueError(f"unknown notebooks {unknown}; available: {NOTEBOOKS}")
     if allow_dirty:
         os.environ[ALLOW_DIRTY_ENV] = "1"
+    absolutize_env()  # the kernels run in notebooks/: relative output roots must not move with them
     require_clean_tree()
     print(f"[reproduce:{profile}] git {git_commit()}, code fingerprint {code_fingerprint()}", file=sys.stderr,
           flush=True)
@@ -80,7 +75,7 @@ def reproduce(profile: str = "cpu", notebooks: list[str] | None = None, kernel: 
     for name in names:
         t0 = time.time()
         print(f"[reproduce:{profile}] {name} ...", file=sys.stderr, flush=True)
-        done.append(run_notebook(REPO / "notebooks" / name, profile, REPO / "runs" / profile, kernel=kernel))
+        done.append(run_notebook(notebooks_dir() / name, profile, runs_dir(profile), kernel=kernel))
         seconds[name] = round(time.time() - t0, 1)
         print(f"[reproduce:{profile}] {name} done in {seconds[name]:.0f} s", file=sys.stderr, flush=True)
     if names == list(NOTEBOOKS):  # a full run: record how long it took (the README quotes it from this file)
@@ -88,5 +83,5 @@ def reproduce(profile: str = "cpu", notebooks: list[str] | None = None, kernel: 
 
         atomic_write_json({"profile": profile, "total_seconds": round(time.time() - start, 1), "notebooks": seconds,
                            "cached_rows_at_start": cached_at_start, **provenance()},
-                          REPO / "results" / profile / "reproduce_timing.json")
+                          result_path("reproduce_timing", profile))
     return done

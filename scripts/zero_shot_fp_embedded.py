@@ -14,7 +14,6 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import argparse  # noqa: E402
 import time  # noqa: E402
-from pathlib import Path  # noqa: E402
 
 
 def main() -> None:
@@ -27,8 +26,13 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--limit", type=int, default=None, help="documents per task (default: all)")
     ap.add_argument("--batch-size", type=int, default=8)
-    ap.add_argument("--out", default=str(Path(__file__).resolve().parent.parent / "results" / "zero_shot_fp_embedded.csv"))
+    ap.add_argument("--out", default=None,
+                    help="CSV to write (default: results/zero_shot_fp_embedded.csv, see rcp_lib.experiments.registry)")
     args = ap.parse_args()
+    if args.out is None:
+        from rcp_lib.experiments.registry import result_path
+
+        args.out = str(result_path("zero_shot_fp_embedded"))
 
     model, tok = load("smollm2-135m")
     config = {"model": "smollm2-135m", "note": EMBEDDED_NOTE, "corpus": "wiki-excerpt test", "task_set": manifest(build_offline_tasks())}

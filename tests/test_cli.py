@@ -23,3 +23,25 @@ def test_set_overrides_reject_malformed_and_unknown_fields():
 def test_table_parser_accepts_repeated_set():
     a = build_parser().parse_args(["table", "--families", "qat", "--set", "qat_steps=8", "--set", 'settings=["W2A4KV4"]'])
     assert a.families == ["qat"] and a.set == ["qat_steps=8", 'settings=["W2A4KV4"]']
+
+
+def test_table_command_resolves_registered_tables():
+    from rcp_lib.__main__ import _table_for
+
+    def resolve(*argv):
+        t, stem = _table_for(build_parser().parse_args(["table", *argv]))
+        return t.name, stem
+
+    assert resolve() == ("perplexity_ptq", "perplexity_ptq")  # the default: the PTQ rows
+    assert resolve("--families", "qat", "--name", "perplexity_qat_160") == ("perplexity_qat", "perplexity_qat_160")
+    assert resolve("--table", "memory") == ("memory", "memory")
+    with pytest.raises(SystemExit, match="family of files"):
+        resolve("--table", "perplexity_qat")
+    with pytest.raises(SystemExit, match="no registered table"):
+        resolve("--name", "my_table")
+    with pytest.raises(SystemExit, match="not a file of table"):
+        resolve("--table", "memory", "--name", "perplexity")
+    with pytest.raises(SystemExit, match="perplexity tables"):
+        resolve("--table", "memory", "--families", "qat")
+    with pytest.raises(SystemExit):  # argparse: not a table the command can compute
+        resolve("--table", "quickstart")

@@ -4,13 +4,13 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
-from rcp_lib.reproduce import NOTEBOOKS
+from rcp_lib.experiments.registry import NOTEBOOKS, TABLES, result_path
+from rcp_lib.paths import figures_dir, notebooks_dir, runs_dir
 
-NB_DIR = Path(__file__).resolve().parent.parent / "notebooks"
+NB_DIR = notebooks_dir()
 
 
 @pytest.mark.parametrize("name", NOTEBOOKS)
@@ -28,11 +28,12 @@ def test_all_notebooks_run_with_smoke_profile(tmp_path):
     r = subprocess.run([sys.executable, "-m", "rcp_lib", "reproduce", "--profile", "smoke"], env=env,
                        capture_output=True, text=True, timeout=1500)
     assert r.returncode == 0, r.stderr[-3000:]
-    root = NB_DIR.parent
     for name in NOTEBOOKS:
-        executed = json.loads((root / "runs" / "smoke" / name).read_text())
+        executed = json.loads((runs_dir("smoke") / name).read_text())
         errors = [o for c in executed["cells"] for o in c.get("outputs", []) if o.get("output_type") == "error"]
         assert not errors, name
-    for f in ("perplexity.csv", "rotation_impact_summary.csv", "zero_shot.csv", "memory.csv", "kernel_correctness.csv"):
-        assert (root / "results" / "smoke" / f).stat().st_size > 100, f
-    assert (root / "figures" / "smoke" / "perplexity.png").exists()
+    smoke = [t for t in TABLES.values() if t.smoke]  # what a smoke run writes, from the table registry
+    for t in smoke:
+        assert result_path(t.name, "smoke").stat().st_size > 100, t.file
+        for stem in t.figures:
+            assert (figures_dir("smoke") / f"{stem}.png").exists(), stem

@@ -9,8 +9,7 @@ from pathlib import Path
 import pytest
 
 from rcp_lib import io as rio
-
-REPO = Path(__file__).resolve().parent.parent
+from rcp_lib.paths import RESULTS_ENV
 
 
 # ------------------------------------------------------------------ code fingerprint
@@ -88,6 +87,7 @@ def test_cache_keys_contain_the_fingerprint(monkeypatch):
 def test_gptq_and_rotation_keys_contain_the_fingerprint(monkeypatch):
     """The GPTQ and rotation-analysis caches (keys built inline) are keyed by the fingerprint too."""
     from rcp_lib import experiments as X
+    from rcp_lib.experiments import rows
     from rcp_lib.profiles import get_profile
 
     class Stop(Exception):
@@ -100,7 +100,7 @@ def test_gptq_and_rotation_keys_contain_the_fingerprint(monkeypatch):
         raise Stop
 
     monkeypatch.setattr(rio, "code_fingerprint", lambda: "cccccccccccc")
-    monkeypatch.setattr(X, "config_hash", capture)
+    monkeypatch.setattr(rows, "config_hash", capture)  # every cache name is rows.cache_name
     P = get_profile("smoke")
     with pytest.raises(Stop):
         X._ptq_cached(None, X.Method("QuaRot-GPTQ", "W2A4KV4", X.QUAROT, X.RTN_Q, "gptq", family="ptq"), P, False)
@@ -113,7 +113,7 @@ def test_gptq_and_rotation_keys_contain_the_fingerprint(monkeypatch):
 def test_row_cache_logs_hit_and_miss(monkeypatch, tmp_path, capsys):
     from rcp_lib import experiments as X
 
-    monkeypatch.setattr(X, "cache_dir", lambda: tmp_path)
+    monkeypatch.setenv("RCP_CACHE", str(tmp_path))
     key = {"method": {"name": "RCP", "setting": "W2A4KV4"}, "code": "x"}
     calls = []
     row = X._cached("ppl", key, lambda: calls.append(1) or {"ppl": 1.0})
@@ -177,13 +177,10 @@ def test_no_git_checkout_is_not_dirty(tmp_path):
 
 @pytest.fixture()
 def dirty(monkeypatch, tmp_path):
-    """A dirty checkout rooted at tmp_path, with dirty runs not allowed."""
-    from rcp_lib import experiments as X
-
+    """A dirty checkout whose results root is tmp_path/results, with dirty runs not allowed."""
     monkeypatch.delenv(rio.ALLOW_DIRTY_ENV, raising=False)
     monkeypatch.setattr(rio, "dirty_files", lambda repo=None: ["rcp_lib/quant/quantizers.py"])
-    monkeypatch.setattr(rio, "REPO", tmp_path)
-    monkeypatch.setattr(X, "REPO", tmp_path)
+    monkeypatch.setenv(RESULTS_ENV, str(tmp_path / "results"))
     return tmp_path
 
 
@@ -220,7 +217,7 @@ def test_clean_tree_writes_without_the_flag(monkeypatch, tmp_path):
 
     monkeypatch.delenv(rio.ALLOW_DIRTY_ENV, raising=False)
     monkeypatch.setattr(rio, "dirty_files", lambda repo=None: [])
-    monkeypatch.setattr(X, "REPO", tmp_path)
+    monkeypatch.setenv(RESULTS_ENV, str(tmp_path / "results"))
     assert X.write_rows([{"a": 1}], get_profile("smoke"), "t").exists()
     monkeypatch.setattr(rio, "git_commit", lambda repo=None: "0" * 40)
     assert rio.provenance()["allow_dirty"] is False

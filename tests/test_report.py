@@ -93,9 +93,9 @@ def test_gsr_control_pairs_from_rows():
 
 
 def _readme_static() -> str:
-    from rcp_lib.report import REPO
+    from rcp_lib.paths import readme_path
 
-    text = (REPO / "README.md").read_text()
+    text = readme_path().read_text()
     a, b = text.index(BEGIN), text.index(END)
     return text[:a] + text[b:]
 

@@ -1,0 +1,97 @@
+"""Building the model of a method: the FP base model, its data, and rotate -> quantize -> GPTQ/RTN or QAT, with the
+PTQ weights and the trained QAT students cached (keys: :mod:`rcp_lib.experiments.rows`)."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import torch
+from torch import nn
+
+from ..data import calibration_windows, corpus_tokens
+from ..io import atomic_save_torch, atomic_write_json
+from ..models import cache_dir, load
+from ..profiles import Profile
+from ..qat import train
+from ..quant.apply import quantize_model
+from ..rotation.fuse import rotate_model
+from .methods import Method, qat_config
+from .rows import _log_cache, _qat_key, cache_name, ptq_key
+
+_BASE: dict[tuple[str, str], tuple[nn.Module, object]] = {}
+
+
+def base_model(profile: Profile) -> tuple[nn.Module, object]:
+    """The full-precision model of a profile (loaded once per process; callers get deep copies)."""
+    key = (profile.model, profile.device)
+    if key not in _BASE:
+        _BASE[key] = load(profile.model, device=profile.device)
+    return _BASE[key]
+
+
+def tokens(profile: Profile, split: str) -> torch.Tensor:
+    """Token ids ``[1, n]`` of a split of the profile's corpus, with the profile's tokenizer."""
+    return corpus_tokens(base_model(profile)[1], profile.corpus, split)
+
+
+def calibration(profile: Profile) -> torch.Tensor:
+    """``[calib_windows, calib_seqlen]`` random windows of the train split (GPTQ/QuaRot convention)."""
+    return calibration_windows(tokens(profile, "train"), profile.calib_windows, profile.calib_seqlen, seed=profile.seed)
+
+
+def build(method: Method, profile: Profile, progress: bool = True) -> nn.Module:
+    """A fresh model for ``method``: copy of the FP model -> rotate -> quantize -> GPTQ or QAT (cached)."""
+    fp, _ = base_model(profile)
+    model = copy.deepcopy(fp)
+    rot = method.rotation_config(profile)
+    if rot is not None:
+        rotate_model(model, rot)
+    qcfg = method.quant_config(profile)
+    if qcfg is None:
+        return model
+    quantize_model(model, qcfg)
+    if method.ptq in ("rtn", "gptq"):
+        _ptq_cached(model, method, profile, progress)
+    if method.qat:
+        out = cache_dir() / "qat" / _qat_key(method, profile)
+        done = out / "student.pt"
+        if done.exists():
+            model.load_state_dict(torch.load(done), strict=True)
+        else:
+            res = train(model, fp, tokens(profile, "train"), qat_config(profile), out_dir=out, resume=True, progress=progress)
+            atomic_save_torch(model.state_dict(), done)
+            atomic_write_json(res.history, out / "history.json")
+    return model
+
+
+def _ptq_cached(model: nn.Module, method: Method, profile: Profile, progress: bool) -> None:
+    """Quantize the weights of a PTQ row once (GPTQ, or RTN with its clip search) and freeze them as codes + level
+    tables, or restore those from the cache (``cache_dir()/ptq/``, keyed by :func:`ptq_key`). Every later use of the
+    same weights (another activation setting, the zero-shot table, the export of the memory check) loads them."""
+    from ..quant.apply import quantized_linears
+    from ..quant.calibrate import FrozenLevelsQuantizer, gptq_model
+
+    key = ptq_key(method, profile)
+    name = cache_name(key["kind"], key)
+    path = cache_dir() / "ptq" / f"{name}.pt"
+    label = f"{method.name} weights ({method.quant_config(profile).weight_config().bits}-bit)"
+    _log_cache(path.exists(), name, label)
+    if path.exists():
+        saved = torch.load(path)
+    else:
+        if method.ptq == "gptq":
+            gptq_model(model, calibration(profile), progress=progress)
+        saved = {n: q.weight_quantizer.export(q.weight) for n, q in quantized_linears(model)}
+        atomic_save_torch(saved, path)
+    for n, q in quantized_linears(model):
+        codes, levels = saved[n]
+        fq = FrozenLevelsQuantizer(codes, levels, q.weight_quantizer.config).to(q.weight.device)
+        q.weight.data = fq(q.weight.data)
+        q.weight_quantizer = fq
+
+
+def qat_history(method: Method, profile: Profile) -> list[dict]:
+    """The training history of a cached QAT student (``[]`` before it is trained)."""
+    p = cache_dir() / "qat" / _qat_key(method, profile) / "history.json"
+    return json.loads(p.read_text()) if p.exists() else []

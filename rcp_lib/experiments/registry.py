@@ -1,0 +1,124 @@
+"""The one list of result files: which notebook or command writes each, what the README generator reads, what a
+smoke run must produce, and which the ``table`` command can compute.
+
+Everything that names result files derives from :data:`TABLES`: :data:`NOTEBOOKS` (the notebooks that
+``python -m rcp_lib reproduce`` runs, in the order of their number prefix), the file look-ups of
+:mod:`rcp_lib.report`, the choices of ``python -m rcp_lib table`` and the smoke-run checks of
+``tests/test_notebooks.py``. A notebook writes its table with ``write_rows(rows, P, "<name>")``.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..paths import results_dir, results_root
+from ..profiles import Profile
+
+
+@dataclass(frozen=True)
+class Table:
+    """One result file (or a family of files, when :attr:`file` is a glob pattern).
+
+    Attributes:
+        name: registry key; for a notebook table also the stem given to ``write_rows``.
+        file: file name under ``results/<profile>/`` (or directly under the results root when not
+            :attr:`per_profile`); a glob pattern for a family (``perplexity_qat_*.csv``).
+        notebook: the notebook that writes it, or None when a command does (:attr:`command`).
+        command: how to write it when no notebook does (a CLI call, a benchmark or a script).
+        per_profile: False for files of one machine rather than of a profile (``results/kernel_speed.csv``).
+        smoke: the ``smoke`` run of the notebooks writes it (checked by ``tests/test_notebooks.py``).
+        readme: the README generator (:mod:`rcp_lib.report`) reads it.
+        figures: stems of the figures (``figures/<profile>/<stem>.png`` and ``.pdf``) drawn from it.
+        rows: name of the :mod:`rcp_lib.experiments` function ``f(profile, **kw) -> list[dict]`` that computes it
+            (``python -m rcp_lib table --table <name>``); None when it cannot be computed on its own.
+        families: for perplexity tables, the method families of its rows (``--families`` overrides them).
+        description: one line for humans.
+    """
+
+    name: str
+    file: str
+    notebook: str | None = None
+    command: str | None = None
+    per_profile: bool = True
+    smoke: bool = False
+    readme: bool = False
+    figures: tuple[str, ...] = ()
+    rows: str | None = None
+    families: tuple[str, ...] | None = None
+    description: str = ""
+
+    @property
+    def is_pattern(self) -> bool:
+        """True when :attr:`file` names a family of files (a glob pattern)."""
+        return any(c in self.file for c in "*?[")
+
+    def matches(self, filename: str) -> bool:
+        """True when ``filename`` (a bare file name) is this table's file or one of its family."""
+        return fnmatch.fnmatchcase(filename, self.file)
+
+
+_ALL = ("baseline", "ptq", "qat")
+_TABLES = (
+    Table("quickstart", "quickstart.json", notebook="00_quickstart.ipynb", smoke=True,
+          description="FP -> rotate -> W2A4KV4 -> a few QAT steps on the embedded model, with generations"),
+    Table("rotation_impact_layers", "rotation_impact_layers.csv", notebook="01_rotation_impact.ipynb", smoke=True,
+          description="per layer and projection: kurtosis, max/std and the four 2-bit errors, per rotation"),
+    Table("rotation_impact_summary", "rotation_impact_summary.csv", notebook="01_rotation_impact.ipynb", smoke=True,
+          readme=True, figures=("rotation_impact_summary", "rotation_impact_histograms"),
+          description="means over layers per rotation, with the range and shape gains"),
+    Table("perplexity", "perplexity.csv", notebook="02_perplexity.ipynb", smoke=True, readme=True,
+          figures=("perplexity", "qat_curves"), rows="ppl_table", families=_ALL,
+          description="the main table: FP, PTQ baselines and QAT rows at every setting of the profile"),
+    Table("perplexity_full_split", "perplexity_full_split.csv", notebook="02_perplexity.ipynb", readme=True,
+          rows="full_split_table", description="profile.full_eval_methods scored on the whole test split"),
+    Table("zero_shot", "zero_shot.csv", notebook="03_zero_shot.ipynb", smoke=True, readme=True, figures=("zero_shot",),
+          rows="zero_shot_table", description="zero-shot accuracy (lm-evaluation-harness) of the main rows"),
+    Table("memory", "memory.csv", notebook="04_memory.ipynb", smoke=True, readme=True, figures=("memory",),
+          rows="memory_table", description="footprints of the reference models and the profile's model per scheme"),
+    Table("memory_vs_saved", "memory_vs_saved.csv", notebook="04_memory.ipynb", smoke=True, readme=True,
+          description="memory accountant vs the bytes save_quantized writes (profile's model, W2A4KV4)"),
+    Table("kernel_correctness", "kernel_correctness.csv", notebook="05_kernel_speed.ipynb", smoke=True,
+          rows="kernel_correctness", description="W2A4 GEMV backends vs a float64 product"),
+    Table("kernel_speed", "kernel_speed.csv", command="python benchmarks/bench_kernel.py (CUDA GPU)",
+          per_profile=False, figures=("kernel_speed",), description="W2A4 GEMV speed vs fp16 (notebook 05 plots it)"),
+    Table("perplexity_ptq", "perplexity_ptq.csv", command="python -m rcp_lib table --profile <profile>",
+          rows="ppl_table", families=("baseline", "ptq"), description="the PTQ part of the perplexity table alone"),
+    Table("perplexity_qat", "perplexity_qat_*.csv", readme=True, rows="ppl_table", families=("qat",),
+          command="python -m rcp_lib table --families qat --name perplexity_qat_<steps> --set qat_steps=<steps>",
+          description="QAT rows re-trained with a longer budget"),
+    Table("reproduce_timing", "reproduce_timing.json", command="python -m rcp_lib reproduce --profile <profile>",
+          readme=True, description="wall time of the last full reproduce run, per notebook"),
+    Table("hadamard_speed", "hadamard_speed.json", readme=True,
+          command="python benchmarks/bench_hadamard.py --json results/<profile>/hadamard_speed.json",
+          description="fast Hadamard transform vs the dense product"),
+    Table("qat_step", "qat_step.json", readme=True,
+          command="python benchmarks/bench_qat_step.py --json results/<profile>/qat_step.json",
+          description="one QAT step, fake-quantized student vs FP"),
+    Table("zero_shot_fp_embedded", "zero_shot_fp_embedded.csv", per_profile=False,
+          command="python scripts/zero_shot_fp_embedded.py",
+          description="zero-shot accuracy of the FP embedded model on the full offline tasks"),
+)
+#: every result file, by name
+TABLES: dict[str, Table] = {t.name: t for t in _TABLES}
+#: the notebooks that write tables, in run order (their number prefix)
+NOTEBOOKS: tuple[str, ...] = tuple(sorted({t.notebook for t in _TABLES if t.notebook}))
+
+
+def result_path(name: str, profile: str | Profile | None = None) -> Path:
+    """Path of the result file ``name`` (a concrete file, not a family): ``results/<profile>/<file>``, or
+    ``results/<file>`` for a table that is not per profile (then ``profile`` is ignored)."""
+    t = TABLES[name]
+    if t.is_pattern:
+        raise ValueError(f"table {name!r} is a family of files ({t.file}); list them with result_files")
+    if not t.per_profile:
+        return results_root() / t.file
+    if profile is None:
+        raise ValueError(f"table {name!r} lives under results/<profile>/: pass the profile")
+    return results_dir(profile) / t.file
+
+
+def table_for_file(filename: str) -> Table | None:
+    """The registered table whose file (or family) ``filename`` is, or None."""
+    return next((t for t in _TABLES if t.matches(filename)), None)

@@ -1,0 +1,115 @@
+"""Cache keys, the row cache and result files.
+
+Every cached object is named ``<kind>-<config_hash(key)>`` (:func:`cache_name`), where the key holds everything that
+determines it plus the code fingerprint (:func:`rcp_lib.io.code_fingerprint`), so a code or config change
+recomputes it: result rows as JSON under ``cache_dir()/rows/`` (:func:`_cached`), trained QAT students under
+``cache_dir()/qat/<hash>/`` (:func:`_qat_key`) and frozen PTQ weights under ``cache_dir()/ptq/`` (:func:`ptq_key`).
+Finished tables go to ``results/<profile>/<name>.csv`` (:func:`write_rows`).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Callable
+
+from ..io import atomic_write_csv, atomic_write_json, config_hash, require_clean_tree
+from ..models import cache_dir
+from ..paths import results_dir
+from ..profiles import Profile
+from .methods import Method, qat_config
+
+
+def _code() -> str:
+    """The code fingerprint that every cache key carries (a code or config change invalidates the caches)."""
+    from ..io import code_fingerprint  # looked up at call time (the tests replace it)
+
+    return code_fingerprint()
+
+
+def cache_name(kind: str, key: dict) -> str:
+    """File stem of a cached object: ``<kind>-<16 hex digits of config_hash(key)>``."""
+    return f"{kind}-{config_hash(key)}"
+
+
+def _row_key(method: Method, profile: Profile) -> dict:
+    """What determines a result row of ``method``: the method, the profile fields that change its number (not
+    names, device, table selections or, for non-QAT rows, the QAT budget) and the code."""
+    p = profile.to_dict()
+    for k in ("name", "analysis_layers", "analysis_rotations", "zero_shot_tasks", "zero_shot_limit", "settings", "device",
+              "methods", "full_eval_methods"):
+        p.pop(k, None)
+    if not method.qat:
+        for k in list(p):
+            if k.startswith("qat_"):
+                p.pop(k)
+    return {"method": method.to_dict(), "profile": p, "code": _code()}
+
+
+def _qat_key(method: Method, profile: Profile) -> str:
+    """Cache key of a trained student: what determines the weights (not the evaluation settings)."""
+    return config_hash({"method": method.to_dict(), "model": profile.model, "corpus": profile.corpus,
+                        "w_group_size": profile.w_group_size, "qat": qat_config(profile).to_dict(),
+                        "code": _code(), "kind": "qat-student"})
+
+
+def ptq_key(method: Method, profile: Profile) -> dict:
+    """What determines a PTQ row's quantized weights: the rotation, the weight quantizer and, for GPTQ, the
+    calibration data. Not the activation / KV bits: RTN never sees activations, and GPTQ collects its Hessians and
+    propagates block outputs with 16-bit activations and KV cache (QuaRot's protocol, ``gptq_model``'s default), so
+    e.g. QuaRot-GPTQ at W2A4KV4 and at W2A16KV16 share one set of codes (a test checks this)."""
+    rot = method.rotation_config(profile)
+    qcfg = method.quant_config(profile)
+    key = {"kind": f"ptq-{method.ptq}", "model": profile.model, "rotation": rot.to_dict() if rot else None,
+           "weights": qcfg.weight_config().to_dict() if qcfg and qcfg.weight_config() else None, "code": _code()}
+    if method.ptq == "gptq":
+        key.update({"corpus": profile.corpus, "calib_windows": profile.calib_windows,
+                    "calib_seqlen": profile.calib_seqlen, "seed": profile.seed, "gptq_activations": "16-bit"})
+    return key
+
+
+def _cache_label(key: dict) -> str:
+    """Short human label of a cache key for the hit/miss log (``"RCP W2A4KV4"``, ``"rotation gsr"``)."""
+    m = key.get("method")
+    if isinstance(m, dict):
+        return f"{m.get('name', '?')} {m.get('setting', '')}".strip()
+    return " ".join(str(key[k]) for k in ("kind", "rotation") if k in key) or "?"
+
+
+def _log_cache(hit: bool, name: str, label: str) -> None:
+    """One stderr line per cache look-up: ``[rcp_lib cache] hit ppl-<hash> (RCP W2A4KV4)``."""
+    print(f"[rcp_lib cache] {'hit' if hit else 'miss'} {name} ({label})" + ("" if hit else " computing"),
+          file=sys.stderr, flush=True)
+
+
+def _cached(kind: str, key: dict, compute: Callable[[], dict]) -> dict:
+    """Row cache: ``cache_dir()/rows/<kind>-<hash of key>.json``; ``compute()`` runs on a miss."""
+    name = cache_name(kind, key)
+    path = cache_dir() / "rows" / f"{name}.json"
+    if path.exists():
+        _log_cache(True, name, _cache_label(key))
+        return json.loads(path.read_text())
+    _log_cache(False, name, _cache_label(key))
+    row = compute()
+    atomic_write_json(row, path)
+    return row
+
+
+def method_config(method: Method, profile: Profile) -> dict:
+    """The full recipe of a row as stored with it: rotation, quantization, PTQ algorithm and QAT config."""
+    q = method.quant_config(profile)
+    r = method.rotation_config(profile)
+    return {"method": method.name, "setting": method.setting, "family": method.family,
+            "rotation": r.to_dict() if r else None, "quant": q.to_dict() if q else None,
+            "ptq": method.ptq, "qat": qat_config(profile).to_dict() if method.qat else None}
+
+
+def write_rows(rows: list[dict], profile: Profile, name: str) -> Path:
+    """Write result rows atomically to ``results/<profile>/<name>.csv`` (see :mod:`rcp_lib.paths`).
+
+    Raises :class:`rcp_lib.io.DirtyTreeError` when code or configs have uncommitted changes, unless dirty runs
+    are allowed (``--allow-dirty`` / ``RCP_ALLOW_DIRTY=1``).
+    """
+    require_clean_tree()
+    return atomic_write_csv(rows, results_dir(profile) / f"{name}.csv")

@@ -1,0 +1,111 @@
+"""Perplexity and zero-shot tables: one cached, provenance-carrying row per method (notebooks 02 and 03)."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import replace
+
+from ..evaluation import perplexity_details
+from ..io import provenance
+from ..models import describe
+from ..profiles import Profile
+from .build import base_model, build, qat_history, tokens
+from .methods import Method, all_methods
+from .rows import _cached, _row_key, method_config
+
+
+def _window_note(idx: list[int], n_total: int) -> str:
+    """Compact description of the scored windows, e.g. ``"32 of 235 evenly spread: floor(i*235/32)"``."""
+    if idx == list(range(n_total)):
+        return f"all {n_total}"
+    if idx == list(range(len(idx))):
+        return f"first {len(idx)} of {n_total}"
+    return f"{len(idx)} of {n_total} evenly spread: floor(i*{n_total}/{len(idx)})"
+
+
+def ppl_row(method: Method, profile: Profile, progress: bool = True) -> dict:
+    """Perplexity row for a method (cached). Records which windows of the test split were scored."""
+
+    def compute():
+        t0 = time.time()
+        model = build(method, profile, progress=progress)
+        build_s = time.time() - t0
+        test = tokens(profile, "test")
+        r = perplexity_details(model, test, seqlen=profile.seqlen, max_windows=profile.eval_windows,
+                               progress=progress, spread=profile.eval_spread)
+        rot = method.rotation_config(profile)
+        return {"method": method.name, "setting": method.setting, "family": method.family, "ppl": r.ppl,
+                "model": profile.model, "model_note": describe(profile.model), "corpus": profile.corpus,
+                "split": "test", "seqlen": profile.seqlen, "windows": r.windows, "tokens_scored": r.tokens_scored,
+                "windows_note": _window_note(r.window_indices, test.numel() // profile.seqlen),
+                "window_indices": r.window_indices,
+                "seed": profile.seed, "rotation_seed": rot.seed if rot is not None else None,
+                "r1_block": rot.r1_block if rot is not None else None,
+                "build_seconds": round(build_s, 1), "eval_seconds": round(r.seconds, 1),
+                "config": method_config(method, profile), **provenance()}
+
+    return _cached("ppl", _row_key(method, profile), compute)
+
+
+def ppl_table(profile: Profile, progress: bool = True, families: tuple[str, ...] = ("baseline", "ptq", "qat")) -> list[dict]:
+    """Perplexity rows: FP, the PTQ baselines and the QAT rows for every setting of the profile.
+
+    ``families`` selects a part of the table (e.g. ``("baseline", "ptq")`` for the PTQ table alone).
+    """
+    from tqdm.auto import tqdm
+
+    methods = [m for m in all_methods(profile) if m.family in families]
+    rows = []
+    for m in tqdm(methods, desc="methods", unit="row", disable=not progress):
+        rows.append(ppl_row(m, profile, progress=progress))
+    return rows
+
+
+def full_split_table(profile: Profile, progress: bool = True) -> list[dict]:
+    """Rows of ``profile.full_eval_methods`` (first setting) scored on every window of the test split (cached).
+
+    The same trained / calibrated models as the main table (their caches are shared); only the evaluation differs.
+    """
+    full = replace(profile, eval_windows=None)
+    keep = set(profile.full_eval_methods)
+    s = profile.settings[0]
+    return [ppl_row(m, full, progress=progress) for m in all_methods(profile)
+            if m.name in keep and m.setting in (s, "FP")]
+
+
+def qat_curves(profile: Profile) -> dict[str, list[dict]]:
+    """Training histories of the QAT rows (``"RCP W2A4KV4"`` -> list of {step, loss, ...})."""
+    return {f"{m.name} {m.setting}": qat_history(m, profile) for m in all_methods(profile) if m.qat}
+
+
+def zero_shot_methods(profile: Profile) -> list[Method]:
+    """The rows of the zero-shot table: FP, the PTQ baselines and RCP / RCP+GSR at the first setting."""
+    s = profile.settings[0]
+    keep = {"FP", "RTN", "QuaRot-RTN", "QuaRot-GPTQ", "GSR-GPTQ", "RCP", "RCP+GSR"}
+    return [m for m in all_methods(profile) if m.name in keep and m.setting in (s, "FP")]
+
+
+def zero_shot_table(profile: Profile, progress: bool = True) -> list[dict]:
+    """Zero-shot rows (lm-evaluation-harness) for :func:`zero_shot_methods` (cached per method)."""
+    from ..evaluation.zero_shot import zero_shot
+
+    rows: list[dict] = []
+    for m in zero_shot_methods(profile):
+        key = {**_row_key(m, profile), "tasks": profile.zero_shot_tasks, "limit": profile.zero_shot_limit}
+
+        def compute(m=m):
+            model = build(m, profile, progress=progress)
+            df = zero_shot(model, base_model(profile)[1], tasks=profile.zero_shot_tasks,
+                           limit=profile.zero_shot_limit, config=method_config(m, profile), seed=profile.seed)
+            recs = df.to_dict("records")
+            prov = provenance()
+            return {"rows": [{"method": m.name, "setting": m.setting, "model": profile.model, **r, **prov} for r in recs]}
+
+        rows += _cached("zeroshot", key, compute)["rows"]
+    return rows
+
+
+def chance_level(task: str) -> float | None:
+    """Random-guess accuracy of a multiple-choice task (None for generation/loglikelihood tasks)."""
+    return {"wiki_nextsent": 0.25, "arc_easy": 0.25, "arc_challenge": 0.25, "hellaswag": 0.25, "piqa": 0.5,
+            "winogrande": 0.5, "boolq": 0.5}.get(task)
