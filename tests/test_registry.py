@@ -3,6 +3,8 @@
 import ast
 import json
 import os
+import subprocess
+import sys
 
 import pytest
 
@@ -87,3 +89,30 @@ def test_no_default_output_root_outside_a_checkout(monkeypatch, tmp_path):
     assert not paths.is_under_results(tmp_path / "results" / "x.csv")
     monkeypatch.setenv(paths.RESULTS_ENV, str(tmp_path / "out"))
     assert paths.results_dir("cpu") == tmp_path / "out" / "cpu"
+
+
+def test_setup_does_what_the_first_cell_did(monkeypatch, tmp_path, capsys):
+    import matplotlib
+    import torch
+
+    from rcp_lib import experiments as X
+
+    monkeypatch.setenv(paths.FIGURES_ENV, str(tmp_path))
+    P, fig = X.setup("smoke", {"seed": 5, "qat_steps": 3})
+    assert (P.name, P.seed, P.qat_steps) == ("smoke", 5, 3)
+    assert fig == tmp_path / "smoke" and fig.is_dir()
+    assert torch.initial_seed() == 5 and matplotlib.get_backend().lower() == "agg"
+    assert os.environ["HF_HUB_OFFLINE"] and os.environ["HF_DATASETS_OFFLINE"]
+    assert "name='smoke'" in capsys.readouterr().out
+    assert X.setup("smoke", None, show=False)[0].seed == 0 and capsys.readouterr().out == ""
+
+
+def test_importing_experiments_leaves_the_hub_unimported():
+    """setup() sets the offline defaults before any Hugging Face library reads them: importing the package must
+    not import them already."""
+    code = ("import sys, rcp_lib.experiments; "
+            "print([m for m in ('huggingface_hub', 'transformers', 'datasets', 'matplotlib.pyplot') if m in sys.modules])")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "PYTHONPATH": str(paths.REPO_ROOT)})
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.strip() == "[]"

@@ -13,7 +13,8 @@ One module per concern:
 * :mod:`~rcp_lib.experiments.rows`: cache keys, the row cache and :func:`write_rows`;
 * :mod:`~rcp_lib.experiments.tables` (perplexity, zero-shot), :mod:`~rcp_lib.experiments.rotation`,
   :mod:`~rcp_lib.experiments.footprints` (memory), :mod:`~rcp_lib.experiments.kernel`: the tables of the notebooks;
-* :mod:`~rcp_lib.experiments.registry`: :data:`TABLES`, the one list of result files.
+* :mod:`~rcp_lib.experiments.registry`: :data:`TABLES`, the one list of result files;
+* :mod:`~rcp_lib.experiments.notebook`: :func:`setup`, the first cell of every notebook.
 
 Rows are cached as JSON under ``cache_dir()/rows/<kind>-<hash>.json`` (outside the repo) keyed by the hash of
 everything that determines them plus a fingerprint of the code (:func:`rcp_lib.io.code_fingerprint`), so re-running
@@ -37,6 +38,7 @@ from .methods import (
     qat_config,
     qat_methods,
 )
+from .notebook import setup
 from .registry import NOTEBOOKS, TABLES, Table, result_path
 from .rotation import _parse_rotation, _rotation_setting, rotation_analysis, rotation_example, summarize_rotation
 from .rows import _cached, _qat_key, _row_key, method_config, ptq_key, write_rows
@@ -55,6 +57,6 @@ __all__ = [
     "Table", "all_methods", "base_model", "build", "calibration", "chance_level", "figures_dir", "full_split_table",
     "kernel_correctness", "kernel_speed_table", "kv_curve", "memory_table", "memory_vs_saved", "method_config",
     "ppl_row", "ppl_table", "ptq_key", "ptq_methods", "qat_config", "qat_curves", "qat_history", "qat_methods",
-    "result_path", "results_dir", "rotation_analysis", "rotation_example", "summarize_rotation", "tokens",
+    "result_path", "results_dir", "rotation_analysis", "rotation_example", "setup", "summarize_rotation", "tokens",
     "write_rows", "zero_shot_methods", "zero_shot_table",
 ]
