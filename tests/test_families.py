@@ -225,3 +225,22 @@ def test_packed_round_trip(family, label, tmp_path):
     loaded, _ = load_quantized(tmp_path / "q")
     assert type(loaded).__name__ == F.family_of(family).causal_lm_class
     assert _max_rel(ref, _logits(loaded, ids)) < 1e-5
+
+
+@pytest.mark.parametrize("family", F.SUPPORTED)
+def test_memory_accountant_matches_packed_bytes(family, tmp_path):
+    """The accountant's weight bytes equal the packed file's tensor bytes, Qwen2's q/k/v biases included."""
+    from dataclasses import replace
+
+    from rcp_lib.memory import W2A4KV4, footprint
+    from rcp_lib.packing import packed_model_bytes, save_quantized
+
+    model = _tiny(family)
+    d = M.dims(model)
+    group = math.gcd(d.hidden, d.intermediate, d.n_heads * d.head_dim)
+    quantize_model(model, preset("W2A4KV4", w_group_size=group, w_method="rtn", w_lwc=False))
+    save_quantized(model, tmp_path / "q")
+    f = footprint(model.config, replace(W2A4KV4, group_size=group, kv_group_size=d.head_dim))
+    assert packed_model_bytes(tmp_path / "q")["total"] == f.weights
+    qkv = (d.n_heads + 2 * d.n_kv_heads) * d.head_dim * d.n_layers * 2  # fp16
+    assert f.per_kind["biases"] == (qkv if F.family_of(family).qkv_bias else 0)
