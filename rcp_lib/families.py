@@ -20,7 +20,9 @@ function). What differs between the families, and therefore lives here and only 
   family's specifics (e.g. the small sliding window).
 
 Adding a family with the LLaMA block layout: one :class:`Family` entry in :data:`FAMILIES`;
-``tests/test_families.py`` runs every registered family through rotation invariance and a W2A4KV4 forward.
+``tests/test_families.py`` runs every registered family through rotation invariance, KV-cache generation, a
+W2A4KV4 forward, the packed round trip and the memory accountant. (A family with another block layout, e.g. a
+fused qkv projection, would also need :mod:`rcp_lib.models` to read its layout from the family.)
 """
 
 from __future__ import annotations

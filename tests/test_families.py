@@ -1,6 +1,7 @@
 """Every registered model family (rcp_lib.families) on a tiny random model: exact rotation invariance (R1-R4,
-sdpa and eager, a sliding window that acts, Qwen2's q/k/v biases), a W2A4KV4 forward, and the one error for an
-unsupported family. Also the Hadamard order 148 (Qwen2.5-7B's MLP width 18944 = 148 · 128).
+sdpa and eager, a sliding window that acts, Qwen2's q/k/v biases), greedy generation through the KV cache, a
+W2A4KV4 forward, the packed save/load round trip, the memory accountant against the packed bytes, and the one
+error for an unsupported family. Also the Hadamard order 148 (Qwen2.5-7B's MLP width 18944 = 148 · 128).
 
 A new family registered in rcp_lib/families.py is picked up by the parametrized tests below; give it a SIZES entry
 if the default sizes do not fit it.
