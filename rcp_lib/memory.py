@@ -15,7 +15,9 @@ What is counted
   inputs of a row (``ceil(K / group_size)`` groups per row):
   ``lut_levels=True`` (non-uniform, RCP's LDP): ``2**w_bits`` fp16 levels per group;
   ``lut_levels=False`` (uniform): one fp16 scale + one fp16 zero point per group.
-  Biases (only when ``attention_bias`` / ``mlp_bias`` are set in the config) stay fp16.
+  Biases stay fp16: q/k/v/o when ``attention_bias`` is set in the config, q/k/v when the config's ``model_type``
+  is a family with fixed q/k/v biases (Qwen2, :attr:`rcp_lib.families.Family.qkv_bias`), gate/up/down when
+  ``mlp_bias`` is set.
 * ``embed`` (``[vocab, h]``), ``lm_head`` (``[vocab, h]``, 0 bytes when ``tie_word_embeddings``: shared with
   the embedding) and ``norms`` (two RMSNorm vectors per layer + the final one, ``(2L + 1) * h``) are fp16 when
   listed in ``Scheme.keep_fp16``; embed/lm_head not listed there are quantized like the block linears
@@ -40,6 +42,8 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Mapping
+
+from .families import FAMILIES
 
 __all__ = [
     "Scheme",
@@ -116,6 +120,7 @@ def model_dims(config: Any) -> dict[str, Any]:
     """The dimensions the accountant uses, with defaults filled in (ints; ``tie`` bool)."""
     h = int(_get(config, "hidden_size"))
     heads = int(_get(config, "num_attention_heads"))
+    family = FAMILIES.get(_get(config, "model_type"))
     return {
         "hidden": h,
         "intermediate": int(_get(config, "intermediate_size")),
@@ -125,7 +130,8 @@ def model_dims(config: Any) -> dict[str, Any]:
         "head_dim": int(_get(config, "head_dim", h // heads)),
         "vocab": int(_get(config, "vocab_size")),
         "tie": bool(_get(config, "tie_word_embeddings", False)),
-        "attention_bias": bool(_get(config, "attention_bias", False)),
+        "attention_bias": bool(_get(config, "attention_bias", False)),  # LLaMA's option: q, k, v and o
+        "qkv_bias": bool(family is not None and family.qkv_bias),  # the family's fixed q/k/v biases (Qwen2)
         "mlp_bias": bool(_get(config, "mlp_bias", False)),
     }
 
@@ -215,6 +221,8 @@ def _weights(config: Any, scheme: Scheme) -> tuple[dict[str, int], int, int]:
     bias = 0
     if d["attention_bias"]:
         bias += sum(shapes[k][0] for k in ("attn_q", "attn_k", "attn_v", "attn_o"))
+    elif d["qkv_bias"]:
+        bias += sum(shapes[k][0] for k in ("attn_q", "attn_k", "attn_v"))
     if d["mlp_bias"]:
         bias += sum(shapes[k][0] for k in ("mlp_gate", "mlp_up", "mlp_down"))
     per_kind["biases"] = bias * L * FP16_BYTES

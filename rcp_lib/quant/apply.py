@@ -1,4 +1,4 @@
-"""``quantize_model``: the one surgery layer that inserts quantizers into a (rotated) LLaMA-family model.
+"""``quantize_model``: the one surgery layer that inserts quantizers into a (rotated) model of a registered family.
 
 * every projection inside the decoder blocks becomes a :class:`~rcp_lib.quant.linear.QuantLinear`
   (weight fake-quant with RTN / LWC / LDP, input per-token activation fake-quant); an online rotation that
@@ -142,7 +142,7 @@ def quantize_model(model: nn.Module, config: QuantConfig | None = None) -> nn.Mo
 
     Raises:
         ValueError: bits out of range, a group size that does not divide a layer (named), NaN weights.
-        UnsupportedModelError: not a LLaMA-family model, or already quantized.
+        UnsupportedModelError: not a registered family (the message names them), or already quantized.
     """
     cfg = config or QuantConfig()
     cfg.validate()

@@ -1,4 +1,5 @@
-"""Fusing rotations into a LLaMA-family model (QuaRot / SpinQuant R1-R4; GSR for R1).
+"""Fusing rotations into a model of a registered family (:mod:`rcp_lib.families`: llama, mistral, qwen2)
+(QuaRot / SpinQuant R1-R4; GSR for R1).
 
 Row-vector convention (``nn.Linear``: ``y = x Wᵀ``, ``W`` is ``[out, in]``). For an orthogonal ``R``:
 
@@ -12,8 +13,9 @@ Row-vector convention (``nn.Linear``: ``y = x Wᵀ``, ``W`` is ``[out, in]``). F
    RMSNorm without weight commutes with any orthogonal ``R`` because it preserves the RMS;
 3. R1 on the residual stream: ``E -> E R1``; q/k/v/gate/up/lm_head inputs ``W -> W R1``; o_proj/down_proj
    outputs ``W -> R1ᵀ W``;
-4. R2 per attention head (``head_dim x head_dim``) on the v_proj output and the o_proj input, for any
-   head count and GQA (every KV head and every query head uses the same R2);
+4. R2 per attention head (``head_dim x head_dim``) on the v_proj output (weight and, for Qwen2, bias) and the
+   o_proj input, for any head count and GQA (every KV head and every query head uses the same R2); the q/k/v
+   biases are on the output side, so norm folding and R1 (input side) leave them unchanged;
 5. R3: an online Hadamard on queries and keys after RoPE (``q kᵀ`` unchanged), through the ``rcp_*``
    attention functions of :mod:`rcp_lib.rotation.online`;
 6. R4: an online Hadamard on the down_proj input, its transpose fused into down_proj (``W -> W H4``).
@@ -184,7 +186,7 @@ def rotate_model(model: nn.Module, config: RotationConfig | None = None) -> nn.M
     Validates everything first: on error the model is unchanged.
 
     Raises:
-        UnsupportedModelError: not a LLaMA-family model, or already rotated.
+        UnsupportedModelError: not a registered family (the message names them), or already rotated.
         ValueError: unknown kind, or a size/block that cannot be built.
     """
     config = config or RotationConfig()

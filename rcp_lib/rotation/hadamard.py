@@ -8,7 +8,7 @@ Constructions (all built here from their definitions, checked by ``H Hᵀ = n I`
   (12, 20, 44, 60, 108, 140).
 * Paley II: for ``q ≡ 1 (mod 4)``, the symmetric conference matrix ``C = [[0, 1ᵀ], [1, Q]]`` gives
   ``H = C ⊗ [[1, 1], [1, -1]] + I ⊗ [[1, -1], [-1, -1]]`` of order ``2(q + 1)`` (28 from q = 13, 36 from
-  q = 17, 52 from GF(25)).
+  q = 17, 52 from GF(25), 148 from q = 73: 18944 = 148 · 128 is Qwen2.5-7B's MLP width).
 * Sylvester doubling of a base: 40 = 2 · 20.
 * Williamson: order ``4m`` from four symmetric circulant ±1 matrices ``A, B, C, D`` of order m with
   ``A² + B² + C² + D² = 4m I`` in the array ``[[A, B, C, D], [-B, A, -D, C], [-C, D, A, -B], [-D, -C, B, A]]``:
@@ -160,7 +160,7 @@ def _base_constructions() -> dict[int, callable]:
     c: dict[int, callable] = {}
     for q in (11, 19, 43, 59, 107, 139):  # Paley I, q ≡ 3 mod 4
         c[q + 1] = functools.partial(_paley1, q)
-    for q in (13, 17, 25):  # Paley II, q ≡ 1 mod 4
+    for q in (13, 17, 25, 73):  # Paley II, q ≡ 1 mod 4
         c[2 * (q + 1)] = functools.partial(_paley2, q)
     c[40] = lambda: torch.kron(_sylvester(2), _paley1(19))
     for m in WILLIAMSON:
@@ -168,7 +168,8 @@ def _base_constructions() -> dict[int, callable]:
     return c
 
 
-BASE_ORDERS = (12, 20, 28, 36, 40, 44, 52, 60, 108, 140, 156, 172)
+BASE_ORDERS: tuple[int, ...] = tuple(sorted(_base_constructions()))
+"""The non-power-of-two base orders ``b`` built here; order ``n`` is available when ``n = b · 2^k`` or ``n = 2^k``."""
 
 
 def _decompose(n: int) -> tuple[int, int]:

@@ -6,12 +6,16 @@
   the same parameters and state-dict keys, so saving/loading and quantizer surgery see an ordinary layer.
 * The attention functions ``"rcp_sdpa"`` / ``"rcp_eager"`` registered with transformers'
   ``AttentionInterface`` (a documented extension point; nothing of transformers is monkeypatched). They
-  receive post-RoPE queries and the cache-updated keys/values from ``LlamaAttention.forward``, apply the
-  attention module's optional ``rcp_qk_rotation`` (R3) to queries and keys, then its optional
-  ``rcp_kv_quantizer`` (KV4 fake quantization) to keys and values, and delegate to sdpa / eager.
-  Because both are deterministic per token and head, rotating+quantizing cached keys at use is the same as
-  caching rotated, quantized keys, so generation with a KV cache keeps working.
-  Pinned against transformers 5.23 (LlamaAttention passes ``(module, q, k, v, mask, dropout=, scaling=)``).
+  receive post-RoPE queries and the cache-updated keys/values from the attention module's forward
+  (``LlamaAttention`` / ``MistralAttention`` / ``Qwen2Attention``), apply the attention module's optional
+  ``rcp_qk_rotation`` (R3) to queries and keys, then its optional ``rcp_kv_quantizer`` (KV4 fake quantization)
+  to keys and values, and delegate to transformers' sdpa function or to the eager function of the module's own
+  family (:meth:`rcp_lib.families.Family.eager_attention`). The same mask functions as sdpa / eager are
+  registered for the two names, so a sliding window (Mistral, Qwen2) is applied through the mask exactly as
+  without them. Because rotation and quantization are deterministic per token and head, rotating+quantizing
+  cached keys at use is the same as caching rotated, quantized keys, so generation with a KV cache keeps working.
+  Pinned against transformers 5.23 (the attention modules pass ``(module, q, k, v, mask, dropout=, scaling=,
+  [sliding_window=])``).
 """
 
 from __future__ import annotations
@@ -92,9 +96,9 @@ def _rcp_attention(base: str):
             from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
             return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
-        from transformers.models.llama.modeling_llama import eager_attention_forward
+        from ..families import family_of
 
-        return eager_attention_forward(module, query, key, value, attention_mask, **kwargs)
+        return family_of(module).eager_attention()(module, query, key, value, attention_mask, **kwargs)
 
     fn.__name__ = f"rcp_{base}_attention"
     return fn
