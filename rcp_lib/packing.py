@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import models as M
-from .kernels import dequantize, pack_codes, w2a4_gemv
+from .kernels import SUPPORTED_BITS, dequantize, pack_codes, w2a4_gemv
 from .quant.activations import quantize_per_token
 from .quant.linear import QuantLinear
 from .rotation.online import InputRotatedLinear, OnlineHadamard, use_rcp_attention
@@ -180,7 +180,8 @@ class PackedLinear(nn.Module):
         bias, activation quantizer settings and input transform (shared, not copied).
 
         Raises:
-            ValueError: ``q`` has no weight quantizer. NotImplementedError: a level count other than 2, 4, 16, 256.
+            ValueError: ``q`` has no weight quantizer. NotImplementedError: levels not ``2**bits`` for ``bits`` in
+                :data:`rcp_lib.kernels.bitpack.SUPPORTED_BITS`.
         """
         if q.weight_quantizer is None:
             raise ValueError(f"{name}: a QuantLinear without weight quantizer has nothing to pack")
@@ -188,8 +189,8 @@ class PackedLinear(nn.Module):
         K = codes.shape[1]
         L = levels.shape[-1]
         bits = int(round(math.log2(L)))
-        if bits not in (1, 2, 4, 8) or 2**bits != L:
-            raise NotImplementedError(f"{name}: {L} levels ({bits} bits) cannot be packed; supported: 1, 2, 4, 8 bits")
+        if bits not in SUPPORTED_BITS or 2**bits != L:
+            raise NotImplementedError(f"{name}: {L} levels ({bits} bits) cannot be packed; supported bits: {SUPPORTED_BITS}")
         bias = None if q.bias is None else q.bias.detach().clone()
         return cls(pack_codes(codes, bits), levels.to(lut_dtype).contiguous(), K, K // levels.shape[1], bits, bias,
                    q.act_bits, q.act_clip_ratio, q.input_transform, backend)
