@@ -6,7 +6,7 @@ For the linear shapes of LLaMA-2-7B (4096x4096, 11008x4096, 4096x11008) and LLaM
 
 * ``fp16_cublas``: ``x @ W.T`` with fp16 ``x [B, K]`` and ``W [N, K]`` (torch -> cuBLAS);
 * ``triton_w2a4``: the Triton kernel on pre-quantized A4 codes (packed 2-bit weights + fp16 LUT, G=128);
-* ``triton_w2a4+actquant``: per-token A4 quantization of ``x`` (torch ops) + the kernel;
+* ``triton_w2a4+actquant``: per-token A4 quantization of ``x`` (``quantize_per_token``, torch ops) + the kernel;
 * ``triton_w2a4_tuned``: best of a few block configurations for the kernel (``--tune``, on by default);
 * ``dequant_matmul``: unpack + LUT-dequantize the weight to fp16 with torch ops, then cuBLAS.
 
@@ -88,8 +88,9 @@ def measure(
     import triton
 
     from rcp_lib.io import provenance
-    from rcp_lib.kernels import dequantize, pack_codes, quantize_activation_a4, w2a4_gemv_reference
-    from rcp_lib.kernels.w2a4_gemv import _default_blocks, w2a4_gemv_triton
+    from rcp_lib.kernels import dequantize, pack_codes, w2a4_gemv_reference
+    from rcp_lib.kernels.triton_gemv import _default_blocks, w2a4_gemv_triton
+    from rcp_lib.quant.activations import quantize_per_token
 
     # device-to-device copy bandwidth (read + write)
     nbytes = copy_mib * 2**20
@@ -121,7 +122,7 @@ def measure(
         del codes
         for B in batches:
             x = torch.randn(B, K, device=dev, dtype=torch.float16, generator=gen)
-            xc, xs, xz = quantize_activation_a4(x)
+            xc, xs, xz = quantize_per_token(x, 4)
             ref = w2a4_gemv_reference(xc, xs, xz, packed, lut, K, G)
             y = w2a4_gemv_triton(xc, xs, xz, packed, lut, K, G)
             rel = float((y - ref).norm() / ref.norm())
@@ -139,7 +140,7 @@ def measure(
             results.append(("triton_w2a4", bench(lambda: w2a4_gemv_triton(xc, xs, xz, packed, lut, K, G)), w2_bytes, default_cfg))
 
             def with_actquant():
-                c, s, z = quantize_activation_a4(x)
+                c, s, z = quantize_per_token(x, 4)
                 return w2a4_gemv_triton(c, s, z, packed, lut, K, G)
 
             results.append(("triton_w2a4+actquant", bench(with_actquant), w2_bytes, default_cfg))
@@ -193,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     from rcp_lib.io import atomic_write_csv
-    from rcp_lib.kernels.w2a4_gemv import interpret_mode
+    from rcp_lib.kernels.triton_gemv import interpret_mode
 
     if interpret_mode():
         print("bench_kernel: TRITON_INTERPRET is set; unset it to time the compiled kernel", file=sys.stderr)

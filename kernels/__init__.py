@@ -1,65 +1,49 @@
-"""rcp_lib.kernels: packed non-uniform low-bit weights and the W2A4 GEMV op (Triton kernel + torch reference).
+"""rcp_lib.kernels (the top-level ``kernels/`` folder): packed non-uniform low-bit weights and the W2A4 GEMV op.
 
-Importing this package needs neither a GPU nor triton. When triton is installed, the kernel module
-:mod:`rcp_lib.kernels.w2a4_gemv` is imported here (cheap: the kernel itself is JIT-decorated at first launch,
-so ``TRITON_INTERPRET`` may still be set afterwards); it is imported *before* the dispatcher function
-``w2a4_gemv`` is bound, so the package attribute ``w2a4_gemv`` is the function, not the same-named submodule.
-Without triton, everything but ``w2a4_gemv_triton`` works (the dispatcher falls back to the torch reference).
+* :mod:`.bitpack`: bit-packing of weight codes (``pack_codes`` / ``unpack_codes``) and LUT dequantization;
+* :mod:`.reference`: the pure-torch reference of the op;
+* :mod:`.triton_gemv`: the Triton kernel (needs triton; imported on first use);
+* :mod:`.op`: the op registered with ``torch.library`` as ``torch.ops.rcp.w2a4_gemv`` (reference by default,
+  Triton on CUDA) and :func:`w2a4_gemv`, which calls it or a forced backend.
+
+The activation operands come from :func:`rcp_lib.quant.activations.quantize_per_token`, the integer form of the
+activation fake quantizer; the deployed layer is :class:`rcp_lib.packing.PackedLinear`. Importing this package
+needs neither a GPU nor triton (without triton, everything but ``w2a4_gemv_triton`` works).
+
+The folder is installed as ``rcp_lib.kernels`` (setuptools ``package-dir``). With the repository root on
+``sys.path`` (``PYTHONPATH=.``, or ``python -m`` run from the root) it is also importable as a top-level ``kernels``,
+and transformers does import it under that name when it probes for the unrelated Hugging Face ``kernels`` package.
+Under any name but ``rcp_lib.kernels`` this module therefore stays empty: the op is registered once, and the
+submodules' relative imports of ``rcp_lib`` resolve.
 """
 
 from __future__ import annotations
 
-import importlib.util as _ilu
+__all__: list[str] = []
 
-_TRITON_IMPORT_ERROR: Exception | None = None
-if _ilu.find_spec("triton") is not None:
-    try:
-        from . import w2a4_gemv as _w2a4_gemv_module  # noqa: F401  (must precede the function import below)
-        from .w2a4_gemv import w2a4_gemv_triton
-    except Exception as e:  # a broken triton install must not break the torch path
-        _TRITON_IMPORT_ERROR = e
+if __name__ == "rcp_lib.kernels":
+    from .bitpack import SUPPORTED_BITS, codes_per_word, dequantize, pack_codes, packed_words, unpack_codes
+    from .op import triton_available, w2a4_gemv
+    from .reference import w2a4_gemv_reference
 
-from .packing import (
-    SUPPORTED_BITS,
-    codes_per_word,
-    dequantize,
-    nearest_level_codes,
-    pack_codes,
-    packed_words,
-    uniform_levels,
-    unpack_codes,
-)
-from .reference import (
-    QuantizedLinearW2A4,
-    dequantize_activation,
-    quantize_activation,
-    quantize_activation_a4,
-    triton_available,
-    w2a4_gemv,
-    w2a4_gemv_reference,
-)
+    __all__ = [
+        "SUPPORTED_BITS",
+        "codes_per_word",
+        "packed_words",
+        "pack_codes",
+        "unpack_codes",
+        "dequantize",
+        "w2a4_gemv_reference",
+        "w2a4_gemv",
+        "w2a4_gemv_triton",
+        "triton_available",
+    ]
 
-__all__ = [
-    "SUPPORTED_BITS",
-    "codes_per_word",
-    "packed_words",
-    "pack_codes",
-    "unpack_codes",
-    "dequantize",
-    "nearest_level_codes",
-    "uniform_levels",
-    "quantize_activation",
-    "quantize_activation_a4",
-    "dequantize_activation",
-    "w2a4_gemv_reference",
-    "w2a4_gemv",
-    "w2a4_gemv_triton",
-    "triton_available",
-    "QuantizedLinearW2A4",
-]
-
-
-def __getattr__(name: str):
-    if name == "w2a4_gemv_triton":
-        raise ImportError(f"w2a4_gemv_triton needs triton ({_TRITON_IMPORT_ERROR or 'not installed'})")
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    def __getattr__(name: str):
+        if name == "w2a4_gemv_triton":  # imported on first use: importing triton is not free
+            try:
+                from .triton_gemv import w2a4_gemv_triton
+            except Exception as e:  # not installed, or a broken install: the torch path keeps working
+                raise ImportError(f"w2a4_gemv_triton needs triton ({e})") from e
+            return w2a4_gemv_triton
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

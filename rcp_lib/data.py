@@ -187,7 +187,7 @@ def _tokenizer_key(tokenizer) -> str:
 
 def corpus_tokens(tokenizer, name: str, split: str, cache: bool = True) -> torch.Tensor:
     """Tokenized corpus split ``LongTensor [1, n]``, cached on disk (outside the repo) per tokenizer."""
-    from .models import cache_dir
+    from .paths import cache_dir
 
     path = cache_dir() / "tokens" / f"{name}-{split}-{_tokenizer_key(tokenizer)}.pt"
     if cache and path.exists():

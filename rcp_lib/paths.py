@@ -21,7 +21,7 @@ Every path of the library comes from here, so nothing writes into the source tre
   variable raises :class:`OutputRootError` instead of writing next to ``site-packages``.
 
 Caches (models, tokenized corpora, result rows) live outside the repository, under
-:func:`rcp_lib.models.cache_dir` (``$RCP_CACHE``).
+:func:`cache_dir` (``$RCP_CACHE``).
 """
 
 from __future__ import annotations
@@ -126,3 +126,15 @@ def absolutize_env() -> None:
         value = os.environ.get(env)
         if value:
             os.environ[env] = str(Path(value).expanduser().resolve())
+
+
+def cache_dir() -> Path:
+    """Folder for caches (dequantized model, tokenized corpora, trained models). Outside the repo.
+
+    ``$RCP_CACHE`` if set, else ``$XDG_CACHE_HOME/rcp_lib`` or ``~/.cache/rcp_lib``.
+    """
+    env = os.environ.get("RCP_CACHE")
+    if env:
+        return Path(env).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "rcp_lib"

@@ -67,7 +67,7 @@ def reproduce(profile: str = "cpu", notebooks: list[str] | None = None, kernel: 
     require_clean_tree()
     print(f"[reproduce:{profile}] git {git_commit()}, code fingerprint {code_fingerprint()}", file=sys.stderr,
           flush=True)
-    from .models import cache_dir
+    from .paths import cache_dir
 
     rows_dir = cache_dir() / "rows"
     cached_at_start = len(list(rows_dir.glob("*.json"))) if rows_dir.exists() else 0

@@ -93,7 +93,8 @@ def run_qat(cfg: RunConfig, progress: bool = True) -> dict:
     from .data import corpus_tokens
     from .evaluation import perplexity_details
     from .io import atomic_write_json, provenance
-    from .models import cache_dir, describe, load
+    from .models import describe, load
+    from .paths import cache_dir
     from .quant.apply import quantize_model
     from .qat import train
     from .rotation.fuse import rotate_model

@@ -10,6 +10,10 @@ os.environ["RCP_ALLOW_DIRTY"] = "1"
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+from checkout_kernels import install as _install_checkout_kernels  # noqa: E402
+
+# `rcp_lib.kernels` from this checkout's kernels/ even when another checkout is installed (see checkout_kernels.py)
+_install_checkout_kernels()
 
 
 @pytest.fixture(scope="session")

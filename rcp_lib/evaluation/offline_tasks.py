@@ -58,7 +58,7 @@ Task 2, ``wiki_nextsent`` (HellaSwag-style, ``output_type: multiple_choice``):
 
 Both tasks keep at most ``n_max`` documents (a seeded sample, then restored to corpus order) and record
 the number of candidates and documents per task in ``manifest.json`` next to the JSONL and YAML files.
-The files live outside the repository, in ``rcp_lib.models.cache_dir() / "lm_eval_tasks" / <hash>``, where
+The files live outside the repository, in ``rcp_lib.paths.cache_dir() / "lm_eval_tasks" / <hash>``, where
 the hash covers the builder version, the parameters and the text of the source articles; the folder is
 written to a temporary name and renamed, so readers never see a half-written task set.
 """
@@ -407,7 +407,7 @@ def build_offline_tasks(n_max: int = DEFAULT_N_MAX, seed: int = 0, out_dir: str 
         The folder holding ``wiki_lastword.{jsonl,yaml}``, ``wiki_nextsent.{jsonl,yaml}`` and ``manifest.json``.
     """
     from ..data import wiki_excerpt_split
-    from ..models import cache_dir
+    from ..paths import cache_dir
 
     if n_max < 1:
         raise ValueError(f"n_max must be >= 1, got {n_max}")

@@ -11,7 +11,8 @@ from torch import nn
 
 from ..data import calibration_windows, corpus_tokens
 from ..io import atomic_save_torch, atomic_write_json
-from ..models import cache_dir, load
+from ..models import load
+from ..paths import cache_dir
 from ..profiles import Profile
 from ..qat import train
 from ..quant.apply import quantize_model

@@ -24,8 +24,8 @@ def kernel_correctness(profile: Profile, interpret: bool = True) -> list[dict]:
     """
     import os
 
-    from ..kernels import dequantize_activation, pack_codes, quantize_activation_a4, triton_available, w2a4_gemv
-    from ..kernels.packing import dequantize
+    from ..kernels import dequantize, pack_codes, triton_available, w2a4_gemv
+    from ..quant.activations import dequantize_per_token, quantize_per_token
 
     cases = []
     g = torch.Generator().manual_seed(profile.seed)
@@ -51,9 +51,9 @@ def kernel_correctness(profile: Profile, interpret: bool = True) -> list[dict]:
     for name, B, codes, lut, G in cases:
         N, K = codes.shape
         x = torch.randn(B, K, generator=g)
-        xc, xs, xz = quantize_activation_a4(x)
+        xc, xs, xz = quantize_per_token(x, 4)
         packed = pack_codes(codes)
-        ref = dequantize_activation(xc, xs, xz).double() @ dequantize(packed, lut, K, G).double().T
+        ref = dequantize_per_token(xc, xs, xz).double() @ dequantize(packed, lut, K, G).double().T
         backends = ["torch"] + (["triton"] if use_triton else [])
         for be in backends:
             small = N * K <= 20_000

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Callable
 
 from ..io import atomic_write_csv, atomic_write_json, config_hash, require_clean_tree
-from ..models import cache_dir
+from ..paths import cache_dir
 from ..paths import results_dir
 from ..profiles import Profile
 from .methods import Method, qat_config

@@ -4,7 +4,7 @@ and KV quantizers, the quantized linear layer and GPTQ.
 The model-level surgery (``quantize_model``) lives in :mod:`rcp_lib.quant.apply`.
 """
 
-from .activations import check_act_bits, fake_quant_kv, fake_quant_per_token
+from .activations import check_act_bits, dequantize_per_token, fake_quant_kv, fake_quant_per_token, quantize_per_token
 from .gptq import GPTQResult, HessianAccumulator, gptq_quantize
 from .linear import QuantLinear
 from .quantizers import (
@@ -43,6 +43,8 @@ __all__ = [
     "uniform_levels",
     "check_act_bits",
     "fake_quant_per_token",
+    "quantize_per_token",
+    "dequantize_per_token",
     "fake_quant_kv",
     "QuantLinear",
     "GPTQResult",

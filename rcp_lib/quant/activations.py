@@ -1,15 +1,28 @@
-"""Dynamic activation and KV-cache fake quantization (per token, asymmetric by default), with STE gradients.
+"""Dynamic activation and KV-cache quantization (per token, asymmetric by default): the one formula shared by fake
+quantization (training and evaluation, with STE gradients), the W2A4 kernel's torch reference and Triton path, and the
+deployed :class:`rcp_lib.packing.PackedLinear`.
 
 Per-token quantization computes the range of every token (vector along the last dimension) at run time:
 
-* asymmetric (default): ``lo = clip_ratio * min(x)``, ``hi = clip_ratio * max(x)``, ``s = (hi - lo) / (2**b - 1)``,
-  value ``lo + s * clamp(round((x - lo) / s), 0, 2**b - 1)``. The zero point is not rounded by default
-  (``round_zero=False``): the grid then contains the token's min and max exactly, which makes the quantizer
-  idempotent for ``clip_ratio=1`` (``Q(Q(x)) == Q(x)`` up to float rounding) - needed so that quantizing cached
-  keys at use equals caching quantized keys. ``round_zero=True`` is QuaRot's integer-zero-point formula (range
-  widened to include 0, ``z = round(-lo / s)``), the form an integer GEMM kernel consumes.
-* symmetric (``asym=False``): ``s = clip_ratio * max|x| / (2**(b-1) - 1)``, integer codes in
-  ``[-2**(b-1), 2**(b-1) - 1]``.
+* asymmetric (default): ``lo = clip_ratio * min(x)``, ``hi = clip_ratio * max(x)``, ``s = (hi - lo) / (2**b - 1)``
+  (at least ``1e-10``), codes ``c = clamp(round((x - lo) / s), 0, 2**b - 1)``, fake-quant value ``lo + s * c``.
+  The zero point is not rounded by default (``round_zero=False``): the grid then contains the token's min and max
+  exactly, which makes the quantizer idempotent for ``clip_ratio=1`` (``Q(Q(x)) == Q(x)`` up to float rounding) -
+  needed so that quantizing cached keys at use equals caching quantized keys. ``round_zero=True`` is QuaRot's
+  integer-zero-point formula (range widened to include 0, ``z = round(-lo / s)``, ``c = clamp(round(x / s) + z,
+  0, 2**b - 1)``, value ``(c - z) * s``).
+* symmetric (``asym=False``): ``s = clip_ratio * max|x| / (2**(b-1) - 1)``, integer codes
+  ``clamp(round(x / s), -2**(b-1), 2**(b-1) - 1)``, value ``c * s``.
+
+Integer form (deployment): :func:`quantize_per_token` returns the same codes (as ``uint8``, computed by the same
+operations as the fake quantizer) with a per-token ``scale`` and ``zero`` such that ``x_hat = (codes - zero) * scale``
+(:func:`dequantize_per_token`), which is what the W2A4 op (:mod:`rcp_lib.kernels`) consumes:
+
+* asymmetric, ``round_zero=False`` (what every model here is trained and evaluated with): ``zero = -lo / s``, a
+  **float** zero point (not rounded). ``(c - zero) * s`` equals the fake-quant value ``lo + s * c`` up to float
+  rounding (a few ulp), not bit for bit;
+* asymmetric, ``round_zero=True``: the integer ``zero = z``; bit-identical to the fake-quant value;
+* symmetric: codes shifted by ``2**(b-1)`` into ``0..2**b - 1``, ``zero = 2**(b-1)``; bit-identical.
 
 ``bits`` of 16 or ``None`` means "off" (identity). Gradients: straight-through (identity) for elements inside the
 clipping range, zero for clipped elements; the dynamic range itself is a statistic (no gradient through min/max).
@@ -47,10 +60,51 @@ class _StraightThrough(torch.autograd.Function):
         return torch.where(inside, g, 0.0), None, None
 
 
+def _per_token_grid(
+    xd: torch.Tensor, b: int, clip_ratio: float, asym: bool, round_zero: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """The per-token grid of the module docstring and the codes of ``xd``: the single implementation of the formula.
+
+    Args:
+        xd: ``[..., d]`` detached activations in the compute dtype (float32 or float64); not modified.
+        b: bits (1..8; symmetric needs >= 2). clip_ratio: in ``(0, 1]``. asym, round_zero: the variant.
+    Returns:
+        ``(q, s, lo, hi, z)``: ``q`` the codes as a new float tensor ``[..., d]`` of integer values (asymmetric:
+        ``0..2**b - 1``; symmetric: ``-2**(b-1)..2**(b-1) - 1``), and ``[..., 1]`` tensors: step ``s``, clip range
+        ``lo``/``hi``, and the integer zero point ``z`` (``round_zero=True`` only, else None).
+    """
+    if not 0 < clip_ratio <= 1:
+        raise ValueError(f"clip_ratio must be in (0, 1], got {clip_ratio}")
+    # the element-wise chains run in place on one buffer: a handful of full-size temporaries instead of one per
+    # operation (same operations and order, hence the same values, as the formulas in the module doc)
+    z = None
+    if asym:
+        L = 2**b
+        lo, hi = xd.amin(-1, keepdim=True), xd.amax(-1, keepdim=True)
+        if round_zero:
+            lo, hi = lo.clamp(max=0), hi.clamp(min=0)
+        lo, hi = lo * clip_ratio, hi * clip_ratio
+        s = ((hi - lo) / (L - 1)).clamp_min(_EPS)
+        if round_zero:
+            z = torch.round(-lo / s)
+            q = torch.div(xd, s).round_().add_(z).clamp_(0, L - 1)
+        else:
+            q = torch.sub(xd, lo).div_(s).round_().clamp_(0, L - 1)
+    else:
+        if b < 2:
+            raise ValueError("symmetric activation quantization needs bits >= 2")
+        qmax = 2 ** (b - 1) - 1
+        hi = xd.abs().amax(-1, keepdim=True) * clip_ratio
+        lo = -hi
+        s = (hi / qmax).clamp_min(_EPS)
+        q = torch.div(xd, s).round_().clamp_(-qmax - 1, qmax)
+    return q, s, lo, hi, z
+
+
 def fake_quant_per_token(
     x: torch.Tensor, bits: int | None, clip_ratio: float = 1.0, asym: bool = True, round_zero: bool = False
 ) -> torch.Tensor:
-    """Dynamic per-token fake quantization over the last dimension.
+    """Dynamic per-token fake quantization over the last dimension (formula: module docstring).
 
     Args:
         x: ``[..., d]`` float activations (any float dtype; computed in at least float32).
@@ -64,34 +118,58 @@ def fake_quant_per_token(
     b = check_act_bits(bits)
     if b is None:
         return x
-    if not 0 < clip_ratio <= 1:
-        raise ValueError(f"clip_ratio must be in (0, 1], got {clip_ratio}")
-    cdt = torch.promote_types(x.dtype, torch.float32)
-    xd = x.detach().to(cdt)
-    # the element-wise chains below run in place on one buffer: a handful of full-size temporaries instead of
-    # one per operation (same operations and order, hence the same values, as the formulas in the module doc)
-    if asym:
-        L = 2**b
-        lo, hi = xd.amin(-1, keepdim=True), xd.amax(-1, keepdim=True)
-        if round_zero:
-            lo, hi = lo.clamp(max=0), hi.clamp(min=0)
-        lo, hi = lo * clip_ratio, hi * clip_ratio
-        s = ((hi - lo) / (L - 1)).clamp_min(_EPS)
-        if round_zero:
-            z = torch.round(-lo / s)
-            xq = torch.div(xd, s).round_().add_(z).clamp_(0, L - 1).sub_(z).mul_(s)
-        else:
-            xq = torch.sub(xd, lo).div_(s).round_().clamp_(0, L - 1).mul_(s).add_(lo)
+    xd = x.detach().to(torch.promote_types(x.dtype, torch.float32))
+    q, s, lo, hi, z = _per_token_grid(xd, b, clip_ratio, asym, round_zero)
+    if not asym:
+        xq = q.mul_(s)
+    elif z is not None:
+        xq = q.sub_(z).mul_(s)
     else:
-        if b < 2:
-            raise ValueError("symmetric activation quantization needs bits >= 2")
-        qmax = 2 ** (b - 1) - 1
-        hi = xd.abs().amax(-1, keepdim=True) * clip_ratio
-        lo = -hi
-        s = (hi / qmax).clamp_min(_EPS)
-        xq = torch.div(xd, s).round_().clamp_(-qmax - 1, qmax).mul_(s)
+        xq = q.mul_(s).add_(lo)
     inside = (xd >= lo).logical_and_(xd <= hi)
     return _StraightThrough.apply(x, xq.to(x.dtype), inside)
+
+
+def quantize_per_token(
+    x: torch.Tensor, bits: int, clip_ratio: float = 1.0, asym: bool = True, round_zero: bool = False
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Integer form of :func:`fake_quant_per_token`: the same codes, with the scale and zero point that the W2A4 op
+    consumes (``x_hat = (codes - zero) * scale``; see the module docstring for when this is bit-identical).
+
+    Args:
+        x: ``[..., d]`` float activations (any float dtype; computed in at least float32). No gradient.
+        bits: 1..8 (16/None, "off", is refused: there is nothing to quantize).
+        clip_ratio, asym, round_zero: as in :func:`fake_quant_per_token`.
+    Returns:
+        ``(codes, scale, zero)``: ``codes`` uint8 ``[..., d]`` in ``0..2**bits - 1``; ``scale`` and ``zero``
+        ``[...]`` in the compute dtype (float32 for float32/half inputs, float64 for float64). ``zero`` is
+        ``-lo / scale`` (a float) by default, an integer-valued float with ``round_zero=True`` or ``asym=False``.
+    """
+    b = check_act_bits(bits)
+    if b is None:
+        raise ValueError(f"quantize_per_token needs activation bits in 1..8, got {bits!r}")
+    xd = x.detach().to(torch.promote_types(x.dtype, torch.float32))
+    q, s, lo, _, z = _per_token_grid(xd, b, clip_ratio, asym, round_zero)
+    if not asym:
+        half = float(2 ** (b - 1))
+        q.add_(half)  # exact: small integers
+        zero = torch.full_like(s, half)
+    else:
+        zero = z if z is not None else -lo / s
+    return q.to(torch.uint8), s.squeeze(-1), zero.squeeze(-1)
+
+
+def dequantize_per_token(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+    """``x_hat = (codes - zero) * scale``, the activation arithmetic of the W2A4 op (torch reference and kernel).
+
+    Args:
+        codes: ``[..., d]`` (uint8 codes, or any float tensor).
+        scale, zero: ``[...]`` per token (broadcast over the last dimension of ``codes``).
+    Returns:
+        ``[..., d]`` in the dtype of ``scale`` promoted with float32.
+    """
+    dt = torch.promote_types(scale.dtype, torch.float32)
+    return (codes.to(dt) - zero.to(dt).unsqueeze(-1)) * scale.to(dt).unsqueeze(-1)
 
 
 def fake_quant_kv(

@@ -35,7 +35,7 @@ from .. import models as M
 from ..config import JsonConfig
 from .hadamard import hadamard, random_hadamard, random_orthogonal
 from .online import InputRotatedLinear, OnlineHadamard, use_rcp_attention
-from .walsh import block_hadamard, gsr
+from .walsh import block_hadamard, gsr, largest_pow2_divisor
 
 R1_KINDS = ("none", "hadamard", "random_hadamard", "walsh", "gsr", "block_hadamard", "random_orthogonal")
 BLOCK_KINDS = ("gsr", "block_hadamard")  # R1 kinds built from blocks of size r1_block
@@ -95,10 +95,6 @@ class RotationConfig(JsonConfig):
         return self.r1 == "none" and not (self.r2 or self.r3 or self.r4)
 
 
-def _largest_pow2_divisor(n: int) -> int:
-    return n & (-n)
-
-
 def r1_matrix(kind: str, n: int, block: int | None = None, random_signs: bool = False, seed: int = 0) -> torch.Tensor | None:
     """The residual rotation ``R1`` ``[n, n]`` float64 (orthogonal), or None for "none"."""
     if kind == "none":
@@ -113,14 +109,14 @@ def r1_matrix(kind: str, n: int, block: int | None = None, random_signs: bool = 
         if n & (n - 1):
             raise ValueError(
                 f"r1='walsh' needs a power-of-two hidden size, got {n}; use r1='gsr' with r1_block dividing {n} "
-                f"(largest power-of-two block: {_largest_pow2_divisor(n)})")
+                f"(largest power-of-two block: {largest_pow2_divisor(n)})")
         return gsr(n, n, random_signs=random_signs, seed=seed)
     if kind in BLOCK_KINDS:
         if block is None:
             raise ValueError(f"r1={kind!r} needs a block size (r1_block), e.g. the weight group size")
         if n % block:
             raise ValueError(f"r1_block={block} does not divide the hidden size {n} (largest power-of-two block "
-                             f"that does: {_largest_pow2_divisor(n)})")
+                             f"that does: {largest_pow2_divisor(n)})")
         build = gsr if kind == "gsr" else block_hadamard
         return build(n, block, random_signs=random_signs, seed=seed)
     raise ValueError(f"unknown r1 kind {kind!r}; choose one of {R1_KINDS}")

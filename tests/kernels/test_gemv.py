@@ -1,4 +1,5 @@
-"""W2A4 op: A4 quantizer, torch reference and Triton kernel (CPU interpreter) vs float64 dense products."""
+"""W2A4 op: torch reference, the registered ``torch.ops.rcp.w2a4_gemv`` and the Triton kernel (CPU interpreter) vs
+float64 dense products; the deployed layer (PackedLinear) on either backend."""
 
 import os
 import subprocess
@@ -11,13 +12,9 @@ import torch
 import torch.nn.functional as F
 
 import rcp_lib.kernels as rk
-from rcp_lib.kernels import (
-    QuantizedLinearW2A4,
-    pack_codes,
-    quantize_activation_a4,
-    w2a4_gemv,
-    w2a4_gemv_reference,
-)
+from rcp_lib.kernels import pack_codes, unpack_codes, w2a4_gemv, w2a4_gemv_reference
+from rcp_lib.packing import PackedLinear
+from rcp_lib.quant.activations import quantize_per_token
 
 REPO = Path(__file__).resolve().parents[2]
 needs_triton = pytest.mark.skipif(not rk.triton_available(), reason="triton not installed")
@@ -50,38 +47,11 @@ def _rel(a, b):
 SHAPES = [(1, 33, 200, 40), (3, 33, 200, 40), (1, 8, 64, 32), (3, 8, 64, 32), (2, 17, 72, 8), (8, 5, 70, 32)]
 
 
-# --------------------------------------------------------------------------------------------- A4 quantizer
-@pytest.mark.parametrize("shape", [(1, 64), (5, 200), (2, 3, 33)])
-def test_a4_quantizer_error_bound(shape):
-    x = torch.randn(*shape) * 4 + 0.5
-    c, s, z = quantize_activation_a4(x)
-    assert c.dtype == torch.uint8 and int(c.max()) <= 15
-    assert s.shape == shape[:-1] and z.shape == shape[:-1]
-    assert torch.equal(z, z.round()) and (z >= 0).all() and (z <= 15).all()
-    xh = (c.double() - z.double().unsqueeze(-1)) * s.double().unsqueeze(-1)
-    err = (x.double() - xh).abs()
-    assert (err <= s.double().unsqueeze(-1) / 2 * (1 + 1e-5)).all()
-    # the dequantize helper agrees
-    assert torch.allclose(rk.dequantize_activation(c, s, z).double(), xh, atol=1e-6)
-
-
-def test_a4_quantizer_edge_cases():
-    x = torch.zeros(2, 16)
-    c, s, z = quantize_activation_a4(x)
-    assert torch.equal(rk.dequantize_activation(c, s, z), x)  # exact zeros, no NaN
-    xh16 = torch.randn(3, 40).half()
-    c, s, z = quantize_activation_a4(xh16, clip_ratio=0.9)
-    assert s.dtype == torch.float32
-    xh = rk.dequantize_activation(c, s, z)
-    inside = xh16.float().abs() <= 0.9 * xh16.float().abs().amax(-1, keepdim=True) - s[:, None]
-    assert ((xh - xh16.float()).abs()[inside] <= s[:, None].expand(3, 40)[inside] / 2 + 1e-6).all()
-
-
 # --------------------------------------------------------------------------------------------- reference op
 @pytest.mark.parametrize("B,N,K,G", SHAPES)
 def test_reference_matches_float64(B, N, K, G):
     codes, lut, x = _random_problem(B, N, K, G)
-    c, s, z = quantize_activation_a4(x)
+    c, s, z = quantize_per_token(x, 4)
     y = w2a4_gemv_reference(c, s, z, pack_codes(codes), lut, K, G)
     assert y.dtype == torch.float32 and y.shape == (B, N)
     ref = _dense64_act(c, s, z) @ _dense64_weight(codes, lut, G).T
@@ -90,7 +60,7 @@ def test_reference_matches_float64(B, N, K, G):
 
 def test_dispatcher_auto_on_cpu_uses_reference():
     codes, lut, x = _random_problem(2, 8, 64, 32)
-    c, s, z = quantize_activation_a4(x)
+    c, s, z = quantize_per_token(x, 4)
     args = (c, s, z, pack_codes(codes), lut, 64, 32)
     assert torch.equal(w2a4_gemv(*args), w2a4_gemv_reference(*args))
     assert torch.equal(w2a4_gemv(*args, backend="torch"), w2a4_gemv_reference(*args))
@@ -98,12 +68,38 @@ def test_dispatcher_auto_on_cpu_uses_reference():
         w2a4_gemv(*args, backend="cuda")
 
 
+def test_registered_torch_library_op():
+    """``torch.ops.rcp.w2a4_gemv``: the reference is its CPU implementation; the fake implementation infers shapes
+    on meta tensors; the op passes torch.library's registration checks."""
+    codes, lut, x = _random_problem(3, 8, 64, 32)
+    c, s, z = quantize_per_token(x, 4)
+    args = (c, s, z, pack_codes(codes), lut, 64, 32, 2)
+    assert torch.equal(torch.ops.rcp.w2a4_gemv(*args), w2a4_gemv_reference(*args))
+    meta = [a.to("meta") if isinstance(a, torch.Tensor) else a for a in args]
+    y = torch.ops.rcp.w2a4_gemv(*meta)
+    assert y.device.type == "meta" and y.shape == (3, 8) and y.dtype == torch.float32
+    torch.library.opcheck(torch.ops.rcp.w2a4_gemv.default, args, test_utils=("test_schema", "test_faketensor"))
+
+
+def test_top_level_kernels_import_stays_empty():
+    """With the repository root on sys.path, transformers imports this folder as a top-level ``kernels`` (probing for
+    the Hugging Face package): that import must neither fail nor register the op a second time."""
+    import importlib
+
+    spec = importlib.util.find_spec("kernels")
+    if spec is None or spec.origin is None or Path(spec.origin).resolve() != REPO / "kernels" / "__init__.py":
+        pytest.skip("the repository root is not on sys.path")
+    top = importlib.import_module("kernels")
+    assert top is not rk and top.__all__ == [] and not hasattr(top, "w2a4_gemv")
+    assert rk.w2a4_gemv is not None and hasattr(torch.ops.rcp, "w2a4_gemv")
+
+
 # --------------------------------------------------------------------------------------------- Triton kernel
 @needs_triton
 @pytest.mark.parametrize("B,N,K,G", SHAPES)
 def test_triton_interpreter_matches_float64(B, N, K, G):
     codes, lut, x = _random_problem(B, N, K, G, seed=1)
-    c, s, z = quantize_activation_a4(x)
+    c, s, z = quantize_per_token(x, 4)
     y = w2a4_gemv(c, s, z, pack_codes(codes), lut, K, G, backend="triton")
     assert y.dtype == torch.float32 and y.shape == (B, N)
     ref = _dense64_act(c, s, z) @ _dense64_weight(codes, lut, G).T
@@ -121,10 +117,10 @@ def test_triton_interpreter_matches_float64(B, N, K, G):
     ],
 )
 def test_triton_block_shapes_and_bits(B, N, K, G, bits, blocks, word_loads):
-    from rcp_lib.kernels.w2a4_gemv import w2a4_gemv_triton
+    from rcp_lib.kernels.triton_gemv import w2a4_gemv_triton
 
     codes, lut, x = _random_problem(B, N, K, G, bits=bits, seed=2)
-    c, s, z = quantize_activation_a4(x)
+    c, s, z = quantize_per_token(x, 4)
     bb, bn, bk = blocks
     y = w2a4_gemv_triton(
         c, s, z, pack_codes(codes, bits), lut, K, G, bits, block_b=bb, block_n=bn, block_k=bk, word_loads=word_loads
@@ -145,11 +141,8 @@ def test_triton_float_activations_weight_only():
 
 @needs_triton
 def test_env_forces_triton_and_cpu_without_interpreter_fails(monkeypatch):
-    from rcp_lib.kernels import w2a4_gemv as kmod_check  # the package attribute is the function, not the module
-
-    assert callable(kmod_check)
     codes, lut, x = _random_problem(1, 8, 64, 32)
-    c, s, z = quantize_activation_a4(x)
+    c, s, z = quantize_per_token(x, 4)
     args = (c, s, z, pack_codes(codes), lut, 64, 32)
     monkeypatch.setenv("RCP_KERNEL_BACKEND", "triton")
     y = w2a4_gemv(*args)  # forced Triton path under the interpreter
@@ -160,19 +153,22 @@ def test_env_forces_triton_and_cpu_without_interpreter_fails(monkeypatch):
 
 
 def _run_py(code: str, env_extra: dict) -> subprocess.CompletedProcess:
-    env = {**os.environ, **env_extra, "PYTHONPATH": str(REPO)}
-    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    env = {**os.environ, **env_extra, "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "tests")])}
+    # this checkout's kernels/ even next to an editable install of another checkout (tests/checkout_kernels.py)
+    code = "import checkout_kernels; checkout_kernels.install()\n" + textwrap.dedent(code)
+    return subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
 
 
 @needs_triton
 def test_triton_in_subprocess_with_env_set_before_import():
     code = """
         import torch
-        from rcp_lib.kernels import pack_codes, quantize_activation_a4, w2a4_gemv, w2a4_gemv_reference
+        from rcp_lib.kernels import pack_codes, w2a4_gemv, w2a4_gemv_reference
+        from rcp_lib.quant.activations import quantize_per_token
         torch.manual_seed(0)
         codes = torch.randint(0, 4, (33, 200), dtype=torch.uint8)
         lut = torch.randn(33, 5, 4).half()
-        c, s, z = quantize_activation_a4(torch.randn(3, 200))
+        c, s, z = quantize_per_token(torch.randn(3, 200), 4)
         args = (c, s, z, pack_codes(codes), lut, 200, 40)
         y, r = w2a4_gemv(*args, backend="triton"), w2a4_gemv_reference(*args)
         print("REL", float((y - r).norm() / r.norm()))
@@ -189,8 +185,10 @@ def test_import_without_triton_falls_back():
         sys.modules["triton"] = None  # make `import triton` fail
         import torch
         import rcp_lib.kernels as rk
+        from rcp_lib.packing import PackedLinear
         assert not rk.triton_available()
-        m = rk.QuantizedLinearW2A4.from_codes_levels(torch.randint(0, 4, (4, 32), dtype=torch.uint8), torch.randn(4, 1, 4))
+        packed = rk.pack_codes(torch.randint(0, 4, (4, 32), dtype=torch.uint8))
+        m = PackedLinear(packed, torch.randn(4, 1, 4).half(), 32, 32, 2, None, 4, 1.0)
         print("SHAPE", tuple(m(torch.randn(2, 32)).shape))
         try:
             rk.w2a4_gemv_triton
@@ -202,22 +200,22 @@ def test_import_without_triton_falls_back():
     assert "SHAPE (2, 4)" in out.stdout and "NO-TRITON-OK" in out.stdout
 
 
-# --------------------------------------------------------------------------------------------- module
+# --------------------------------------------------------------------------------------------- deployed layer
 @pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=needs_triton)])
-@pytest.mark.parametrize("a4", [True, False])
-def test_quantized_linear_matches_dense(backend, a4):
+@pytest.mark.parametrize("act_bits", [4, None])
+def test_packed_linear_matches_dense(backend, act_bits):
     N, K, G = 33, 200, 40
     codes, lut, _ = _random_problem(1, N, K, G, seed=4)
     bias = torch.randn(N)
-    m = QuantizedLinearW2A4.from_codes_levels(codes, lut.float(), bias=bias, a4=a4, backend=backend)
-    assert m.group_size == G and m.packed.dtype == torch.int32 and m.lut.dtype == torch.float16
-    assert torch.equal(m.codes(), codes)
+    m = PackedLinear(pack_codes(codes), lut, K, G, 2, bias, act_bits, 1.0, backend=backend)
+    assert m.qweight.dtype == torch.int32 and m.lut.dtype == torch.float16
+    assert torch.equal(unpack_codes(m.qweight, K), codes)
     x = torch.randn(2, 3, K)
     y = m(x)
     assert y.shape == (2, 3, N) and y.dtype == x.dtype
     w64 = _dense64_weight(codes, lut, G)
-    if a4:
-        c, s, z = quantize_activation_a4(x)
+    if act_bits:
+        c, s, z = quantize_per_token(x, 4)
         x64 = (c.double() - z.double().unsqueeze(-1)) * s.double().unsqueeze(-1)
     else:
         x64 = x.double()
@@ -265,7 +263,7 @@ def test_kernel_compiles_for_cuda_target(tmp_path, monkeypatch, block_b, word_lo
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from rcp_lib.kernels.w2a4_gemv import _kernel
+    from rcp_lib.kernels.triton_gemv import _kernel
 
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))

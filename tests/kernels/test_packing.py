@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from rcp_lib.kernels import dequantize, nearest_level_codes, pack_codes, packed_words, unpack_codes, uniform_levels
+from rcp_lib.kernels import dequantize, pack_codes, packed_words, unpack_codes
+from rcp_lib.quant.quantizers import group_view, minmax_range, nearest_level_codes, uniform_levels
 
 
 @pytest.mark.parametrize("bits", [1, 2, 4, 8])
@@ -67,17 +68,18 @@ def test_dequantize_matches_elementwise_definition(N, K, G, bits):
     assert W.dtype == torch.float64 and torch.equal(W, ref)
 
 
-def test_nearest_level_codes_and_uniform_levels():
+def test_quantizer_codes_and_levels_pack_to_nearest_levels():
+    """Codes and levels from the weight quantizer's helpers, packed and dequantized: every weight gets its nearest
+    level of its group (float64 distances), the group extremes exactly."""
     w = torch.randn(6, 72)
-    lv = uniform_levels(w, 24, 2)
-    assert lv.shape == (6, 3, 4) and (lv.diff(dim=-1) >= 0).all()
-    codes = nearest_level_codes(w, lv, 24)
-    assert codes.dtype == torch.uint8 and int(codes.max()) <= 3
+    wg = group_view(w, 24)  # [6, 3, 24]
+    lv = uniform_levels(*minmax_range(wg), 2)  # [6, 3, 4] float32
+    assert lv.shape == (6, 3, 4) and lv.dtype == torch.float32 and (lv.diff(dim=-1) >= 0).all()
+    codes = nearest_level_codes(wg, lv).reshape(6, 72).to(torch.uint8)
+    assert int(codes.max()) <= 3
     wq = dequantize(pack_codes(codes), lv, 72, 24)
-    # nearest level: no other level of the group is closer
     grp = torch.arange(72) // 24
     dist_all = (w.double().unsqueeze(-1) - lv.double()[:, grp, :]).abs()
     assert torch.allclose((w.double() - wq.double()).abs(), dist_all.min(-1).values, atol=1e-7)
-    # the group extremes are represented exactly
     g0 = w[:, :24]
-    assert torch.allclose(wq[:, :24].amax(1), g0.amax(1)) and torch.allclose(wq[:, :24].amin(1), g0.amin(1))
+    assert torch.allclose(wq[:, :24].amax(1), g0.amax(1)) and torch.equal(wq[:, :24].amin(1), g0.amin(1))

@@ -1,10 +1,12 @@
-"""Per-token activation and KV fake quantization: error bounds, idempotence, references, gradients."""
+"""Per-token activation and KV fake quantization: error bounds, idempotence, references, gradients; the integer form
+(codes, scale, zero) that the W2A4 op and the deployed layer consume."""
 
 import numpy as np
 import pytest
 import torch
 
 from rcp_lib.quant import fake_quant_kv, fake_quant_per_token
+from rcp_lib.quant.activations import dequantize_per_token, quantize_per_token
 
 
 @pytest.mark.parametrize("bits", [None, 16])
@@ -130,3 +132,73 @@ def test_in_place_chain_equals_plain_formula_and_leaves_input_alone(asym, round_
     q = fake_quant_per_token(x, b, clip_ratio=r, asym=asym, round_zero=round_zero)
     assert torch.equal(q, ref)
     assert torch.equal(x, x0)
+
+
+# --------------------------------------------------------------------------------------------- integer form
+def _plain_codes(x, b, r, asym, round_zero):
+    """Textbook codes (float) of the module docstring, shifted into 0..2**b - 1 for the symmetric grid."""
+    if asym:
+        lo, hi = x.amin(-1, keepdim=True), x.amax(-1, keepdim=True)
+        if round_zero:
+            lo, hi = lo.clamp(max=0), hi.clamp(min=0)
+        lo, hi = lo * r, hi * r
+        s = ((hi - lo) / (2**b - 1)).clamp_min(1e-10)
+        if round_zero:
+            return torch.clamp(torch.round(x / s) + torch.round(-lo / s), 0, 2**b - 1)
+        return torch.clamp(torch.round((x - lo) / s), 0, 2**b - 1)
+    s = (x.abs().amax(-1, keepdim=True) * r / (2 ** (b - 1) - 1)).clamp_min(1e-10)
+    return torch.clamp(torch.round(x / s), -(2 ** (b - 1)), 2 ** (b - 1) - 1) + 2 ** (b - 1)
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+@pytest.mark.parametrize("asym,round_zero", [(True, False), (True, True), (False, False)])
+def test_integer_form_has_the_fake_quant_codes(bits, asym, round_zero):
+    """quantize_per_token gives the fake quantizer's codes; (codes - zero) * scale is its value: bit for bit with an
+    integer zero point (round_zero, symmetric), to float rounding with the default float zero point ``-lo / s``."""
+    torch.manual_seed(5)
+    x = torch.randn(9, 4, 80) * torch.rand(9, 4, 1) * 6 + 0.4
+    x0 = x.clone()
+    r = 0.9
+    c, s, z = quantize_per_token(x, bits, r, asym, round_zero)
+    assert c.dtype == torch.uint8 and c.shape == x.shape and s.shape == z.shape == x.shape[:-1]
+    assert s.dtype == z.dtype == torch.float32
+    assert torch.equal(c.float(), _plain_codes(x, bits, r, asym, round_zero))
+    fq = fake_quant_per_token(x, bits, r, asym, round_zero)
+    xh = dequantize_per_token(c, s, z)
+    if round_zero or not asym:
+        assert torch.equal(z, z.round())
+        assert torch.equal(xh, fq)
+    else:
+        assert not torch.equal(z, z.round())  # the zero point is a float, as in fake quantization
+        torch.testing.assert_close(xh, fq, rtol=0, atol=1e-5 * float(x.abs().max()))
+    assert torch.equal(x, x0)
+
+
+@pytest.mark.parametrize("shape", [(1, 64), (5, 200), (2, 3, 33)])
+def test_a4_integer_form_error_bound(shape):
+    x = torch.randn(*shape) * 4 + 0.5
+    c, s, z = quantize_per_token(x, 4)
+    assert int(c.max()) <= 15
+    xh = (c.double() - z.double().unsqueeze(-1)) * s.double().unsqueeze(-1)
+    # clip_ratio 1: the grid spans [min, max] exactly, every element is within half a step
+    assert ((x.double() - xh).abs() <= s.double().unsqueeze(-1) / 2 * (1 + 1e-5)).all()
+    assert torch.allclose(dequantize_per_token(c, s, z).double(), xh, atol=1e-6)
+
+
+def test_integer_form_edge_cases_and_dtypes():
+    x = torch.zeros(2, 16)
+    c, s, z = quantize_per_token(x, 4)
+    assert torch.equal(dequantize_per_token(c, s, z), x)  # exact zeros, no NaN
+    const = torch.full((3, 8), 2.5)  # constant token: zero range, the smallest step
+    c, s, z = quantize_per_token(const, 4)
+    torch.testing.assert_close(dequantize_per_token(c, s, z), const, rtol=1e-6, atol=0)
+    xh16 = torch.randn(3, 40).half()
+    c, s, z = quantize_per_token(xh16, 4, clip_ratio=0.9)
+    assert s.dtype == torch.float32 and z.dtype == torch.float32
+    torch.testing.assert_close(dequantize_per_token(c, s, z), fake_quant_per_token(xh16, 4, 0.9).float(),
+                               rtol=0, atol=2e-3)  # the fake-quant value is rounded to fp16
+    c, s, z = quantize_per_token(torch.randn(3, 40, dtype=torch.float64), 4)
+    assert s.dtype == torch.float64 and dequantize_per_token(c, s, z).dtype == torch.float64
+    for bits in (None, 16):
+        with pytest.raises(ValueError, match="bits"):
+            quantize_per_token(x, bits)

@@ -3,13 +3,18 @@
 Computes ``y[B, N] = x_hat[B, K] @ W_hat[N, K]^T`` in fp32 where
 
 * ``W_hat[n, k] = lut[n, k // G, code[n, k]]`` with codes packed 16 (2-bit) per int32 along K
-  (layout: :mod:`rcp_lib.kernels.packing`), the LUT in fp16 (converted to fp32 in registers);
-* ``x_hat[b, k] = (x_codes[b, k] - zero[b]) * scale[b]`` (per-token asymmetric, A4 codes 0..15 in uint8).
-  Passing float activations with ``scale = 1`` and ``zero = 0`` gives a weight-only (W2A16) product.
+  (layout: :mod:`rcp_lib.kernels.bitpack`), the LUT in fp16 (converted to fp32 in registers);
+* ``x_hat[b, k] = (x_codes[b, k] - zero[b]) * scale[b]``: the integer form of the per-token activation quantizer
+  (:func:`rcp_lib.quant.activations.quantize_per_token`, the formula used in fake quantization; codes 0..15 in
+  uint8 for A4). The zero point is a float, ``zero = -lo / scale`` (not rounded, as in fake quantization; an
+  integer only for ``round_zero=True``). Passing float activations with ``scale = 1`` and ``zero = 0`` gives a
+  weight-only (W2A16) product.
 
 Formulation: the per-token scale is factored out of the K loop,
-``y[b, n] = scale[b] * sum_k (c[b, k] - zero[b]) * W_hat[n, k]``; ``c - zero`` is an exact small
-integer in fp32 (the zero point is integer-valued), so the only roundings are the fp32 products/sums.
+``y[b, n] = scale[b] * sum_k (c[b, k] - zero[b]) * W_hat[n, k]``; ``c - zero`` is computed in fp32 (one rounding
+for a float zero point, exact for an integer one), then the fp32 products/sums. The torch reference
+(:func:`rcp_lib.kernels.reference.w2a4_gemv_reference`) multiplies by the scale before the sum instead; the two
+agree to fp32 rounding.
 
 Program layout: program ``(pid_n, pid_b)`` owns ``BLOCK_N`` output rows and ``BLOCK_B`` tokens and loops
 over K in ``BLOCK_K`` chunks. Per chunk it loads the packed words of its rows (the lanes of a row read
@@ -32,7 +37,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .packing import codes_per_word, packed_words
+from .bitpack import codes_per_word, packed_words
 
 __all__ = ["w2a4_gemv_triton", "interpret_mode"]
 
@@ -161,7 +166,7 @@ def w2a4_gemv_triton(
 
     Args:
         x_codes: ``[B, K]`` uint8 activation codes (or float activations with scale 1 / zero 0).
-        x_scale, x_zero: ``[B]`` (or ``[B, 1]``) per-token scale and integer-valued zero point.
+        x_scale, x_zero: ``[B]`` (or ``[B, 1]``) per-token scale and (float) zero point (module docstring).
         packed_w: ``int32 [N, ceil(K / (32 // bits))]``. lut: ``[N, ceil(K/G), 2**bits]`` (fp16).
         K, G, bits: input features, group size, weight code width.
         block_b, block_n, block_k: tile sizes (powers of two); defaults depend on B and interpreter mode.

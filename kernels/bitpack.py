@@ -1,4 +1,8 @@
-"""Bit-packing of low-bit weight codes and non-uniform (LUT) dequantization.
+"""Bit-packing of low-bit weight codes and non-uniform (LUT) dequantization (the tensor format of the W2A4 op).
+
+Not to be confused with :mod:`rcp_lib.packing`, which saves and loads whole packed models (and holds the deployed
+layer, :class:`rcp_lib.packing.PackedLinear`). The codes and levels come from the weight quantizers of
+:mod:`rcp_lib.quant.quantizers` (``WeightQuantizer.export``, ``nearest_level_codes``, ``uniform_levels``).
 
 Packed format
 -------------
@@ -12,7 +16,7 @@ consecutive *input* elements per output row, is stored as two tensors:
       packed[n, j] = sum_i codes[n, j*CPW + i] << (bits * i)      (two's complement int32)
 
   When ``K`` is not a multiple of ``CPW`` the last word of each row is padded with code 0; ``K`` itself
-  is not stored in the tensor and must be passed along (``QuantizedLinearW2A4`` keeps it as
+  is not stored in the tensor and must be passed along (:class:`rcp_lib.packing.PackedLinear` keeps it as
   ``in_features``).
 * ``lut``: ``fp16 [N, ceil(K / G), 2**bits]``: the (non-uniform, learnable) levels of each group.
   ``W_hat[n, k] = lut[n, k // G, code[n, k]]``. A ragged last group (``K % G != 0``) is allowed.
@@ -47,8 +51,6 @@ __all__ = [
     "pack_codes",
     "unpack_codes",
     "dequantize",
-    "nearest_level_codes",
-    "uniform_levels",
 ]
 
 SUPPORTED_BITS = (1, 2, 4, 8)
@@ -155,45 +157,3 @@ def dequantize(
     grp = torch.arange(K, device=packed.device) // G  # [K]
     lut_rows = lut.to(dtype)[:, grp, :]  # [N, K, L]
     return torch.gather(lut_rows, 2, codes.unsqueeze(-1)).squeeze(-1)
-
-
-def nearest_level_codes(weight: torch.Tensor, levels: torch.Tensor, G: int) -> torch.Tensor:
-    """Assign every weight to its nearest level of its group (the hard partition of LDP at inference).
-
-    Args:
-        weight: ``[N, K]`` float.
-        levels: ``[N, ceil(K/G), L]`` float levels.
-        G: group size along K.
-
-    Returns:
-        ``uint8 [N, K]`` codes in ``0 .. L-1``.
-    """
-    N, K = weight.shape
-    ng = -(-K // G)
-    if levels.dim() != 3 or levels.shape[:2] != (N, ng):
-        raise ValueError(f"levels must be [N={N}, {ng}, L], got {tuple(levels.shape)}")
-    grp = torch.arange(K, device=weight.device) // G
-    lv = levels.to(torch.float64)[:, grp, :]  # [N, K, L]
-    d = (weight.to(torch.float64).unsqueeze(-1) - lv).abs()
-    return d.argmin(dim=-1).to(torch.uint8)
-
-
-def uniform_levels(weight: torch.Tensor, G: int, bits: int = 2) -> torch.Tensor:
-    """A simple level initialisation: ``2**bits`` evenly spaced levels between each group's min and max.
-
-    Args:
-        weight: ``[N, K]`` float. G: group size. bits: code width.
-
-    Returns:
-        ``float32 [N, ceil(K/G), 2**bits]`` ascending levels.
-    """
-    N, K = weight.shape
-    ng = -(-K // G)
-    w = weight.to(torch.float32)
-    pad = ng * G - K
-    if pad:  # pad the ragged last group with its last element: min/max unaffected
-        w = torch.cat([w, w[:, -1:].expand(N, pad)], dim=1)
-    w = w.reshape(N, ng, G)
-    lo, hi = w.amin(-1, keepdim=True), w.amax(-1, keepdim=True)
-    t = torch.linspace(0.0, 1.0, 1 << bits, device=weight.device)
-    return lo + (hi - lo) * t
