@@ -261,7 +261,7 @@ def load_quantized(path: str | os.PathLike, device: str | torch.device = "cpu", 
     """
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from .quant.apply import KVQuantizer
+    from .quant.apply import OFF, KVQuantizer, QuantConfig
 
     path = Path(path)
     qmap, tensors = _read_checked(path)
@@ -272,7 +272,7 @@ def load_quantized(path: str | os.PathLike, device: str | torch.device = "cpu", 
     model = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
     M.check_supported(model)
     d = M.dims(model)
-    rot, quant = qmap.get("rotation") or {}, qmap["quant"]
+    rot, quant = qmap.get("rotation") or {}, QuantConfig.from_dict(qmap["quant"])
     for name, e in qmap["layers"].items():
         transform = OnlineHadamard(e["r4"]["n"], e["r4"]["block"]) if e["r4"] else None
         bias = tensors.get(f"{name}.bias")
@@ -296,16 +296,15 @@ def load_quantized(path: str | os.PathLike, device: str | torch.device = "cpu", 
     if rot.get("r3"):
         for layer in M.decoder_layers(model):
             M.attention(layer).rcp_qk_rotation = OnlineHadamard(d.head_dim)
-    if quant.get("kv_bits", 16) != 16:
+    if quant.kv.bits != OFF:
         for layer in M.decoder_layers(model):
-            M.attention(layer).rcp_kv_quantizer = KVQuantizer(quant["kv_bits"], quant.get("kv_group_size") or d.head_dim,
-                                                              quant.get("kv_clip_ratio", 1.0))
+            M.attention(layer).rcp_kv_quantizer = KVQuantizer.of(quant.kv, d.head_dim)
     base = qmap.get("attn_implementation") or "sdpa"
     model.config._attn_implementation = "eager" if "eager" in base else "sdpa"
-    if rot.get("r3") or quant.get("kv_bits", 16) != 16:
+    if rot.get("r3") or quant.kv.bits != OFF:
         use_rcp_attention(model)
     model.config.rcp_rotation = qmap.get("rotation")
-    model.config.rcp_quant = quant
+    model.config.rcp_quant = qmap["quant"]
     model.to(device).eval()
     tok = None
     if (path / "tokenizer_config.json").exists():
