@@ -22,22 +22,12 @@ from __future__ import annotations
 __all__: list[str] = []
 
 if __name__ == "rcp_lib.kernels":
+    from . import bitpack as _bitpack
     from .bitpack import SUPPORTED_BITS, codes_per_word, dequantize, pack_codes, packed_words, unpack_codes
     from .op import triton_available, w2a4_gemv
     from .reference import w2a4_gemv_reference
 
-    __all__ = [
-        "SUPPORTED_BITS",
-        "codes_per_word",
-        "packed_words",
-        "pack_codes",
-        "unpack_codes",
-        "dequantize",
-        "w2a4_gemv_reference",
-        "w2a4_gemv",
-        "w2a4_gemv_triton",
-        "triton_available",
-    ]
+    __all__ = [*_bitpack.__all__, "w2a4_gemv_reference", "w2a4_gemv", "w2a4_gemv_triton", "triton_available"]
 
     def __getattr__(name: str):
         if name == "w2a4_gemv_triton":  # imported on first use: importing triton is not free

@@ -27,7 +27,7 @@ Why packed along K, row-major, in int32
   contiguous byte stream (``K/4`` bytes for 2-bit), so slicing by output rows (tensor parallel, or a
   GEMV program owning ``BLOCK_N`` rows) is a view, and the group's LUT ``lut[n, g, :]`` (8 bytes for
   2-bit) sits next to the codes it decodes.
-* In the GEMV kernel (``w2a4_gemv.py``) a program owns ``BLOCK_N`` rows and walks K in ``BLOCK_K``
+* In the GEMV kernel (``triton_gemv.py``) a program owns ``BLOCK_N`` rows and walks K in ``BLOCK_K``
   chunks; the lanes of a warp walk along K, so neighbouring lanes read neighbouring 4-byte words of the
   same row: each row of the tile is a contiguous ``BLOCK_K/4``-byte segment (64 bytes for BLOCK_K=256),
   i.e. full, aligned memory transactions. The reduction over K stays inside a program (no split-K

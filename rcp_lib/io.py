@@ -58,6 +58,13 @@ def atomic_write_json(obj: Any, path: str | os.PathLike) -> Path:
     return atomic_write_text(json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n", path)
 
 
+def atomic_save_safetensors(tensors: Mapping[str, Any], path: str | os.PathLike) -> Path:
+    """Write named tensors as one safetensors file via a temporary file + rename."""
+    from safetensors.torch import save
+
+    return _atomic_write_bytes(save(dict(tensors)), path)
+
+
 def atomic_save_torch(obj: Any, path: str | os.PathLike) -> Path:
     import torch
 

@@ -1,27 +1,37 @@
-"""Export of a rotated, quantized model to real packed tensors, and loading it back (``save_quantized`` /
-``load_quantized``).
+"""The saved and deployed forms of a quantized model: the frozen-state tensors, ``save_quantized`` /
+``load_quantized``, and the deployed layer :class:`PackedLinear`.
+
+Lifecycle (one path for QAT students, GPTQ and RTN): a model prepared by ``rotate_model`` + ``quantize_model`` is
+trained or calibrated, its layers end frozen (:meth:`rcp_lib.quant.linear.QuantLinear.freeze`: codes + level
+table), :func:`quantized_state_dict` turns that state into named tensors (the one tensor format: the packed folder
+stores it, the PTQ cache stores its projection part through :func:`save_quantized_state`), and loading re-runs the
+same surgery on a skeleton built from the config (``rotate_model(..., fuse_weights=False)`` then ``quantize_model``,
+optimum-quanto's ``requantize`` pattern), freezes its layers to the stored tensors
+(:func:`load_quantized_state_dict`) and deploys them (:func:`deploy`: every quantized projection becomes a
+:class:`PackedLinear`).
 
 Folder layout (format version :data:`FORMAT_VERSION`):
 
-* ``model.safetensors`` — for every quantized projection ``<name>``: ``<name>.qweight`` (int32 ``[N, ceil(K/16)]``,
-  2-bit codes packed 16 per word along K, the layout of :mod:`rcp_lib.kernels.bitpack`), ``<name>.lut`` (fp16
-  ``[N, K/G, 2^bits]`` level table per group; float32 when ``dtype=float32``) and ``<name>.bias`` if any; projections kept in full precision as
-  ``<name>.weight``; every other tensor (embedding, lm_head, norms) in ``dtype`` (fp16 by default).
-* ``quant_map.json`` — the format version, the transformers config, the rotation and quantization configs, one
-  entry per projection (bits, group size, N, K, activation bits and clip ratio, online R4), the name, shape and
-  dtype of every tensor, and the SHA-256 of ``model.safetensors``.
+* ``model.safetensors`` — :func:`quantized_state_dict`: for every quantized projection ``<name>``: ``<name>.qweight``
+  (int32 ``[N, ceil(K/16)]``, 2-bit codes packed 16 per word along K, the layout of :mod:`rcp_lib.kernels.bitpack`),
+  ``<name>.lut`` (fp16 ``[N, K/G, 2^bits]`` level table per group; float32 when ``dtype=float32``) and
+  ``<name>.bias`` if any; projections kept in full precision as ``<name>.weight``; every other tensor (embedding,
+  lm_head, norms) in ``dtype`` (fp16 by default).
+* ``quant_map.json`` — the format version, the transformers config, the rotation and quantization configs (what the
+  loader re-runs), one entry per projection (bits, group size, N, K, activation bits and clip ratio, online R4:
+  checked against the rebuilt skeleton), the name, shape and dtype of every tensor, and the SHA-256 of
+  ``model.safetensors``.
 * the tokenizer files, if a tokenizer is given.
 
-:func:`load_quantized` checks the format version, the checksum and that the tensors match the map (anything else
-raises :class:`PackedFormatError`), rebuilds the architecture from the config, installs the online rotations
-(R3 on queries/keys, R4 on the down_proj input: R1/R2 are already in the weights) and the KV quantizer, and puts a
-:class:`PackedLinear` (packed codes + LUT, per-token A4 input quantization, the W2A4 op of
-:mod:`rcp_lib.kernels`: torch reference on CPU, Triton on CUDA) in place of every quantized projection.
+:func:`load_quantized` checks the format version, the checksum, that the tensors match the map and that the
+surgery rebuilds the layers the map describes (anything else raises :class:`PackedFormatError`).
 
 :class:`PackedLinear` is the one deployed form of a :class:`rcp_lib.quant.linear.QuantLinear`
-(:meth:`PackedLinear.from_quant_linear`); it quantizes its input with the activation fake quantizer's own formula
-(:func:`rcp_lib.quant.activations.quantize_per_token`), so a trained layer and its deployed form agree to float
-rounding (with a float32 LUT; the fp16 LUT of the default storage adds the fp16 rounding of the levels).
+(:meth:`PackedLinear.from_quant_linear`): packed codes + LUT, per-token A4 input quantization, the W2A4 op of
+:mod:`rcp_lib.kernels` (torch reference on CPU, Triton on CUDA). It quantizes its input with the activation fake
+quantizer's own formula (:func:`rcp_lib.quant.activations.quantize_per_token`), so a trained layer and its deployed
+form agree to float rounding (with a float32 LUT; the fp16 LUT of the default storage adds the fp16 rounding of the
+levels).
 """
 
 from __future__ import annotations
@@ -39,11 +49,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import models as M
-from .kernels import SUPPORTED_BITS, dequantize, pack_codes, w2a4_gemv
+from .io import atomic_save_safetensors
+from .kernels import SUPPORTED_BITS, dequantize, pack_codes, unpack_codes, w2a4_gemv
 from .quant.activations import quantize_per_token
 from .quant.linear import QuantLinear
-from .rotation.online import InputRotatedLinear, OnlineHadamard, use_rcp_attention
+from .rotation.online import OnlineHadamard
 
+# Version 1: the tensor and map layout above. Loading re-runs the surgery from the stored configs (since the lifecycle
+# refactor), which version-1 folders already hold, so the layout, and the version, did not change.
 FORMAT_VERSION = 1
 WEIGHTS = "model.safetensors"
 MAP = "quant_map.json"
@@ -70,17 +83,147 @@ def _quantized_projections(model: nn.Module) -> dict[str, QuantLinear]:
     return out
 
 
-def save_quantized(model: nn.Module, path: str | os.PathLike, tokenizer=None, dtype: torch.dtype = torch.float16,
-                   overwrite: bool = True) -> Path:
-    """Export a quantized model (after QAT, GPTQ or plain PTQ) to packed tensors (see module docstring).
+def _storage_bits(levels: int) -> int:
+    """Code width a level table of ``levels`` entries is packed at: the smallest of
+    :data:`rcp_lib.kernels.bitpack.SUPPORTED_BITS` holding ``ceil(log2(levels))`` bits (3-bit codes go in 4-bit
+    slots; only the widths the W2A4 op runs, ``2**bits == levels``, can be deployed)."""
+    need = max(1, math.ceil(math.log2(levels)))
+    fits = [b for b in SUPPORTED_BITS if b >= need]
+    if not fits:
+        raise NotImplementedError(f"{levels} levels need {need} bits; packing supports {SUPPORTED_BITS}")
+    return fits[0]
+
+
+def _deploy_bits(levels: int, name: str) -> int:
+    """``bits`` with ``2**bits == levels`` and ``bits`` in SUPPORTED_BITS (what :class:`PackedLinear` runs)."""
+    bits = int(round(math.log2(levels)))
+    if bits not in SUPPORTED_BITS or 2**bits != levels:
+        raise NotImplementedError(f"{name}: {levels} levels ({bits} bits) cannot be packed; supported bits: {SUPPORTED_BITS}")
+    return bits
+
+
+def _layer_entry(name: str, q: QuantLinear) -> dict:
+    """The map entry of one projection (what the surgery decides: sizes, bits, group, activation quantizer, R4)."""
+    transform = q.input_transform
+    if transform is not None and not isinstance(transform, OnlineHadamard):
+        raise ValueError(f"{name}: cannot export an input transform of type {type(transform).__name__}")
+    wq = q.weight_quantizer
+    entry = {"N": q.out_features, "K": q.in_features, "act_bits": q.act_bits, "act_clip_ratio": q.act_clip_ratio,
+             "bias": q.bias is not None,
+             "r4": None if transform is None else {"n": transform.n, "block": transform.block}}
+    if wq is None:
+        entry.update(bits=16, group_size=None)
+    else:
+        entry.update(bits=wq.config.bits if wq.config is not None else wq.bits, group_size=wq.group_size)
+    return entry
+
+
+@torch.no_grad()
+def quantized_state_dict(model: nn.Module, dtype: torch.dtype = torch.float16,
+                         projections_only: bool = False) -> dict[str, torch.Tensor]:
+    """The frozen state of a quantized model as named CPU tensors: the one tensor format of a saved quantized model.
+
+    For every block projection ``<name>`` with a weight quantizer (learnable or frozen: its ``export()``, i.e. what
+    :meth:`~rcp_lib.quant.linear.QuantLinear.freeze` would hold): ``<name>.qweight`` int32
+    ``[N, ceil(K / (32 // b))]`` (codes packed at ``b = _storage_bits(L)``, 2 for W2) and ``<name>.lut``
+    ``[N, K/G, L]`` (fp16, or float32 when ``dtype`` is float32). Unless ``projections_only``, also
+    ``<name>.bias``, ``<name>.weight`` of projections without weight quantizer, and every other tensor of the
+    state dict (embedding, lm_head, norms) in ``dtype``.
 
     Args:
-        model: a LLaMA-family model prepared with ``quantize_model`` (and usually ``rotate_model``).
+        model: prepared with ``quantize_model``.
+        dtype: storage dtype of the float tensors (fp16 default; float32 for bit-exact round trips).
+        projections_only: only the codes and level tables (the PTQ cache: the rest is rebuilt).
+    """
+    projs = _quantized_projections(model)
+    lut_dtype = torch.float32 if dtype == torch.float32 else torch.float16
+    tensors: dict[str, torch.Tensor] = {}
+    for name, q in projs.items():
+        if q.weight_quantizer is not None:
+            codes, levels = q.export()  # uint8 [N, K], float32 [N, K/G, L]
+            tensors[f"{name}.qweight"] = pack_codes(codes, _storage_bits(levels.shape[-1])).contiguous().cpu()
+            tensors[f"{name}.lut"] = levels.to(lut_dtype).contiguous().cpu()
+        elif not projections_only:
+            tensors[f"{name}.weight"] = q.weight.detach().to(dtype).contiguous().cpu()
+        if q.bias is not None and not projections_only:
+            tensors[f"{name}.bias"] = q.bias.detach().to(dtype).contiguous().cpu()
+    if not projections_only:
+        prefixes = tuple(n + "." for n in projs)
+        for key, t in model.state_dict().items():
+            if not key.startswith(prefixes):
+                tensors[key] = t.detach().to(dtype).contiguous().cpu()
+    return tensors
+
+
+@torch.no_grad()
+def load_quantized_state_dict(model: nn.Module, tensors: dict[str, torch.Tensor],
+                              projections_only: bool = False) -> nn.Module:
+    """Inverse of :func:`quantized_state_dict`, in place, on a model prepared by the same surgery
+    (``rotate_model`` + ``quantize_model``): every projection with a weight quantizer is frozen to the stored codes
+    and levels (:meth:`~rcp_lib.quant.linear.QuantLinear.freeze`); unless ``projections_only`` every other tensor is
+    loaded too, strictly. Returns the model.
+
+    Raises:
+        PackedFormatError: a projection without stored codes, a level table that does not fit its layer, missing
+            or unexpected tensors.
+    """
+    projs = _quantized_projections(model)
+    used: set[str] = set()
+    for name, q in projs.items():
+        if q.weight_quantizer is None:
+            continue
+        qk, lk = f"{name}.qweight", f"{name}.lut"
+        if qk not in tensors or lk not in tensors:
+            raise PackedFormatError(f"{name}: no stored codes and levels ({qk}, {lk})")
+        lut = tensors[lk]
+        if lut.dim() != 3 or lut.shape[0] != q.out_features or lut.shape[1] * q.weight_quantizer.group_size != q.in_features:
+            raise PackedFormatError(f"{lk}: shape {tuple(lut.shape)} does not fit the layer ({q.out_features}, "
+                                    f"{q.in_features}) with group size {q.weight_quantizer.group_size}")
+        try:
+            codes = unpack_codes(tensors[qk], q.in_features, _storage_bits(lut.shape[-1]))
+        except (TypeError, ValueError) as e:
+            raise PackedFormatError(f"{qk}: {e}") from e
+        q.freeze(codes, lut.float())
+        used |= {qk, lk}
+    if not projections_only:
+        rest = {k: v for k, v in tensors.items() if k not in used}
+        missing, unexpected = model.load_state_dict(rest, strict=False)
+        # not stored: the latent weight and the quantizer buffers of the frozen projections (rebuilt by freeze)
+        frozen = tuple(f"{n}.{k}" for n, q in projs.items() if q.weight_quantizer is not None
+                       for k in ("weight", "weight_quantizer."))
+        missing = [k for k in missing if not k.startswith(frozen)]
+        if missing or unexpected:
+            raise PackedFormatError(f"the model needs {missing[:5]} / does not take {unexpected[:5]}")
+    return model
+
+
+def save_quantized_state(model: nn.Module, path: str | os.PathLike) -> Path:
+    """The frozen codes + level tables of a quantized model's projections (:func:`quantized_state_dict` with
+    ``projections_only``, float32 levels: bit-exact) as one safetensors file, written atomically (the PTQ cache)."""
+    return atomic_save_safetensors(quantized_state_dict(model, torch.float32, projections_only=True), path)
+
+
+def load_quantized_state(model: nn.Module, path: str | os.PathLike) -> nn.Module:
+    """Freeze the projections of a model prepared by the same surgery to a file of :func:`save_quantized_state`."""
+    from safetensors.torch import load_file
+
+    return load_quantized_state_dict(model, load_file(str(path)), projections_only=True)
+
+
+def save_quantized(model: nn.Module, path: str | os.PathLike, tokenizer=None, dtype: torch.dtype = torch.float16,
+                   overwrite: bool = True) -> Path:
+    """Export a quantized model (after QAT, GPTQ or plain PTQ; frozen or not) to packed tensors (see module docstring).
+
+    Args:
+        model: a model of a registered family prepared with ``quantize_model`` (and usually ``rotate_model``).
         path: output folder (written to a temporary folder, then renamed).
         tokenizer: saved next to the weights if given.
-        dtype: storage dtype of the non-quantized tensors (fp16 default; float32 for bit-exact round trips).
+        dtype: storage dtype of the non-quantized tensors and the LUTs (fp16 default; float32 for bit-exact round
+            trips).
     Returns:
         the folder.
+    Raises:
+        NotImplementedError: a weight width the W2A4 op cannot run (e.g. 3 bits).
     """
     from safetensors.torch import save_file
 
@@ -89,34 +232,11 @@ def save_quantized(model: nn.Module, path: str | os.PathLike, tokenizer=None, dt
     path = Path(path)
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path} exists (overwrite=False)")
-    projs = _quantized_projections(model)
-    tensors: dict[str, torch.Tensor] = {}
-    layers: dict[str, dict] = {}
-    for name, q in projs.items():
-        N, K = q.weight.shape
-        transform = q.input_transform
-        entry = {"N": N, "K": K, "act_bits": q.act_bits, "act_clip_ratio": q.act_clip_ratio,
-                 "bias": q.bias is not None,
-                 "r4": None if transform is None else {"n": transform.n, "block": transform.block}}
-        if transform is not None and not isinstance(transform, OnlineHadamard):
-            raise ValueError(f"{name}: cannot export an input transform of type {type(transform).__name__}")
-        if q.weight_quantizer is None:
-            entry.update(bits=16, group_size=None)
-            tensors[f"{name}.weight"] = q.weight.detach().to(dtype).contiguous().cpu()
-        else:
-            # the LUT is fp16 (the kernel format) unless the caller asks for float32 storage (exact round trips)
-            p = PackedLinear.from_quant_linear(q, lut_dtype=torch.float32 if dtype == torch.float32 else torch.float16,
-                                               name=name)
-            entry.update(bits=p.bits, group_size=p.group_size)
-            tensors[f"{name}.qweight"] = p.qweight.contiguous().cpu()
-            tensors[f"{name}.lut"] = p.lut.contiguous().cpu()
-        if q.bias is not None:
-            tensors[f"{name}.bias"] = q.bias.detach().to(dtype).contiguous().cpu()
-        layers[name] = entry
-    for key, t in model.state_dict().items():
-        if any(key.startswith(n + ".") for n in projs):
-            continue
-        tensors[key] = t.detach().to(dtype).contiguous().cpu()
+    layers = {name: _layer_entry(name, q) for name, q in _quantized_projections(model).items()}
+    tensors = quantized_state_dict(model, dtype)
+    for name, e in layers.items():
+        if e["bits"] != 16:
+            _deploy_bits(tensors[f"{name}.lut"].shape[-1], name)
 
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp-"))
@@ -187,10 +307,7 @@ class PackedLinear(nn.Module):
             raise ValueError(f"{name}: a QuantLinear without weight quantizer has nothing to pack")
         codes, levels = q.export()  # uint8 [N, K], float32 [N, K/G, L]
         K = codes.shape[1]
-        L = levels.shape[-1]
-        bits = int(round(math.log2(L)))
-        if bits not in SUPPORTED_BITS or 2**bits != L:
-            raise NotImplementedError(f"{name}: {L} levels ({bits} bits) cannot be packed; supported bits: {SUPPORTED_BITS}")
+        bits = _deploy_bits(levels.shape[-1], name)
         bias = None if q.bias is None else q.bias.detach().clone()
         return cls(pack_codes(codes, bits), levels.to(lut_dtype).contiguous(), K, K // levels.shape[1], bits, bias,
                    q.act_bits, q.act_clip_ratio, q.input_transform, backend)
@@ -252,59 +369,65 @@ def _read_checked(path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
     return qmap, tensors
 
 
+def deploy(model: nn.Module, lut_dtype: torch.dtype = torch.float16, backend: str | None = None) -> nn.Module:
+    """Replace every block projection that has a weight quantizer (frozen or not) by its :class:`PackedLinear`, in
+    place; projections with full-precision weights stay :class:`~rcp_lib.quant.linear.QuantLinear`. Returns the model.
+
+    Args:
+        lut_dtype: dtype of the LUTs (fp16: the kernel format; float32: exact).
+        backend: forced backend of the W2A4 op (None: the registered op's choice).
+    """
+    for name, q in list(M.named_block_linears(model)):
+        if isinstance(q, QuantLinear) and q.weight_quantizer is not None:
+            M.set_submodule(model, name, PackedLinear.from_quant_linear(q, lut_dtype, backend, name))
+    return model
+
+
 def load_quantized(path: str | os.PathLike, device: str | torch.device = "cpu", backend: str | None = None,
                    dtype: torch.dtype = torch.float32):
     """Load a folder written by :func:`save_quantized`. Returns ``(model, tokenizer or None)``.
 
+    The architecture is built from the stored transformers config, the stored rotation and quantization configs are
+    re-run on it (``rotate_model(..., fuse_weights=False)``, ``quantize_model``: the same surgery as the saved model
+    went through), its layers are frozen to the stored tensors (:func:`load_quantized_state_dict`) and deployed
+    (:func:`deploy`, LUTs in the stored dtype).
+
     Raises:
-        PackedFormatError: other format version, checksum mismatch, tensors that do not match the map.
+        PackedFormatError: other format version, checksum mismatch, tensors that do not match the map, configs this
+            version cannot rebuild, or a rebuilt layer that differs from the map.
     """
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from .quant.apply import OFF, KVQuantizer, QuantConfig
+    from .quant.apply import QuantConfig, quantize_model
+    from .rotation.fuse import RotationConfig, rotate_model
 
     path = Path(path)
     qmap, tensors = _read_checked(path)
+    try:
+        rot = RotationConfig.from_dict(qmap["rotation"]) if qmap.get("rotation") else None
+        quant = QuantConfig.from_dict(qmap["quant"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise PackedFormatError(f"{path}: the stored rotation / quantization configs cannot be rebuilt by this "
+                                f"rcp_lib ({e}); re-export the model with this version") from e
     cfg_dict = dict(qmap["config"])
     model_type = cfg_dict.pop("model_type")
     cfg = AutoConfig.for_model(model_type, **{k: v for k, v in cfg_dict.items() if k not in ("rcp_quant", "rcp_rotation")})
     cfg.tie_word_embeddings = False
     model = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
-    M.check_supported(model)
-    d = M.dims(model)
-    rot, quant = qmap.get("rotation") or {}, QuantConfig.from_dict(qmap["quant"])
-    for name, e in qmap["layers"].items():
-        transform = OnlineHadamard(e["r4"]["n"], e["r4"]["block"]) if e["r4"] else None
-        bias = tensors.get(f"{name}.bias")
-        bias = bias.to(dtype) if bias is not None else None
-        if e["bits"] == 16:
-            lin = nn.Linear(e["K"], e["N"], bias=bias is not None, dtype=dtype)
-            lin.weight.data = tensors[f"{name}.weight"].to(dtype)
-            if bias is not None:
-                lin.bias.data = bias
-            new = InputRotatedLinear.wrap(lin, transform) if transform is not None else lin
-        else:
-            new = PackedLinear(tensors[f"{name}.qweight"], tensors[f"{name}.lut"], e["K"], e["group_size"], e["bits"],
-                               bias, e["act_bits"], e["act_clip_ratio"], transform, backend)
-        M.set_submodule(model, name, new)
-    rest = {k: v.to(dtype) for k, v in tensors.items() if not any(k.startswith(n + ".") for n in qmap["layers"])}
-    missing, unexpected = model.load_state_dict(rest, strict=False)
-    block_prefixes = tuple(n + "." for n in qmap["layers"])
-    missing = [k for k in missing if not k.startswith(block_prefixes)]
-    if missing or unexpected:
-        raise PackedFormatError(f"{path}: the model needs {missing[:5]} / does not take {unexpected[:5]}")
-    if rot.get("r3"):
-        for layer in M.decoder_layers(model):
-            M.attention(layer).rcp_qk_rotation = OnlineHadamard(d.head_dim)
-    if quant.kv.bits != OFF:
-        for layer in M.decoder_layers(model):
-            M.attention(layer).rcp_kv_quantizer = KVQuantizer.of(quant.kv, d.head_dim)
     base = qmap.get("attn_implementation") or "sdpa"
     model.config._attn_implementation = "eager" if "eager" in base else "sdpa"
-    if rot.get("r3") or quant.kv.bits != OFF:
-        use_rcp_attention(model)
-    model.config.rcp_rotation = qmap.get("rotation")
-    model.config.rcp_quant = qmap["quant"]
+    if rot is not None:
+        rotate_model(model, rot, fuse_weights=False)
+    quantize_model(model, quant)
+    projs = _quantized_projections(model)
+    if set(qmap["layers"]) != set(projs):
+        raise PackedFormatError(f"{path}: the map's layers are not the rebuilt model's projections")
+    for name, q in projs.items():
+        rebuilt, stored = json.loads(json.dumps(_layer_entry(name, q))), qmap["layers"][name]
+        if rebuilt != stored:
+            raise PackedFormatError(f"{path}: {name}: the surgery rebuilds {rebuilt}, the map says {stored}")
+    load_quantized_state_dict(model, tensors)
+    deploy(model, torch.float32 if qmap.get("storage_dtype") == "float32" else torch.float16, backend)
     model.to(device).eval()
     tok = None
     if (path / "tokenizer_config.json").exists():

@@ -62,7 +62,7 @@ def test_ptq_cache_freezes_rtn_weights_bit_for_bit(monkeypatch, tmp_path, capsys
 
     from rcp_lib import models as M
     from rcp_lib.quant.apply import quantize_model, quantized_linears
-    from rcp_lib.quant.calibrate import FrozenLevelsQuantizer
+    from rcp_lib.quant.quantizers import FrozenLevelsQuantizer
 
     monkeypatch.setenv("RCP_CACHE", str(tmp_path))
     P = get_profile("smoke", w_group_size=32)
@@ -77,4 +77,4 @@ def test_ptq_cache_freezes_rtn_weights_bit_for_bit(monkeypatch, tmp_path, capsys
         assert all(torch.equal(q.quantized_weight(), ref[n]) for n, q in quantized_linears(model))
         out[s] = capsys.readouterr().err
     assert "miss ptq-rtn-" in out["W2A4KV4"] and "hit ptq-rtn-" in out["W2A16KV16"]
-    assert len(list((tmp_path / "ptq").glob("*.pt"))) == 1
+    assert len(list((tmp_path / "ptq").glob("*.safetensors"))) == 1

@@ -121,3 +121,97 @@ def test_accountant_matches_bytes_on_disk_for_embedded_model(embedded, tmp_path)
     assert abs(disk["total"] - f.weights) / f.weights < 0.01
     assert abs(disk["file_bytes"] - f.weights) / f.weights < 0.01
     assert model.config.tie_word_embeddings is False  # quantize_model unties: lm_head is counted and stored
+
+
+def _structure(model):
+    """What the surgery decides, module by module: types (a deployed PackedLinear counts as the QuantLinear it
+    replaces), online rotations, KV quantizers, activation settings, and the configs it records."""
+    from rcp_lib.quant.linear import QuantLinear
+
+    out = {}
+    for name, mod in model.named_modules():
+        if isinstance(mod, (PackedLinear, QuantLinear)):
+            wq = getattr(mod, "weight_quantizer", None)
+            bits = mod.bits if isinstance(mod, PackedLinear) else (None if wq is None else wq.config.bits)
+            out[name] = ("quantized", bits, mod.act_bits, mod.act_clip_ratio, repr(mod.input_transform))
+        elif "." not in name or not name.rsplit(".", 1)[-1].startswith(("weight_quantizer", "input_transform")):
+            out[name] = (type(mod).__name__, mod.extra_repr())
+    return out, model.config._attn_implementation, model.config.rcp_rotation, model.config.rcp_quant
+
+
+def test_frozen_round_trip_re_runs_the_surgery(tmp_path):
+    """A frozen, rotated W2A4KV4 model: the loaded model is the same surgery (module for module) as a freshly
+    rotated + quantized one, and its logits equal the in-memory frozen model's."""
+    from rcp_lib.quant.linear import freeze_model
+
+    q = QuantConfig(w_group_size=32, lm_head_a_bits=8)  # lm_head's input quantizer is part of the surgery too
+    m = freeze_model(_model(q))
+    with torch.no_grad():
+        ref = m(IDS).logits
+    save_quantized(m, tmp_path / "p", dtype=torch.float32)
+    loaded, _ = load_quantized(tmp_path / "p")
+    fresh = _model(q)
+    assert _structure(loaded) == _structure(fresh)
+    assert sum(isinstance(x, PackedLinear) for x in loaded.modules()) == 14
+    with torch.no_grad():
+        assert _rel(ref, loaded(IDS).logits) < 1e-5
+
+
+def test_load_calls_rotate_and_quantize(tmp_path, monkeypatch):
+    """load_quantized rebuilds through rotate_model (structural part only) and quantize_model, not its own copy."""
+    from rcp_lib.quant import apply
+    from rcp_lib.rotation import fuse
+
+    save_quantized(_model(QuantConfig(w_group_size=32)), tmp_path / "p")
+    calls = []
+    rot, quant = fuse.rotate_model, apply.quantize_model
+    monkeypatch.setattr(fuse, "rotate_model", lambda m, c, **kw: calls.append(("rotate", kw)) or rot(m, c, **kw))
+    monkeypatch.setattr(apply, "quantize_model", lambda m, c: calls.append(("quantize", c.label)) or quant(m, c))
+    load_quantized(tmp_path / "p")
+    assert calls == [("rotate", {"fuse_weights": False}), ("quantize", "W2A4KV4")]
+
+
+def test_rotate_without_weights_installs_the_same_modules():
+    a = M.tiny_llama(hidden=96, intermediate=160, heads=3, kv_heads=1, layers=2, vocab=128)
+    b = M.tiny_llama(hidden=96, intermediate=160, heads=3, kv_heads=1, layers=2, vocab=128)
+    w = {k: v.clone() for k, v in b.state_dict().items()}
+    cfg = RotationConfig(r1="gsr", r1_block=32, r4_block=32)
+    rotate_model(a, cfg)
+    rotate_model(b, cfg, fuse_weights=False)
+    assert [(n, type(x).__name__, x.extra_repr()) for n, x in a.named_modules()] == \
+           [(n, type(x).__name__, x.extra_repr()) for n, x in b.named_modules()]
+    assert a.config.rcp_rotation == b.config.rcp_rotation and a.config._attn_implementation == b.config._attn_implementation
+    assert all(torch.equal(w[k], v) for k, v in b.state_dict().items() if k != "lm_head.weight")
+
+
+def test_map_that_the_surgery_does_not_rebuild(saved):
+    mp = saved / "quant_map.json"
+    d = json.loads(mp.read_text())
+    d["layers"]["model.layers.1.mlp.down_proj"]["r4"] = None
+    mp.write_text(json.dumps(d))
+    with pytest.raises(PackedFormatError, match="down_proj: the surgery rebuilds"):
+        load_quantized(saved)
+
+
+def test_unknown_stored_config_field(saved):
+    mp = saved / "quant_map.json"
+    d = json.loads(mp.read_text())
+    d["quant"]["w_future_option"] = 1
+    mp.write_text(json.dumps(d))
+    with pytest.raises(PackedFormatError, match="re-export"):
+        load_quantized(saved)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_quantized_state_file_round_trip(tmp_path, bits):
+    """The PTQ cache's file (the projection part of the same tensor format) restores the frozen layers bit for bit,
+    3-bit codes included (stored in 4-bit slots)."""
+    from rcp_lib.packing import load_quantized_state, save_quantized_state
+    from rcp_lib.quant.apply import quantized_linears
+
+    m = _model(QuantConfig(w_bits=bits, w_group_size=32, w_method="rtn", w_lwc=False, w_clip_search="mse"))
+    ref = {n: q.quantized_weight().clone() for n, q in quantized_linears(m)}
+    save_quantized_state(m, tmp_path / "s.safetensors")
+    fresh = _model(QuantConfig(w_bits=bits, w_group_size=32, w_method="rtn", w_lwc=False, w_clip_search="mse"))
+    load_quantized_state(fresh, tmp_path / "s.safetensors")
+    assert all(q.frozen and torch.equal(q.quantized_weight(), ref[n]) for n, q in quantized_linears(fresh))

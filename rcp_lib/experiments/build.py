@@ -67,28 +67,26 @@ def build(method: Method, profile: Profile, progress: bool = True) -> nn.Module:
 
 def _ptq_cached(model: nn.Module, method: Method, profile: Profile, progress: bool) -> None:
     """Quantize the weights of a PTQ row once (GPTQ, or RTN with its clip search) and freeze them as codes + level
-    tables, or restore those from the cache (``cache_dir()/ptq/``, keyed by :func:`ptq_key`). Every later use of the
-    same weights (another activation setting, the zero-shot table, the export of the memory check) loads them."""
-    from ..quant.apply import quantized_linears
-    from ..quant.calibrate import FrozenLevelsQuantizer, gptq_model
+    tables, or restore that frozen state from the cache (``cache_dir()/ptq/``, keyed by :func:`ptq_key`), through
+    the same frozen-state functions as the packed export (:func:`rcp_lib.packing.save_quantized_state` /
+    :func:`~rcp_lib.packing.load_quantized_state`). Every later use of the same weights (another activation setting,
+    the zero-shot table, the export of the memory check) loads them."""
+    from ..packing import load_quantized_state, save_quantized_state
+    from ..quant.calibrate import gptq_model
+    from ..quant.linear import freeze_model
 
     key = ptq_key(method, profile)
     name = cache_name(key["kind"], key)
-    path = cache_dir() / "ptq" / f"{name}.pt"
+    path = cache_dir() / "ptq" / f"{name}.safetensors"
     label = f"{method.name} weights ({method.recipe(profile).quant.w_bits}-bit)"
     _log_cache(path.exists(), name, label)
     if path.exists():
-        saved = torch.load(path)
-    else:
-        if method.ptq == "gptq":
-            gptq_model(model, calibration(profile), progress=progress)
-        saved = {n: q.weight_quantizer.export(q.weight) for n, q in quantized_linears(model)}
-        atomic_save_torch(saved, path)
-    for n, q in quantized_linears(model):
-        codes, levels = saved[n]
-        fq = FrozenLevelsQuantizer(codes, levels, q.weight_quantizer.config).to(q.weight.device)
-        q.weight.data = fq(q.weight.data)
-        q.weight_quantizer = fq
+        load_quantized_state(model, path)
+        return
+    if method.ptq == "gptq":
+        gptq_model(model, calibration(profile), progress=progress)  # ends frozen
+    freeze_model(model)
+    save_quantized_state(model, path)
 
 
 def qat_history(method: Method, profile: Profile) -> list[dict]:

@@ -6,8 +6,9 @@ The model-level surgery (``quantize_model``) lives in :mod:`rcp_lib.quant.apply`
 
 from .activations import check_act_bits, dequantize_per_token, fake_quant_kv, fake_quant_per_token, quantize_per_token
 from .gptq import GPTQResult, HessianAccumulator, gptq_quantize
-from .linear import QuantLinear
+from .linear import QuantLinear, freeze_model
 from .quantizers import (
+    FrozenLevelsQuantizer,
     WeightQuantConfig,
     WeightQuantizer,
     check_weight_bits,
@@ -26,6 +27,8 @@ from .quantizers import (
 )
 
 __all__ = [
+    "FrozenLevelsQuantizer",
+    "freeze_model",
     "WeightQuantConfig",
     "WeightQuantizer",
     "check_weight_bits",

@@ -6,8 +6,8 @@ The calibration windows are pushed through the model once up to the first decode
    accumulates the Hessian of what the layer sees (after its input transform, e.g. R4);
 2. each of the seven projections is quantized with :func:`~rcp_lib.quant.gptq.gptq_quantize` on the grid of its
    weight quantizer (uniform RTN grid, with QuaRot's per-group clip search when the config asks for it; or the
-   fixed LDP / Lloyd-Max level table), and its quantizer is replaced by a :class:`FrozenLevelsQuantizer` holding
-   the GPTQ codes and level table;
+   fixed LDP / Lloyd-Max level table), and the layer is frozen to the GPTQ codes and level table
+   (:meth:`~rcp_lib.quant.linear.QuantLinear.freeze`: the frozen state every quantized layer ends in);
 3. the block runs again, now with quantized weights, and its outputs are the next block's inputs (as in GPTQ).
 
 All seven Hessians of a block come from the same full-precision pass (GPTQ without ``true-sequential``).
@@ -28,32 +28,6 @@ from .. import models as M
 from .activations import fake_quant_per_token
 from .gptq import HessianAccumulator, gptq_quantize
 from .linear import QuantLinear
-
-
-class FrozenLevelsQuantizer(nn.Module):
-    """A weight quantizer whose output is fixed: ``levels.gather(codes)`` (e.g. after GPTQ). No parameters."""
-
-    def __init__(self, codes: torch.Tensor, levels: torch.Tensor, config=None):
-        super().__init__()
-        self.register_buffer("codes", codes.to(torch.uint8))
-        self.register_buffer("level_table", levels.float())
-        self.config = config
-        self.group_size = codes.shape[1] // levels.shape[1]
-
-    def forward(self, weight: torch.Tensor) -> torch.Tensor:
-        out, n = self.codes.shape
-        idx = self.codes.long().view(out, self.level_table.shape[1], self.group_size)
-        w = torch.gather(self.level_table, 2, idx).view(out, n)
-        return w.to(weight.dtype)
-
-    def levels(self, weight: torch.Tensor | None = None) -> torch.Tensor:
-        return self.level_table
-
-    def export(self, weight: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.codes.clone(), self.level_table.clone()
-
-    def quant_parameters(self) -> Iterator[nn.Parameter]:
-        return iter(())
 
 
 class _Stop(Exception):
@@ -213,6 +187,5 @@ def _gptq_layers(model, layers, calib, percdamp, act_order, block_size, batch_si
                 res = gptq_quantize(q.weight.data, accs[n].H, levels=wq.levels(q.weight.data).detach(),
                                     group_size=cfg.group_size, block_size=block_size, percdamp=percdamp,
                                     act_order=act_order)
-            q.weight.data = res.weight.to(q.weight.dtype)
-            q.weight_quantizer = FrozenLevelsQuantizer(res.codes, res.levels, cfg).to(q.weight.device)
+            q.freeze(res.codes, res.levels)  # weight <- levels.gather(codes) == res.weight
         inputs = _run_block(layer, inputs)

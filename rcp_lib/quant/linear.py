@@ -4,6 +4,12 @@ forward(x): ``x -> input_transform (optional, e.g. the online R4 Hadamard of dow
 fake quant (optional) -> F.linear(x, weight_quantizer(weight), bias)``. The latent weight and bias are the very
 ``nn.Parameter`` objects of the wrapped linear (trained in QAT); the quantizer's own parameters (LWC/LDP) are
 reported separately by :meth:`QuantLinear.quant_parameters` so that the two get different optimizer groups.
+
+Lifecycle of a quantized layer: train (QAT) or calibrate (GPTQ / RTN) with a learnable :class:`WeightQuantizer` ->
+:meth:`QuantLinear.freeze` (or :func:`freeze_model`): the quantizer becomes a :class:`FrozenLevelsQuantizer` (codes +
+level table, the same output) and the latent weight becomes the quantized weight -> saved with
+:func:`rcp_lib.packing.save_quantized` -> loaded by re-running the same surgery on a skeleton and loading the frozen
+tensors (:func:`rcp_lib.packing.load_quantized`) -> deployed as :class:`rcp_lib.packing.PackedLinear`.
 """
 
 from __future__ import annotations
@@ -15,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .activations import check_act_bits, fake_quant_per_token
-from .quantizers import WeightQuantConfig, WeightQuantizer
+from .quantizers import FrozenLevelsQuantizer, WeightQuantConfig, WeightQuantizer
 
 
 class QuantLinear(nn.Module):
@@ -24,7 +30,8 @@ class QuantLinear(nn.Module):
     Attributes:
         weight: latent weight ``[out, in]`` (``nn.Parameter``).
         bias: ``[out]`` or None.
-        weight_quantizer: :class:`WeightQuantizer` or None (weights in full precision).
+        weight_quantizer: :class:`WeightQuantizer`, :class:`FrozenLevelsQuantizer` (after :meth:`freeze`) or None
+            (weights in full precision).
         act_bits: input activation bits (1..8) or None (off; 16 is accepted and stored as None).
         act_clip_ratio: per-token clip ratio of the input quantizer.
         input_transform: optional ``nn.Module`` applied to the input before the activation quantizer.
@@ -142,10 +149,55 @@ class QuantLinear(nn.Module):
             raise ValueError("this QuantLinear has no weight quantizer (full-precision weights)")
         return self.weight_quantizer.export(self.weight)
 
+    @property
+    def frozen(self) -> bool:
+        """True once the weight quantizer is a :class:`FrozenLevelsQuantizer`."""
+        return isinstance(self.weight_quantizer, FrozenLevelsQuantizer)
+
+    @torch.no_grad()
+    def freeze(self, codes: torch.Tensor | None = None, levels: torch.Tensor | None = None) -> "QuantLinear":
+        """Replace the weight quantizer by its frozen form and the latent weight by the quantized weight, in place.
+
+        Args:
+            codes: uint8 ``[out, in]`` and
+            levels: float32 ``[out, n_groups, L]`` to freeze to (GPTQ's result, or tensors loaded from disk); both
+                None (default): the current quantizer's own :meth:`export`, so the output is bit-identical to before.
+        Returns:
+            ``self``. Without a weight quantizer (full-precision weights) nothing changes.
+        """
+        wq = self.weight_quantizer
+        if wq is None:
+            if codes is not None:
+                raise ValueError("this QuantLinear has no weight quantizer (full-precision weights): nothing to freeze to")
+            return self
+        if (codes is None) != (levels is None):
+            raise ValueError("freeze needs both codes and levels, or neither")
+        if codes is None:
+            codes, levels = wq.export(self.weight)
+        if tuple(codes.shape) != (self.out_features, self.in_features):
+            raise ValueError(f"codes {tuple(codes.shape)} do not match the layer ({self.out_features}, {self.in_features})")
+        fq = FrozenLevelsQuantizer(codes, levels, wq.config).to(self.weight.device)
+        self.weight.data = fq(self.weight.data)
+        self.weight_quantizer = fq
+        return self
+
     def extra_repr(self) -> str:
         wq = self.weight_quantizer
-        w = "w_bits=16" if wq is None else f"w_bits={wq.config.bits}, w_method={wq.config.method}, w_group_size={wq.config.group_size}, lwc={wq.config.learn_clip}"
+        if isinstance(wq, FrozenLevelsQuantizer):
+            w = f"w_bits={wq.bits}, frozen, w_group_size={wq.group_size}"
+        elif wq is None:
+            w = "w_bits=16"
+        else:
+            w = f"w_bits={wq.config.bits}, w_method={wq.config.method}, w_group_size={wq.config.group_size}, lwc={wq.config.learn_clip}"
         a = f"a_bits={16 if self.act_bits is None else self.act_bits}"
         if self.act_bits is not None:
             a += f", a_clip_ratio={self.act_clip_ratio}"
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, {w}, {a}"
+
+
+def freeze_model(model: nn.Module) -> nn.Module:
+    """:meth:`QuantLinear.freeze` every quantized layer of ``model`` in place (outputs unchanged); returns the model."""
+    for mod in model.modules():
+        if isinstance(mod, QuantLinear):
+            mod.freeze()
+    return model

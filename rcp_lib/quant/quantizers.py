@@ -700,3 +700,54 @@ class WeightQuantizer(nn.Module):
         if c.clip_search != "none":
             s += f", clip_search={c.clip_search}"
         return s
+
+
+class FrozenLevelsQuantizer(nn.Module):
+    """The frozen form of a weight quantizer (:meth:`rcp_lib.quant.linear.QuantLinear.freeze`, GPTQ, the PTQ cache,
+    :func:`rcp_lib.packing.load_quantized`): fixed codes and level table, no parameters.
+
+    Buffers:
+        codes: uint8 ``[out, in]``, values ``0 .. L-1``.
+        level_table: float32 ``[out, n_groups, L]``.
+
+    ``forward(weight) = level_table.gather(codes)`` as ``[out, in]`` in ``weight.dtype`` (the weight's values are not
+    read): bit-identical to the :class:`WeightQuantizer` it was exported from (see :meth:`WeightQuantizer.export`).
+    """
+
+    def __init__(self, codes: torch.Tensor, levels: torch.Tensor, config: WeightQuantConfig | None = None):
+        super().__init__()
+        if codes.dim() != 2 or levels.dim() != 3 or levels.shape[0] != codes.shape[0] or codes.shape[1] % levels.shape[1]:
+            raise ValueError(f"codes [out, in] and levels [out, n_groups, L] do not match: {tuple(codes.shape)}, "
+                             f"{tuple(levels.shape)}")
+        self.register_buffer("codes", codes.to(torch.uint8))
+        self.register_buffer("level_table", levels.float())
+        self.config = config
+        self.group_size = codes.shape[1] // levels.shape[1]
+
+    @property
+    def bits(self) -> int:
+        """Code width: ``ceil(log2(L))``."""
+        return max(1, math.ceil(math.log2(self.level_table.shape[-1])))
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        """``W_hat [out, in]`` in ``weight.dtype``."""
+        out, n = self.codes.shape
+        idx = self.codes.long().view(out, self.level_table.shape[1], self.group_size)
+        w = torch.gather(self.level_table, 2, idx).view(out, n)
+        return w.to(weight.dtype)
+
+    def levels(self, weight: torch.Tensor | None = None) -> torch.Tensor:
+        """The level table, float32 ``[out, n_groups, L]``."""
+        return self.level_table
+
+    def export(self, weight: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(codes uint8 [out, in], levels float32 [out, n_groups, L])`` (copies)."""
+        return self.codes.clone(), self.level_table.clone()
+
+    def quant_parameters(self) -> Iterator[nn.Parameter]:
+        """None: a frozen quantizer does not train."""
+        return iter(())
+
+    def extra_repr(self) -> str:
+        out, n = self.codes.shape
+        return f"frozen, shape=({out}, {n}), levels={self.level_table.shape[-1]}, group_size={self.group_size}"

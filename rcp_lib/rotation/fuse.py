@@ -174,8 +174,27 @@ def _check_norms(model: nn.Module) -> None:
                 raise M.UnsupportedModelError(f"{type(norm).__name__} is not an RMSNorm with a weight only")
 
 
-def rotate_model(model: nn.Module, config: RotationConfig | None = None) -> nn.Module:
+def _install_online_rotations(model: nn.Module, config: RotationConfig) -> None:
+    """The structural part of :func:`rotate_model`: R4 (an :class:`OnlineHadamard` on every down_proj input, the
+    layer wrapped as :class:`InputRotatedLinear`) and R3 (``rcp_qk_rotation`` on every attention module, with the
+    ``rcp_*`` attention function). Sizes are validated by the caller."""
+    d = M.dims(model)
+    for layer in M.decoder_layers(model):
+        att, mlp = M.attention(layer), M.mlp(layer)
+        if config.r4:
+            mlp.down_proj = InputRotatedLinear.wrap(mlp.down_proj, OnlineHadamard(d.intermediate, config.r4_block))
+        if config.r3:
+            att.rcp_qk_rotation = OnlineHadamard(d.head_dim)
+    if config.r3:
+        use_rcp_attention(model)
+
+
+def rotate_model(model: nn.Module, config: RotationConfig | None = None, fuse_weights: bool = True) -> nn.Module:
     """Fuse R1-R4 (see module docstring) into ``model`` in place and return it.
+
+    ``fuse_weights=False`` does only the structural part (untie the embeddings, install the online R3/R4 modules and
+    the ``rcp_*`` attention function, set ``config.rcp_rotation``) on a skeleton whose rotated weights are loaded
+    afterwards (:func:`rcp_lib.packing.load_quantized`); no weight is read or changed.
 
     Works for any hidden/intermediate/head size that :func:`~rcp_lib.rotation.hadamard.hadamard` can build
     (and any GSR block that divides the hidden size), any head count and GQA, tied or untied embeddings.
@@ -193,8 +212,8 @@ def rotate_model(model: nn.Module, config: RotationConfig | None = None) -> nn.M
         raise M.UnsupportedModelError("this model is already rotated (config.rcp_rotation is set)")
     d = M.dims(model)
     # -- validate: build every matrix before touching the model --
-    R1 = r1_matrix(config.r1, d.hidden, config.r1_block, config.r1_random_signs, config.seed)
-    R2 = r2_matrix(config.r2_kind, d.head_dim, config.seed) if config.r2 else None
+    R1 = r1_matrix(config.r1, d.hidden, config.r1_block, config.r1_random_signs, config.seed) if fuse_weights else None
+    R2 = r2_matrix(config.r2_kind, d.head_dim, config.seed) if config.r2 and fuse_weights else None
     if config.r3:
         hadamard(d.head_dim)
     H4_module = None
@@ -209,11 +228,14 @@ def rotate_model(model: nn.Module, config: RotationConfig | None = None) -> nn.M
         elif d.intermediate % config.r4_block:
             raise ValueError(f"r4_block={config.r4_block} does not divide the intermediate size {d.intermediate}")
         H4_module = OnlineHadamard(d.intermediate, config.r4_block)
-    H4 = H4_module.matrix() if H4_module is not None else None
+    H4 = H4_module.matrix() if H4_module is not None and fuse_weights else None
 
     # -- mutate --
+    if not fuse_weights:
+        M.untie_embeddings(model)
     with torch.no_grad():
-        fold_norms(model)
+        if fuse_weights:
+            fold_norms(model)
         if R1 is not None:
             emb = M.embedding(model)
             emb.weight.data = (emb.weight.data.double() @ R1.to(emb.weight.device)).to(emb.weight.dtype)
@@ -230,10 +252,6 @@ def rotate_model(model: nn.Module, config: RotationConfig | None = None) -> nn.M
                 _rotate_input(att.o_proj, _per_head(R2, d.n_heads))
             if H4 is not None:
                 _rotate_input(mlp.down_proj, H4)
-                mlp.down_proj = InputRotatedLinear.wrap(mlp.down_proj, OnlineHadamard(d.intermediate, config.r4_block))
-            if config.r3:
-                att.rcp_qk_rotation = OnlineHadamard(d.head_dim)
-    if config.r3:
-        use_rcp_attention(model)
+    _install_online_rotations(model, config)
     model.config.rcp_rotation = config.to_dict()
     return model
