@@ -73,7 +73,7 @@ def _cache_label(key: dict) -> str:
     """Short human label of a cache key for the hit/miss log (``"RCP W2A4KV4"``, ``"rotation gsr"``)."""
     m = key.get("method")
     if isinstance(m, dict):
-        return f"{m.get('method', '?')} {m.get('setting', '')}".strip()
+        return f"{m.get('method') or m.get('name') or '?'} {m.get('setting', '')}".strip()
     return " ".join(str(key[k]) for k in ("kind", "rotation") if k in key) or "?"
 
 
