@@ -5,7 +5,8 @@ Public API (re-exported here; see each module for details):
 * models:     ``load``                                  (rcp_lib.models)
 * data:       ``load_corpus``, ``tokenize``, ``corpus_tokens``, ``calibration_windows``   (rcp_lib.data)
 * rotate:     ``rotate_model``, ``RotationConfig``, ``hadamard``, ``walsh``, ``gsr``       (rcp_lib.rotation)
-* quantize:   ``quantize_model``, ``QuantConfig``, ``gptq_model``, ``freeze_model``      (rcp_lib.quant)
+* quantize:   ``quantize_model``, ``QuantConfig``, ``preset``, ``gptq_model``, ``freeze_model``  (rcp_lib.quant)
+* recipe:     ``Recipe`` (rotation + quant + PTQ + QAT: one setting, one object)          (rcp_lib.recipe)
 * train:      ``train``, ``QATConfig``                  (rcp_lib.qat)
 * evaluate:   ``perplexity``, ``zero_shot``             (rcp_lib.evaluation)
 * deploy:     ``save_quantized``, ``load_quantized``, ``footprint``   (rcp_lib.packing, rcp_lib.memory)
@@ -18,9 +19,10 @@ from .evaluation import perplexity, perplexity_details
 from .memory import footprint
 from .models import load
 from .qat import QATConfig, train
-from .quant.apply import QuantConfig, quantize_model
+from .quant.apply import QuantConfig, preset, quantize_model
 from .quant.calibrate import gptq_model
 from .quant.linear import freeze_model
+from .recipe import Recipe
 from .rotation import RotationConfig, gsr, hadamard, rotate_model, walsh
 
 __all__ = [
@@ -40,6 +42,8 @@ __all__ = [
     "gsr",
     "quantize_model",
     "QuantConfig",
+    "preset",
+    "Recipe",
     "gptq_model",
     "freeze_model",
     "train",

@@ -46,7 +46,7 @@ def _cmd_qat(args: argparse.Namespace) -> int:
 
     cfg = RunConfig.load(args.config)
     if args.steps is not None:
-        cfg.qat.steps = args.steps
+        cfg.recipe.qat.steps = args.steps
     summary = run_qat(cfg, progress=not args.quiet)
     print(json.dumps({k: v for k, v in summary.items() if k != "config"}, default=str))
     return 0

@@ -41,9 +41,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field, replace
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
 
 from .families import FAMILIES
+
+if TYPE_CHECKING:
+    from .quant.apply import QuantConfig
 
 __all__ = [
     "Scheme",
@@ -65,7 +68,9 @@ FP16_BYTES = 2
 
 @dataclass(frozen=True)
 class Scheme:
-    """Bit widths and quantizer granularity (16 bits = unquantized fp16).
+    """The accountant's view of a quantization setting (16 bits = unquantized fp16): what it stores, nothing else.
+    Derived from a :class:`~rcp_lib.quant.apply.QuantConfig` with :meth:`of` (the presets below are
+    ``Scheme.of(preset(name, ...))``); written by hand only to probe the accountant.
 
     w_bits: weight code width (1, 2, 4, 8 or 16). a_bits: activation width (recorded, not stored).
     kv_bits: KV-cache width. group_size: weights per quantization group along the input dim (-1: whole row).
@@ -100,11 +105,37 @@ class Scheme:
     def label(self) -> str:
         return self.name or f"W{self.w_bits}A{self.a_bits}KV{self.kv_bits}"
 
+    @classmethod
+    def of(cls, quant: "QuantConfig | None", head_dim: int | None = None, name: str = "", lut_levels: bool = True,
+           keep_fp16: tuple[str, ...] = ("embed", "lm_head", "norms")) -> "Scheme":
+        """The storage of a model quantized with ``quant`` (None: fp16): its bits, its weight group (the recipe's,
+        never re-derived from shapes) and its KV group (None in the config = ``head_dim``; -1 = a whole head when
+        ``head_dim`` is not given). ``lut_levels``: the packed format (:func:`rcp_lib.packing.save_quantized`)
+        stores ``2**w_bits`` fp16 levels per group for every method, uniform ones included."""
+        if quant is None:
+            return cls(w_bits=16, a_bits=16, kv_bits=16, group_size=-1, kv_group_size=-1, lut_levels=lut_levels,
+                       keep_fp16=keep_fp16, name=name or "FP16")
+        w = quant.weight
+        return cls(w_bits=quant.w_bits, a_bits=quant.act.bits, kv_bits=quant.kv.bits,
+                   group_size=-1 if w is None else w.group_size, lut_levels=lut_levels,
+                   kv_group_size=quant.kv.group_size or head_dim or -1, keep_fp16=keep_fp16, name=name)
 
-FP16 = Scheme(w_bits=16, a_bits=16, kv_bits=16, name="FP16")
-W2A4KV4 = Scheme(w_bits=2, a_bits=4, kv_bits=4, name="W2A4KV4")
-W4A4KV4 = Scheme(w_bits=4, a_bits=4, kv_bits=4, name="W4A4KV4")
-W2A16KV16 = Scheme(w_bits=2, a_bits=16, kv_bits=16, name="W2A16KV16")
+
+PAPER_GROUP = 128  # the paper's weight group and LLaMA-2's head_dim: the group of the named presets
+
+
+def _preset_scheme(name: str) -> Scheme:
+    from .quant.apply import preset
+
+    if name == "FP16":
+        return Scheme.of(None)
+    return Scheme.of(preset(name, w_group_size=PAPER_GROUP, kv_group_size=PAPER_GROUP), name=name)
+
+
+FP16 = _preset_scheme("FP16")
+W2A4KV4 = _preset_scheme("W2A4KV4")
+W4A4KV4 = _preset_scheme("W4A4KV4")
+W2A16KV16 = _preset_scheme("W2A16KV16")
 PRESETS: dict[str, Scheme] = {s.name: s for s in (FP16, W2A4KV4, W4A4KV4, W2A16KV16)}
 
 
@@ -241,12 +272,13 @@ def _kv(config: Any, scheme: Scheme, seq_len: int, batch: int) -> tuple[int, int
     return math.ceil(values * scheme.kv_bits / 8) + meta, meta
 
 
-def footprint(config: Any, scheme: Scheme | str = W2A4KV4, seq_len: int = 2048, batch: int = 1) -> Footprint:
+def footprint(config: Any, scheme: "Scheme | QuantConfig | str" = W2A4KV4, seq_len: int = 2048, batch: int = 1) -> Footprint:
     """Bytes of weights and KV cache of ``config`` under ``scheme`` (accounting in the module docstring).
 
     Args:
         config: transformers config object or dict-like (see module docstring).
-        scheme: a :class:`Scheme` or a preset name ("FP16", "W2A4KV4", "W4A4KV4", "W2A16KV16").
+        scheme: a :class:`Scheme`, a :class:`~rcp_lib.quant.apply.QuantConfig` (:meth:`Scheme.of` with the
+            config's ``head_dim``), or a preset name ("FP16", "W2A4KV4", "W4A4KV4", "W2A16KV16").
         seq_len, batch: KV-cache size (tokens cached per sequence, sequences).
 
     Returns:
@@ -254,6 +286,8 @@ def footprint(config: Any, scheme: Scheme | str = W2A4KV4, seq_len: int = 2048, 
     """
     if isinstance(scheme, str):
         scheme = PRESETS[scheme]
+    elif not isinstance(scheme, Scheme):
+        scheme = Scheme.of(scheme, head_dim=model_dims(config)["head_dim"])
     if seq_len < 0 or batch < 0:
         raise ValueError("seq_len and batch must be >= 0")
     per_kind, codes, meta = _weights(config, scheme)

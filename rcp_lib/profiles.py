@@ -1,5 +1,10 @@
 """Run profiles: one dataclass drives the notebooks (papermill parameters), the CLI and the tests.
 
+A profile says where and how much: model, corpus, device, evaluation / calibration / QAT budgets, which settings
+and methods the tables hold, and the weight group of its model (``w_group_size``, a divisor of every layer input).
+What a method does is its :class:`~rcp_lib.recipe.Recipe` (:meth:`rcp_lib.experiments.Method.recipe` fills in the
+profile's group, seed and QAT budget).
+
 * ``smoke`` - CI: every notebook end to end in minutes on 2 CPU cores (tiny eval slices, a few QAT steps).
   Its numbers only prove the pipeline runs; they are written under ``results/smoke/``.
 * ``cpu``   - the embedded default (real SmolLM2-135M, real wiki-excerpt text), the README main command.
@@ -26,7 +31,7 @@ class Profile:
     full_eval_methods: list[str] = field(default_factory=lambda: ["FP", "RCP"])  # also scored on the whole split
     calib_windows: int = 32
     calib_seqlen: int = 512
-    w_group_size: int = 64  # 576 is not divisible by 128
+    w_group_size: int = 64  # the weight group of every recipe of this profile; 576 (SmolLM2) is not divisible by 128
     qat_steps: int = 40
     qat_seqlen: int = 256
     qat_batch_size: int = 1

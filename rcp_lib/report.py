@@ -17,6 +17,7 @@ import pandas as pd
 from .experiments.registry import TABLES
 from .io import atomic_write_text
 from .paths import readme_path, results_dir
+from .recipe import Recipe
 
 BEGIN, END = "<!-- RESULTS-TABLE -->", "<!-- /RESULTS-TABLE -->"
 
@@ -127,9 +128,9 @@ def claims_markdown(d: Path, ppl: pd.DataFrame) -> str:
     ptq = ppl[(ppl.setting == s) & (ppl.family == "ptq")].set_index("method")["ppl"]
     if "RCP" in at.index and len(ptq) and len(fp):
         rcp, best = float(at["RCP"]), ptq.idxmin()
-        cfg = json.loads(ppl[(ppl.setting == s) & (ppl.method == best)].iloc[0]["config"] or "{}")
-        clip = ("with QuaRot's clip search" if (cfg.get("quant") or {}).get("w_clip_search", "none") != "none"
-                else "min–max ranges, no clip search")
+        quant = Recipe.of_row(json.loads(ppl[(ppl.setting == s) & (ppl.method == best)].iloc[0]["config"] or "{}")).quant
+        searched = quant is not None and quant.weight is not None and quant.weight.clip_search != "none"
+        clip = "with QuaRot's clip search" if searched else "min–max ranges, no clip search"
         order = "reproduced" if rcp < float(ptq.min()) else "not reproduced"
         rot = ""
         if "RCP w/o Rotate" in at.index:

@@ -1,8 +1,10 @@
 """A QAT run described by one YAML/JSON file (``python -m rcp_lib qat --config configs/cpu.yaml``).
 
-The file has the sections ``model``, ``corpus``, ``device``, ``rotation`` (:class:`RotationConfig` fields),
-``quant`` (:class:`QuantConfig`), ``qat`` (:class:`QATConfig`), ``eval`` (``seqlen``, ``max_windows``),
-``out_dir`` and ``export_dir``. Everything is validated before any model is loaded.
+The file says where and how much (``model``, ``corpus``, ``device``, ``eval``: ``seqlen``, ``max_windows``;
+``out_dir``, ``export_dir``) and what: the sections of a :class:`~rcp_lib.recipe.Recipe` (``rotation``: the
+:class:`RotationConfig` fields or null; ``quant``: ``weight`` / ``act`` / ``kv``; ``ptq``; ``qat``: the
+:class:`QATConfig` fields), loaded into that one object (``RunConfig.recipe``). Everything is validated before any
+model is loaded.
 """
 
 from __future__ import annotations
@@ -11,37 +13,44 @@ import copy
 import json
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
+from typing import Any
 
 from .io import config_hash
 from .qat import QATConfig
 from .quant.apply import QuantConfig
+from .recipe import Recipe
 from .rotation.fuse import RotationConfig
+
+RECIPE_SECTIONS = ("rotation", "quant", "ptq", "qat")
+
+
+def _default_recipe() -> Recipe:
+    return Recipe(rotation=RotationConfig(), quant=QuantConfig(), qat=QATConfig())
 
 
 @dataclass
 class RunConfig:
+    """Where and how much (model, corpus, device, eval, output folders) + the :class:`Recipe` to run (QAT)."""
+
     model: str = "smollm2-135m"
     corpus: str = "wiki-excerpt"
     device: str = "cpu"
-    rotation: RotationConfig | None = field(default_factory=RotationConfig)
-    quant: QuantConfig = field(default_factory=QuantConfig)
-    qat: QATConfig = field(default_factory=QATConfig)
+    recipe: Recipe = field(default_factory=_default_recipe)
     eval: dict = field(default_factory=lambda: {"seqlen": 512, "max_windows": 32})
     out_dir: str | None = None
     export_dir: str | None = None
 
     @classmethod
-    def from_dict(cls, d: dict) -> "RunConfig":
-        known = {f.name for f in fields(cls)}
+    def from_dict(cls, d: dict[str, Any]) -> "RunConfig":
+        """The file's layout: the recipe's sections at the top level next to the run's fields."""
+        known = {f.name for f in fields(cls)} - {"recipe"} | set(RECIPE_SECTIONS)
         unknown = set(d) - known
         if unknown:
             raise ValueError(f"unknown run-config sections {sorted(unknown)}; known: {sorted(known)}")
-        d = dict(d)
-        rot = d.get("rotation", {})
-        d["rotation"] = None if rot is None else RotationConfig.from_dict(rot)
-        d["quant"] = QuantConfig.from_dict(d.get("quant", {}))
-        d["qat"] = QATConfig.from_dict(d.get("qat", {}))
-        cfg = cls(**d)
+        run = {k: v for k, v in d.items() if k not in RECIPE_SECTIONS}
+        default = _default_recipe().to_dict()
+        recipe = Recipe.from_dict({k: d.get(k, default[k]) for k in RECIPE_SECTIONS})
+        cfg = cls(recipe=recipe, **run)
         cfg.validate()
         return cfg
 
@@ -62,19 +71,19 @@ class RunConfig:
     def validate(self) -> None:
         from .data import CORPORA
 
-        if self.rotation is not None:
-            self.rotation.validate()
-        self.quant.validate()
-        self.qat.validate()
+        self.recipe.validate()
+        if self.recipe.qat is None or self.recipe.quant is None:
+            raise ValueError("a run config trains (QAT): it needs the quant and qat sections")
         if self.corpus not in CORPORA:
             raise ValueError(f"unknown corpus {self.corpus!r}; available: {CORPORA}")
         bad = set(self.eval) - {"seqlen", "max_windows"}
         if bad:
             raise ValueError(f"unknown eval keys {sorted(bad)}")
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
+        """The file's layout (recipe sections at the top level), JSON-ready."""
         d = asdict(self)
-        return d
+        return {**d.pop("recipe"), **d}
 
     def key(self) -> str:
         from .io import code_fingerprint
@@ -100,23 +109,24 @@ def run_qat(cfg: RunConfig, progress: bool = True) -> dict:
     from .rotation.fuse import rotate_model
 
     cfg.validate()
-    torch.manual_seed(cfg.qat.seed)
+    recipe = cfg.recipe
+    torch.manual_seed(recipe.qat.seed)
     teacher, tok = load(cfg.model, device=cfg.device)
     train_ids = corpus_tokens(tok, cfg.corpus, "train")
     test_ids = corpus_tokens(tok, cfg.corpus, "test")
     student = copy.deepcopy(teacher)
-    if cfg.rotation is not None:
-        rotate_model(student, cfg.rotation)
-    quantize_model(student, cfg.quant)
+    if recipe.rotation is not None:
+        rotate_model(student, recipe.rotation)
+    quantize_model(student, recipe.quant)
     out = Path(cfg.out_dir) if cfg.out_dir else cache_dir() / "qat-cli" / cfg.key()
-    res = train(student, teacher, train_ids, cfg.qat, out_dir=out, resume=True, progress=progress)
+    res = train(student, teacher, train_ids, recipe.qat, out_dir=out, resume=True, progress=progress)
     from accelerate import PartialState
 
     if not PartialState().is_main_process:  # under accelerate launch: evaluation and export on rank 0 only
         return {"rank": PartialState().process_index, "train_steps": res.steps}
     ev = perplexity_details(student, test_ids, seqlen=cfg.eval.get("seqlen", 512),
                             max_windows=cfg.eval.get("max_windows"), progress=progress)
-    summary = {"model": cfg.model, "model_note": describe(cfg.model), "corpus": cfg.corpus, "setting": cfg.quant.label,
+    summary = {"model": cfg.model, "model_note": describe(cfg.model), "corpus": cfg.corpus, "setting": recipe.label,
                "test_ppl": ev.ppl, "eval_seqlen": ev.seqlen, "eval_windows": ev.windows, "tokens_scored": ev.tokens_scored,
                "train_steps": res.steps, "final_loss": res.final_loss, "train_tokens": res.tokens, "out_dir": str(out),
                "config": cfg.to_dict(), **provenance()}

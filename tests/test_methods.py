@@ -32,7 +32,7 @@ def test_uniform_baselines_use_the_clip_search():
     P = get_profile("cpu")
     for m in X.all_methods(P):
         if m.family == "ptq":
-            assert m.quant_config(P).weight_config().clip_search == "mse", m.name
+            assert m.recipe(P).quant.weight.clip_search == "mse", m.name
     names = {(m.name, m.setting) for m in X.all_methods(P)}
     assert ("BlockHadamard-GPTQ", "W2A16KV16") in names and ("BlockHadamard-GPTQ", "W4A4KV4") not in names
 
@@ -69,8 +69,8 @@ def test_ptq_cache_freezes_rtn_weights_bit_for_bit(monkeypatch, tmp_path, capsys
     base = M.tiny_llama(hidden=64, intermediate=128, heads=2, kv_heads=1, layers=2, vocab=128)
     out = {}
     for s in ("W2A4KV4", "W2A16KV16"):
-        m = X.Method("QuaRot-RTN", s, X.QUAROT, X.RTN_Q, "rtn", family="ptq")
-        model = quantize_model(copy.deepcopy(base), m.quant_config(P))
+        m = X.method("QuaRot-RTN", s)
+        model = quantize_model(copy.deepcopy(base), m.recipe(P).quant)
         ref = {n: q.quantized_weight().clone() for n, q in quantized_linears(model)}
         X._ptq_cached(model, m, P, progress=False)
         assert all(isinstance(q.weight_quantizer, FrozenLevelsQuantizer) for _, q in quantized_linears(model))

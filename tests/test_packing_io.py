@@ -40,7 +40,7 @@ def test_round_trip_logits_and_generation(tmp_path, q):
     with torch.no_grad():
         assert _rel(ref, loaded(IDS).logits) < 1e-5
         assert torch.equal(gen, loaded.generate(IDS[:1, :5], max_new_tokens=8, do_sample=False))
-    if q.a_bits == 16:  # fp16 storage: within fp16 rounding (with A4, rounding flips of the 4-bit grid amplify it)
+    if q.act.bits == 16:  # fp16 storage: within fp16 rounding (with A4, rounding flips of the 4-bit grid amplify it)
         save_quantized(m, tmp_path / "f16")
         l16, _ = load_quantized(tmp_path / "f16")
         with torch.no_grad():

@@ -75,7 +75,7 @@ def test_cache_keys_contain_the_fingerprint(monkeypatch):
     from rcp_lib.profiles import get_profile
 
     P = get_profile("smoke")
-    m = X.Method("RCP", "W2A4KV4", X.QUAROT, {"w_method": "ldp", "w_lwc": True}, qat=True, family="qat")
+    m = X.method("RCP", "W2A4KV4")
     monkeypatch.setattr(rio, "code_fingerprint", lambda: "aaaaaaaaaaaa")
     row_a, qat_a = X._row_key(m, P), X._qat_key(m, P)
     assert "aaaaaaaaaaaa" in str(row_a)
@@ -103,7 +103,7 @@ def test_gptq_and_rotation_keys_contain_the_fingerprint(monkeypatch):
     monkeypatch.setattr(rows, "config_hash", capture)  # every cache name is rows.cache_name
     P = get_profile("smoke")
     with pytest.raises(Stop):
-        X._ptq_cached(None, X.Method("QuaRot-GPTQ", "W2A4KV4", X.QUAROT, X.RTN_Q, "gptq", family="ptq"), P, False)
+        X._ptq_cached(None, X.method("QuaRot-GPTQ", "W2A4KV4"), P, False)
     with pytest.raises(Stop):
         X.rotation_analysis(P, progress=False)
     assert [k.get("code") for k in seen] == ["cccccccccccc"] * 2

@@ -6,8 +6,8 @@ config (model, rotation, quantization, PTQ/QAT recipe), corpus, seqlen, tokens, 
 
 One module per concern:
 
-* :mod:`~rcp_lib.experiments.methods`: :class:`Method`, the named recipes (``QUAROT``, ``GSR``, ``RTN_Q`` ...) and
-  the rows of the tables (:func:`all_methods`);
+* :mod:`~rcp_lib.experiments.methods`: :class:`Method`, the named methods (:data:`NAMED`, each a
+  :class:`~rcp_lib.recipe.Recipe` for a profile) and the rows of the tables (:func:`all_methods`);
 * :mod:`~rcp_lib.experiments.build`: the FP base model, its data and :func:`build` (PTQ weights and QAT students
   cached);
 * :mod:`~rcp_lib.experiments.rows`: cache keys, the row cache and :func:`write_rows`;
@@ -27,13 +27,13 @@ from .build import _ptq_cached, base_model, build, calibration, qat_history, tok
 from .footprints import REFERENCE_CONFIGS, kv_curve, memory_table, memory_vs_saved
 from .kernel import kernel_correctness, kernel_speed_table
 from .methods import (
-    BLOCK_HAD,
     CONTROL_SETTINGS,
-    GSR,
-    QUAROT,
-    RTN_Q,
+    NAMED,
+    RCP_W,
+    RTN_W,
     Method,
     all_methods,
+    method,
     ptq_methods,
     qat_config,
     qat_methods,
@@ -53,8 +53,8 @@ from .tables import (
 )
 
 __all__ = [
-    "BLOCK_HAD", "CONTROL_SETTINGS", "GSR", "NOTEBOOKS", "QUAROT", "REFERENCE_CONFIGS", "RTN_Q", "TABLES", "Method",
-    "Table", "all_methods", "base_model", "build", "calibration", "chance_level", "figures_dir", "full_split_table",
+    "CONTROL_SETTINGS", "NAMED", "NOTEBOOKS", "RCP_W", "REFERENCE_CONFIGS", "RTN_W", "TABLES", "Method",
+    "Table", "all_methods", "method", "base_model", "build", "calibration", "chance_level", "figures_dir", "full_split_table",
     "kernel_correctness", "kernel_speed_table", "kv_curve", "memory_table", "memory_vs_saved", "method_config",
     "ppl_row", "ppl_table", "ptq_key", "ptq_methods", "qat_config", "qat_curves", "qat_history", "qat_methods",
     "result_path", "results_dir", "rotation_analysis", "rotation_example", "setup", "summarize_rotation", "tokens",

@@ -17,7 +17,7 @@ from ..profiles import Profile
 from ..qat import train
 from ..quant.apply import quantize_model
 from ..rotation.fuse import rotate_model
-from .methods import Method, qat_config
+from .methods import Method
 from .rows import _log_cache, _qat_key, cache_name, ptq_key
 
 _BASE: dict[tuple[str, str], tuple[nn.Module, object]] = {}
@@ -45,22 +45,21 @@ def build(method: Method, profile: Profile, progress: bool = True) -> nn.Module:
     """A fresh model for ``method``: copy of the FP model -> rotate -> quantize -> GPTQ or QAT (cached)."""
     fp, _ = base_model(profile)
     model = copy.deepcopy(fp)
-    rot = method.rotation_config(profile)
-    if rot is not None:
-        rotate_model(model, rot)
-    qcfg = method.quant_config(profile)
-    if qcfg is None:
+    recipe = method.recipe(profile)
+    if recipe.rotation is not None:
+        rotate_model(model, recipe.rotation)
+    if recipe.quant is None:
         return model
-    quantize_model(model, qcfg)
-    if method.ptq in ("rtn", "gptq"):
+    quantize_model(model, recipe.quant)
+    if recipe.ptq in ("rtn", "gptq"):
         _ptq_cached(model, method, profile, progress)
-    if method.qat:
+    if recipe.qat is not None:
         out = cache_dir() / "qat" / _qat_key(method, profile)
         done = out / "student.pt"
         if done.exists():
             model.load_state_dict(torch.load(done), strict=True)
         else:
-            res = train(model, fp, tokens(profile, "train"), qat_config(profile), out_dir=out, resume=True, progress=progress)
+            res = train(model, fp, tokens(profile, "train"), recipe.qat, out_dir=out, resume=True, progress=progress)
             atomic_save_torch(model.state_dict(), done)
             atomic_write_json(res.history, out / "history.json")
     return model
@@ -79,7 +78,7 @@ def _ptq_cached(model: nn.Module, method: Method, profile: Profile, progress: bo
     key = ptq_key(method, profile)
     name = cache_name(key["kind"], key)
     path = cache_dir() / "ptq" / f"{name}.safetensors"
-    label = f"{method.name} weights ({method.quant_config(profile).weight_config().bits}-bit)"
+    label = f"{method.name} weights ({method.recipe(profile).quant.w_bits}-bit)"
     _log_cache(path.exists(), name, label)
     if path.exists():
         load_quantized_state(model, path)

@@ -3,14 +3,14 @@ the bytes that ``save_quantized`` writes."""
 
 from __future__ import annotations
 
-from dataclasses import replace
 from typing import TYPE_CHECKING
 
 from ..io import provenance
-from ..memory import PRESETS, footprint
+from ..memory import PAPER_GROUP, Scheme, footprint
 from ..profiles import Profile
 from .build import base_model, build
-from .methods import QUAROT, RTN_Q, Method
+from ..quant.apply import preset
+from .methods import method
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -37,18 +37,24 @@ def _memory_configs(profile: Profile) -> dict[str, dict]:
     return cfgs
 
 
+def _scheme(setting: str, group: int, head_dim: int) -> Scheme:
+    """The accountant's scheme of a memory-table setting (``FP16`` or a preset name) at a weight group."""
+    return Scheme.of(None if setting == "FP16" else preset(setting, w_group_size=group), head_dim=head_dim, name=setting)
+
+
 def memory_table(profile: Profile, seq_len: int = 2048) -> list[dict]:
     """Footprints (FP16, W2A4KV4, W4A4KV4, W2A16KV16) of the reference models and the profile's model.
 
-    Quantized rows count ``lm_head`` separately even for tied models (rotation needs untied embeddings);
+    The weight group is the paper's 128 for the published configs and the profile's ``w_group_size`` for its
+    model. Quantized rows count ``lm_head`` separately even for tied models (rotation needs untied embeddings);
     the FP16 row keeps the published tying. Ratios are FP16 bytes / scheme bytes.
     """
     rows = []
     for name, cfg in _memory_configs(profile).items():
-        gs = 128 if cfg["hidden_size"] % 128 == 0 and cfg["intermediate_size"] % 128 == 0 else 64
+        gs = profile.w_group_size if name == profile.model else PAPER_GROUP
         fp = footprint(cfg, "FP16", seq_len=seq_len)
         for sname in ("FP16", "W2A4KV4", "W4A4KV4", "W2A16KV16"):
-            scheme = PRESETS[sname] if sname == "FP16" else replace(PRESETS[sname], group_size=gs, kv_group_size=cfg["head_dim"])
+            scheme = _scheme(sname, gs, cfg["head_dim"])
             c = cfg if sname == "FP16" else {**cfg, "tie_word_embeddings": False}
             f = footprint(c, scheme, seq_len=seq_len)
             rows.append({"model": name, "scheme": sname, "group_size": gs if sname != "FP16" else None,
@@ -70,7 +76,7 @@ def kv_curve(profile: Profile) -> "pd.DataFrame":
         cfg = REFERENCE_CONFIGS[name]
         for sname in ("FP16", "W2A4KV4"):
             for s in [2 ** k for k in range(7, 16)]:
-                scheme = PRESETS[sname] if sname == "FP16" else replace(PRESETS[sname], kv_group_size=cfg["head_dim"])
+                scheme = _scheme(sname, PAPER_GROUP, cfg["head_dim"])
                 rows.append({"model": name, "scheme": sname, "seq_len": s,
                              "kv_gb": footprint(cfg, scheme, seq_len=s).kv_cache / 1e9})
     return pd.DataFrame(rows)
@@ -82,11 +88,10 @@ def memory_vs_saved(profile: Profile) -> dict:
 
     from ..packing import packed_model_bytes, save_quantized
 
-    m = Method("QuaRot-RTN", "W2A4KV4", QUAROT, RTN_Q, "rtn", family="ptq")  # the same recipe as the table row
+    m = method("QuaRot-RTN", "W2A4KV4")  # the table row's recipe; the accountant reads the same object
     model = build(m, profile, progress=False)
     cfg = {**_memory_configs(profile)[profile.model], "tie_word_embeddings": False}
-    scheme = replace(PRESETS["W2A4KV4"], group_size=profile.w_group_size, kv_group_size=cfg["head_dim"])
-    f = footprint(cfg, scheme)
+    f = footprint(cfg, m.recipe(profile).quant)
     with tempfile.TemporaryDirectory() as d:
         save_quantized(model, d)
         disk = packed_model_bytes(d)

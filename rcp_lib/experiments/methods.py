@@ -1,92 +1,111 @@
-"""The named methods of the paper's tables (one :class:`Method` per row) and the recipes a profile implies."""
+"""The named methods of the paper's tables, each defined once (:data:`NAMED`), and the :class:`Recipe` each one is
+for a profile (:meth:`Method.recipe`)."""
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 from ..profiles import Profile
 from ..qat import QATConfig
-from ..quant.apply import QuantConfig, preset
+from ..quant.apply import preset
+from ..recipe import Recipe
 from ..rotation.fuse import BLOCK_KINDS, RotationConfig
 
+# Uniform baselines get QuaRot's weight clip search (--w_clip: per row and group, |e|^2.4 over r = 1.00 ... 0.20),
+# in RTN and inside GPTQ, as their authors tune them. RCP's quantizer: LDP levels on an LWC range.
+RTN_W: dict[str, Any] = {"method": "rtn", "lwc": False, "clip_search": "mse"}
+RCP_W: dict[str, Any] = {"method": "ldp", "lwc": True}
 
-@dataclass
+
+@dataclass(frozen=True)
 class Method:
-    """One row of the paper's tables: how a model is rotated, quantized, and calibrated or trained."""
+    """One row of the paper's tables: a named recipe at a setting, resolved against a profile by :meth:`recipe`.
+
+    Attributes:
+        name: the row's name (a key of :data:`NAMED` for the table rows).
+        setting: ``"FP"`` (no quantization) or a preset name (``"W2A4KV4"`` ...).
+        family: ``"baseline"``, ``"ptq"`` or ``"qat"`` (the table section).
+        r1: the R1 kind (``"random_hadamard"``: QuaRot, ``"gsr"``, ``"block_hadamard"``), R2-R4 on; None: no rotation.
+        weight: :class:`~rcp_lib.quant.quantizers.WeightQuantConfig` fields on top of the setting's preset.
+        ptq: ``"none"``, ``"rtn"`` or ``"gptq"``.
+        qat: trained with the profile's QAT budget (:func:`qat_config`).
+    """
 
     name: str
-    setting: str = "FP"  # full precision, or W2A4KV4 ...
-    rotation: dict | None = None  # RotationConfig fields, None = no rotation
-    quant: dict | None = None  # QuantConfig overrides on top of the setting preset; None with setting FP16
-    ptq: str = "none"  # none | rtn | gptq
+    setting: str = "FP"
+    family: str = "baseline"
+    r1: str | None = None
+    weight: dict[str, Any] = field(default_factory=dict, hash=False)
+    ptq: str = "none"
     qat: bool = False
-    family: str = "baseline"  # baseline | ptq | qat
+
+    def recipe(self, profile: Profile) -> Recipe:
+        """The full recipe for ``profile``: the setting's preset with the profile's weight group size and the
+        method's weight fields; the rotation seeded with the profile's seed, a block-diagonal R1 (GSR and its
+        block-Hadamard control) with blocks of the weight group (our reading of GSR); the profile's QAT budget."""
+        g = profile.w_group_size
+        rot = None if self.r1 is None else RotationConfig(
+            r1=self.r1, r1_block=g if self.r1 in BLOCK_KINDS else None, seed=profile.seed)
+        quant = None if self.setting == "FP" else preset(self.setting, w_group_size=g).with_weight(**self.weight)
+        recipe = Recipe(rotation=rot, quant=quant, ptq=self.ptq, qat=qat_config(profile) if self.qat else None)
+        recipe.validate()
+        return recipe
 
     def rotation_config(self, profile: Profile) -> RotationConfig | None:
-        """The method's rotation for a profile: seeded with the profile's seed; a block-diagonal R1 (GSR and its
-        block-Hadamard control) without an explicit block gets the profile's weight group size (our reading of
-        GSR: its blocks match the weight quantization group)."""
-        if self.rotation is None:
-            return None
-        r = {"seed": profile.seed, **self.rotation}
-        if r.get("r1") in BLOCK_KINDS and r.get("r1_block") is None:
-            r["r1_block"] = profile.w_group_size
-        return RotationConfig(**r)
-
-    def quant_config(self, profile: Profile) -> QuantConfig | None:
-        """The setting's preset with the profile's weight group size and the method's overrides (None for FP)."""
-        if self.setting == "FP":
-            return None
-        return preset(self.setting, w_group_size=profile.w_group_size, **(self.quant or {}))
-
-    def to_dict(self) -> dict:
-        return asdict(self)
+        """``recipe(profile).rotation``."""
+        return self.recipe(profile).rotation
 
 
-QUAROT = {"r1": "random_hadamard", "r2": True, "r3": True, "r4": True}
-GSR = {"r1": "gsr", "r2": True, "r3": True, "r4": True}  # r1_block: the profile's group size (Method.rotation_config)
-# The control of GSR: the same blocks with the rows in natural Hadamard order (separates sequency order from the
-# block-diagonal structure; at block == group the two differ only by a permutation inside each group).
-BLOCK_HAD = {"r1": "block_hadamard", "r2": True, "r3": True, "r4": True}
-# Uniform baselines get QuaRot's weight clip search (--w_clip: per row and group, |e|^2.4 over r = 1.00 ... 0.20),
-# in RTN and inside GPTQ, as their authors tune them.
-RTN_Q = {"w_method": "rtn", "w_lwc": False, "w_clip_search": "mse"}
+def _m(name: str, family: str, r1: str | None = None, weight: dict[str, Any] | None = None, ptq: str = "none",
+       qat: bool = False) -> Method:
+    return Method(name, "FP", family, r1, dict(weight or {}), ptq, qat)
+
+
+# The one definition of every named method (the setting is given when a row is made, see :func:`method`).
+NAMED: dict[str, Method] = {m.name: m for m in (
+    _m("FP", "baseline"),
+    _m("RTN", "ptq", None, RTN_W, "rtn"),
+    _m("QuaRot-RTN", "ptq", "random_hadamard", RTN_W, "rtn"),
+    _m("QuaRot-GPTQ", "ptq", "random_hadamard", RTN_W, "gptq"),
+    _m("GSR-GPTQ", "ptq", "gsr", RTN_W, "gptq"),
+    # The control of GSR: the same blocks with the rows in natural Hadamard order (separates sequency order from the
+    # block-diagonal structure; at block == group the two differ only by a permutation inside each group).
+    _m("BlockHadamard-GPTQ", "ptq", "block_hadamard", RTN_W, "gptq"),
+    _m("RCP", "qat", "random_hadamard", RCP_W, qat=True),
+    _m("RCP w/o Partition (LWC+uniform)", "qat", "random_hadamard", {"method": "rtn", "lwc": True}, qat=True),
+    _m("RCP w/o Rotate", "qat", None, RCP_W, qat=True),
+    _m("RCP w/o Clip", "qat", "random_hadamard", {"method": "ldp", "lwc": False}, qat=True),
+    _m("RCP+GSR", "qat", "gsr", RCP_W, qat=True),
+    _m("RCP+BlockHadamard", "qat", "block_hadamard", RCP_W, qat=True),
+)}
+PTQ_ROWS = ("RTN", "QuaRot-RTN", "QuaRot-GPTQ", "GSR-GPTQ")
+ABLATIONS = ("RCP w/o Partition (LWC+uniform)", "RCP w/o Rotate", "RCP w/o Clip", "RCP+GSR", "RCP+BlockHadamard")
 CONTROL_SETTINGS = ("W2A4KV4", "W2A16KV16")  # settings that also get the block-Hadamard control rows
+
+
+def method(name: str, setting: str = "W2A4KV4") -> Method:
+    """The named method ``name`` (a key of :data:`NAMED`) at ``setting`` (FP is always at ``"FP"``)."""
+    if name not in NAMED:
+        raise ValueError(f"unknown method {name!r}; named methods: {sorted(NAMED)}")
+    m = NAMED[name]
+    return Method(m.name, "FP" if name == "FP" else setting, m.family, m.r1, m.weight, m.ptq, m.qat)
 
 
 def ptq_methods(settings: list[str]) -> list[Method]:
     """FP, RTN without rotation, QuaRot-style (random Hadamard R1-R4) + RTN / + GPTQ, GSR R1 + GPTQ, and the
     block-Hadamard + GPTQ control of GSR at the 2-bit settings. Every uniform baseline uses the clip search."""
-    rows = [Method("FP", family="baseline")]
+    rows = [method("FP")]
     for s in settings:
-        rows += [
-            Method("RTN", s, None, RTN_Q, "rtn", family="ptq"),
-            Method("QuaRot-RTN", s, QUAROT, RTN_Q, "rtn", family="ptq"),
-            Method("QuaRot-GPTQ", s, QUAROT, RTN_Q, "gptq", family="ptq"),
-            Method("GSR-GPTQ", s, GSR, RTN_Q, "gptq", family="ptq"),
-        ]
+        rows += [method(n, s) for n in PTQ_ROWS]
         if s in CONTROL_SETTINGS:
-            rows.append(Method("BlockHadamard-GPTQ", s, BLOCK_HAD, RTN_Q, "gptq", family="ptq"))
+            rows.append(method("BlockHadamard-GPTQ", s))
     return rows
 
 
 def qat_methods(settings: list[str]) -> list[Method]:
-    """RCP and its ablations, all through the same QAT loop (our reconstruction; see README)."""
-    rcp_q = {"w_method": "ldp", "w_lwc": True}
-    rows = []
-    for s in settings:
-        if s == "W2A4KV4":
-            rows += [
-                Method("RCP", s, QUAROT, rcp_q, qat=True, family="qat"),
-                Method("RCP w/o Partition (LWC+uniform)", s, QUAROT, {"w_method": "rtn", "w_lwc": True}, qat=True, family="qat"),
-                Method("RCP w/o Rotate", s, None, rcp_q, qat=True, family="qat"),
-                Method("RCP w/o Clip", s, QUAROT, {"w_method": "ldp", "w_lwc": False}, qat=True, family="qat"),
-                Method("RCP+GSR", s, GSR, rcp_q, qat=True, family="qat"),
-                Method("RCP+BlockHadamard", s, BLOCK_HAD, rcp_q, qat=True, family="qat"),
-            ]
-        else:
-            rows.append(Method("RCP", s, QUAROT, rcp_q, qat=True, family="qat"))
-    return rows
+    """RCP at every setting and its ablations at W2A4KV4, all through the same QAT loop (our reconstruction)."""
+    return [method(n, s) for s in settings for n in ("RCP",) + (ABLATIONS if s == "W2A4KV4" else ())]
 
 
 def all_methods(profile: Profile) -> list[Method]:

@@ -18,7 +18,7 @@ from ..io import atomic_write_csv, atomic_write_json, config_hash, require_clean
 from ..paths import cache_dir
 from ..paths import results_dir
 from ..profiles import Profile
-from .methods import Method, qat_config
+from .methods import Method
 
 
 def _code() -> str:
@@ -34,8 +34,8 @@ def cache_name(kind: str, key: dict) -> str:
 
 
 def _row_key(method: Method, profile: Profile) -> dict:
-    """What determines a result row of ``method``: the method, the profile fields that change its number (not
-    names, device, table selections or, for non-QAT rows, the QAT budget) and the code."""
+    """What determines a result row of ``method``: its name and recipe (:func:`method_config`), the profile fields
+    that change its number (not names, device, table selections or, for non-QAT rows, the QAT budget) and the code."""
     p = profile.to_dict()
     for k in ("name", "analysis_layers", "analysis_rotations", "zero_shot_tasks", "zero_shot_limit", "settings", "device",
               "methods", "full_eval_methods"):
@@ -44,13 +44,13 @@ def _row_key(method: Method, profile: Profile) -> dict:
         for k in list(p):
             if k.startswith("qat_"):
                 p.pop(k)
-    return {"method": method.to_dict(), "profile": p, "code": _code()}
+    return {"method": method_config(method, profile), "profile": p, "code": _code()}
 
 
 def _qat_key(method: Method, profile: Profile) -> str:
-    """Cache key of a trained student: what determines the weights (not the evaluation settings)."""
-    return config_hash({"method": method.to_dict(), "model": profile.model, "corpus": profile.corpus,
-                        "w_group_size": profile.w_group_size, "qat": qat_config(profile).to_dict(),
+    """Cache key of a trained student: what determines the weights (the method's name and recipe, which holds the
+    weight group and the QAT budget; the model and corpus), not the evaluation settings."""
+    return config_hash({"method": method_config(method, profile), "model": profile.model, "corpus": profile.corpus,
                         "code": _code(), "kind": "qat-student"})
 
 
@@ -59,11 +59,11 @@ def ptq_key(method: Method, profile: Profile) -> dict:
     calibration data. Not the activation / KV bits: RTN never sees activations, and GPTQ collects its Hessians and
     propagates block outputs with 16-bit activations and KV cache (QuaRot's protocol, ``gptq_model``'s default), so
     e.g. QuaRot-GPTQ at W2A4KV4 and at W2A16KV16 share one set of codes (a test checks this)."""
-    rot = method.rotation_config(profile)
-    qcfg = method.quant_config(profile)
-    key = {"kind": f"ptq-{method.ptq}", "model": profile.model, "rotation": rot.to_dict() if rot else None,
-           "weights": qcfg.weight_config().to_dict() if qcfg and qcfg.weight_config() else None, "code": _code()}
-    if method.ptq == "gptq":
+    r = method.recipe(profile)
+    weight = r.quant.weight if r.quant is not None else None
+    key = {"kind": f"ptq-{r.ptq}", "model": profile.model, "rotation": r.rotation.to_dict() if r.rotation else None,
+           "weights": weight.to_dict() if weight is not None else None, "code": _code()}
+    if r.ptq == "gptq":
         key.update({"corpus": profile.corpus, "calib_windows": profile.calib_windows,
                     "calib_seqlen": profile.calib_seqlen, "seed": profile.seed, "gptq_activations": "16-bit"})
     return key
@@ -73,7 +73,7 @@ def _cache_label(key: dict) -> str:
     """Short human label of a cache key for the hit/miss log (``"RCP W2A4KV4"``, ``"rotation gsr"``)."""
     m = key.get("method")
     if isinstance(m, dict):
-        return f"{m.get('name', '?')} {m.get('setting', '')}".strip()
+        return f"{m.get('method') or m.get('name') or '?'} {m.get('setting', '')}".strip()
     return " ".join(str(key[k]) for k in ("kind", "rotation") if k in key) or "?"
 
 
@@ -97,12 +97,10 @@ def _cached(kind: str, key: dict, compute: Callable[[], dict]) -> dict:
 
 
 def method_config(method: Method, profile: Profile) -> dict:
-    """The full recipe of a row as stored with it: rotation, quantization, PTQ algorithm and QAT config."""
-    q = method.quant_config(profile)
-    r = method.rotation_config(profile)
+    """The ``config`` column of a row: the method's name, setting and family, and its :class:`~rcp_lib.recipe.Recipe`
+    (``rotation``, ``quant``, ``ptq``, ``qat``; read back with :meth:`Recipe.of_row`)."""
     return {"method": method.name, "setting": method.setting, "family": method.family,
-            "rotation": r.to_dict() if r else None, "quant": q.to_dict() if q else None,
-            "ptq": method.ptq, "qat": qat_config(profile).to_dict() if method.qat else None}
+            **method.recipe(profile).to_dict()}
 
 
 def write_rows(rows: list[dict], profile: Profile, name: str) -> Path:

@@ -33,7 +33,7 @@ def ppl_row(method: Method, profile: Profile, progress: bool = True) -> dict:
         test = tokens(profile, "test")
         r = perplexity_details(model, test, seqlen=profile.seqlen, max_windows=profile.eval_windows,
                                progress=progress, spread=profile.eval_spread)
-        rot = method.rotation_config(profile)
+        rot = method.recipe(profile).rotation
         return {"method": method.name, "setting": method.setting, "family": method.family, "ppl": r.ppl,
                 "model": profile.model, "model_note": describe(profile.model), "corpus": profile.corpus,
                 "split": "test", "seqlen": profile.seqlen, "windows": r.windows, "tokens_scored": r.tokens_scored,

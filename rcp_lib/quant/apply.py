@@ -14,8 +14,9 @@ Everything is validated before the model is changed.
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
+import re
+from dataclasses import dataclass, replace
+from typing import Any
 
 import torch
 from torch import nn
@@ -26,82 +27,159 @@ from .. import models as M
 from ..rotation.online import use_rcp_attention
 from .activations import fake_quant_kv
 from .linear import QuantLinear
-from .quantizers import WeightQuantConfig
+from .quantizers import WeightQuantConfig, resolve_group_size
 
-W_METHODS = ("rtn", "ldp")
+OFF = 16  # the bit width that means "not quantized" (activations, KV cache, lm_head input)
+
+
+def _check_bits(name: str, bits: int) -> None:
+    if isinstance(bits, bool) or not isinstance(bits, int) or not (1 <= bits <= 8 or bits == OFF):
+        raise ValueError(f"{name} must be an integer in 1..8 or {OFF} (= off), got {bits!r}")
+
+
+def _check_ratio(name: str, r: float) -> None:
+    if not 0 < r <= 1:
+        raise ValueError(f"{name} must be in (0, 1], got {r}")
 
 
 @dataclass
-class QuantConfig(JsonConfig):
-    """W/A/KV quantization settings (16 bits = off). Round-trips to JSON.
+class ActQuantConfig(JsonConfig):
+    """Per-token asymmetric fake quantization of every block-linear input (16 bits = off).
 
-    Weight quantizer (see :mod:`rcp_lib.quant.quantizers` for the formulas):
-        w_bits, w_group_size (-1: per output row), w_method ("rtn": uniform asymmetric grid; "ldp": learnable
-        direct partitioning), w_lwc (learnable clipping, OmniQuant-style), w_lwc_init (initial logit of the
-        clip sigmoid), w_clip_ratio (fixed clip ratio for RTN without LWC), w_clip_search ("none" or "mse":
-        QuaRot's per-row, per-group weight clip search for RTN/GPTQ without LWC), ldp_granularity ("group"/"row"),
-        ldp_init ("uniform"/"lloyd").
-    Activations: a_bits (per-token asymmetric on every block linear input), a_clip_ratio (QuaRot's 0.9).
-    KV cache: kv_bits, kv_group_size (None: head_dim), kv_clip_ratio.
-    lm_head_a_bits: input quantization of lm_head (16 = keep it in full precision, the default).
+    Attributes:
+        bits: activation width (QuaRot/RCP: 4).
+        clip_ratio: each token's range is ``clip_ratio * [min, max]`` (QuaRot's 0.9).
+        lm_head_bits: input width of ``lm_head`` (16: keep it in full precision, the default).
     """
 
-    w_bits: int = 2
-    w_group_size: int = 128
-    w_method: str = "ldp"
-    w_lwc: bool = True
-    w_lwc_init: float = 4.0
-    w_clip_ratio: float = 1.0
-    w_clip_search: str = "none"
-    ldp_granularity: str = "group"
-    ldp_init: str = "uniform"
-    a_bits: int = 4
-    a_clip_ratio: float = 0.9
-    kv_bits: int = 4
-    kv_group_size: int | None = None
-    kv_clip_ratio: float = 1.0
-    lm_head_a_bits: int = 16
+    bits: int = 4
+    clip_ratio: float = 0.9
+    lm_head_bits: int = OFF
 
     def validate(self) -> None:
-        for n in ("w_bits", "a_bits", "kv_bits", "lm_head_a_bits"):
-            b = getattr(self, n)
-            if not (isinstance(b, int) and (1 <= b <= 8 or b == 16)):
-                raise ValueError(f"{n} must be an integer in 1..8 or 16 (= off), got {b!r}")
-        if self.w_method not in W_METHODS:
-            raise ValueError(f"w_method must be one of {W_METHODS}, got {self.w_method!r}")
-        if self.w_group_size == 0 or self.w_group_size < -1:
-            raise ValueError(f"w_group_size must be positive or -1 (per row), got {self.w_group_size}")
-        for n in ("a_clip_ratio", "kv_clip_ratio", "w_clip_ratio"):
-            r = getattr(self, n)
-            if not 0 < r <= 1:
-                raise ValueError(f"{n} must be in (0, 1], got {r}")
-        if self.kv_group_size is not None and self.kv_group_size < 1:
-            raise ValueError(f"kv_group_size must be >= 1 or None, got {self.kv_group_size}")
+        _check_bits("activation bits", self.bits)
+        _check_bits("lm_head activation bits", self.lm_head_bits)
+        _check_ratio("activation clip_ratio", self.clip_ratio)
+
+
+@dataclass
+class KVQuantConfig(JsonConfig):
+    """Asymmetric fake quantization of keys (after RoPE and R3) and values, per token and head, in groups of
+    ``group_size`` channels of ``head_dim`` (16 bits = off).
+
+    Attributes:
+        bits: KV-cache width.
+        group_size: channels per group; None = the model's head_dim (one group per head and token).
+        clip_ratio: range ``clip_ratio * [min, max]`` of each group.
+    """
+
+    bits: int = 4
+    group_size: int | None = None
+    clip_ratio: float = 1.0
+
+    def validate(self) -> None:
+        _check_bits("KV bits", self.bits)
+        _check_ratio("KV clip_ratio", self.clip_ratio)
+        if self.group_size is not None and (isinstance(self.group_size, bool) or not isinstance(self.group_size, int)
+                                            or self.group_size < 1):
+            raise ValueError(f"KV group_size must be a positive integer or None (= head_dim), got {self.group_size!r}")
+
+
+# The flat keyword names of the compatibility constructor ``QuantConfig(w_bits=2, a_bits=4, w_group_size=64, ...)``
+# (also the layout of configs written before the nested form): flat name -> (part, field of that part's config).
+FLAT_NAMES: dict[str, tuple[str, str]] = {
+    "w_bits": ("weight", "bits"), "w_group_size": ("weight", "group_size"), "w_method": ("weight", "method"),
+    "w_lwc": ("weight", "lwc"), "w_lwc_init": ("weight", "lwc_init"), "w_clip_ratio": ("weight", "clip_ratio"),
+    "w_clip_search": ("weight", "clip_search"), "ldp_granularity": ("weight", "ldp_granularity"),
+    "ldp_init": ("weight", "ldp_init"),
+    "a_bits": ("act", "bits"), "a_clip_ratio": ("act", "clip_ratio"), "lm_head_a_bits": ("act", "lm_head_bits"),
+    "kv_bits": ("kv", "bits"), "kv_group_size": ("kv", "group_size"), "kv_clip_ratio": ("kv", "clip_ratio"),
+}
+_UNSET: Any = object()
+
+
+@dataclass(init=False)
+class QuantConfig(JsonConfig):
+    """What :func:`quantize_model` inserts: the weight quantizer, activation and KV-cache quantization. Nested, each
+    part owned by its own config; round-trips to JSON (``{"weight": {...} | None, "act": {...}, "kv": {...}}``).
+
+    Attributes:
+        weight: :class:`~rcp_lib.quant.quantizers.WeightQuantConfig` (bits, group_size, method, LWC, clip search,
+            LDP options; see :mod:`rcp_lib.quant.quantizers`), or None for 16-bit weights.
+        act: :class:`ActQuantConfig`. kv: :class:`KVQuantConfig`.
+
+    Constructors: ``QuantConfig(weight=..., act=..., kv=...)``, or the flat keywords of :data:`FLAT_NAMES`
+    (``QuantConfig(w_bits=2, a_bits=4, kv_bits=4, w_group_size=64)``; ``w_bits=16`` = no weight quantizer), which
+    build the same nested object (applied on top of the given or default parts). The default weight group is
+    :class:`WeightQuantConfig`'s 128, which must divide every block-linear input (576 of SmolLM2 does not: give the
+    profile's ``w_group_size``); :func:`quantize_model` names a divisor when it does not.
+    """
+
+    weight: WeightQuantConfig | None
+    act: ActQuantConfig
+    kv: KVQuantConfig
+
+    def __init__(self, weight: WeightQuantConfig | None = _UNSET, act: ActQuantConfig | None = None,
+                 kv: KVQuantConfig | None = None, **flat: Any):
+        unknown = set(flat) - set(FLAT_NAMES)
+        if unknown:
+            raise ValueError(f"unknown QuantConfig fields {sorted(unknown)}; known: weight, act, kv, {sorted(FLAT_NAMES)}")
+        parts: dict[str, dict[str, Any]] = {"weight": {}, "act": {}, "kv": {}}
+        for k, v in flat.items():
+            part, f = FLAT_NAMES[k]
+            parts[part][f] = v
+        if weight is _UNSET:
+            weight = WeightQuantConfig()
+        if parts["weight"].get("bits") == OFF:
+            weight = None
+        elif parts["weight"]:
+            weight = replace(weight, **parts["weight"]) if weight is not None else WeightQuantConfig(**parts["weight"])
+        self.weight = weight
+        self.act = replace(act or ActQuantConfig(), **parts["act"])
+        self.kv = replace(kv or KVQuantConfig(), **parts["kv"])
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "QuantConfig":
+        """The nested layout (``to_dict``), or the flat layout of :data:`FLAT_NAMES` (older configs and rows)."""
+        if set(d) & set(FLAT_NAMES):
+            return cls(**d)
+        unknown = set(d) - {"weight", "act", "kv"}
+        if unknown:
+            raise ValueError(f"unknown QuantConfig fields {sorted(unknown)}; known: ['act', 'kv', 'weight']")
+        w = d.get("weight", _UNSET)
+        return cls(weight=w if w is _UNSET or w is None else WeightQuantConfig.from_dict(w),
+                   act=ActQuantConfig.from_dict(d.get("act") or {}), kv=KVQuantConfig.from_dict(d.get("kv") or {}))
+
+    def validate(self) -> None:
+        if self.weight is not None:
+            self.weight.validate()
+        self.act.validate()
+        self.kv.validate()
+
+    @property
+    def w_bits(self) -> int:
+        """The weight width, 16 when the weights are not quantized."""
+        return OFF if self.weight is None else self.weight.bits
 
     @property
     def label(self) -> str:
         """Short name like ``W2A4KV4``."""
-        return f"W{self.w_bits}A{self.a_bits}KV{self.kv_bits}"
+        return f"W{self.w_bits}A{self.act.bits}KV{self.kv.bits}"
 
-    def weight_config(self) -> WeightQuantConfig | None:
-        if self.w_bits == 16:
-            return None
-        return WeightQuantConfig(bits=self.w_bits, group_size=self.w_group_size, method=self.w_method,
-                                 lwc=self.w_lwc, lwc_init=self.w_lwc_init, clip_ratio=self.w_clip_ratio,
-                                 clip_search=self.w_clip_search,
-                                 ldp_granularity=self.ldp_granularity, ldp_init=self.ldp_init)
+    def with_weight(self, **fields: Any) -> "QuantConfig":
+        """A copy with these :class:`WeightQuantConfig` fields replaced (no-op for 16-bit weights)."""
+        w = None if self.weight is None else replace(self.weight, **fields)
+        return QuantConfig(weight=w, act=self.act, kv=self.kv)
 
 
-
-def preset(name: str, **overrides) -> QuantConfig:
-    """Named settings: W2A4KV4 (RCP), W2A16KV16 (GSR's), W4A4KV4 (QuaRot's), W3A4KV4, W4A16KV16, W16A16KV16."""
-    import re
-
+def preset(name: str, **overrides: Any) -> QuantConfig:
+    """A named setting ``W<w>A<a>KV<kv>`` (W2A4KV4: RCP's, W2A16KV16: GSR's, W4A4KV4: QuaRot's, W16A16KV16: none),
+    with optional :class:`QuantConfig` keywords (the parts, or the flat names, e.g. ``w_group_size=64``)."""
     m = re.fullmatch(r"W(\d+)A(\d+)KV(\d+)", name.upper())
     if not m:
         raise ValueError(f"preset names look like 'W2A4KV4', got {name!r}")
     w, a, kv = map(int, m.groups())
-    return QuantConfig(w_bits=w, a_bits=a, kv_bits=kv, **overrides)
+    return QuantConfig(**{"w_bits": w, "a_bits": a, "kv_bits": kv, **overrides})
 
 
 class KVQuantizer(nn.Module):
@@ -110,6 +188,11 @@ class KVQuantizer(nn.Module):
     def __init__(self, bits: int, group_size: int, clip_ratio: float = 1.0):
         super().__init__()
         self.bits, self.group_size, self.clip_ratio = bits, group_size, clip_ratio
+
+    @classmethod
+    def of(cls, kv: KVQuantConfig, head_dim: int) -> "KVQuantizer":
+        """The quantizer of a :class:`KVQuantConfig` for heads of ``head_dim`` channels (group None = head_dim)."""
+        return cls(kv.bits, kv.group_size or head_dim, kv.clip_ratio)
 
     def forward(self, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return (fake_quant_kv(key, self.bits, self.group_size, self.clip_ratio),
@@ -126,15 +209,10 @@ def _validate_model(model: nn.Module, cfg: QuantConfig) -> None:
     for name, lin in M.named_block_linears(model):
         if not torch.isfinite(lin.weight).all():
             raise ValueError(f"{name}.weight has NaN/inf values; refusing to quantize")
-        if cfg.w_bits != 16 and cfg.w_group_size != -1 and lin.in_features % cfg.w_group_size:
-            raise ValueError(
-                f"w_group_size={cfg.w_group_size} does not divide the input size {lin.in_features} of {name}; "
-                f"use a divisor (e.g. {math.gcd(lin.in_features, cfg.w_group_size)}) or -1 (per output row)")
-    d = M.dims(model)
-    if cfg.kv_bits != 16:
-        g = cfg.kv_group_size or d.head_dim
-        if d.head_dim % g:
-            raise ValueError(f"kv_group_size={g} does not divide head_dim={d.head_dim}")
+        if cfg.weight is not None:
+            resolve_group_size(lin.in_features, cfg.weight.group_size, name)
+    if cfg.kv.bits != OFF and cfg.kv.group_size is not None:
+        resolve_group_size(M.dims(model).head_dim, cfg.kv.group_size, "the KV cache (head_dim)")
 
 
 def quantize_model(model: nn.Module, config: QuantConfig | None = None) -> nn.Module:
@@ -148,22 +226,21 @@ def quantize_model(model: nn.Module, config: QuantConfig | None = None) -> nn.Mo
     cfg.validate()
     _validate_model(model, cfg)
     M.untie_embeddings(model)
-    wcfg = cfg.weight_config()
-    act_bits = None if cfg.a_bits == 16 else cfg.a_bits
+    act_bits = None if cfg.act.bits == OFF else cfg.act.bits
     for name, lin in list(M.named_block_linears(model)):
-        q = QuantLinear.from_linear(lin, wcfg, act_bits=act_bits, act_clip_ratio=cfg.a_clip_ratio)
+        q = QuantLinear.from_linear(lin, cfg.weight, act_bits=act_bits, act_clip_ratio=cfg.act.clip_ratio)
         transform = getattr(lin, "input_transform", None)
         if transform is not None:
             q.input_transform = transform
         M.set_submodule(model, name, q)
-    if cfg.kv_bits != 16:
-        d = M.dims(model)
+    if cfg.kv.bits != OFF:
         for layer in M.decoder_layers(model):
-            M.attention(layer).rcp_kv_quantizer = KVQuantizer(cfg.kv_bits, cfg.kv_group_size or d.head_dim, cfg.kv_clip_ratio)
+            M.attention(layer).rcp_kv_quantizer = KVQuantizer.of(cfg.kv, M.dims(model).head_dim)
         use_rcp_attention(model)
-    if cfg.lm_head_a_bits != 16:
+    if cfg.act.lm_head_bits != OFF:
         head = M.lm_head(model)
-        model.lm_head = QuantLinear.from_linear(head, None, act_bits=cfg.lm_head_a_bits, act_clip_ratio=cfg.a_clip_ratio)
+        model.lm_head = QuantLinear.from_linear(head, None, act_bits=cfg.act.lm_head_bits,
+                                                act_clip_ratio=cfg.act.clip_ratio)
     model.config.rcp_quant = cfg.to_dict()
     for p in model.parameters():
         p.requires_grad_(False)

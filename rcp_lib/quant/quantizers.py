@@ -486,8 +486,9 @@ class WeightQuantConfig(JsonConfig):
     Attributes:
         bits: 1..8.
         group_size: input elements per group (must divide the layer's ``in``), -1 = one group per output row.
-        method: ``"rtn"`` (uniform grid), ``"lwc"`` (uniform grid with learnable clipping, same as
-            ``method="rtn", lwc=True``) or ``"ldp"`` (learnable direct partitioning).
+        method: ``"rtn"`` (uniform grid) or ``"ldp"`` (learnable direct partitioning). ``"lwc"`` is accepted as
+            a spelling of ``method="rtn", lwc=True`` (uniform grid with learnable clipping) and stored in that form,
+            so one setting has one dict (and one cache key).
         lwc: learnable clipping (OmniQuant LWC). ``ldp`` + ``lwc`` is RCP's quantizer; ``rtn`` + ``lwc`` the
             "uniform" ablation; ``ldp`` without ``lwc`` the "no clip" ablation.
         lwc_init: initial value of the LWC logits ``gamma`` and ``beta`` (4.0: ratio 0.982).
@@ -514,10 +515,13 @@ class WeightQuantConfig(JsonConfig):
     lloyd_iters: int = 50
 
     def __post_init__(self) -> None:
+        if self.method == "lwc":  # the one stored spelling of "uniform grid + learnable clipping"
+            self.method, self.lwc = "rtn", True
         self.validate()
 
     def validate(self) -> None:
-        """Raise ``ValueError`` on an invalid setting."""
+        """Raise ``ValueError`` on an invalid setting (a group that does not divide a layer is checked per layer,
+        by :func:`resolve_group_size`)."""
         check_weight_bits(self.bits)
         if self.group_size != -1 and (isinstance(self.group_size, bool) or not isinstance(self.group_size, int) or self.group_size <= 0):
             raise ValueError(f"group_size must be a positive integer or -1 (per output row), got {self.group_size!r}")
@@ -541,8 +545,8 @@ class WeightQuantConfig(JsonConfig):
 
     @property
     def learn_clip(self) -> bool:
-        """Whether LWC parameters are used (``lwc=True`` or ``method="lwc"``)."""
-        return self.lwc or self.method == "lwc"
+        """Whether LWC parameters are used (``lwc=True``; ``method="lwc"`` is stored as ``rtn`` + ``lwc``)."""
+        return self.lwc
 
     @property
     def levels_count(self) -> int:
