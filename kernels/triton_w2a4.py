@@ -143,7 +143,7 @@ def _w2a4_gemv_kernel(
     offs_b = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
     mask_n = offs_n < N
     mask_b = offs_b < B
-    per_split = tl.cdiv(tl.cdiv(NG, SPLIT_K), GPI) * GPI
+    per_split = ((NG + SPLIT_K - 1) // SPLIT_K + GPI - 1) // GPI * GPI  # tl.cdiv is a jit helper
     g_start = pid_k * per_split
     g_end = tl.minimum(g_start + per_split, NG)
     col = tl.arange(0, COLS)
@@ -210,7 +210,7 @@ def _w2a4_gemm_kernel(
     offs_b = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
     mask_n = offs_n < N
     mask_b = offs_b < B
-    per_split = tl.cdiv(tl.cdiv(NG, SPLIT_K), GPI) * GPI
+    per_split = ((NG + SPLIT_K - 1) // SPLIT_K + GPI - 1) // GPI * GPI  # tl.cdiv is a jit helper
     g_start = pid_k * per_split
     g_end = tl.minimum(g_start + per_split, NG)
     col = tl.arange(0, COLS)
@@ -270,9 +270,10 @@ def _w2a4_gemm_kernel(
 # ----------------------------------------------------------------------------------------------- configurations
 def gemv_configs(G: int) -> list[dict]:
     """GEMV candidates (``BLOCK_N``, groups per iteration ``GPI``, ``SPLIT_K``, warps, pipeline stages)."""
-    cands = [(16, 1, 1, 4, 2), (16, 1, 2, 4, 2), (16, 1, 4, 4, 2), (16, 2, 4, 4, 2), (32, 1, 4, 4, 2),
-             (32, 2, 2, 4, 2), (8, 2, 8, 4, 2), (16, 1, 8, 4, 3), (32, 1, 8, 4, 3), (64, 1, 4, 8, 2),
-             (16, 2, 1, 4, 3), (32, 2, 4, 8, 3)]  # fmt: skip
+    # every tile has >= 4 words per thread at G = 128 (BLOCK_N * GPI * 8 >= 128 * num_warps): 128-bit loads
+    cands = [(16, 1, 4, 1, 2), (16, 1, 8, 1, 2), (32, 1, 4, 2, 2), (32, 1, 8, 2, 3), (32, 2, 4, 4, 2),
+             (64, 1, 2, 4, 2), (64, 1, 4, 4, 3), (16, 2, 4, 2, 2), (32, 2, 2, 4, 3), (64, 2, 1, 8, 2),
+             (16, 1, 1, 1, 2), (32, 1, 1, 2, 2)]  # fmt: skip
     return [dict(BLOCK_N=bn, GPI=gpi, SPLIT_K=sk, num_warps=nw, NUM_STAGES=ns) for bn, gpi, sk, nw, ns in cands]
 
 
