@@ -54,7 +54,7 @@ import triton.language as tl
 from .layout import fused_layout_supported
 
 __all__ = ["quantize_activations_triton", "w2a4_matmul_triton", "w2a4_linear_triton", "hadamard_supported",
-           "gemv_configs", "gemm_configs", "GEMV_MAX_BATCH", "MAX_ROW"]
+           "gemv_configs", "gemm_configs", "default_config", "AUTOTUNE", "GEMV_MAX_BATCH", "MAX_ROW"]
 
 GEMV_MAX_BATCH = 4
 MAX_ROW = 32768
@@ -293,6 +293,17 @@ def gemm_configs(G: int, split_k: bool = True) -> list[dict]:
     return out
 
 
+AUTOTUNE = True
+"""False: compiled launches without a ``config`` use :func:`default_config` instead of autotuning (``--no-tune``)."""
+
+
+def default_config(path: str, G: int) -> dict:
+    """A fixed, untuned configuration (used when :data:`AUTOTUNE` is False; not chosen by any measurement)."""
+    if path == "gemv":
+        return dict(BLOCK_N=32, GPI=1, SPLIT_K=4, num_warps=2, NUM_STAGES=2)
+    return dict(BLOCK_B=16, BLOCK_N=64, GPI=max(1, -(-16 // (G // 16))), SPLIT_K=2, num_warps=4, NUM_STAGES=2)
+
+
 _DEFAULT_INTERP_GEMV = dict(BLOCK_N=16, GPI=1, SPLIT_K=1, num_warps=4, NUM_STAGES=1)
 _DEFAULT_INTERP_GEMM = dict(BLOCK_B=16, BLOCK_N=16, GPI=None, SPLIT_K=1, num_warps=4, NUM_STAGES=1)
 
@@ -486,6 +497,10 @@ def w2a4_matmul_triton(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Ten
         consts = dict(G=G, HAS_BIAS=has_bias, BLOCK_B=block_b, INTERPRET=interp)
     else:
         consts = dict(G=G, HAS_BIAS=has_bias, DOT_F32=lut.dtype == torch.float32, INTERPRET=interp)
+    if config is None and not interp and not AUTOTUNE:
+        config = default_config(path, G)
+        if not split_ok:
+            config["SPLIT_K"] = 1
     if config is None and interp:
         config = dict(_DEFAULT_INTERP_GEMV if path == "gemv" else _DEFAULT_INTERP_GEMM)
         if path == "gemm":
