@@ -325,6 +325,7 @@ def _tuned(kind: str, G: int, split_k: bool):
     key = (kind, G, split_k)
     if key not in _TUNED:
         cfgs = gemv_configs(G) if kind == "gemv" else gemm_configs(G, split_k)
+        cfgs = [c for c in cfgs if split_k or c["SPLIT_K"] == 1]  # no workspace: no split-K
         configs = []
         for c in cfgs:
             c = dict(c)
@@ -512,6 +513,8 @@ def w2a4_matmul_triton(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Ten
             raise ValueError(f"split-K needs a batch of at most {_SPLITK_MAX_BUCKET} tokens")
         if path == "gemm" and cfg["GPI"] * (G // 16) < 16:
             raise ValueError("tl.dot needs GPI * G / 16 >= 16")
+        if cfg["BLOCK_N"] < 8:
+            raise ValueError("BLOCK_N must be >= 8 (the split-K counters are sized for it)")
         bb = consts.get("BLOCK_B", cfg.get("BLOCK_B"))
         grid = (triton.cdiv(N, cfg["BLOCK_N"]), cfg["SPLIT_K"], triton.cdiv(B, bb))
         _jitted(path)[grid](*args, **consts, **cfg, num_warps=nw)
