@@ -1,49 +1,51 @@
-"""GPU benchmark of the non-uniform W2A4 GEMV kernel (RCP's proof-of-concept kernel, our implementation).
+"""GPU benchmark of the fused W2A4 linear (``kernels/triton_w2a4.py``) against torch fp16 (cuBLAS), side by side in one
+run. Writes ``results/gpu/kernel_speed.csv`` (the registry's ``kernel_speed`` file).
 
-For the linear shapes of LLaMA-2-7B (4096x4096, 11008x4096, 4096x11008) and LLaMA-3.2-1B (2048x2048,
-8192x2048, 2048x8192) given as ``N_out x K_in``, at batch 1 (``--batch`` for more), it times with
-``triton.testing.do_bench`` (median; do_bench flushes L2 between runs, so weights stream from DRAM):
+Per shape ``N_out x K_in`` in (4096 x 4096, 4096 x 11008, 11008 x 4096: LLaMA-2-7B's q/k/v/o, down, gate/up) and batch
+(1, 4, 16 tokens), every method is captured in a CUDA graph once (after warm-up, which also autotunes), then timed
+by CUDA events around single graph replays, with the L2 cache flushed (a ``--flush-mib`` MiB buffer written)
+before each replay and outside the timed interval; the median over ``--reps`` replays is reported:
 
-* ``fp16_cublas``: ``x @ W.T`` with fp16 ``x [B, K]`` and ``W [N, K]`` (torch -> cuBLAS);
-* ``triton_w2a4``: the Triton kernel on pre-quantized A4 codes (packed 2-bit weights + fp16 LUT, G=128);
-* ``triton_w2a4+actquant``: per-token A4 quantization of ``x`` (``quantize_per_token``, torch ops) + the kernel;
-* ``triton_w2a4_tuned``: best of a few block configurations for the kernel (``--tune``, on by default);
-* ``dequant_matmul``: unpack + LUT-dequantize the weight to fp16 with torch ops, then cuBLAS.
+* ``fp16_cublas``: ``F.linear(x, W)`` with fp16 ``x [B, K]``, ``W [N, K]``;
+* ``w2a4_fused``: the deployed path, two launches (activation pre-kernel + GEMV/GEMM), fp16 in, fp16 out;
+* ``w2a4_matmul``: launch 2 alone, on pre-quantized codes (the weight-streaming kernel);
+* ``w2a4_generic_op``: the generic ``torch.ops.rcp.w2a4_gemv`` kernel (``kernels/triton_gemv.py``) on the same
+  weights, natural-order codes (the previous path of PackedLinear on CUDA).
 
-For each it reports microseconds, the speed-up vs fp16, the bytes the op must move (weights + LUT +
-activations + output) and the achieved GB/s against a measured device-to-device copy bandwidth
-(``dst.copy_(src)`` of ``--copy-mib`` MiB; read + write counted). Before timing, the kernel's output is
-checked against the torch reference (relative error < 1e-3) on every shape and tuned configuration; a
-failure aborts without writing. ``bytes_moved`` is the minimum traffic of the op (what it must read and
-write), also for ``dequant_matmul``, whose real traffic is larger (it materialises the fp16 weight). Results go to ``results/kernel_speed.csv`` (atomic write) with the GPU name, torch/triton/CUDA
-versions, git commit and UTC date.
+``bytes_moved`` is the minimum traffic of the op (weights + LUT + row sums + activations + output); achieved
+bandwidth is ``bytes_moved / time`` and ``pct_of_peak_bw`` divides it by the peak measured in the same run: a
+device-to-device copy of ``--copy-mib`` MiB (read + write counted). ``speedup_vs_fp16`` is the fp16 time of the same
+shape and batch over the method's time.
 
-Without a CUDA GPU the script exits with status 2 and writes nothing: there are no estimated numbers.
+Decode (``--layers``, default 32): a LLaMA-2-7B-shaped stack of random weights, *not* a Hugging Face model: per layer
+RMSNorm, q/k/v/o (4096 x 4096), an attention stand-in (scaled-dot-product attention of the one new query over a
+fixed random fp16 KV cache of ``--kv-len`` tokens, no RoPE, cache not appended), residual, RMSNorm, gate/up
+(11008 x 4096), SiLU gating, down (4096 x 11008), residual; no embedding / lm_head. ``fp16`` uses ``nn.Linear``
+fp16 weights, ``w2a4`` uses :class:`rcp_lib.packing.PackedLinear` (random codes and LUTs, G = 128, A4, the online
+R4 Hadamard on down_proj's input: 11008 is not a power of two, so that transform runs in torch before the fused
+pre-kernel). One token step is captured in a CUDA graph; tokens/s = 1 / median step time (no L2 flush: the weights
+exceed L2).
 
-Usage: ``python benchmarks/bench_kernel.py [--batch 1 2 4 8] [--group-size 128] [--no-tune] [--out PATH]``
+Rows carry provenance (:func:`rcp_lib.io.provenance`: git commit, device, torch version, date) plus the triton
+version and the measured copy bandwidth. Without a CUDA GPU the script prints one line and exits with status 2,
+writing nothing; a kernel that disagrees with the reference aborts without writing.
+
+Usage: ``python benchmarks/bench_kernel.py [--batch 1 4 16] [--layers 32] [--no-tune] [--out PATH]``
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 from pathlib import Path
 from typing import Callable
 
 SHAPES: list[tuple[str, int, int]] = [
-    ("LLaMA-2-7B", 4096, 4096),  # q/k/v/o
-    ("LLaMA-2-7B", 11008, 4096),  # gate/up
-    ("LLaMA-2-7B", 4096, 11008),  # down
-    ("LLaMA-3.2-1B", 2048, 2048),  # q/o
-    ("LLaMA-3.2-1B", 8192, 2048),  # gate/up
-    ("LLaMA-3.2-1B", 2048, 8192),  # down
+    ("LLaMA-2-7B q/k/v/o", 4096, 4096),
+    ("LLaMA-2-7B down", 4096, 11008),
+    ("LLaMA-2-7B gate/up", 11008, 4096),
 ]
-# (block_n, block_k, num_warps, word_loads) tried by --tune; block_b follows the batch
-TUNE_CONFIGS: list[tuple[int, int, int, bool]] = [
-    (bn, bk, nw, wl)
-    for bn, bk, nw in [(4, 512, 4), (8, 256, 4), (8, 512, 4), (16, 128, 4), (16, 256, 4), (16, 512, 8), (32, 128, 4), (32, 256, 8)]
-    for wl in (False, True)
-]  # fmt: skip
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # run as a script from anywhere: import this checkout's rcp_lib
     sys.path.insert(0, str(REPO))
@@ -51,129 +53,212 @@ if str(REPO) not in sys.path:  # run as a script from anywhere: import this chec
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--batch", type=int, nargs="+", default=[1], help="batch sizes (tokens), each <= 8 (default 1)")
+    p.add_argument("--batch", type=int, nargs="+", default=[1, 4, 16], help="tokens per call (default 1 4 16)")
     p.add_argument("--group-size", type=int, default=128)
-    p.add_argument("--no-tune", action="store_true", help="only the default block configuration")
-    p.add_argument("--copy-mib", type=int, default=512, help="buffer size of the copy-bandwidth measurement")
-    p.add_argument("--rep", type=int, default=200, help="do_bench repetition time in ms")
+    p.add_argument("--no-tune", action="store_true", help="a fixed configuration instead of autotuning")
+    p.add_argument("--copy-mib", type=int, default=1024, help="buffer of the copy-bandwidth (peak) measurement")
+    p.add_argument("--flush-mib", type=int, default=256, help="buffer written to flush L2 before each replay")
+    p.add_argument("--reps", type=int, default=100, help="timed graph replays per method")
+    p.add_argument("--layers", type=int, default=32, help="decoder layers of the decode benchmark (0: skip)")
+    p.add_argument("--kv-len", type=int, default=512, help="KV-cache length of the attention stand-in")
     p.add_argument("--out", type=Path, default=None,
-                   help="CSV to write (default: results/kernel_speed.csv, the registry's 'kernel_speed' file)")
+                   help="CSV to write (default: results/gpu/kernel_speed.csv, the registry's 'kernel_speed' file)")
     return p.parse_args(argv)
 
 
 class KernelMismatch(RuntimeError):
-    """The kernel's output differs from the torch reference: no timing of it is meaningful."""
+    """The kernel's output differs from the reference: no timing of it is meaningful."""
 
 
-def measure(
-    dev,
-    shapes: list[tuple[str, int, int]],
-    batches: list[int],
-    G: int,
-    tune: bool,
-    copy_mib: int,
-    bench: Callable[[Callable[[], object]], float],
-) -> list[dict]:
-    """Run every measurement and return the result rows (nothing is written here).
+def cuda_graph_timer(dev, reps: int, flush_mib: int, flush: bool = True) -> Callable[[Callable[[], object]], float]:
+    """``bench(fn) -> median ms`` of one CUDA-graph replay of ``fn`` (captured after 3 warm-up calls), with L2
+    flushed before every replay (outside the timed interval)."""
+    import torch
 
-    Args:
-        dev: torch device ("cuda" for real numbers; "cpu" under TRITON_INTERPRET=1 only smoke-tests the logic).
-        shapes: ``(model, N_out, K_in)``. batches: token counts. G: group size. tune: try TUNE_CONFIGS.
-        copy_mib: copy-bandwidth buffer size. bench: ``fn -> median milliseconds``.
+    buf = torch.empty(flush_mib * 2**20, dtype=torch.uint8, device=dev) if flush else None
+
+    def bench(fn):
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):
+            for _ in range(3):
+                fn()
+        torch.cuda.current_stream().wait_stream(s)
+        torch.cuda.synchronize()
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            fn()
+        g.replay()
+        torch.cuda.synchronize()
+        times = []
+        for _ in range(reps):
+            if buf is not None:
+                buf.fill_(1)
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            g.replay()
+            b.record()
+            b.synchronize()
+            times.append(a.elapsed_time(b))
+        return statistics.median(times)
+
+    return bench
+
+
+def _rmsnorm(x, w, eps=1e-5):
+    import torch
+
+    v = x.float().pow(2).mean(-1, keepdim=True)
+    return (x.float() * torch.rsqrt(v + eps)).to(x.dtype) * w
+
+
+def build_decoder(dev, packed: bool, layers: int, hidden: int, inter: int, heads: int, kv_len: int, G: int):
+    """The decode stand-in of the module docstring: returns ``step(x [1, hidden]) -> [1, hidden]``."""
+    import torch
+    import torch.nn.functional as F
+    from torch import nn
+
+    from rcp_lib.packing import PackedLinear
+    from rcp_lib.rotation.online import OnlineHadamard
+
+    gen = torch.Generator(device=dev).manual_seed(1)
+    hd = hidden // heads
+
+    def linear(N, K, r4=False):
+        if not packed:
+            m = nn.Linear(K, N, bias=False, device=dev, dtype=torch.float16)
+            with torch.no_grad():
+                m.weight.normal_(0, K**-0.5, generator=gen)
+            return m
+        q = torch.randint(-(2**31), 2**31 - 1, (N, K // 16), dtype=torch.int32, device=dev, generator=gen)
+        lut = torch.randn(N, K // G, 4, device=dev, generator=gen).sort(-1).values.mul_(K**-0.5).half()
+        m = PackedLinear(q, lut, K, G, 2, None, 4, 1.0, OnlineHadamard(K) if r4 else None)
+        m.kernel_weights()
+        return m
+
+    blocks = []
+    for _ in range(layers):
+        blocks.append(dict(
+            q=linear(hidden, hidden), k=linear(hidden, hidden), v=linear(hidden, hidden), o=linear(hidden, hidden),
+            gate=linear(inter, hidden), up=linear(inter, hidden), down=linear(hidden, inter, r4=True),
+            kc=torch.randn(1, heads, kv_len, hd, device=dev, dtype=torch.float16, generator=gen),
+            vc=torch.randn(1, heads, kv_len, hd, device=dev, dtype=torch.float16, generator=gen),
+            n1=torch.ones(hidden, device=dev, dtype=torch.float16), n2=torch.ones(hidden, device=dev, dtype=torch.float16),
+        ))  # fmt: skip
+
+    @torch.no_grad()
+    def step(x):
+        for b in blocks:
+            h = _rmsnorm(x, b["n1"])
+            q = b["q"](h).view(1, heads, 1, hd)
+            _ = b["k"](h), b["v"](h)  # the new key / value (computed, as in decode; the stand-in cache is fixed)
+            a = F.scaled_dot_product_attention(q, b["kc"], b["vc"]).reshape(1, hidden)
+            x = x + b["o"](a)
+            h = _rmsnorm(x, b["n2"])
+            x = x + b["down"](F.silu(b["gate"](h)) * b["up"](h))
+        return x
+
+    return step
+
+
+def measure(dev, shapes, batches, G: int, copy_mib: int, bench, layers: int = 0, decode_dims=(4096, 11008, 32),
+            kv_len: int = 512) -> list[dict]:
+    """Run every measurement; return the rows (nothing is written here). ``bench(fn) -> median ms``.
 
     Raises:
-        KernelMismatch: a kernel configuration disagrees with the reference (rel. error >= 1e-3).
+        KernelMismatch: the fused kernel or the generic op disagrees with the float64 reference (rel. >= 1e-3).
     """
     import torch
+    import torch.nn.functional as F
     import triton
 
     from rcp_lib.io import provenance
-    from rcp_lib.kernels import dequantize, pack_codes, w2a4_gemv_reference
-    from rcp_lib.kernels.triton_gemv import _default_blocks, w2a4_gemv_triton
+    from rcp_lib.kernels import dequantize, pack_codes, w2a4_gemv
+    from rcp_lib.kernels.layout import weight_row_sums
+    from rcp_lib.kernels.triton_w2a4 import GEMV_MAX_BATCH, quantize_activations_triton, w2a4_linear_triton, w2a4_matmul_triton
     from rcp_lib.quant.activations import quantize_per_token
 
-    # device-to-device copy bandwidth (read + write)
     nbytes = copy_mib * 2**20
     src = torch.empty(nbytes, dtype=torch.uint8, device=dev).random_(0, 255)
     dst = torch.empty_like(src)
-    t_copy_ms = bench(lambda: dst.copy_(src))
-    copy_gbps = 2 * nbytes / (t_copy_ms * 1e-3) / 1e9
+    peak_gbps = 2 * nbytes / (bench(lambda: dst.copy_(src)) * 1e-3) / 1e9
     del src, dst
-    print(f"copy bandwidth: {copy_gbps:.0f} GB/s ({copy_mib} MiB buffer)")
+    print(f"peak (device-to-device copy, {copy_mib} MiB, read + write): {peak_gbps:.0f} GB/s")
 
     prov = provenance()
-    common = {
-        "gpu": torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"{dev.type} (smoke test)",
-        "torch": torch.__version__,
-        "triton": triton.__version__,
-        "cuda": torch.version.cuda,
-        "git_commit": prov["git_commit"],
-        "date_utc": prov["date_utc"],
-        "copy_GBps": round(copy_gbps, 1),
-        "group_size": G,
-    }
+    common = {**prov, "triton": triton.__version__, "cuda": torch.version.cuda,
+              "gpu": torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"{dev.type} (smoke test)",
+              "peak_copy_GBps": round(peak_gbps, 1), "group_size": G}
     rows: list[dict] = []
     gen = torch.Generator(device=dev).manual_seed(0)
     for model, N, K in shapes:
         codes = torch.randint(0, 4, (N, K), dtype=torch.uint8, device=dev, generator=gen)
-        lut = torch.randn(N, -(-K // G), 4, device=dev, generator=gen).sort(-1).values.mul_(0.02).half()
+        lut = torch.randn(N, K // G, 4, device=dev, generator=gen).sort(-1).values.mul_(0.02).half()
         packed = pack_codes(codes, 2)
-        w16 = dequantize(packed, lut, K, G, 2, dtype=torch.float16)
         del codes
+        wsum = weight_row_sums(packed, lut, K, G)
+        w16 = dequantize(packed, lut, K, G, 2, dtype=torch.float16)
+        w64 = None
         for B in batches:
             x = torch.randn(B, K, device=dev, dtype=torch.float16, generator=gen)
-            xc, xs, xz = quantize_per_token(x, 4)
-            ref = w2a4_gemv_reference(xc, xs, xz, packed, lut, K, G)
-            y = w2a4_gemv_triton(xc, xs, xz, packed, lut, K, G)
-            rel = float((y - ref).norm() / ref.norm())
-            if not rel < 1e-3:
-                raise KernelMismatch(f"kernel disagrees with the reference on {N}x{K} B={B} (rel {rel:.2e})")
-            act_bytes = xc.nbytes + xs.nbytes + xz.nbytes
-            w2_bytes = packed.nbytes + lut.nbytes + act_bytes + B * N * 4
-            fp16_bytes = w16.nbytes + x.nbytes + B * N * 2
-
-            db = _default_blocks(B, dev.type == "cpu")
-            default_cfg = f"default: block_b={db[0]} block_n={db[1]} block_k={db[2]} num_warps=4 word_loads=False"
-            results: list[tuple[str, float, int, str]] = []
-            t_fp16 = bench(lambda: x @ w16.t())
-            results.append(("fp16_cublas", t_fp16, fp16_bytes, ""))
-            results.append(("triton_w2a4", bench(lambda: w2a4_gemv_triton(xc, xs, xz, packed, lut, K, G)), w2_bytes, default_cfg))
-
-            def with_actquant():
-                c, s, z = quantize_per_token(x, 4)
-                return w2a4_gemv_triton(c, s, z, packed, lut, K, G)
-
-            results.append(("triton_w2a4+actquant", bench(with_actquant), w2_bytes, default_cfg))
-            if tune:
-                best = None
-                for bn, bk, nw, wl in TUNE_CONFIGS:
-                    fn = lambda: w2a4_gemv_triton(  # noqa: E731
-                        xc, xs, xz, packed, lut, K, G, block_n=bn, block_k=bk, num_warps=nw, word_loads=wl
-                    )
-                    yt = fn()
-                    if not float((yt - ref).norm() / ref.norm()) < 1e-3:
-                        raise KernelMismatch(f"config {(bn, bk, nw, wl)} is wrong on {N}x{K}")
-                    t = bench(fn)
-                    if best is None or t < best[0]:
-                        best = (t, f"block_n={bn} block_k={bk} num_warps={nw} word_loads={wl}")
-                results.append(("triton_w2a4_tuned", best[0], w2_bytes, best[1]))
-            results.append(("dequant_matmul", bench(lambda: x @ dequantize(packed, lut, K, G, 2, dtype=torch.float16).t()), w2_bytes, ""))
-
-            for method, t_ms, moved, cfg in results:
+            xc, xs, xz = quantize_per_token(x, 4)  # natural order (the generic op)
+            pc, ps, pz = quantize_activations_triton(x, 4, 1.0, G)  # permuted order (the fused kernel)
+            if w64 is None:
+                w64 = dequantize(packed, lut, K, G, 2, dtype=torch.float64)
+            ref = ((xc.double() - xz.double()[:, None]) * xs.double()[:, None]) @ w64.T
+            checks = {"w2a4_fused": w2a4_linear_triton(x, packed, lut, wsum, K, G, out_dtype=torch.float32),
+                      "w2a4_matmul": w2a4_matmul_triton(pc, ps, pz, packed, lut, wsum, K, G),
+                      "w2a4_generic_op": w2a4_gemv(xc, xs, xz, packed, lut, K, G)}
+            rel = {k: float((v.double() - ref).norm() / ref.norm()) for k, v in checks.items()}
+            bad = {k: v for k, v in rel.items() if not v < 1e-3}
+            if bad:
+                raise KernelMismatch(f"{N}x{K} B={B}: {bad} against the float64 reference")
+            path = "gemv" if B <= GEMV_MAX_BATCH else "gemm"
+            act = B * K + 8 * B  # codes + scale/zero
+            w2_bytes = packed.nbytes + lut.nbytes + wsum.nbytes + act + B * N * 2
+            results = [
+                ("fp16_cublas", bench(lambda: F.linear(x, w16)), w16.nbytes + x.nbytes + B * N * 2, "", float("nan")),
+                ("w2a4_fused", bench(lambda: w2a4_linear_triton(x, packed, lut, wsum, K, G)), w2_bytes + x.nbytes,
+                 f"pre-kernel + {path}", rel["w2a4_fused"]),
+                ("w2a4_matmul", bench(lambda: w2a4_matmul_triton(pc, ps, pz, packed, lut, wsum, K, G, None, torch.float16)),
+                 w2_bytes, path, rel["w2a4_matmul"]),
+                ("w2a4_generic_op", bench(lambda: w2a4_gemv(xc, xs, xz, packed, lut, K, G)),
+                 packed.nbytes + lut.nbytes + act + B * N * 4, "torch.ops.rcp.w2a4_gemv", rel["w2a4_generic_op"]),
+            ]  # fmt: skip
+            t_fp16 = results[0][1]
+            for method, t_ms, moved, cfg, err in results:
                 gbps = moved / (t_ms * 1e-3) / 1e9
-                row = {
-                    "model": model, "N_out": N, "K_in": K, "batch": B, "method": method, "config": cfg,
-                    "median_us": round(t_ms * 1e3, 2), "speedup_vs_fp16": round(t_fp16 / t_ms, 3),
-                    "bytes_moved": moved, "achieved_GBps": round(gbps, 1),
-                    "pct_of_copy_bw": round(100 * gbps / copy_gbps, 1), "rel_err_vs_reference": f"{rel:.2e}",
-                    **common,
-                }  # fmt: skip
+                row = {"bench": "linear", "model": model, "N_out": N, "K_in": K, "batch": B, "method": method,
+                       "config": cfg, "median_us": round(t_ms * 1e3, 2), "speedup_vs_fp16": round(t_fp16 / t_ms, 3),
+                       "bytes_moved": moved, "achieved_GBps": round(gbps, 1),
+                       "pct_of_peak_bw": round(100 * gbps / peak_gbps, 1), "tokens_per_s": "",
+                       "rel_err_vs_float64": f"{err:.2e}", **common}  # fmt: skip
                 rows.append(row)
-                print(f"{model:13s} {N:6d}x{K:<6d} B={B} {method:22s} {row['median_us']:9.1f} us  "
-                      f"x{row['speedup_vs_fp16']:.2f} vs fp16  {gbps:7.1f} GB/s ({row['pct_of_copy_bw']:.0f}% of copy)  {cfg}")  # fmt: skip
-        del packed, lut, w16
+                print(f"{N:6d}x{K:<6d} B={B:<3d} {method:16s} {row['median_us']:9.1f} us  x{row['speedup_vs_fp16']:.2f} "
+                      f"vs fp16  {gbps:7.1f} GB/s ({row['pct_of_peak_bw']:.0f}% of peak)  {cfg}")  # fmt: skip
+        del packed, lut, w16, w64, wsum
         if dev.type == "cuda":
             torch.cuda.empty_cache()
+
+    if layers:
+        hidden, inter, heads = decode_dims
+        x = torch.randn(1, hidden, device=dev, dtype=torch.float16, generator=gen)
+        t = {}
+        for method, packed_model in (("fp16", False), ("w2a4", True)):
+            step = build_decoder(dev, packed_model, layers, hidden, inter, heads, kv_len, G)
+            t[method] = bench(lambda: step(x))
+            del step
+            if dev.type == "cuda":
+                torch.cuda.empty_cache()
+        for method in ("fp16", "w2a4"):
+            row = {"bench": "decode", "model": f"LLaMA-2-7B-shaped stack, {layers} layers, attention stand-in "
+                   f"(kv {kv_len})", "N_out": hidden, "K_in": inter, "batch": 1, "method": method, "config": "",
+                   "median_us": round(t[method] * 1e3, 2), "speedup_vs_fp16": round(t["fp16"] / t[method], 3),
+                   "bytes_moved": "", "achieved_GBps": "", "pct_of_peak_bw": "",
+                   "tokens_per_s": round(1e3 / t[method], 1), "rel_err_vs_float64": "", **common}  # fmt: skip
+            rows.append(row)
+            print(f"decode {method:5s} {row['median_us']:10.1f} us/token  {row['tokens_per_s']:8.1f} tokens/s  "
+                  f"x{row['speedup_vs_fp16']:.2f} vs fp16")
     return rows
 
 
@@ -185,26 +270,22 @@ def main(argv: list[str] | None = None) -> int:
         print("bench_kernel: needs a CUDA GPU; no numbers written", file=sys.stderr)
         return 2
     try:
-        import triton.testing  # noqa: F401
+        import triton  # noqa: F401
     except ImportError as e:
         print(f"bench_kernel: needs triton ({e}); no numbers written", file=sys.stderr)
         return 2
-    if any(not 1 <= b <= 8 for b in args.batch):
-        print("bench_kernel: batch sizes must be in 1..8", file=sys.stderr)
-        return 2
-
     from rcp_lib.io import atomic_write_csv
+    from rcp_lib.kernels import triton_w2a4
     from rcp_lib.kernels.triton_gemv import interpret_mode
 
     if interpret_mode():
-        print("bench_kernel: TRITON_INTERPRET is set; unset it to time the compiled kernel", file=sys.stderr)
+        print("bench_kernel: TRITON_INTERPRET is set; unset it to time the compiled kernels", file=sys.stderr)
         return 2
-
-    import triton.testing as tt
-
-    bench = lambda fn: tt.do_bench(fn, warmup=25, rep=args.rep, return_mode="median")  # noqa: E731
+    triton_w2a4.AUTOTUNE = not args.no_tune
+    dev = torch.device("cuda")
+    bench = cuda_graph_timer(dev, args.reps, args.flush_mib)
     try:
-        rows = measure(torch.device("cuda"), SHAPES, args.batch, args.group_size, not args.no_tune, args.copy_mib, bench)
+        rows = measure(dev, SHAPES, args.batch, args.group_size, args.copy_mib, bench, args.layers, kv_len=args.kv_len)
     except KernelMismatch as e:
         print(f"bench_kernel: {e}; no numbers written", file=sys.stderr)
         return 1

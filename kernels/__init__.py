@@ -1,10 +1,20 @@
 """rcp_lib.kernels (the top-level ``kernels/`` folder): packed non-uniform low-bit weights and the W2A4 GEMV op.
 
-* :mod:`.bitpack`: bit-packing of weight codes (``pack_codes`` / ``unpack_codes``) and LUT dequantization;
+* :mod:`.bitpack`: bit-packing of weight codes (``pack_codes`` / ``unpack_codes``) and LUT dequantization (the
+  stored format, unchanged by the kernels);
 * :mod:`.reference`: the pure-torch reference of the op;
-* :mod:`.triton_gemv`: the Triton kernel (needs triton; imported on first use);
+* :mod:`.triton_gemv`: the generic Triton kernel of the op (any G, 1/2/4/8-bit weights, natural-order codes; needs
+  triton; imported on first use);
 * :mod:`.op`: the op registered with ``torch.library`` as ``torch.ops.rcp.w2a4_gemv`` (reference by default,
-  Triton on CUDA) and :func:`w2a4_gemv`, which calls it or a forced backend.
+  the generic Triton kernel on CUDA) and :func:`w2a4_gemv`, which calls it or a forced backend;
+* :mod:`.triton_w2a4`: the fused path that :class:`rcp_lib.packing.PackedLinear` runs on CUDA (2-bit weights,
+  ``G % 16 == 0``): launch 1, an activation pre-kernel (optional power-of-two online Hadamard + the per-token
+  quantizer of ``quantize_per_token``, operation for operation); launch 2, a split-K GEMV (<= 4 tokens) or a
+  ``tl.dot`` GEMM (prefill) with 128-bit weight loads, levels selected in registers, a pipelined K loop, fp32
+  accumulation and an epilogue that applies scale, float zero point and bias; autotuned per (N, K, batch). Speed
+  unmeasured until a GPU runs ``python benchmarks/bench_kernel.py``;
+* :mod:`.layout`: what the fused path derives at deploy time: the activation order that matches the stored words
+  (``activation_permutation``) and the weight row sums that carry the float zero point (``weight_row_sums``).
 
 The activation operands come from :func:`rcp_lib.quant.activations.quantize_per_token`, the integer form of the
 activation fake quantizer; the deployed layer is :class:`rcp_lib.packing.PackedLinear`. Importing this package
@@ -24,10 +34,14 @@ __all__: list[str] = []
 if __name__ == "rcp_lib.kernels":
     from . import bitpack as _bitpack
     from .bitpack import SUPPORTED_BITS, codes_per_word, dequantize, pack_codes, packed_words, unpack_codes
+    from . import layout as _layout
+    from .layout import (activation_permutation, fused_layout_supported, permute_activations, unpermute_activations,
+                         weight_row_sums)
     from .op import triton_available, w2a4_gemv
     from .reference import w2a4_gemv_reference
 
-    __all__ = [*_bitpack.__all__, "w2a4_gemv_reference", "w2a4_gemv", "w2a4_gemv_triton", "triton_available"]
+    __all__ = [*_bitpack.__all__, *_layout.__all__, "w2a4_gemv_reference", "w2a4_gemv", "w2a4_gemv_triton",
+               "triton_available"]
 
     def __getattr__(name: str):
         if name == "w2a4_gemv_triton":  # imported on first use: importing triton is not free

@@ -32,6 +32,9 @@ Why packed along K, row-major, in int32
   same row: each row of the tile is a contiguous ``BLOCK_K/4``-byte segment (64 bytes for BLOCK_K=256),
   i.e. full, aligned memory transactions. The reduction over K stays inside a program (no split-K
   atomics) and the activation chunk ``x[:, k0:k0+BLOCK_K]`` is reused across all ``BLOCK_N`` rows.
+* The fused path of ``PackedLinear`` (``triton_w2a4.py``) reads the same words, a row's run of words per
+  program in 128-bit loads, with split-K; it decodes slot ``i`` of every word at once, and its activation
+  pre-kernel writes the codes in the matching order (``layout.py``), so this format needs no repacking.
 * 32-bit words are the native load width; one word yields 16 codes with shifts/masks by constants, and
   a 2-bit ``CPW`` of 16 divides every power-of-two ``BLOCK_K`` and the usual group sizes (32..128), so
   a word never straddles two groups when ``G % 16 == 0``.

@@ -17,6 +17,9 @@ environment variable, else "auto"):
 * ``"triton"``: always the kernel; on CPU tensors this needs ``TRITON_INTERPRET=1`` (the triton interpreter, used by
   the tests for correctness; ~3000x slower than torch), otherwise a ``RuntimeError``.
 
+The op keeps natural-order codes and any group size; :class:`rcp_lib.packing.PackedLinear` on CUDA uses the fused
+two-launch path of :mod:`.triton_w2a4` instead where it applies (2-bit, ``G % 16 == 0``).
+
 The activation operands are the integer form of the per-token activation quantizer,
 :func:`rcp_lib.quant.activations.quantize_per_token` (``x_hat = (x_codes - x_zero) * x_scale``, float zero point).
 """

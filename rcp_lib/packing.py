@@ -277,6 +277,14 @@ class PackedLinear(nn.Module):
     quantizer of fake quantization in its integer form (:func:`rcp_lib.quant.activations.quantize_per_token`, formula
     and float zero point documented there), then ``x̂ Ŵᵀ`` with fp32 accumulation. With ``act_bits=None`` the input
     stays in full precision and the weight is dequantized on the fly.
+
+    Backends (``backend``, else ``$RCP_KERNEL_BACKEND``, else "auto"): on CUDA with triton, when
+    :meth:`fused_supported` (every W2 layer with G = 128), "auto" runs the fused two-launch path of
+    :mod:`rcp_lib.kernels.triton_w2a4` (pre-kernel: online R4 Hadamard of a power-of-two block + the same
+    per-token quantizer; then split-K GEMV for <= 4 tokens, ``tl.dot`` GEMM above; bias in the epilogue); other
+    layers call ``torch.ops.rcp.w2a4_gemv``. On CPU "auto" is the torch reference. "triton" forces the fused path
+    (CPU tensors need ``TRITON_INTERPRET=1``), "torch" the reference. The stored tensors are the same for every
+    backend; the fused path derives ``wsum`` (:meth:`kernel_weights`) once per device.
     """
 
     def __init__(self, qweight: torch.Tensor, lut: torch.Tensor, K: int, group_size: int, bits: int,
@@ -316,7 +324,62 @@ class PackedLinear(nn.Module):
         """``W_hat [N, K]`` in ``dtype`` (the LUT values converted, not re-rounded)."""
         return dequantize(self.qweight, self.lut, self.in_features, self.group_size, self.bits, dtype=dtype)
 
+    def fused_supported(self) -> bool:
+        """Whether the fused two-launch Triton path (:mod:`rcp_lib.kernels.triton_w2a4`) can run this layer: 2-bit
+        weights, ``G % 16 == 0``, ``K % G == 0``, an fp16 / fp32 LUT, A-bits set, no input transform other than
+        :class:`~rcp_lib.rotation.online.OnlineHadamard`."""
+        from .kernels.layout import fused_layout_supported
+
+        t = self.input_transform
+        return (self.act_bits is not None and fused_layout_supported(self.in_features, self.group_size, self.bits)
+                and self.lut.dtype in (torch.float16, torch.float32) and self.in_features <= 32768
+                and (t is None or isinstance(t, OnlineHadamard)))
+
+    def _use_fused(self, x: torch.Tensor) -> bool:
+        from .kernels.op import _resolve_backend, triton_available
+
+        be = _resolve_backend(self.backend)
+        if be == "torch" or not self.fused_supported():
+            return False
+        if be == "auto":
+            return x.is_cuda and triton_available()
+        return True  # "triton": on CPU tensors only under TRITON_INTERPRET=1 (the kernels raise otherwise)
+
+    @torch.no_grad()
+    def kernel_weights(self) -> torch.Tensor:
+        """The derived operand of the fused path: ``wsum [N]`` float32, the row sums of ``W_hat``
+        (:func:`rcp_lib.kernels.layout.weight_row_sums`), computed once per device and weight version and cached on
+        the module (not a buffer: not saved). Call it before capturing a CUDA graph."""
+        key = (self.qweight.device, self.qweight.data_ptr(), self.qweight._version, self.lut.data_ptr(),
+               self.lut._version)
+        cache = getattr(self, "_kernel_cache", None)
+        if cache is None or cache[0] != key:
+            from .kernels.layout import weight_row_sums
+
+            cache = (key, weight_row_sums(self.qweight, self.lut, self.in_features, self.group_size, self.bits))
+            self._kernel_cache = cache
+        return cache[1]
+
+    def _forward_fused(self, x: torch.Tensor) -> torch.Tensor:
+        """Two launches (pre-kernel: R4 + A-quantization; GEMV / GEMM with scale, zero and bias in the epilogue).
+        A Hadamard order the pre-kernel does not build (not a power of two, e.g. 11008) runs in torch first."""
+        from .kernels.triton_w2a4 import hadamard_supported, w2a4_linear_triton
+
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, self.in_features)
+        t = self.input_transform
+        fuse_had = t is not None and hadamard_supported(t.n, t.block)
+        if t is not None and not fuse_had:
+            x2 = t(x2)
+        y = w2a4_linear_triton(x2, self.qweight, self.lut, self.kernel_weights(), self.in_features, self.group_size,
+                               self.act_bits, self.act_clip_ratio, self.bias,
+                               hadamard_block=t.block if fuse_had else None, apply_hadamard=fuse_had,
+                               out_dtype=x.dtype)
+        return y.reshape(*lead, self.out_features)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._use_fused(x):
+            return self._forward_fused(x)
         if self.input_transform is not None:
             x = self.input_transform(x)
         lead = x.shape[:-1]

@@ -45,7 +45,7 @@ def test_registry_lists_every_notebook_and_every_table_they_write():
 
 def test_file_lookups():
     assert result_path("perplexity", "cpu") == paths.results_root() / "cpu" / "perplexity.csv"
-    assert result_path("kernel_speed") == paths.results_root() / "kernel_speed.csv"
+    assert result_path("kernel_speed") == paths.results_root() / "gpu" / "kernel_speed.csv"
     with pytest.raises(ValueError, match="family"):
         result_path("perplexity_qat", "cpu")
     assert table_for_file("perplexity_qat_160.csv").name == "perplexity_qat"

@@ -70,7 +70,7 @@ def kernel_correctness(profile: Profile, interpret: bool = True) -> list[dict]:
 
 
 def kernel_speed_table() -> "pd.DataFrame | None":
-    """The speed table ``benchmarks/bench_kernel.py`` writes on a GPU (``results/kernel_speed.csv``), or None."""
+    """The speed table ``benchmarks/bench_kernel.py`` writes on a GPU (``results/gpu/kernel_speed.csv``), or None."""
     import pandas as pd
 
     p = result_path("kernel_speed")

@@ -27,7 +27,7 @@ class Table:
             :attr:`per_profile`); a glob pattern for a family (``perplexity_qat_*.csv``).
         notebook: the notebook that writes it, or None when a command does (:attr:`command`).
         command: how to write it when no notebook does (a CLI call, a benchmark or a script).
-        per_profile: False for files of one machine rather than of a profile (``results/kernel_speed.csv``).
+        per_profile: False for files of one machine rather than of a profile (``results/gpu/kernel_speed.csv``).
         smoke: the ``smoke`` run of the notebooks writes it (checked by ``tests/test_notebooks.py``).
         readme: the README generator (:mod:`rcp_lib.report`) reads it.
         figures: stems of the figures (``figures/<profile>/<stem>.png`` and ``.pdf``) drawn from it.
@@ -81,7 +81,7 @@ _TABLES = (
           description="memory accountant vs the bytes save_quantized writes (profile's model, W2A4KV4)"),
     Table("kernel_correctness", "kernel_correctness.csv", notebook="05_kernel_speed.ipynb", smoke=True,
           rows="kernel_correctness", description="W2A4 GEMV backends vs a float64 product"),
-    Table("kernel_speed", "kernel_speed.csv", command="python benchmarks/bench_kernel.py (CUDA GPU)",
+    Table("kernel_speed", "gpu/kernel_speed.csv", command="python benchmarks/bench_kernel.py (CUDA GPU)",
           per_profile=False, figures=("kernel_speed",), description="W2A4 GEMV speed vs fp16 (notebook 05 plots it)"),
     Table("perplexity_ptq", "perplexity_ptq.csv", command="python -m rcp_lib table --profile <profile>",
           rows="ppl_table", families=("baseline", "ptq"), description="the PTQ part of the perplexity table alone"),

@@ -262,6 +262,13 @@ def _factor_matrix(f: int) -> torch.Tensor:
     return _base_int(f) if f in _base_constructions() else _sylvester(f)
 
 
+@functools.lru_cache(maxsize=256)
+def _factor_matrix_on(f: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """:func:`_factor_matrix` converted to ``device`` / ``dtype`` once (not a host-to-device copy per call, which
+    also breaks CUDA-graph capture). Entries are ±1: exact in every float dtype. Treat as read-only."""
+    return _factor_matrix(f).to(device=device, dtype=dtype)
+
+
 def apply_hadamard(x: torch.Tensor, n: int | None = None) -> torch.Tensor:
     """``x @ hadamard(n)`` over the last dim of ``x [..., n]`` in O(n · Σ factors); any float dtype and device.
 
@@ -278,7 +285,7 @@ def apply_hadamard(x: torch.Tensor, n: int | None = None) -> torch.Tensor:
     left = 1
     for f in _factors(n):
         right = n // (left * f)
-        H = _factor_matrix(f).to(device=x.device, dtype=x.dtype)
+        H = _factor_matrix_on(f, x.device, x.dtype)  # cached per device / dtype
         # contract the factor axis: y[r, l, i, q] -> sum_i H[i, j] y[r, l, i, q]
         y = torch.matmul(H.T, y.reshape(-1, f, right)).reshape(-1, n) if right > 1 else (y.reshape(-1, f) @ H).reshape(-1, n)
         left *= f

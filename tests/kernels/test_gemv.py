@@ -240,18 +240,20 @@ def test_benchmark_refuses_without_gpu(tmp_path, capsys):
 
 @needs_triton
 def test_benchmark_measurement_logic_smoke(tmp_path):
-    """The measurement code runs end to end on CPU (interpreter, one tiny shape, a fake timer); rows are
-    returned to the test only: the script itself never writes numbers without a GPU."""
+    """The measurement code runs end to end on CPU (interpreter, one tiny shape, a tiny decoder, a fake timer); rows
+    are returned to the test only: the script itself never writes numbers without a GPU."""
     import importlib.util
 
     spec = importlib.util.spec_from_file_location("bench_kernel_smoke", REPO / "benchmarks" / "bench_kernel.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
-    mod.TUNE_CONFIGS = mod.TUNE_CONFIGS[:2]
-    rows = mod.measure(torch.device("cpu"), [("tiny", 24, 96)], [1], 32, True, 1, lambda fn: (fn(), 1.0)[1])
-    methods = [r["method"] for r in rows]
-    assert methods == ["fp16_cublas", "triton_w2a4", "triton_w2a4+actquant", "triton_w2a4_tuned", "dequant_matmul"]
-    assert all(r["gpu"] == "cpu (smoke test)" and float(r["rel_err_vs_reference"]) < 1e-3 for r in rows)
+    rows = mod.measure(torch.device("cpu"), [("tiny", 24, 64)], [1], 32, 1, lambda fn: (fn(), 1.0)[1],
+                       layers=1, decode_dims=(32, 64, 2), kv_len=4)
+    linear = [r for r in rows if r["bench"] == "linear"]
+    assert [r["method"] for r in linear] == ["fp16_cublas", "w2a4_fused", "w2a4_matmul", "w2a4_generic_op"]
+    assert all(r["gpu"] == "cpu (smoke test)" and "git_commit" in r and "triton" in r for r in rows)
+    assert all(float(r["rel_err_vs_float64"]) < 1e-3 for r in linear[1:])
+    assert [(r["bench"], r["method"]) for r in rows[len(linear):]] == [("decode", "fp16"), ("decode", "w2a4")]
 
 
 @needs_triton

@@ -1,0 +1,539 @@
+"""The fused W2A4 linear in two Triton launches: an activation pre-kernel, then a split-K GEMV (batch <= 4) or a
+``tl.dot`` GEMM (batch > 4), both autotuned per shape.
+
+Launch 1, :func:`quantize_activations_triton` (one program per token): optional online Hadamard (R4) of a
+power-of-two block ``HB >= 16`` in fp32, then the per-token asymmetric quantizer of
+:func:`rcp_lib.quant.activations.quantize_per_token` with the same operations (``lo = clip * min``,
+``s = max((hi - lo) / (L - 1), 1e-10)``, ``c = clamp(round_half_even((x - lo) / s), 0, L - 1)``,
+``zero = -lo / s``, a float; IEEE divisions through ``div_rn``): codes (uint8, written in the order of
+:func:`.layout.activation_permutation`), scale and zero (float32 ``[B]``). The Hadamard is computed as
+``Y = L (X H_C) / sqrt(HB)`` on the row viewed as ``X [K / C, C]`` with ``C = min(HB, 128)`` and
+``L = kron(I, H_{HB / C})`` (Sylvester: ``H_HB = kron(H_{HB/C}, H_C)``): two small ``tl.dot`` in full fp32
+(``input_precision="ieee"``); the ±1 matrices are built once per device (:func:`_hadamard_operands`). Rows up to
+``K = 32768`` (the whole row is in registers: min / max need it).
+
+Launch 2, :func:`w2a4_matmul_triton`: ``y [B, N] = scale * (sum_k c_k W_hat[n, k] - zero * wsum[n]) (+ bias)`` in
+the output dtype, fp32 accumulation (:mod:`.layout` for why ``zero`` factors out). The weights are the stored
+:func:`.bitpack.pack_codes` words, read as ``[BLOCK_N, COLS]`` tiles (``COLS = GPI * G / 16`` words of a row:
+contiguous, 128-bit loads); ``G`` is a compile-time constant; per (row, group) the 4 levels are loaded once into
+registers (fp16 or fp32 LUT) and each 2-bit code selects among them with ``tl.where`` (no gather that depends on
+the codes). The K loop is ``tl.range(..., num_stages=NUM_STAGES)`` (software pipelined on GPU).
+
+* GEMV (``B <= GEMV_MAX_BATCH``): the tokens of a ``BLOCK_B`` tile share each decoded weight; the products are
+  accumulated in fp32 ``[BLOCK_B, BLOCK_N, COLS]`` and reduced at the end.
+* GEMM (prefill): each slot ``i`` of the word tile is dequantized to a ``[BLOCK_N, COLS]`` fp16 tile (fp32 for an
+  fp32 LUT) and multiplied with the matching ``[BLOCK_B, COLS]`` codes by ``tl.dot`` (codes 0..15 and fp16 levels
+  are exact in fp16; fp32 accumulation).
+
+Split-K (``SPLIT_K > 1``): ``SPLIT_K`` programs share an output tile, each owning a contiguous range of groups, so
+that ``N / BLOCK_N * SPLIT_K`` programs fill the SMs several times over. Each adds its fp32 partial into a zeroed
+fp32 workspace with ``tl.atomic_add``, then takes a ticket from a per-tile counter (after a CTA barrier, acq_rel);
+the program that draws the last ticket reads the sum (bypassing L1), applies scale / zero / bias, writes the
+output in its dtype, and puts the workspace and the counter back to zero, so that no memset launch is needed (the
+serial split-K fix-up of CUTLASS). The workspace and counters are cached per (device, N, batch bucket) and never
+freed (CUDA graphs keep their addresses); two calls that use the same workspace must not run concurrently on
+different streams.
+
+Autotuning: ``triton.autotune`` over the configurations of :func:`gemv_configs` / :func:`gemm_configs`, keyed by
+``(N, K, batch)`` (batch rounded to a power of two for the GEMM), cached per process (and on disk with triton's
+autotune cache). Tuning runs at the first call of each key: warm up before capturing a CUDA graph. Under
+``TRITON_INTERPRET=1`` (CPU, tests) there is no tuning: a fixed, or the given, configuration runs.
+
+Kernels are ``triton.jit``-decorated lazily (see :mod:`.triton_gemv`: the interpreter knob is read at decoration),
+and reductions use ``tl.reduce`` with the standard combine functions under the interpreter (``INTERPRET``).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from .layout import fused_layout_supported
+
+__all__ = ["quantize_activations_triton", "w2a4_matmul_triton", "w2a4_linear_triton", "hadamard_supported",
+           "gemv_configs", "gemm_configs", "default_config", "AUTOTUNE", "GEMV_MAX_BATCH", "MAX_ROW"]
+
+GEMV_MAX_BATCH = 4
+MAX_ROW = 32768
+_SPLITK_MAX_BUCKET = 64  # split-K (and its workspace) only up to this many tokens
+
+
+def interpret_mode() -> bool:
+    from .triton_gemv import interpret_mode as _im
+
+    return _im()
+
+
+# ----------------------------------------------------------------------------------------------- pre-kernel
+def _act_quant_kernel(
+    x_ptr, c_ptr, s_ptr, z_ptr, hc_ptr, hl_ptr,
+    K, stride_xb, stride_cb, clip, inv_sqrt,
+    LEVELS: tl.constexpr, G: tl.constexpr, PERMUTE: tl.constexpr, HADAMARD: tl.constexpr, MIX_ROWS: tl.constexpr,
+    KP: tl.constexpr, C: tl.constexpr, RP: tl.constexpr, INTERPRET: tl.constexpr,
+):  # fmt: skip
+    pid = tl.program_id(0)
+    if HADAMARD:
+        r = tl.arange(0, RP)
+        cc = tl.arange(0, C)
+        k = r[:, None] * C + cc[None, :]  # [RP, C], row-major view of the row
+        mask = k < K
+        x = tl.load(x_ptr + pid * stride_xb + k, mask=mask, other=0.0).to(tl.float32)
+        hc = tl.load(hc_ptr + cc[:, None] * C + cc[None, :])  # ±1, [C, C]
+        v = tl.dot(x, hc, input_precision="ieee")  # within-C mixing
+        if MIX_ROWS:
+            hl = tl.load(hl_ptr + r[:, None] * RP + r[None, :])  # kron(I, H_m), zero-padded, [RP, RP]
+            v = tl.dot(hl, v, input_precision="ieee")
+        v = v * inv_sqrt
+    else:
+        k = tl.arange(0, KP)
+        mask = k < K
+        v = tl.load(x_ptr + pid * stride_xb + k, mask=mask, other=0.0).to(tl.float32)
+    vmin = tl.where(mask, v, float("inf"))
+    vmax = tl.where(mask, v, float("-inf"))
+    if HADAMARD:
+        if INTERPRET:
+            vmin = tl.reduce(vmin, 1, tl.standard._elementwise_min)
+            vmax = tl.reduce(vmax, 1, tl.standard._elementwise_max)
+        else:
+            vmin = tl.min(vmin, axis=1)
+            vmax = tl.max(vmax, axis=1)
+    if INTERPRET:
+        mn = tl.reduce(vmin, 0, tl.standard._elementwise_min)
+        mx = tl.reduce(vmax, 0, tl.standard._elementwise_max)
+    else:
+        mn = tl.min(vmin, axis=0)
+        mx = tl.max(vmax, axis=0)
+    # quantize_per_token (asymmetric, float zero point), operation by operation
+    lo = mn * clip
+    hi = mx * clip
+    s = tl.maximum(tl.math.div_rn(hi - lo, LEVELS - 1.0), 1e-10)
+    t = tl.math.div_rn(v - lo, s)
+    fl = tl.math.floor(t)  # round half to even (torch.round), exact: t - floor(t) is exact in fp32
+    d = t - fl
+    odd = (fl - 2.0 * tl.math.floor(fl * 0.5)) != 0.0
+    q = fl + tl.where((d > 0.5) | ((d == 0.5) & odd), 1.0, 0.0)
+    q = tl.minimum(tl.maximum(q, 0.0), LEVELS - 1.0)
+    if PERMUTE:
+        WPG: tl.constexpr = G // 16
+        p = (k // G) * G + (k % 16) * WPG + (k % G) // 16
+    else:
+        p = k
+    tl.store(c_ptr + pid * stride_cb + p, q.to(tl.uint8), mask=mask)
+    tl.store(s_ptr + pid, s)
+    tl.store(z_ptr + pid, tl.math.div_rn(-lo, s))
+
+
+# ----------------------------------------------------------------------------------------------- GEMV / GEMM
+def _w2a4_gemv_kernel(
+    x_ptr, xs_ptr, xz_ptr, w_ptr, lut_ptr, wsum_ptr, bias_ptr, y_ptr, ws_ptr, cnt_ptr,
+    B, N, K, stride_xb, stride_wn, stride_ln, stride_yb, B_KEY,
+    G: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, GPI: tl.constexpr,
+    SPLIT_K: tl.constexpr, NUM_STAGES: tl.constexpr, INTERPRET: tl.constexpr,
+):  # fmt: skip
+    WPG: tl.constexpr = G // 16
+    COLS: tl.constexpr = GPI * WPG
+    NG = K // G
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    pid_b = tl.program_id(2)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_b = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
+    mask_n = offs_n < N
+    mask_b = offs_b < B
+    per_split = ((NG + SPLIT_K - 1) // SPLIT_K + GPI - 1) // GPI * GPI  # tl.cdiv is a jit helper
+    g_start = pid_k * per_split
+    g_end = tl.minimum(g_start + per_split, NG)
+    col = tl.arange(0, COLS)
+    gcol = col // WPG
+    jcol = col % WPG
+    acc = tl.full((BLOCK_B, BLOCK_N, COLS), 0.0, tl.float32)
+    for g0 in tl.range(g_start, g_end, GPI, num_stages=NUM_STAGES):
+        g = g0 + gcol
+        gmask = g < g_end
+        wmask = mask_n[:, None] & gmask[None, :]
+        wcol = tl.multiple_of(g0 * WPG, WPG) + tl.max_contiguous(col, COLS)  # hints: 128-bit loads / cp.async
+        words = tl.load(w_ptr + offs_n[:, None] * stride_wn + wcol[None, :], mask=wmask, other=0)
+        lb = lut_ptr + offs_n[:, None] * stride_ln + (g * 4)[None, :]
+        l0 = tl.load(lb, mask=wmask, other=0.0).to(tl.float32)
+        l1 = tl.load(lb + 1, mask=wmask, other=0.0).to(tl.float32)
+        l2 = tl.load(lb + 2, mask=wmask, other=0.0).to(tl.float32)
+        l3 = tl.load(lb + 3, mask=wmask, other=0.0).to(tl.float32)
+        xb = x_ptr + offs_b[:, None] * stride_xb + (g * G + jcol)[None, :]
+        xmask = mask_b[:, None] & gmask[None, :]
+        for i in tl.static_range(16):
+            c = (words >> (2 * i)) & 3
+            b0 = (c & 1) != 0
+            w = tl.where(c >= 2, tl.where(b0, l3, l2), tl.where(b0, l1, l0))  # [BLOCK_N, COLS]
+            xi = tl.load(xb + i * WPG, mask=xmask, other=0).to(tl.float32)  # [BLOCK_B, COLS]
+            acc += xi[:, None, :] * w[None, :, :]
+    if INTERPRET:
+        part = tl.reduce(acc, 2, tl.standard._sum_combine)
+    else:
+        part = tl.sum(acc, axis=2)
+    ymask = mask_b[:, None] & mask_n[None, :]
+    if SPLIT_K > 1:
+        wsp = ws_ptr + offs_b[:, None] * N + offs_n[None, :]
+        tl.atomic_add(wsp, part, mask=ymask, sem="relaxed")
+        tl.debug_barrier()
+        tile = pid_b * tl.num_programs(0) + pid_n
+        ticket = tl.atomic_add(cnt_ptr + tile, 1, sem="acq_rel")
+        last = ticket == SPLIT_K - 1
+        ymask = ymask & ((tl.full((BLOCK_B, BLOCK_N), 0, tl.int32) + ticket) == SPLIT_K - 1)
+        part = tl.load(wsp, mask=ymask, other=0.0, cache_modifier=".cg")
+        tl.store(wsp, part * 0.0, mask=ymask)
+        tl.store(cnt_ptr + tile, 0, mask=last)
+    scale = tl.load(xs_ptr + offs_b, mask=mask_b, other=0.0)
+    zero = tl.load(xz_ptr + offs_b, mask=mask_b, other=0.0)
+    wsum = tl.load(wsum_ptr + offs_n, mask=mask_n, other=0.0)
+    y = scale[:, None] * (part - zero[:, None] * wsum[None, :])
+    if HAS_BIAS:
+        y += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+    tl.store(y_ptr + offs_b[:, None] * stride_yb + offs_n[None, :], y.to(y_ptr.dtype.element_ty), mask=ymask)
+
+
+def _w2a4_gemm_kernel(
+    x_ptr, xs_ptr, xz_ptr, w_ptr, lut_ptr, wsum_ptr, bias_ptr, y_ptr, ws_ptr, cnt_ptr,
+    B, N, K, stride_xb, stride_wn, stride_ln, stride_yb, B_KEY,
+    G: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, GPI: tl.constexpr,
+    SPLIT_K: tl.constexpr, NUM_STAGES: tl.constexpr, DOT_F32: tl.constexpr, INTERPRET: tl.constexpr,
+):  # fmt: skip
+    WPG: tl.constexpr = G // 16
+    COLS: tl.constexpr = GPI * WPG
+    NG = K // G
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    pid_b = tl.program_id(2)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_b = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
+    mask_n = offs_n < N
+    mask_b = offs_b < B
+    per_split = ((NG + SPLIT_K - 1) // SPLIT_K + GPI - 1) // GPI * GPI  # tl.cdiv is a jit helper
+    g_start = pid_k * per_split
+    g_end = tl.minimum(g_start + per_split, NG)
+    col = tl.arange(0, COLS)
+    gcol = col // WPG
+    jcol = col % WPG
+    acc = tl.full((BLOCK_B, BLOCK_N), 0.0, tl.float32)
+    for g0 in tl.range(g_start, g_end, GPI, num_stages=NUM_STAGES):
+        g = g0 + gcol
+        gmask = g < g_end
+        wmask = mask_n[:, None] & gmask[None, :]
+        wcol = tl.multiple_of(g0 * WPG, WPG) + tl.max_contiguous(col, COLS)  # hints: 128-bit loads / cp.async
+        words = tl.load(w_ptr + offs_n[:, None] * stride_wn + wcol[None, :], mask=wmask, other=0)
+        lb = lut_ptr + offs_n[:, None] * stride_ln + (g * 4)[None, :]
+        if DOT_F32:
+            l0 = tl.load(lb, mask=wmask, other=0.0).to(tl.float32)
+            l1 = tl.load(lb + 1, mask=wmask, other=0.0).to(tl.float32)
+            l2 = tl.load(lb + 2, mask=wmask, other=0.0).to(tl.float32)
+            l3 = tl.load(lb + 3, mask=wmask, other=0.0).to(tl.float32)
+        else:
+            l0 = tl.load(lb, mask=wmask, other=0.0).to(tl.float16)
+            l1 = tl.load(lb + 1, mask=wmask, other=0.0).to(tl.float16)
+            l2 = tl.load(lb + 2, mask=wmask, other=0.0).to(tl.float16)
+            l3 = tl.load(lb + 3, mask=wmask, other=0.0).to(tl.float16)
+        xb = x_ptr + offs_b[:, None] * stride_xb + (g * G + jcol)[None, :]
+        xmask = mask_b[:, None] & gmask[None, :]
+        for i in tl.static_range(16):
+            c = (words >> (2 * i)) & 3
+            b0 = (c & 1) != 0
+            w = tl.where(c >= 2, tl.where(b0, l3, l2), tl.where(b0, l1, l0))  # [BLOCK_N, COLS] dequantized tile
+            xi = tl.load(xb + i * WPG, mask=xmask, other=0)  # [BLOCK_B, COLS] codes
+            if DOT_F32:
+                acc = tl.dot(xi.to(tl.float32), tl.trans(w), acc, input_precision="ieee")
+            else:
+                acc = tl.dot(xi.to(tl.float16), tl.trans(w), acc)
+    part = acc
+    ymask = mask_b[:, None] & mask_n[None, :]
+    if SPLIT_K > 1:
+        wsp = ws_ptr + offs_b[:, None] * N + offs_n[None, :]
+        tl.atomic_add(wsp, part, mask=ymask, sem="relaxed")
+        tl.debug_barrier()
+        tile = pid_b * tl.num_programs(0) + pid_n
+        ticket = tl.atomic_add(cnt_ptr + tile, 1, sem="acq_rel")
+        last = ticket == SPLIT_K - 1
+        ymask = ymask & ((tl.full((BLOCK_B, BLOCK_N), 0, tl.int32) + ticket) == SPLIT_K - 1)
+        part = tl.load(wsp, mask=ymask, other=0.0, cache_modifier=".cg")
+        tl.store(wsp, part * 0.0, mask=ymask)
+        tl.store(cnt_ptr + tile, 0, mask=last)
+    scale = tl.load(xs_ptr + offs_b, mask=mask_b, other=0.0)
+    zero = tl.load(xz_ptr + offs_b, mask=mask_b, other=0.0)
+    wsum = tl.load(wsum_ptr + offs_n, mask=mask_n, other=0.0)
+    y = scale[:, None] * (part - zero[:, None] * wsum[None, :])
+    if HAS_BIAS:
+        y += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+    tl.store(y_ptr + offs_b[:, None] * stride_yb + offs_n[None, :], y.to(y_ptr.dtype.element_ty), mask=ymask)
+
+
+# ----------------------------------------------------------------------------------------------- configurations
+def gemv_configs(G: int) -> list[dict]:
+    """GEMV candidates (``BLOCK_N``, groups per iteration ``GPI``, ``SPLIT_K``, warps, pipeline stages)."""
+    # every tile has >= 4 words per thread at G = 128 (BLOCK_N * GPI * 8 >= 128 * num_warps): 128-bit loads
+    cands = [(16, 1, 4, 1, 2), (16, 1, 8, 1, 2), (32, 1, 4, 2, 2), (32, 1, 8, 2, 3), (32, 2, 4, 4, 2),
+             (64, 1, 2, 4, 2), (64, 1, 4, 4, 3), (16, 2, 4, 2, 2), (32, 2, 2, 4, 3), (64, 2, 1, 8, 2),
+             (16, 1, 1, 1, 2), (32, 1, 1, 2, 2)]  # fmt: skip
+    return [dict(BLOCK_N=bn, GPI=gpi, SPLIT_K=sk, num_warps=nw, NUM_STAGES=ns) for bn, gpi, sk, nw, ns in cands]
+
+
+def gemm_configs(G: int, split_k: bool = True) -> list[dict]:
+    """GEMM candidates (``BLOCK_B``, ``BLOCK_N``, ``GPI``, ``SPLIT_K``, warps, stages); ``tl.dot`` needs every dim
+    >= 16, so ``GPI * G / 16 >= 16``."""
+    wpg = G // 16
+    gpi_min = max(1, -(-16 // wpg))
+    cands = [(16, 32, 1, 4, 4, 2), (16, 64, 1, 2, 4, 2), (16, 64, 2, 4, 4, 2), (32, 64, 1, 2, 4, 2),
+             (64, 64, 1, 1, 4, 2), (64, 128, 1, 1, 8, 2), (128, 128, 1, 1, 8, 2), (32, 128, 1, 1, 4, 3),
+             (16, 128, 1, 4, 8, 3), (64, 64, 2, 1, 4, 3)]  # fmt: skip
+    out = []
+    for bb, bn, gm, sk, nw, ns in cands:
+        if not split_k and sk > 1:
+            continue
+        out.append(dict(BLOCK_B=bb, BLOCK_N=bn, GPI=gpi_min * gm, SPLIT_K=sk, num_warps=nw, NUM_STAGES=ns))
+    return out
+
+
+AUTOTUNE = True
+"""False: compiled launches without a ``config`` use :func:`default_config` instead of autotuning (``--no-tune``)."""
+
+
+def default_config(path: str, G: int) -> dict:
+    """A fixed, untuned configuration (used when :data:`AUTOTUNE` is False; not chosen by any measurement)."""
+    if path == "gemv":
+        return dict(BLOCK_N=32, GPI=1, SPLIT_K=4, num_warps=2, NUM_STAGES=2)
+    return dict(BLOCK_B=16, BLOCK_N=64, GPI=max(1, -(-16 // (G // 16))), SPLIT_K=2, num_warps=4, NUM_STAGES=2)
+
+
+_DEFAULT_INTERP_GEMV = dict(BLOCK_N=16, GPI=1, SPLIT_K=1, num_warps=4, NUM_STAGES=1)
+_DEFAULT_INTERP_GEMM = dict(BLOCK_B=16, BLOCK_N=16, GPI=None, SPLIT_K=1, num_warps=4, NUM_STAGES=1)
+
+_JIT: dict = {}
+_TUNED: dict = {}
+
+
+def _jitted(name: str):
+    interp = interpret_mode()
+    key = (name, interp)
+    if key not in _JIT:
+        fn = {"act": _act_quant_kernel, "gemv": _w2a4_gemv_kernel, "gemm": _w2a4_gemm_kernel}[name]
+        _JIT[key] = triton.jit(fn)
+    return _JIT[key]
+
+
+def _tuned(kind: str, G: int, split_k: bool):
+    """``triton.autotune``-wrapped kernel, one per (kind, G, split-K allowed); compiled mode only."""
+    key = (kind, G, split_k)
+    if key not in _TUNED:
+        cfgs = gemv_configs(G) if kind == "gemv" else gemm_configs(G, split_k)
+        cfgs = [c for c in cfgs if split_k or c["SPLIT_K"] == 1]  # no workspace: no split-K
+        configs = []
+        for c in cfgs:
+            c = dict(c)
+            nw = c.pop("num_warps")
+            configs.append(triton.Config(c, num_warps=nw, num_stages=1))
+        fn = _w2a4_gemv_kernel if kind == "gemv" else _w2a4_gemm_kernel
+        _TUNED[key] = triton.autotune(configs=configs, key=["N", "K", "B_KEY"], cache_results=True)(triton.jit(fn))
+    return _TUNED[key]
+
+
+# ----------------------------------------------------------------------------------------------- buffers
+_WORKSPACE: dict = {}
+_HADAMARD: dict = {}
+
+
+def _workspace(device: torch.device, N: int, bucket: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Zeroed fp32 ``[bucket * N]`` partial-sum buffer and int32 tile counters, cached per (device, N, bucket) and
+    never freed (kernels leave them zeroed; CUDA graphs keep their addresses)."""
+    key = (str(device), N, bucket)
+    if key not in _WORKSPACE:
+        _WORKSPACE[key] = (torch.zeros(bucket * N, dtype=torch.float32, device=device),
+                           torch.zeros(triton.cdiv(N, 8) * bucket, dtype=torch.int32, device=device))
+    return _WORKSPACE[key]
+
+
+def hadamard_supported(K: int, block: int | None) -> bool:
+    """Whether the pre-kernel applies ``OnlineHadamard(K, block)`` itself: a power-of-two Hadamard block
+    ``HB = block or K`` with ``16 <= HB`` and ``K <= MAX_ROW``. Other orders (e.g. 11008 = 172 * 64, LLaMA-2-7B's
+    MLP width) keep the torch transform (:func:`rcp_lib.rotation.hadamard.apply_hadamard`) before the pre-kernel."""
+    hb = block or K
+    return K <= MAX_ROW and hb >= 16 and hb & (hb - 1) == 0 and K % hb == 0
+
+
+def _hadamard_operands(K: int, hb: int, device: torch.device):
+    """(``H_C`` ±1 fp32 ``[C, C]``, ``L`` ±1/0 fp32 ``[RP, RP]`` or None, C, RP), built once per device."""
+    key = (str(device), K, hb)
+    if key not in _HADAMARD:
+        from ..rotation.hadamard import hadamard_int
+
+        C = min(hb, 128)
+        R = K // C
+        RP = max(16, triton.next_power_of_2(R))
+        hc = hadamard_int(C).to(torch.float32)
+        m = hb // C
+        hl = None
+        if m > 1:
+            full = torch.zeros(RP, RP, dtype=torch.float32)
+            full[:R, :R] = torch.kron(torch.eye(R // m), hadamard_int(m).to(torch.float32))
+            hl = full.to(device)
+        _HADAMARD[key] = (hc.to(device).contiguous(), hl, C, RP)
+    return _HADAMARD[key]
+
+
+def _check_device(t: torch.Tensor) -> None:
+    if t.device.type == "cpu" and not interpret_mode():
+        raise RuntimeError("Triton kernels need CUDA tensors (or TRITON_INTERPRET=1 for the CPU interpreter)")
+
+
+# ----------------------------------------------------------------------------------------------- launchers
+def quantize_activations_triton(x: torch.Tensor, bits: int, clip_ratio: float, G: int | None,
+                                hadamard_block: int | None = None, apply_hadamard: bool = False,
+                                num_warps: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Launch 1: (optional Hadamard +) per-token asymmetric quantization of ``x [B, K]``.
+
+    Args:
+        x: ``[B, K]`` fp16 / bf16 / fp32 activations.
+        bits: activation bits (1..8). clip_ratio: in ``(0, 1]``.
+        G: weight group size: codes are written in the order of :func:`.layout.activation_permutation` for it
+            (None: natural order, what :func:`rcp_lib.quant.activations.quantize_per_token` returns).
+        hadamard_block, apply_hadamard: apply ``x @ kron(I, H_hb)`` first (``hb = hadamard_block or K``), the
+            ``OnlineHadamard(K, hadamard_block)`` of R4; needs :func:`hadamard_supported`.
+    Returns:
+        ``(codes uint8 [B, K], scale float32 [B], zero float32 [B])``: ``x_hat = (codes - zero) * scale``.
+    """
+    if x.dim() != 2:
+        raise ValueError(f"x must be [B, K], got {tuple(x.shape)}")
+    if not 1 <= bits <= 8:
+        raise ValueError(f"bits must be in 1..8, got {bits}")
+    if not 0 < clip_ratio <= 1:
+        raise ValueError(f"clip_ratio must be in (0, 1], got {clip_ratio}")
+    _check_device(x)
+    B, K = x.shape
+    if K > MAX_ROW:
+        raise ValueError(f"the pre-kernel holds one row in registers: K <= {MAX_ROW}, got {K}")
+    if G is not None and not fused_layout_supported(K, G):
+        raise ValueError(f"permuted codes need G % 16 == 0 and K % G == 0, got K={K}, G={G}")
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    dev = x.device
+    codes = torch.empty((B, K), dtype=torch.uint8, device=dev)
+    s = torch.empty(B, dtype=torch.float32, device=dev)
+    z = torch.empty(B, dtype=torch.float32, device=dev)
+    if B == 0:
+        return codes, s, z
+    hb = (hadamard_block or K) if apply_hadamard else None
+    if hb is not None:
+        if not hadamard_supported(K, hadamard_block):
+            raise ValueError(f"the pre-kernel's Hadamard needs a power-of-two block >= 16 dividing K, got {hb} (K={K})")
+        hc, hl, C, RP = _hadamard_operands(K, hb, dev)
+        KP = 16
+    else:
+        hc = hl = None
+        C, RP, KP = 16, 16, triton.next_power_of_2(K)
+    interp = interpret_mode()
+    if num_warps is None:
+        num_warps = 4 if K <= 4096 else (8 if K <= 16384 else 16)
+    _jitted("act")[(B,)](
+        x, codes, s, z, hc if hc is not None else s, hl if hl is not None else s,
+        K, x.stride(0), codes.stride(0), float(clip_ratio), 1.0 / math.sqrt(hb) if hb else 1.0,
+        LEVELS=1 << bits, G=G or 16, PERMUTE=G is not None, HADAMARD=hb is not None, MIX_ROWS=hl is not None,
+        KP=KP, C=C, RP=RP, INTERPRET=interp, num_warps=num_warps,
+    )  # fmt: skip
+    return codes, s, z
+
+
+def w2a4_matmul_triton(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, packed_w: torch.Tensor,
+                       lut: torch.Tensor, wsum: torch.Tensor, K: int, G: int, bias: torch.Tensor | None = None,
+                       out_dtype: torch.dtype = torch.float32, path: str | None = None,
+                       config: dict | None = None) -> torch.Tensor:
+    """Launch 2: ``y [B, N] = scale * (codes @ W_hat^T - zero * wsum) (+ bias)`` in ``out_dtype``.
+
+    Args:
+        codes: ``[B, K]`` uint8 activation codes in the permuted order of :func:`.layout.activation_permutation`
+            (what :func:`quantize_activations_triton` writes with ``G``); the GEMV path also takes float
+            activations (with scale 1, zero 0), the GEMM path only codes or fp16.
+        scale, zero: float32 ``[B]``. packed_w: int32 ``[N, K / 16]`` (:func:`.bitpack.pack_codes`, unchanged).
+        lut: ``[N, K / G, 4]`` fp16 or fp32. wsum: float32 ``[N]``, :func:`.layout.weight_row_sums`.
+        K, G: input features and group size (:func:`.layout.fused_layout_supported`). bias: ``[N]`` or None.
+        path: "gemv", "gemm" or None (GEMV for ``B <= GEMV_MAX_BATCH``).
+        config: a fixed configuration (keys of :func:`gemv_configs` / :func:`gemm_configs`) instead of autotuning;
+            the interpreter always runs a fixed one.
+    Returns:
+        ``[B, N]`` in ``out_dtype``.
+    """
+    if not fused_layout_supported(K, G):
+        raise ValueError(f"the fused kernel needs G % 16 == 0 and K % G == 0, got K={K}, G={G}")
+    if codes.dim() != 2 or codes.shape[1] != K:
+        raise ValueError(f"codes must be [B, K={K}], got {tuple(codes.shape)}")
+    B, N = codes.shape[0], packed_w.shape[0]
+    if packed_w.dtype != torch.int32 or tuple(packed_w.shape) != (N, K // 16):
+        raise ValueError(f"packed_w must be int32 [N, {K // 16}], got {packed_w.dtype} {tuple(packed_w.shape)}")
+    if tuple(lut.shape) != (N, K // G, 4) or lut.dtype not in (torch.float16, torch.float32):
+        raise ValueError(f"lut must be fp16/fp32 [N={N}, {K // G}, 4], got {lut.dtype} {tuple(lut.shape)}")
+    if tuple(wsum.shape) != (N,):
+        raise ValueError(f"wsum must be [N={N}], got {tuple(wsum.shape)}")
+    _check_device(codes)
+    dev = codes.device
+    path = path or ("gemv" if B <= GEMV_MAX_BATCH else "gemm")
+    if path not in ("gemv", "gemm"):
+        raise ValueError(f"path must be 'gemv' or 'gemm', got {path!r}")
+    if path == "gemm" and codes.dtype not in (torch.uint8, torch.float16):
+        raise ValueError("the GEMM path takes uint8 codes or fp16 activations (exact in fp16)")
+    codes = codes if codes.stride(-1) == 1 else codes.contiguous()
+    packed_w, lut = packed_w.contiguous(), lut.contiguous()
+    scale = scale.reshape(B).to(device=dev, dtype=torch.float32).contiguous()
+    zero = zero.reshape(B).to(device=dev, dtype=torch.float32).contiguous()
+    wsum = wsum.to(device=dev, dtype=torch.float32).contiguous()
+    y = torch.empty((B, N), dtype=out_dtype, device=dev)
+    if B == 0 or N == 0:
+        return y
+    bucket = triton.next_power_of_2(B)
+    split_ok = bucket <= _SPLITK_MAX_BUCKET
+    ws, cnt = _workspace(dev, N, bucket) if split_ok else (scale, scale.new_zeros(1, dtype=torch.int32))
+    has_bias = bias is not None
+    args = (codes, scale, zero, packed_w, lut, wsum, bias if has_bias else wsum, y, ws, cnt,
+            B, N, K, codes.stride(0), packed_w.stride(0), lut.stride(0), y.stride(0), min(bucket, 4096))
+    interp = interpret_mode()
+    if path == "gemv":
+        block_b = min(triton.next_power_of_2(B), GEMV_MAX_BATCH)
+        consts = dict(G=G, HAS_BIAS=has_bias, BLOCK_B=block_b, INTERPRET=interp)
+    else:
+        consts = dict(G=G, HAS_BIAS=has_bias, DOT_F32=lut.dtype == torch.float32, INTERPRET=interp)
+    if config is None and not interp and not AUTOTUNE:
+        config = default_config(path, G)
+        if not split_ok:
+            config["SPLIT_K"] = 1
+    if config is None and interp:
+        config = dict(_DEFAULT_INTERP_GEMV if path == "gemv" else _DEFAULT_INTERP_GEMM)
+        if path == "gemm":
+            config["GPI"] = max(1, -(-16 // (G // 16)))
+    if config is not None:
+        cfg = dict(config)
+        nw = cfg.pop("num_warps", 4)
+        if not split_ok and cfg.get("SPLIT_K", 1) > 1:
+            raise ValueError(f"split-K needs a batch of at most {_SPLITK_MAX_BUCKET} tokens")
+        if path == "gemm" and cfg["GPI"] * (G // 16) < 16:
+            raise ValueError("tl.dot needs GPI * G / 16 >= 16")
+        if cfg["BLOCK_N"] < 8:
+            raise ValueError("BLOCK_N must be >= 8 (the split-K counters are sized for it)")
+        bb = consts.get("BLOCK_B", cfg.get("BLOCK_B"))
+        grid = (triton.cdiv(N, cfg["BLOCK_N"]), cfg["SPLIT_K"], triton.cdiv(B, bb))
+        _jitted(path)[grid](*args, **consts, **cfg, num_warps=nw)
+    else:
+        kern = _tuned(path, G, split_ok)
+
+        def grid(meta):
+            bb = meta["BLOCK_B"]
+            return (triton.cdiv(N, meta["BLOCK_N"]), meta["SPLIT_K"], triton.cdiv(B, bb))
+
+        kern[grid](*args, **consts)
+    return y
+
+
+def w2a4_linear_triton(x: torch.Tensor, packed_w: torch.Tensor, lut: torch.Tensor, wsum: torch.Tensor, K: int,
+                       G: int, act_bits: int = 4, act_clip_ratio: float = 1.0, bias: torch.Tensor | None = None,
+                       hadamard_block: int | None = None, apply_hadamard: bool = False,
+                       out_dtype: torch.dtype | None = None, config: dict | None = None) -> torch.Tensor:
+    """The whole W2A4 linear in two launches: :func:`quantize_activations_triton` then :func:`w2a4_matmul_triton`.
+    ``x [B, K]`` -> ``[B, N]`` in ``out_dtype`` (default ``x.dtype``)."""
+    codes, s, z = quantize_activations_triton(x, act_bits, act_clip_ratio, G, hadamard_block, apply_hadamard)
+    return w2a4_matmul_triton(codes, s, z, packed_w, lut, wsum, K, G, bias, out_dtype or x.dtype, config=config)
