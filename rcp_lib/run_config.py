@@ -129,10 +129,15 @@ def full_state_dict(model) -> dict:
     return {k: v.detach().cpu() for k, v in model.state_dict().items()}
 
 
-def export_run(student, cfg: RunConfig, export_dir: str | Path, is_main: bool) -> None:
+def export_run(student, cfg: RunConfig, export_dir: str | Path, is_main: bool, skeleton=None) -> None:
     """Save the trained ``student`` as a packed model (:func:`rcp_lib.packing.save_quantized`) from every rank:
     a sharded student's full state dict is gathered (all ranks), then rank 0 loads it into an unsharded skeleton of
-    the same surgery on the CPU and writes; an unsharded student is written by rank 0 directly."""
+    the same surgery on the CPU and writes; an unsharded student is written by rank 0 directly.
+
+    Args:
+        skeleton: ``() -> nn.Module``, the unrotated full-precision model to rebuild on (default: ``load(cfg.model)``
+            on the CPU in the gathered dtype); only called on rank 0 for a sharded student.
+    """
     if not _is_sharded(student):
         if is_main:
             from .packing import save_quantized
@@ -146,12 +151,12 @@ def export_run(student, cfg: RunConfig, export_dir: str | Path, is_main: bool) -
         from .quant.apply import quantize_model
         from .rotation.fuse import rotate_model
 
-        skeleton, _ = load(cfg.model, device="cpu", dtype=_dtype_of(sd))
+        model = skeleton() if skeleton is not None else load(cfg.model, device="cpu", dtype=_dtype_of(sd))[0]
         if cfg.recipe.rotation is not None:
-            rotate_model(skeleton, cfg.recipe.rotation, fuse_weights=False)
-        quantize_model(skeleton, cfg.recipe.quant)
-        skeleton.load_state_dict(sd, strict=True)
-        save_quantized(skeleton, export_dir)
+            rotate_model(model, cfg.recipe.rotation, fuse_weights=False)
+        quantize_model(model, cfg.recipe.quant)
+        model.load_state_dict(sd, strict=True)
+        save_quantized(model, export_dir)
 
 
 def _dtype_of(sd: dict):
