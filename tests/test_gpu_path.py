@@ -58,7 +58,12 @@ def test_train_builds_what_the_estimator_counts():
                     gradient_checkpointing=True)
     latent, quant = parameter_groups(student, cfg)
     trainable = sum(p.numel() for p in latent + quant)
-    train(student, fp, data, cfg, progress=False)
+    from accelerate.state import AcceleratorState
+
+    try:
+        train(student, fp, data, cfg, progress=False)
+    finally:  # Accelerate's state is a per-process singleton: the next test's Accelerator uses mixed_precision "no"
+        AcceleratorState._reset_state(True)
     assert {p.dtype for p in fp.parameters()} == {torch.bfloat16}
     assert {p.dtype for p in student.parameters()} == {torch.float32}
     est = qat_memory_per_gpu(fp.config, n_gpus=1, strategy="ddp", group_size=32, seq_len=32)
