@@ -14,7 +14,7 @@ export HF_HUB_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: test reproduce install test-slow clean-cache
+.PHONY: test reproduce install test-slow clean-cache gpu-check
 
 install: $(STAMP)
 
@@ -37,6 +37,9 @@ test-slow: $(STAMP)
 reproduce: $(STAMP)
 	$(PY) -m rcp_lib reproduce --profile $(PROFILE)
 	@if [ "$(PROFILE)" = cpu ]; then $(PY) -m rcp_lib readme --profile cpu; fi
+
+gpu-check: $(STAMP)
+	$(PY) benchmarks/gpu_check.py
 
 clean-cache:
 	rm -rf $${RCP_CACHE:-$${XDG_CACHE_HOME:-$$HOME/.cache}/rcp_lib}

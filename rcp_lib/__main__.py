@@ -67,6 +67,16 @@ def _cmd_reproduce(args: argparse.Namespace) -> int:
     from .reproduce import NotebookFailed, reproduce
 
     _apply_allow_dirty(args)
+    if getattr(args, "dry_run", False):
+        from .reproduce import dry_run
+
+        try:
+            work = dry_run(args.profile, notebooks=args.notebooks or None)
+        except NotebookFailed as e:
+            print(f"[rcp_lib] dry-run stopped: {e}", file=sys.stderr)
+            return 1
+        print(f"dry-run of profile {args.profile!r} passed; outputs in {work}")
+        return 0
     try:
         done = reproduce(args.profile, notebooks=args.notebooks or None)
     except (NotebookFailed, DirtyTreeError) as e:
@@ -177,8 +187,11 @@ def build_parser() -> argparse.ArgumentParser:
     t.set_defaults(func=_cmd_qat)
 
     r = sub.add_parser("reproduce", help="execute the notebooks with papermill for a profile")
-    r.add_argument("--profile", default="cpu", choices=["smoke", "cpu", "paper"])
+    r.add_argument("--profile", default="cpu", choices=["smoke", "cpu", "gpu", "paper"])
     r.add_argument("--notebooks", nargs="*", help="only these notebooks (file names)")
+    r.add_argument("--dry-run", action="store_true",
+                   help="run the profile's notebooks on the CPU with a tiny random LLaMA and the wiki excerpt, budgets "
+                        "scaled down, everything in a temporary folder (never results/)")
     r.add_argument("--allow-dirty", action="store_true",
                    help="write results even with uncommitted changes to code or configs (sets RCP_ALLOW_DIRTY=1)")
     r.set_defaults(func=_cmd_reproduce)

@@ -104,9 +104,14 @@ def _load_embedded_float32() -> tuple[nn.Module, object]:
     return model, tok
 
 
+def default_dtype(device: str | torch.device) -> torch.dtype:
+    """The parameter dtype :func:`load` uses when none is given: bfloat16 on CUDA, float32 elsewhere."""
+    return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+
+
 def load(
     name_or_path: str = EMBEDDED_ALIAS,
-    dtype: torch.dtype = torch.float32,
+    dtype: torch.dtype | None = None,
     device: str | torch.device = "cpu",
     attn_implementation: str | None = "sdpa",
 ) -> tuple[nn.Module, object]:
@@ -115,8 +120,10 @@ def load(
     Args:
         name_or_path: ``"smollm2-135m"`` (the embedded, offline default), a Hugging Face hub id such as
             ``"meta-llama/Llama-2-7b-hf"``, or a local folder in transformers format.
-        dtype: parameter dtype (float32 by default; the embedded GGUF is dequantized to float32 first).
-        device: where to put the model.
+        dtype: parameter dtype; None: :func:`default_dtype` of ``device`` (bfloat16 on CUDA, float32 elsewhere).
+            The embedded GGUF is dequantized to float32 first, then cast.
+        device: where to put the model (under ``accelerate launch``, pass the process's ``accelerator.device``:
+            a bare ``"cuda"`` is GPU 0 in every process).
         attn_implementation: transformers attention backend ("sdpa" or "eager").
 
     Returns:
@@ -125,6 +132,8 @@ def load(
     Raises:
         UnsupportedModelError: the checkpoint's ``model_type`` is not a registered family.
     """
+    if dtype is None:
+        dtype = default_dtype(device)
     if name_or_path == EMBEDDED_ALIAS:
         model, tok = _load_embedded_float32()
     else:

@@ -79,14 +79,38 @@ def _profile_name(profile: str | Profile) -> str:
     return profile if isinstance(profile, str) else profile.name
 
 
+#: a file in a model folder that marks its weights as random (the dry-run's stand-in): never written into results/
+RANDOM_WEIGHTS_MARKER = "rcp_random_weights.json"
+
+
+class RandomWeightsOutputError(RuntimeError):
+    """A profile whose model has random weights (a dry-run stand-in) would write into the checkout's results/."""
+
+
+def _refuse_random_weights(profile: str | Profile, d: Path) -> Path:
+    model = getattr(profile, "model", None)
+    if model and (Path(str(model)) / RANDOM_WEIGHTS_MARKER).is_file():
+        for root in (REPO_ROOT / "results", REPO_ROOT / "figures"):
+            try:
+                d.resolve().relative_to(root.resolve())
+            except ValueError:
+                continue
+            raise RandomWeightsOutputError(
+                f"{model} holds random weights (a dry-run stand-in): its outputs never go to {root}; set "
+                "RCP_RESULTS_DIR / RCP_FIGURES_DIR to a temporary folder (reproduce --dry-run does)")
+    return d
+
+
 def results_dir(profile: str | Profile) -> Path:
-    """``results_root()/<profile>`` for a profile or a profile name (not created)."""
-    return results_root() / _profile_name(profile)
+    """``results_root()/<profile>`` for a profile or a profile name (not created). Raises
+    :class:`RandomWeightsOutputError` for a random-weights model when that folder is in the checkout's results/."""
+    return _refuse_random_weights(profile, results_root() / _profile_name(profile))
 
 
 def figures_dir(profile: str | Profile) -> Path:
-    """``figures_root()/<profile>`` for a profile or a profile name, created if missing."""
-    d = figures_root() / _profile_name(profile)
+    """``figures_root()/<profile>`` for a profile or a profile name, created if missing (random-weights models:
+    never in the checkout's figures/, see :func:`results_dir`)."""
+    d = _refuse_random_weights(profile, figures_root() / _profile_name(profile))
     d.mkdir(parents=True, exist_ok=True)
     return d
 

@@ -8,7 +8,12 @@ profile's group, seed and QAT budget).
 * ``smoke`` - CI: every notebook end to end in minutes on 2 CPU cores (tiny eval slices, a few QAT steps).
   Its numbers only prove the pipeline runs; they are written under ``results/smoke/``.
 * ``cpu``   - the embedded default (real SmolLM2-135M, real wiki-excerpt text), the README main command.
-* ``paper`` - LLaMA-2-7B on a GPU with WikiText-2, the paper's setting (needs the data set and the weights).
+* ``gpu``   - the embedded model on one CUDA GPU with budgets that use it (80x the ``cpu`` profile's QAT tokens, the
+  whole test split for perplexity, bf16), written under ``results/gpu/``.
+* ``paper`` - LLaMA-2-7B on a GPU with WikiText-2, the paper's setting (needs the data set and the weights). Its QAT
+  recipe is ``configs/paper-llama2-7b.yaml`` (``qat_recipe``; the budget fields here must agree with that file,
+  ``tests/test_gpu_path.py`` checks it). ``python -m rcp_lib reproduce --profile paper --dry-run`` runs its path on
+  the CPU with a tiny random model (:mod:`rcp_lib.reproduce`).
 
 Results of each profile go to ``results/<profile>/`` and figures to ``figures/<profile>/`` so that one
 profile never overwrites another's files.
@@ -49,6 +54,10 @@ class Profile:
     settings: list[str] = field(default_factory=lambda: ["W2A4KV4", "W2A16KV16", "W4A4KV4"])
     methods: list[str] | None = None  # None: every method of the tables; else only these names
     seed: int = 0
+    dtype: str | None = None  # parameter dtype of the base model: None = bfloat16 on CUDA, float32 elsewhere
+    # a run config (configs/*.yaml, relative to the checkout) whose `qat` section is the QAT recipe of every QAT row;
+    # the qat_* budget fields above still set steps, seqlen, batch, accumulation, validation (None: built from them)
+    qat_recipe: str | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -69,10 +78,17 @@ PROFILES: dict[str, Profile] = {
         settings=["W2A4KV4"], methods=["FP", "QuaRot-GPTQ", "RCP"],
     ),
     "cpu": Profile(name="cpu"),
+    # one CUDA GPU: QAT 400 steps x 4 x 512 tokens = 819,200 (80x the cpu profile's 40 x 1 x 256 = 10,240), the whole
+    # test split for perplexity, 64 calibration windows of 512; the tables and models of the cpu profile otherwise
+    "gpu": Profile(
+        name="gpu", device="cuda", eval_windows=None, calib_windows=64, qat_steps=400, qat_seqlen=512,
+        qat_batch_size=4, qat_grad_accum=1, qat_val_every=100, zero_shot_limit=None,
+    ),
     "paper": Profile(
         name="paper", model="meta-llama/Llama-2-7b-hf", corpus="wikitext2", device="cuda", seqlen=2048,
         eval_windows=None, calib_windows=128, calib_seqlen=2048, w_group_size=128, qat_steps=8000, qat_seqlen=2048,
-        qat_batch_size=4, qat_grad_accum=8, qat_val_every=500, full_eval_methods=[],
+        qat_batch_size=1, qat_grad_accum=8, qat_val_every=500, full_eval_methods=[],
+        qat_recipe="configs/paper-llama2-7b.yaml",
         zero_shot_tasks=["arc_challenge", "arc_easy", "hellaswag", "piqa", "winogrande", "boolq", "lambada_openai"],
         zero_shot_limit=None,
     ),

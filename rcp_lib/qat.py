@@ -203,6 +203,23 @@ def teacher_generated_data(teacher: nn.Module, prompts: torch.Tensor, cfg: QATCo
     return torch.cat(outs).unsqueeze(0)
 
 
+def resolve_mixed_precision(cfg: QATConfig) -> str:
+    """``cfg.mixed_precision`` with "auto" resolved: "bf16" when CUDA is available, else "no"."""
+    if cfg.mixed_precision == "auto":
+        return "bf16" if torch.cuda.is_available() else "no"
+    return cfg.mixed_precision
+
+
+def teacher_dtype(mixed_precision: str, teacher: nn.Module) -> torch.dtype:
+    """The dtype :func:`train` keeps the teacher in: bfloat16 under bf16 mixed precision, else its own dtype."""
+    return torch.bfloat16 if str(mixed_precision) == "bf16" else next(teacher.parameters()).dtype
+
+
+def tokens_per_optimizer_step(cfg: QATConfig, num_processes: int = 1) -> int:
+    """Tokens in one optimizer step: ``batch_size x grad_accum x seqlen x num_processes``."""
+    return cfg.batch_size * cfg.grad_accum * cfg.seqlen * num_processes
+
+
 def check_world(num_processes: int, device_type: str, available: int) -> None:
     """Refuse a launch that asks for more GPU processes than GPUs (each process needs its own device)."""
     if device_type == "cuda" and num_processes > available:
@@ -273,9 +290,7 @@ def train(
     from .evaluation import perplexity
 
     if accelerator is None:
-        mp = cfg.mixed_precision
-        if mp == "auto":
-            mp = "bf16" if torch.cuda.is_available() else "no"
+        mp = resolve_mixed_precision(cfg)
         # the schedule counts optimizer steps of the global batch: stepped by us once per step, not per process
         accelerator = Accelerator(gradient_accumulation_steps=cfg.grad_accum, mixed_precision=mp,
                                   cpu=not torch.cuda.is_available(), step_scheduler_with_optimizer=False)
@@ -297,9 +312,14 @@ def train(
     ) if g["params"]]
     opt = torch.optim.AdamW(groups, betas=(0.9, 0.95), eps=1e-8)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg))
+    from .quant.linear import clear_weight_cache
+
+    clear_weight_cache(student)  # an evaluation before training must not leave a copy of every weight behind
     student, opt, sched = accelerator.prepare(student, opt, sched)
     if teacher is not None:
-        teacher.to(accelerator.device).eval()
+        # the teacher is never trained: in bf16 under bf16 mixed precision (half the memory of fp32), one whole copy
+        # per process (not sharded; rcp_lib.train_memory counts it so)
+        teacher.to(device=accelerator.device, dtype=teacher_dtype(accelerator.mixed_precision, teacher)).eval()
         for p in teacher.parameters():
             p.requires_grad_(False)
 
@@ -329,7 +349,13 @@ def train(
 
         atomic_write_text("".join(json.dumps(h) + "\n" for h in history), log_path)
 
-    tokens_per_step = cfg.batch_size * cfg.grad_accum * cfg.seqlen * accelerator.num_processes
+    tokens_per_step = tokens_per_optimizer_step(cfg, accelerator.num_processes)
+    if accelerator.is_main_process and progress:
+        import sys
+
+        print(f"[qat] tokens per optimizer step: {cfg.batch_size} (batch) x {cfg.grad_accum} (accumulation) x "
+              f"{cfg.seqlen} (seqlen) x {accelerator.num_processes} (processes) = {tokens_per_step:,}; "
+              f"{cfg.steps} steps = {cfg.steps * tokens_per_step:,} tokens", file=sys.stderr, flush=True)
     end = cfg.steps if stop_after is None else min(cfg.steps, stop_after)
     bar = tqdm(total=cfg.steps, initial=start, desc="QAT", unit="step",
                disable=not (progress and accelerator.is_main_process))
@@ -372,6 +398,7 @@ def train(
             student.eval()
             rec["val_ppl"] = perplexity(accelerator.unwrap_model(student), val_ids, seqlen=cfg.seqlen,
                                         max_windows=cfg.val_windows, progress=False)
+            clear_weight_cache(student)
             student.train()
         if (step + 1) % cfg.log_every == 0 or "val_ppl" in rec:
             history.append(rec)

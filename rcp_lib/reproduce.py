@@ -85,3 +85,91 @@ def reproduce(profile: str = "cpu", notebooks: list[str] | None = None, kernel: 
                            "cached_rows_at_start": cached_at_start, **provenance()},
                           result_path("reproduce_timing", profile))
     return done
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# dry-run of a GPU profile on the CPU
+# ---------------------------------------------------------------------------------------------------------------------
+
+#: the stand-in of LLaMA-2-7B: LLaMA architecture, hidden 256 and intermediate 512 (multiples of the paper's group 128),
+#: head_dim 64 with GQA, the embedded model's tokenizer (vocabulary 49152)
+DRY_RUN_MODEL = dict(hidden=256, intermediate=512, layers=2, heads=4, kv_heads=2, max_position_embeddings=2048)
+#: budgets scaled down for the CPU; every other field (recipe, group 128, bf16 base, QAT recipe file) is the profile's
+DRY_RUN_BUDGETS = dict(
+    corpus="wiki-excerpt", device="cpu", dtype="bfloat16", seqlen=128, eval_windows=2, calib_windows=4,
+    calib_seqlen=128, qat_steps=2, qat_seqlen=64, qat_grad_accum=2, qat_val_every=2, analysis_layers=[0],
+    analysis_rotations=["none", "random_hadamard", "gsr:128", "block_hadamard:128"],
+    zero_shot_tasks=["wiki_lastword", "wiki_nextsent"], zero_shot_limit=8, settings=["W2A4KV4"],
+    methods=["FP", "RTN", "QuaRot-GPTQ", "GSR-GPTQ", "RCP", "RCP w/o Rotate"], full_eval_methods=[])
+
+
+def make_dry_run_model(folder: Path, seed: int = 0) -> Path:
+    """Save a tiny random LLaMA (:data:`DRY_RUN_MODEL`) with the embedded model's tokenizer into ``folder``, marked
+    with :data:`rcp_lib.paths.RANDOM_WEIGHTS_MARKER` (its outputs are refused in the checkout's results/)."""
+    import json
+
+    from .models import _load_embedded_float32, tiny_llama
+    from .paths import RANDOM_WEIGHTS_MARKER
+
+    _, tok = _load_embedded_float32()
+    model = tiny_llama(vocab=len(tok), seed=seed, **DRY_RUN_MODEL)
+    folder.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    (folder / RANDOM_WEIGHTS_MARKER).write_text(json.dumps(
+        {"note": "random weights: a stand-in for a dry-run, never for results", "seed": seed, **DRY_RUN_MODEL}))
+    return folder
+
+
+def dry_run(profile: str = "paper", notebooks: list[str] | None = None, kernel: str = "python3",
+            workdir: str | os.PathLike | None = None) -> Path:
+    """Run the notebooks of ``profile`` on the CPU with :func:`make_dry_run_model` and the wiki excerpt standing in for
+    the profile's model and corpus, budgets scaled down (:data:`DRY_RUN_BUDGETS`), every other field unchanged.
+
+    Everything goes into ``workdir`` (default: a new temporary folder): results, figures, executed notebooks and the
+    caches (``$RCP_RESULTS_DIR``, ``$RCP_FIGURES_DIR``, ``$RCP_RUNS_DIR``, ``$RCP_CACHE`` are set for the run and
+    restored after it); nothing is written into the checkout. Uncommitted changes are allowed (nothing is a result).
+
+    Returns:
+        ``workdir``; its ``results/<profile>/`` holds the tables the notebooks wrote.
+    Raises:
+        NotebookFailed: the first notebook that fails, naming the cell.
+    """
+    import json
+    import tempfile
+
+    from .io import ALLOW_DIRTY_ENV
+    from .paths import REPO_ROOT
+
+    if profile not in PROFILES:
+        raise ValueError(f"unknown profile {profile!r}; choose one of {sorted(PROFILES)}")
+    work = Path(workdir) if workdir is not None else Path(tempfile.mkdtemp(prefix=f"rcp-dry-run-{profile}-"))
+    work = work.resolve()
+    try:
+        work.relative_to(REPO_ROOT.resolve())
+        raise ValueError(f"the dry-run folder {work} is inside the checkout; use a folder outside it")
+    except ValueError as e:
+        if "inside the checkout" in str(e):
+            raise
+    model_dir = make_dry_run_model(work / "model")
+    env = {"RCP_RESULTS_DIR": work / "results", "RCP_FIGURES_DIR": work / "figures", "RCP_RUNS_DIR": work / "runs",
+           "RCP_CACHE": work / "cache", ALLOW_DIRTY_ENV: "1", "CUDA_VISIBLE_DEVICES": ""}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update({k: str(v) for k, v in env.items()})
+    overrides = {**DRY_RUN_BUDGETS, "model": str(model_dir)}
+    names = notebooks or list(NOTEBOOKS)
+    try:
+        print(f"[dry-run:{profile}] {work}: tiny random LLaMA {DRY_RUN_MODEL}, overrides {json.dumps(overrides)}",
+              file=sys.stderr, flush=True)
+        for name in names:
+            t0 = time.time()
+            run_notebook(notebooks_dir() / name, profile, work / "runs" / profile, kernel=kernel,
+                         parameters={"overrides": overrides})
+            print(f"[dry-run:{profile}] {name} done in {time.time() - t0:.0f} s", file=sys.stderr, flush=True)
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    return work

@@ -95,9 +95,86 @@ class RunConfig:
         return config_hash(d, {"code": code_fingerprint()})
 
 
-def run_qat(cfg: RunConfig, progress: bool = True) -> dict:
-    """Load -> rotate -> quantize -> train (resumable, cached by config hash) -> evaluate -> export."""
+def run_device(requested: str):
+    """The device of this process for a run that asks for ``requested``: under ``accelerate launch`` / ``torchrun`` a
+    CUDA run gets this process's GPU (``PartialState().device``; a bare ``"cuda"`` would be GPU 0 in every process).
+
+    Raises:
+        RuntimeError: ``requested`` is a CUDA device but this process sees none.
+    """
     import torch
+    from accelerate import PartialState
+
+    if torch.device(requested).type != "cuda":
+        return torch.device(requested)
+    if not torch.cuda.is_available():
+        raise RuntimeError(f"the run config asks for device {requested!r} but no CUDA device is visible; "
+                           "use device: cpu (configs/cpu.yaml) or run on a GPU machine")
+    dev = PartialState().device
+    return dev if dev.type == "cuda" else torch.device(requested)
+
+
+def _is_sharded(model) -> bool:
+    """True when some parameter of ``model`` is a DTensor shard (FSDP2)."""
+    return any(type(p).__name__ == "DTensor" for p in model.parameters())
+
+
+def full_state_dict(model) -> dict:
+    """The full (unsharded) state dict of ``model`` on the CPU, gathered from every rank when it is sharded (FSDP):
+    a collective, so every process calls it. An unsharded model: its own state dict, moved to the CPU."""
+    if _is_sharded(model):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return {k: v.detach().cpu() for k, v in model.state_dict().items()}
+
+
+def export_run(student, cfg: RunConfig, export_dir: str | Path, is_main: bool, skeleton=None) -> None:
+    """Save the trained ``student`` as a packed model (:func:`rcp_lib.packing.save_quantized`) from every rank:
+    a sharded student's full state dict is gathered (all ranks), then rank 0 loads it into an unsharded skeleton of
+    the same surgery on the CPU and writes; an unsharded student is written by rank 0 directly.
+
+    Args:
+        skeleton: ``() -> nn.Module``, the unrotated full-precision model to rebuild on (default: ``load(cfg.model)``
+            on the CPU in the gathered dtype); only called on rank 0 for a sharded student.
+    """
+    if not _is_sharded(student):
+        if is_main:
+            from .packing import save_quantized
+
+            save_quantized(student, export_dir)
+        return
+    sd = full_state_dict(student)
+    if is_main:
+        from .models import load
+        from .packing import save_quantized
+        from .quant.apply import quantize_model
+        from .rotation.fuse import rotate_model
+
+        model = skeleton() if skeleton is not None else load(cfg.model, device="cpu", dtype=_dtype_of(sd))[0]
+        if cfg.recipe.rotation is not None:
+            rotate_model(model, cfg.recipe.rotation, fuse_weights=False)
+        quantize_model(model, cfg.recipe.quant)
+        model.load_state_dict(sd, strict=True)
+        save_quantized(model, export_dir)
+
+
+def _dtype_of(sd: dict):
+    import torch
+
+    return next((v.dtype for v in sd.values() if torch.is_floating_point(v)), torch.float32)
+
+
+def run_qat(cfg: RunConfig, progress: bool = True) -> dict:
+    """Load -> rotate -> quantize -> train (resumable, cached by config hash) -> evaluate -> export.
+
+    Under ``accelerate launch`` every process loads onto its own device (:func:`run_device`), the student in float32
+    (its latent weights are the optimizer's master copy) and the teacher as :func:`rcp_lib.qat.train` keeps it
+    (bf16 under bf16 mixed precision). Every process takes part in the evaluation (a sharded forward needs all
+    ranks); the export gathers a full state dict and rank 0 writes (:func:`export_run`).
+    """
+    import torch
+    from accelerate import PartialState
 
     from .data import corpus_tokens
     from .evaluation import perplexity_details
@@ -105,35 +182,35 @@ def run_qat(cfg: RunConfig, progress: bool = True) -> dict:
     from .models import describe, load
     from .paths import cache_dir
     from .quant.apply import quantize_model
-    from .qat import train
+    from .qat import resolve_mixed_precision, train
     from .rotation.fuse import rotate_model
 
     cfg.validate()
     recipe = cfg.recipe
     torch.manual_seed(recipe.qat.seed)
-    teacher, tok = load(cfg.model, device=cfg.device)
+    state = PartialState()
+    device = run_device(cfg.device)
+    student, tok = load(cfg.model, device=device, dtype=torch.float32)
     train_ids = corpus_tokens(tok, cfg.corpus, "train")
     test_ids = corpus_tokens(tok, cfg.corpus, "test")
-    student = copy.deepcopy(teacher)
+    teacher_dt = torch.bfloat16 if resolve_mixed_precision(recipe.qat) == "bf16" else torch.float32
+    teacher = copy.deepcopy(student).to(teacher_dt)
     if recipe.rotation is not None:
         rotate_model(student, recipe.rotation)
     quantize_model(student, recipe.quant)
     out = Path(cfg.out_dir) if cfg.out_dir else cache_dir() / "qat-cli" / cfg.key()
     res = train(student, teacher, train_ids, recipe.qat, out_dir=out, resume=True, progress=progress)
-    from accelerate import PartialState
-
-    if not PartialState().is_main_process:  # under accelerate launch: evaluation and export on rank 0 only
-        return {"rank": PartialState().process_index, "train_steps": res.steps}
+    del teacher
     ev = perplexity_details(student, test_ids, seqlen=cfg.eval.get("seqlen", 512),
-                            max_windows=cfg.eval.get("max_windows"), progress=progress)
+                            max_windows=cfg.eval.get("max_windows"), progress=progress and state.is_main_process)
     summary = {"model": cfg.model, "model_note": describe(cfg.model), "corpus": cfg.corpus, "setting": recipe.label,
                "test_ppl": ev.ppl, "eval_seqlen": ev.seqlen, "eval_windows": ev.windows, "tokens_scored": ev.tokens_scored,
                "train_steps": res.steps, "final_loss": res.final_loss, "train_tokens": res.tokens, "out_dir": str(out),
-               "config": cfg.to_dict(), **provenance()}
+               "num_processes": state.num_processes, "config": cfg.to_dict(), **provenance()}
     if cfg.export_dir:
-        from .packing import save_quantized
-
-        save_quantized(student, cfg.export_dir)
+        export_run(student, cfg, cfg.export_dir, state.is_main_process)
         summary["export_dir"] = cfg.export_dir
-    atomic_write_json(summary, out / "summary.json")
-    return summary
+    if state.is_main_process:
+        atomic_write_json(summary, out / "summary.json")
+    state.wait_for_everyone()
+    return summary if state.is_main_process else {**summary, "rank": state.process_index}

@@ -5,11 +5,13 @@ An *estimate* (stated as such wherever it is shown), built from parameter counts
 * student: fp32 master copy of every parameter (Accelerate's bf16 autocast keeps fp32 weights), fp32 gradients
   and two fp32 AdamW moments for the trainable ones (block linears + quantizer parameters: LWC γ, β and LDP θ,
   i.e. ``2 + (2^bits − 1)`` per group of ``group_size`` weights); embedding / lm_head / norms frozen;
-* teacher: bf16 weights, no gradients (replicated on every GPU with DDP; sharded like the student with FSDP);
+* teacher: bf16 weights, no gradients, one whole copy per GPU (what :func:`rcp_lib.qat.train` builds under bf16
+  mixed precision: it casts the teacher to bf16 and does not shard it; ``shard_teacher=True`` estimates a teacher
+  sharded by FSDP, which the loop does not do);
 * activations with gradient checkpointing: one bf16 hidden state per layer boundary, plus the peak of one layer's
   recomputation (≈ 16 hidden-size tensors and the attention scores in bf16), plus the fp32 logits of student
   and teacher and their softmaxes for the KL (4 × vocab × tokens × 4 bytes);
-* FSDP divides the student's states (and the teacher, when sharded) by the number of GPUs; DDP does not.
+* FSDP divides the student's states by the number of GPUs; DDP does not.
 Not counted: the CUDA context (~0.5–1 GB), allocator fragmentation, communication buffers.
 """
 
@@ -23,7 +25,7 @@ GB = 1e9
 
 
 def qat_memory_per_gpu(config: Any, n_gpus: int = 1, strategy: str = "fsdp", w_bits: int = 2, group_size: int = 128,
-                       seq_len: int = 2048, micro_batch: int = 1, shard_teacher: bool = True) -> dict[str, float]:
+                       seq_len: int = 2048, micro_batch: int = 1, shard_teacher: bool = False) -> dict[str, float]:
     """Estimated bytes per GPU (in GB) of one QAT process; see the module docstring for what is counted.
 
     Args:

@@ -10,7 +10,8 @@ def test_fsdp_shards_states_and_ddp_replicates():
     one = qat_memory_per_gpu(cfg, 1, "ddp")
     eight = qat_memory_per_gpu(cfg, 8, "fsdp")
     assert eight["student_states_gb"] == pytest.approx(one["student_states_gb"] / 8)
-    assert eight["teacher_gb"] == pytest.approx(one["teacher_gb"] / 8)
+    assert eight["teacher_gb"] == pytest.approx(one["teacher_gb"])  # train() keeps one whole bf16 teacher per GPU
+    assert qat_memory_per_gpu(cfg, 8, "fsdp", shard_teacher=True)["teacher_gb"] == pytest.approx(one["teacher_gb"] / 8)
     assert qat_memory_per_gpu(cfg, 8, "ddp")["total_gb"] == pytest.approx(one["total_gb"])
     # AdamW (8 B) + grads (4 B) + fp32 master (4 B) per trainable weight dominate
     assert one["student_states_gb"] > 16 * count_linear_weights(cfg) / 1e9

@@ -23,12 +23,36 @@ from .rows import _log_cache, _qat_key, cache_name, ptq_key
 _BASE: dict[tuple[str, str], tuple[nn.Module, object]] = {}
 
 
+def base_dtype(profile: Profile) -> torch.dtype:
+    """The base model's parameter dtype: ``profile.dtype`` or :func:`rcp_lib.models.default_dtype` (bf16 on CUDA)."""
+    from ..models import default_dtype
+
+    if profile.dtype is None:
+        return default_dtype(profile.device)
+    dt = getattr(torch, profile.dtype, None)
+    if not isinstance(dt, torch.dtype) or not dt.is_floating_point:
+        raise ValueError(f"profile dtype {profile.dtype!r} is not a torch floating dtype (e.g. 'bfloat16', 'float32')")
+    return dt
+
+
 def base_model(profile: Profile) -> tuple[nn.Module, object]:
     """The full-precision model of a profile (loaded once per process; callers get deep copies)."""
-    key = (profile.model, profile.device)
+    key = (profile.model, profile.device, base_dtype(profile))
     if key not in _BASE:
-        _BASE[key] = load(profile.model, device=profile.device)
+        for k in [k for k in _BASE if k[:2] != key[:2] or k[2] != key[2]]:  # one base model per process
+            del _BASE[k]
+        _free(profile.device)
+        _BASE[key] = load(profile.model, device=profile.device, dtype=base_dtype(profile))
     return _BASE[key]
+
+
+def _free(device: str | torch.device) -> None:
+    """Return freed memory (a previous row's model) to the device before the next allocation."""
+    import gc
+
+    gc.collect()
+    if torch.device(device).type == "cuda" and torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def tokens(profile: Profile, split: str) -> torch.Tensor:
@@ -44,8 +68,13 @@ def calibration(profile: Profile) -> torch.Tensor:
 def build(method: Method, profile: Profile, progress: bool = True) -> nn.Module:
     """A fresh model for ``method``: copy of the FP model -> rotate -> quantize -> GPTQ or QAT (cached)."""
     fp, _ = base_model(profile)
-    model = copy.deepcopy(fp)
+    _free(profile.device)
     recipe = method.recipe(profile)
+    model = copy.deepcopy(fp)
+    if recipe.quant is not None and model.dtype != torch.float32:
+        # quantized rows start from fp32 weights (rotation fusion, GPTQ updates and the latent QAT weights need
+        # them); the bf16 base is the teacher and the FP row
+        model = model.float()
     if recipe.rotation is not None:
         rotate_model(model, recipe.rotation)
     if recipe.quant is None:
@@ -57,9 +86,15 @@ def build(method: Method, profile: Profile, progress: bool = True) -> nn.Module:
         out = cache_dir() / "qat" / _qat_key(method, profile)
         done = out / "student.pt"
         if done.exists():
-            model.load_state_dict(torch.load(done), strict=True)
+            model.load_state_dict(torch.load(done, map_location=profile.device), strict=True)
         else:
-            res = train(model, fp, tokens(profile, "train"), recipe.qat, out_dir=out, resume=True, progress=progress)
+            from ..qat import resolve_mixed_precision, teacher_dtype
+
+            td = teacher_dtype(resolve_mixed_precision(recipe.qat), fp)
+            teacher = fp if fp.dtype == td else copy.deepcopy(fp).to(td)  # train() never changes the shared base
+            res = train(model, teacher, tokens(profile, "train"), recipe.qat, out_dir=out, resume=True,
+                        progress=progress)
+            del teacher
             atomic_save_torch(model.state_dict(), done)
             atomic_write_json(res.history, out / "history.json")
     return model

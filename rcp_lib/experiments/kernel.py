@@ -35,7 +35,7 @@ def kernel_correctness(profile: Profile, interpret: bool = True) -> list[dict]:
         cases.append((f"random {N}x{K} g{G}", B, codes, lut, G))
     # a real layer of the profile's model, quantized to 2 bits with a Lloyd-initialised LDP grid and exported
     fp, _ = base_model(profile)
-    layer = copy.deepcopy(fp.model.layers[0].self_attn.k_proj)
+    layer = copy.deepcopy(fp.model.layers[0].self_attn.k_proj).float().cpu()  # the cases are built on the CPU
     holder = nn.Module()
     holder.lin = layer
     from ..quant.linear import QuantLinear

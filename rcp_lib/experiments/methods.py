@@ -116,8 +116,34 @@ def all_methods(profile: Profile) -> list[Method]:
 
 
 def qat_config(profile: Profile) -> QATConfig:
-    """The QAT recipe of a profile (the same budget for every QAT row)."""
+    """The QAT recipe of a profile (the same budget for every QAT row).
+
+    With ``profile.qat_recipe`` (the ``paper`` profile: ``configs/paper-llama2-7b.yaml``) the ``qat`` section of that
+    run config, with the profile's budget fields (steps, seqlen, batch, accumulation, validation interval; warm-up and
+    checkpoint interval capped by the steps): one recipe for the notebooks and ``accelerate launch``. Otherwise built
+    from the profile's fields.
+    """
+    if profile.qat_recipe is not None:
+        from dataclasses import replace
+
+        base = paper_qat_recipe(profile.qat_recipe)
+        steps = profile.qat_steps
+        return replace(base, steps=steps, seqlen=profile.qat_seqlen, batch_size=profile.qat_batch_size,
+                       grad_accum=profile.qat_grad_accum, val_every=profile.qat_val_every,
+                       warmup_steps=min(base.warmup_steps, steps // 10), checkpoint_every=min(base.checkpoint_every, steps),
+                       seed=profile.seed)
     return QATConfig(steps=profile.qat_steps, seqlen=profile.qat_seqlen, batch_size=profile.qat_batch_size,
                      grad_accum=profile.qat_grad_accum, val_every=profile.qat_val_every,
                      checkpoint_every=max(1, min(profile.qat_val_every, profile.qat_steps)),
                      warmup_steps=max(0, min(10, profile.qat_steps // 10)), seed=profile.seed)
+
+
+def paper_qat_recipe(path: str) -> QATConfig:
+    """The ``qat`` section of a run config file (``path`` relative to the checkout, or absolute)."""
+    from pathlib import Path
+
+    from ..paths import REPO_ROOT
+    from ..run_config import RunConfig
+
+    p = Path(path)
+    return RunConfig.load(p if p.is_absolute() else REPO_ROOT / p).recipe.qat

@@ -86,7 +86,8 @@ def rotation_example(profile: Profile, layer: int = 0, proj: str = "q_proj", gro
 
     model = base_model(profile)[0]
     lay = model.model.layers[layer]
-    W = layer_linears(lay)[f"self_attn.{proj}"].weight.detach().double() * input_norm(lay).weight.detach().double()[None, :]
+    W = (layer_linears(lay)[f"self_attn.{proj}"].weight.detach().double().cpu()
+         * input_norm(lay).weight.detach().double().cpu()[None, :])
     out = {}
     for name in profile.analysis_rotations:
         kind, block, gs = _rotation_setting(name, profile)
@@ -95,6 +96,6 @@ def rotation_example(profile: Profile, layer: int = 0, proj: str = "q_proj", gro
         row = Wr[: max(1, 4096 // gs)].reshape(-1, gs)  # a few rows' worth of groups for the histogram
         g = Wr.reshape(-1, gs)[group : group + 1]
         lv = A.group_levels(g, 2)
-        out[name] = {"name": f"{profile.model} layer {layer} {proj}", "group_size": gs, "weights": row.flatten().numpy(),
+        out[name] = {"name": f"{profile.model} layer {layer} {proj}", "group_size": gs, "weights": row.flatten().cpu().numpy(),
                      "kurtosis": A.kurtosis(Wr), **{f"{k}_levels": v[0].tolist() for k, v in lv.items()}}
     return out

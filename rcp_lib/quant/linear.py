@@ -106,14 +106,17 @@ class QuantLinear(nn.Module):
     def quantized_weight(self) -> torch.Tensor:
         """The weight used in forward, ``[out, in]`` (fake-quantized if a weight quantizer is set).
 
-        Without autograd (evaluation) the fake-quantized weight is cached until the weight, a quantizer
-        parameter or the quantizer itself changes (tensor version counters), so evaluation does not
-        re-quantize every layer on every forward pass.
+        Without autograd (evaluation) on the CPU the fake-quantized weight is cached until the weight, a quantizer
+        parameter or the quantizer itself changes (tensor version counters), so evaluation does not re-quantize
+        every layer on every forward pass. Not on an accelerator: there re-quantizing is cheap and memory is not
+        (the cache is a full-size copy of every block linear, +26 GB at 7B). :func:`clear_weight_cache` frees it;
+        :func:`rcp_lib.qat.train` does so before training (a validation pass leaves no copy behind).
         """
         wq = self.weight_quantizer
         if wq is None:
             return self.weight
-        if torch.is_grad_enabled():
+        if torch.is_grad_enabled() or self.weight.device.type != "cpu":
+            self.__dict__.pop("_wq_cache", None)
             return wq(self.weight)
         key = (id(wq), self.weight.data_ptr(), self.weight._version, self.weight.dtype,
                tuple((t.data_ptr(), t._version) for t in list(wq.parameters()) + list(wq.buffers())))
@@ -193,6 +196,23 @@ class QuantLinear(nn.Module):
         if self.act_bits is not None:
             a += f", a_clip_ratio={self.act_clip_ratio}"
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, {w}, {a}"
+
+
+def clear_weight_cache(model: nn.Module) -> int:
+    """Drop the evaluation cache of every :class:`QuantLinear` of ``model``; returns the bytes freed."""
+    freed = 0
+    for mod in model.modules():
+        if isinstance(mod, QuantLinear):
+            cached = mod.__dict__.pop("_wq_cache", None)
+            if cached is not None:
+                freed += cached[1].numel() * cached[1].element_size()
+    return freed
+
+
+def cached_weight_bytes(model: nn.Module) -> int:
+    """Bytes held by the evaluation caches of the :class:`QuantLinear` layers of ``model`` (0 when none)."""
+    return sum(m.__dict__["_wq_cache"][1].numel() * m.__dict__["_wq_cache"][1].element_size()
+               for m in model.modules() if isinstance(m, QuantLinear) and "_wq_cache" in m.__dict__)
 
 
 def freeze_model(model: nn.Module) -> nn.Module:

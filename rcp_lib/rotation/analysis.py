@@ -355,12 +355,12 @@ def group_levels(wg: torch.Tensor, bits: int = 2, ratios=None) -> dict[str, torc
 
 
 def rotated_weight(weight: torch.Tensor, rot_in: torch.Tensor | None = None, rot_out: torch.Tensor | None = None) -> torch.Tensor:
-    """``rot_outᵀ @ W @ rot_in`` in float64 (either rotation may be None). ``W`` is ``[out, in]``."""
+    """``rot_outᵀ @ W @ rot_in`` in float64 on ``weight``'s device (either rotation may be None). ``W`` is ``[out, in]``."""
     W = weight.double()
     if rot_in is not None:
-        W = W @ rot_in.double()
+        W = W @ rot_in.to(device=W.device, dtype=torch.float64)
     if rot_out is not None:
-        W = rot_out.double().T @ W
+        W = rot_out.to(device=W.device, dtype=torch.float64).T @ W
     return W
 
 
@@ -416,10 +416,10 @@ def _layer_rows(model, rotation, block, seed, group_size, bits, layers, iters, r
     all_layers = M.decoder_layers(model)
     for li in (layers if layers is not None else range(len(all_layers))):
         layer = all_layers[li]
-        g_in = M.input_norm(layer).weight.detach().double()
-        g_post = M.post_attention_norm(layer).weight.detach().double()
+        g_in = M.input_norm(layer).weight.detach().double().cpu()  # the statistics are computed on the CPU
+        g_post = M.post_attention_norm(layer).weight.detach().double().cpu()
         for name, lin in M.layer_linears(layer).items():
-            W = lin.weight.detach().double()
+            W = lin.weight.detach().double().cpu()
             proj = name.split(".")[-1]
             if proj in ("q_proj", "k_proj", "v_proj"):
                 W = rotated_weight(W * g_in[None, :], rot_in=R1)

@@ -1,0 +1,278 @@
+"""One command that tells what the GPU path does, in minutes, offline, on random weights:
+``python benchmarks/gpu_check.py`` (or ``make gpu-check``). Writes ``results/gpu/check.json`` with provenance.
+
+Sections (each records its own error instead of stopping the others; the exit status is 1 if any failed):
+
+* ``kernel``: the fused W2A4 linear, its matmul and the generic ``rcp::w2a4_gemv`` op against a float64 product of
+  the dequantized operands, and their speed against torch fp16 (cuBLAS) at 4096x4096, 4096x11008, 11008x4096 for
+  batch 1, 4, 16: :func:`benchmarks.bench_kernel.measure` (CUDA graphs, CUDA-event timing, L2 flushed), the same
+  function ``bench_kernel.py`` uses; its rows are also written to ``results/gpu/kernel_speed.csv`` unless
+  ``--no-speed-csv``.
+* ``qat``: bf16 QAT steps (the ``qat`` section of ``configs/paper-llama2-7b.yaml``: KL distillation, bf16 autocast,
+  gradient checkpointing; steps cut to ``--qat-steps``) of a random LLaMA of about 1 B parameters (hidden 2048,
+  intermediate 8192, 16 layers, 32 heads / 8 KV heads, vocab 32000) with the paper's W2A4KV4 RCP quantization
+  (R1-R4, LDP + LWC, group 128), and its peak memory against :func:`rcp_lib.train_memory.qat_memory_per_gpu`.
+* ``export``: a small random LLaMA, rotated and quantized (LDP levels perturbed so that the LUT matters), saved with
+  :func:`rcp_lib.packing.save_quantized`, loaded with :func:`~rcp_lib.packing.load_quantized` on the device, logits
+  of the packed model against the fake-quant model.
+
+``--device cpu --tiny`` runs the same sections with tiny shapes on the CPU (kernel: the torch reference of the op,
+no timing; no memory comparison): a self-test of this script for the test suite (``tests/test_gpu_path.py``).
+Without CUDA and without ``--device cpu`` it prints one line and exits with status 2, writing nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import gc
+import json
+import sys
+import time
+import traceback
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+for p in (REPO, REPO / "benchmarks", REPO / "tests"):
+    if str(p) not in sys.path:
+        sys.path.insert(0, str(p))
+
+GB = 1e9
+#: a LLaMA-3.2-1B-like shape (vocab cut to LLaMA-2's 32000): about 1.1 B parameters
+QAT_DIMS = dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+                num_key_value_heads=8, vocab_size=32000)
+TINY_QAT_DIMS = dict(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
+                     num_key_value_heads=2, vocab_size=512)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--device", default="cuda", help="cuda (default) or cpu (only with --tiny)")
+    p.add_argument("--tiny", action="store_true", help="tiny shapes (the CPU self-test)")
+    p.add_argument("--sections", nargs="+", default=["kernel", "qat", "export"], choices=["kernel", "qat", "export"])
+    p.add_argument("--qat-steps", type=int, default=4)
+    p.add_argument("--qat-seqlen", type=int, default=2048)
+    p.add_argument("--reps", type=int, default=50, help="timed CUDA-graph replays per kernel measurement")
+    p.add_argument("--no-speed-csv", action="store_true", help="do not write results/gpu/kernel_speed.csv")
+    p.add_argument("--out", type=Path, default=None, help="JSON to write (default results/gpu/check.json)")
+    return p.parse_args(argv)
+
+
+def _import_rcp():
+    """``rcp_lib`` of this checkout, with ``rcp_lib.kernels`` mapped to ``kernels/`` when not installed."""
+    import rcp_lib
+
+    try:
+        import rcp_lib.kernels  # noqa: F401
+    except ImportError:
+        from checkout_kernels import install
+
+        install()
+        import rcp_lib.kernels  # noqa: F401
+    return rcp_lib
+
+
+def _llama(dims: dict, dev, seed: int = 0):
+    """A random LlamaForCausalLM (fp32, sdpa, untied) on ``dev`` with RMSNorm weights in U(0.5, 1.5)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(**dims, max_position_embeddings=4096, tie_word_embeddings=False, rms_norm_eps=1e-5)
+    cfg._attn_implementation = "sdpa"
+    torch.manual_seed(seed)
+    with torch.device(dev):
+        m = LlamaForCausalLM(cfg)
+    with torch.no_grad():
+        for mod in m.modules():
+            if type(mod).__name__.endswith("RMSNorm"):
+                mod.weight.uniform_(0.5, 1.5)
+    return m.eval()
+
+
+def _paper_quant():
+    from rcp_lib.run_config import RunConfig
+
+    return RunConfig.load(REPO / "configs" / "paper-llama2-7b.yaml").recipe
+
+
+def section_kernel(args, dev) -> dict:
+    import torch
+
+    if dev.type != "cuda":  # the CPU self-test: the torch reference of the op against float64, no timing
+        from rcp_lib.kernels import dequantize, pack_codes, w2a4_gemv
+        from rcp_lib.quant.activations import dequantize_per_token, quantize_per_token
+
+        g = torch.Generator().manual_seed(0)
+        rows = []
+        for N, K, G, B in ((64, 256, 128, 1), (48, 384, 128, 4)):
+            codes = torch.randint(0, 4, (N, K), generator=g, dtype=torch.uint8)
+            lut = torch.randn(N, K // G, 4, generator=g).sort(-1).values.half()
+            x = torch.randn(B, K, generator=g)
+            xc, xs, xz = quantize_per_token(x, 4)
+            packed = pack_codes(codes)
+            ref = dequantize_per_token(xc, xs, xz).double() @ dequantize(packed, lut, K, G).double().T
+            y = w2a4_gemv(xc, xs, xz, packed, lut, K, G, backend="torch")
+            rel = float((y.double() - ref).norm() / ref.norm())
+            rows.append({"N_out": N, "K_in": K, "batch": B, "method": "torch reference", "rel_err_vs_float64": rel})
+        return {"rows": rows, "max_rel_err": max(r["rel_err_vs_float64"] for r in rows),
+                "ok": all(r["rel_err_vs_float64"] < 1e-3 for r in rows)}
+    import bench_kernel as BK
+    from rcp_lib.kernels import triton_w2a4
+
+    triton_w2a4.AUTOTUNE = False  # a fixed configuration: the check stays within minutes
+    bench = BK.cuda_graph_timer(dev, args.reps, 256)
+    rows = BK.measure(dev, BK.SHAPES, [1, 4, 16], 128, 512, bench, layers=0)  # raises KernelMismatch
+    if not args.no_speed_csv:
+        from rcp_lib.experiments.registry import result_path
+        from rcp_lib.io import atomic_write_csv
+
+        atomic_write_csv(rows, result_path("kernel_speed"))
+    summary = [{k: r[k] for k in ("N_out", "K_in", "batch", "method", "median_us", "speedup_vs_fp16",
+                                  "pct_of_peak_bw", "rel_err_vs_float64")} for r in rows]
+    return {"rows": summary, "ok": True, "note": "bench_kernel.measure with --no-tune; fp16 = F.linear (cuBLAS)"}
+
+
+def section_qat(args, dev) -> dict:
+    import torch
+
+    from rcp_lib.qat import train
+    from rcp_lib.quant.apply import quantize_model
+    from rcp_lib.quant.linear import cached_weight_bytes
+    from rcp_lib.rotation.fuse import rotate_model
+    from rcp_lib.train_memory import qat_memory_per_gpu
+
+    dims = TINY_QAT_DIMS if args.tiny else QAT_DIMS
+    recipe = _paper_quant()
+    seqlen = 64 if args.tiny else args.qat_seqlen
+    qcfg = type(recipe.qat)(**{**recipe.qat.to_dict(), "steps": args.qat_steps, "seqlen": seqlen, "grad_accum": 1,
+                               "warmup_steps": 1, "val_every": args.qat_steps, "val_windows": 1,
+                               "checkpoint_every": args.qat_steps})
+    t0 = time.time()
+    student = _llama(dims, dev)
+    n_params = sum(p.numel() for p in student.parameters())
+    teacher = copy.deepcopy(student).to(torch.bfloat16)
+    rotate_model(student, recipe.rotation)
+    quantize_model(student, recipe.quant)
+    build_s = time.time() - t0
+    data = torch.randint(0, dims["vocab_size"], (1, 40 * seqlen), generator=torch.Generator().manual_seed(0))
+    if dev.type == "cuda":
+        gc.collect()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    base_alloc = torch.cuda.memory_allocated() if dev.type == "cuda" else 0
+    t0 = time.time()
+    res = train(student, teacher, data, qcfg, out_dir=None, progress=False)
+    train_s = time.time() - t0
+    out = {"model": {**dims, "params": n_params}, "qat": qcfg.to_dict(), "build_s": round(build_s, 1),
+           "train_s": round(train_s, 1), "losses": [h["loss"] for h in res.history],
+           "val_ppl": [h["val_ppl"] for h in res.history if "val_ppl" in h],
+           "tokens_per_s_incl_validation": round(res.tokens / max(train_s, 1e-9), 1),
+           "teacher_dtype": str(next(teacher.parameters()).dtype),
+           "eval_cache_bytes_after_train": cached_weight_bytes(student)}
+    out["ok"] = all(map(lambda v: v == v and abs(v) != float("inf"), out["losses"]))
+    if dev.type == "cuda":
+        est = qat_memory_per_gpu(dims, n_gpus=1, strategy="ddp", w_bits=2, group_size=128, seq_len=seqlen,
+                                 micro_batch=qcfg.batch_size)
+        peak = torch.cuda.max_memory_allocated()
+        out.update({"peak_allocated_gb": round(peak / GB, 2), "peak_reserved_gb": round(torch.cuda.max_memory_reserved() / GB, 2),
+                    "allocated_before_train_gb": round(base_alloc / GB, 2),
+                    "estimate": {k: round(v, 3) for k, v in est.items()},
+                    "peak_over_estimate": round(peak / GB / est["total_gb"], 3)})
+    del student, teacher
+    gc.collect()
+    if dev.type == "cuda":
+        torch.cuda.empty_cache()
+    return out
+
+
+def section_export(args, dev) -> dict:
+    import tempfile
+
+    import torch
+
+    from rcp_lib.packing import PackedLinear, load_quantized, save_quantized
+    from rcp_lib.quant.apply import quantize_model, quantized_linears
+    from rcp_lib.rotation.fuse import rotate_model
+
+    dims = TINY_QAT_DIMS if args.tiny else dict(hidden_size=512, intermediate_size=2048, num_hidden_layers=4,
+                                                 num_attention_heads=8, num_key_value_heads=4, vocab_size=4096)
+    recipe = _paper_quant()
+    m = _llama(dims, dev, seed=1)
+    rotate_model(m, recipe.rotation)
+    quantize_model(m, recipe.quant)
+    with torch.no_grad():
+        for _, q in quantized_linears(m):
+            for prm in q.quant_parameters():
+                prm.add_(0.3 * torch.randn_like(prm))  # non-uniform levels: the LUT must really matter
+    m.eval()
+    ids = torch.randint(0, dims["vocab_size"], (1, 96), generator=torch.Generator().manual_seed(3)).to(dev)
+    with torch.no_grad():
+        ref = m(input_ids=ids, use_cache=False).logits.double()
+    out = {"model": dims}
+    with tempfile.TemporaryDirectory() as d:
+        save_quantized(m, d, dtype=torch.float32)
+        pk, _ = load_quantized(d, device=dev)
+        out["packed_linears"] = sum(isinstance(x, PackedLinear) for x in pk.modules())
+        out["tensors_not_on_device"] = [n for n, t in list(pk.named_parameters()) + list(pk.named_buffers())
+                                        if t.device.type != dev.type][:5]
+        with torch.no_grad():
+            got = pk(input_ids=ids, use_cache=False).logits.double()
+    out["rel_logits_vs_fakequant"] = float((got - ref).norm() / ref.norm())
+    out["top1_agreement_vs_fakequant"] = float((got.argmax(-1) == ref.argmax(-1)).double().mean())
+    out["ok"] = (out["packed_linears"] == 7 * dims["num_hidden_layers"] and not out["tensors_not_on_device"]
+                 and out["rel_logits_vs_fakequant"] < 1e-2)
+    return out
+
+
+SECTIONS = {"kernel": section_kernel, "qat": section_qat, "export": section_export}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    import torch
+
+    dev = torch.device(args.device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        print("gpu_check: needs a CUDA GPU (or --device cpu --tiny for the self-test); nothing written", file=sys.stderr)
+        return 2
+    if dev.type != "cuda" and not args.tiny:
+        print("gpu_check: --device cpu runs only with --tiny (the self-test)", file=sys.stderr)
+        return 2
+    _import_rcp()
+    from rcp_lib.io import atomic_write_json, provenance
+
+    report: dict = {"tiny": args.tiny, "device_type": dev.type, **provenance()}
+    if dev.type == "cuda":
+        import triton
+
+        report.update({"gpu": torch.cuda.get_device_name(dev), "cuda": torch.version.cuda, "triton": triton.__version__,
+                       "gpu_memory_gb": round(torch.cuda.get_device_properties(dev).total_memory / GB, 1)})
+    t_all = time.time()
+    failed = []
+    for name in args.sections:
+        t0 = time.time()
+        print(f"[gpu_check] {name} ...", flush=True)
+        try:
+            report[name] = SECTIONS[name](args, dev)
+        except Exception as e:  # record and go on: one broken section must not hide the others
+            report[name] = {"ok": False, "error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()[-3000:]}
+        report[name]["seconds"] = round(time.time() - t0, 1)
+        if not report[name].get("ok"):
+            failed.append(name)
+        shown = {k: v for k, v in report[name].items() if k not in ("rows", "traceback", "qat")}
+        print(f"[gpu_check] {name}: {json.dumps(shown, default=str)[:1500]}", flush=True)
+    report["total_seconds"] = round(time.time() - t_all, 1)
+    report["failed_sections"] = failed
+    if args.out is not None:
+        path = args.out
+    else:
+        from rcp_lib.paths import results_dir
+
+        path = results_dir("gpu") / "check.json"
+    atomic_write_json(report, path)
+    print(f"[gpu_check] wrote {path}; failed sections: {failed or 'none'}", flush=True)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
