@@ -262,6 +262,21 @@ def measure(dev, shapes, batches, G: int, copy_mib: int, bench, layers: int = 0,
     return rows
 
 
+def _import_checkout_kernels() -> None:
+    """``rcp_lib.kernels`` of this checkout's ``kernels/`` when the package is not installed (a bare copy of the
+    repository on a GPU machine: ``PYTHONPATH=.``), as ``benchmarks/gpu_check.py`` does."""
+    import rcp_lib
+
+    try:
+        import rcp_lib.kernels  # noqa: F401
+    except ImportError:
+        sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+        from checkout_kernels import install
+
+        install()
+        import rcp_lib.kernels  # noqa: F401
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     import torch
@@ -274,6 +289,7 @@ def main(argv: list[str] | None = None) -> int:
     except ImportError as e:
         print(f"bench_kernel: needs triton ({e}); no numbers written", file=sys.stderr)
         return 2
+    _import_checkout_kernels()
     from rcp_lib.io import atomic_write_csv
     from rcp_lib.kernels import triton_w2a4
     from rcp_lib.kernels.triton_gemv import interpret_mode
