@@ -254,17 +254,24 @@ SHIM = "modeling_rcp.py"
 _SHIM_TEXT = '''"""Loader shim written by rcp_lib.packing.save_quantized: lets a process that has not imported rcp_lib (the lm_eval
 command line, a server) load this folder with ``AutoModelForCausalLM.from_pretrained(DIR, trust_remote_code=True)``.
 
-Importing rcp_lib registers its transformers quantizer ("rcp"); the class below is the plain transformers class, so
-the quantizer (config.json's ``quantization_config``) builds the model on the meta device, re-runs rcp_lib's surgery and
-loads the packed tensors. rcp_lib must be importable (installed, or on PYTHONPATH).
+Importing rcp_lib registers its transformers quantizer ("rcp"). The config class is imported first (lm_eval reads
+``quantization_config`` right after the config), so it is this module's too. Both classes are the plain transformers
+classes; the quantizer (config.json's ``quantization_config``) builds the model on the meta device, re-runs rcp_lib's
+surgery and loads the packed tensors. rcp_lib must be importable (installed, or on PYTHONPATH).
 """
 
 import rcp_lib  # noqa: F401  (registers the "rcp" quantizer with transformers)
-from transformers import {base}
+from transformers import {base}, {config}
+
+
+class Rcp{config}({config}):
+    """{config}, imported from here so that rcp_lib is imported before the quantization config is read."""
 
 
 class Rcp{base}({base}):
     """{base} whose packed projections are installed by rcp_lib's quantizer."""
+
+    config_class = Rcp{config}
 '''
 
 
@@ -277,9 +284,10 @@ def _hf_config_dict(model: nn.Module, qcfg: dict) -> dict:
     for k in ("rcp_quant", "rcp_rotation", "quantization_config", "_attn_implementation", "_attn_implementation_internal",
               "auto_map", "_name_or_path", "name_or_path"):
         cfg.pop(k, None)
-    base = family_of(model).causal_lm_class
-    cfg.update(tie_word_embeddings=False, architectures=[base], quantization_config=qcfg,
-               auto_map={"AutoModelForCausalLM": f"{SHIM[:-3]}.Rcp{base}"})
+    fam = family_of(model)
+    cfg.update(tie_word_embeddings=False, architectures=[fam.causal_lm_class], quantization_config=qcfg,
+               auto_map={"AutoConfig": f"{SHIM[:-3]}.Rcp{fam.config_class}",
+                         "AutoModelForCausalLM": f"{SHIM[:-3]}.Rcp{fam.causal_lm_class}"})
     return cfg
 
 
@@ -347,7 +355,10 @@ def save_quantized(model: nn.Module, path: str | os.PathLike, tokenizer=None, dt
         (tmp / MAP).write_text(json.dumps(qmap, indent=1, sort_keys=True, default=str))
         (tmp / "config.json").write_text(json.dumps(_hf_config_dict(model, qcfg), indent=2, sort_keys=True,
                                                     default=str) + "\n")
-        (tmp / SHIM).write_text(_SHIM_TEXT.format(base=_hf_config_dict(model, qcfg)["architectures"][0]))
+        from .families import family_of
+
+        fam = family_of(model)
+        (tmp / SHIM).write_text(_SHIM_TEXT.format(base=fam.causal_lm_class, config=fam.config_class))
         gen = getattr(model, "generation_config", None)
         if gen is not None:
             gen.save_pretrained(tmp)
@@ -632,9 +643,12 @@ def install_packed_layers(model: nn.Module, folder: PackedFolder) -> nn.Module:
         if hasattr(model.config, k):
             delattr(model.config, k)
     lut_dtype = torch.float32 if folder.storage_dtype == "float32" else torch.float16
-    if folder.rotation is not None:
-        rotate_model(model, folder.rotation, fuse_weights=False)
-    quantize_model(model, folder.quant, layer_factory=_packed_layer_factory(lut_dtype))
+    # transformers builds the skeleton under a default-device context of "meta": the surgery's own matrices (the
+    # Hadamard checks, cached for the forward pass) must be real; the skeleton's tensors follow the weights' device.
+    with torch.device("cpu"):
+        if folder.rotation is not None:
+            rotate_model(model, folder.rotation, fuse_weights=False)
+        quantize_model(model, folder.quant, layer_factory=_packed_layer_factory(lut_dtype))
     projs = _quantized_projections(model)
     layers = folder.manifest.get("layers", {})
     if set(layers) != set(projs):
