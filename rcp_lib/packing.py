@@ -285,6 +285,9 @@ def _hf_config_dict(model: nn.Module, qcfg: dict) -> dict:
               "auto_map", "_name_or_path", "name_or_path"):
         cfg.pop(k, None)
     fam = family_of(model)
+    floats = [t.dtype for t in model.state_dict().values() if t.is_floating_point()]
+    if floats:  # the dtype the model computes in (dtype="auto" of from_pretrained), not the storage dtype
+        cfg["dtype"] = str(max(set(floats), key=floats.count)).replace("torch.", "")
     cfg.update(tie_word_embeddings=False, architectures=[fam.causal_lm_class], quantization_config=qcfg,
                auto_map={"AutoConfig": f"{SHIM[:-3]}.Rcp{fam.config_class}",
                          "AutoModelForCausalLM": f"{SHIM[:-3]}.Rcp{fam.causal_lm_class}"})
