@@ -5,26 +5,33 @@ Lifecycle (one path for QAT students, GPTQ and RTN): a model prepared by ``rotat
 trained or calibrated, its layers end frozen (:meth:`rcp_lib.quant.linear.QuantLinear.freeze`: codes + level
 table), :func:`quantized_state_dict` turns that state into named tensors (the one tensor format: the packed folder
 stores it, the PTQ cache stores its projection part through :func:`save_quantized_state`), and loading re-runs the
-same surgery on a skeleton built from the config (``rotate_model(..., fuse_weights=False)`` then ``quantize_model``,
-optimum-quanto's ``requantize`` pattern), freezes its layers to the stored tensors
-(:func:`load_quantized_state_dict`) and deploys them (:func:`deploy`: every quantized projection becomes a
-:class:`PackedLinear`).
+same surgery on a meta skeleton built from the config (``rotate_model(..., fuse_weights=False)`` then
+``quantize_model`` with a layer factory that builds empty :class:`PackedLinear` layers, optimum-quanto's
+``requantize`` pattern) and loads the stored tensors into them. The PTQ cache instead freezes fake-quant layers to
+stored codes (:func:`load_quantized_state_dict`); :func:`deploy` turns a fake-quant model into the same
+:class:`PackedLinear` layers in memory.
 
-Folder layout (format version :data:`FORMAT_VERSION`):
+Folder layout (format version :data:`FORMAT_VERSION`), a Hugging Face model folder:
 
-* ``model.safetensors`` — :func:`quantized_state_dict`: for every quantized projection ``<name>``: ``<name>.qweight``
+* ``model.safetensors`` (or ``model-0000i-of-0000n.safetensors`` + ``model.safetensors.index.json`` above
+  ``max_shard_size``) — :func:`quantized_state_dict`: for every quantized projection ``<name>``: ``<name>.qweight``
   (int32 ``[N, ceil(K/16)]``, 2-bit codes packed 16 per word along K, the layout of :mod:`rcp_lib.kernels.bitpack`),
   ``<name>.lut`` (fp16 ``[N, K/G, 2^bits]`` level table per group; float32 when ``dtype=float32``) and
   ``<name>.bias`` if any; projections kept in full precision as ``<name>.weight``; every other tensor (embedding,
-  lm_head, norms) in ``dtype`` (fp16 by default).
-* ``quant_map.json`` — the format version, the transformers config, the rotation and quantization configs (what the
-  loader re-runs), one entry per projection (bits, group size, N, K, activation bits and clip ratio, online R4:
-  checked against the rebuilt skeleton), the name, shape and dtype of every tensor, and the SHA-256 of
-  ``model.safetensors``.
-* the tokenizer files, if a tokenizer is given.
+  lm_head, norms) in ``dtype`` (fp16 by default). The names are the state dict of the deployed model.
+* ``config.json`` — the transformers config (untied embeddings, ``dtype`` = the model's compute dtype) with
+  ``quantization_config = {"quant_method": "rcp", "format_version", "storage_dtype", "rotation", "quant"}`` (the
+  :class:`~rcp_lib.recipe.Recipe`'s rotation and quant dicts: what the loader re-runs) and ``auto_map`` to the shim.
+* ``quant_map.json`` — the manifest: the format version, one entry per projection (bits, group size, N, K,
+  activation bits and clip ratio, online R4: checked against the rebuilt skeleton), the name, shape, dtype and file
+  of every tensor, and the SHA-256 of every safetensors file.
+* ``modeling_rcp.py`` — the loader shim for ``trust_remote_code=True`` (imports rcp_lib, which registers the quantizer).
+* ``generation_config.json``, and the tokenizer files if a tokenizer is given.
 
-:func:`load_quantized` checks the format version, the checksum, that the tensors match the map and that the
-surgery rebuilds the layers the map describes (anything else raises :class:`PackedFormatError`).
+:func:`check_folder` checks the format version, the checksums, every shard's presence and that the tensors match the
+manifest; :func:`install_packed_layers` re-runs the surgery on a meta skeleton and checks it against the manifest
+(anything else raises :class:`PackedFormatError`); the "rcp" transformers quantizer (:mod:`rcp_lib.hf`) runs both
+inside ``AutoModelForCausalLM.from_pretrained``, and :func:`load_quantized` calls that.
 
 :class:`PackedLinear` is the one deployed form of a :class:`rcp_lib.quant.linear.QuantLinear`
 (:meth:`PackedLinear.from_quant_linear`): packed codes + LUT, per-token A4 input quantization, the W2A4 op of
