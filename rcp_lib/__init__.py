@@ -10,6 +10,9 @@ Public API (re-exported here; see each module for details):
 * train:      ``train``, ``QATConfig``                  (rcp_lib.qat)
 * evaluate:   ``perplexity``, ``zero_shot``             (rcp_lib.evaluation)
 * deploy:     ``save_quantized``, ``load_quantized``, ``footprint``   (rcp_lib.packing, rcp_lib.memory)
+
+Importing rcp_lib registers the "rcp" quantization method with transformers (rcp_lib.hf), so
+``AutoModelForCausalLM.from_pretrained(DIR)`` loads a folder written by ``save_quantized``.
 """
 
 __version__ = "0.1.0"
@@ -24,6 +27,9 @@ from .quant.calibrate import gptq_model
 from .quant.linear import freeze_model
 from .recipe import Recipe
 from .rotation import RotationConfig, gsr, hadamard, rotate_model, walsh
+from .hf import register as _register_hf_quantizer
+
+_register_hf_quantizer()  # transformers' "rcp" quantization method: from_pretrained on a save_quantized folder
 
 __all__ = [
     "__version__",

@@ -164,6 +164,66 @@ def _computable_tables() -> list[str]:
     return [n for n, t in TABLES.items() if t.rows]
 
 
+def _cmd_export(args: argparse.Namespace) -> int:
+    """``export``: a finished QAT run (``--run``) or a cached method of a profile (``--method``) -> packed folder."""
+    import torch
+
+    from .export import export_method, export_run
+
+    dtype = getattr(torch, args.dtype)
+    if args.run:
+        path = export_run(args.run, args.out, dtype=dtype, max_shard_size=args.max_shard_size)
+    else:
+        path = export_method(args.method, args.setting, args.profile, args.out, dtype=dtype,
+                             max_shard_size=args.max_shard_size)
+    print(path)
+    return 0
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    """``eval``: perplexity (and zero-shot with ``--tasks``) of a packed folder."""
+    from .export import evaluate_folder
+
+    out = evaluate_folder(args.model, corpus=args.corpus, seqlen=args.seqlen, max_windows=args.max_windows,
+                          tasks=args.tasks, limit=args.limit, device=args.device)
+    if args.json:
+        print(json.dumps(out, default=str))
+    else:
+        print(f"{args.model} on {args.corpus}/test @ seqlen {args.seqlen}: ppl = {out['ppl']:.4f} "
+              f"({out['windows']} windows)")
+        for r in out.get("zero_shot", []):
+            print(f"{r['task']:16s} {r['metric']:10s} {r['value']:.4f} ± {r['stderr']:.4f} (n={r['n_examples']})")
+    return 0
+
+
+def _add_checkpoint_commands(sub) -> None:
+    """Parser entries of ``export`` and ``eval`` (packed Hugging Face folders, :mod:`rcp_lib.export`)."""
+    e = sub.add_parser("export", help="write a packed Hugging Face folder (from_pretrained / lm_eval) from a "
+                                      "finished QAT run or a cached method of a profile")
+    src = e.add_mutually_exclusive_group(required=True)
+    src.add_argument("--run", help="a `python -m rcp_lib qat` output folder (summary.json + checkpoint/)")
+    src.add_argument("--method", help="a named method (rcp_lib.experiments.methods), built from the cache of "
+                                      "--profile (computed first if not cached)")
+    e.add_argument("--setting", default="W2A4KV4", help="with --method (default W2A4KV4)")
+    e.add_argument("--profile", default="cpu", choices=["smoke", "cpu", "paper"], help="with --method")
+    e.add_argument("--out", required=True, help="output folder")
+    e.add_argument("--dtype", default="float16", choices=["float16", "float32"],
+                   help="storage of the LUTs and full-precision tensors (float32: bit-exact)")
+    e.add_argument("--max-shard-size", default="2GB", help="bytes per safetensors file, e.g. 2GB, 500MB")
+    e.set_defaults(func=_cmd_export)
+
+    v = sub.add_parser("eval", help="perplexity (and zero-shot with --tasks) of a packed folder")
+    v.add_argument("--model", required=True, help="a folder written by export / save_quantized")
+    v.add_argument("--corpus", default="wiki-excerpt", choices=["wiki-excerpt", "wikitext2"])
+    v.add_argument("--seqlen", type=int, default=512)
+    v.add_argument("--max-windows", type=int, default=32)
+    v.add_argument("--tasks", nargs="*", help="lm_eval tasks, e.g. wiki_lastword wiki_nextsent (offline)")
+    v.add_argument("--limit", type=int, default=None, help="documents per task")
+    v.add_argument("--device", default="cpu")
+    v.add_argument("--json", action="store_true", help="print one JSON line")
+    v.set_defaults(func=_cmd_eval)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m rcp_lib", description=__doc__)
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -216,6 +276,7 @@ def build_parser() -> argparse.ArgumentParser:
     rd.add_argument("--profile", default="cpu", choices=["smoke", "cpu", "paper"])
     rd.set_defaults(func=_cmd_readme)
 
+    _add_checkpoint_commands(sub)
     return p
 
 

@@ -5,26 +5,33 @@ Lifecycle (one path for QAT students, GPTQ and RTN): a model prepared by ``rotat
 trained or calibrated, its layers end frozen (:meth:`rcp_lib.quant.linear.QuantLinear.freeze`: codes + level
 table), :func:`quantized_state_dict` turns that state into named tensors (the one tensor format: the packed folder
 stores it, the PTQ cache stores its projection part through :func:`save_quantized_state`), and loading re-runs the
-same surgery on a skeleton built from the config (``rotate_model(..., fuse_weights=False)`` then ``quantize_model``,
-optimum-quanto's ``requantize`` pattern), freezes its layers to the stored tensors
-(:func:`load_quantized_state_dict`) and deploys them (:func:`deploy`: every quantized projection becomes a
-:class:`PackedLinear`).
+same surgery on a meta skeleton built from the config (``rotate_model(..., fuse_weights=False)`` then
+``quantize_model`` with a layer factory that builds empty :class:`PackedLinear` layers, optimum-quanto's
+``requantize`` pattern) and loads the stored tensors into them. The PTQ cache instead freezes fake-quant layers to
+stored codes (:func:`load_quantized_state_dict`); :func:`deploy` turns a fake-quant model into the same
+:class:`PackedLinear` layers in memory.
 
-Folder layout (format version :data:`FORMAT_VERSION`):
+Folder layout (format version :data:`FORMAT_VERSION`), a Hugging Face model folder:
 
-* ``model.safetensors`` — :func:`quantized_state_dict`: for every quantized projection ``<name>``: ``<name>.qweight``
+* ``model.safetensors`` (or ``model-0000i-of-0000n.safetensors`` + ``model.safetensors.index.json`` above
+  ``max_shard_size``) — :func:`quantized_state_dict`: for every quantized projection ``<name>``: ``<name>.qweight``
   (int32 ``[N, ceil(K/16)]``, 2-bit codes packed 16 per word along K, the layout of :mod:`rcp_lib.kernels.bitpack`),
   ``<name>.lut`` (fp16 ``[N, K/G, 2^bits]`` level table per group; float32 when ``dtype=float32``) and
   ``<name>.bias`` if any; projections kept in full precision as ``<name>.weight``; every other tensor (embedding,
-  lm_head, norms) in ``dtype`` (fp16 by default).
-* ``quant_map.json`` — the format version, the transformers config, the rotation and quantization configs (what the
-  loader re-runs), one entry per projection (bits, group size, N, K, activation bits and clip ratio, online R4:
-  checked against the rebuilt skeleton), the name, shape and dtype of every tensor, and the SHA-256 of
-  ``model.safetensors``.
-* the tokenizer files, if a tokenizer is given.
+  lm_head, norms) in ``dtype`` (fp16 by default). The names are the state dict of the deployed model.
+* ``config.json`` — the transformers config (untied embeddings, ``dtype`` = the model's compute dtype) with
+  ``quantization_config = {"quant_method": "rcp", "format_version", "storage_dtype", "rotation", "quant"}`` (the
+  :class:`~rcp_lib.recipe.Recipe`'s rotation and quant dicts: what the loader re-runs) and ``auto_map`` to the shim.
+* ``quant_map.json`` — the manifest: the format version, one entry per projection (bits, group size, N, K,
+  activation bits and clip ratio, online R4: checked against the rebuilt skeleton), the name, shape, dtype and file
+  of every tensor, and the SHA-256 of every safetensors file.
+* ``modeling_rcp.py`` — the loader shim for ``trust_remote_code=True`` (imports rcp_lib, which registers the quantizer).
+* ``generation_config.json``, and the tokenizer files if a tokenizer is given.
 
-:func:`load_quantized` checks the format version, the checksum, that the tensors match the map and that the
-surgery rebuilds the layers the map describes (anything else raises :class:`PackedFormatError`).
+:func:`check_folder` checks the format version, the checksums, every shard's presence and that the tensors match the
+manifest; :func:`install_packed_layers` re-runs the surgery on a meta skeleton and checks it against the manifest
+(anything else raises :class:`PackedFormatError`); the "rcp" transformers quantizer (:mod:`rcp_lib.hf`) runs both
+inside ``AutoModelForCausalLM.from_pretrained``, and :func:`load_quantized` calls that.
 
 :class:`PackedLinear` is the one deployed form of a :class:`rcp_lib.quant.linear.QuantLinear`
 (:meth:`PackedLinear.from_quant_linear`): packed codes + LUT, per-token A4 input quantization, the W2A4 op of
@@ -42,7 +49,9 @@ import math
 import os
 import shutil
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -55,10 +64,17 @@ from .quant.activations import quantize_per_token
 from .quant.linear import QuantLinear
 from .rotation.online import OnlineHadamard
 
-# Version 1: the tensor and map layout above. Loading re-runs the surgery from the stored configs (since the lifecycle
-# refactor), which version-1 folders already hold, so the layout, and the version, did not change.
-FORMAT_VERSION = 1
+if TYPE_CHECKING:
+    from .quant.apply import QuantConfig
+    from .rotation.fuse import RotationConfig
+
+# Version 1: model.safetensors + quant_map.json holding the configs and one checksum (no config.json).
+# Version 2: a Hugging Face model folder (config.json with quantization_config, sharded safetensors + index, tokenizer,
+# generation config, loader shim); quant_map.json is the manifest (layers, tensors, one checksum per file).
+FORMAT_VERSION = 2
+QUANT_METHOD = "rcp"
 WEIGHTS = "model.safetensors"
+INDEX = "model.safetensors.index.json"
 MAP = "quant_map.json"
 
 
@@ -74,10 +90,10 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _quantized_projections(model: nn.Module) -> dict[str, QuantLinear]:
+def _quantized_projections(model: nn.Module) -> dict[str, "QuantLinear | PackedLinear"]:
     out = {}
     for name, mod in M.named_block_linears(model):
-        if not isinstance(mod, QuantLinear):
+        if not isinstance(mod, (QuantLinear, PackedLinear)):
             raise ValueError(f"{name} is not a QuantLinear: save_quantized needs a model prepared by quantize_model")
         out[name] = mod
     return out
@@ -107,10 +123,13 @@ def _layer_entry(name: str, q: QuantLinear) -> dict:
     transform = q.input_transform
     if transform is not None and not isinstance(transform, OnlineHadamard):
         raise ValueError(f"{name}: cannot export an input transform of type {type(transform).__name__}")
-    wq = q.weight_quantizer
     entry = {"N": q.out_features, "K": q.in_features, "act_bits": q.act_bits, "act_clip_ratio": q.act_clip_ratio,
              "bias": q.bias is not None,
              "r4": None if transform is None else {"n": transform.n, "block": transform.block}}
+    if isinstance(q, PackedLinear):
+        entry.update(bits=q.bits, group_size=q.group_size)
+        return entry
+    wq = q.weight_quantizer
     if wq is None:
         entry.update(bits=16, group_size=None)
     else:
@@ -139,7 +158,10 @@ def quantized_state_dict(model: nn.Module, dtype: torch.dtype = torch.float16,
     lut_dtype = torch.float32 if dtype == torch.float32 else torch.float16
     tensors: dict[str, torch.Tensor] = {}
     for name, q in projs.items():
-        if q.weight_quantizer is not None:
+        if isinstance(q, PackedLinear):  # a deployed or loaded model: its stored form as it is
+            tensors[f"{name}.qweight"] = q.qweight.detach().contiguous().cpu()
+            tensors[f"{name}.lut"] = q.lut.detach().to(lut_dtype).contiguous().cpu()
+        elif q.weight_quantizer is not None:
             codes, levels = q.export()  # uint8 [N, K], float32 [N, K/G, L]
             tensors[f"{name}.qweight"] = pack_codes(codes, _storage_bits(levels.shape[-1])).contiguous().cpu()
             tensors[f"{name}.lut"] = levels.to(lut_dtype).contiguous().cpu()
@@ -170,7 +192,7 @@ def load_quantized_state_dict(model: nn.Module, tensors: dict[str, torch.Tensor]
     projs = _quantized_projections(model)
     used: set[str] = set()
     for name, q in projs.items():
-        if q.weight_quantizer is None:
+        if getattr(q, "weight_quantizer", None) is None:
             continue
         qk, lk = f"{name}.qweight", f"{name}.lut"
         if qk not in tensors or lk not in tensors:
@@ -210,16 +232,89 @@ def load_quantized_state(model: nn.Module, path: str | os.PathLike) -> nn.Module
     return load_quantized_state_dict(model, load_file(str(path)), projections_only=True)
 
 
+def _max_shard_bytes(size: int | str) -> int:
+    if isinstance(size, int):
+        return size
+    m = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+    s = size.strip().upper()
+    for unit, mult in sorted(m.items(), key=lambda kv: -len(kv[0])):
+        if s.endswith(unit):
+            return int(float(s[: -len(unit)]) * mult)
+    return int(s)
+
+
+def _shards(tensors: dict[str, torch.Tensor], max_bytes: int) -> list[list[str]]:
+    """Tensor names in sorted order, cut greedily into groups of at most ``max_bytes`` (a larger tensor alone)."""
+    groups: list[list[str]] = [[]]
+    size = 0
+    for k in sorted(tensors):
+        nb = tensors[k].numel() * tensors[k].element_size()
+        if groups[-1] and size + nb > max_bytes:
+            groups.append([])
+            size = 0
+        groups[-1].append(k)
+        size += nb
+    return groups
+
+
+SHIM = "modeling_rcp.py"
+_SHIM_TEXT = '''"""Loader shim written by rcp_lib.packing.save_quantized: lets a process that has not imported rcp_lib (the lm_eval
+command line, a server) load this folder with ``AutoModelForCausalLM.from_pretrained(DIR, trust_remote_code=True)``.
+
+Importing rcp_lib registers its transformers quantizer ("rcp"). The config class is imported first (lm_eval reads
+``quantization_config`` right after the config), so it is this module's too. Both classes are the plain transformers
+classes; the quantizer (config.json's ``quantization_config``) builds the model on the meta device, re-runs rcp_lib's
+surgery and loads the packed tensors. rcp_lib must be importable (installed, or on PYTHONPATH).
+"""
+
+import rcp_lib  # noqa: F401  (registers the "rcp" quantizer with transformers)
+from transformers import {base}, {config}
+
+
+class Rcp{config}({config}):
+    """{config}, imported from here so that rcp_lib is imported before the quantization config is read."""
+
+
+class Rcp{base}({base}):
+    """{base} whose packed projections are installed by rcp_lib's quantizer."""
+
+    config_class = Rcp{config}
+'''
+
+
+def _hf_config_dict(model: nn.Module, qcfg: dict) -> dict:
+    """The model's transformers config as written to ``config.json``: rcp_lib's own attributes replaced by
+    ``quantization_config``, untied embeddings, the loader shim in ``auto_map``."""
+    from .families import family_of
+
+    cfg = model.config.to_dict()
+    for k in ("rcp_quant", "rcp_rotation", "quantization_config", "_attn_implementation", "_attn_implementation_internal",
+              "auto_map", "_name_or_path", "name_or_path"):
+        cfg.pop(k, None)
+    fam = family_of(model)
+    floats = [t.dtype for t in model.state_dict().values() if t.is_floating_point()]
+    if floats:  # the dtype the model computes in (dtype="auto" of from_pretrained), not the storage dtype
+        cfg["dtype"] = str(max(set(floats), key=floats.count)).replace("torch.", "")
+    cfg.update(tie_word_embeddings=False, architectures=[fam.causal_lm_class], quantization_config=qcfg,
+               auto_map={"AutoConfig": f"{SHIM[:-3]}.Rcp{fam.config_class}",
+                         "AutoModelForCausalLM": f"{SHIM[:-3]}.Rcp{fam.causal_lm_class}"})
+    return cfg
+
+
 def save_quantized(model: nn.Module, path: str | os.PathLike, tokenizer=None, dtype: torch.dtype = torch.float16,
-                   overwrite: bool = True) -> Path:
-    """Export a quantized model (after QAT, GPTQ or plain PTQ; frozen or not) to packed tensors (see module docstring).
+                   overwrite: bool = True, max_shard_size: int | str = "2GB") -> Path:
+    """Export a quantized model (after QAT, GPTQ or plain PTQ; frozen, or deployed / loaded) as a Hugging Face model
+    folder (see module docstring) that ``AutoModelForCausalLM.from_pretrained`` loads after ``import rcp_lib`` (or with
+    ``trust_remote_code=True`` in a process that has not imported it).
 
     Args:
         model: a model of a registered family prepared with ``quantize_model`` (and usually ``rotate_model``).
         path: output folder (written to a temporary folder, then renamed).
-        tokenizer: saved next to the weights if given.
+        tokenizer: saved next to the weights if given (lm_eval and the CLI need it).
         dtype: storage dtype of the non-quantized tensors and the LUTs (fp16 default; float32 for bit-exact round
             trips).
+        max_shard_size: bytes (or "2GB", "500MB") per safetensors file; above it the tensors are sharded
+            (``model-0000i-of-0000n.safetensors`` + ``model.safetensors.index.json``).
     Returns:
         the folder.
     Raises:
@@ -227,34 +322,56 @@ def save_quantized(model: nn.Module, path: str | os.PathLike, tokenizer=None, dt
     """
     from safetensors.torch import save_file
 
+    from .recipe import Recipe
+
     if not getattr(model.config, "rcp_quant", None):
         raise ValueError("save_quantized needs a model prepared with quantize_model (config.rcp_quant is missing)")
     path = Path(path)
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path} exists (overwrite=False)")
+    recipe = Recipe.from_dict({"rotation": getattr(model.config, "rcp_rotation", None), "quant": model.config.rcp_quant})
     layers = {name: _layer_entry(name, q) for name, q in _quantized_projections(model).items()}
     tensors = quantized_state_dict(model, dtype)
     for name, e in layers.items():
         if e["bits"] != 16:
             _deploy_bits(tensors[f"{name}.lut"].shape[-1], name)
+    storage = str(dtype).replace("torch.", "")
+    qcfg = {"quant_method": QUANT_METHOD, "format_version": FORMAT_VERSION, "storage_dtype": storage,
+            "rotation": recipe.to_dict()["rotation"], "quant": recipe.to_dict()["quant"]}
+    groups = _shards(tensors, _max_shard_bytes(max_shard_size))
+    names = [WEIGHTS] if len(groups) == 1 else \
+        [f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors" for i in range(len(groups))]
 
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp-"))
     try:
-        save_file(tensors, str(tmp / WEIGHTS))
-        cfg = model.config.to_dict()
+        where: dict[str, str] = {}
+        for fname, keys in zip(names, groups):
+            save_file({k: tensors[k] for k in keys}, str(tmp / fname), metadata={"format": "pt"})
+            where.update({k: fname for k in keys})
+        if len(names) > 1:
+            total = sum(t.numel() * t.element_size() for t in tensors.values())
+            (tmp / INDEX).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": where}, indent=1,
+                                                sort_keys=True))
         qmap = {
             "format_version": FORMAT_VERSION,
-            "config": cfg,
-            "rotation": getattr(model.config, "rcp_rotation", None),
-            "quant": model.config.rcp_quant,
-            "attn_implementation": model.config._attn_implementation,
-            "storage_dtype": str(dtype).replace("torch.", ""),
+            "attn_implementation": "eager" if "eager" in (model.config._attn_implementation or "") else "sdpa",
+            "storage_dtype": storage,
             "layers": layers,
-            "tensors": {k: {"shape": list(v.shape), "dtype": str(v.dtype).replace("torch.", "")} for k, v in tensors.items()},
-            "sha256": _sha256(tmp / WEIGHTS),
+            "tensors": {k: {"shape": list(v.shape), "dtype": str(v.dtype).replace("torch.", ""), "file": where[k]}
+                        for k, v in tensors.items()},
+            "files": {f: _sha256(tmp / f) for f in names},
         }
         (tmp / MAP).write_text(json.dumps(qmap, indent=1, sort_keys=True, default=str))
+        (tmp / "config.json").write_text(json.dumps(_hf_config_dict(model, qcfg), indent=2, sort_keys=True,
+                                                    default=str) + "\n")
+        from .families import family_of
+
+        fam = family_of(model)
+        (tmp / SHIM).write_text(_SHIM_TEXT.format(base=fam.causal_lm_class, config=fam.config_class))
+        gen = getattr(model, "generation_config", None)
+        if gen is not None:
+            gen.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         if path.exists():
@@ -319,6 +436,18 @@ class PackedLinear(nn.Module):
         bias = None if q.bias is None else q.bias.detach().clone()
         return cls(pack_codes(codes, bits), levels.to(lut_dtype).contiguous(), K, K // levels.shape[1], bits, bias,
                    q.act_bits, q.act_clip_ratio, q.input_transform, backend)
+
+    @classmethod
+    def empty(cls, N: int, K: int, group_size: int, bits: int, bias: bool, act_bits: int | None,
+              act_clip_ratio: float, lut_dtype: torch.dtype = torch.float16, dtype: torch.dtype = torch.float32,
+              device: str | torch.device = "meta") -> "PackedLinear":
+        """A layer with uninitialised buffers of the stored shapes (``qweight`` int32 ``[N, ceil(K / (32 // bits))]``,
+        ``lut`` ``[N, K / G, 2**bits]`` in ``lut_dtype``, ``bias`` ``[N]`` in ``dtype``), on ``device`` (meta: a
+        skeleton that a checkpoint loader fills, see :func:`install_packed_layers`)."""
+        qweight = torch.empty(N, -(-K // (32 // bits)), dtype=torch.int32, device=device)
+        lut = torch.empty(N, K // group_size, 2**bits, dtype=lut_dtype, device=device)
+        b = torch.empty(N, dtype=dtype, device=device) if bias else None
+        return cls(qweight, lut, K, group_size, bits, b, act_bits, act_clip_ratio)
 
     def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """``W_hat [N, K]`` in ``dtype`` (the LUT values converted, not re-rounded)."""
@@ -399,37 +528,153 @@ class PackedLinear(nn.Module):
         return f"in={self.in_features}, out={self.out_features}, w{self.bits} group {self.group_size}, {a}"
 
 
-def _read_checked(path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
-    from safetensors.torch import load_file
+@dataclass
+class PackedFolder:
+    """What :func:`check_folder` read from a packed folder (nothing of the tensors but their headers).
 
-    mp, wp = path / MAP, path / WEIGHTS
-    if not mp.exists() or not wp.exists():
-        raise PackedFormatError(f"{path} is not a packed model folder (needs {MAP} and {WEIGHTS})")
+    Attributes:
+        path: the folder. rotation / quant: the rebuilt configs. storage_dtype: "float16" or "float32".
+        manifest: ``quant_map.json`` (layers, tensors with shape / dtype / file, checksum per file).
+    """
+
+    path: Path
+    rotation: "RotationConfig | None"
+    quant: "QuantConfig"
+    storage_dtype: str
+    manifest: dict
+
+
+def check_folder(path: str | os.PathLike) -> PackedFolder:
+    """Check a packed folder without loading its tensors: ``config.json`` with an rcp ``quantization_config`` of this
+    format version, configs this rcp_lib rebuilds, the manifest, every listed file present with its SHA-256, and the
+    safetensors headers equal to the manifest (names, shapes, dtypes, files).
+
+    Raises:
+        PackedFormatError: a folder that is not an rcp_lib packed model, another format version, configs this version
+            cannot rebuild, a missing shard, a checksum mismatch, tensors that do not match the manifest.
+    """
+    from safetensors import safe_open
+
+    from .quant.apply import QuantConfig
+    from .rotation.fuse import RotationConfig
+
+    path = Path(path)
+    cp = path / "config.json"
     try:
-        qmap = json.loads(mp.read_text())
+        qcfg = json.loads(cp.read_text()).get("quantization_config") if cp.is_file() else None
     except json.JSONDecodeError as e:
-        raise PackedFormatError(f"{mp} is not valid JSON: {e}") from e
-    ver = qmap.get("format_version")
-    if ver != FORMAT_VERSION:
-        raise PackedFormatError(f"{path}: packed format version {ver!r}; this rcp_lib reads version {FORMAT_VERSION}")
-    digest = _sha256(wp)
-    if digest != qmap.get("sha256"):
-        raise PackedFormatError(f"{wp}: checksum mismatch (truncated or modified file): expected "
-                                f"{qmap.get('sha256')}, got {digest}")
+        raise PackedFormatError(f"{cp} is not valid JSON: {e}") from e
+    if not isinstance(qcfg, dict) or qcfg.get("quant_method") != QUANT_METHOD or not (path / MAP).is_file():
+        raise PackedFormatError(f"{path} is not an rcp_lib packed model folder (needs config.json with "
+                                f"quantization_config.quant_method = {QUANT_METHOD!r} and {MAP}; "
+                                f"write one with rcp_lib.packing.save_quantized)")
     try:
-        tensors = load_file(str(wp))
-    except Exception as e:  # pragma: no cover - the checksum catches corruption first
-        raise PackedFormatError(f"{wp} cannot be read: {e}") from e
+        qmap = json.loads((path / MAP).read_text())
+    except json.JSONDecodeError as e:
+        raise PackedFormatError(f"{path / MAP} is not valid JSON: {e}") from e
+    for where, ver in (("config.json", qcfg.get("format_version")), (MAP, qmap.get("format_version"))):
+        if ver != FORMAT_VERSION:
+            raise PackedFormatError(f"{path}: packed format version {ver!r} in {where}; this rcp_lib reads version "
+                                    f"{FORMAT_VERSION} (re-export the model with this version)")
+    try:
+        rot = RotationConfig.from_dict(qcfg["rotation"]) if qcfg.get("rotation") else None
+        quant = QuantConfig.from_dict(qcfg["quant"])
+        if rot is not None:
+            rot.validate()
+        quant.validate()
+    except (KeyError, TypeError, ValueError) as e:
+        raise PackedFormatError(f"{path}: the stored rotation / quantization configs cannot be rebuilt by this "
+                                f"rcp_lib ({e}); re-export the model with this version") from e
+    files = qmap.get("files") or {}
+    for fname, digest in files.items():
+        fp = path / fname
+        if not fp.is_file():
+            raise PackedFormatError(f"{path}: missing shard {fname} (listed in {MAP})")
+        got = _sha256(fp)
+        if got != digest:
+            raise PackedFormatError(f"{fp}: checksum mismatch (truncated or modified file): expected {digest}, "
+                                    f"got {got}")
     want = qmap.get("tensors", {})
-    missing = sorted(set(want) - set(tensors))
-    extra = sorted(set(tensors) - set(want))
+    stored: dict[str, tuple[list[int], str, str]] = {}
+    for fname in files:
+        try:
+            with safe_open(str(path / fname), framework="pt") as f:
+                for k in f.keys():
+                    sl = f.get_slice(k)
+                    stored[k] = (list(sl.get_shape()), _ST_DTYPES.get(sl.get_dtype(), sl.get_dtype()), fname)
+        except Exception as e:  # pragma: no cover - the checksum catches corruption first
+            raise PackedFormatError(f"{path / fname} cannot be read: {e}") from e
+    missing, extra = sorted(set(want) - set(stored)), sorted(set(stored) - set(want))
     if missing or extra:
         raise PackedFormatError(f"{path}: tensors do not match {MAP}: missing {missing[:5]}, unexpected {extra[:5]}")
     for k, meta in want.items():
-        t = tensors[k]
-        if list(t.shape) != meta["shape"] or str(t.dtype).replace("torch.", "") != meta["dtype"]:
-            raise PackedFormatError(f"{k}: stored {list(t.shape)} {t.dtype}, map says {meta['shape']} {meta['dtype']}")
-    return qmap, tensors
+        if stored[k] != (meta["shape"], meta["dtype"], meta["file"]):
+            raise PackedFormatError(f"{k}: stored {stored[k]}, {MAP} says {meta['shape']} {meta['dtype']} in "
+                                    f"{meta['file']}")
+    return PackedFolder(path, rot, quant, qcfg.get("storage_dtype", "float16"), qmap)
+
+
+_ST_DTYPES = {"F16": "float16", "F32": "float32", "BF16": "bfloat16", "F64": "float64", "I32": "int32",
+              "I64": "int64", "I8": "int8", "U8": "uint8", "I16": "int16", "BOOL": "bool"}
+
+
+def _packed_layer_factory(lut_dtype: torch.dtype):
+    """The ``layer_factory`` of :func:`~rcp_lib.quant.apply.quantize_model` for loading: an empty
+    :class:`PackedLinear` (buffers on the linear's device, usually meta) of the sizes the weight config gives, or a
+    full-precision :class:`QuantLinear` when the weights are not quantized."""
+    from .quant.quantizers import resolve_group_size
+
+    def make(linear: nn.Module, wcfg, act_bits: int | None = None, act_clip_ratio: float = 1.0,
+             name: str = "layer") -> nn.Module:
+        if wcfg is None:
+            return QuantLinear.from_linear(linear, None, act_bits=act_bits, act_clip_ratio=act_clip_ratio, name=name)
+        N, K = linear.weight.shape
+        return PackedLinear.empty(N, K, resolve_group_size(K, wcfg.group_size, name), _deploy_bits(2**wcfg.bits, name),
+                                  getattr(linear, "bias", None) is not None, act_bits, act_clip_ratio,
+                                  lut_dtype=lut_dtype, dtype=linear.weight.dtype, device=linear.weight.device)
+
+    return make
+
+
+def install_packed_layers(model: nn.Module, folder: PackedFolder) -> nn.Module:
+    """Turn a model skeleton of the stored config (normally on the meta device) into the deployed form the folder's
+    tensors load into, in place: ``rotate_model(fuse_weights=False)`` and ``quantize_model`` with the stored configs,
+    every quantized projection built as an empty :class:`PackedLinear`. Then check that the surgery rebuilt the layers
+    of the manifest and that the model's state dict is exactly the stored tensors (names and shapes), so that loading
+    can neither leave a tensor uninitialised nor drop one. Returns the model.
+
+    Raises:
+        PackedFormatError: rebuilt layers or state-dict entries that differ from the manifest.
+    """
+    from .quant.apply import quantize_model
+    from .rotation.fuse import rotate_model
+
+    for k in ("rcp_quant", "rcp_rotation"):  # a config read back from a folder never carries them; be safe
+        if hasattr(model.config, k):
+            delattr(model.config, k)
+    lut_dtype = torch.float32 if folder.storage_dtype == "float32" else torch.float16
+    # transformers builds the skeleton under a default-device context of "meta": the surgery's own matrices (the
+    # Hadamard checks, cached for the forward pass) must be real; the skeleton's tensors follow the weights' device.
+    with torch.device("cpu"):
+        if folder.rotation is not None:
+            rotate_model(model, folder.rotation, fuse_weights=False)
+        quantize_model(model, folder.quant, layer_factory=_packed_layer_factory(lut_dtype))
+    projs = _quantized_projections(model)
+    layers = folder.manifest.get("layers", {})
+    if set(layers) != set(projs):
+        raise PackedFormatError(f"{folder.path}: the manifest's layers are not the rebuilt model's projections")
+    for name, q in projs.items():
+        rebuilt, stored = json.loads(json.dumps(_layer_entry(name, q))), layers[name]
+        if rebuilt != stored:
+            raise PackedFormatError(f"{folder.path}: {name}: the surgery rebuilds {rebuilt}, {MAP} says {stored}")
+    want = folder.manifest["tensors"]
+    have = {k: list(v.shape) for k, v in model.state_dict().items()}
+    missing, extra = sorted(set(have) - set(want)), sorted(set(want) - set(have))
+    bad = sorted(k for k in set(have) & set(want) if have[k] != want[k]["shape"])
+    if missing or extra or bad:
+        raise PackedFormatError(f"{folder.path}: the rebuilt model needs {missing[:5]}, does not take {extra[:5]}, "
+                                f"has other shapes for {bad[:5]}")
+    return model
 
 
 def deploy(model: nn.Module, lut_dtype: torch.dtype = torch.float16, backend: str | None = None) -> nn.Module:
@@ -450,64 +695,45 @@ def load_quantized(path: str | os.PathLike, device: str | torch.device = "cpu", 
                    dtype: torch.dtype = torch.float32):
     """Load a folder written by :func:`save_quantized`. Returns ``(model, tokenizer or None)``.
 
-    The architecture is built from the stored transformers config, the stored rotation and quantization configs are
-    re-run on it (``rotate_model(..., fuse_weights=False)``, ``quantize_model``: the same surgery as the saved model
-    went through), its layers are frozen to the stored tensors (:func:`load_quantized_state_dict`) and deployed
-    (:func:`deploy`, LUTs in the stored dtype).
+    The folder is checked first (:func:`check_folder`: nothing is built from a bad folder), then loaded with
+    ``AutoModelForCausalLM.from_pretrained``: the "rcp" quantizer (:mod:`rcp_lib.hf`) builds the model on the meta
+    device, re-runs the stored rotation and quantization surgery with empty packed layers
+    (:func:`install_packed_layers`) and transformers loads the stored tensors into them; no full-precision weight of a
+    quantized projection is ever built. LUTs keep the stored dtype; the other float tensors are cast to ``dtype``.
 
     Raises:
-        PackedFormatError: other format version, checksum mismatch, tensors that do not match the map, configs this
-            version cannot rebuild, or a rebuilt layer that differs from the map.
+        PackedFormatError: see :func:`check_folder` and :func:`install_packed_layers`.
     """
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
-    from .quant.apply import QuantConfig, quantize_model
-    from .rotation.fuse import RotationConfig, rotate_model
+    from .hf import register
 
     path = Path(path)
-    qmap, tensors = _read_checked(path)
-    try:
-        rot = RotationConfig.from_dict(qmap["rotation"]) if qmap.get("rotation") else None
-        quant = QuantConfig.from_dict(qmap["quant"])
-    except (KeyError, TypeError, ValueError) as e:
-        raise PackedFormatError(f"{path}: the stored rotation / quantization configs cannot be rebuilt by this "
-                                f"rcp_lib ({e}); re-export the model with this version") from e
-    cfg_dict = dict(qmap["config"])
-    model_type = cfg_dict.pop("model_type")
-    cfg = AutoConfig.for_model(model_type, **{k: v for k, v in cfg_dict.items() if k not in ("rcp_quant", "rcp_rotation")})
-    cfg.tie_word_embeddings = False
-    model = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
-    base = qmap.get("attn_implementation") or "sdpa"
-    model.config._attn_implementation = "eager" if "eager" in base else "sdpa"
-    if rot is not None:
-        rotate_model(model, rot, fuse_weights=False)
-    quantize_model(model, quant)
-    projs = _quantized_projections(model)
-    if set(qmap["layers"]) != set(projs):
-        raise PackedFormatError(f"{path}: the map's layers are not the rebuilt model's projections")
-    for name, q in projs.items():
-        rebuilt, stored = json.loads(json.dumps(_layer_entry(name, q))), qmap["layers"][name]
-        if rebuilt != stored:
-            raise PackedFormatError(f"{path}: {name}: the surgery rebuilds {rebuilt}, the map says {stored}")
-    load_quantized_state_dict(model, tensors)
-    deploy(model, torch.float32 if qmap.get("storage_dtype") == "float32" else torch.float16, backend)
+    folder = check_folder(path)
+    register()
+    model = AutoModelForCausalLM.from_pretrained(
+        str(path), dtype=dtype, attn_implementation=folder.manifest.get("attn_implementation") or "sdpa",
+        trust_remote_code=False)
+    for mod in model.modules():
+        if isinstance(mod, PackedLinear):
+            mod.backend = backend
     model.to(device).eval()
     tok = None
     if (path / "tokenizer_config.json").exists():
         from transformers import AutoTokenizer
 
-        tok = AutoTokenizer.from_pretrained(path)
+        tok = AutoTokenizer.from_pretrained(str(path))
     return model, tok
 
 
 def packed_model_bytes(path: str | os.PathLike) -> dict[str, int]:
     """Bytes of the stored tensors by kind (block_linears = packed codes + LUTs + biases), the tensor total
-    and the file size."""
-    qmap, tensors = _read_checked(Path(path))
+    and the size of the safetensors files."""
+    folder = check_folder(path)
     out = {"block_linears": 0, "embed": 0, "lm_head": 0, "norms": 0, "other": 0}
-    layer_prefixes = tuple(n + "." for n in qmap["layers"])
-    for k, t in tensors.items():
-        nb = t.numel() * t.element_size()
+    layer_prefixes = tuple(n + "." for n in folder.manifest["layers"])
+    for k, meta in folder.manifest["tensors"].items():
+        nb = math.prod(meta["shape"]) * torch.empty(0, dtype=getattr(torch, meta["dtype"])).element_size()
         if k.startswith(layer_prefixes):
             out["block_linears"] += nb
         elif "embed_tokens" in k:
@@ -519,5 +745,5 @@ def packed_model_bytes(path: str | os.PathLike) -> dict[str, int]:
         else:
             out["other"] += nb
     out["total"] = sum(out.values())
-    out["file_bytes"] = (Path(path) / WEIGHTS).stat().st_size
+    out["file_bytes"] = sum((Path(path) / f).stat().st_size for f in folder.manifest["files"])
     return out

@@ -1,4 +1,5 @@
-"""save_quantized / load_quantized: packed tensors round-trip to the fake-quant model; bad folders are refused."""
+"""save_quantized / load_quantized: packed tensors round-trip to the fake-quant model; bad folders are refused.
+(The Hugging Face side of the same folder, from_pretrained / lm_eval / sharding, is tested in test_hf.py.)"""
 
 import copy
 import json
@@ -166,9 +167,10 @@ def test_load_calls_rotate_and_quantize(tmp_path, monkeypatch):
     calls = []
     rot, quant = fuse.rotate_model, apply.quantize_model
     monkeypatch.setattr(fuse, "rotate_model", lambda m, c, **kw: calls.append(("rotate", kw)) or rot(m, c, **kw))
-    monkeypatch.setattr(apply, "quantize_model", lambda m, c: calls.append(("quantize", c.label)) or quant(m, c))
+    monkeypatch.setattr(apply, "quantize_model",
+                        lambda m, c, **kw: calls.append(("quantize", c.label, sorted(kw))) or quant(m, c, **kw))
     load_quantized(tmp_path / "p")
-    assert calls == [("rotate", {"fuse_weights": False}), ("quantize", "W2A4KV4")]
+    assert calls == [("rotate", {"fuse_weights": False}), ("quantize", "W2A4KV4", ["layer_factory"])]
 
 
 def test_rotate_without_weights_installs_the_same_modules():
@@ -194,9 +196,9 @@ def test_map_that_the_surgery_does_not_rebuild(saved):
 
 
 def test_unknown_stored_config_field(saved):
-    mp = saved / "quant_map.json"
+    mp = saved / "config.json"
     d = json.loads(mp.read_text())
-    d["quant"]["w_future_option"] = 1
+    d["quantization_config"]["quant"]["w_future_option"] = 1
     mp.write_text(json.dumps(d))
     with pytest.raises(PackedFormatError, match="re-export"):
         load_quantized(saved)

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -29,6 +29,7 @@ from .activations import fake_quant_kv
 from .linear import QuantLinear
 from .quantizers import WeightQuantConfig, resolve_group_size
 
+LayerFactory = Callable[..., nn.Module]
 OFF = 16  # the bit width that means "not quantized" (activations, KV cache, lm_head input)
 
 
@@ -207,7 +208,7 @@ def _validate_model(model: nn.Module, cfg: QuantConfig) -> None:
     if getattr(model.config, "rcp_quant", None):
         raise M.UnsupportedModelError("this model is already quantized (config.rcp_quant is set)")
     for name, lin in M.named_block_linears(model):
-        if not torch.isfinite(lin.weight).all():
+        if not lin.weight.is_meta and not torch.isfinite(lin.weight).all():
             raise ValueError(f"{name}.weight has NaN/inf values; refusing to quantize")
         if cfg.weight is not None:
             resolve_group_size(lin.in_features, cfg.weight.group_size, name)
@@ -215,8 +216,19 @@ def _validate_model(model: nn.Module, cfg: QuantConfig) -> None:
         resolve_group_size(M.dims(model).head_dim, cfg.kv.group_size, "the KV cache (head_dim)")
 
 
-def quantize_model(model: nn.Module, config: QuantConfig | None = None) -> nn.Module:
+def quantize_model(model: nn.Module, config: QuantConfig | None = None,
+                   layer_factory: LayerFactory | None = None) -> nn.Module:
     """Insert fake quantizers into ``model`` in place (see module docstring) and return it.
+
+    Args:
+        model: a model of a registered family (rotated or not). May be a skeleton on the meta device when
+            ``layer_factory`` builds layers that take no values from the weights.
+        config: what to insert (default :class:`QuantConfig`).
+        layer_factory: builds each block projection's replacement as ``layer_factory(linear, weight_config,
+            act_bits=..., act_clip_ratio=..., name=...)``; default :meth:`QuantLinear.from_linear` (fake quantization,
+            weight quantizer initialised from the weight). The packed loader (:mod:`rcp_lib.packing`) passes a factory
+            that builds empty deployed layers, so loading re-runs this very surgery (which layers, activation
+            settings, R4 kept on down_proj, KV quantizers, attention function, lm_head input, ``config.rcp_quant``).
 
     Raises:
         ValueError: bits out of range, a group size that does not divide a layer (named), NaN weights.
@@ -227,8 +239,9 @@ def quantize_model(model: nn.Module, config: QuantConfig | None = None) -> nn.Mo
     _validate_model(model, cfg)
     M.untie_embeddings(model)
     act_bits = None if cfg.act.bits == OFF else cfg.act.bits
+    make = layer_factory or QuantLinear.from_linear
     for name, lin in list(M.named_block_linears(model)):
-        q = QuantLinear.from_linear(lin, cfg.weight, act_bits=act_bits, act_clip_ratio=cfg.act.clip_ratio)
+        q = make(lin, cfg.weight, act_bits=act_bits, act_clip_ratio=cfg.act.clip_ratio, name=name)
         transform = getattr(lin, "input_transform", None)
         if transform is not None:
             q.input_transform = transform

@@ -1,0 +1,99 @@
+"""Packed folders from trained runs and cached models, and their evaluation (``python -m rcp_lib export`` / ``eval``).
+
+* :func:`export_run`: a run of ``python -m rcp_lib qat`` (its ``summary.json`` holds the run config, its
+  ``checkpoint/`` the trained student) -> :func:`rcp_lib.packing.save_quantized`.
+* :func:`export_method`: a named method of a profile (:mod:`rcp_lib.experiments.methods`) built through
+  :func:`rcp_lib.experiments.build.build`, i.e. from the PTQ cache or the cached QAT student (computed first when
+  it is not cached) -> :func:`rcp_lib.packing.save_quantized`.
+* :func:`evaluate_folder`: perplexity (and optionally zero-shot accuracy) of a packed folder loaded with
+  :func:`rcp_lib.packing.load_quantized`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+def export_run(run_dir: str | os.PathLike, out: str | os.PathLike, dtype: torch.dtype = torch.float16,
+               max_shard_size: int | str = "2GB") -> Path:
+    """Rebuild the student of a finished QAT run (load the run's model, rotate + quantize with its recipe, load
+    ``checkpoint/pytorch_model.bin``) and write it as a packed folder with the model's tokenizer.
+
+    Raises:
+        FileNotFoundError: no ``summary.json`` (run not finished) or no checkpoint.
+    """
+    from .models import load
+    from .packing import save_quantized
+    from .quant.apply import quantize_model
+    from .rotation.fuse import rotate_model
+    from .run_config import RunConfig
+
+    run_dir = Path(run_dir)
+    summary, ckpt = run_dir / "summary.json", run_dir / "checkpoint" / "pytorch_model.bin"
+    if not summary.is_file():
+        raise FileNotFoundError(f"{run_dir} has no summary.json: not a finished `python -m rcp_lib qat` run")
+    if not ckpt.is_file():
+        raise FileNotFoundError(f"{run_dir} has no checkpoint/pytorch_model.bin (the run's trained student)")
+    cfg = RunConfig.from_dict(json.loads(summary.read_text())["config"])
+    model, tok = load(cfg.model)
+    if cfg.recipe.rotation is not None:
+        rotate_model(model, cfg.recipe.rotation)
+    quantize_model(model, cfg.recipe.quant)
+    model.load_state_dict(torch.load(ckpt, map_location="cpu", weights_only=True), strict=True)
+    return save_quantized(model, out, tokenizer=tok, dtype=dtype, max_shard_size=max_shard_size)
+
+
+def export_method(name: str, setting: str, profile: str, out: str | os.PathLike, dtype: torch.dtype = torch.float16,
+                  overrides: dict[str, Any] | None = None, max_shard_size: int | str = "2GB") -> Path:
+    """Build ``method(name, setting)`` for a profile (from its cache entry; computed and cached first if missing) and
+    write it as a packed folder with the profile model's tokenizer.
+
+    Raises:
+        ValueError: the method has no quantized weights (nothing to pack).
+    """
+    from .experiments.build import base_model, build
+    from .experiments.methods import method
+    from .packing import save_quantized
+    from .profiles import get_profile
+
+    P = get_profile(profile, **(overrides or {}))
+    m = method(name, setting)
+    if m.recipe(P).quant is None:
+        raise ValueError(f"{name} {setting} is a full-precision method: nothing to pack")
+    model = build(m, P)
+    return save_quantized(model, out, tokenizer=base_model(P)[1], dtype=dtype, max_shard_size=max_shard_size)
+
+
+def evaluate_folder(path: str | os.PathLike, corpus: str = "wiki-excerpt", seqlen: int = 512,
+                    max_windows: int | None = 32, tasks: list[str] | None = None, limit: int | None = None,
+                    device: str = "cpu") -> dict[str, Any]:
+    """Perplexity on the corpus' test split and, if ``tasks`` are given, zero-shot accuracy
+    (:func:`rcp_lib.evaluation.zero_shot.zero_shot`, offline tasks allowed) of a packed folder.
+
+    Returns:
+        ``{"model": path, "corpus", "seqlen", "windows", "tokens_scored", "ppl", "zero_shot": [rows]}``.
+    Raises:
+        PackedFormatError: not a valid packed folder. ValueError: the folder has no tokenizer.
+    """
+    from .data import corpus_tokens
+    from .evaluation import perplexity_details
+    from .packing import load_quantized
+
+    model, tok = load_quantized(path, device=device)
+    if tok is None:
+        raise ValueError(f"{path} has no tokenizer; re-export it with save_quantized(..., tokenizer=...)")
+    ids = corpus_tokens(tok, corpus, "test")
+    r = perplexity_details(model, ids, seqlen=seqlen, max_windows=max_windows, progress=False)
+    out: dict[str, Any] = {"model": str(path), "corpus": corpus, "seqlen": seqlen, "windows": r.windows,
+                           "tokens_scored": r.tokens_scored, "ppl": r.ppl}
+    if tasks:
+        from .evaluation.zero_shot import zero_shot
+
+        df = zero_shot(model, tok, tasks=tasks, limit=limit)
+        out["zero_shot"] = df.to_dict(orient="records")
+    return out
