@@ -45,7 +45,7 @@ def _rotation_setting(name: str, profile: Profile) -> tuple[str, int | None, int
 def rotation_analysis(profile: Profile, progress: bool = True) -> "pd.DataFrame":
     """Per-layer weight statistics for each rotation in ``profile.analysis_rotations`` (cached per rotation)."""
     import pandas as pd
-    from tqdm.auto import tqdm
+    from ..progress import bar as tqdm
 
     from ..rotation.analysis import CLIP_RATIOS, SEARCH, layer_statistics
 

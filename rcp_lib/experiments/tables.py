@@ -52,7 +52,7 @@ def ppl_table(profile: Profile, progress: bool = True, families: tuple[str, ...]
 
     ``families`` selects a part of the table (e.g. ``("baseline", "ptq")`` for the PTQ table alone).
     """
-    from tqdm.auto import tqdm
+    from ..progress import bar as tqdm
 
     methods = [m for m in all_methods(profile) if m.family in families]
     rows = []
