@@ -83,6 +83,12 @@ def _log_cache(hit: bool, name: str, label: str) -> None:
           file=sys.stderr, flush=True)
 
 
+def row_cached(kind: str, key: dict) -> bool:
+    """True when :func:`_cached` would read the row ``(kind, key)`` from the cache instead of computing it (no side
+    effect: nothing is logged, read or written)."""
+    return (cache_dir() / "rows" / f"{cache_name(kind, key)}.json").exists()
+
+
 def _cached(kind: str, key: dict, compute: Callable[[], dict]) -> dict:
     """Row cache: ``cache_dir()/rows/<kind>-<hash of key>.json``; ``compute()`` runs on a miss."""
     name = cache_name(kind, key)
