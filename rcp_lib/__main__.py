@@ -81,6 +81,10 @@ def _cmd_ppl(args: argparse.Namespace) -> int:
 
     _check_model_name(args.model)
     _check_device(args.device)
+    if args.corpus != "wiki-excerpt":  # a corpus that needs the network fails before the model loads
+        from .data import load_corpus
+
+        load_corpus(args.corpus, args.split)
     torch.manual_seed(args.seed)
     model, tok = load(args.model, device=args.device)
     ids = corpus_tokens(tok, args.corpus, args.split)
