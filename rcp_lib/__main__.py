@@ -1,4 +1,9 @@
-"""Command line: ``python -m rcp_lib {ppl,reproduce,...}``."""
+"""Command line: ``python -m rcp_lib {ppl,qat,reproduce,table,readme}`` (``python -m rcp_lib <command> --help``).
+
+Known errors (bad input: a malformed or mistyped config, an unknown model, profile or field, a corpus or device that
+is not available here) print one line on stderr and exit with status 2; ``--debug`` (anywhere on the line) shows
+the traceback instead.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +11,65 @@ import argparse
 import json
 import sys
 import time
+from pathlib import Path
+
+
+class CliError(Exception):
+    """Bad input found by the command line itself: printed as one line, exit status 2."""
+
+
+def _known_errors() -> tuple[type[BaseException], ...]:
+    """Exception types that mean bad input or a missing resource (one line, exit 2), not a bug: every subcommand
+    inherits this mapping through :func:`main`. ValueError covers unknown profiles, fields, corpora and model
+    families, wrong field types (:func:`rcp_lib.config.coerce_value`), JSON errors and packed-format errors."""
+    import yaml
+
+    from .data import CorpusUnavailableError
+    from .paths import OutputRootError
+
+    return (CliError, ValueError, FileNotFoundError, NotADirectoryError, yaml.YAMLError, ConnectionError,
+            CorpusUnavailableError, OutputRootError, _model_not_found())
+
+
+def _model_not_found() -> type[BaseException]:
+    from .models import ModelNotFoundError
+
+    return ModelNotFoundError
+
+
+def _one_line(e: BaseException) -> str:
+    """The message of ``e`` on one line (a YAML error: its problem and position)."""
+    import yaml
+
+    if isinstance(e, yaml.MarkedYAMLError) and e.problem_mark is not None:
+        m = e.problem_mark
+        text = f"malformed YAML: {e.problem} (line {m.line + 1}, column {m.column + 1})"
+        if e.context:
+            text += f", {e.context}"
+    else:
+        text = str(e) or type(e).__name__
+        if isinstance(e, KeyError) and e.args:
+            text = str(e.args[0])
+    return " ".join(text.split())
+
+
+def _check_device(device: str) -> None:
+    """CliError when ``device`` asks for CUDA on a machine without a usable CUDA device."""
+    if not device.startswith("cuda"):
+        return
+    import torch
+
+    if not torch.cuda.is_available():
+        raise CliError(f"--device {device}: no CUDA device is available here (torch {torch.__version__}, "
+                       f"CUDA build {torch.version.cuda or 'none'}); use --device cpu")
+
+
+def _check_model_name(name: str, what: str = "--model") -> None:
+    """CliError when a packed quantized folder (``quant_map.json``) is given where a model name is expected."""
+    p = Path(name).expanduser()
+    if p.is_dir() and (p / "quant_map.json").is_file():
+        raise CliError(f"{what} {name}: this is a packed quantized folder (quant_map.json), not a full-precision "
+                       f"model: load it with rcp_lib.packing.load_quantized")
 
 
 def _cmd_ppl(args: argparse.Namespace) -> int:
@@ -15,6 +79,12 @@ def _cmd_ppl(args: argparse.Namespace) -> int:
     from .evaluation import perplexity_details
     from .models import describe, load
 
+    _check_model_name(args.model)
+    _check_device(args.device)
+    if args.corpus != "wiki-excerpt":  # a corpus that needs the network fails before the model loads
+        from .data import load_corpus
+
+        load_corpus(args.corpus, args.split)
     torch.manual_seed(args.seed)
     model, tok = load(args.model, device=args.device)
     ids = corpus_tokens(tok, args.corpus, args.split)
@@ -44,7 +114,16 @@ def _cmd_ppl(args: argparse.Namespace) -> int:
 def _cmd_qat(args: argparse.Namespace) -> int:
     from .run_config import RunConfig, run_qat
 
-    cfg = RunConfig.load(args.config)
+    import yaml
+
+    try:
+        cfg = RunConfig.load(args.config)
+    except yaml.YAMLError as e:
+        raise CliError(f"{args.config}: {_one_line(e)}") from e
+    except ValueError as e:
+        raise CliError(f"{args.config}: {_one_line(e)}") from e
+    _check_model_name(cfg.model, "model:")
+    _check_device(cfg.device)
     if args.steps is not None:
         cfg.recipe.qat.steps = args.steps
     summary = run_qat(cfg, progress=not args.quiet)
@@ -77,8 +156,14 @@ def _cmd_reproduce(args: argparse.Namespace) -> int:
             return 1
         print(f"dry-run of profile {args.profile!r} passed; outputs in {work}")
         return 0
+    overrides = _parse_overrides(args.set)
+    if overrides:
+        from .profiles import get_profile
+
+        get_profile(args.profile, **overrides)  # unknown fields / wrong types: one line before any notebook runs
     try:
-        done = reproduce(args.profile, notebooks=args.notebooks or None)
+        done = reproduce(args.profile, notebooks=args.notebooks or None, overrides=overrides or None,
+                         html=not args.no_html)
     except (NotebookFailed, DirtyTreeError) as e:
         print(f"[rcp_lib] reproduce stopped: {e}", file=sys.stderr)
         return 1
@@ -96,17 +181,17 @@ def _table_for(args: argparse.Namespace):
     elif args.name:
         t = table_for_file(f"{args.name}.csv")
         if t is None or t.rows is None:
-            raise SystemExit(f"--name {args.name!r} is no registered table that the CLI computes; pass --table "
+            raise CliError(f"--name {args.name!r} is no registered table that the CLI computes; pass --table "
                              f"or register it in rcp_lib/experiments/registry.py")
     else:
         t = TABLES["perplexity_ptq"]
     stem = args.name or t.file.rsplit(".", 1)[0]
     if not t.matches(f"{stem}.csv"):
-        raise SystemExit(f"--name {stem!r} is not a file of table {t.name!r} ({t.file})")
+        raise CliError(f"--name {stem!r} is not a file of table {t.name!r} ({t.file})")
     if t.is_pattern and not args.name:
-        raise SystemExit(f"table {t.name!r} is a family of files ({t.file}): name one with --name")
+        raise CliError(f"table {t.name!r} is a family of files ({t.file}): name one with --name")
     if args.families and t.families is None:
-        raise SystemExit(f"--families applies to the perplexity tables, not to {t.name!r}")
+        raise CliError(f"--families applies to the perplexity tables, not to {t.name!r}")
     return t, stem
 
 
@@ -142,7 +227,7 @@ def _parse_overrides(items: list[str] | None) -> dict:
     for item in items or []:
         key, sep, raw = item.partition("=")
         if not sep or not key:
-            raise SystemExit(f"--set expects KEY=VALUE, got {item!r}")
+            raise CliError(f"--set expects KEY=VALUE, got {item!r}")
         try:
             out[key] = json.loads(raw)
         except json.JSONDecodeError:
@@ -151,9 +236,12 @@ def _parse_overrides(items: list[str] | None) -> dict:
 
 
 def _cmd_readme(args: argparse.Namespace) -> int:
-    from .report import update_readme
+    from .report import results_markdown, update_readme
 
-    print(update_readme(args.profile))
+    if args.print_only:
+        print(results_markdown(args.profile))
+    else:
+        print(update_readme(args.profile))
     return 0
 
 
@@ -198,73 +286,122 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 def _add_checkpoint_commands(sub) -> None:
     """Parser entries of ``export`` and ``eval`` (packed Hugging Face folders, :mod:`rcp_lib.export`)."""
+    from .profiles import PROFILES
+
     e = sub.add_parser("export", help="write a packed Hugging Face folder (from_pretrained / lm_eval) from a "
-                                      "finished QAT run or a cached method of a profile")
+                                      "finished QAT run or a cached method of a profile",
+                       epilog=_example("python -m rcp_lib export --method RCP --setting W2A4KV4 --profile cpu --out packed/",
+                                       "python -m rcp_lib export --run runs/qat-smoke --out packed/"))
     src = e.add_mutually_exclusive_group(required=True)
     src.add_argument("--run", help="a `python -m rcp_lib qat` output folder (summary.json + checkpoint/)")
     src.add_argument("--method", help="a named method (rcp_lib.experiments.methods), built from the cache of "
                                       "--profile (computed first if not cached)")
     e.add_argument("--setting", default="W2A4KV4", help="with --method (default W2A4KV4)")
-    e.add_argument("--profile", default="cpu", choices=["smoke", "cpu", "paper"], help="with --method")
+    e.add_argument("--profile", default="cpu", choices=sorted(PROFILES), help="with --method")
     e.add_argument("--out", required=True, help="output folder")
     e.add_argument("--dtype", default="float16", choices=["float16", "float32"],
                    help="storage of the LUTs and full-precision tensors (float32: bit-exact)")
     e.add_argument("--max-shard-size", default="2GB", help="bytes per safetensors file, e.g. 2GB, 500MB")
     e.set_defaults(func=_cmd_export)
 
-    v = sub.add_parser("eval", help="perplexity (and zero-shot with --tasks) of a packed folder")
+    v = sub.add_parser("eval", help="perplexity (and zero-shot with --tasks) of a packed folder",
+                       epilog=_example("python -m rcp_lib eval --model packed/ --max-windows 8 --tasks wiki_lastword"))
     v.add_argument("--model", required=True, help="a folder written by export / save_quantized")
-    v.add_argument("--corpus", default="wiki-excerpt", choices=["wiki-excerpt", "wikitext2"])
-    v.add_argument("--seqlen", type=int, default=512)
-    v.add_argument("--max-windows", type=int, default=32)
+    v.add_argument("--corpus", default="wiki-excerpt", choices=["wiki-excerpt", "wikitext2"],
+                   help="corpus of the perplexity (wikitext2 needs the network or the datasets cache)")
+    v.add_argument("--seqlen", type=int, default=512, help="tokens per window")
+    v.add_argument("--max-windows", type=int, default=32, help="score at most this many windows")
     v.add_argument("--tasks", nargs="*", help="lm_eval tasks, e.g. wiki_lastword wiki_nextsent (offline)")
     v.add_argument("--limit", type=int, default=None, help="documents per task")
-    v.add_argument("--device", default="cpu")
+    v.add_argument("--device", default="cpu", help="torch device (cuda needs a CUDA build and a GPU)")
     v.add_argument("--json", action="store_true", help="print one JSON line")
     v.set_defaults(func=_cmd_eval)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m rcp_lib", description=__doc__)
-    sub = p.add_subparsers(dest="cmd", required=True)
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Defaults after each option's help; the epilog (the example) printed as written."""
 
-    q = sub.add_parser("ppl", help="perplexity of a (full-precision) model on a corpus split")
-    q.add_argument("--model", default="smollm2-135m")
-    q.add_argument("--corpus", default="wiki-excerpt", choices=["wiki-excerpt", "wikitext2"])
-    q.add_argument("--split", default="test", choices=["train", "test"])
-    q.add_argument("--seqlen", type=int, default=2048)
-    q.add_argument("--max-windows", type=int, default=None)
-    q.add_argument("--batch-size", type=int, default=1)
-    q.add_argument("--device", default="cpu")
-    q.add_argument("--seed", type=int, default=0)
+
+class _Parser(argparse.ArgumentParser):
+    """Every (sub)parser: defaults and the example in ``--help``, and a usage error as one line (exit 2)."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", _HelpFormatter)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message: str):  # argparse prints the usage block; one line is enough (--help shows the rest)
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _example(*lines: str) -> str:
+    return "example:\n" + "\n".join(f"  {line}" for line in lines)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``python -m rcp_lib`` parser. Subcommands added with ``sub.add_parser`` inherit the help format
+    (defaults and the ``epilog`` example) and the one-line usage errors."""
+    from .profiles import PROFILES
+
+    profiles = sorted(PROFILES)
+    p = _Parser(prog="python -m rcp_lib", description=__doc__,
+                epilog=_example("python -m rcp_lib reproduce --profile smoke"))
+    p.add_argument("--debug", action="store_true", help="show the traceback of a known error (anywhere on the line)")
+    sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
+
+    q = sub.add_parser("ppl", help="perplexity of a (full-precision) model on a corpus split",
+                       description="Perplexity of a full-precision model: non-overlapping windows of a test split.",
+                       epilog=_example("python -m rcp_lib ppl --seqlen 512 --max-windows 8"))
+    q.add_argument("--model", default="smollm2-135m",
+                   help="model name: the embedded alias, a Hugging Face id or a local transformers folder")
+    q.add_argument("--corpus", default="wiki-excerpt", choices=["wiki-excerpt", "wikitext2"],
+                   help="corpus (wikitext2 needs the network or the datasets cache)")
+    q.add_argument("--split", default="test", choices=["train", "test"], help="corpus split")
+    q.add_argument("--seqlen", type=int, default=2048, help="tokens per window")
+    q.add_argument("--max-windows", type=int, default=None, help="score at most this many windows (None: all)")
+    q.add_argument("--batch-size", type=int, default=1, help="windows per forward pass")
+    q.add_argument("--device", default="cpu", help="torch device (cuda needs a CUDA build and a GPU)")
+    q.add_argument("--seed", type=int, default=0, help="torch seed")
     q.add_argument("--json", action="store_true", help="print one JSON line")
     q.set_defaults(func=_cmd_ppl)
 
-    t = sub.add_parser("qat", help="rotate + quantize + QAT-train a model from a YAML/JSON run config")
-    t.add_argument("--config", required=True, help="e.g. configs/cpu.yaml")
-    t.add_argument("--steps", type=int, default=None, help="override qat.steps")
+    t = sub.add_parser("qat", help="rotate + quantize + QAT-train a model from a YAML/JSON run config",
+                       description="Rotate, quantize and QAT-train the model of a run config (YAML or JSON).",
+                       epilog=_example("python -m rcp_lib qat --config configs/smoke.yaml --steps 2"))
+    t.add_argument("--config", required=True, help="run config file, e.g. configs/cpu.yaml")
+    t.add_argument("--steps", type=int, default=None, help="override qat.steps (None: the config's)")
     t.add_argument("--quiet", action="store_true", help="no progress bars")
     t.set_defaults(func=_cmd_qat)
 
-    r = sub.add_parser("reproduce", help="execute the notebooks with papermill for a profile")
-    r.add_argument("--profile", default="cpu", choices=["smoke", "cpu", "gpu", "paper"])
-    r.add_argument("--notebooks", nargs="*", help="only these notebooks (file names)")
+    r = sub.add_parser("reproduce", help="execute the notebooks with papermill for a profile",
+                       description="Execute the notebooks in order with papermill; executed copies (.ipynb and "
+                                   ".html) go to runs/<profile>/, tables to results/<profile>/. With --set the "
+                                   "folders are <profile>-<hash of the overrides>/, never the profile's own.",
+                       epilog=_example("python -m rcp_lib reproduce --profile smoke --notebooks 02_perplexity.ipynb",
+                                       "python -m rcp_lib reproduce --profile cpu --set qat_steps=80"))
+    r.add_argument("--profile", default="cpu", choices=profiles, help="run profile (rcp_lib/profiles.py)")
+    r.add_argument("--notebooks", nargs="*", help="only these notebooks (file names; default: all, in order)")
+    r.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help='override a profile field (JSON value), e.g. --set qat_steps=80 --set \'methods=["RCP"]\'')
     r.add_argument("--dry-run", action="store_true",
                    help="run the profile's notebooks on the CPU with a tiny random LLaMA and the wiki excerpt, budgets "
                         "scaled down, everything in a temporary folder (never results/)")
+    r.add_argument("--no-html", action="store_true", help="skip the HTML copies of the executed notebooks")
     r.add_argument("--allow-dirty", action="store_true",
                    help="write results even with uncommitted changes to code or configs (sets RCP_ALLOW_DIRTY=1)")
     r.set_defaults(func=_cmd_reproduce)
 
     tb = sub.add_parser("table", help="compute (or read from the cache) a registered table of a profile and write "
-                                      "its CSV (default: the PTQ perplexity rows)")
-    tb.add_argument("--profile", default="cpu", choices=["smoke", "cpu", "paper"])
+                                      "its CSV (default: the PTQ perplexity rows)",
+                        description="Compute (or read from the row cache) one registered table and write its CSV.",
+                        epilog=_example("python -m rcp_lib table --profile cpu --families qat "
+                                        "--name perplexity_qat_160 --set qat_steps=160"))
+    tb.add_argument("--profile", default="cpu", choices=profiles, help="run profile (rcp_lib/profiles.py)")
     tb.add_argument("--table", choices=_computable_tables(),
-                    help="a table of rcp_lib.experiments.registry (default: the one --name belongs to, else "
+                    help="a table of rcp_lib.experiments.registry (None: the one --name belongs to, else "
                          "perplexity_ptq)")
     tb.add_argument("--families", nargs="+", choices=["baseline", "ptq", "qat"],
-                    help="method families of a perplexity table (default: the table's)")
-    tb.add_argument("--name", help="results/<profile>/<name>.csv (default: the table's file; required for a family "
+                    help="method families of a perplexity table (None: the table's)")
+    tb.add_argument("--name", help="results/<profile>/<name>.csv (None: the table's file; required for a family "
                                    "such as perplexity_qat_<steps>)")
     tb.add_argument("--set", action="append", metavar="KEY=VALUE",
                     help='override a profile field (JSON value), e.g. --set qat_steps=160 --set \'methods=["RCP"]\'')
@@ -272,8 +409,14 @@ def build_parser() -> argparse.ArgumentParser:
                     help="write the CSV even with uncommitted changes to code or configs (sets RCP_ALLOW_DIRTY=1)")
     tb.set_defaults(func=_cmd_table)
 
-    rd = sub.add_parser("readme", help="rewrite the README results block from results/<profile>/ (no computation)")
-    rd.add_argument("--profile", default="cpu", choices=["smoke", "cpu", "paper"])
+    rd = sub.add_parser("readme", help="rewrite the README results block from results/cpu/ (no computation)",
+                        description="Rewrite README.md's results block from results/cpu/; other profiles only "
+                                    "print their block (--print).",
+                        epilog=_example("python -m rcp_lib readme --profile cpu",
+                                        "python -m rcp_lib readme --profile smoke --print"))
+    rd.add_argument("--profile", default="cpu", choices=profiles, help="run profile whose results to show")
+    rd.add_argument("--print", action="store_true", dest="print_only",
+                    help="print the markdown block instead of rewriting README.md")
     rd.set_defaults(func=_cmd_readme)
 
     _add_checkpoint_commands(sub)
@@ -281,9 +424,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one command; known errors (:func:`_known_errors`) print one line and return 2 (``--debug``: raise)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    argv = [a for a in argv if a != "--debug"]
     args = build_parser().parse_args(argv)
     t = time.time()
-    rc = args.func(args)
+    try:
+        rc = args.func(args)
+    except _known_errors() as e:
+        if debug:
+            raise
+        print(f"python -m rcp_lib {args.cmd}: error: {_one_line(e)} (--debug shows the traceback)", file=sys.stderr)
+        return 2
     print(f"[rcp_lib] {args.cmd} done in {time.time() - t:.1f} s", file=sys.stderr)
     return rc
 

@@ -12,13 +12,17 @@ Every path of the library comes from here, so nothing writes into the source tre
   ======================  =======================  ===================================================
   root                    variable                 default (only inside a source checkout)
   ======================  =======================  ===================================================
-  :func:`results_root`    ``$RCP_RESULTS_DIR``     ``<checkout>/results`` (tables: ``<root>/<profile>/``)
-  :func:`figures_root`    ``$RCP_FIGURES_DIR``     ``<checkout>/figures`` (figures: ``<root>/<profile>/``)
+  :func:`results_root`    ``$RCP_RESULTS_DIR``     ``<checkout>/results`` (tables: ``<root>/<run name>/``)
+  :func:`figures_root`    ``$RCP_FIGURES_DIR``     ``<checkout>/figures`` (figures: ``<root>/<run name>/``)
   :func:`runs_root`       ``$RCP_RUNS_DIR``        ``<checkout>/runs`` (executed notebooks)
   ======================  =======================  ===================================================
 
   Outside a source checkout (a regular ``pip install``) there is no default: asking for a root without its
   variable raises :class:`OutputRootError` instead of writing next to ``site-packages``.
+
+The per-profile folder is the profile's :attr:`~rcp_lib.profiles.Profile.run_name`: its name, or
+``<name>-<8 hex digits>`` for a profile with overrides, so a modified run never overwrites the unmodified profile's
+files.
 
 Caches (models, tokenized corpora, result rows) live outside the repository, under
 :func:`cache_dir` (``$RCP_CACHE``).
@@ -76,7 +80,9 @@ def runs_root() -> Path:
 
 
 def _profile_name(profile: str | Profile) -> str:
-    return profile if isinstance(profile, str) else profile.name
+    """The output folder name: a name as given, or a profile's :attr:`~rcp_lib.profiles.Profile.run_name`
+    (``<name>-<hash of its overrides>`` when fields were overridden)."""
+    return profile if isinstance(profile, str) else profile.run_name
 
 
 #: a file in a model folder that marks its weights as random (the dry-run's stand-in): never written into results/

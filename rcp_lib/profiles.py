@@ -16,11 +16,15 @@ profile's group, seed and QAT budget).
   the CPU with a tiny random model (:mod:`rcp_lib.reproduce`).
 
 Results of each profile go to ``results/<profile>/`` and figures to ``figures/<profile>/`` so that one
-profile never overwrites another's files.
+profile never overwrites another's files. A profile with overrides (``get_profile("cpu", qat_steps=80)``, papermill's
+``-p overrides``, ``--set``) records the fields it changed in :attr:`Profile.overrides` and writes to
+``results/<profile>-<hash of the overrides>/`` (:attr:`Profile.run_name`), never into the unmodified profile's folder.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 from dataclasses import asdict, dataclass, field, fields, replace
 
 
@@ -58,16 +62,39 @@ class Profile:
     # a run config (configs/*.yaml, relative to the checkout) whose `qat` section is the QAT recipe of every QAT row;
     # the qat_* budget fields above still set steps, seqlen, batch, accumulation, validation (None: built from them)
     qat_recipe: str | None = None
+    # the fields changed from the named profile (set by with_overrides; not a setting: excluded from cache keys)
+    overrides: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return asdict(self)
 
+    @property
+    def run_name(self) -> str:
+        """Folder name of this profile's outputs: :attr:`name`, or ``<name>-<8 hex digits>`` (a hash of
+        :attr:`overrides`) when fields were overridden, so that a modified run never writes into the unmodified
+        profile's ``results/<name>/`` or ``figures/<name>/``."""
+        if not self.overrides:
+            return self.name
+        digest = hashlib.sha256(json.dumps(self.overrides, sort_keys=True, default=str).encode()).hexdigest()
+        return f"{self.name}-{digest[:8]}"
+
     def with_overrides(self, **kw) -> "Profile":
-        known = {f.name for f in fields(self)}
+        """A copy with fields replaced (None values ignored). Numeric strings are converted (``"2e-5"``); a value
+        of the wrong type raises ValueError naming the field. Changed fields are recorded in :attr:`overrides`."""
+        from .config import coerce_fields
+
+        known = {f.name for f in fields(self)} - {"name", "overrides"}
         bad = set(kw) - known
         if bad:
             raise ValueError(f"unknown profile fields {sorted(bad)}; known: {sorted(known)}")
-        return replace(self, **{k: v for k, v in kw.items() if v is not None})
+        kw = coerce_fields(Profile, {k: v for k, v in kw.items() if v is not None})
+        out = replace(self, **kw)
+        base = PROFILES.get(self.name)
+        changed = {**self.overrides, **{k: v for k, v in kw.items() if v != getattr(self, k)}}
+        if base is not None:  # a value set back to the named profile's is no override
+            changed = {k: v for k, v in changed.items() if v != getattr(base, k)}
+        out.overrides = dict(sorted(changed.items()))
+        return out
 
 
 PROFILES: dict[str, Profile] = {

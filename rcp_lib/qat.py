@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
+from .progress import bar as tqdm
 
 from .config import JsonConfig
 from .data import calibration_windows, split_holdout

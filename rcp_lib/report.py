@@ -344,8 +344,20 @@ def results_markdown(profile: str = "cpu", results: Path | None = None) -> str:
     return "\n".join(out)
 
 
+#: the profile whose run the checkout's README shows
+README_PROFILE = "cpu"
+
+
 def update_readme(profile: str = "cpu", readme: Path | None = None, results: Path | None = None) -> Path:
-    """Replace the block between the RESULTS-TABLE markers of ``readme`` with :func:`results_markdown`."""
+    """Replace the block between the RESULTS-TABLE markers of ``readme`` with :func:`results_markdown`.
+
+    The checkout's README (``readme`` None) shows the :data:`README_PROFILE` run only: another profile raises
+    ValueError instead of replacing that block (print its markdown with ``python -m rcp_lib readme --print``).
+    """
+    if readme is None and profile != README_PROFILE:
+        raise ValueError(f"README.md shows the {README_PROFILE!r} profile; --profile {profile} would replace that "
+                         f"block: print the {profile!r} block with `python -m rcp_lib readme --profile {profile} "
+                         f"--print` instead")
     path = Path(readme) if readme else readme_path()
     text = path.read_text()
     if BEGIN not in text:

@@ -1,8 +1,16 @@
 """Run the companion notebooks in order with papermill (``python -m rcp_lib reproduce --profile cpu``).
 
 The notebooks are those of the table registry (:data:`rcp_lib.experiments.registry.NOTEBOOKS`). Executed copies
-go to ``runs/<profile>/`` (ignored by git; the roots are in :mod:`rcp_lib.paths`); the notebooks in ``notebooks/``
-stay clean.
+go to ``runs/<profile>/`` (ignored by git; the roots are in :mod:`rcp_lib.paths`), each with an HTML copy
+(``<name>.html``, nbconvert's HTML exporter) for reading without Jupyter; the notebooks in ``notebooks/`` stay
+clean. A run with overrides (``--set qat_steps=80``, papermill's ``-p overrides '{"qat_steps": 80}'``) writes to
+``<profile>-<hash of the overrides>/`` folders instead (:attr:`rcp_lib.profiles.Profile.run_name`).
+
+Progress: the notebook kernels write their progress bars, cache log lines and warnings to
+``runs/<profile>/reproduce.log`` (``$RCP_PROGRESS_LOG``, see :mod:`rcp_lib.progress`), never into the executed
+notebooks; this process copies that log to its stderr as it grows, and prints one line per notebook with an
+estimate of the time left (from the last full run's ``reproduce_timing.json``, when there is one).
+
 The first failing notebook stops the run with the notebook and the cell named. Work already done for the
 same config and the same code (see :func:`rcp_lib.io.code_fingerprint`) is reused through the row and model
 caches of :mod:`rcp_lib.experiments`. A checkout with uncommitted changes to code or configs is refused before
@@ -12,14 +20,17 @@ any notebook runs, unless dirty runs are allowed (``allow_dirty=True``, ``--allo
 
 from __future__ import annotations
 
+import json
 import os
 import sys
+import threading
 import time
 from pathlib import Path
 
 from .experiments.registry import NOTEBOOKS, result_path
 from .paths import absolutize_env, notebooks_dir, runs_dir
-from .profiles import PROFILES
+from .profiles import PROFILES, get_profile
+from .progress import PROGRESS_LOG_ENV
 
 
 class NotebookFailed(RuntimeError):
@@ -33,7 +44,7 @@ def run_notebook(path: Path, profile: str, out_dir: Path, kernel: str = "python3
 
     out_dir.mkdir(parents=True, exist_ok=True)
     out = out_dir / path.name
-    params = {"profile": profile, **(parameters or {})}
+    params = {"profile": profile, **(parameters or {})}  # dicts are injected as Python literals
     try:
         pm.execute_notebook(str(path), str(out), parameters=params, kernel_name=kernel, cwd=str(path.parent),
                             progress_bar=False, log_output=False, execution_timeout=timeout)
@@ -46,9 +57,77 @@ def run_notebook(path: Path, profile: str, out_dir: Path, kernel: str = "python3
     return out
 
 
+def write_html(notebook: Path) -> Path:
+    """An HTML copy of an executed notebook next to it (``<name>.html``, nbconvert's HTML exporter)."""
+    from nbconvert import HTMLExporter
+
+    body, _ = HTMLExporter().from_filename(str(notebook))
+    out = notebook.with_suffix(".html")
+    out.write_text(body, encoding="utf-8")
+    return out
+
+
+class _LogTail:
+    """Copies the lines appended to the batch log to this process's stderr (indented) while a notebook runs, and
+    counts the row-cache hits and misses among them."""
+
+    def __init__(self, path: Path, prefix: str = "    "):
+        self.path, self.prefix, self.hits, self.misses = path, prefix, 0, 0
+        self._pos = path.stat().st_size if path.exists() else 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _drain(self) -> None:
+        if not self.path.exists():
+            return
+        with open(self.path, encoding="utf-8", errors="replace") as f:
+            f.seek(self._pos)
+            chunk = f.read()
+        if not chunk:
+            return
+        complete, _, _ = chunk.rpartition("\n")
+        if not complete:
+            return
+        self._pos += len((complete + "\n").encode("utf-8"))
+        for line in complete.split("\n"):
+            self.hits += line.startswith("[rcp_lib cache] hit")
+            self.misses += line.startswith("[rcp_lib cache] miss")
+            print(self.prefix + line, file=sys.stderr, flush=True)
+
+    def _run(self) -> None:
+        while not self._stop.wait(1.0):
+            self._drain()
+
+    def __enter__(self) -> "_LogTail":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self._drain()
+
+
+def _run_kind(hits: int, misses: int) -> str:
+    """How a notebook run used the row cache: ``cold`` (computed every row), ``cached`` (read every row),
+    ``mixed``, or ``none`` (the notebook has no row cache)."""
+    if hits and misses:
+        return "mixed"
+    return "cold" if misses else "cached" if hits else "none"
+
+
+def _fmt_s(seconds: float) -> str:
+    return f"{seconds / 60:.1f} min" if seconds >= 60 else f"{seconds:.0f} s"
+
+
 def reproduce(profile: str = "cpu", notebooks: list[str] | None = None, kernel: str = "python3",
-              allow_dirty: bool = False) -> list[Path]:
+              allow_dirty: bool = False, overrides: dict | None = None, html: bool = True) -> list[Path]:
     """Execute the notebooks (all, in order, or the named ones) for a profile; stop at the first failure.
+
+    ``overrides`` (profile fields) are passed to every notebook as its ``overrides`` parameter; outputs then go to
+    the ``<profile>-<hash>`` folders. ``html`` writes an HTML copy of each executed notebook. A full run records
+    its wall time per notebook, with how each notebook used the row cache, in ``reproduce_timing.json``
+    (``measured``: the last ``cold`` / ``cached`` / ``mixed`` / ``none`` time of each notebook, kept across runs).
 
     Raises :class:`rcp_lib.io.DirtyTreeError` up front when code or configs have uncommitted changes, unless
     ``allow_dirty`` (or ``RCP_ALLOW_DIRTY=1``); ``allow_dirty=True`` sets that variable for the notebook kernels.
@@ -57,6 +136,7 @@ def reproduce(profile: str = "cpu", notebooks: list[str] | None = None, kernel: 
 
     if profile not in PROFILES:
         raise ValueError(f"unknown profile {profile!r}; choose one of {sorted(PROFILES)}")
+    P = get_profile(profile, **(overrides or {}))
     names = notebooks or list(NOTEBOOKS)
     unknown = [n for n in names if n not in NOTEBOOKS]
     if unknown:
@@ -65,25 +145,57 @@ def reproduce(profile: str = "cpu", notebooks: list[str] | None = None, kernel: 
         os.environ[ALLOW_DIRTY_ENV] = "1"
     absolutize_env()  # the kernels run in notebooks/: relative output roots must not move with them
     require_clean_tree()
-    print(f"[reproduce:{profile}] git {git_commit()}, code fingerprint {code_fingerprint()}", file=sys.stderr,
-          flush=True)
+    tag = f"[reproduce:{P.run_name}]"
+    print(f"{tag} git {git_commit()}, code fingerprint {code_fingerprint()}", file=sys.stderr, flush=True)
     from .paths import cache_dir
 
+    timing_path = result_path("reproduce_timing", P)
+    last = json.loads(timing_path.read_text()) if timing_path.exists() else {}
+    last_s = last.get("notebooks", {})
     rows_dir = cache_dir() / "rows"
     cached_at_start = len(list(rows_dir.glob("*.json"))) if rows_dir.exists() else 0
-    done, seconds, start = [], {}, time.time()
-    for name in names:
-        t0 = time.time()
-        print(f"[reproduce:{profile}] {name} ...", file=sys.stderr, flush=True)
-        done.append(run_notebook(notebooks_dir() / name, profile, runs_dir(profile), kernel=kernel))
-        seconds[name] = round(time.time() - t0, 1)
-        print(f"[reproduce:{profile}] {name} done in {seconds[name]:.0f} s", file=sys.stderr, flush=True)
+    out_dir = runs_dir(P)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    log_path = out_dir / "reproduce.log"
+    log_path.write_text("")
+    print(f"{tag} progress of the notebook kernels: {log_path} (copied below)", file=sys.stderr, flush=True)
+    params = {"overrides": P.overrides} if P.overrides else {}
+    previous_log = os.environ.get(PROGRESS_LOG_ENV)
+    os.environ[PROGRESS_LOG_ENV] = str(log_path)
+    done, seconds, rows, start = [], {}, {}, time.time()
+    try:
+        for i, name in enumerate(names):
+            left = [last_s.get(n) for n in names[i:]]
+            eta = (f"about {_fmt_s(sum(left))} left (times of the last full run)" if all(x is not None for x in left)
+                   else "time left not measured")
+            print(f"{tag} ({i + 1}/{len(names)}) {name} ... {eta}", file=sys.stderr, flush=True)
+            t0 = time.time()
+            with _LogTail(log_path) as tail:
+                out = run_notebook(notebooks_dir() / name, profile, out_dir, kernel=kernel, parameters=params)
+            seconds[name] = round(time.time() - t0, 1)
+            rows[name] = {"hits": tail.hits, "computed": tail.misses, "kind": _run_kind(tail.hits, tail.misses)}
+            if html:
+                write_html(out)
+            done.append(out)
+            print(f"{tag} ({i + 1}/{len(names)}) {name} done in {_fmt_s(seconds[name])} "
+                  f"(rows: {tail.hits} from the cache, {tail.misses} computed); "
+                  f"{_fmt_s(time.time() - start)} so far", file=sys.stderr, flush=True)
+    finally:
+        if previous_log is None:
+            os.environ.pop(PROGRESS_LOG_ENV, None)
+        else:
+            os.environ[PROGRESS_LOG_ENV] = previous_log
     if names == list(NOTEBOOKS):  # a full run: record how long it took (the README quotes it from this file)
         from .io import atomic_write_json, provenance
 
-        atomic_write_json({"profile": profile, "total_seconds": round(time.time() - start, 1), "notebooks": seconds,
-                           "cached_rows_at_start": cached_at_start, **provenance()},
-                          result_path("reproduce_timing", profile))
+        commit = git_commit()
+        measured = {k: dict(v) for k, v in last.get("measured", {}).items()}
+        for name, r in rows.items():
+            measured.setdefault(r["kind"], {})[name] = {"seconds": seconds[name], "git_commit": commit}
+        atomic_write_json({"profile": P.name, "run_name": P.run_name, "overrides": P.overrides,
+                           "total_seconds": round(time.time() - start, 1), "notebooks": seconds,
+                           "rows": rows, "measured": measured, "cached_rows_at_start": cached_at_start,
+                           **provenance()}, timing_path)
     return done
 
 

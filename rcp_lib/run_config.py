@@ -18,6 +18,7 @@ from typing import Any
 from .io import config_hash
 from .qat import QATConfig
 from .quant.apply import QuantConfig
+from .config import coerce_fields
 from .recipe import Recipe
 from .rotation.fuse import RotationConfig
 
@@ -50,7 +51,7 @@ class RunConfig:
         run = {k: v for k, v in d.items() if k not in RECIPE_SECTIONS}
         default = _default_recipe().to_dict()
         recipe = Recipe.from_dict({k: d.get(k, default[k]) for k in RECIPE_SECTIONS})
-        cfg = cls(recipe=recipe, **run)
+        cfg = cls(recipe=recipe, **coerce_fields(cls, run))  # "2e-5" from YAML -> 2e-05, else names the field
         cfg.validate()
         return cfg
 

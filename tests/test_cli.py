@@ -1,8 +1,10 @@
-"""Command line: argument parsing and profile overrides (no computation)."""
+"""Command line: argument parsing, profile overrides, and bad input answered in one line (no heavy computation)."""
+
+import json
 
 import pytest
 
-from rcp_lib.__main__ import _parse_overrides, build_parser
+from rcp_lib.__main__ import CliError, _parse_overrides, build_parser, main
 from rcp_lib.profiles import get_profile
 
 
@@ -14,15 +16,34 @@ def test_set_overrides_parse_json_values():
 
 
 def test_set_overrides_reject_malformed_and_unknown_fields():
-    with pytest.raises(SystemExit, match="KEY=VALUE"):
+    with pytest.raises(CliError, match="KEY=VALUE"):
         _parse_overrides(["qat_steps"])
     with pytest.raises(ValueError, match="unknown profile fields"):
         get_profile("cpu", **_parse_overrides(["qat_stepz=3"]))
 
 
-def test_table_parser_accepts_repeated_set():
+def test_profile_overrides_coerce_numeric_strings_and_name_a_wrong_type():
+    assert get_profile("cpu", qat_steps="1e2").qat_steps == 100  # YAML/strings: "1e2" is a number
+    with pytest.raises(ValueError, match=r"Profile\.qat_steps expects a number, got 'many'"):
+        get_profile("cpu", qat_steps="many")
+    with pytest.raises(ValueError, match=r"Profile\.seqlen expects an integer, got 2\.5"):
+        get_profile("cpu", seqlen=2.5)
+
+
+def test_run_config_yaml_reads_2e_5_as_a_float(tmp_path):
+    from rcp_lib.run_config import RunConfig
+
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text("qat: {steps: 2, lr_weights: 2e-5}\n")  # YAML 1.1 reads 2e-5 (no dot) as a string
+    r = RunConfig.load(cfg)
+    assert r.recipe.qat.lr_weights == 2e-5 and isinstance(r.recipe.qat.lr_weights, float)
+
+
+def test_table_and_reproduce_parsers_accept_repeated_set():
     a = build_parser().parse_args(["table", "--families", "qat", "--set", "qat_steps=8", "--set", 'settings=["W2A4KV4"]'])
     assert a.families == ["qat"] and a.set == ["qat_steps=8", 'settings=["W2A4KV4"]']
+    r = build_parser().parse_args(["reproduce", "--profile", "smoke", "--set", "qat_steps=3"])
+    assert r.set == ["qat_steps=3"] and _parse_overrides(r.set) == {"qat_steps": 3}
 
 
 def test_table_command_resolves_registered_tables():
@@ -35,13 +56,110 @@ def test_table_command_resolves_registered_tables():
     assert resolve() == ("perplexity_ptq", "perplexity_ptq")  # the default: the PTQ rows
     assert resolve("--families", "qat", "--name", "perplexity_qat_160") == ("perplexity_qat", "perplexity_qat_160")
     assert resolve("--table", "memory") == ("memory", "memory")
-    with pytest.raises(SystemExit, match="family of files"):
+    with pytest.raises(CliError, match="family of files"):
         resolve("--table", "perplexity_qat")
-    with pytest.raises(SystemExit, match="no registered table"):
+    with pytest.raises(CliError, match="no registered table"):
         resolve("--name", "my_table")
-    with pytest.raises(SystemExit, match="not a file of table"):
+    with pytest.raises(CliError, match="not a file of table"):
         resolve("--table", "memory", "--name", "perplexity")
-    with pytest.raises(SystemExit, match="perplexity tables"):
+    with pytest.raises(CliError, match="perplexity tables"):
         resolve("--table", "memory", "--families", "qat")
     with pytest.raises(SystemExit):  # argparse: not a table the command can compute
         resolve("--table", "quickstart")
+
+
+@pytest.mark.parametrize("cmd", ["ppl", "qat", "reproduce", "table", "readme"])
+def test_help_of_every_subcommand_shows_defaults_and_an_example(cmd, capsys):
+    with pytest.raises(SystemExit) as e:
+        main([cmd, "--help"])
+    out = capsys.readouterr().out
+    assert e.value.code == 0
+    assert "(default:" in out and "example:\n  python -m rcp_lib " + cmd in out
+
+
+def _bad_inputs(tmp_path):
+    """(case name, argv) of inputs that must fail with one line and exit status 2."""
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("qat: {steps: 2\nquant: [\n")
+    mistyped = tmp_path / "mistyped.yaml"
+    mistyped.write_text("qat: {steps: two}\n")
+    unknown = tmp_path / "unknown.yaml"
+    unknown.write_text("qat: {stepz: 2}\n")
+    packed = tmp_path / "packed"
+    packed.mkdir()
+    (packed / "quant_map.json").write_text("{}")
+    return [
+        ("malformed YAML", ["qat", "--config", str(broken)]),
+        ("wrong type in YAML", ["qat", "--config", str(mistyped)]),
+        ("unknown field in YAML", ["qat", "--config", str(unknown)]),
+        ("missing config file", ["qat", "--config", str(tmp_path / "nope.yaml")]),
+        ("unknown profile", ["table", "--profile", "nope"]),
+        ("unknown profile field", ["table", "--profile", "smoke", "--set", "qat_stepz=3"]),
+        ("wrong type in --set", ["table", "--profile", "smoke", "--set", "qat_steps=many"]),
+        ("malformed --set", ["reproduce", "--profile", "smoke", "--set", "qat_steps"]),
+        ("unknown field in reproduce --set", ["reproduce", "--profile", "smoke", "--set", "qat_stepz=3"]),
+        ("unknown model", ["ppl", "--model", "no-such-org/no-such-model-h21"]),
+        ("WikiText-2 offline", ["ppl", "--corpus", "wikitext2"]),
+        ("cuda without CUDA", ["ppl", "--device", "cuda"]),
+        ("packed folder as model", ["ppl", "--model", str(packed)]),
+        ("packed folder in a run config", ["qat", "--config", str(_config_with(tmp_path, f"model: {packed}"))]),
+        ("README block of another profile", ["readme", "--profile", "smoke"]),
+    ]
+
+
+def _config_with(tmp_path, line):
+    p = tmp_path / "with_model.yaml"
+    p.write_text(line + "\n")
+    return p
+
+
+def test_bad_input_table_one_line_exit_2_no_traceback(tmp_path, capsys, monkeypatch):
+    import torch
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    for name, argv in _bad_inputs(tmp_path):
+        try:
+            rc = main(argv)
+        except SystemExit as e:  # argparse usage errors
+            rc = e.code
+        err = capsys.readouterr().err.strip()
+        assert rc == 2, (name, rc, err)
+        assert err and "\n" not in err, (name, err)
+        assert "Traceback" not in err and "error:" in err, (name, err)
+
+
+def test_messages_name_the_problem(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    cases = dict(_bad_inputs(tmp_path))
+    expect = {"malformed YAML": "malformed YAML", "wrong type in YAML": "QATConfig.steps expects",
+              "unknown profile": "invalid choice: 'nope'", "wrong type in --set": "Profile.qat_steps expects",
+              "packed folder as model": "packed quantized folder", "README block of another profile": "--print"}
+    for name, needle in expect.items():
+        try:
+            main(cases[name])
+        except SystemExit:
+            pass
+        assert needle in capsys.readouterr().err, name
+
+
+def test_debug_shows_the_traceback(tmp_path):
+    bad = tmp_path / "mistyped.yaml"
+    bad.write_text("qat: {steps: two}\n")
+    with pytest.raises(CliError, match="QATConfig.steps"):
+        main(["qat", "--config", str(bad), "--debug"])
+
+
+def test_readme_print_leaves_the_readme_alone(tmp_path, capsys, monkeypatch):
+    from rcp_lib.paths import readme_path
+
+    before = readme_path().read_bytes()
+    monkeypatch.setenv("RCP_RESULTS_DIR", str(tmp_path))
+    assert main(["readme", "--profile", "smoke"]) == 2
+    assert readme_path().read_bytes() == before
+    capsys.readouterr()
+    # --print formats the profile's results (here none: one line naming the missing file) and never writes the README
+    assert main(["readme", "--profile", "smoke", "--print"]) == 2
+    assert "perplexity.csv not found" in capsys.readouterr().err
+    assert readme_path().read_bytes() == before

@@ -1,4 +1,5 @@
-"""Notebooks are committed clean, and every one runs end to end with the smoke profile (papermill)."""
+"""Notebooks are committed clean, and every one runs end to end with the smoke profile (papermill): its executed
+copy shows figures, no progress-bar redraws, and an HTML copy is written next to it."""
 
 import json
 import os
@@ -8,7 +9,7 @@ import sys
 import pytest
 
 from rcp_lib.experiments.registry import NOTEBOOKS, TABLES, result_path
-from rcp_lib.paths import figures_dir, notebooks_dir, runs_dir
+from rcp_lib.paths import figures_dir, notebooks_dir, results_dir, runs_dir
 
 NB_DIR = notebooks_dir()
 
@@ -21,19 +22,74 @@ def test_committed_without_outputs(name):
             assert not cell.get("outputs") and cell.get("execution_count") is None, f"{name} has outputs"
     tagged = [c for c in nb["cells"] if "parameters" in c.get("metadata", {}).get("tags", [])]
     assert len(tagged) == 1 and "profile" in "".join(tagged[0]["source"])
+    code = ["".join(c["source"]) for c in nb["cells"] if c["cell_type"] == "code"]
+    assert f'X.setup(profile, overrides, notebook="{name}")' in code[1]  # the first cell after the parameters
+    assert not any("matplotlib.use(" in c for c in code)  # no backend forced: figures inline
+    prose = [c for c in nb["cells"] if c["cell_type"] == "markdown"]
+    assert len(prose) >= 3 and any("abstract, arXiv" in "".join(c["source"]) for c in prose)  # the claim, attributed
+
+
+def _outputs(nb: dict) -> list[dict]:
+    return [o for c in nb["cells"] for o in c.get("outputs", [])]
+
+
+def _text(o: dict) -> str:
+    t = o.get("text", "")
+    return t if isinstance(t, str) else "".join(t)
 
 
 def test_all_notebooks_run_with_smoke_profile(tmp_path):
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
+    env.pop("RCP_PROGRESS_LOG", None)
     r = subprocess.run([sys.executable, "-m", "rcp_lib", "reproduce", "--profile", "smoke"], env=env,
                        capture_output=True, text=True, timeout=1500)
     assert r.returncode == 0, r.stderr[-3000:]
+    for i, name in enumerate(NOTEBOOKS):  # per-notebook progress on the terminal, with the time left
+        assert f"({i + 1}/{len(NOTEBOOKS)}) {name} ..." in r.stderr and f"({i + 1}/{len(NOTEBOOKS)}) {name} done" in r.stderr
+    assert "[rcp_lib cache]" in r.stderr  # the kernels' log reaches the terminal
     for name in NOTEBOOKS:
-        executed = json.loads((runs_dir("smoke") / name).read_text())
-        errors = [o for c in executed["cells"] for o in c.get("outputs", []) if o.get("output_type") == "error"]
-        assert not errors, name
+        path = runs_dir("smoke") / name
+        executed = json.loads(path.read_text())
+        outs = _outputs(executed)
+        assert not [o for o in outs if o.get("output_type") == "error"], name
+        assert any("image/png" in o.get("data", {}) for o in outs), f"{name}: no inline figure"
+        streams = [o for o in outs if o.get("output_type") == "stream"]
+        assert not [o for o in streams if o.get("name") == "stderr"], f"{name}: stderr in the executed copy"
+        text = "".join(_text(o) for o in streams)
+        assert "\r" not in text and "it/s]" not in text and "[rcp_lib cache]" not in text, name  # no bar redraws
+        assert "expected run time" in text, name  # the first cell says what to expect
+        assert path.stat().st_size < 2_000_000, f"{name}: {path.stat().st_size} bytes"
+        html = path.with_suffix(".html")
+        assert html.exists() and "<html" in html.read_text()[:2000].lower(), name
+    timing = json.loads(result_path("reproduce_timing", "smoke").read_text())
+    assert set(timing["notebooks"]) == set(NOTEBOOKS) and set(timing["rows"]) == set(NOTEBOOKS)
+    assert any(name in v for v in timing["measured"].values() for name in NOTEBOOKS)
     smoke = [t for t in TABLES.values() if t.smoke]  # what a smoke run writes, from the table registry
     for t in smoke:
         assert result_path(t.name, "smoke").stat().st_size > 100, t.file
         for stem in t.figures:
             assert (figures_dir("smoke") / f"{stem}.png").exists(), stem
+
+
+def test_papermill_overrides_json_string_write_to_their_own_folder(tmp_path):
+    """The papermill convention of the README: ``-p overrides '<JSON>'``; the run writes to ``<profile>-<hash>/``
+    and leaves the unmodified profile's results untouched."""
+    cpu = results_dir("cpu")
+    before = {p.name: p.stat().st_mtime_ns for p in cpu.iterdir()} if cpu.exists() else {}
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", RCP_ALLOW_DIRTY="1",
+               RCP_RESULTS_DIR=str(tmp_path / "results"), RCP_FIGURES_DIR=str(tmp_path / "figures"))
+    env.pop("RCP_PROGRESS_LOG", None)
+    out = tmp_path / "out.ipynb"
+    r = subprocess.run([sys.executable, "-m", "papermill", str(NB_DIR / "04_memory.ipynb"), str(out),
+                        "-p", "profile", "cpu", "-p", "overrides", '{"qat_steps": 80}', "--cwd", str(NB_DIR)],
+                       env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    written = [p for p in (tmp_path / "results").iterdir()]
+    assert [p.name for p in written] != ["cpu"] and len(written) == 1 and written[0].name.startswith("cpu-")
+    import pandas as pd
+
+    rows = pd.read_csv(written[0] / "memory.csv")
+    assert set(rows.run_name) == {written[0].name} and set(rows.overrides) == {'{"qat_steps": 80}'}
+    assert (tmp_path / "figures" / written[0].name / "memory.png").exists()
+    after = {p.name: p.stat().st_mtime_ns for p in cpu.iterdir()} if cpu.exists() else {}
+    assert after == before

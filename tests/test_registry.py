@@ -92,19 +92,23 @@ def test_no_default_output_root_outside_a_checkout(monkeypatch, tmp_path):
 
 
 def test_setup_does_what_the_first_cell_did(monkeypatch, tmp_path, capsys):
-    import matplotlib
     import torch
 
     from rcp_lib import experiments as X
 
     monkeypatch.setenv(paths.FIGURES_ENV, str(tmp_path))
-    P, fig = X.setup("smoke", {"seed": 5, "qat_steps": 3})
-    assert (P.name, P.seed, P.qat_steps) == ("smoke", 5, 3)
-    assert fig == tmp_path / "smoke" and fig.is_dir()
-    assert torch.initial_seed() == 5 and matplotlib.get_backend().lower() == "agg"
+    P, fig = X.setup("smoke", '{"seed": 5, "qat_steps": 3}')  # papermill -p overrides: a JSON string
+    assert (P.name, P.seed, P.qat_steps) == ("smoke", 5, 3) and P.overrides == {"qat_steps": 3, "seed": 5}
+    # overrides never write into the unmodified profile's folder
+    assert P.run_name.startswith("smoke-") and fig == tmp_path / P.run_name and fig.is_dir()
+    assert not (tmp_path / "smoke").exists()
+    assert torch.initial_seed() == 5
     assert os.environ["HF_HUB_OFFLINE"] and os.environ["HF_DATASETS_OFFLINE"]
-    assert "name='smoke'" in capsys.readouterr().out
-    assert X.setup("smoke", None, show=False)[0].seed == 0 and capsys.readouterr().out == ""
+    assert "profile 'smoke' with overrides" in capsys.readouterr().out
+    P0, fig0 = X.setup("smoke", None, show=False)
+    assert P0.seed == 0 and P0.run_name == "smoke" and fig0 == tmp_path / "smoke" and capsys.readouterr().out == ""
+    with pytest.raises(ValueError, match="JSON object"):
+        X.setup("smoke", "{qat_steps: 3", show=False)
 
 
 def test_importing_experiments_leaves_the_hub_unimported():

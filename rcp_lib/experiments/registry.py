@@ -61,7 +61,7 @@ class Table:
 
 _ALL = ("baseline", "ptq", "qat")
 _TABLES = (
-    Table("quickstart", "quickstart.json", notebook="00_quickstart.ipynb", smoke=True,
+    Table("quickstart", "quickstart.json", notebook="00_quickstart.ipynb", smoke=True, figures=("quickstart",),
           description="FP -> rotate -> W2A4KV4 -> a few QAT steps on the embedded model, with generations"),
     Table("rotation_impact_layers", "rotation_impact_layers.csv", notebook="01_rotation_impact.ipynb", smoke=True,
           description="per layer and projection: kurtosis, max/std and the four 2-bit errors, per rotation"),
@@ -80,7 +80,7 @@ _TABLES = (
     Table("memory_vs_saved", "memory_vs_saved.csv", notebook="04_memory.ipynb", smoke=True, readme=True,
           description="memory accountant vs the bytes save_quantized writes (profile's model, W2A4KV4)"),
     Table("kernel_correctness", "kernel_correctness.csv", notebook="05_kernel_speed.ipynb", smoke=True,
-          rows="kernel_correctness", description="W2A4 GEMV backends vs a float64 product"),
+          figures=("kernel_correctness",), rows="kernel_correctness", description="W2A4 GEMV backends vs a float64 product"),
     Table("kernel_speed", "gpu/kernel_speed.csv", command="python benchmarks/bench_kernel.py (CUDA GPU)",
           per_profile=False, figures=("kernel_speed",), description="W2A4 GEMV speed vs fp16 (notebook 05 plots it)"),
     Table("perplexity_ptq", "perplexity_ptq.csv", command="python -m rcp_lib table --profile <profile>",

@@ -42,22 +42,30 @@ def _rotation_setting(name: str, profile: Profile) -> tuple[str, int | None, int
     return kind, (block or group) if kind in BLOCK_KINDS else block, group
 
 
+def rotation_key(name: str, profile: Profile) -> dict:
+    """Row-cache key (kind ``"rotation"``) of the analysis of the R1 spec ``name`` under ``profile``."""
+    from ..rotation.analysis import CLIP_RATIOS, SEARCH
+
+    kind, block, group = _rotation_setting(name, profile)
+    key = {"kind": "rotation-analysis", "model": profile.model, "rotation": name, "layers": profile.analysis_layers,
+           "group_size": profile.w_group_size, "seed": profile.seed, "code": _code()}
+    # what determines a row beyond the spec string: the block and group it resolves to, the search settings
+    key["setting"] = {"kind": kind, "block": block, "group_size": group, "search": SEARCH,
+                      "ratios": [CLIP_RATIOS[0], CLIP_RATIOS[-1], len(CLIP_RATIOS)]}
+    return key
+
+
 def rotation_analysis(profile: Profile, progress: bool = True) -> "pd.DataFrame":
     """Per-layer weight statistics for each rotation in ``profile.analysis_rotations`` (cached per rotation)."""
     import pandas as pd
-    from tqdm.auto import tqdm
+    from ..progress import bar as tqdm
 
-    from ..rotation.analysis import CLIP_RATIOS, SEARCH, layer_statistics
+    from ..rotation.analysis import layer_statistics
 
     frames = []
     for name in tqdm(profile.analysis_rotations, desc="rotations", disable=not progress):
         kind, block, group = _rotation_setting(name, profile)
-        key = {"kind": "rotation-analysis", "model": profile.model, "rotation": name, "layers": profile.analysis_layers,
-               "group_size": profile.w_group_size, "seed": profile.seed, "code": _code()}
-
-        # what determines a row beyond the spec string: the block and group it resolves to, the search settings
-        key["setting"] = {"kind": kind, "block": block, "group_size": group, "search": SEARCH,
-                          "ratios": [CLIP_RATIOS[0], CLIP_RATIOS[-1], len(CLIP_RATIOS)]}
+        key = rotation_key(name, profile)
 
         def compute(kind=kind, block=block, group=group, name=name):
             df = layer_statistics(base_model(profile)[0], kind, block=block, seed=profile.seed,

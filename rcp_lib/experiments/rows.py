@@ -37,7 +37,7 @@ def _row_key(method: Method, profile: Profile) -> dict:
     """What determines a result row of ``method``: its name and recipe (:func:`method_config`), the profile fields
     that change its number (not names, device, table selections or, for non-QAT rows, the QAT budget) and the code."""
     p = profile.to_dict()
-    for k in ("name", "analysis_layers", "analysis_rotations", "zero_shot_tasks", "zero_shot_limit", "settings", "device",
+    for k in ("name", "overrides", "analysis_layers", "analysis_rotations", "zero_shot_tasks", "zero_shot_limit", "settings", "device",
               "methods", "full_eval_methods"):
         p.pop(k, None)
     if not method.qat:
@@ -83,6 +83,12 @@ def _log_cache(hit: bool, name: str, label: str) -> None:
           file=sys.stderr, flush=True)
 
 
+def row_cached(kind: str, key: dict) -> bool:
+    """True when :func:`_cached` would read the row ``(kind, key)`` from the cache instead of computing it (no side
+    effect: nothing is logged, read or written)."""
+    return (cache_dir() / "rows" / f"{cache_name(kind, key)}.json").exists()
+
+
 def _cached(kind: str, key: dict, compute: Callable[[], dict]) -> dict:
     """Row cache: ``cache_dir()/rows/<kind>-<hash of key>.json``; ``compute()`` runs on a miss."""
     name = cache_name(kind, key)
@@ -104,10 +110,13 @@ def method_config(method: Method, profile: Profile) -> dict:
 
 
 def write_rows(rows: list[dict], profile: Profile, name: str) -> Path:
-    """Write result rows atomically to ``results/<profile>/<name>.csv`` (see :mod:`rcp_lib.paths`).
+    """Write result rows atomically to ``results/<run name>/<name>.csv`` (see :mod:`rcp_lib.paths`): the profile's
+    name, or ``<name>-<hash>`` for a profile with overrides. Each row gets the columns ``run_name`` (that folder
+    name) and ``overrides`` (the overridden profile fields as JSON, ``{}`` for the named profile).
 
     Raises :class:`rcp_lib.io.DirtyTreeError` when code or configs have uncommitted changes, unless dirty runs
     are allowed (``--allow-dirty`` / ``RCP_ALLOW_DIRTY=1``).
     """
     require_clean_tree()
-    return atomic_write_csv(rows, results_dir(profile) / f"{name}.csv")
+    extra = {"run_name": profile.run_name, "overrides": json.dumps(profile.overrides, sort_keys=True, default=str)}
+    return atomic_write_csv([{**r, **extra} for r in rows], results_dir(profile) / f"{name}.csv")

@@ -52,7 +52,7 @@ def ppl_table(profile: Profile, progress: bool = True, families: tuple[str, ...]
 
     ``families`` selects a part of the table (e.g. ``("baseline", "ptq")`` for the PTQ table alone).
     """
-    from tqdm.auto import tqdm
+    from ..progress import bar as tqdm
 
     methods = [m for m in all_methods(profile) if m.family in families]
     rows = []
@@ -66,11 +66,16 @@ def full_split_table(profile: Profile, progress: bool = True) -> list[dict]:
 
     The same trained / calibrated models as the main table (their caches are shared); only the evaluation differs.
     """
-    full = replace(profile, eval_windows=None)
-    keep = set(profile.full_eval_methods)
+    full, methods = full_split_methods(profile)
+    return [ppl_row(m, full, progress=progress) for m in methods]
+
+
+def full_split_methods(profile: Profile) -> tuple[Profile, list[Method]]:
+    """The profile of the whole-split rows (``eval_windows=None``) and their methods (:func:`full_split_table`)."""
     s = profile.settings[0]
-    return [ppl_row(m, full, progress=progress) for m in all_methods(profile)
-            if m.name in keep and m.setting in (s, "FP")]
+    keep = set(profile.full_eval_methods)
+    return replace(profile, eval_windows=None), [m for m in all_methods(profile)
+                                                 if m.name in keep and m.setting in (s, "FP")]
 
 
 def qat_curves(profile: Profile) -> dict[str, list[dict]]:
@@ -85,13 +90,18 @@ def zero_shot_methods(profile: Profile) -> list[Method]:
     return [m for m in all_methods(profile) if m.name in keep and m.setting in (s, "FP")]
 
 
+def zero_shot_key(method: Method, profile: Profile) -> dict:
+    """Row-cache key (kind ``"zeroshot"``) of the zero-shot rows of ``method``."""
+    return {**_row_key(method, profile), "tasks": profile.zero_shot_tasks, "limit": profile.zero_shot_limit}
+
+
 def zero_shot_table(profile: Profile, progress: bool = True) -> list[dict]:
     """Zero-shot rows (lm-evaluation-harness) for :func:`zero_shot_methods` (cached per method)."""
     from ..evaluation.zero_shot import zero_shot
 
     rows: list[dict] = []
     for m in zero_shot_methods(profile):
-        key = {**_row_key(m, profile), "tasks": profile.zero_shot_tasks, "limit": profile.zero_shot_limit}
+        key = zero_shot_key(m, profile)
 
         def compute(m=m):
             model = build(m, profile, progress=progress)

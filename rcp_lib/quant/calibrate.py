@@ -22,7 +22,7 @@ from typing import Iterator
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
+from ..progress import bar as tqdm
 
 from .. import models as M
 from .activations import fake_quant_per_token
