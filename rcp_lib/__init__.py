@@ -27,9 +27,9 @@ from .quant.calibrate import gptq_model
 from .quant.linear import freeze_model
 from .recipe import Recipe
 from .rotation import RotationConfig, gsr, hadamard, rotate_model, walsh
-from .hf import register as _register_hf_quantizer
+from ._hf_hook import install as _install_hf_quantizer
 
-_register_hf_quantizer()  # transformers' "rcp" quantization method: from_pretrained on a save_quantized folder
+_install_hf_quantizer()  # transformers' "rcp" quantization method, registered when transformers loads its quantizers
 
 __all__ = [
     "__version__",

@@ -289,3 +289,20 @@ def test_export_run_and_eval_commands(tmp_path, monkeypatch, capsys):
 
     ref = perplexity(loaded, corpus_tokens(tok, "wiki-excerpt", "test"), seqlen=64, max_windows=2, progress=False)
     assert out["windows"] == 2 and out["ppl"] == pytest.approx(ref, rel=1e-6)
+
+
+def test_registration_waits_for_transformers():
+    """``import rcp_lib`` imports no Hugging Face library; the "rcp" method is registered once transformers loads its
+    quantizer registry (what from_pretrained does), whatever the import order."""
+    import subprocess
+    import sys
+
+    code = ("import sys, rcp_lib; before = 'transformers' in sys.modules; "
+            "from transformers import AutoModelForCausalLM; import transformers.modeling_utils; "
+            "from transformers.quantizers.auto import AUTO_QUANTIZER_MAPPING as M; print(before, M.get('rcp').__name__)")
+    for c in (code, "import transformers.quantizers.auto; " + code):
+        r = subprocess.run([sys.executable, "-c", c], capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr[-2000:]
+        assert r.stdout.split()[-1] == "RcpHfQuantizer"
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert r.stdout.split()[0] == "False"
