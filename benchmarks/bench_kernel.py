@@ -174,7 +174,7 @@ def measure(dev, shapes, batches, G: int, copy_mib: int, bench, layers: int = 0,
 
     from rcp_lib.io import provenance
     from rcp_lib.kernels import dequantize, pack_codes, w2a4_gemv
-    from rcp_lib.kernels.layout import weight_row_sums
+    from rcp_lib.kernels.layout import unpermute_activations, weight_row_sums
     from rcp_lib.kernels.triton_w2a4 import GEMV_MAX_BATCH, quantize_activations_triton, w2a4_linear_triton, w2a4_matmul_triton
     from rcp_lib.quant.activations import quantize_per_token
 
@@ -201,7 +201,9 @@ def measure(dev, shapes, batches, G: int, copy_mib: int, bench, layers: int = 0,
         w64 = None
         for B in batches:
             x = torch.randn(B, K, device=dev, dtype=torch.float16, generator=gen)
-            xc, xs, xz = quantize_per_token(x, 4)  # natural order (the generic op)
+            # the reference codes: quantize_per_token on the CPU (measured on an H100: torch's CUDA ops round a few
+            # fp16-input codes per batch differently from the same formula on the CPU; the pre-kernel matches the CPU)
+            xc, xs, xz = (t.to(dev) for t in quantize_per_token(x.cpu(), 4))  # natural order (the generic op)
             pc, ps, pz = quantize_activations_triton(x, 4, 1.0, G)  # permuted order (the fused kernel)
             if w64 is None:
                 w64 = dequantize(packed, lut, K, G, 2, dtype=torch.float64)
@@ -210,6 +212,10 @@ def measure(dev, shapes, batches, G: int, copy_mib: int, bench, layers: int = 0,
                       "w2a4_matmul": w2a4_matmul_triton(pc, ps, pz, packed, lut, wsum, K, G),
                       "w2a4_generic_op": w2a4_gemv(xc, xs, xz, packed, lut, K, G)}
             rel = {k: float((v.double() - ref).norm() / ref.norm()) for k, v in checks.items()}
+            code_diff = int((unpermute_activations(pc, G) != xc).sum())
+            if code_diff:
+                raise KernelMismatch(f"{N}x{K} B={B}: the pre-kernel's codes differ from quantize_per_token in "
+                                     f"{code_diff} places")
             bad = {k: v for k, v in rel.items() if not v < 1e-3}
             if bad:
                 raise KernelMismatch(f"{N}x{K} B={B}: {bad} against the float64 reference")

@@ -211,16 +211,22 @@ def section_export(args, dev) -> dict:
     out = {"model": dims}
     with tempfile.TemporaryDirectory() as d:
         save_quantized(m, d, dtype=torch.float32)
-        pk, _ = load_quantized(d, device=dev)
-        out["packed_linears"] = sum(isinstance(x, PackedLinear) for x in pk.modules())
-        out["tensors_not_on_device"] = [n for n, t in list(pk.named_parameters()) + list(pk.named_buffers())
-                                        if t.device.type != dev.type][:5]
-        with torch.no_grad():
-            got = pk(input_ids=ids, use_cache=False).logits.double()
-    out["rel_logits_vs_fakequant"] = float((got - ref).norm() / ref.norm())
-    out["top1_agreement_vs_fakequant"] = float((got.argmax(-1) == ref.argmax(-1)).double().mean())
+        # the default backend ("auto": the reference op), then the fused Triton path (opt-in until this passes)
+        for backend in ((None, "triton") if dev.type == "cuda" else (None,)):
+            pk, _ = load_quantized(d, device=dev, backend=backend)
+            key = "" if backend is None else f"_{backend}"
+            out[f"packed_linears{key}"] = sum(isinstance(x, PackedLinear) for x in pk.modules())
+            out[f"tensors_not_on_device{key}"] = [n for n, t in list(pk.named_parameters()) + list(pk.named_buffers())
+                                                  if t.device.type != dev.type][:5]
+            with torch.no_grad():
+                got = pk(input_ids=ids, use_cache=False).logits.double()
+            out[f"rel_logits_vs_fakequant{key}"] = float((got - ref).norm() / ref.norm())
+            out[f"top1_agreement_vs_fakequant{key}"] = float((got.argmax(-1) == ref.argmax(-1)).double().mean())
+            del pk
     out["ok"] = (out["packed_linears"] == 7 * dims["num_hidden_layers"] and not out["tensors_not_on_device"]
                  and out["rel_logits_vs_fakequant"] < 1e-2)
+    if "rel_logits_vs_fakequant_triton" in out:
+        out["fused_path_ok"] = out["rel_logits_vs_fakequant_triton"] < 1e-2
     return out
 
 

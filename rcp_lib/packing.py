@@ -396,11 +396,12 @@ class PackedLinear(nn.Module):
     stays in full precision and the weight is dequantized on the fly.
 
     Backends (``backend``, else ``$RCP_KERNEL_BACKEND``, else "auto"): on CUDA with triton, when
-    :meth:`fused_supported` (every W2 layer with G = 128), "auto" runs the fused two-launch path of
+    :meth:`fused_supported` (every W2 layer with G = 128), "triton" runs the fused two-launch path of
     :mod:`rcp_lib.kernels.triton_w2a4` (pre-kernel: online R4 Hadamard of a power-of-two block + the same
     per-token quantizer; then split-K GEMV for <= 4 tokens, ``tl.dot`` GEMM above; bias in the epilogue); other
-    layers call ``torch.ops.rcp.w2a4_gemv``. On CPU "auto" is the torch reference. "triton" forces the fused path
-    (CPU tensors need ``TRITON_INTERPRET=1``), "torch" the reference. The stored tensors are the same for every
+    layers call ``torch.ops.rcp.w2a4_gemv``. "auto" (the default) calls ``torch.ops.rcp.w2a4_gemv`` everywhere for
+    now: the fused path has not yet passed the whole-model check on a GPU (see :meth:`_use_fused`). "triton" forces
+    the fused path (CPU tensors need ``TRITON_INTERPRET=1``), "torch" the reference. The stored tensors are the same for every
     backend; the fused path derives ``wsum`` (:meth:`kernel_weights`) once per device.
     """
 
@@ -471,7 +472,11 @@ class PackedLinear(nn.Module):
         if be == "torch" or not self.fused_supported():
             return False
         if be == "auto":
-            return x.is_cuda and triton_available()
+            # Not by default yet: on one H100 the fused path agreed with fake quantization layer by layer (<= 4e-6,
+            # up to 16 tokens) and in the GEMM alone (up to 200 tokens), but a whole 4-layer model loaded on CUDA did
+            # not (relative logits 0.24, against 5e-4 with the reference); until benchmarks/gpu_check.py's export
+            # section passes with it, "auto" keeps the reference op and the fused path is opt-in ("triton").
+            return False
         return True  # "triton": on CPU tensors only under TRITON_INTERPRET=1 (the kernels raise otherwise)
 
     @torch.no_grad()

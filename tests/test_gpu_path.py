@@ -131,7 +131,7 @@ def test_random_weights_never_write_into_results(tmp_path, monkeypatch):
     with pytest.raises(RandomWeightsOutputError):
         figures_dir(P)
     monkeypatch.setenv("RCP_RESULTS_DIR", str(tmp_path / "r"))
-    assert results_dir(P) == tmp_path / "r" / "paper"
+    assert results_dir(P) == tmp_path / "r" / P.run_name  # a modified profile: its own folder
 
 
 def test_gpu_check_self_test_on_cpu(tmp_path):
