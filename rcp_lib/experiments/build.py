@@ -58,17 +58,17 @@ def build(method: Method, profile: Profile, progress: bool = True) -> nn.Module:
     if recipe.qat is not None:
         out = cache_dir() / "qat" / _qat_key(method, profile)
         done = out / "student.pt"
-        if recipe.qat.gptq_start:
-            t0 = time.perf_counter()
-            _gptq_start(model, profile, progress)
-            gptq_s = time.perf_counter() - t0
-        if done.exists():
+        if done.exists():  # (a GPTQ start needs no GPTQ here: the static quantizers take the trained state)
             model.load_state_dict(torch.load(done), strict=True)
         else:
+            gptq_s = 0.0
+            if recipe.qat.gptq_start:
+                t0 = time.perf_counter()
+                _gptq_start(model, profile, progress)
+                gptq_s = time.perf_counter() - t0
             stats = train_student(model, fp, profile, recipe.qat, out_dir=out, progress=progress,
                                   step0_eval=lambda m: _test_ppl(m, profile, progress))
-            if recipe.qat.gptq_start:
-                stats["seconds"] += gptq_s
+            stats["seconds"] = round(stats["seconds"] + gptq_s, 1)
             atomic_write_json(stats, out / "qat_stats.json")
             atomic_save_torch(model.state_dict(), done)
     return model
