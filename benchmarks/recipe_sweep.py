@@ -165,8 +165,11 @@ def main(argv: list[str] | None = None) -> int:
         if not rows:
             return None
         best = min(range(len(rows)), key=lambda j: rows[j]["val_ppl"])
+        first = ["point", *GRID, "best", "val_ppl", "step0_val_ppl", "steps", "tokens", "clip_ratio_init",
+                 "clip_ratio_final", "level_shift", "weight_shift", "seconds"]
         for j, r in enumerate(rows):
             r["best"] = j == best
+            rows[j] = {**{k: r[k] for k in first if k in r}, **{k: v for k, v in r.items() if k not in first}}
         return write_rows(rows, P, args.name), rows[best]
 
     t_all = time.perf_counter()
