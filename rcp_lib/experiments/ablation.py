@@ -122,7 +122,7 @@ def _fp_val_ppl(profile: Profile, seqlen: int, windows: int, holdout: float, pro
     from ..evaluation import perplexity
     from .build import base_model, tokens
 
-    key = {"model": profile.model, "corpus": profile.corpus, "seqlen": seqlen, "windows": windows,
+    key = {"kind": "fp-val", "model": profile.model, "corpus": profile.corpus, "seqlen": seqlen, "windows": windows,
            "holdout_fraction": holdout, "code": _code()}
 
     def compute():
