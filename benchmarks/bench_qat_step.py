@@ -1,6 +1,15 @@
 """Training-step time of the fake-quantized RCP student vs the same step of the FP model, side by side.
 
 python benchmarks/bench_qat_step.py [--seqlen 512] [--repeats 3] [--model smollm2-135m]
+python benchmarks/bench_qat_step.py --autocast [--curve-steps 100]   # fp32 vs bf16 autocast, side by side
+
+``--autocast`` times the RCP W2A4KV4 student's step three ways in one run, interleaved: ``fp32``; ``bf16_teacher``
+(the teacher's forward under bf16 autocast, ``QATConfig(teacher_precision="bf16")``); ``bf16_all`` (teacher and
+student forward under bf16 autocast, ``QATConfig(mixed_precision="bf16", teacher_precision="bf16")``), and reports
+tokens/s of each (median step). ``--curve-steps N`` additionally trains the student for N steps with
+:func:`rcp_lib.qat.train` in each mode and in fp32 with a second seed (the seed-noise reference), and reports the mean
+loss of the last fifth of each curve and its gap to fp32, next to the seed gap (adopt bf16 only where its gap is
+within the seed gap).
 
 Both steps: forward of the model being trained + teacher forward (no grad) + KL loss + backward + AdamW step,
 batch 1, and both train the same parameters (``rcp_lib.qat.parameter_groups``: the linears of the decoder blocks;
@@ -54,7 +63,12 @@ def main() -> None:
     ap.add_argument("--fp-train", choices=("same", "all"), default="same",
                     help="FP model trains the student's parameter set (default) or all its parameters")
     ap.add_argument("--json", default=None, help="also write the numbers to this file")
+    ap.add_argument("--autocast", action="store_true", help="fp32 vs bf16 autocast (teacher, then student too) instead")
+    ap.add_argument("--curve-steps", type=int, default=0, help="with --autocast: also train N steps per mode")
+    ap.add_argument("--layers", type=int, default=None, help="keep only the first N decoder blocks (smoke runs)")
     args = ap.parse_args()
+    if args.autocast:
+        return autocast_main(args)
 
     teacher, tok = load(args.model)
     ids = calibration_windows(corpus_tokens(tok, "wiki-excerpt", "train"), 2 * args.repeats + 2, args.seqlen, seed=0)
@@ -103,6 +117,103 @@ def main() -> None:
            "overhead_ratio": round(med["rcp_w2a4kv4"] / med["fp"], 3),
            "fp_peak_rss_mb": round(peaks["fp"]), "rcp_peak_rss_mb": round(peaks["rcp_w2a4kv4"]),
            "threads": torch.get_num_threads()}
+    print(json.dumps(out, indent=2))
+    if args.json:
+        from rcp_lib.io import atomic_write_json, provenance
+
+        atomic_write_json({**out, **provenance()}, args.json)
+
+
+AUTOCAST_MODES = {"fp32": ("no", "same"), "bf16_teacher": ("no", "bf16"), "bf16_all": ("bf16", "bf16")}
+
+
+def _truncate(model, n: int | None):
+    """Keep the first ``n`` decoder blocks (a smaller model for a smoke run); None: unchanged."""
+    if n is not None:
+        from rcp_lib.models import decoder_layers
+
+        layers = decoder_layers(model)
+        del layers[n:]
+        model.config.num_hidden_layers = n
+    return model
+
+
+def autocast_main(args) -> None:
+    """fp32 vs bf16 autocast of the QAT step (see module docstring)."""
+    import contextlib
+
+    from rcp_lib import QATConfig, QuantConfig, RotationConfig, quantize_model, rotate_model
+    from rcp_lib.data import calibration_windows, corpus_tokens
+    from rcp_lib.models import load
+    from rcp_lib.qat import distillation_loss, parameter_groups, train
+
+    teacher, tok = load(args.model)
+    _truncate(teacher, args.layers)
+    train_ids = corpus_tokens(tok, "wiki-excerpt", "train")
+    ids = calibration_windows(train_ids, 3 * args.repeats + 3, args.seqlen, seed=0)
+    base = copy.deepcopy(teacher)
+    rotate_model(base, RotationConfig(r1="random_hadamard"))
+    quantize_model(base, QuantConfig(w_bits=2, a_bits=4, kv_bits=4, w_group_size=args.group_size))
+    teacher.eval()
+    cfg = QATConfig(seqlen=args.seqlen)
+
+    def ac(on: bool):
+        return torch.autocast("cpu", dtype=torch.bfloat16) if on else contextlib.nullcontext()
+
+    students, opts = {}, {}
+    for mode in AUTOCAST_MODES:
+        students[mode] = copy.deepcopy(base).train()
+        lat, qp = parameter_groups(students[mode], cfg)
+        opts[mode] = torch.optim.AdamW(lat + qp, lr=1e-6)
+
+    def step(mode, batch):
+        mp, tp = AUTOCAST_MODES[mode]
+        t0 = time.perf_counter()
+        with torch.no_grad(), ac(tp == "bf16"):
+            t_logits = teacher(input_ids=batch, use_cache=False).logits
+        with ac(mp == "bf16"):
+            s_logits = students[mode](input_ids=batch, use_cache=False).logits
+            loss = distillation_loss(s_logits, t_logits, batch, cfg)
+        loss.backward()
+        opts[mode].step()
+        opts[mode].zero_grad(set_to_none=True)
+        return time.perf_counter() - t0
+
+    times = {m: [] for m in AUTOCAST_MODES}
+    for m in AUTOCAST_MODES:  # warm-up
+        step(m, ids[:1])
+    k = 1
+    for _ in range(args.repeats):
+        for m in AUTOCAST_MODES:
+            times[m].append(step(m, ids[k : k + 1]))
+            k += 1
+    out = {"model": args.model, "layers": args.layers, "seqlen": args.seqlen, "batch": 1, "repeats": args.repeats,
+           "threads": torch.get_num_threads(), "modes": {}}
+    for m, ts in times.items():
+        med = statistics.median(ts)
+        out["modes"][m] = {"step_s": round(med, 3), "tokens_per_s": round(args.seqlen / med, 1)}
+    if args.curve_steps > 0:
+        data = train_ids
+        curves = {}
+        runs = [(m, 0) for m in AUTOCAST_MODES] + [("fp32", 1)]
+        for m, seed in runs:
+            mp, tp = AUTOCAST_MODES[m]
+            c = QATConfig(steps=args.curve_steps, seqlen=args.seqlen, mixed_precision=mp, teacher_precision=tp,
+                          seed=seed, val_every=10 ** 9, checkpoint_every=10 ** 9, warmup_steps=min(10, args.curve_steps // 10))
+            st = copy.deepcopy(base)
+            from accelerate.state import AcceleratorState
+
+            AcceleratorState._reset_state(True)  # accelerate keeps one mixed-precision state per process
+            res = train(st, teacher, data, c, progress=False)
+            losses = [h["loss"] for h in res.history]
+            tail = losses[-max(1, len(losses) // 5):]
+            curves[f"{m}/seed{seed}"] = {"tail_mean_loss": statistics.fmean(tail), "seconds": round(res.seconds, 1),
+                                         "tokens_per_s": round(res.tokens / max(res.seconds, 1e-9), 1)}
+        ref = curves["fp32/seed0"]["tail_mean_loss"]
+        out["seed_gap"] = abs(curves["fp32/seed1"]["tail_mean_loss"] - ref)
+        for name, c in curves.items():
+            c["gap_to_fp32"] = c["tail_mean_loss"] - ref
+        out["curves"] = curves
     print(json.dumps(out, indent=2))
     if args.json:
         from rcp_lib.io import atomic_write_json, provenance

@@ -14,6 +14,9 @@ profile's group, seed and QAT budget).
   recipe is ``configs/paper-llama2-7b.yaml`` (``qat_recipe``; the budget fields here must agree with that file,
   ``tests/test_gpu_path.py`` checks it). ``python -m rcp_lib reproduce --profile paper --dry-run`` runs its path on
   the CPU with a tiny random model (:mod:`rcp_lib.reproduce`).
+* ``ablation`` - the ``cpu`` setting at W2A4KV4 only, RCP and its ablations (w/o Clip, w/o Partition, w/o Rotate,
+  RCP+GSR, the block-Hadamard control), each trained and scored once per seed of ``ablation_seeds`` (the seed sets the
+  R1 signs and the QAT data order); ``results/ablation/ablation.csv`` (:func:`rcp_lib.experiments.ablation_table`).
 
 Results of each profile go to ``results/<profile>/`` and figures to ``figures/<profile>/`` so that one
 profile never overwrites another's files. A profile with overrides (``get_profile("cpu", qat_steps=80)``, papermill's
@@ -46,6 +49,21 @@ class Profile:
     qat_batch_size: int = 1
     qat_grad_accum: int = 1
     qat_val_every: int = 20
+    # the QAT recipe (rcp_lib.qat.QATConfig fields, issue "a recipe under which Clip and Partition learn"); the defaults
+    # are the recipe the cpu numbers were made with
+    qat_lr_weights: float = 2e-5
+    qat_lr_quant: float = 1e-3
+    qat_grad_clip: float = 1.0
+    qat_mixed_precision: str = "auto"  # "auto": bf16 on GPU, fp32 on CPU; "bf16": student autocast on CPU too
+    qat_teacher_precision: str = "same"  # "bf16": teacher forward under bf16 autocast
+    qat_block_ap_steps: int = 0  # > 0: Block-AP pre-stage (steps per decoder block)
+    qat_gptq_start: bool = False  # GPTQ on the quantizer's grid, then QAT (needs qat_weight range_mode="static")
+    # WeightQuantConfig fields for the learnable quantizers of the QAT rows, e.g. {"clip_init": "mse", "ldp_init":
+    # "lloyd"} (the searched start) or {"range_mode": "static"}; clip fields apply to rows with LWC only, ldp_init to
+    # LDP rows only (rcp_lib.experiments.methods.Method.recipe)
+    qat_weight: dict = field(default_factory=dict)
+    ablation_seeds: list[int] = field(default_factory=lambda: [0])  # seeds of the ablation table (one run each)
+    sweep_val_windows: int = 16  # held-out train-tail windows (at seqlen) that select a recipe in the sweep
     analysis_layers: list[int] | None = None  # None: all
     # R1 specs "kind[:block][/g<group>]" (block kinds default to block = group; group defaults to w_group_size):
     # each "gsr:<b>" has its "block_hadamard:<b>" control; "/g32" quantizes Walsh blocks of 64 in groups of 32, the
@@ -109,7 +127,12 @@ PROFILES: dict[str, Profile] = {
     # test split for perplexity, 64 calibration windows of 512; the tables and models of the cpu profile otherwise
     "gpu": Profile(
         name="gpu", device="cuda", eval_windows=None, calib_windows=64, qat_steps=400, qat_seqlen=512,
-        qat_batch_size=4, qat_grad_accum=1, qat_val_every=100, zero_shot_limit=None,
+        qat_batch_size=4, qat_grad_accum=1, qat_val_every=100, zero_shot_limit=None, ablation_seeds=[0, 1, 2],
+    ),
+    "ablation": Profile(
+        name="ablation", settings=["W2A4KV4"], full_eval_methods=[], ablation_seeds=[0, 1, 2],
+        methods=["RCP", "RCP w/o Clip", "RCP w/o Partition (LWC+uniform)", "RCP w/o Rotate", "RCP+GSR",
+                 "RCP+BlockHadamard"],
     ),
     "paper": Profile(
         name="paper", model="meta-llama/Llama-2-7b-hf", corpus="wikitext2", device="cuda", seqlen=2048,

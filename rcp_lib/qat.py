@@ -7,7 +7,9 @@ builds on: KL on the teacher's logits by default, or cross-entropy on the data, 
 
 Our reading of the paper's recipe (its body is not available to us; every item is a config field):
 AdamW, linear warm-up then cosine decay, gradient clipping, gradient accumulation, optional gradient
-checkpointing, bf16 autocast on GPU and fp32 on CPU, random windows of the train split (or teacher-generated
+checkpointing, bf16 autocast on GPU and fp32 on CPU (``mixed_precision="bf16"`` autocasts the student on CPU too,
+``teacher_precision="bf16"`` the teacher's forward alone), an optional block-wise reconstruction pre-stage
+(``block_ap_steps``, :mod:`rcp_lib.block_ap`), random windows of the train split (or teacher-generated
 text), validation perplexity on a held-out tail of the train split (never the test split).
 
 The loop is written once on Hugging Face Accelerate (``prepare`` / ``accumulate`` / ``backward`` /
@@ -38,6 +40,7 @@ from .data import calibration_windows, split_holdout
 from .io import atomic_write_json
 
 LOSSES = ("kl", "ce", "mix")
+TEACHER_PRECISIONS = ("same", "bf16")
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -72,6 +75,14 @@ class QATConfig(JsonConfig):
     checkpoint_every: int = 50
     log_every: int = 1
     seed: int = 0
+    # recipe options (issue "a recipe under which Clip and Partition learn"); the defaults keep the loop as it was
+    teacher_precision: str = "same"  # "same": as the student (mixed_precision); "bf16": teacher forward under bf16 autocast
+    block_ap_steps: int = 0  # > 0: Block-AP pre-stage, this many steps per decoder block (rcp_lib.block_ap)
+    block_ap_samples: int = 32  # calibration windows (of seqlen tokens, train part) cached for Block-AP
+    block_ap_lr_weights: float = 2e-5  # EfficientQAT's Block-AP learning rates (weights / quantizer)
+    block_ap_lr_quant: float = 1e-4
+    gptq_start: bool = False  # start from GPTQ on the quantizer's own grid (needs range_mode="static"; applied by the
+    #                           model builder, rcp_lib.experiments.build, before train)
 
     def validate(self) -> None:
         errs = []
@@ -98,6 +109,15 @@ class QATConfig(JsonConfig):
             errs.append("warmup_steps must be >= 0 and min_lr_ratio in [0, 1]")
         if self.mixed_precision not in ("auto", "no", "bf16", "fp16"):
             errs.append(f"mixed_precision must be auto/no/bf16/fp16 (got {self.mixed_precision!r})")
+        if self.teacher_precision not in TEACHER_PRECISIONS:
+            errs.append(f"teacher_precision must be one of {TEACHER_PRECISIONS} (got {self.teacher_precision!r})")
+        if self.block_ap_steps < 0 or self.block_ap_samples < 1:
+            errs.append(f"block_ap_steps must be >= 0 and block_ap_samples >= 1 (got {self.block_ap_steps}, "
+                        f"{self.block_ap_samples})")
+        for n in ("block_ap_lr_weights", "block_ap_lr_quant"):
+            v = getattr(self, n)
+            if not (v > 0 and math.isfinite(v)):
+                errs.append(f"{n} must be > 0 (got {v})")
         if errs:
             raise ValueError("invalid QATConfig: " + "; ".join(errs))
 
@@ -111,6 +131,7 @@ class TrainResult:
     seconds: float = 0.0
     tokens: int = 0
     out_dir: str | None = None
+    block_ap: list[dict] = field(default_factory=list)  # per block {layer, mse_before, mse_after, seconds}
 
 
 def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor | None, labels: torch.Tensor,
@@ -176,6 +197,15 @@ def _lr_lambda(cfg: QATConfig):
         return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
     return f
+
+
+def _teacher_autocast(cfg: QATConfig, device: torch.device):
+    """bf16 autocast around the teacher's forward (``teacher_precision="bf16"``), else no change."""
+    import contextlib
+
+    if cfg.teacher_precision == "bf16":
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
 
 
 def _batch_for_step(train_ids: torch.Tensor, cfg: QATConfig, step: int, micro: int) -> torch.Tensor:
@@ -301,6 +331,17 @@ def train(
         teacher.to(accelerator.device)
         train_ids = teacher_generated_data(teacher, train_ids, cfg)
 
+    t_start = time.perf_counter()
+    block_stats: list[dict] = []
+    has_ckpt = resume and out_dir is not None and (Path(out_dir) / "checkpoint" / "rcp_step.json").exists()
+    if cfg.block_ap_steps > 0 and not has_ckpt:  # a checkpoint already holds the reconstructed blocks
+        from .block_ap import block_ap
+
+        calib = calibration_windows(train_ids, cfg.block_ap_samples, cfg.seqlen, seed=cfg.seed)
+        student.to(accelerator.device)
+        block_stats = block_ap(student, calib.to(accelerator.device), cfg.block_ap_steps, cfg.block_ap_lr_weights,
+                               cfg.block_ap_lr_quant, cfg.grad_clip, seed=cfg.seed, progress=progress)
+
     latent, quant = parameter_groups(student, cfg)
     if not latent and not quant:
         raise ValueError("the student has no trainable parameters (was it quantized with quantize_model?)")
@@ -372,7 +413,7 @@ def train(
                     s_logits = student(input_ids=batch, use_cache=False).logits
                     t_logits = None
                     if cfg.loss in ("kl", "mix"):
-                        with torch.no_grad():
+                        with torch.no_grad(), _teacher_autocast(cfg, accelerator.device):
                             t_logits = teacher(input_ids=batch, use_cache=False).logits
                     loss = distillation_loss(s_logits, t_logits, batch, cfg)
                 if not torch.isfinite(loss):
@@ -415,5 +456,5 @@ def train(
         accelerator.unwrap_model(student).gradient_checkpointing_disable()
     for p in student.parameters():
         p.requires_grad_(False)
-    return TrainResult(steps=end, final_loss=last, history=history, seconds=time.perf_counter() - t0,
-                       tokens=end * tokens_per_step, out_dir=str(out) if out else None)
+    return TrainResult(steps=end, final_loss=last, history=history, seconds=time.perf_counter() - t_start,
+                       tokens=end * tokens_per_step, out_dir=str(out) if out else None, block_ap=block_stats)

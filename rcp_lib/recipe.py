@@ -76,6 +76,10 @@ class Recipe(JsonConfig):
             raise ValueError("a recipe is PTQ (ptq='rtn'/'gptq') or QAT (qat set), not both")
         if self.qat is not None and self.quant is None:
             raise ValueError("qat needs a quantization (quant) to train")
+        if self.qat is not None and self.qat.gptq_start and (self.quant.weight is None
+                                                             or self.quant.weight.range_mode != "static"):
+            raise ValueError("qat.gptq_start (GPTQ on the quantizer's grid, then QAT) needs quantized weights with "
+                             "range_mode='static' (e.g. profile qat_weight={'range_mode': 'static'})")
 
     @property
     def label(self) -> str:

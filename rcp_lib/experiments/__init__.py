@@ -23,7 +23,17 @@ rows (GPTQ, clip-searched RTN) are cached likewise under ``cache_dir()/qat/<hash
 """
 
 from ..paths import figures_dir, results_dir
-from .build import _ptq_cached, base_model, build, calibration, qat_history, tokens
+from .ablation import (
+    ABLATION_COLUMNS,
+    ablation_methods,
+    ablation_summary,
+    ablation_table,
+    plot_token_curve,
+    separation,
+    summarize_ablation,
+    token_curve,
+)
+from .build import _ptq_cached, base_model, build, calibration, qat_history, qat_stats, tokens, train_student
 from .footprints import REFERENCE_CONFIGS, kv_curve, memory_table, memory_vs_saved
 from .kernel import kernel_correctness, kernel_speed_table
 from .methods import (
@@ -53,6 +63,8 @@ from .tables import (
 )
 
 __all__ = [
+    "ABLATION_COLUMNS", "ablation_methods", "ablation_summary", "ablation_table", "plot_token_curve", "separation",
+    "summarize_ablation", "token_curve", "qat_stats", "train_student",
     "CONTROL_SETTINGS", "NAMED", "NOTEBOOKS", "RCP_W", "REFERENCE_CONFIGS", "RTN_W", "TABLES", "Method",
     "Table", "all_methods", "method", "base_model", "build", "calibration", "chance_level", "figures_dir", "full_split_table",
     "kernel_correctness", "kernel_speed_table", "kv_curve", "memory_table", "memory_vs_saved", "method_config",

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import copy
 import json
+import time
+from typing import Callable
 
 import torch
 from torch import nn
@@ -14,7 +16,7 @@ from ..io import atomic_save_torch, atomic_write_json
 from ..models import load
 from ..paths import cache_dir
 from ..profiles import Profile
-from ..qat import train
+from ..qat import QATConfig, train
 from ..quant.apply import quantize_model
 from ..rotation.fuse import rotate_model
 from .methods import Method
@@ -85,19 +87,80 @@ def build(method: Method, profile: Profile, progress: bool = True) -> nn.Module:
     if recipe.qat is not None:
         out = cache_dir() / "qat" / _qat_key(method, profile)
         done = out / "student.pt"
-        if done.exists():
+        if done.exists():  # (a GPTQ start needs no GPTQ here: the static quantizers take the trained state)
             model.load_state_dict(torch.load(done, map_location=profile.device), strict=True)
         else:
             from ..qat import resolve_mixed_precision, teacher_dtype
 
+            gptq_s = 0.0
+            if recipe.qat.gptq_start:
+                t0 = time.perf_counter()
+                _gptq_start(model, profile, progress)
+                gptq_s = time.perf_counter() - t0
             td = teacher_dtype(resolve_mixed_precision(recipe.qat), fp)
             teacher = fp if fp.dtype == td else copy.deepcopy(fp).to(td)  # train() never changes the shared base
-            res = train(model, teacher, tokens(profile, "train"), recipe.qat, out_dir=out, resume=True,
-                        progress=progress)
+            stats = train_student(model, teacher, profile, recipe.qat, out_dir=out, progress=progress,
+                                  step0_eval=lambda m: _test_ppl(m, profile, progress))
             del teacher
+            stats["seconds"] = round(stats["seconds"] + gptq_s, 1)
+            atomic_write_json(stats, out / "qat_stats.json")
             atomic_save_torch(model.state_dict(), done)
-            atomic_write_json(res.history, out / "history.json")
     return model
+
+
+def _test_ppl(model: nn.Module, profile: Profile, progress: bool) -> float:
+    """Perplexity on the profile's evaluation windows of the test split (the windows of the table rows)."""
+    from ..evaluation import perplexity_details
+
+    return perplexity_details(model, tokens(profile, "test"), seqlen=profile.seqlen, max_windows=profile.eval_windows,
+                              progress=progress, spread=profile.eval_spread).ppl
+
+
+def _gptq_start(model: nn.Module, profile: Profile, progress: bool) -> None:
+    """"GPTQ on the LDP grid, then QAT": GPTQ every projection on its own quantizer's grid (the calibration windows of
+    the PTQ rows), then make the layers trainable on that grid (:func:`rcp_lib.quant.calibrate.thaw_to_static`)."""
+    from ..quant.calibrate import gptq_model, thaw_to_static
+
+    gptq_model(model, calibration(profile), progress=progress)
+    thaw_to_static(model)
+
+
+def train_student(model: nn.Module, fp: nn.Module, profile: Profile, qat: QATConfig, out_dir=None,
+                  progress: bool = True, step0_eval: Callable[[nn.Module], float] | None = None,
+                  data: torch.Tensor | None = None) -> dict:
+    """Train a quantized student in place and return the row statistics of the run.
+
+    Records the quantizer state before the first step (:func:`rcp_lib.movement.snapshot`), the perplexity before the
+    first step (``step0_eval(model)``, e.g. on the table's test windows; skipped when None) and the movement after
+    training. ``data`` defaults to the profile's train split. With ``out_dir``, checkpoints and ``history.json`` go
+    there (a killed run resumes).
+
+    Returns:
+        ``{"step0_ppl", "clip_ratio_init", "clip_ratio_final", "level_shift", "weight_shift", "tokens", "seconds",
+        "block_ap"}`` (``step0_ppl`` None without ``step0_eval``; ``seconds`` = Block-AP + training, without the
+        evaluations).
+    """
+    from pathlib import Path
+
+    from ..movement import movement, snapshot
+
+    # the model handed in is the step-0 model even when train() then resumes from a checkpoint (it is rebuilt
+    # deterministically), so a resumed run compares against the same start
+    before = snapshot(model)
+    step0 = step0_eval(model) if step0_eval is not None else None
+    res = train(model, fp, tokens(profile, "train") if data is None else data, qat, out_dir=out_dir,
+                resume=out_dir is not None, progress=progress)
+    stats = {"step0_ppl": step0, **movement(before, snapshot(model)), "tokens": res.tokens,
+             "seconds": round(res.seconds, 1), "block_ap": res.block_ap}
+    if out_dir is not None:
+        atomic_write_json(res.history, Path(out_dir) / "history.json")
+    return stats
+
+
+def qat_stats(method: Method, profile: Profile) -> dict:
+    """The run statistics of a cached QAT student (:func:`train_student`'s dict; ``{}`` before it is trained)."""
+    p = cache_dir() / "qat" / _qat_key(method, profile) / "qat_stats.json"
+    return json.loads(p.read_text()) if p.exists() else {}
 
 
 def _ptq_cached(model: nn.Module, method: Method, profile: Profile, progress: bool) -> None:

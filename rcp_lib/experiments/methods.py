@@ -42,12 +42,13 @@ class Method:
 
     def recipe(self, profile: Profile) -> Recipe:
         """The full recipe for ``profile``: the setting's preset with the profile's weight group size and the
-        method's weight fields; the rotation seeded with the profile's seed, a block-diagonal R1 (GSR and its
+        method's weight fields (for QAT rows also the profile's ``qat_weight`` fields that apply to it); the rotation seeded with the profile's seed, a block-diagonal R1 (GSR and its
         block-Hadamard control) with blocks of the weight group (our reading of GSR); the profile's QAT budget."""
         g = profile.w_group_size
         rot = None if self.r1 is None else RotationConfig(
             r1=self.r1, r1_block=g if self.r1 in BLOCK_KINDS else None, seed=profile.seed)
-        quant = None if self.setting == "FP" else preset(self.setting, w_group_size=g).with_weight(**self.weight)
+        weight = {**self.weight, **(_qat_weight_fields(self.weight, profile.qat_weight) if self.qat else {})}
+        quant = None if self.setting == "FP" else preset(self.setting, w_group_size=g).with_weight(**weight)
         recipe = Recipe(rotation=rot, quant=quant, ptq=self.ptq, qat=qat_config(profile) if self.qat else None)
         recipe.validate()
         return recipe
@@ -55,6 +56,18 @@ class Method:
     def rotation_config(self, profile: Profile) -> RotationConfig | None:
         """``recipe(profile).rotation``."""
         return self.recipe(profile).rotation
+
+
+CLIP_FIELDS = ("clip_init", "range_mode", "lwc_init")  # profile.qat_weight fields that need a learnable clip (LWC)
+LDP_FIELDS = ("ldp_init", "ldp_granularity", "lloyd_iters")  # ... that need LDP levels
+
+
+def _qat_weight_fields(weight: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    """The fields of ``profile.qat_weight`` that apply to a QAT row with these weight fields: clip fields only with
+    LWC (a "w/o Clip" row has no clip to initialise), LDP fields only with LDP levels, any other field always."""
+    lwc = weight.get("lwc", True)
+    ldp = weight.get("method", "ldp") == "ldp"
+    return {k: v for k, v in extra.items() if (k not in CLIP_FIELDS or lwc) and (k not in LDP_FIELDS or ldp)}
 
 
 def _m(name: str, family: str, r1: str | None = None, weight: dict[str, Any] | None = None, ptq: str = "none",
@@ -116,12 +129,12 @@ def all_methods(profile: Profile) -> list[Method]:
 
 
 def qat_config(profile: Profile) -> QATConfig:
-    """The QAT recipe of a profile (the same budget for every QAT row).
+    """The QAT recipe of a profile (the same budget and learning rates for every QAT row).
 
     With ``profile.qat_recipe`` (the ``paper`` profile: ``configs/paper-llama2-7b.yaml``) the ``qat`` section of that
     run config, with the profile's budget fields (steps, seqlen, batch, accumulation, validation interval; warm-up and
     checkpoint interval capped by the steps): one recipe for the notebooks and ``accelerate launch``. Otherwise built
-    from the profile's fields.
+    from the profile's fields (budget, learning rates, gradient clip, precision, Block-AP, GPTQ start).
     """
     if profile.qat_recipe is not None:
         from dataclasses import replace
@@ -135,7 +148,10 @@ def qat_config(profile: Profile) -> QATConfig:
     return QATConfig(steps=profile.qat_steps, seqlen=profile.qat_seqlen, batch_size=profile.qat_batch_size,
                      grad_accum=profile.qat_grad_accum, val_every=profile.qat_val_every,
                      checkpoint_every=max(1, min(profile.qat_val_every, profile.qat_steps)),
-                     warmup_steps=max(0, min(10, profile.qat_steps // 10)), seed=profile.seed)
+                     warmup_steps=max(0, min(10, profile.qat_steps // 10)), seed=profile.seed,
+                     lr_weights=profile.qat_lr_weights, lr_quant=profile.qat_lr_quant, grad_clip=profile.qat_grad_clip,
+                     mixed_precision=profile.qat_mixed_precision, teacher_precision=profile.qat_teacher_precision,
+                     block_ap_steps=profile.qat_block_ap_steps, gptq_start=profile.qat_gptq_start)
 
 
 def paper_qat_recipe(path: str) -> QATConfig:

@@ -9,9 +9,13 @@ from ..evaluation import perplexity_details
 from ..io import provenance
 from ..models import describe
 from ..profiles import Profile
-from .build import base_model, build, qat_history, tokens
+from .build import base_model, build, qat_history, qat_stats, tokens
 from .methods import Method, all_methods
 from .rows import _cached, _row_key, method_config
+
+
+#: movement / start columns of every perplexity row (None for rows without QAT); see :mod:`rcp_lib.movement`
+QAT_COLUMNS = ("step0_ppl", "clip_ratio_init", "clip_ratio_final", "level_shift", "weight_shift")
 
 
 def _window_note(idx: list[int], n_total: int) -> str:
@@ -24,7 +28,9 @@ def _window_note(idx: list[int], n_total: int) -> str:
 
 
 def ppl_row(method: Method, profile: Profile, progress: bool = True) -> dict:
-    """Perplexity row for a method (cached). Records which windows of the test split were scored."""
+    """Perplexity row for a method (cached). Records which windows of the test split were scored and, for QAT rows,
+    the perplexity before the first step on the same windows (``step0_ppl``), how far the clip, the levels and the
+    latent weights moved (:data:`QAT_COLUMNS`), the training tokens and seconds (``qat_tokens``, ``qat_seconds``)."""
 
     def compute():
         t0 = time.time()
@@ -34,7 +40,9 @@ def ppl_row(method: Method, profile: Profile, progress: bool = True) -> dict:
         r = perplexity_details(model, test, seqlen=profile.seqlen, max_windows=profile.eval_windows,
                                progress=progress, spread=profile.eval_spread)
         rot = method.recipe(profile).rotation
+        st = qat_stats(method, profile) if method.qat else {}
         return {"method": method.name, "setting": method.setting, "family": method.family, "ppl": r.ppl,
+                **{k: st.get(k) for k in QAT_COLUMNS}, "qat_tokens": st.get("tokens"), "qat_seconds": st.get("seconds"),
                 "model": profile.model, "model_note": describe(profile.model), "corpus": profile.corpus,
                 "split": "test", "seqlen": profile.seqlen, "windows": r.windows, "tokens_scored": r.tokens_scored,
                 "windows_note": _window_note(r.window_indices, test.numel() // profile.seqlen),

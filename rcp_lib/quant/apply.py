@@ -92,7 +92,7 @@ FLAT_NAMES: dict[str, tuple[str, str]] = {
     "w_bits": ("weight", "bits"), "w_group_size": ("weight", "group_size"), "w_method": ("weight", "method"),
     "w_lwc": ("weight", "lwc"), "w_lwc_init": ("weight", "lwc_init"), "w_clip_ratio": ("weight", "clip_ratio"),
     "w_clip_search": ("weight", "clip_search"), "ldp_granularity": ("weight", "ldp_granularity"),
-    "ldp_init": ("weight", "ldp_init"),
+    "ldp_init": ("weight", "ldp_init"), "w_clip_init": ("weight", "clip_init"), "w_range_mode": ("weight", "range_mode"),
     "a_bits": ("act", "bits"), "a_clip_ratio": ("act", "clip_ratio"), "lm_head_a_bits": ("act", "lm_head_bits"),
     "kv_bits": ("kv", "bits"), "kv_group_size": ("kv", "group_size"), "kv_clip_ratio": ("kv", "clip_ratio"),
 }

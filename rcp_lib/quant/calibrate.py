@@ -189,3 +189,29 @@ def _gptq_layers(model, layers, calib, percdamp, act_order, block_size, batch_si
                                     act_order=act_order)
             q.freeze(res.codes, res.levels)  # weight <- levels.gather(codes) == res.weight
         inputs = _run_block(layer, inputs)
+
+
+@torch.no_grad()
+def thaw_to_static(model: nn.Module) -> nn.Module:
+    """Make the frozen quantized layers of a GPTQ'd model trainable again, on their GPTQ grid ("GPTQ, then QAT").
+
+    Every frozen :class:`QuantLinear` (after :func:`gptq_model`: latent weight = the GPTQ-quantized weight) gets a
+    learnable :class:`~rcp_lib.quant.quantizers.WeightQuantizer` of its stored config, set to the frozen level table by
+    :meth:`~rcp_lib.quant.quantizers.WeightQuantizer.init_from_levels`; since every weight lies on one of its levels,
+    the model's output is unchanged. The config must have ``range_mode="static"`` (an LWC range is recomputed from the
+    latent weight and would shift the grid). Returns the model.
+    """
+    from .quantizers import FrozenLevelsQuantizer, WeightQuantizer
+
+    for name, q in M.named_block_linears(model):
+        fq = getattr(q, "weight_quantizer", None)
+        if not isinstance(fq, FrozenLevelsQuantizer):
+            continue
+        cfg = fq.config
+        if cfg is None or cfg.range_mode != "static":
+            raise ValueError(f"{name}: thawing a GPTQ'd layer for QAT needs a weight config with range_mode='static' "
+                             f"(got {None if cfg is None else cfg.range_mode!r})")
+        wq = WeightQuantizer(tuple(q.weight.shape), cfg, name=name).to(q.weight.device)
+        wq.init_from_levels(fq.level_table)
+        q.weight_quantizer = wq
+    return model

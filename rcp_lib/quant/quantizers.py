@@ -17,6 +17,15 @@ Clipping range of a group (``lo <= hi``)
   (4.0 as in OmniQuant, i.e. a ratio of 0.982). ``sigmoid -> 1`` recovers min-max. The group min / max are
   treated as statistics of the weight (no gradient flows into ``w`` through them).
 
+* Static range (``range_mode="static"``, with ``lwc=True``): ``lo, hi: [out, n_groups]`` are themselves the learnable
+  parameters, set once by :meth:`WeightQuantizer.init_from` (or :meth:`WeightQuantizer.init_from_levels`, e.g. from a
+  GPTQ level table) and never recomputed from the latent weight (EfficientQAT learns its scale / zero point, ParetoQ its
+  range, the same way). A GPTQ-rounded start then stays on its grid. Our reading, not the paper's.
+* Clip initialisation (``clip_init``): ``"const"`` (the default: logits ``lwc_init``) or ``"mse"``: the per-group ratio
+  of :func:`mse_clip_range` (the search of the uniform baselines, QuaRot's ``|e|^2.4`` on the ``bits``-bit uniform
+  grid), capped at ``sigmoid(lwc_init)`` so that a group the search leaves unclipped (ratio 1, logit +inf) starts where
+  the constant initialisation starts (with LWC logits, a larger logit would make the clip too flat to learn).
+
 Uniform asymmetric grid (method ``"rtn"``)
 ------------------------------------------
 ``s = (hi - lo) / (L - 1)``, codes ``k = clamp(round((w - lo) / s), 0, L - 1)``, value ``lo + s * k``. By default
@@ -70,6 +79,8 @@ from ..config import JsonConfig
 METHODS = ("rtn", "lwc", "ldp")
 LDP_GRANULARITIES = ("group", "row")
 LDP_INITS = ("uniform", "lloyd")
+CLIP_INITS = ("const", "mse")
+RANGE_MODES = ("relative", "static")
 _EPS = 1e-10  # smallest group range (constant groups quantize to themselves)
 
 
@@ -500,6 +511,11 @@ class WeightQuantConfig(JsonConfig):
         ldp_init: ``"uniform"`` (theta = 0) or ``"lloyd"`` (pinned-end Lloyd-Max fit in :meth:`WeightQuantizer.init_from`).
         round_zero: integer zero point for the uniform grid (GPTQ/QuaRot style) instead of the exact minimum.
         lloyd_iters: Lloyd iterations for ``ldp_init="lloyd"``.
+        clip_init: ``"const"`` (LWC logits = ``lwc_init``, the default) or ``"mse"`` (per-group ratio from
+            :func:`mse_clip_range`, capped at ``sigmoid(lwc_init)``); needs ``lwc=True``. With ``ldp_init="lloyd"`` the
+            Lloyd-Max levels are then fitted inside the searched range.
+        range_mode: ``"relative"`` (LWC: the range is ``sigmoid(logit) * min/max`` of the current latent weight, the
+            default) or ``"static"`` (``lo``/``hi`` are parameters, initialised once); ``"static"`` needs ``lwc=True``.
     """
 
     bits: int = 2
@@ -513,6 +529,8 @@ class WeightQuantConfig(JsonConfig):
     ldp_init: str = "uniform"
     round_zero: bool = False
     lloyd_iters: int = 50
+    clip_init: str = "const"
+    range_mode: str = "relative"
 
     def __post_init__(self) -> None:
         if self.method == "lwc":  # the one stored spelling of "uniform grid + learnable clipping"
@@ -542,6 +560,13 @@ class WeightQuantConfig(JsonConfig):
             raise ValueError(f"lwc_init must be finite, got {self.lwc_init}")
         if self.lloyd_iters < 1:
             raise ValueError(f"lloyd_iters must be >= 1, got {self.lloyd_iters}")
+        if self.clip_init not in CLIP_INITS:
+            raise ValueError(f"clip_init must be one of {CLIP_INITS}, got {self.clip_init!r}")
+        if self.range_mode not in RANGE_MODES:
+            raise ValueError(f"range_mode must be one of {RANGE_MODES}, got {self.range_mode!r}")
+        if (self.clip_init != "const" or self.range_mode != "relative") and not self.lwc:
+            raise ValueError(f"clip_init={self.clip_init!r} / range_mode={self.range_mode!r} initialise or hold a "
+                             "learnable clip: they need lwc=True (without LWC the range is min-max or clip_ratio)")
 
     @property
     def learn_clip(self) -> bool:
@@ -560,7 +585,8 @@ class WeightQuantizer(nn.Module):
     LDP ``theta``); the latent weight lives outside (e.g. in :class:`~rcp_lib.quant.linear.QuantLinear`).
 
     Parameters (float32, created according to the config):
-        gamma, beta: ``[out, n_groups]`` LWC logits (if ``config.learn_clip``).
+        gamma, beta: ``[out, n_groups]`` LWC logits (if ``config.learn_clip`` and ``range_mode="relative"``).
+        lo, hi: ``[out, n_groups]`` the range itself (``range_mode="static"``; set by :meth:`init_from`).
         theta: ``[out, n_groups, L-1]`` (``"group"``) or ``[out, 1, L-1]`` (``"row"``) LDP logits (if method ``"ldp"``).
     """
 
@@ -576,12 +602,13 @@ class WeightQuantizer(nn.Module):
         self.group_size = resolve_group_size(self.in_features, cfg.group_size, f"{name} {tuple(shape)}")
         self.n_groups = self.in_features // self.group_size
         L = cfg.levels_count
-        if cfg.learn_clip:
+        self.gamma = self.beta = self.lo = self.hi = None
+        if cfg.learn_clip and cfg.range_mode == "static":
+            self.lo = nn.Parameter(torch.zeros(self.out_features, self.n_groups))
+            self.hi = nn.Parameter(torch.zeros(self.out_features, self.n_groups))
+        elif cfg.learn_clip:
             self.gamma = nn.Parameter(torch.full((self.out_features, self.n_groups), float(cfg.lwc_init)))
             self.beta = nn.Parameter(torch.full((self.out_features, self.n_groups), float(cfg.lwc_init)))
-        else:
-            self.gamma = None
-            self.beta = None
         if cfg.method == "ldp":
             ng = self.n_groups if cfg.ldp_granularity == "group" else 1
             self.theta = nn.Parameter(torch.zeros(self.out_features, ng, L - 1))
@@ -595,7 +622,7 @@ class WeightQuantizer(nn.Module):
             raise ValueError(f"{self.name}: expected weight of shape {(self.out_features, self.in_features)}, got {tuple(weight.shape)}")
         if self.check_finite:
             check_finite(weight, self.name)
-        params = [p for p in (self.gamma, self.theta) if p is not None]
+        params = [p for p in (self.gamma, self.lo, self.theta) if p is not None]
         cdt = _compute_dtype(weight, *params)
         return weight.to(cdt).reshape(self.out_features, self.n_groups, self.group_size)
 
@@ -604,6 +631,9 @@ class WeightQuantizer(nn.Module):
         return self._range(self._grouped(weight))
 
     def _range(self, wg: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.lo is not None:  # static: the parameters are the range (hi raised to lo if training crossed them)
+            lo = self.lo.to(wg.dtype)
+            return lo, torch.maximum(self.hi.to(wg.dtype), lo)
         if self.gamma is not None:
             return lwc_range(wg, self.gamma, self.beta)
         if self.config.clip_search == "mse":
@@ -653,8 +683,8 @@ class WeightQuantizer(nn.Module):
         return codes.reshape(weight.shape).to(torch.uint8), levels.to(torch.float32).contiguous()
 
     def quant_parameters(self) -> Iterator[nn.Parameter]:
-        """The quantizer's learnable parameters (theta, gamma, beta) - not the latent weight."""
-        for p in (self.theta, self.gamma, self.beta):
+        """The quantizer's learnable parameters (theta, gamma, beta or the static lo, hi) - not the latent weight."""
+        for p in (self.theta, self.gamma, self.beta, self.lo, self.hi):
             if p is not None:
                 yield p
 
@@ -662,13 +692,30 @@ class WeightQuantizer(nn.Module):
     def init_from(self, weight: torch.Tensor) -> "WeightQuantizer":
         """Initialise the quantizer parameters from a weight ``[out, in]``.
 
-        LWC logits are reset to ``lwc_init``; LDP ``theta`` to 0 (``ldp_init="uniform"``) or to the pinned-end
-        Lloyd-Max levels of the (clipped) weights (``"lloyd"``). Returns ``self``.
+        The clip: LWC logits = ``lwc_init`` (``clip_init="const"``) or the logit of the per-group ratio of
+        :func:`mse_clip_range` capped at ``sigmoid(lwc_init)`` (``"mse"``); in ``range_mode="static"`` the parameters
+        ``lo, hi`` are set to that ratio times the group min / max. LDP ``theta``: 0 (``ldp_init="uniform"``) or the
+        pinned-end Lloyd-Max levels of the weights inside that range (``"lloyd"``). Returns ``self``.
         """
         wg = self._grouped(weight)
-        if self.gamma is not None:
-            self.gamma.fill_(float(self.config.lwc_init))
-            self.beta.fill_(float(self.config.lwc_init))
+        if self.gamma is not None or self.lo is not None:
+            cap = 1.0 / (1.0 + math.exp(-float(self.config.lwc_init)))
+            if self.config.clip_init == "mse":
+                _, _, r = mse_clip_range(wg.to(torch.float64), self.config.bits, self.config.round_zero)
+                r = r.clamp(max=cap)
+            else:
+                r = torch.full(wg.shape[:2], cap, dtype=torch.float64, device=wg.device)
+            if self.gamma is not None:
+                logit = float(self.config.lwc_init) if self.config.clip_init == "const" else torch.logit(r)
+                for p in (self.gamma, self.beta):
+                    if isinstance(logit, float):
+                        p.fill_(logit)
+                    else:
+                        p.copy_(logit.to(p.dtype))
+            else:
+                wd = wg.detach().to(torch.float64)
+                self.lo.copy_((r * wd.amin(-1)).to(self.lo.dtype))
+                self.hi.copy_((r * wd.amax(-1)).to(self.hi.dtype))
         if self.theta is None:
             return self
         if self.config.ldp_init == "uniform":
@@ -690,6 +737,48 @@ class WeightQuantizer(nn.Module):
         self.theta.copy_(fractions_to_theta(c).to(self.theta.dtype))
         return self
 
+    @torch.no_grad()
+    def init_from_levels(self, levels: torch.Tensor) -> "WeightQuantizer":
+        """Set a static-range quantizer to a given level table ``[out, n_groups, L]`` (e.g. GPTQ's on this quantizer's
+        own grid): ``lo, hi`` = the first / last level and, for LDP, ``theta`` from the normalised level positions
+        (gaps floored as in :func:`fractions_to_theta`). A weight equal to one of the levels then quantizes to itself,
+        so "GPTQ, then QAT" starts exactly at the GPTQ model. Needs ``range_mode="static"`` (and ``"group"``
+        granularity for LDP); a uniform grid needs uniformly spaced levels. Returns ``self``."""
+        if self.lo is None:
+            raise ValueError(f"{self.name}: init_from_levels needs range_mode='static' (an LWC range is recomputed "
+                             "from the latent weight at every step and would not hold the given grid)")
+        L = self.config.levels_count
+        if tuple(levels.shape) != (self.out_features, self.n_groups, L):
+            raise ValueError(f"{self.name}: levels must be {[self.out_features, self.n_groups, L]}, got {list(levels.shape)}")
+        lv = levels.to(torch.float64)
+        self.lo.copy_(lv[..., 0].to(self.lo.dtype))
+        self.hi.copy_(lv[..., -1].to(self.hi.dtype))
+        if self.theta is not None:
+            if self.config.ldp_granularity != "group":
+                raise ValueError(f"{self.name}: init_from_levels sets one level table per group: use ldp_granularity='group'")
+            c = (lv - lv[..., :1]) / (lv[..., -1:] - lv[..., :1]).clamp_min(_EPS)
+            self.theta.copy_(fractions_to_theta(c).to(self.theta.dtype))
+        return self
+
+    @torch.no_grad()
+    def clip_ratio(self, weight: torch.Tensor) -> torch.Tensor:
+        """Per-group clip ratio ``(hi - lo) / (max(w_g) - min(w_g))``, float64 ``[out, n_groups]`` (1 = min-max; a
+        constant group counts as 1). The same definition for LWC, static and fixed ranges."""
+        wg = self._grouped(weight).to(torch.float64)
+        lo, hi = self._range(wg)
+        span = wg.amax(-1) - wg.amin(-1)
+        ratio = (hi.to(torch.float64) - lo.to(torch.float64)) / span.clamp_min(_EPS)
+        return torch.where(span > _EPS, ratio, torch.ones_like(ratio))
+
+    @torch.no_grad()
+    def level_fractions(self, weight: torch.Tensor | None = None) -> torch.Tensor:
+        """Normalised level positions ``(q_k - lo) / (hi - lo)``, float64 ``[out, n_groups or 1, L]``: LDP's
+        :func:`ldp_fractions` of ``theta``, or the evenly spaced grid of a uniform quantizer (``weight`` unused)."""
+        L = self.config.levels_count
+        if self.theta is not None:
+            return ldp_fractions(self.theta.detach().to(torch.float64))
+        return torch.linspace(0, 1, L, dtype=torch.float64).expand(self.out_features, 1, L).clone()
+
     def extra_repr(self) -> str:
         c = self.config
         s = f"shape=({self.out_features}, {self.in_features}), bits={c.bits}, group_size={c.group_size}, method={c.method}, lwc={c.learn_clip}"
@@ -699,6 +788,10 @@ class WeightQuantizer(nn.Module):
             s += f", clip_ratio={c.clip_ratio}"
         if c.clip_search != "none":
             s += f", clip_search={c.clip_search}"
+        if c.clip_init != "const":
+            s += f", clip_init={c.clip_init}"
+        if c.range_mode != "relative":
+            s += f", range_mode={c.range_mode}"
         return s
 
 

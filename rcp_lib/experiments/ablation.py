@@ -1,0 +1,176 @@
+"""The ablation with seeds (``ablation`` profile), its summary with an honest order, and the tokens-vs-perplexity
+curve of RCP (issue "a recipe under which Clip and Partition actually learn", items 8-10).
+
+* :func:`ablation_table`: RCP and its ablations at W2A4KV4, once per seed of ``profile.ablation_seeds`` (the seed sets
+  the R1 signs and the QAT data order), one row each with :data:`ABLATION_COLUMNS`. Every row is a cached perplexity
+  row (:func:`~rcp_lib.experiments.tables.ppl_row`), so an interrupted run resumes from the row cache.
+* :func:`summarize_ablation` / :func:`ablation_summary`: mean, standard deviation and standard error of the
+  perplexity per method, and :func:`separation`, which states an order between two rows only when the difference of
+  their means exceeds two standard errors of that difference, and otherwise says "not separable at this budget".
+* :func:`token_curve` / :func:`plot_token_curve`: RCP W2A4KV4 validation perplexity (held-out tail of the train split,
+  the QAT loop's own validation) against training tokens, with the FP model on the same windows as a line.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from dataclasses import replace
+from typing import Any
+
+from ..io import provenance
+from ..profiles import Profile
+from .methods import ABLATIONS, Method, method
+from .rows import _cached, _code
+
+#: the columns of ``ablation.csv``, in order
+ABLATION_COLUMNS = ("method", "setting", "seed", "ppl", "step0_ppl", "clip_ratio_init", "clip_ratio_final",
+                    "level_shift", "weight_shift", "tokens", "seconds", "git_commit")
+NOT_SEPARABLE = "not separable at this budget"
+ABLATION_SETTING = "W2A4KV4"
+
+
+def ablation_methods(profile: Profile) -> list[Method]:
+    """RCP and its ablations at W2A4KV4 (restricted to ``profile.methods`` when set)."""
+    names = ("RCP",) + ABLATIONS
+    return [method(n, ABLATION_SETTING) for n in names if profile.methods is None or n in profile.methods]
+
+
+def ablation_table(profile: Profile, progress: bool = True) -> list[dict]:
+    """One row per (seed of ``profile.ablation_seeds``, ablation method), columns :data:`ABLATION_COLUMNS`.
+
+    Each row is the cached perplexity row of the method under the profile with ``seed`` replaced (the test windows of
+    the profile; the step-0 perplexity, movement columns, training tokens and seconds of its QAT run)."""
+    from .tables import ppl_row
+
+    if not profile.ablation_seeds:
+        raise ValueError("profile.ablation_seeds is empty: give at least one seed (the ablation profile uses 3)")
+    rows = []
+    for seed in profile.ablation_seeds:
+        p = replace(profile, seed=int(seed))
+        for m in ablation_methods(profile):
+            r = ppl_row(m, p, progress=progress)
+            rows.append({"method": m.name, "setting": m.setting, "seed": int(seed), "ppl": r["ppl"],
+                         "step0_ppl": r.get("step0_ppl"), "clip_ratio_init": r.get("clip_ratio_init"),
+                         "clip_ratio_final": r.get("clip_ratio_final"), "level_shift": r.get("level_shift"),
+                         "weight_shift": r.get("weight_shift"), "tokens": r.get("qat_tokens"),
+                         "seconds": r.get("qat_seconds"), "git_commit": r.get("git_commit")})
+    return rows
+
+
+def _stats(values: list[float]) -> tuple[float, float, float]:
+    """(mean, sample standard deviation, standard error of the mean); std and SE are NaN for fewer than 2 values."""
+    mean = statistics.fmean(values)
+    if len(values) < 2:
+        return mean, float("nan"), float("nan")
+    sd = statistics.stdev(values)
+    return mean, sd, sd / math.sqrt(len(values))
+
+
+def summarize_ablation(rows: list[dict]) -> list[dict]:
+    """Per (method, setting), in first-seen order: ``n``, ``ppl_mean``, ``ppl_std`` (sample std), ``ppl_sem``
+    (std / sqrt(n)), ``seeds`` and the means of ``step0_ppl``, ``clip_ratio_init``, ``clip_ratio_final``,
+    ``level_shift``, ``weight_shift`` (NaN where a column is missing)."""
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["method"], r["setting"]), []).append(r)
+    out = []
+    for (name, setting), rs in groups.items():
+        mean, sd, se = _stats([float(r["ppl"]) for r in rs])
+        rec: dict[str, Any] = {"method": name, "setting": setting, "n": len(rs), "seeds": [r["seed"] for r in rs],
+                               "ppl_mean": mean, "ppl_std": sd, "ppl_sem": se}
+        for k in ("step0_ppl", "clip_ratio_init", "clip_ratio_final", "level_shift", "weight_shift"):
+            vals = [float(r[k]) for r in rs if r.get(k) is not None and r.get(k) == r.get(k)]
+            rec[f"{k}_mean"] = statistics.fmean(vals) if vals else float("nan")
+        out.append(rec)
+    return out
+
+
+def separation(a: dict, b: dict, k: float = 2.0) -> str:
+    """The order of two summary rows (:func:`summarize_ablation`) by mean perplexity, stated only when
+    ``|mean_a - mean_b| > k * sqrt(sem_a^2 + sem_b^2)`` (k = 2: two standard errors of the difference); otherwise
+    ``"not separable at this budget"`` (also when a row has fewer than 2 seeds)."""
+    diff = a["ppl_mean"] - b["ppl_mean"]
+    se = math.sqrt(a["ppl_sem"] ** 2 + b["ppl_sem"] ** 2)
+    if not math.isfinite(se) or abs(diff) <= k * se:
+        return NOT_SEPARABLE
+    lo, hi = (a, b) if diff < 0 else (b, a)
+    return (f"{lo['method']} < {hi['method']} (difference {abs(diff):.4g} > {k:g} SE = {k * se:.4g}, "
+            f"n = {a['n']}, {b['n']})")
+
+
+def ablation_summary(profile: Profile, progress: bool = True) -> list[dict]:
+    """:func:`summarize_ablation` of :func:`ablation_table`, each row with ``vs_RCP``: its :func:`separation` from
+    RCP (empty for RCP itself), and provenance."""
+    summ = summarize_ablation(ablation_table(profile, progress=progress))
+    rcp = next((s for s in summ if s["method"] == "RCP"), None)
+    prov = provenance()
+    for s in summ:
+        s["vs_RCP"] = "" if rcp is None or s is rcp else separation(rcp, s)
+        s.update(prov)
+    return summ
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# tokens vs perplexity
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def _fp_val_ppl(profile: Profile, seqlen: int, windows: int, holdout: float, progress: bool) -> float:
+    """Perplexity of the FP model on the QAT loop's validation windows (cached row)."""
+    from ..data import split_holdout
+    from ..evaluation import perplexity
+    from .build import base_model, tokens
+
+    key = {"kind": "fp-val", "model": profile.model, "corpus": profile.corpus, "seqlen": seqlen, "windows": windows,
+           "holdout_fraction": holdout, "code": _code()}
+
+    def compute():
+        _, val = split_holdout(tokens(profile, "train"), holdout)
+        return {"ppl": perplexity(base_model(profile)[0], val, seqlen=seqlen, max_windows=windows, progress=progress)}
+
+    return _cached("fpval", key, compute)["ppl"]
+
+
+def token_curve(profile: Profile, progress: bool = True) -> list[dict]:
+    """RCP W2A4KV4 validation perplexity vs training tokens for the profile's recipe (one row per validation point of
+    the QAT history: every ``qat_val_every`` steps and the last step), with ``fp_val_ppl``: the FP model on the same
+    held-out windows of the train split. Trains (or loads from the cache) the RCP student of the profile: set
+    ``qat_steps`` / ``qat_val_every`` for the budget and the points (e.g. ``--set qat_steps=640 qat_val_every=40``)."""
+    from .build import build, qat_history
+
+    m = method("RCP", ABLATION_SETTING)
+    qat = m.recipe(profile).qat
+    build(m, profile, progress=progress)
+    hist = [h for h in qat_history(m, profile) if "val_ppl" in h]
+    if not hist:
+        raise RuntimeError("the RCP student has no validation points in its history (was it trained by build?)")
+    fp = _fp_val_ppl(profile, qat.seqlen, qat.val_windows, qat.holdout_fraction, progress)
+    prov = provenance()
+    return [{"method": m.name, "setting": m.setting, "step": h["step"], "tokens": h["tokens"], "val_ppl": h["val_ppl"],
+             "fp_val_ppl": fp, "val_seqlen": qat.seqlen, "val_windows": qat.val_windows, "split": "train (held-out tail)",
+             **prov} for h in hist]
+
+
+def plot_token_curve(rows: list[dict]):
+    """Figure: validation perplexity vs training tokens (log x, log y), FP as a horizontal line. Returns the
+    matplotlib figure."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    if not rows:
+        raise ValueError("no rows to plot")
+    fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    xs = [r["tokens"] for r in rows]
+    ax.plot(xs, [r["val_ppl"] for r in rows], "o-", label=f"{rows[0]['method']} {rows[0]['setting']}")
+    ax.axhline(rows[0]["fp_val_ppl"], color="k", ls="--", label="FP")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("training tokens")
+    ax.set_ylabel(f"validation perplexity (train tail, seqlen {rows[0]['val_seqlen']})")
+    ax.legend()
+    ax.grid(True, which="both", alpha=0.3)
+    fig.tight_layout()
+    return fig

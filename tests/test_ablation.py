@@ -1,0 +1,104 @@
+"""The ablation profile and table: seeds, columns, the summary and the two-standard-error rule; the recipe fields of
+profiles; the tokens-vs-ppl figure."""
+
+import math
+import statistics
+
+import pytest
+
+from rcp_lib import experiments as X
+from rcp_lib.experiments import ablation as A
+from rcp_lib.profiles import get_profile
+
+
+def _row(name, seed, ppl):
+    return {"method": name, "setting": "W2A4KV4", "seed": seed, "ppl": ppl, "step0_ppl": 10 * ppl,
+            "clip_ratio_init": 0.9, "clip_ratio_final": 0.8, "level_shift": 0.01, "weight_shift": 0.001}
+
+
+def test_summary_mean_std_sem_against_statistics():
+    rows = [_row("RCP", s, p) for s, p in enumerate([10.0, 12.0, 11.0])] + [_row("B", 0, 20.0)]
+    summ = {s["method"]: s for s in A.summarize_ablation(rows)}
+    r = summ["RCP"]
+    assert r["n"] == 3 and r["seeds"] == [0, 1, 2]
+    assert r["ppl_mean"] == pytest.approx(11.0)
+    assert r["ppl_std"] == pytest.approx(statistics.stdev([10.0, 12.0, 11.0]))
+    assert r["ppl_sem"] == pytest.approx(1.0 / math.sqrt(3))
+    assert r["step0_ppl_mean"] == pytest.approx(110.0) and r["clip_ratio_final_mean"] == pytest.approx(0.8)
+    assert math.isnan(summ["B"]["ppl_std"])
+
+
+def test_separation_only_beyond_two_standard_errors():
+    a = {"method": "RCP", "ppl_mean": 10.0, "ppl_sem": 0.3, "n": 3}
+    far = {"method": "w/o Clip", "ppl_mean": 12.0, "ppl_sem": 0.4, "n": 3}  # 2 SE of the difference = 1.0 < 2.0
+    near = {"method": "RCP+GSR", "ppl_mean": 10.9, "ppl_sem": 0.4, "n": 3}  # 0.9 <= 1.0
+    assert A.separation(a, far).startswith("RCP < w/o Clip")
+    assert A.separation(far, a).startswith("RCP < w/o Clip")
+    assert A.separation(a, near) == A.NOT_SEPARABLE
+    single = {"method": "x", "ppl_mean": 100.0, "ppl_sem": float("nan"), "n": 1}
+    assert A.separation(a, single) == A.NOT_SEPARABLE
+
+
+def test_ablation_profile_and_table_columns(monkeypatch):
+    P = get_profile("ablation")
+    assert len(P.ablation_seeds) >= 3 and P.settings == ["W2A4KV4"]
+    names = [m.name for m in A.ablation_methods(P)]
+    assert names[0] == "RCP" and set(names) == {"RCP", *X.methods.ABLATIONS}
+    seen = []
+
+    def fake_row(m, p, progress=True):
+        seen.append((m.name, p.seed, m.recipe(p).rotation.seed if m.recipe(p).rotation else None,
+                     m.recipe(p).qat.seed))
+        return {"ppl": 100.0 + p.seed, "step0_ppl": 1e4, "clip_ratio_init": 0.98, "clip_ratio_final": 0.9,
+                "level_shift": 0.02, "weight_shift": 1e-3, "qat_tokens": 10240, "qat_seconds": 60.0,
+                "git_commit": "abc"}
+
+    monkeypatch.setattr(X.tables, "ppl_row", fake_row)
+    rows = A.ablation_table(P, progress=False)
+    assert len(rows) == len(P.ablation_seeds) * len(names)
+    assert all(tuple(r) == A.ABLATION_COLUMNS for r in rows)
+    # the seed sets the R1 signs (rotation seed) and the data order (QAT seed) of every row that rotates
+    assert all(s == q and (rs is None or rs == s) for _, s, rs, q in seen)
+    summ = A.summarize_ablation(rows)
+    assert {s["n"] for s in summ} == {len(P.ablation_seeds)}
+
+
+def test_ablation_rows_share_keys_with_cpu_at_seed_0_only():
+    from rcp_lib.experiments.rows import _row_key
+
+    m = X.method("RCP", "W2A4KV4")
+    cpu, abl = get_profile("cpu"), get_profile("ablation")
+    assert _row_key(m, cpu) == _row_key(m, abl)  # seed 0 of the ablation reuses the cpu row
+    assert _row_key(m, cpu) != _row_key(m, get_profile("ablation", seed=1))
+
+
+def test_qat_weight_fields_apply_only_where_they_mean_something():
+    P = get_profile("cpu", qat_weight={"clip_init": "mse", "ldp_init": "lloyd"}, qat_lr_quant=1e-2, qat_grad_clip=0.3)
+    w = lambda n: X.method(n, "W2A4KV4").recipe(P).quant.weight
+    assert (w("RCP").clip_init, w("RCP").ldp_init) == ("mse", "lloyd")
+    assert (w("RCP w/o Clip").clip_init, w("RCP w/o Clip").ldp_init) == ("const", "lloyd")
+    assert (w("RCP w/o Partition (LWC+uniform)").clip_init, w("RCP w/o Partition (LWC+uniform)").ldp_init) == ("mse", "uniform")
+    assert w("QuaRot-GPTQ").clip_init == "const"  # PTQ rows never get the QAT fields
+    q = X.method("RCP", "W2A4KV4").recipe(P).qat
+    assert (q.lr_quant, q.grad_clip, q.lr_weights) == (1e-2, 0.3, 2e-5)
+
+
+def test_default_profile_recipe_is_unchanged():
+    """The new options default to the recipe the cpu numbers were made with."""
+    P = get_profile("cpu")
+    r = X.method("RCP", "W2A4KV4").recipe(P)
+    assert (r.quant.weight.clip_init, r.quant.weight.range_mode, r.quant.weight.ldp_init) == ("const", "relative", "uniform")
+    q = r.qat
+    assert (q.lr_weights, q.lr_quant, q.grad_clip, q.mixed_precision, q.teacher_precision, q.block_ap_steps,
+            q.gptq_start, q.seqlen) == (2e-5, 1e-3, 1.0, "auto", "same", 0, False, 256)
+
+
+def test_plot_token_curve(tmp_path):
+    rows = [{"method": "RCP", "setting": "W2A4KV4", "tokens": t, "val_ppl": v, "fp_val_ppl": 20.0, "val_seqlen": 256}
+            for t, v in ((5120, 900.0), (10240, 500.0), (20480, 300.0))]
+    fig = A.plot_token_curve(rows)
+    ax = fig.axes[0]
+    assert ax.get_xscale() == "log"
+    assert list(ax.lines[0].get_xdata()) == [5120, 10240, 20480] and list(ax.lines[1].get_ydata()) == [20.0, 20.0]
+    fig.savefig(tmp_path / "c.png")
+    assert (tmp_path / "c.png").stat().st_size > 0

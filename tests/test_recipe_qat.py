@@ -1,0 +1,72 @@
+"""QAT recipe paths on a tiny random LLaMA: "GPTQ on the LDP grid, then QAT" starts exactly at the GPTQ model, and
+train_student reports the step-0 perplexity and the movement columns of a real run."""
+
+import copy
+import math
+
+import pytest
+import torch
+
+from rcp_lib import models as M
+from rcp_lib.experiments.build import train_student
+from rcp_lib.profiles import get_profile
+from rcp_lib.qat import QATConfig
+from rcp_lib.quant.apply import QuantConfig, quantize_model
+from rcp_lib.quant.calibrate import gptq_model, thaw_to_static
+from rcp_lib.quant.quantizers import WeightQuantizer
+from rcp_lib.recipe import Recipe
+from rcp_lib.rotation.fuse import RotationConfig, rotate_model
+
+
+def _student(seed=0, **w):
+    fp = M.tiny_llama(hidden=64, intermediate=128, heads=2, kv_heads=1, layers=2, vocab=128, seed=seed)
+    st = copy.deepcopy(fp)
+    rotate_model(st, RotationConfig(r1="random_hadamard"))
+    qc = QuantConfig(w_bits=2, a_bits=4, kv_bits=4, w_group_size=32).with_weight(**w)
+    quantize_model(st, qc)
+    return fp, st, qc
+
+
+def test_gptq_then_qat_starts_at_the_gptq_model():
+    fp, st, _ = _student(ldp_init="lloyd", range_mode="static", clip_init="mse")
+    calib = torch.randint(0, 128, (4, 32), generator=torch.Generator().manual_seed(0))
+    gptq_model(st, calib, progress=False)
+    x = torch.randint(0, 128, (1, 24))
+    with torch.no_grad():
+        y_frozen = st(input_ids=x).logits
+    thaw_to_static(st)
+    assert all(isinstance(q.weight_quantizer, WeightQuantizer) for _, q in M.named_block_linears(st))
+    with torch.no_grad():
+        y = st(input_ids=x).logits
+    torch.testing.assert_close(y, y_frozen, rtol=1e-5, atol=1e-5)
+    data = torch.randint(0, 128, (1, 2000), generator=torch.Generator().manual_seed(1))
+    stats = train_student(st, fp, None, QATConfig(steps=3, seqlen=32, warmup_steps=0, val_every=100, val_windows=1,
+                                                  lr_quant=1e-2), data=data, progress=False)
+    assert math.isfinite(stats["weight_shift"]) and stats["tokens"] == 3 * 32
+
+
+def test_thaw_needs_static_range():
+    fp, st, _ = _student()
+    gptq_model(st, torch.randint(0, 128, (2, 16)), progress=False)
+    with pytest.raises(ValueError, match="static"):
+        thaw_to_static(st)
+
+
+def test_gptq_start_recipe_needs_static_range():
+    qc = QuantConfig(w_bits=2, a_bits=4, kv_bits=4, w_group_size=32)
+    with pytest.raises(ValueError, match="static"):
+        Recipe(quant=qc, qat=QATConfig(gptq_start=True)).validate()
+    Recipe(quant=qc.with_weight(range_mode="static"), qat=QATConfig(gptq_start=True)).validate()
+
+
+def test_train_student_reports_step0_and_movement():
+    fp, st, _ = _student(seed=1, ldp_init="lloyd", clip_init="mse")
+    data = torch.randint(0, 128, (1, 2000), generator=torch.Generator().manual_seed(2))
+    calls = []
+    stats = train_student(st, fp, None, QATConfig(steps=4, seqlen=32, warmup_steps=0, val_every=100, val_windows=1,
+                                                  lr_quant=5e-2, lr_weights=1e-3),
+                          data=data, progress=False, step0_eval=lambda m: calls.append(1) or 123.0)
+    assert calls == [1] and stats["step0_ppl"] == 123.0
+    assert stats["clip_ratio_init"] < 0.99  # the searched clip start
+    assert stats["clip_ratio_final"] != stats["clip_ratio_init"] and stats["level_shift"] > 0
+    assert 0 < stats["weight_shift"] < 1 and stats["tokens"] == 4 * 32 and stats["seconds"] >= 0
