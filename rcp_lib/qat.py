@@ -233,6 +233,20 @@ def teacher_generated_data(teacher: nn.Module, prompts: torch.Tensor, cfg: QATCo
     return torch.cat(outs).unsqueeze(0)
 
 
+def _reset_single_process_accelerate_state() -> None:
+    """Accelerate keeps one state per process and refuses a second ``Accelerator`` with another mixed precision. In a
+    single process (no ``torchrun``: ``WORLD_SIZE`` unset or 1) nothing is shared, so a previous ``train()``'s state is
+    dropped and each call uses its own recipe's precision; under ``torchrun`` the state (and its process group) stays."""
+    import os
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        return
+    from accelerate.state import AcceleratorState
+
+    if AcceleratorState._shared_state:
+        AcceleratorState._reset_state(True)
+
+
 def resolve_mixed_precision(cfg: QATConfig) -> str:
     """``cfg.mixed_precision`` with "auto" resolved: "bf16" when CUDA is available, else "no"."""
     if cfg.mixed_precision == "auto":
@@ -321,6 +335,7 @@ def train(
 
     if accelerator is None:
         mp = resolve_mixed_precision(cfg)
+        _reset_single_process_accelerate_state()
         # the schedule counts optimizer steps of the global batch: stepped by us once per step, not per process
         accelerator = Accelerator(gradient_accumulation_steps=cfg.grad_accum, mixed_precision=mp,
                                   cpu=not torch.cuda.is_available(), step_scheduler_with_optimizer=False)

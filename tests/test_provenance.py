@@ -205,7 +205,7 @@ def test_allow_dirty_env_accepts_and_is_recorded(dirty, monkeypatch):
 
     monkeypatch.setenv(rio.ALLOW_DIRTY_ENV, "1")
     p = X.write_rows([{"a": 1}], get_profile("smoke"), "t")
-    assert p == dirty / "results" / "smoke" / "t.csv" and p.read_text() == "a\n1\n"
+    assert p == dirty / "results" / "smoke" / "t.csv" and p.read_text() == "a,run_name,overrides\n1,smoke,{}\n"
     monkeypatch.setattr(rio, "git_commit", lambda repo=None: "0" * 40 + "+dirty")
     prov = rio.provenance()
     assert prov["allow_dirty"] is True and prov["code_fingerprint"] == rio.code_fingerprint()

@@ -148,3 +148,15 @@ def test_kl_needs_teacher():
     _, student = _pair()
     with pytest.raises(ValueError, match="teacher"):
         train(student, None, _data(), _cfg(steps=1), progress=False)
+
+
+def test_two_trainings_with_different_precision_in_one_process():
+    """Accelerate keeps one mixed-precision state per process: train() drops a previous single-process state, so a
+    bf16 run after an fp32 one (a sweep, the benchmarks, a notebook) uses its own recipe."""
+    teacher = M.tiny_llama(hidden=64, intermediate=128, heads=2, kv_heads=1, layers=2, vocab=128, seed=0)
+    ids = torch.randint(0, 128, (4096,))
+    for mp in ("no", "bf16"):
+        student = copy.deepcopy(teacher)
+        quantize_model(student, QuantConfig(w_bits=2, w_group_size=32, w_method="ldp", w_lwc=True))
+        res = train(student, teacher, ids, QATConfig(steps=1, seqlen=32, val_every=1, mixed_precision=mp), progress=False)
+        assert res.tokens == 32
