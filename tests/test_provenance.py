@@ -238,7 +238,8 @@ def test_cli_allow_dirty_flag(dirty, monkeypatch, capsys):
     assert ran == [] and "--allow-dirty" in capsys.readouterr().err
     assert M.main(["table", "--profile", "smoke"]) == 1
     assert "uncommitted changes" in capsys.readouterr().err
-    assert M.main(["reproduce", "--profile", "smoke", "--notebooks", "04_memory.ipynb", "--allow-dirty"]) == 0
+    # --no-html: the stub returns the source notebook, whose HTML copy would land in notebooks/
+    assert M.main(["reproduce", "--profile", "smoke", "--notebooks", "04_memory.ipynb", "--allow-dirty", "--no-html"]) == 0
     assert ran == ["04_memory.ipynb"] and os.environ[rio.ALLOW_DIRTY_ENV] == "1"  # inherited by the kernels
 
 
