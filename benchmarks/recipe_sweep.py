@@ -152,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
         del model
         return {**pt, "steps": steps, "qat_seqlen": Pp.qat_seqlen, "tokens": stats["tokens"], "val_ppl": ppl,
                 "step0_val_ppl": stats["step0_ppl"], **{k: stats[k] for k in (
-                    "clip_ratio_init", "clip_ratio_final", "level_shift", "weight_shift", "seconds")},
+                    "clip_ratio_init", "clip_ratio_final", "clip_shift", "level_shift", "weight_shift", "seconds")},
                 "val_split": f"train tail ({recipe.qat.holdout_fraction:g}), {Pp.sweep_val_windows} windows spread",
                 "val_seqlen": Pp.seqlen, "model": Pp.model, "corpus": Pp.corpus, "seed": Pp.seed,
                 "config": method_config(m, Pp), **provenance()}
@@ -166,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
             return None
         best = min(range(len(rows)), key=lambda j: rows[j]["val_ppl"])
         first = ["point", *GRID, "best", "val_ppl", "step0_val_ppl", "steps", "tokens", "clip_ratio_init",
-                 "clip_ratio_final", "level_shift", "weight_shift", "seconds"]
+                 "clip_ratio_final", "clip_shift", "level_shift", "weight_shift", "seconds"]
         for j, r in enumerate(rows):
             r["best"] = j == best
             rows[j] = {**{k: r[k] for k in first if k in r}, **{k: v for k, v in r.items() if k not in first}}
@@ -179,7 +179,8 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.perf_counter()
         row = _cached("sweep", key, lambda: compute(pt, Pp))
         print(f"[sweep {n + 1}/{len(todo)}] point {i} {pt}: val ppl {row['val_ppl']:.2f} (step 0 "
-              f"{row['step0_val_ppl']:.1f}), clip {row['clip_ratio_init']:.3f}->{row['clip_ratio_final']:.3f}, "
+              f"{row['step0_val_ppl']:.1f}), clip {row['clip_ratio_init']:.3f}->{row['clip_ratio_final']:.3f} "
+              f"(mean |change| {row.get('clip_shift', float('nan')):.4f}), "
               f"level shift {row['level_shift']:.4f} [{time.perf_counter() - t0:.0f} s, total "
               f"{time.perf_counter() - t_all:.0f} s]", flush=True)
         written = write()

@@ -7,6 +7,9 @@ training) and gives the columns every QAT row carries:
 * ``clip_ratio_init`` / ``clip_ratio_final``: mean over all groups of all layers of ``(hi - lo) / (max - min)`` of the
   group (:meth:`~rcp_lib.quant.quantizers.WeightQuantizer.clip_ratio`; 1 = min-max, the same definition for LWC,
   static and fixed ranges);
+* ``clip_shift``: mean over all groups of ``|ratio_final - ratio_init|``. The mean ratio alone can hide movement: from
+  the searched (MSE-optimal) start, groups move both ways and the signed changes cancel (measured on the embedded
+  model: mean ratio changed by 3e-5 while the mean per-group change was 3e-3 after 10 steps);
 * ``level_shift``: mean ``|c_final - c_init|`` over the *interior* normalised level positions ``c_1 .. c_{L-2}`` of
   every group (the end positions are 0 and 1 by construction); 0 for a uniform grid;
 * ``weight_shift``: relative Frobenius change of the latent weights, ``sqrt(sum ||W1 - W0||^2) / sqrt(sum ||W0||^2)``
@@ -51,7 +54,7 @@ def movement(before: Snapshot, after: Snapshot) -> dict[str, float]:
     """Movement columns between two snapshots of the same model (see module docstring).
 
     Returns:
-        ``{"clip_ratio_init", "clip_ratio_final", "level_shift", "weight_shift"}`` as floats (``weight_shift`` is NaN
+        ``{"clip_ratio_init", "clip_ratio_final", "clip_shift", "level_shift", "weight_shift"}`` as floats (``weight_shift`` is NaN
         when the snapshots hold no weights).
     Raises:
         ValueError: the snapshots are empty or name different layers / shapes.
@@ -75,5 +78,6 @@ def movement(before: Snapshot, after: Snapshot) -> dict[str, float]:
             dw2 += float(((w1 - w0) ** 2).sum())
             w2 += float((w0 ** 2).sum())
     level = float(torch.cat(shifts).mean()) if shifts else 0.0
-    return {"clip_ratio_init": float(r0.mean()), "clip_ratio_final": float(r1.mean()), "level_shift": level,
+    return {"clip_ratio_init": float(r0.mean()), "clip_ratio_final": float(r1.mean()),
+            "clip_shift": float((r1 - r0).abs().mean()), "level_shift": level,
             "weight_shift": math.sqrt(dw2 / w2) if have_w and w2 > 0 else float("nan")}

@@ -133,6 +133,10 @@ def claims_markdown(d: Path, ppl: pd.DataFrame) -> str:
         clip = "with QuaRot's clip search" if searched else "min–max ranges, no clip search"
         order = "reproduced" if rcp < float(ptq.min()) else "not reproduced"
         rot = ""
+        abl = ("The Clip / Partition / GSR ablations are one seed each in this table: their order is stated only "
+               "in the ablation with seeds below." if (d.parent / "ablation" / _file("ablation_summary")).exists() else
+               "The Clip / Partition / GSR ablations are one seed each: not separable at this budget (no ablation "
+               "with seeds in `results/ablation/` yet).")
         if "RCP w/o Rotate" in at.index:
             rot = f" Inside QAT, rotation is worth {_fmt_x(float(at['RCP w/o Rotate']) / rcp)} (w/o Rotate {_fmt_ppl(float(at['RCP w/o Rotate']))})."
         rows.append(f"| RCP ≫ PTQ baselines at W2A4KV4 | embedded model: RCP {_fmt_ppl(rcp)} vs the best PTQ row "
@@ -140,8 +144,7 @@ def claims_markdown(d: Path, ppl: pd.DataFrame) -> str:
                     + (f"{_fmt_x(float(ptq.min()) / rcp)} lower" if rcp < float(ptq.min()) else
                        f"{_fmt_x(rcp / float(ptq.min()))} higher than that baseline") + "; still"
                     f" {_fmt_x(rcp / float(fp.iloc[0]))} the FP perplexity "
-                    f"({_fmt_ppl(float(fp.iloc[0]))}) after our short QAT.{rot} The Clip / Partition / GSR ablations are "
-                    f"one seed each: not separable at this budget (see the recipe issue). | order {order}; far from "
+                    f"({_fmt_ppl(float(fp.iloc[0]))}) after our short QAT.{rot} {abl} | order {order}; far from "
                     f"the paper's gap to FP |")
     return "\n".join(rows)
 
@@ -225,6 +228,49 @@ def gsr_control_markdown(ppl: pd.DataFrame) -> str:
                        "|---|---|---|---|---|", *lines])
 
 
+def sweep_markdown(sweep: pd.DataFrame) -> str:
+    """One paragraph on the QAT recipe sweep (``recipe_sweep.csv``): how many points, the best one, and the searched
+    start against the constant start at the same learning rates and clip (the ratio of validation perplexities)."""
+    keys = ["lr_quant", "lr_weights", "grad_clip"]
+    best = sweep[sweep["best"].astype(str) == "True"].iloc[0]
+    r0 = sweep.iloc[0]
+    pairs = sweep.pivot_table(index=keys, columns="init", values="val_ppl", aggfunc="first")
+    ratios = (pairs["const"] / pairs["search"]).dropna() if {"const", "search"} <= set(pairs.columns) else pd.Series([], dtype=float)
+    txt = (f"QAT recipe sweep (`benchmarks/recipe_sweep.py`, `results/cpu/recipe_sweep.csv`): {len(sweep)} points, "
+           f"{int(r0['steps'])} steps × {int(r0['tokens']) // int(r0['steps'])} tokens each, scored on "
+           f"{r0['val_split']} (never the test split). Best: lr_quant {best['lr_quant']:g}, lr_weights "
+           f"{best['lr_weights']:g}, grad clip {best['grad_clip']:g}, {best['init']} start → validation perplexity "
+           f"{_fmt_ppl(float(best['val_ppl']))} (step 0: {_fmt_ppl(float(best['step0_val_ppl']))}).")
+    if len(ratios):
+        txt += (f" The searched start beats the constant start at all {len(ratios)} learning-rate pairs run both ways "
+                f"({ratios.min():.1f}–{ratios.max():.1f}× lower perplexity).")
+    return txt
+
+
+def ablation_markdown(summary: pd.DataFrame) -> str:
+    """The ablation with seeds (``results/ablation/ablation_summary.csv``): perplexity mean ± sample std over seeds,
+    the step-0 perplexity and how far each part moved (means over seeds), and the order against RCP that
+    :func:`rcp_lib.experiments.ablation.separation` states (only beyond two standard errors)."""
+    def num(r, k, fmt):
+        v = r.get(k)
+        return "–" if v is None or pd.isna(v) else fmt(float(v))
+
+    lines = ["| method | seeds | ppl (mean ± std) | step-0 ppl | clip ratio init → final | mean \\|Δ clip ratio\\| | "
+             "mean \\|Δ level\\| | weight change | vs RCP |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in summary.to_dict("records"):
+        vs = r.get("vs_RCP")
+        lines.append(f"| {r['method']} | {int(r['n'])} | {_fmt_ppl(float(r['ppl_mean']))} ± {num(r, 'ppl_std', _fmt_ppl)} | "
+                     f"{num(r, 'step0_ppl_mean', _fmt_ppl)} | {num(r, 'clip_ratio_init_mean', lambda x: f'{x:.3f}')} → "
+                     f"{num(r, 'clip_ratio_final_mean', lambda x: f'{x:.3f}')} | {num(r, 'clip_shift_mean', lambda x: f'{x:.4f}')} | "
+                     f"{num(r, 'level_shift_mean', lambda x: f'{x:.4f}')} | {num(r, 'weight_shift_mean', lambda x: f'{x:.2g}')} | "
+                     f"{vs if isinstance(vs, str) and vs else '–'} |")
+    for r in summary.to_dict("records"):
+        vc = r.get("vs_control")
+        if isinstance(vc, str) and vc:
+            lines.append(f"\n{r['method']} against its control (same blocks, natural order): {vc}.")
+    return "\n".join(lines)
+
+
 def benchmarks_markdown(d: Path) -> str:
     """Benchmark table from ``hadamard_speed.json`` and ``qat_step.json`` (scripts of ``benchmarks/``), if present."""
     lines = []
@@ -296,6 +342,18 @@ def results_markdown(profile: str = "cpu", results: Path | None = None) -> str:
                 "uniform-clip, `shape_gain` = uniform-clip / pinned non-uniform. The non-uniform errors come from "
                 "Lloyd searches (upper bounds within a few per cent of the optimum).", "",
                 rotation_markdown(pd.read_csv(rot_p)), ""]
+    sweep_p = d / _file("recipe_sweep")
+    if sweep_p.exists():
+        out += [sweep_markdown(pd.read_csv(sweep_p)), ""]
+    abl_p = d.parent / "ablation" / _file("ablation_summary")
+    if abl_p.exists():
+        abl = pd.read_csv(abl_p)
+        commits = sorted(set(abl["git_commit"].astype(str))) if "git_commit" in abl else []
+        out += [f"Ablation with seeds (`ablation` profile: `python -m rcp_lib table --profile ablation --table "
+                f"ablation_summary`; W2A4KV4, the `cpu` profile's test windows and QAT budget, one run per seed, the seed "
+                f"setting the R1 signs and the data order; `results/ablation/`, git {', '.join(c[:8] for c in commits)}). "
+                "An order against RCP is stated only where the difference of means exceeds two standard errors of "
+                "that difference.", "", ablation_markdown(abl), ""]
     ctl = gsr_control_markdown(ppl)
     if ctl:
         out += ["GSR and its control: the same block-diagonal R1 with the rows of each block in natural Hadamard order "

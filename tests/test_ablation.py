@@ -61,6 +61,10 @@ def test_ablation_profile_and_table_columns(monkeypatch):
     assert all(s == q and (rs is None or rs == s) for _, s, rs, q in seen)
     summ = A.summarize_ablation(rows)
     assert {s["n"] for s in summ} == {len(P.ablation_seeds)}
+    monkeypatch.setattr(A, "provenance", lambda: {"git_commit": "abc"})
+    full = {s["method"]: s for s in A.ablation_summary(P, progress=False)}
+    assert full["RCP"]["vs_RCP"] == "" and full["RCP w/o Clip"]["vs_RCP"] == A.NOT_SEPARABLE  # identical fake rows
+    assert full["RCP+GSR"]["vs_control"] == A.NOT_SEPARABLE and full["RCP"]["vs_control"] == ""
 
 
 def test_ablation_rows_share_keys_with_cpu_at_seed_0_only():
@@ -80,17 +84,26 @@ def test_qat_weight_fields_apply_only_where_they_mean_something():
     assert (w("RCP w/o Partition (LWC+uniform)").clip_init, w("RCP w/o Partition (LWC+uniform)").ldp_init) == ("mse", "uniform")
     assert w("QuaRot-GPTQ").clip_init == "const"  # PTQ rows never get the QAT fields
     q = X.method("RCP", "W2A4KV4").recipe(P).qat
-    assert (q.lr_quant, q.grad_clip, q.lr_weights) == (1e-2, 0.3, 2e-5)
+    assert (q.lr_quant, q.grad_clip, q.lr_weights) == (1e-2, 0.3, 1e-4)
 
 
-def test_default_profile_recipe_is_unchanged():
-    """The new options default to the recipe the cpu numbers were made with."""
+def test_default_profile_recipe_is_the_best_sweep_point():
+    """The cpu profile's QAT recipe is the best point of the committed recipe sweep (traceable to its evidence)."""
+    import csv
+
+    from rcp_lib.paths import REPO_ROOT
+
+    sweep = REPO_ROOT / "results" / "cpu" / "recipe_sweep.csv"
+    best = next(r for r in csv.DictReader(sweep.open()) if r["best"] == "True")
     P = get_profile("cpu")
     r = X.method("RCP", "W2A4KV4").recipe(P)
-    assert (r.quant.weight.clip_init, r.quant.weight.range_mode, r.quant.weight.ldp_init) == ("const", "relative", "uniform")
+    assert (r.quant.weight.clip_init, r.quant.weight.range_mode, r.quant.weight.ldp_init) == ("mse", "relative", "lloyd")
+    assert best["init"] == "search"
     q = r.qat
-    assert (q.lr_weights, q.lr_quant, q.grad_clip, q.mixed_precision, q.teacher_precision, q.block_ap_steps,
-            q.gptq_start, q.seqlen) == (2e-5, 1e-3, 1.0, "auto", "same", 0, False, 256)
+    assert (q.lr_weights, q.lr_quant, q.grad_clip) == (float(best["lr_weights"]), float(best["lr_quant"]),
+                                                       float(best["grad_clip"]))
+    assert (q.steps, q.seqlen) == (int(best["steps"]), int(best["qat_seqlen"]))  # the budget it was selected at
+    assert (q.mixed_precision, q.teacher_precision, q.block_ap_steps, q.gptq_start) == ("auto", "same", 0, False)
 
 
 def test_plot_token_curve(tmp_path):

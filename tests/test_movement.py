@@ -25,6 +25,7 @@ def test_movement_on_hand_built_snapshots():
     m = movement(before, after)
     assert m["clip_ratio_init"] == pytest.approx((1.0 + 0.5 + 0.9) / 3)
     assert m["clip_ratio_final"] == pytest.approx((0.8 + 0.5 + 0.6) / 3)
+    assert m["clip_shift"] == pytest.approx((0.2 + 0 + 0.3) / 3)  # per-group |change|, not the change of the mean
     # interior shifts: |0.3-1/3|, |0.7-2/3|, |0.25-0.25|, |0.4-0.5| -> mean
     assert m["level_shift"] == pytest.approx((1 / 30 + 1 / 30 + 0 + 0.1) / 4)
     assert m["weight_shift"] == pytest.approx(math.sqrt((16 + 9) / 25))
@@ -50,4 +51,5 @@ def test_snapshot_of_a_quantizer_matches_its_definitions():
         m.weight.mul_(2)
     mv = movement(s0, snapshot(m))
     assert mv["clip_ratio_final"] == pytest.approx(0.5) and mv["weight_shift"] == pytest.approx(1.0)
+    assert mv["clip_shift"] == pytest.approx(0.0)
     assert mv["level_shift"] > 0.05

@@ -69,4 +69,5 @@ def test_train_student_reports_step0_and_movement():
     assert calls == [1] and stats["step0_ppl"] == 123.0
     assert stats["clip_ratio_init"] < 0.99  # the searched clip start
     assert stats["clip_ratio_final"] != stats["clip_ratio_init"] and stats["level_shift"] > 0
+    assert stats["clip_shift"] >= abs(stats["clip_ratio_final"] - stats["clip_ratio_init"]) and stats["clip_shift"] > 0
     assert 0 < stats["weight_shift"] < 1 and stats["tokens"] == 4 * 32 and stats["seconds"] >= 0

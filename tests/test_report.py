@@ -148,3 +148,44 @@ def test_rotation_markdown_pairs_gsr_with_its_control():
     row = rotation_claim_row(df)
     assert "kurtosis 12 → 3 (random_hadamard)" in row and "the range accounts for 2×" in row
     assert "most of the gain" in row  # 2.0 (range) > 0.1 / 0.09 (shape)
+
+
+def test_sweep_markdown_states_best_point_and_init_ratios():
+    from rcp_lib.report import sweep_markdown
+
+    base = {"steps": 40, "tokens": 10240, "val_split": "train tail", "step0_val_ppl": 5e4}
+    df = pd.DataFrame([
+        {"lr_quant": 1e-2, "lr_weights": 1e-4, "grad_clip": 1.0, "init": "search", "val_ppl": 400.0, "best": True, **base},
+        {"lr_quant": 1e-2, "lr_weights": 1e-4, "grad_clip": 1.0, "init": "const", "val_ppl": 1200.0, "best": False, **base},
+        {"lr_quant": 1e-3, "lr_weights": 1e-4, "grad_clip": 1.0, "init": "search", "val_ppl": 500.0, "best": False, **base},
+        {"lr_quant": 1e-3, "lr_weights": 1e-4, "grad_clip": 1.0, "init": "const", "val_ppl": 1000.0, "best": False, **base},
+        {"lr_quant": 1e-3, "lr_weights": 2e-5, "grad_clip": 1.0, "init": "search", "val_ppl": 900.0, "best": False, **base},
+    ])
+    md = sweep_markdown(df)
+    assert "5 points, 40 steps × 256 tokens" in md and "lr_quant 0.01, lr_weights 0.0001, grad clip 1, search" in md
+    assert "validation perplexity 400" in md and "at all 2 learning-rate pairs" in md and "(2.0–3.0× lower" in md
+
+
+def test_ablation_block_in_readme(tmp_path):
+    """results/ablation/ablation_summary.csv next to the profile's folder adds the seeded table; the claim row
+    then defers the ablation order to it."""
+    from rcp_lib.report import results_markdown
+
+    res = tmp_path / "cpu"
+    res.mkdir()
+    _ppl_rows().to_csv(res / "perplexity.csv", index=False)
+    assert "no ablation with seeds" in results_markdown("cpu", res)
+    (tmp_path / "ablation").mkdir()
+    pd.DataFrame([
+        {"method": "RCP", "setting": "W2A4KV4", "n": 3, "ppl_mean": 400.0, "ppl_std": 10.0, "ppl_sem": 5.77,
+         "step0_ppl_mean": 5e4, "clip_ratio_init_mean": 0.672, "clip_ratio_final_mean": 0.671, "clip_shift_mean": 0.012,
+         "level_shift_mean": 0.013, "weight_shift_mean": 0.0034, "vs_RCP": float("nan"), "git_commit": "abc"},
+        {"method": "RCP w/o Clip", "setting": "W2A4KV4", "n": 3, "ppl_mean": 410.0, "ppl_std": 30.0, "ppl_sem": 17.3,
+         "step0_ppl_mean": 6e4, "clip_ratio_init_mean": 1.0, "clip_ratio_final_mean": 1.0, "clip_shift_mean": 0.0,
+         "level_shift_mean": 0.02, "weight_shift_mean": 0.0035, "vs_RCP": "not separable at this budget",
+         "git_commit": "abc"},
+    ]).to_csv(tmp_path / "ablation" / "ablation_summary.csv", index=False)
+    md = results_markdown("cpu", res)
+    assert "only in the ablation with seeds below" in md
+    assert "| RCP | 3 | 400 ± 10.00 | 50000 | 0.672 → 0.671 | 0.0120 | 0.0130 | 0.0034 | – |" in md
+    assert "| RCP w/o Clip | 3 | 410 ± 30.00 |" in md and "not separable at this budget |" in md

@@ -25,7 +25,7 @@ from .rows import _cached, _code
 
 #: the columns of ``ablation.csv``, in order
 ABLATION_COLUMNS = ("method", "setting", "seed", "ppl", "step0_ppl", "clip_ratio_init", "clip_ratio_final",
-                    "level_shift", "weight_shift", "tokens", "seconds", "git_commit")
+                    "clip_shift", "level_shift", "weight_shift", "tokens", "seconds", "git_commit")
 NOT_SEPARABLE = "not separable at this budget"
 ABLATION_SETTING = "W2A4KV4"
 
@@ -52,7 +52,8 @@ def ablation_table(profile: Profile, progress: bool = True) -> list[dict]:
             r = ppl_row(m, p, progress=progress)
             rows.append({"method": m.name, "setting": m.setting, "seed": int(seed), "ppl": r["ppl"],
                          "step0_ppl": r.get("step0_ppl"), "clip_ratio_init": r.get("clip_ratio_init"),
-                         "clip_ratio_final": r.get("clip_ratio_final"), "level_shift": r.get("level_shift"),
+                         "clip_ratio_final": r.get("clip_ratio_final"), "clip_shift": r.get("clip_shift"),
+                         "level_shift": r.get("level_shift"),
                          "weight_shift": r.get("weight_shift"), "tokens": r.get("qat_tokens"),
                          "seconds": r.get("qat_seconds"), "git_commit": r.get("git_commit")})
     return rows
@@ -70,7 +71,7 @@ def _stats(values: list[float]) -> tuple[float, float, float]:
 def summarize_ablation(rows: list[dict]) -> list[dict]:
     """Per (method, setting), in first-seen order: ``n``, ``ppl_mean``, ``ppl_std`` (sample std), ``ppl_sem``
     (std / sqrt(n)), ``seeds`` and the means of ``step0_ppl``, ``clip_ratio_init``, ``clip_ratio_final``,
-    ``level_shift``, ``weight_shift`` (NaN where a column is missing)."""
+    ``clip_shift``, ``level_shift``, ``weight_shift`` (NaN where a column is missing)."""
     groups: dict[tuple[str, str], list[dict]] = {}
     for r in rows:
         groups.setdefault((r["method"], r["setting"]), []).append(r)
@@ -79,7 +80,7 @@ def summarize_ablation(rows: list[dict]) -> list[dict]:
         mean, sd, se = _stats([float(r["ppl"]) for r in rs])
         rec: dict[str, Any] = {"method": name, "setting": setting, "n": len(rs), "seeds": [r["seed"] for r in rs],
                                "ppl_mean": mean, "ppl_std": sd, "ppl_sem": se}
-        for k in ("step0_ppl", "clip_ratio_init", "clip_ratio_final", "level_shift", "weight_shift"):
+        for k in ("step0_ppl", "clip_ratio_init", "clip_ratio_final", "clip_shift", "level_shift", "weight_shift"):
             vals = [float(r[k]) for r in rs if r.get(k) is not None and r.get(k) == r.get(k)]
             rec[f"{k}_mean"] = statistics.fmean(vals) if vals else float("nan")
         out.append(rec)
@@ -99,14 +100,22 @@ def separation(a: dict, b: dict, k: float = 2.0) -> str:
             f"n = {a['n']}, {b['n']})")
 
 
+#: rows compared with a control besides RCP: GSR's sequency order against the same blocks in natural order
+CONTROLS = {"RCP+GSR": "RCP+BlockHadamard"}
+
+
 def ablation_summary(profile: Profile, progress: bool = True) -> list[dict]:
     """:func:`summarize_ablation` of :func:`ablation_table`, each row with ``vs_RCP``: its :func:`separation` from
-    RCP (empty for RCP itself), and provenance."""
+    RCP (empty for RCP itself), ``vs_control``: its separation from its control in :data:`CONTROLS` (empty for
+    rows without one), and provenance."""
     summ = summarize_ablation(ablation_table(profile, progress=progress))
-    rcp = next((s for s in summ if s["method"] == "RCP"), None)
+    by_name = {s["method"]: s for s in summ}
+    rcp = by_name.get("RCP")
     prov = provenance()
     for s in summ:
         s["vs_RCP"] = "" if rcp is None or s is rcp else separation(rcp, s)
+        ctl = by_name.get(CONTROLS.get(s["method"], ""))
+        s["vs_control"] = separation(s, ctl) if ctl is not None else ""
         s.update(prov)
     return summ
 
@@ -135,9 +144,10 @@ def _fp_val_ppl(profile: Profile, seqlen: int, windows: int, holdout: float, pro
 def token_curve(profile: Profile, progress: bool = True) -> list[dict]:
     """RCP W2A4KV4 validation perplexity vs training tokens for the profile's recipe (one row per validation point of
     the QAT history: every ``qat_val_every`` steps and the last step), with ``fp_val_ppl``: the FP model on the same
-    held-out windows of the train split. Trains (or loads from the cache) the RCP student of the profile: set
-    ``qat_steps`` / ``qat_val_every`` for the budget and the points (e.g. ``--set qat_steps=640 qat_val_every=40``)."""
-    from .build import build, qat_history
+    held-out windows of the train split, and ``run_clip_shift`` / ``run_level_shift`` / ``run_weight_shift``: how far
+    the whole run moved each part (:mod:`rcp_lib.movement`). Trains (or loads from the cache) the RCP student of the
+    profile: set ``qat_steps`` / ``qat_val_every`` for the budget and the points (e.g. ``--set qat_steps=640 qat_val_every=40``)."""
+    from .build import build, qat_history, qat_stats
 
     m = method("RCP", ABLATION_SETTING)
     qat = m.recipe(profile).qat
@@ -146,10 +156,12 @@ def token_curve(profile: Profile, progress: bool = True) -> list[dict]:
     if not hist:
         raise RuntimeError("the RCP student has no validation points in its history (was it trained by build?)")
     fp = _fp_val_ppl(profile, qat.seqlen, qat.val_windows, qat.holdout_fraction, progress)
+    st = qat_stats(m, profile)
+    run = {f"run_{k}": st.get(k) for k in ("clip_shift", "level_shift", "weight_shift")}  # the whole run's movement
     prov = provenance()
     return [{"method": m.name, "setting": m.setting, "step": h["step"], "tokens": h["tokens"], "val_ppl": h["val_ppl"],
              "fp_val_ppl": fp, "val_seqlen": qat.seqlen, "val_windows": qat.val_windows, "split": "train (held-out tail)",
-             **prov} for h in hist]
+             **run, **prov} for h in hist]
 
 
 def plot_token_curve(rows: list[dict]):

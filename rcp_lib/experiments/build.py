@@ -136,8 +136,8 @@ def train_student(model: nn.Module, fp: nn.Module, profile: Profile, qat: QATCon
     there (a killed run resumes).
 
     Returns:
-        ``{"step0_ppl", "clip_ratio_init", "clip_ratio_final", "level_shift", "weight_shift", "tokens", "seconds",
-        "block_ap"}`` (``step0_ppl`` None without ``step0_eval``; ``seconds`` = Block-AP + training, without the
+        ``{"step0_ppl", "clip_ratio_init", "clip_ratio_final", "clip_shift", "level_shift", "weight_shift", "tokens",
+        "seconds", "block_ap"}`` (``step0_ppl`` None without ``step0_eval``; ``seconds`` = Block-AP + training, without the
         evaluations).
     """
     from pathlib import Path

@@ -15,7 +15,7 @@ from .rows import _cached, _row_key, method_config
 
 
 #: movement / start columns of every perplexity row (None for rows without QAT); see :mod:`rcp_lib.movement`
-QAT_COLUMNS = ("step0_ppl", "clip_ratio_init", "clip_ratio_final", "level_shift", "weight_shift")
+QAT_COLUMNS = ("step0_ppl", "clip_ratio_init", "clip_ratio_final", "clip_shift", "level_shift", "weight_shift")
 
 
 def _window_note(idx: list[int], n_total: int) -> str:
