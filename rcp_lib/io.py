@@ -200,10 +200,18 @@ def source_roots() -> dict[str, Path]:
     return roots
 
 
+#: files the fingerprint leaves out: the named profiles are settings, not code. Every profile field that changes a
+#: number is in the cache key of what it changes (a row's key holds the whole profile but its table selections, a
+#: student's key its recipe and budget; ``--set`` overrides are keyed the same way), so editing which rows a profile
+#: lists, or its budgets, recomputes only what they change instead of every cache.
+FINGERPRINT_EXCLUDE = frozenset({"rcp_lib/profiles.py"})
+
+
 def fingerprint_tree(roots: Mapping[str, str | os.PathLike]) -> str:
     """12-hex-digit hash of the files under ``roots`` (``{prefix: directory}``): ``*.py`` under the
     ``rcp_lib`` and ``kernels`` prefixes, every file under any other prefix (configs), as sorted
-    ``prefix/relative/path`` names plus bytes. Byte caches (``__pycache__``, ``*.pyc``) are skipped."""
+    ``prefix/relative/path`` names plus bytes. Byte caches (``__pycache__``, ``*.pyc``) and
+    :data:`FINGERPRINT_EXCLUDE` are skipped."""
     h = hashlib.sha256()
     items: list[tuple[str, Path]] = []
     for prefix, root in roots.items():
@@ -215,7 +223,9 @@ def fingerprint_tree(roots: Mapping[str, str | os.PathLike]) -> str:
                 continue
             if prefix in ("rcp_lib", "kernels") and f.suffix != ".py":
                 continue
-            items.append((f"{prefix}/{f.relative_to(root).as_posix()}", f))
+            rel = f"{prefix}/{f.relative_to(root).as_posix()}"
+            if rel not in FINGERPRINT_EXCLUDE:
+                items.append((rel, f))
     for rel, f in sorted(items):
         data = f.read_bytes()
         h.update(rel.encode() + b"\0" + str(len(data)).encode() + b"\0" + data)

@@ -66,6 +66,9 @@ class Profile:
     # levels inside it): lower validation perplexity than the constant start at every learning-rate pair swept both ways
     qat_weight: dict = field(default_factory=lambda: {"clip_init": "mse", "ldp_init": "lloyd"})
     ablation_seeds: list[int] = field(default_factory=lambda: [0])  # seeds of the ablation table (one run each)
+    # the one-seed QAT ablation rows (w/o Clip, w/o Partition, w/o Rotate, the block-Hadamard control) in the tables;
+    # False: left to the ``ablation`` profile, which has the seeds to order them (rcp_lib.experiments.SEEDED_ABLATIONS)
+    qat_ablation_rows: bool = True
     sweep_val_windows: int = 16  # held-out train-tail windows (at seqlen) that select a recipe in the sweep
     analysis_layers: list[int] | None = None  # None: all
     # R1 specs "kind[:block][/g<group>]" (block kinds default to block = group; group defaults to w_group_size):
@@ -125,7 +128,8 @@ PROFILES: dict[str, Profile] = {
         analysis_rotations=["none", "gsr:64", "block_hadamard:64"], zero_shot_limit=8,
         settings=["W2A4KV4"], methods=["FP", "QuaRot-GPTQ", "RCP"],
     ),
-    "cpu": Profile(name="cpu"),
+    # the seeded ablation rows run in the ``ablation`` profile (its seed 0 shares the cpu rows' cache keys)
+    "cpu": Profile(name="cpu", qat_ablation_rows=False),
     # one CUDA GPU: QAT 400 steps x 4 x 512 tokens = 819,200 (80x the cpu profile's 40 x 1 x 256 = 10,240), the whole
     # test split for perplexity, 64 calibration windows of 512; the tables and models of the cpu profile otherwise
     "gpu": Profile(

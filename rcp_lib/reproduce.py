@@ -243,7 +243,8 @@ def dry_run(profile: str = "paper", notebooks: list[str] | None = None, kernel: 
     restored after it); nothing is written into the checkout. Uncommitted changes are allowed (nothing is a result).
 
     Returns:
-        ``workdir``; its ``results/<profile>/`` holds the tables the notebooks wrote.
+        ``workdir``; its ``results/<profile>-<hash of the overrides>/`` holds the tables the notebooks wrote (the
+        scaled budgets are overrides, :attr:`rcp_lib.profiles.Profile.run_name`).
     Raises:
         NotebookFailed: the first notebook that fails, naming the cell.
     """

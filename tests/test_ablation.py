@@ -115,3 +115,12 @@ def test_plot_token_curve(tmp_path):
     assert list(ax.lines[0].get_xdata()) == [5120, 10240, 20480] and list(ax.lines[1].get_ydata()) == [20.0, 20.0]
     fig.savefig(tmp_path / "c.png")
     assert (tmp_path / "c.png").stat().st_size > 0
+
+
+def test_cpu_tables_leave_the_seeded_ablations_to_the_ablation_profile():
+    cpu = {(m.name, m.setting) for m in X.all_methods(get_profile("cpu"))}
+    assert ("RCP", "W2A4KV4") in cpu and ("RCP+GSR", "W2A4KV4") in cpu
+    assert not {n for n, _ in cpu} & set(X.SEEDED_ABLATIONS)
+    abl = {m.name for m in A.ablation_methods(get_profile("ablation"))}
+    assert set(X.SEEDED_ABLATIONS) <= abl and "RCP+GSR" in abl
+    assert {m.name for m in X.all_methods(get_profile("gpu"))} >= set(X.SEEDED_ABLATIONS)  # default: in the table

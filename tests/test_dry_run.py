@@ -48,10 +48,12 @@ def test_reproduce_paper_dry_run(tmp_path):
     assert work == (tmp_path / "dry").resolve()
     for nb in NOTEBOOKS:
         assert (work / "runs" / "paper" / nb).exists()
-    written = sorted(p.name for p in (work / "results" / "paper").iterdir())
+    outs = list((work / "results").iterdir())  # the budgets are overrides: results/paper-<hash of them>/
+    assert len(outs) == 1 and outs[0].name.startswith("paper-")
+    written = sorted(p.name for p in outs[0].iterdir())
     assert "perplexity.csv" in written and "quickstart.json" in written
     import pandas as pd
 
-    ppl = pd.read_csv(work / "results" / "paper" / "perplexity.csv")
+    ppl = pd.read_csv(outs[0] / "perplexity.csv")
     assert set(ppl["method"]) >= {"FP", "RCP"} and ppl["ppl"].notna().all()
     assert sorted(p for p in (ROOT / "results").rglob("*") if p.is_file()) == results_before

@@ -10,7 +10,7 @@ from rcp_lib.rotation.fuse import RotationConfig
 
 def test_gsr_block_defaults_to_the_weight_group_and_is_recorded():
     for name, gs in (("cpu", 64), ("paper", 128)):
-        P = get_profile(name)
+        P = get_profile(name, qat_ablation_rows=True)
         ms = {(m.name, m.setting): m for m in X.all_methods(P)}
         for key in (("GSR-GPTQ", "W2A4KV4"), ("BlockHadamard-GPTQ", "W2A4KV4"), ("RCP+GSR", "W2A4KV4"),
                     ("RCP+BlockHadamard", "W2A4KV4")):

@@ -50,8 +50,36 @@ def test_fingerprint_covers_code_and_configs(tmp_path):
     (roots["rcp_lib"] / "__pycache__" / "x.cpython-311.pyc").write_bytes(b"\0")
     assert rio.fingerprint_tree(roots) == fp_c
 
+    prof = roots["rcp_lib"] / "profiles.py"  # settings, keyed where they matter: not part of the fingerprint
+    prof.write_text(prof.read_text().replace("qat_steps: int = 40", "qat_steps: int = 80"))
+    assert rio.fingerprint_tree(roots) == fp_c
+
     py.rename(py.with_name("quantizers2.py"))  # a rename changes it (paths are hashed)
     assert rio.fingerprint_tree(roots) != fp_c
+
+
+def test_profile_fields_reach_the_cache_keys():
+    """profiles.py is outside the fingerprint, so every Profile field must either be in a row's key or be a table
+    selection that changes no number; a student's and a PTQ state's keys carry the fields that change them."""
+    from dataclasses import fields
+
+    from rcp_lib import experiments as X
+    from rcp_lib.experiments.rows import _qat_key, _row_key, ptq_key
+    from rcp_lib.profiles import Profile, get_profile
+
+    selections = {"name", "overrides", "analysis_layers", "analysis_rotations", "zero_shot_tasks", "zero_shot_limit",
+                  "settings", "device", "methods", "full_eval_methods", "ablation_seeds", "sweep_val_windows",
+                  "qat_ablation_rows"}
+    P = get_profile("cpu")
+    rcp, gptq = X.method("RCP", "W2A4KV4"), X.method("QuaRot-GPTQ", "W2A4KV4")
+    assert set(_row_key(rcp, P)["profile"]) == {f.name for f in fields(Profile)} - selections
+    for field, value in (("qat_steps", 41), ("qat_lr_quant", 3e-3), ("dtype", "bfloat16"), ("seed", 1),
+                         ("qat_weight", {"clip_init": "const"})):
+        Q = get_profile("cpu", **{field: value})
+        assert _row_key(rcp, Q) != _row_key(rcp, P) and _qat_key(rcp, Q) != _qat_key(rcp, P), field
+    for field, value in (("calib_windows", 16), ("dtype", "bfloat16"), ("seed", 1), ("w_group_size", 32)):
+        Q = get_profile("cpu", **{field: value})
+        assert ptq_key(gptq, Q) != ptq_key(gptq, P), field
 
 
 def test_code_fingerprint_is_per_process_and_follows_source_roots(tmp_path, monkeypatch):

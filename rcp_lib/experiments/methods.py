@@ -116,15 +116,22 @@ def ptq_methods(settings: list[str]) -> list[Method]:
     return rows
 
 
-def qat_methods(settings: list[str]) -> list[Method]:
-    """RCP at every setting and its ablations at W2A4KV4, all through the same QAT loop (our reconstruction)."""
-    return [method(n, s) for s in settings for n in ("RCP",) + (ABLATIONS if s == "W2A4KV4" else ())]
+#: ablation rows whose order needs seeds: with ``Profile.qat_ablation_rows=False`` (the ``cpu`` profile) the tables
+#: leave them to the ``ablation`` profile, which runs each with several seeds (RCP+GSR stays: a method of its own)
+SEEDED_ABLATIONS = ("RCP w/o Partition (LWC+uniform)", "RCP w/o Rotate", "RCP w/o Clip", "RCP+BlockHadamard")
+
+
+def qat_methods(settings: list[str], ablations: bool = True) -> list[Method]:
+    """RCP at every setting and its ablations at W2A4KV4, all through the same QAT loop (our reconstruction);
+    ``ablations=False`` leaves out :data:`SEEDED_ABLATIONS`."""
+    abl = ABLATIONS if ablations else tuple(n for n in ABLATIONS if n not in SEEDED_ABLATIONS)
+    return [method(n, s) for s in settings for n in ("RCP",) + (abl if s == "W2A4KV4" else ())]
 
 
 def all_methods(profile: Profile) -> list[Method]:
     """Every row of the tables for the profile's settings (PTQ rows, then QAT rows), restricted to
     ``profile.methods`` when it is set."""
-    ms = ptq_methods(profile.settings) + qat_methods(profile.settings)
+    ms = ptq_methods(profile.settings) + qat_methods(profile.settings, profile.qat_ablation_rows)
     return ms if profile.methods is None else [m for m in ms if m.name in profile.methods]
 
 

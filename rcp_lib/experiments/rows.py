@@ -38,7 +38,7 @@ def _row_key(method: Method, profile: Profile) -> dict:
     that change its number (not names, device, table selections or, for non-QAT rows, the QAT budget) and the code."""
     p = profile.to_dict()
     for k in ("name", "overrides", "analysis_layers", "analysis_rotations", "zero_shot_tasks", "zero_shot_limit", "settings", "device",
-              "methods", "full_eval_methods", "ablation_seeds", "sweep_val_windows"):
+              "methods", "full_eval_methods", "ablation_seeds", "sweep_val_windows", "qat_ablation_rows"):
         p.pop(k, None)
     if not method.qat:
         for k in list(p):
@@ -49,9 +49,9 @@ def _row_key(method: Method, profile: Profile) -> dict:
 
 def _qat_key(method: Method, profile: Profile) -> str:
     """Cache key of a trained student: what determines the weights (the method's name and recipe, which holds the
-    weight group and the QAT budget; the model and corpus), not the evaluation settings."""
+    weight group and the QAT budget; the model, its parameter dtype and the corpus), not the evaluation settings."""
     return config_hash({"method": method_config(method, profile), "model": profile.model, "corpus": profile.corpus,
-                        "code": _code(), "kind": "qat-student"})
+                        "dtype": profile.dtype, "code": _code(), "kind": "qat-student"})
 
 
 def ptq_key(method: Method, profile: Profile) -> dict:
@@ -61,7 +61,8 @@ def ptq_key(method: Method, profile: Profile) -> dict:
     e.g. QuaRot-GPTQ at W2A4KV4 and at W2A16KV16 share one set of codes (a test checks this)."""
     r = method.recipe(profile)
     weight = r.quant.weight if r.quant is not None else None
-    key = {"kind": f"ptq-{r.ptq}", "model": profile.model, "rotation": r.rotation.to_dict() if r.rotation else None,
+    key = {"kind": f"ptq-{r.ptq}", "model": profile.model, "dtype": profile.dtype,
+           "rotation": r.rotation.to_dict() if r.rotation else None,
            "weights": weight.to_dict() if weight is not None else None, "code": _code()}
     if r.ptq == "gptq":
         key.update({"corpus": profile.corpus, "calib_windows": profile.calib_windows,
