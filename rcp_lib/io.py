@@ -200,11 +200,13 @@ def source_roots() -> dict[str, Path]:
     return roots
 
 
-#: files the fingerprint leaves out: the named profiles are settings, not code. Every profile field that changes a
-#: number is in the cache key of what it changes (a row's key holds the whole profile but its table selections, a
-#: student's key its recipe and budget; ``--set`` overrides are keyed the same way), so editing which rows a profile
-#: lists, or its budgets, recomputes only what they change instead of every cache.
-FINGERPRINT_EXCLUDE = frozenset({"rcp_lib/profiles.py"})
+#: files the fingerprint leaves out, because no cached object depends on their code:
+#: * the named profiles are settings, not code: every profile field that changes a number is in the cache key of what
+#:   it changes (a row's key holds the whole profile but its table selections, a student's key its recipe and budget;
+#:   ``--set`` overrides are keyed the same way), so editing which rows a profile lists, or its budgets, recomputes only
+#:   what they change instead of every cache;
+#: * the README formatter and the progress bars only format what was computed.
+FINGERPRINT_EXCLUDE = frozenset({"rcp_lib/profiles.py", "rcp_lib/report.py", "rcp_lib/progress.py"})
 
 
 def fingerprint_tree(roots: Mapping[str, str | os.PathLike]) -> str:

@@ -137,8 +137,16 @@ def claims_markdown(d: Path, ppl: pd.DataFrame) -> str:
                "in the ablation with seeds below." if (d.parent / "ablation" / _file("ablation_summary")).exists() else
                "The Clip / Partition / GSR ablations are one seed each: not separable at this budget (no ablation "
                "with seeds in `results/ablation/` yet).")
+        abl_p = d.parent / "ablation" / _file("ablation_summary")
         if "RCP w/o Rotate" in at.index:
             rot = f" Inside QAT, rotation is worth {_fmt_x(float(at['RCP w/o Rotate']) / rcp)} (w/o Rotate {_fmt_ppl(float(at['RCP w/o Rotate']))})."
+        elif abl_p.exists():
+            a = pd.read_csv(abl_p).set_index("method")
+            if {"RCP", "RCP w/o Rotate"} <= set(a.index):
+                r, w = a.loc["RCP"], a.loc["RCP w/o Rotate"]
+                rot = (f" Inside QAT, rotation is worth {_fmt_x(float(w['ppl_mean']) / float(r['ppl_mean']))} in the "
+                       f"ablation with seeds (means over {int(r['n'])} seeds: w/o Rotate {_fmt_ppl(float(w['ppl_mean']))}"
+                       f" vs RCP {_fmt_ppl(float(r['ppl_mean']))}; {w['vs_RCP']}).")
         rows.append(f"| RCP ≫ PTQ baselines at W2A4KV4 | embedded model: RCP {_fmt_ppl(rcp)} vs the best PTQ row "
                     f"({best}, {clip}) {_fmt_ppl(float(ptq.min()))}, i.e. "
                     + (f"{_fmt_x(float(ptq.min()) / rcp)} lower" if rcp < float(ptq.min()) else
@@ -354,6 +362,12 @@ def results_markdown(profile: str = "cpu", results: Path | None = None) -> str:
                 f"setting the R1 signs and the data order; `results/ablation/`, git {', '.join(c[:8] for c in commits)}). "
                 "An order against RCP is stated only where the difference of means exceeds two standard errors of "
                 "that difference.", "", ablation_markdown(abl), ""]
+        fp_tab = set(ppl["code_fingerprint"].astype(str)) if "code_fingerprint" in ppl else set()
+        fp_abl = set(abl["code_fingerprint"].astype(str)) if "code_fingerprint" in abl else set()
+        if fp_tab != fp_abl:
+            out += [f"**Not comparable row to row:** the ablation ran with code {', '.join(sorted(fp_abl)) or '?'} and "
+                    f"the perplexity table above with code {', '.join(sorted(fp_tab)) or '?'} (`code_fingerprint` "
+                    "columns); the table is regenerated at the ablation's code by the next full `reproduce`.", ""]
     ctl = gsr_control_markdown(ppl)
     if ctl:
         out += ["GSR and its control: the same block-diagonal R1 with the rows of each block in natural Hadamard order "
