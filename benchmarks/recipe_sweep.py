@@ -75,6 +75,21 @@ def parse_only(spec: str | None, n: int) -> list[int]:
     return out
 
 
+def check_same_code(csv_path, code: str) -> None:
+    """Refuse to run when ``csv_path`` holds points of another code version: the CSV is rewritten from the points
+    cached at *this* code, so those points would silently disappear from it. Exits with a one-line message."""
+    import csv
+
+    if not csv_path.exists():
+        return
+    with open(csv_path, newline="") as f:
+        other = sorted({r.get("code_fingerprint", "?") for r in csv.DictReader(f)} - {code})
+    if other:
+        raise SystemExit(f"{csv_path} holds sweep points computed with code {', '.join(other)} (this checkout: {code}); "
+                         f"rewriting it would drop them: write this sweep elsewhere with --name, or move that file "
+                         f"away first to start the sweep over at this code")
+
+
 def point_profile(P, pt: dict, steps: int):
     """The profile of one grid point."""
     qw = {**P.qat_weight, **SEARCH_INIT} if pt["init"] == "search" else dict(P.qat_weight)
@@ -103,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     from rcp_lib.experiments import base_model, method, method_config, tokens, train_student, write_rows
     from rcp_lib.experiments.rows import _cached, _code, cache_name
     from rcp_lib.io import provenance, require_clean_tree
-    from rcp_lib.paths import cache_dir
+    from rcp_lib.paths import cache_dir, results_dir
     from rcp_lib.profiles import get_profile
     from rcp_lib.quant.apply import quantize_model
     from rcp_lib.rotation.fuse import rotate_model
@@ -131,6 +146,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{i:3d} {pt} {'cached' if cached(pt) else ''}")
         return 0
     require_clean_tree()  # fail before hours of training, not after
+    check_same_code(results_dir(P) / f"{args.name}.csv", _code())
 
     fp = base_model(P)[0]
     train_ids = tokens(P, "train")

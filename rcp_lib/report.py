@@ -337,9 +337,18 @@ def results_markdown(profile: str = "cpu", results: Path | None = None) -> str:
             f"(each row's provenance is in `results/{profile}/perplexity.csv`). Lower is better.", ""]
     if len(qat):
         q = _qat_budget(qat.iloc[0]["config"])
+        start = ""
+        rcp_rows = qat[qat.method == "RCP"]
+        if len(rcp_rows):
+            quant = Recipe.of_row(json.loads(rcp_rows.iloc[0]["config"])).quant
+            if quant is not None and quant.weight is not None:
+                w = quant.weight
+                start = f"; RCP's quantizer starts from clip `{w.clip_init}` and levels `{w.ldp_init}`"
         out += [f"QAT rows: {q['steps']} steps × batch {q['batch_size']} × grad-accum {q['grad_accum']} × "
                 f"{q['seqlen']} tokens of the train split (same budget for every QAT row), loss "
-                f"`{q.get('loss', 'kl')}` against the FP teacher.", ""]
+                f"`{q.get('loss', 'kl')}` against the FP teacher, learning rates {q['lr_weights']:g} "
+                f"(weights) / {q['lr_quant']:g} (quantizer), gradient clip {q['grad_clip']:g}"
+                f"{start}.", ""]
     out += [ppl_markdown(ppl), "", f"![perplexity](figures/{profile}/perplexity.png)", ""]
     rot_p = d / _file("rotation_impact_summary")
     if rot_p.exists():

@@ -11,7 +11,8 @@ from rcp_lib.report import BEGIN, END, longer_qat_markdown, ppl_markdown, update
 def _ppl_rows():
     common = {"model": "m", "corpus": "c", "seqlen": 8, "windows": 2, "tokens_scored": 14, "git_commit": "abc",
               "date_utc": "d", "device": "cpu"}
-    qat = json.dumps({"qat": {"steps": 3, "batch_size": 1, "grad_accum": 1, "seqlen": 8}})
+    qat = json.dumps({"qat": {"steps": 3, "batch_size": 1, "grad_accum": 1, "seqlen": 8, "lr_weights": 1e-4, "lr_quant": 1e-2,
+                              "grad_clip": 1.0}})
     return pd.DataFrame([
         {"method": "FP", "setting": "FP", "family": "baseline", "ppl": 10.0, "config": "{}", **common},
         {"method": "RTN", "setting": "W2A4KV4", "family": "ptq", "ppl": 12345.0, "config": "{}", **common},
@@ -49,6 +50,7 @@ def test_update_readme_replaces_block_idempotently(tmp_path):
     once = readme.read_text()
     assert once.startswith("intro\n\n" + BEGIN) and once.count(END) == 1 and once.endswith("\n\n## next section\n")
     assert "| RCP | qat | 30.25 | – |" in once and "3 steps" in once and "loss `kl`" in once
+    assert "learning rates 0.0001 (weights) / 0.01 (quantizer), gradient clip 1" in once
     update_readme("cpu", readme=readme, results=res)
     assert readme.read_text() == once
 
