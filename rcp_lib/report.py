@@ -133,11 +133,11 @@ def claims_markdown(d: Path, ppl: pd.DataFrame) -> str:
         clip = "with QuaRot's clip search" if searched else "min–max ranges, no clip search"
         order = "reproduced" if rcp < float(ptq.min()) else "not reproduced"
         rot = ""
+        abl_p = d.parent / "ablation" / _file("ablation_summary")
         abl = ("The Clip / Partition / GSR ablations are one seed each in this table: their order is stated only "
-               "in the ablation with seeds below." if (d.parent / "ablation" / _file("ablation_summary")).exists() else
+               "in the ablation with seeds below." if abl_p.exists() else
                "The Clip / Partition / GSR ablations are one seed each: not separable at this budget (no ablation "
                "with seeds in `results/ablation/` yet).")
-        abl_p = d.parent / "ablation" / _file("ablation_summary")
         if "RCP w/o Rotate" in at.index:
             rot = f" Inside QAT, rotation is worth {_fmt_x(float(at['RCP w/o Rotate']) / rcp)} (w/o Rotate {_fmt_ppl(float(at['RCP w/o Rotate']))})."
         elif abl_p.exists():
@@ -249,9 +249,12 @@ def sweep_markdown(sweep: pd.DataFrame) -> str:
            f"{r0['val_split']} (never the test split). Best: lr_quant {best['lr_quant']:g}, lr_weights "
            f"{best['lr_weights']:g}, grad clip {best['grad_clip']:g}, {best['init']} start → validation perplexity "
            f"{_fmt_ppl(float(best['val_ppl']))} (step 0: {_fmt_ppl(float(best['step0_val_ppl']))}).")
-    if len(ratios):
+    if len(ratios) and ratios.min() > 1:
         txt += (f" The searched start beats the constant start at all {len(ratios)} learning-rate pairs run both ways "
                 f"({ratios.min():.1f}–{ratios.max():.1f}× lower perplexity).")
+    elif len(ratios):
+        txt += (f" Constant / searched start perplexity at the {len(ratios)} learning-rate pairs run both ways: "
+                f"{ratios.min():.2f}–{ratios.max():.2f}.")
     return txt
 
 
