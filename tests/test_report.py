@@ -204,3 +204,19 @@ def test_ablation_block_in_readme(tmp_path):
     assert "rotation is worth 10× in the ablation with seeds (means over 3 seeds: w/o Rotate 4000 vs RCP 400; " \
            "RCP < RCP w/o Rotate (x))" in md
     assert "**Not comparable row to row:** the ablation ran with code new and the perplexity table above with code old" in md
+
+
+def test_readme_recipe_prose_matches_the_configs():
+    """The QAT settings the README's prose names are the cpu profile's defaults and the paper config's."""
+    from rcp_lib.experiments.methods import paper_qat_recipe
+    from rcp_lib.paths import readme_path
+    from rcp_lib.profiles import get_profile
+
+    text = " ".join(readme_path().read_text().split())
+    P = get_profile("cpu")
+    lr = lambda x: f"{x:.0e}".replace("e-0", "e-")  # 1e-4, as the prose writes it
+    assert (f"{lr(P.qat_lr_weights)} for the weights, {lr(P.qat_lr_quant)} for the quantizer, clip "
+            f"{P.qat_grad_clip:.1f}, searched start") in text
+    assert P.qat_weight == {"clip_init": "mse", "ldp_init": "lloyd"}
+    paper = paper_qat_recipe("configs/paper-llama2-7b.yaml")
+    assert f"keeps {lr(paper.lr_weights)} / {lr(paper.lr_quant)} for its {paper.steps} steps" in text
