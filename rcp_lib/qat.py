@@ -128,7 +128,7 @@ class TrainResult:
     steps: int
     final_loss: float
     history: list[dict] = field(default_factory=list)
-    seconds: float = 0.0
+    seconds: float = 0.0  # the whole run's wall time, including the processes before a resume
     tokens: int = 0
     out_dir: str | None = None
     block_ap: list[dict] = field(default_factory=list)  # per block {layer, mse_before, mse_after, seconds}
@@ -272,8 +272,9 @@ def check_world(num_processes: int, device_type: str, available: int) -> None:
             f"use --num_processes <= {available} (or a config file for this machine, see configs/accelerate/)")
 
 
-def _atomic_save_state(accelerator, out_dir: Path, step: int, log_len: int, config: dict) -> None:
-    """accelerator.save_state into a temp folder, then rename to ``checkpoint`` (never half-written)."""
+def _atomic_save_state(accelerator, out_dir: Path, step: int, log_len: int, config: dict, seconds: float) -> None:
+    """accelerator.save_state into a temp folder, then rename to ``checkpoint`` (never half-written). ``seconds``: the
+    run's time so far, all processes that worked on it together (a resumed run adds its own)."""
     final = out_dir / "checkpoint"
     tmp = out_dir / f".checkpoint-tmp-{step}"
     if accelerator.is_main_process and tmp.exists():
@@ -282,7 +283,8 @@ def _atomic_save_state(accelerator, out_dir: Path, step: int, log_len: int, conf
     accelerator.save_state(str(tmp), safe_serialization=False)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        atomic_write_json({"step": step, "log_len": log_len, "qat": config}, tmp / "rcp_step.json")
+        atomic_write_json({"step": step, "log_len": log_len, "qat": config, "seconds": round(seconds, 3)},
+                          tmp / "rcp_step.json")
         old = out_dir / ".checkpoint-old"
         if final.exists():
             if old.exists():
@@ -383,6 +385,7 @@ def train(
     log_path = out / "metrics.jsonl" if out else None
     history: list[dict] = []
     start = 0
+    prior_seconds = 0.0  # time spent by earlier processes of a resumed run
     if out is not None and accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         atomic_write_json({"qat": cfg.to_dict()}, out / "qat_config.json")
@@ -396,6 +399,7 @@ def train(
                              f"(fields {diff}); use another out_dir or the same config")
         accelerator.load_state(str(out / "checkpoint"))
         start = int(meta["step"])
+        prior_seconds = float(meta.get("seconds", 0.0))
         if log_path.exists():
             history = [json.loads(line) for line in log_path.read_text().splitlines() if line.strip()][: meta["log_len"]]
     elif out is not None and log_path.exists() and accelerator.is_main_process:
@@ -464,12 +468,14 @@ def train(
         bar.update(1)
         bar.set_postfix(loss=f"{last:.4f}", tok_s=f"{rec['tokens_per_s']:.0f}")
         if out is not None and ((step + 1) % cfg.checkpoint_every == 0 or step + 1 == end):
-            _atomic_save_state(accelerator, out, step + 1, len(history), cfg.to_dict())
+            _atomic_save_state(accelerator, out, step + 1, len(history), cfg.to_dict(),
+                               prior_seconds + time.perf_counter() - t_start)
     bar.close()
     student.eval()
     if cfg.gradient_checkpointing:
         accelerator.unwrap_model(student).gradient_checkpointing_disable()
     for p in student.parameters():
         p.requires_grad_(False)
-    return TrainResult(steps=end, final_loss=last, history=history, seconds=time.perf_counter() - t_start,
+    seconds = prior_seconds + time.perf_counter() - t_start
+    return TrainResult(steps=end, final_loss=last, history=history, seconds=seconds,
                        tokens=end * tokens_per_step, out_dir=str(out) if out else None, block_ap=block_stats)

@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from rcp_lib.experiments.registry import NOTEBOOKS, TABLES, result_path
-from rcp_lib.paths import figures_dir, notebooks_dir, results_dir, runs_dir
+from rcp_lib.paths import cache_dir, figures_dir, notebooks_dir, results_dir, runs_dir
 
 NB_DIR = notebooks_dir()
 
@@ -69,6 +69,14 @@ def test_all_notebooks_run_with_smoke_profile(tmp_path):
         assert result_path(t.name, "smoke").stat().st_size > 100, t.file
         for stem in t.figures:
             assert (figures_dir("smoke") / f"{stem}.png").exists(), stem
+    # a finished QAT student keeps student.pt and drops its checkpoint (optimizer state, ~2.3x the student on disk)
+    from rcp_lib.experiments import all_methods
+    from rcp_lib.experiments.rows import _qat_key
+    from rcp_lib.profiles import get_profile
+
+    smoke_p = get_profile("smoke")
+    dirs = [cache_dir() / "qat" / _qat_key(m, smoke_p) for m in all_methods(smoke_p) if m.recipe(smoke_p).qat]
+    assert dirs and all((d / "student.pt").exists() and not (d / "checkpoint").exists() for d in dirs), dirs
 
 
 def test_papermill_overrides_json_string_write_to_their_own_folder(tmp_path):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import json
+import shutil
 import time
 from typing import Callable
 
@@ -105,6 +106,9 @@ def build(method: Method, profile: Profile, progress: bool = True) -> nn.Module:
             stats["seconds"] = round(stats["seconds"] + gptq_s, 1)
             atomic_write_json(stats, out / "qat_stats.json")
             atomic_save_torch(model.state_dict(), done)
+            # the finished student is student.pt; the checkpoint (weights + optimizer state, ~2.3x its size) only
+            # resumes an unfinished run of this key (another step count is another key)
+            shutil.rmtree(out / "checkpoint", ignore_errors=True)
     return model
 
 
