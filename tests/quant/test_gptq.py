@@ -64,7 +64,13 @@ def test_hessian_accumulator_matches_float64_reference():
         acc.add_batch(b)
     acc.add_batch(torch.randn(0, 24))
     X = x.reshape(-1, 24).double()
-    torch.testing.assert_close(acc.H, 2 / X.shape[0] * X.T @ X)
+    ref = 2 / X.shape[0] * X.T @ X
+    assert acc.H.dtype == torch.float32  # the reference GPTQ's accumulation precision (the default)
+    torch.testing.assert_close(acc.H.double(), ref, rtol=1e-5, atol=1e-5)
+    acc64 = HessianAccumulator(24, dtype=torch.float64)
+    for b in x:
+        acc64.add_batch(b)
+    torch.testing.assert_close(acc64.H, ref)
     assert acc.nsamples == 150
     with pytest.raises(ValueError):
         acc.add_batch(torch.randn(2, 23))
