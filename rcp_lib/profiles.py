@@ -129,7 +129,11 @@ PROFILES: dict[str, Profile] = {
         settings=["W2A4KV4"], methods=["FP", "QuaRot-GPTQ", "RCP"],
     ),
     # the seeded ablation rows run in the ``ablation`` profile (its seed 0 shares the cpu rows' cache keys)
-    "cpu": Profile(name="cpu", qat_ablation_rows=False),
+    # budget (issue 15: a cold `make reproduce` within 75 minutes on 2 cores): the rotation analysis on every third
+    # decoder layer of 30 (0, 3, ..., 27: the whole depth, a third of the single-threaded cost) and the whole test
+    # split for the FP row only (the sample / whole check of the spread windows; the gpu profile scores every row on
+    # the whole split)
+    "cpu": Profile(name="cpu", qat_ablation_rows=False, analysis_layers=list(range(0, 30, 3)), full_eval_methods=["FP"]),
     # one CUDA GPU: QAT 400 steps x 4 x 512 tokens = 819,200 (80x the cpu profile's 40 x 1 x 256 = 10,240), the whole
     # test split for perplexity, 64 calibration windows of 512; the tables and models of the cpu profile otherwise
     "gpu": Profile(

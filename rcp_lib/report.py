@@ -355,8 +355,13 @@ def results_markdown(profile: str = "cpu", results: Path | None = None) -> str:
     out += [ppl_markdown(ppl), "", f"![perplexity](figures/{profile}/perplexity.png)", ""]
     rot_p = d / _file("rotation_impact_summary")
     if rot_p.exists():
-        out += [f"Rotation impact (notebook 01; `results/{profile}/rotation_impact_summary.csv`): mean over layers and "
-                "projections of the 2-bit relative weight error ||W − Q(W)||² / ||W||² of four nested quantizers — "
+        layers_p = d / _file("rotation_impact_layers")
+        which = "layers"
+        if layers_p.exists():
+            li = sorted(set(int(x) for x in pd.read_csv(layers_p)["layer"]))
+            which = f"the decoder layers {', '.join(map(str, li))} ({len(li)} layers, `analysis_layers` of the profile)"
+        out += [f"Rotation impact (notebook 01; `results/{profile}/rotation_impact_summary.csv`): mean over {which} and "
+                "the projections of the 2-bit relative weight error ||W − Q(W)||² / ||W||² of four nested quantizers — "
                 "min–max uniform, uniform with the MSE-optimal clip per group, non-uniform with the ends pinned to a "
                 "clipped range (what LDP inside LWC represents), unconstrained Lloyd–Max; `range_gain` = uniform / "
                 "uniform-clip, `shape_gain` = uniform-clip / pinned non-uniform. The non-uniform errors come from "
