@@ -17,6 +17,7 @@ import pandas as pd
 from .experiments.registry import TABLES
 from .io import atomic_write_text
 from .paths import readme_path, results_dir
+from .profiles import PROFILES
 from .recipe import Recipe
 
 BEGIN, END = "<!-- RESULTS-TABLE -->", "<!-- /RESULTS-TABLE -->"
@@ -134,10 +135,18 @@ def claims_markdown(d: Path, ppl: pd.DataFrame) -> str:
         order = "reproduced" if rcp < float(ptq.min()) else "not reproduced"
         rot = ""
         abl_p = d.parent / "ablation" / _file("ablation_summary")
-        abl = ("The Clip / Partition / GSR ablations are one seed each in this table: their order is stated only "
-               "in the ablation with seeds below." if abl_p.exists() else
-               "The Clip / Partition / GSR ablations are one seed each: not separable at this budget (no ablation "
-               "with seeds in `results/ablation/` yet).")
+        in_table = bool({"RCP w/o Clip", "RCP w/o Partition (LWC+uniform)", "RCP w/o Rotate"} & set(at.index))
+        if in_table:
+            abl = ("The Clip / Partition / GSR ablations are one seed each in this table: their order is stated only "
+                   "in the ablation with seeds below." if abl_p.exists() else
+                   "The Clip / Partition / GSR ablations are one seed each: not separable at this budget (no ablation "
+                   "with seeds in `results/ablation/` yet).")
+        else:
+            abl = ("The Clip / Partition / Rotate ablations run with seeds in the `ablation` profile (below)."
+                   if abl_p.exists() else
+                   "The Clip / Partition / Rotate ablations run with seeds in the `ablation` profile (`python -m "
+                   "rcp_lib table --profile ablation --table ablation_summary`); `results/ablation/` has none yet, so "
+                   "no order between them is stated.")
         if "RCP w/o Rotate" in at.index:
             rot = f" Inside QAT, rotation is worth {_fmt_x(float(at['RCP w/o Rotate']) / rcp)} (w/o Rotate {_fmt_ppl(float(at['RCP w/o Rotate']))})."
         elif abl_p.exists():
@@ -355,11 +364,9 @@ def results_markdown(profile: str = "cpu", results: Path | None = None) -> str:
     out += [ppl_markdown(ppl), "", f"![perplexity](figures/{profile}/perplexity.png)", ""]
     rot_p = d / _file("rotation_impact_summary")
     if rot_p.exists():
-        layers_p = d / _file("rotation_impact_layers")
-        which = "layers"
-        if layers_p.exists():
-            li = sorted(set(int(x) for x in pd.read_csv(layers_p)["layer"]))
-            which = f"the decoder layers {', '.join(map(str, li))} ({len(li)} layers, `analysis_layers` of the profile)"
+        li = PROFILES[profile].analysis_layers if profile in PROFILES else None
+        which = ("every decoder layer" if li is None else
+                 f"the decoder layers {', '.join(map(str, li))} (`analysis_layers` of the `{profile}` profile)")
         out += [f"Rotation impact (notebook 01; `results/{profile}/rotation_impact_summary.csv`): mean over {which} and "
                 "the projections of the 2-bit relative weight error ||W − Q(W)||² / ||W||² of four nested quantizers — "
                 "min–max uniform, uniform with the MSE-optimal clip per group, non-uniform with the ends pinned to a "

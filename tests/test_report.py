@@ -176,7 +176,11 @@ def test_ablation_block_in_readme(tmp_path):
     res = tmp_path / "cpu"
     res.mkdir()
     _ppl_rows().to_csv(res / "perplexity.csv", index=False)
-    assert "no ablation with seeds" in results_markdown("cpu", res)
+    assert "`results/ablation/` has none yet, so no order between them is stated" in results_markdown("cpu", res)
+    with_rows = pd.concat([_ppl_rows(), _ppl_rows().iloc[[3]].assign(method="RCP w/o Clip")], ignore_index=True)
+    with_rows.to_csv(res / "perplexity.csv", index=False)  # one-seed ablation rows in the table itself
+    assert "one seed each: not separable at this budget" in results_markdown("cpu", res)
+    _ppl_rows().to_csv(res / "perplexity.csv", index=False)
     (tmp_path / "ablation").mkdir()
     pd.DataFrame([
         {"method": "RCP", "setting": "W2A4KV4", "n": 3, "ppl_mean": 400.0, "ppl_std": 10.0, "ppl_sem": 5.77,
@@ -188,7 +192,7 @@ def test_ablation_block_in_readme(tmp_path):
          "git_commit": "abc"},
     ]).to_csv(tmp_path / "ablation" / "ablation_summary.csv", index=False)
     md = results_markdown("cpu", res)
-    assert "only in the ablation with seeds below" in md
+    assert "ablations run with seeds in the `ablation` profile (below)" in md
     assert "| RCP | 3 | 400 ± 10.00 | 50000 | 0.672 → 0.671 | 0.0120 | 0.0130 | 0.0034 | – |" in md
     assert "| RCP w/o Clip | 3 | 410 ± 30.00 |" in md and "not separable at this budget |" in md
     assert "Not comparable row to row" not in md  # no fingerprints recorded on either side: nothing to compare
@@ -220,3 +224,22 @@ def test_readme_recipe_prose_matches_the_configs():
     assert P.qat_weight == {"clip_init": "mse", "ldp_init": "lloyd"}
     paper = paper_qat_recipe("configs/paper-llama2-7b.yaml")
     assert f"keeps {lr(paper.lr_weights)} / {lr(paper.lr_quant)} for its {paper.steps} steps" in text
+
+
+def test_readme_names_the_analysed_layers(tmp_path):
+    from rcp_lib.profiles import get_profile
+
+    res = tmp_path / "results"
+    res.mkdir()
+    _ppl_rows().to_csv(res / "perplexity.csv", index=False)
+    pd.DataFrame([{"rotation": "none", "block": float("nan"), "group_size": 64, "kurtosis": 3.0, "err_uniform": 0.3,
+                   "err_uniform_clip": 0.2, "err_nonuniform_pinned": 0.15, "err_nonuniform": 0.1}]).to_csv(
+        res / "rotation_impact_summary.csv", index=False)
+    readme = tmp_path / "README.md"
+    readme.write_text(BEGIN)
+    update_readme("cpu", readme=readme, results=res)
+    layers = get_profile("cpu").analysis_layers
+    text = readme.read_text()
+    assert layers and f"mean over the decoder layers {', '.join(map(str, layers))} (`analysis_layers`" in text
+    # no ablation rows in the table and no results/ablation/: the claim row says where the ablations run
+    assert "ablations run with seeds in the `ablation` profile" in text and "one seed each" not in text
