@@ -14,7 +14,8 @@ Sections (each records its own error instead of stopping the others; the exit st
   (R1-R4, LDP + LWC, group 128), and its peak memory against :func:`rcp_lib.train_memory.qat_memory_per_gpu`.
 * ``export``: a small random LLaMA, rotated and quantized (LDP levels perturbed so that the LUT matters), saved with
   :func:`rcp_lib.packing.save_quantized`, loaded with :func:`~rcp_lib.packing.load_quantized` on the device, logits
-  of the packed model against the fake-quant model.
+  of the packed model against the fake-quant model, each packed linear against its fake-quant twin on the same input
+  (teacher forced; this decides ``fused_path_ok``), and the fake-quant model's own sensitivity to a 1e-6 perturbation.
 
 ``--device cpu --tiny`` runs the same sections with tiny shapes on the CPU (kernel: the torch reference of the op,
 no timing; no memory comparison): a self-test of this script for the test suite (``tests/test_gpu_path.py``).
@@ -185,7 +186,29 @@ def section_qat(args, dev) -> dict:
     return out
 
 
+def _capture_linear_io(model, names) -> tuple[dict, list]:
+    """Forward hooks that record ``(input, output)`` of the named submodules (cloned, no grad)."""
+    rec, hooks = {}, []
+    for name in names:
+        def hook(mod, inp, out, name=name):
+            rec[name] = (inp[0].detach().clone(), out.detach().clone())
+        hooks.append(model.get_submodule(name).register_forward_hook(hook))
+    return rec, hooks
+
+
+def _rel(a, b) -> float:
+    a, b = a.double(), b.double()
+    return float((a - b).norm() / b.norm().clamp_min(1e-30))
+
+
 def section_export(args, dev) -> dict:
+    """Packed save -> load on ``dev`` against the fake-quant model, end to end and teacher-forced per linear.
+
+    End to end, a W2A4 model amplifies rounding-level differences: an activation that moves by one ULP can cross a
+    4-bit code boundary, and the code that flips moves the next layer's input by a whole quantization step. So the
+    report also gives the fake-quant model's own sensitivity (its logits when the embeddings are perturbed by a
+    relative 1e-6) and, per packed linear, the output for the *same* input the fake-quant linear saw (teacher forced):
+    a path that computes every layer right agrees there to float32 rounding, whatever the end-to-end number."""
     import tempfile
 
     import torch
@@ -205,14 +228,33 @@ def section_export(args, dev) -> dict:
             for prm in q.quant_parameters():
                 prm.add_(0.3 * torch.randn_like(prm))  # non-uniform levels: the LUT must really matter
     m.eval()
+    names = [n for n, _ in quantized_linears(m)]
     ids = torch.randint(0, dims["vocab_size"], (1, 96), generator=torch.Generator().manual_seed(3)).to(dev)
+    fq_io, hooks = _capture_linear_io(m, names)
     with torch.no_grad():
         ref = m(input_ids=ids, use_cache=False).logits.double()
-    out = {"model": dims}
+    for h in hooks:
+        h.remove()
+    g = torch.Generator(device=dev).manual_seed(7)
+    h = m.get_input_embeddings().register_forward_hook(
+        lambda mod, i, o: o * (1 + 1e-6 * torch.randn(o.shape, generator=g, device=o.device, dtype=o.dtype)))
+    with torch.no_grad():
+        perturbed = m(input_ids=ids, use_cache=False).logits.double()
+    h.remove()
+    out = {"model": dims, "fakequant_sensitivity_rel_logits_1e-6": _rel(perturbed, ref),
+           "fakequant_sensitivity_top1_agreement_1e-6": float((perturbed.argmax(-1) == ref.argmax(-1)).double().mean())}
+    fused = dev.type == "cuda"
+    if not fused:  # on CPU the fused path runs in the triton interpreter only (TRITON_INTERPRET=1; slow)
+        try:
+            from rcp_lib.kernels.triton_gemv import interpret_mode
+
+            fused = interpret_mode()
+        except ImportError:
+            pass
     with tempfile.TemporaryDirectory() as d:
         save_quantized(m, d, dtype=torch.float32)
         # the default backend ("auto": the reference op), then the fused Triton path (opt-in until this passes)
-        for backend in ((None, "triton") if dev.type == "cuda" else (None,)):
+        for backend in ((None, "triton") if fused else (None,)):
             pk, _ = load_quantized(d, device=dev, backend=backend)
             key = "" if backend is None else f"_{backend}"
             out[f"packed_linears{key}"] = sum(isinstance(x, PackedLinear) for x in pk.modules())
@@ -220,13 +262,19 @@ def section_export(args, dev) -> dict:
                                                   if t.device.type != dev.type][:5]
             with torch.no_grad():
                 got = pk(input_ids=ids, use_cache=False).logits.double()
-            out[f"rel_logits_vs_fakequant{key}"] = float((got - ref).norm() / ref.norm())
+                per = {n: _rel(pk.get_submodule(n)(x), y) for n, (x, y) in fq_io.items()}
+            out[f"rel_logits_vs_fakequant{key}"] = _rel(got, ref)
             out[f"top1_agreement_vs_fakequant{key}"] = float((got.argmax(-1) == ref.argmax(-1)).double().mean())
+            worst = max(per, key=per.get)
+            out[f"teacher_forced_max_rel{key}"] = per[worst]
+            out[f"teacher_forced_worst_linear{key}"] = worst
             del pk
     out["ok"] = (out["packed_linears"] == 7 * dims["num_hidden_layers"] and not out["tensors_not_on_device"]
-                 and out["rel_logits_vs_fakequant"] < 1e-2)
-    if "rel_logits_vs_fakequant_triton" in out:
-        out["fused_path_ok"] = out["rel_logits_vs_fakequant_triton"] < 1e-2
+                 and out["rel_logits_vs_fakequant"] < 1e-2 and out["teacher_forced_max_rel"] < 1e-4)
+    if "teacher_forced_max_rel_triton" in out:
+        # every layer right on the same input; the end-to-end number is then read against the sensitivity above
+        out["fused_path_ok"] = (out["teacher_forced_max_rel_triton"] < 1e-4 and out["packed_linears_triton"]
+                                == out["packed_linears"] and not out["tensors_not_on_device_triton"])
     return out
 
 
