@@ -9,7 +9,8 @@ budget, selected by validation perplexity on the held-out tail of the TRAIN spli
 Grid (issue "a recipe under which Clip and Partition actually learn", item 3): ``lr_quant`` in {1e-3, 3e-3, 1e-2},
 ``lr_weights`` in {2e-5, 5e-5, 1e-4, 2e-4}, ``grad_clip`` in {1.0, 0.3}, ``init`` in {const, search} (``search``: the
 searched per-group clip and Lloyd-Max levels inside it, ``qat_weight={"clip_init": "mse", "ldp_init": "lloyd"}``;
-``const``: the profile's own ``qat_weight``). Everything else is the profile's recipe (``--set`` overrides profile
+``const``: the constant start, ``{"clip_init": "const", "ldp_init": "uniform"}``: the clip logit ``lwc_init`` and
+uniform levels; either merged over the profile's other ``qat_weight`` fields). Everything else is the profile's recipe (``--set`` overrides profile
 fields, e.g. ``--set qat_seqlen=512``). Every point trains from the same rotated, quantized start for ``--steps``
 steps (default ``qat_steps``; tokens = steps x qat_seqlen x batch) and is scored before the first step and after the
 last on ``sweep_val_windows`` windows of ``seqlen`` tokens, evenly spread over the held-out tail
@@ -35,6 +36,9 @@ import time
 GRID: dict[str, list] = {"lr_quant": [1e-3, 3e-3, 1e-2], "lr_weights": [2e-5, 5e-5, 1e-4, 2e-4],
                          "grad_clip": [1.0, 0.3], "init": ["const", "search"]}
 SEARCH_INIT = {"clip_init": "mse", "ldp_init": "lloyd"}
+# explicit: since the profiles default to the searched start, "the profile's own qat_weight" would be SEARCH_INIT too
+# (a first version did that, and every const point reused its search twin's cached row)
+CONST_INIT = {"clip_init": "const", "ldp_init": "uniform"}
 
 
 def parse_grid(items: list[str] | None) -> dict[str, list]:
@@ -92,7 +96,7 @@ def check_same_code(csv_path, code: str) -> None:
 
 def point_profile(P, pt: dict, steps: int):
     """The profile of one grid point."""
-    qw = {**P.qat_weight, **SEARCH_INIT} if pt["init"] == "search" else dict(P.qat_weight)
+    qw = {**P.qat_weight, **(SEARCH_INIT if pt["init"] == "search" else CONST_INIT)}
     return P.with_overrides(qat_lr_quant=pt["lr_quant"], qat_lr_weights=pt["lr_weights"],
                             qat_grad_clip=pt["grad_clip"], qat_weight=qw, qat_steps=steps,
                             qat_val_every=max(steps, 1))

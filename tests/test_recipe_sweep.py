@@ -22,3 +22,17 @@ def test_sweep_grid_order_and_selection():
     with pytest.raises(SystemExit, match="outside the grid"):
         S.parse_only("48", 48)
     assert S.parse_grid(["init=search"])["init"] == ["search"]
+
+
+def test_const_and_search_points_are_different_recipes():
+    """The two starts of a learning-rate pair must train different models, whatever the profile's default start."""
+    from rcp_lib.experiments import method
+    from rcp_lib.experiments.rows import method_config
+    from rcp_lib.profiles import get_profile
+
+    m = method("RCP", "W2A4KV4")
+    for P in (get_profile("cpu"), get_profile("cpu", qat_weight={})):
+        const, search = (S.point_profile(P, {**S.points(S.GRID)[41], "init": i}, 40) for i in ("const", "search"))
+        wc, ws = (m.recipe(p).quant.weight for p in (const, search))
+        assert (wc.clip_init, wc.ldp_init) == ("const", "uniform") and (ws.clip_init, ws.ldp_init) == ("mse", "lloyd")
+        assert method_config(m, const) != method_config(m, search)

@@ -243,3 +243,16 @@ def test_readme_names_the_analysed_layers(tmp_path):
     assert layers and f"mean over the decoder layers {', '.join(map(str, layers))} (`analysis_layers`" in text
     # no ablation rows in the table and no results/ablation/: the claim row says where the ablations run
     assert "ablations run with seeds in the `ablation` profile" in text and "one seed each" not in text
+
+
+def test_committed_rotation_rows_cover_the_layers_the_readme_names():
+    """The README names the analysed layers from the cpu profile: the committed rows must be those layers (a profile
+    edit without a rerun would make the sentence wrong)."""
+    from rcp_lib.experiments.registry import result_path
+    from rcp_lib.profiles import get_profile
+
+    path = result_path("rotation_impact_layers", "cpu")
+    if not path.exists():
+        pytest.skip("no committed results/cpu/rotation_impact_layers.csv")
+    layers = sorted(set(pd.read_csv(path)["layer"].astype(int)))
+    assert layers == sorted(get_profile("cpu").analysis_layers or layers)
