@@ -364,9 +364,13 @@ def results_markdown(profile: str = "cpu", results: Path | None = None) -> str:
     out += [ppl_markdown(ppl), "", f"![perplexity](figures/{profile}/perplexity.png)", ""]
     rot_p = d / _file("rotation_impact_summary")
     if rot_p.exists():
-        li = PROFILES[profile].analysis_layers if profile in PROFILES else None
-        which = ("every decoder layer" if li is None else
-                 f"the decoder layers {', '.join(map(str, li))} (`analysis_layers` of the `{profile}` profile)")
+        if profile not in PROFILES:  # e.g. "cpu-<hash>": the layers are in its rows, not in a named profile
+            which = "the analysed decoder layers (`rotation_impact_layers.csv`)"
+        elif PROFILES[profile].analysis_layers is None:
+            which = "every decoder layer"
+        else:
+            li = PROFILES[profile].analysis_layers
+            which = f"the decoder layers {', '.join(map(str, li))} (`analysis_layers` of the `{profile}` profile)"
         out += [f"Rotation impact (notebook 01; `results/{profile}/rotation_impact_summary.csv`): mean over {which} and "
                 "the projections of the 2-bit relative weight error ||W − Q(W)||² / ||W||² of four nested quantizers — "
                 "min–max uniform, uniform with the MSE-optimal clip per group, non-uniform with the ends pinned to a "
