@@ -5,6 +5,7 @@ budget, selected by validation perplexity on the held-out tail of the TRAIN spli
     python benchmarks/recipe_sweep.py --profile cpu --list               # print the grid with indices
     python benchmarks/recipe_sweep.py --profile cpu --only 0-5,12        # a part of it (indices of --list)
     python benchmarks/recipe_sweep.py --profile cpu --grid lr_quant=1e-2,3e-3 init=search --steps 80
+    python benchmarks/recipe_sweep.py --profile cpu --only 35,41,43 --seeds 0,1,2   # the same points at 3 seeds
 
 Grid (issue "a recipe under which Clip and Partition actually learn", item 3): ``lr_quant`` in {1e-3, 3e-3, 1e-2},
 ``lr_weights`` in {2e-5, 5e-5, 1e-4, 2e-4}, ``grad_clip`` in {1.0, 0.3}, ``init`` in {const, search} (``search``: the
@@ -19,8 +20,14 @@ last on ``sweep_val_windows`` windows of ``seqlen`` tokens, evenly spread over t
 Resumable: each point's row is cached (``cache_dir()/rows/sweep-<hash>.json``, keyed by the recipe, budget, validation
 windows and code), and after every point ``results/<profile>/recipe_sweep.csv`` is rewritten atomically with every
 point of the grid that has a cached row (so sub-grids run in several sessions add up), its provenance, and
-``best = True`` on the row with the lowest validation perplexity. Results are refused from a dirty tree unless
-``--allow-dirty``. Run it alone: two torch jobs on 2 cores slow each other more than 10x.
+``best = True`` on the rows of the selected point.
+
+Seeds (``--seeds``; default: the profile's ``seed``) set the R1 signs and the QAT data order of a point. One row per
+(point, seed); every row carries its point's ``n_seeds``, ``val_ppl_mean`` and ``val_ppl_sem`` (standard error of the
+mean) over the seeds cached for it (seeds 0..9 are looked up), and ``vs_best``: its order against the selected point
+only beyond two standard errors of the difference (:func:`rcp_lib.experiments.ablation.separation`), else "not
+separable at this budget". The selected point has the lowest mean among the points run at the most seeds, so a point
+run once cannot win on one lucky seed. Results are refused from a dirty tree unless ``--allow-dirty``. Run it alone: two torch jobs on 2 cores slow each other more than 10x.
 """
 
 from __future__ import annotations
@@ -94,6 +101,49 @@ def check_same_code(csv_path, code: str) -> None:
                          f"away first to start the sweep over at this code")
 
 
+#: seeds whose cached rows a rewrite of the CSV looks up (``--seeds`` may run any of them)
+SEEDS_SCANNED = range(10)
+
+
+def parse_seeds(spec: str | None, default: int) -> list[int]:
+    """``"0,1,2"`` -> [0, 1, 2]; None -> ``[default]`` (the profile's seed). Seeds must lie in :data:`SEEDS_SCANNED`."""
+    if not spec:
+        return [default]
+    try:
+        out = sorted({int(x) for x in spec.split(",")})
+    except ValueError:
+        raise SystemExit(f"--seeds expects comma-separated integers, got {spec!r}") from None
+    bad = [x for x in out if x not in SEEDS_SCANNED]
+    if bad:
+        raise SystemExit(f"--seeds {bad} outside {SEEDS_SCANNED.start}..{SEEDS_SCANNED.stop - 1}")
+    return out
+
+
+def select(rows: list[dict]) -> list[dict]:
+    """Per-point statistics over seeds and the selection, on rows with ``point``, ``seed`` and ``val_ppl``: adds
+    ``n_seeds``, ``val_ppl_mean``, ``val_ppl_sem`` (NaN for one seed), ``best`` (the lowest mean among the points
+    with the most seeds) and ``vs_best`` (:func:`rcp_lib.experiments.ablation.separation` against the best point;
+    empty on the best point's rows). Returns the rows (modified in place)."""
+    import math
+
+    from rcp_lib.experiments.ablation import separation
+
+    stats: dict[int, dict] = {}
+    for r in rows:
+        stats.setdefault(r["point"], {"method": f"point {r['point']}", "vals": []})["vals"].append(float(r["val_ppl"]))
+    for s in stats.values():
+        v, n = s["vals"], len(s["vals"])
+        s["n"], s["ppl_mean"] = n, sum(v) / n
+        s["ppl_sem"] = (math.sqrt(sum((x - s["ppl_mean"]) ** 2 for x in v) / (n - 1) / n) if n > 1 else float("nan"))
+    most = max(s["n"] for s in stats.values())
+    best = min((p for p, s in stats.items() if s["n"] == most), key=lambda p: stats[p]["ppl_mean"])
+    for r in rows:
+        s = stats[r["point"]]
+        r.update(n_seeds=s["n"], val_ppl_mean=s["ppl_mean"], val_ppl_sem=s["ppl_sem"], best=r["point"] == best,
+                 vs_best="" if r["point"] == best else separation(stats[best], s))
+    return rows
+
+
 def point_profile(P, pt: dict, steps: int):
     """The profile of one grid point."""
     qw = {**P.qat_weight, **(SEARCH_INIT if pt["init"] == "search" else CONST_INIT)}
@@ -110,6 +160,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--only", help="run only these point indices (e.g. 0-5,12; see --list)")
     ap.add_argument("--list", action="store_true", help="print the grid with indices and whether each is cached")
     ap.add_argument("--set", nargs="*", default=[], help="profile overrides KEY=VALUE (JSON values)")
+    ap.add_argument("--seeds", help="run each point at these seeds, e.g. 0,1,2 (default: the profile's seed)")
     ap.add_argument("--name", default="recipe_sweep", help="results/<profile>/<name>.csv")
     ap.add_argument("--allow-dirty", action="store_true", help="write results from a tree with uncommitted changes")
     args = ap.parse_args(argv)
@@ -132,22 +183,24 @@ def main(argv: list[str] | None = None) -> int:
     grid = parse_grid(args.grid)
     pts = points(grid)
     todo = parse_only(args.only, len(pts))
+    seeds = parse_seeds(args.seeds, P.seed)
     m = method("RCP", "W2A4KV4")
 
-    def key_of(pt):
-        Pp = point_profile(P, pt, steps)
+    def key_of(pt, seed):
+        Pp = point_profile(P.with_overrides(seed=seed), pt, steps)
         return Pp, {"method": method_config(m, Pp), "model": Pp.model, "corpus": Pp.corpus, "val_seqlen": Pp.seqlen,
                     "val_windows": Pp.sweep_val_windows, "code": _code()}
 
-    def row_path(pt):
-        return cache_dir() / "rows" / f"{cache_name('sweep', key_of(pt)[1])}.json"
+    def row_path(pt, seed):
+        return cache_dir() / "rows" / f"{cache_name('sweep', key_of(pt, seed)[1])}.json"
 
-    def cached(pt) -> bool:
-        return row_path(pt).exists()
+    def cached(pt, seed) -> bool:
+        return row_path(pt, seed).exists()
 
     if args.list:
         for i, pt in enumerate(pts):
-            print(f"{i:3d} {pt} {'cached' if cached(pt) else ''}")
+            have = [s for s in SEEDS_SCANNED if cached(pt, s)]
+            print(f"{i:3d} {pt} {'cached at seeds ' + ','.join(map(str, have)) if have else ''}")
         return 0
     require_clean_tree()  # fail before hours of training, not after
     check_same_code(results_dir(P) / f"{args.name}.csv", _code())
@@ -180,25 +233,26 @@ def main(argv: list[str] | None = None) -> int:
     def write():
         rows = []
         for i, pt in enumerate(pts):
-            if cached(pt):
-                rows.append({"point": i, **json.loads(row_path(pt).read_text())})
+            for s in SEEDS_SCANNED:
+                if cached(pt, s):
+                    rows.append({"point": i, **json.loads(row_path(pt, s).read_text())})
         if not rows:
             return None
-        best = min(range(len(rows)), key=lambda j: rows[j]["val_ppl"])
-        first = ["point", *GRID, "best", "val_ppl", "step0_val_ppl", "steps", "tokens", "clip_ratio_init",
-                 "clip_ratio_final", "clip_shift", "level_shift", "weight_shift", "seconds"]
-        for j, r in enumerate(rows):
-            r["best"] = j == best
-            rows[j] = {**{k: r[k] for k in first if k in r}, **{k: v for k, v in r.items() if k not in first}}
-        return write_rows(rows, P, args.name), rows[best]
+        select(rows)
+        first = ["point", *GRID, "seed", "best", "val_ppl", "n_seeds", "val_ppl_mean", "val_ppl_sem", "vs_best",
+                 "step0_val_ppl", "steps", "tokens", "clip_ratio_init", "clip_ratio_final", "clip_shift", "level_shift",
+                 "weight_shift", "seconds"]
+        rows = [{**{k: r[k] for k in first if k in r}, **{k: v for k, v in r.items() if k not in first}} for r in rows]
+        return write_rows(rows, P, args.name), next(r for r in rows if r["best"])
 
     t_all = time.perf_counter()
-    for n, i in enumerate(todo):
+    runs = [(i, s) for i in todo for s in seeds]
+    for n, (i, seed) in enumerate(runs):
         pt = pts[i]
-        Pp, key = key_of(pt)
+        Pp, key = key_of(pt, seed)
         t0 = time.perf_counter()
         row = _cached("sweep", key, lambda: compute(pt, Pp))
-        print(f"[sweep {n + 1}/{len(todo)}] point {i} {pt}: val ppl {row['val_ppl']:.2f} (step 0 "
+        print(f"[sweep {n + 1}/{len(runs)}] point {i} seed {seed} {pt}: val ppl {row['val_ppl']:.2f} (step 0 "
               f"{row['step0_val_ppl']:.1f}), clip {row['clip_ratio_init']:.3f}->{row['clip_ratio_final']:.3f} "
               f"(mean |change| {row.get('clip_shift', float('nan')):.4f}), "
               f"level shift {row['level_shift']:.4f} [{time.perf_counter() - t0:.0f} s, total "
@@ -207,7 +261,8 @@ def main(argv: list[str] | None = None) -> int:
     written = write()
     if written:
         path, best = written
-        print(f"{path}\nbest so far: {({k: best[k] for k in GRID})} val ppl {best['val_ppl']:.2f}")
+        print(f"{path}\nbest so far: {({k: best[k] for k in GRID})} val ppl {best['val_ppl_mean']:.2f} (mean of "
+              f"{best['n_seeds']} seed(s))")
     return 0
 
 

@@ -10,6 +10,7 @@ The files it reads are the ``readme=True`` entries of :data:`rcp_lib.experiments
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pandas as pd
@@ -246,18 +247,32 @@ def gsr_control_markdown(ppl: pd.DataFrame) -> str:
 
 
 def sweep_markdown(sweep: pd.DataFrame) -> str:
-    """One paragraph on the QAT recipe sweep (``recipe_sweep.csv``): how many points, the best one, and the searched
-    start against the constant start at the same learning rates and clip (the ratio of validation perplexities)."""
+    """One paragraph on the QAT recipe sweep (``recipe_sweep.csv``, one row per point and seed): how many points and
+    seeds, the selected point (mean ± standard error over its seeds), which points it separates from beyond two
+    standard errors, and the searched start against the constant start at the same learning rates and clip (the ratio
+    of mean validation perplexities)."""
     keys = ["lr_quant", "lr_weights", "grad_clip"]
-    best = sweep[sweep["best"].astype(str) == "True"].iloc[0]
+    per_point = sweep.groupby("point").first()
+    best = per_point[per_point["best"].astype(str) == "True"].iloc[0]
     r0 = sweep.iloc[0]
-    pairs = sweep.pivot_table(index=keys, columns="init", values="val_ppl", aggfunc="first")
+    n_seeds = per_point["n_seeds"].astype(int)
+    pairs = per_point.pivot_table(index=keys, columns="init", values="val_ppl_mean", aggfunc="first")
     ratios = (pairs["const"] / pairs["search"]).dropna() if {"const", "search"} <= set(pairs.columns) else pd.Series([], dtype=float)
-    txt = (f"QAT recipe sweep (`benchmarks/recipe_sweep.py`, `results/cpu/recipe_sweep.csv`): {len(sweep)} points, "
+    sem = float(best["val_ppl_sem"])
+    spread = f" ± {_fmt_ppl(sem)} (standard error)" if math.isfinite(sem) else ""
+    txt = (f"QAT recipe sweep (`benchmarks/recipe_sweep.py`, `results/cpu/recipe_sweep.csv`): {len(per_point)} points "
+           f"({len(sweep)} runs; {int((n_seeds > 1).sum())} points at {int(n_seeds.max())} seeds), "
            f"{int(r0['steps'])} steps × {int(r0['tokens']) // int(r0['steps'])} tokens each, scored on "
-           f"{r0['val_split']} (never the test split). Best: lr_quant {best['lr_quant']:g}, lr_weights "
-           f"{best['lr_weights']:g}, grad clip {best['grad_clip']:g}, {best['init']} start → validation perplexity "
-           f"{_fmt_ppl(float(best['val_ppl']))} (step 0: {_fmt_ppl(float(best['step0_val_ppl']))}).")
+           f"{r0['val_split']} (never the test split). Selected (lowest mean among the points run at the most seeds): "
+           f"lr_quant {best['lr_quant']:g}, lr_weights {best['lr_weights']:g}, grad clip {best['grad_clip']:g}, "
+           f"{best['init']} start → validation perplexity {_fmt_ppl(float(best['val_ppl_mean']))}{spread} over "
+           f"{int(best['n_seeds'])} seed(s) (step 0: {_fmt_ppl(float(best['step0_val_ppl']))}).")
+    rivals = per_point[(per_point["n_seeds"].astype(int) > 1) & (per_point["best"].astype(str) != "True")]
+    for p, r in rivals.iterrows():
+        vs = r["vs_best"] if isinstance(r["vs_best"], str) and r["vs_best"] else "not separable at this budget"
+        txt += (f" Point {p} (lr_quant {r['lr_quant']:g}, lr_weights {r['lr_weights']:g}, grad clip "
+                f"{r['grad_clip']:g}): {_fmt_ppl(float(r['val_ppl_mean']))} ± {_fmt_ppl(float(r['val_ppl_sem']))} "
+                f"over {int(r['n_seeds'])} seeds; {vs}.")
     if len(ratios) and ratios.min() > 1:
         txt += (f" The searched start beats the constant start at all {len(ratios)} learning-rate pairs run both ways "
                 f"({ratios.min():.1f}–{ratios.max():.1f}× lower perplexity).")

@@ -77,7 +77,8 @@ def test_ablation_rows_share_keys_with_cpu_at_seed_0_only():
 
 
 def test_qat_weight_fields_apply_only_where_they_mean_something():
-    P = get_profile("cpu", qat_weight={"clip_init": "mse", "ldp_init": "lloyd"}, qat_lr_quant=1e-2, qat_grad_clip=0.3)
+    P = get_profile("cpu", qat_weight={"clip_init": "mse", "ldp_init": "lloyd"}, qat_lr_quant=1e-2, qat_grad_clip=0.3,
+                    qat_lr_weights=1e-4)
     w = lambda n: X.method(n, "W2A4KV4").recipe(P).quant.weight
     assert (w("RCP").clip_init, w("RCP").ldp_init) == ("mse", "lloyd")
     assert (w("RCP w/o Clip").clip_init, w("RCP w/o Clip").ldp_init) == ("const", "lloyd")

@@ -152,20 +152,24 @@ def test_rotation_markdown_pairs_gsr_with_its_control():
     assert "most of the gain" in row  # 2.0 (range) > 0.1 / 0.09 (shape)
 
 
-def test_sweep_markdown_states_best_point_and_init_ratios():
+def test_sweep_markdown_states_best_point_seeds_and_init_ratios():
     from rcp_lib.report import sweep_markdown
 
+    from benchmarks.recipe_sweep import select
+
     base = {"steps": 40, "tokens": 10240, "val_split": "train tail", "step0_val_ppl": 5e4}
-    df = pd.DataFrame([
-        {"lr_quant": 1e-2, "lr_weights": 1e-4, "grad_clip": 1.0, "init": "search", "val_ppl": 400.0, "best": True, **base},
-        {"lr_quant": 1e-2, "lr_weights": 1e-4, "grad_clip": 1.0, "init": "const", "val_ppl": 1200.0, "best": False, **base},
-        {"lr_quant": 1e-3, "lr_weights": 1e-4, "grad_clip": 1.0, "init": "search", "val_ppl": 500.0, "best": False, **base},
-        {"lr_quant": 1e-3, "lr_weights": 1e-4, "grad_clip": 1.0, "init": "const", "val_ppl": 1000.0, "best": False, **base},
-        {"lr_quant": 1e-3, "lr_weights": 2e-5, "grad_clip": 1.0, "init": "search", "val_ppl": 900.0, "best": False, **base},
-    ])
-    md = sweep_markdown(df)
-    assert "5 points, 40 steps × 256 tokens" in md and "lr_quant 0.01, lr_weights 0.0001, grad clip 1, search" in md
-    assert "validation perplexity 400" in md and "at all 2 learning-rate pairs" in md and "(2.0–3.0× lower" in md
+    grid = [(1e-2, 1e-4, "search", [400.0, 420.0, 410.0]), (1e-2, 1e-4, "const", [1200.0]),
+            (1e-3, 1e-4, "search", [500.0, 700.0, 600.0]), (1e-3, 1e-4, "const", [1000.0]),
+            (1e-3, 2e-5, "search", [300.0])]  # lowest single run, but one seed: not selectable
+    rows = [{"point": p, "seed": s, "lr_quant": q, "lr_weights": w, "grad_clip": 1.0, "init": i, "val_ppl": v, **base}
+            for p, (q, w, i, vals) in enumerate(grid) for s, v in enumerate(vals)]
+    md = sweep_markdown(pd.DataFrame(select(rows)))
+    assert "5 points (9 runs; 2 points at 3 seeds), 40 steps × 256 tokens" in md
+    assert "lr_quant 0.01, lr_weights 0.0001, grad clip 1, search start → validation perplexity 410 ± 5.77 (standard error)" in md
+    assert "over 3 seed(s)" in md
+    # 600 ± 57.7 vs 410 ± 5.77: difference 190 > 2 SE = 116
+    assert "Point 2 (lr_quant 0.001, lr_weights 0.0001, grad clip 1): 600 ± 57.74 over 3 seeds; point 0 < point 2" in md
+    assert "at all 2 learning-rate pairs" in md and "(1.7–2.9× lower" in md
 
 
 def test_ablation_block_in_readme(tmp_path):
