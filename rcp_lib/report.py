@@ -249,14 +249,14 @@ def gsr_control_markdown(ppl: pd.DataFrame) -> str:
 def sweep_markdown(sweep: pd.DataFrame) -> str:
     """One paragraph on the QAT recipe sweep (``recipe_sweep.csv``, one row per point and seed): how many points and
     seeds, the selected point (mean ± standard error over its seeds), which points it separates from beyond two
-    standard errors, and the searched start against the constant start at the same learning rates and clip (the ratio
-    of mean validation perplexities)."""
+    standard errors, and the searched start against the constant start at the same learning rates, clip and seed (the
+    ratio of validation perplexities)."""
     keys = ["lr_quant", "lr_weights", "grad_clip"]
     per_point = sweep.groupby("point").first()
     best = per_point[per_point["best"].astype(str) == "True"].iloc[0]
     r0 = sweep.iloc[0]
     n_seeds = per_point["n_seeds"].astype(int)
-    pairs = per_point.pivot_table(index=keys, columns="init", values="val_ppl_mean", aggfunc="first")
+    pairs = sweep.pivot_table(index=[*keys, "seed"], columns="init", values="val_ppl", aggfunc="first")  # same seed
     ratios = (pairs["const"] / pairs["search"]).dropna() if {"const", "search"} <= set(pairs.columns) else pd.Series([], dtype=float)
     sem = float(best["val_ppl_sem"])
     spread = f" ± {_fmt_ppl(sem)} (standard error)" if math.isfinite(sem) else ""
@@ -274,11 +274,11 @@ def sweep_markdown(sweep: pd.DataFrame) -> str:
                 f"{r['grad_clip']:g}): {_fmt_ppl(float(r['val_ppl_mean']))} ± {_fmt_ppl(float(r['val_ppl_sem']))} "
                 f"over {int(r['n_seeds'])} seeds; {vs}.")
     if len(ratios) and ratios.min() > 1:
-        txt += (f" The searched start beats the constant start at all {len(ratios)} learning-rate pairs run both ways "
-                f"({ratios.min():.1f}–{ratios.max():.1f}× lower perplexity).")
+        txt += (f" The searched start beats the constant start in all {len(ratios)} runs of a learning-rate pair both "
+                f"ways at the same seed ({ratios.min():.1f}–{ratios.max():.1f}× lower perplexity).")
     elif len(ratios):
-        txt += (f" Constant / searched start perplexity at the {len(ratios)} learning-rate pairs run both ways: "
-                f"{ratios.min():.2f}–{ratios.max():.2f}.")
+        txt += (f" Constant / searched start perplexity in the {len(ratios)} runs of a learning-rate pair both ways at "
+                f"the same seed: {ratios.min():.2f}–{ratios.max():.2f}.")
     return txt
 
 

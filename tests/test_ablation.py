@@ -95,7 +95,10 @@ def test_default_profile_recipe_is_the_best_sweep_point():
     from rcp_lib.paths import REPO_ROOT
 
     sweep = REPO_ROOT / "results" / "cpu" / "recipe_sweep.csv"
-    best = next(r for r in csv.DictReader(sweep.open()) if r["best"] == "True")
+    rows = list(csv.DictReader(sweep.open()))
+    best = next(r for r in rows if r["best"] == "True")
+    assert len({r["code_fingerprint"] for r in rows}) == 1  # every point trained by the same code
+    assert int(best["n_seeds"]) >= 3 and int(best["n_seeds"]) == max(int(r["n_seeds"]) for r in rows)
     P = get_profile("cpu")
     r = X.method("RCP", "W2A4KV4").recipe(P)
     assert (r.quant.weight.clip_init, r.quant.weight.range_mode, r.quant.weight.ldp_init) == ("mse", "relative", "lloyd")
