@@ -296,6 +296,16 @@ def _atomic_save_state(accelerator, out_dir: Path, step: int, log_len: int, conf
     accelerator.wait_for_everyone()
 
 
+def _recover_checkpoint(out_dir: Path) -> bool:
+    """A crash between the two renames of :func:`_atomic_save_state` leaves the last complete checkpoint in
+    ``.checkpoint-old`` and none in ``checkpoint``: move it back so that a resume finds it. Returns whether it did."""
+    final, old = out_dir / "checkpoint", out_dir / ".checkpoint-old"
+    if final.exists() or not (old / "rcp_step.json").exists():
+        return False
+    os.replace(old, final)
+    return True
+
+
 def train(
     student: nn.Module,
     teacher: nn.Module | None,
@@ -350,6 +360,10 @@ def train(
 
     t_start = time.perf_counter()
     block_stats: list[dict] = []
+    if resume and out_dir is not None:
+        if accelerator.is_main_process:
+            _recover_checkpoint(Path(out_dir))
+        accelerator.wait_for_everyone()
     has_ckpt = resume and out_dir is not None and (Path(out_dir) / "checkpoint" / "rcp_step.json").exists()
     if cfg.block_ap_steps > 0 and not has_ckpt:  # a checkpoint already holds the reconstructed blocks
         from .block_ap import block_ap

@@ -1,6 +1,7 @@
 """Notebooks are committed clean, and every one runs end to end with the smoke profile (papermill): its executed
 copy shows figures, no progress-bar redraws, and an HTML copy is written next to it."""
 
+import csv
 import json
 import os
 import subprocess
@@ -67,6 +68,9 @@ def test_all_notebooks_run_with_smoke_profile(tmp_path):
     smoke = [t for t in TABLES.values() if t.smoke]  # what a smoke run writes, from the table registry
     for t in smoke:
         assert result_path(t.name, "smoke").stat().st_size > 100, t.file
+        if t.file.endswith(".csv"):  # every row carries the code and commit that computed it
+            rows = list(csv.DictReader(result_path(t.name, "smoke").open()))
+            assert rows and all(r.get("git_commit") and r.get("code_fingerprint") for r in rows), t.file
         for stem in t.figures:
             assert (figures_dir("smoke") / f"{stem}.png").exists(), stem
     # a finished QAT student keeps student.pt and drops its checkpoint (optimizer state, ~2.3x the student on disk)

@@ -2,6 +2,7 @@ import copy
 import dataclasses
 import json
 import math
+import os
 
 import pytest
 import torch
@@ -167,3 +168,39 @@ def test_two_trainings_with_different_precision_in_one_process():
         quantize_model(student, QuantConfig(w_bits=2, w_group_size=32, w_method="ldp", w_lwc=True))
         res = train(student, teacher, ids, QATConfig(steps=1, seqlen=32, val_every=1, mixed_precision=mp), progress=False)
         assert res.tokens == 32
+
+
+def test_resume_after_a_crash_between_the_checkpoint_renames(tmp_path):
+    """_atomic_save_state moves checkpoint -> .checkpoint-old, then the new one in: a crash in between leaves only
+    .checkpoint-old. A resume puts it back and ends where an uninterrupted run ends."""
+    from rcp_lib.qat import _recover_checkpoint
+
+    cfg = _cfg(steps=4, checkpoint_every=2)
+    fp, a = _pair()
+    train(a, fp, _data(), cfg, out_dir=tmp_path / "a", progress=False)
+    fp_b, b = _pair()
+    train(b, fp_b, _data(), cfg, out_dir=tmp_path / "b", progress=False, stop_after=3)
+    os.replace(tmp_path / "b" / "checkpoint", tmp_path / "b" / ".checkpoint-old")  # the crash window
+    step_file = tmp_path / "b" / ".checkpoint-old" / "rcp_step.json"
+    meta = json.loads(step_file.read_text())
+    assert meta["step"] == 3  # the stop saved its step
+    step_file.write_text(json.dumps({**meta, "seconds": 1000.0}))  # marks that the resume used this checkpoint
+    assert not _recover_checkpoint(tmp_path / "a")  # a complete folder is left alone
+    fp_c, c = _pair(seed=0)
+    res = train(c, fp_c, _data(), cfg, out_dir=tmp_path / "b", resume=True, progress=False)
+    assert res.steps == 4 and not (tmp_path / "b" / ".checkpoint-old").exists()
+    assert res.seconds > 1000.0  # resumed from the recovered checkpoint, not from step 0
+    sa, sc = a.state_dict(), c.state_dict()
+    for k in sa:
+        assert torch.allclose(sa[k], sc[k], atol=1e-6, rtol=0), k
+
+
+def test_a_finished_student_drops_every_checkpoint_folder(tmp_path):
+    from rcp_lib.experiments.build import drop_checkpoints
+
+    for d in ("checkpoint", ".checkpoint-old", ".checkpoint-tmp-6", "keep"):
+        (tmp_path / d).mkdir()
+        (tmp_path / d / "x.bin").write_bytes(b"0")
+    (tmp_path / "student.pt").write_bytes(b"0")
+    drop_checkpoints(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["keep", "student.pt"]

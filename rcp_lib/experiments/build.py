@@ -7,6 +7,7 @@ import copy
 import json
 import shutil
 import time
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -106,10 +107,17 @@ def build(method: Method, profile: Profile, progress: bool = True) -> nn.Module:
             stats["seconds"] = round(stats["seconds"] + gptq_s, 1)
             atomic_write_json(stats, out / "qat_stats.json")
             atomic_save_torch(model.state_dict(), done)
-            # the finished student is student.pt; the checkpoint (weights + optimizer state, ~2.3x its size) only
-            # resumes an unfinished run of this key (another step count is another key)
-            shutil.rmtree(out / "checkpoint", ignore_errors=True)
+            drop_checkpoints(out)
     return model
+
+
+def drop_checkpoints(out: Path) -> None:
+    """Delete the QAT checkpoints of a finished student's folder ``out`` (``student.pt`` stays): ``checkpoint``
+    (weights + optimizer state, ~2.3x the student) only resumes an unfinished run of this key (another step count is
+    another key), and so do the leftovers of a save interrupted between its renames (``.checkpoint-old``,
+    ``.checkpoint-tmp-*``; :func:`rcp_lib.qat._atomic_save_state`)."""
+    for ckpt in [out / "checkpoint", out / ".checkpoint-old", *out.glob(".checkpoint-tmp-*")]:
+        shutil.rmtree(ckpt, ignore_errors=True)
 
 
 def _test_ppl(model: nn.Module, profile: Profile, progress: bool) -> float:

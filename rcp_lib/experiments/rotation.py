@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from ..io import provenance
 from ..profiles import Profile
 from ..rotation.fuse import BLOCK_KINDS
 from .build import base_model
@@ -71,7 +72,8 @@ def rotation_analysis(profile: Profile, progress: bool = True) -> "pd.DataFrame"
             df = layer_statistics(base_model(profile)[0], kind, block=block, seed=profile.seed,
                                   group_size=group, bits=2, layers=profile.analysis_layers)
             df["rotation"] = name
-            return {"rows": df.to_dict("records")}
+            prov = provenance()  # cached with the rows: the commit that computed them
+            return {"rows": [{**r, **prov} for r in df.to_dict("records")]}
 
         frames.append(pd.DataFrame(_cached("rotation", key, compute)["rows"]))
     df = pd.concat(frames, ignore_index=True)

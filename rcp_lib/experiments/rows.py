@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 from typing import Callable
 
-from ..io import atomic_write_csv, atomic_write_json, config_hash, require_clean_tree
+from ..io import atomic_write_csv, atomic_write_json, config_hash, provenance, require_clean_tree
 from ..paths import cache_dir
 from ..paths import results_dir
 from ..profiles import Profile
@@ -113,11 +113,15 @@ def method_config(method: Method, profile: Profile) -> dict:
 def write_rows(rows: list[dict], profile: Profile, name: str) -> Path:
     """Write result rows atomically to ``results/<run name>/<name>.csv`` (see :mod:`rcp_lib.paths`): the profile's
     name, or ``<name>-<hash>`` for a profile with overrides. Each row gets the columns ``run_name`` (that folder
-    name) and ``overrides`` (the overridden profile fields as JSON, ``{}`` for the named profile).
+    name) and ``overrides`` (the overridden profile fields as JSON, ``{}`` for the named profile). A row without
+    provenance of its own (``git_commit``: rows computed in this process, e.g. the memory accountant's) gets
+    :func:`rcp_lib.io.provenance` now; rows that carry it (cached rows: the commit that computed them) keep theirs.
 
     Raises :class:`rcp_lib.io.DirtyTreeError` when code or configs have uncommitted changes, unless dirty runs
     are allowed (``--allow-dirty`` / ``RCP_ALLOW_DIRTY=1``).
     """
     require_clean_tree()
     extra = {"run_name": profile.run_name, "overrides": json.dumps(profile.overrides, sort_keys=True, default=str)}
-    return atomic_write_csv([{**r, **extra} for r in rows], results_dir(profile) / f"{name}.csv")
+    prov = provenance() if any("git_commit" not in r for r in rows) else {}
+    return atomic_write_csv([{**r, **({} if "git_commit" in r else prov), **extra} for r in rows],
+                            results_dir(profile) / f"{name}.csv")

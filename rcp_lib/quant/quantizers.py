@@ -453,14 +453,19 @@ def mse_clip_range(
         wg: ``[..., gs]`` weights (one group per leading index; e.g. ``[out, n_groups, gs]``).
         bits, round_zero: the uniform quantizer.
         grid: candidate ratios in ``(0, 1]``.
-        norm: error exponent (2.4 in QuaRot and GPTQ; 2 gives the MSE).
+        norm: error exponent, > 0 (2.4 in QuaRot and GPTQ; 2 gives the MSE).
     Returns:
-        ``(lo, hi, ratio)``, each ``[...]`` in the dtype of ``wg``.
+        ``(lo, hi, ratio)``, each ``[...]`` in the dtype of ``wg``. A 16-bit ``wg`` is searched in float32 (its error
+        sums would otherwise round away the differences between ratios).
     """
     check_weight_bits(bits)
+    if not norm > 0:
+        raise ValueError(f"clip search error exponent norm must be > 0, got {norm}")
     grid_t = mse_clip_grid() if grid is None else torch.as_tensor(grid, dtype=torch.float64).flatten()
     if len(grid_t) == 0 or bool(((grid_t <= 0) | (grid_t > 1)).any()):
         raise ValueError("clip search grid ratios must be in (0, 1] and non-empty")
+    if wg.dtype in (torch.float16, torch.bfloat16):
+        return tuple(t.to(wg.dtype) for t in mse_clip_range(wg.detach().float(), bits, round_zero, grid_t, norm))
     wd = wg.detach()
     lo0, hi0 = wd.amin(-1), wd.amax(-1)
     best = torch.full_like(lo0, float("inf"))

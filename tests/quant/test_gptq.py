@@ -300,3 +300,17 @@ def test_gptq_model_shared_hessians_equal_separate(monkeypatch):
     separate = gptq_model(quantize_model(copy.deepcopy(base), cfg), calib, progress=False)
     a, b = dict(quantized_linears(shared)), dict(quantized_linears(separate))
     assert all(torch.equal(a[n].weight_quantizer.codes, b[n].weight_quantizer.codes) for n in a)
+
+
+def test_mse_clip_range_rejects_a_nonpositive_norm_and_searches_16_bit_weights_in_float32():
+    from rcp_lib.quant.quantizers import mse_clip_range
+
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(32, 4, 64, generator=g).to(torch.bfloat16)
+    with pytest.raises(ValueError, match="norm must be > 0"):
+        mse_clip_range(w.float(), 2, norm=0.0)
+    lo, hi, r = mse_clip_range(w, 2)
+    lo32, hi32, r32 = mse_clip_range(w.float(), 2)  # the same bf16 values, searched in float32
+    assert lo.dtype == hi.dtype == r.dtype == torch.bfloat16
+    assert torch.equal(r.float(), r32.to(torch.bfloat16).float())
+    assert torch.equal(lo, lo32.to(torch.bfloat16)) and torch.equal(hi, hi32.to(torch.bfloat16))
