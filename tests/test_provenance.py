@@ -152,6 +152,11 @@ def test_row_cache_logs_hit_and_miss(monkeypatch, tmp_path, capsys):
     assert X._cached("ppl", key, lambda: calls.append(1) or {"ppl": 2.0}) == row and calls == [1]
     err = capsys.readouterr().err.splitlines()
     assert len(err) == 2
+    # a computed row is what a later cached read gives: same values, types and key order (tuple -> list, NaN kept)
+    computed = X._cached("ppl", {**key, "code": "y"}, lambda: {"z": 1, "a": (1, 2), "n": float("nan")})
+    again = X._cached("ppl", {**key, "code": "y"}, lambda: {})
+    assert list(computed) == list(again) == ["a", "n", "z"] and computed["a"] == again["a"] == [1, 2]
+    assert computed["n"] != computed["n"]
     assert err[0].startswith("[rcp_lib cache] miss ppl-") and "(RCP W2A4KV4)" in err[0]
     assert err[1].startswith("[rcp_lib cache] hit ppl-") and "(RCP W2A4KV4)" in err[1]
 

@@ -91,16 +91,16 @@ def row_cached(kind: str, key: dict) -> bool:
 
 
 def _cached(kind: str, key: dict, compute: Callable[[], dict]) -> dict:
-    """Row cache: ``cache_dir()/rows/<kind>-<hash of key>.json``; ``compute()`` runs on a miss."""
+    """Row cache: ``cache_dir()/rows/<kind>-<hash of key>.json``; ``compute()`` runs on a miss. A computed row is
+    returned as read back from its file, so a cold and a cached run give the same row (values, types, key order)."""
     name = cache_name(kind, key)
     path = cache_dir() / "rows" / f"{name}.json"
     if path.exists():
         _log_cache(True, name, _cache_label(key))
         return json.loads(path.read_text())
     _log_cache(False, name, _cache_label(key))
-    row = compute()
-    atomic_write_json(row, path)
-    return row
+    atomic_write_json(compute(), path)
+    return json.loads(path.read_text())
 
 
 def method_config(method: Method, profile: Profile) -> dict:
