@@ -246,6 +246,12 @@ def gsr_control_markdown(ppl: pd.DataFrame) -> str:
                        "|---|---|---|---|---|", *lines])
 
 
+def _span(values: pd.Series) -> str:
+    """``"47483"`` for one value, ``"47483–414830 across its seeds"`` for several (perplexities)."""
+    lo, hi = float(values.min()), float(values.max())
+    return _fmt_ppl(lo) if len(values) == 1 or lo == hi else f"{_fmt_ppl(lo)}–{_fmt_ppl(hi)} across its seeds"
+
+
 def sweep_markdown(sweep: pd.DataFrame) -> str:
     """One paragraph on the QAT recipe sweep (``recipe_sweep.csv``, one row per point and seed): how many points and
     seeds, the selected point (mean ± standard error over its seeds), which points it separates from beyond two
@@ -266,7 +272,7 @@ def sweep_markdown(sweep: pd.DataFrame) -> str:
            f"{r0['val_split']} (never the test split). Selected (lowest mean among the points run at the most seeds): "
            f"lr_quant {best['lr_quant']:g}, lr_weights {best['lr_weights']:g}, grad clip {best['grad_clip']:g}, "
            f"{best['init']} start → validation perplexity {_fmt_ppl(float(best['val_ppl_mean']))}{spread} over "
-           f"{int(best['n_seeds'])} seed(s) (step 0: {_fmt_ppl(float(best['step0_val_ppl']))}).")
+           f"{int(best['n_seeds'])} seed(s) (step 0: {_span(sweep[sweep['point'] == best.name]['step0_val_ppl'])}).")
     rivals = per_point[(per_point["n_seeds"].astype(int) > 1) & (per_point["best"].astype(str) != "True")]
     for p, r in rivals.iterrows():
         vs = r["vs_best"] if isinstance(r["vs_best"], str) and r["vs_best"] else "not separable at this budget"
@@ -274,8 +280,9 @@ def sweep_markdown(sweep: pd.DataFrame) -> str:
                 f"{r['grad_clip']:g}): {_fmt_ppl(float(r['val_ppl_mean']))} ± {_fmt_ppl(float(r['val_ppl_sem']))} "
                 f"over {int(r['n_seeds'])} seeds; {vs}.")
     if len(ratios) and ratios.min() > 1:
+        span = f"{ratios.min():.1f}" if f"{ratios.min():.1f}" == f"{ratios.max():.1f}" else f"{ratios.min():.1f}–{ratios.max():.1f}"
         txt += (f" The searched start beats the constant start in all {len(ratios)} runs of a learning-rate pair both "
-                f"ways at the same seed ({ratios.min():.1f}–{ratios.max():.1f}× lower perplexity).")
+                f"ways at the same seed ({span}× lower perplexity).")
     elif len(ratios):
         txt += (f" Constant / searched start perplexity in the {len(ratios)} runs of a learning-rate pair both ways at "
                 f"the same seed: {ratios.min():.2f}–{ratios.max():.2f}.")
