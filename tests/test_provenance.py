@@ -247,10 +247,11 @@ def test_allow_dirty_env_accepts_and_is_recorded(dirty, monkeypatch):
     assert (row["a"], row["run_name"], row["overrides"]) == ("1", "smoke", "{}")
     # a row computed here gets this process's provenance, a (cached) row with its own keeps it
     assert row["code_fingerprint"] == rio.code_fingerprint() and row["git_commit"] == rio.git_commit()
-    p = X.write_rows([{"a": 1, "git_commit": "abc", "code_fingerprint": "old"}, {"a": 2}], get_profile("smoke"), "t")
+    p = X.write_rows([{"a": 1, "git_commit": "abc", "code_fingerprint": "old"}, {"a": 2, "device": "mine"}],
+                     get_profile("smoke"), "t")
     rows = list(csv.DictReader(p.open()))
     assert (rows[0]["git_commit"], rows[0]["code_fingerprint"]) == ("abc", "old")
-    assert rows[1]["code_fingerprint"] == rio.code_fingerprint()
+    assert rows[1]["code_fingerprint"] == rio.code_fingerprint() and rows[1]["device"] == "mine"  # its own column wins
     monkeypatch.setattr(rio, "git_commit", lambda repo=None: "0" * 40 + "+dirty")
     prov = rio.provenance()
     assert prov["allow_dirty"] is True and prov["code_fingerprint"] == rio.code_fingerprint()

@@ -123,5 +123,5 @@ def write_rows(rows: list[dict], profile: Profile, name: str) -> Path:
     require_clean_tree()
     extra = {"run_name": profile.run_name, "overrides": json.dumps(profile.overrides, sort_keys=True, default=str)}
     prov = provenance() if any("git_commit" not in r for r in rows) else {}
-    return atomic_write_csv([{**r, **({} if "git_commit" in r else prov), **extra} for r in rows],
-                            results_dir(profile) / f"{name}.csv")
+    out = [{**r, **({} if "git_commit" in r else {k: v for k, v in prov.items() if k not in r}), **extra} for r in rows]
+    return atomic_write_csv(out, results_dir(profile) / f"{name}.csv")
