@@ -310,6 +310,17 @@ def ablation_markdown(summary: pd.DataFrame) -> str:
         vc = r.get("vs_control")
         if isinstance(vc, str) and vc:
             lines.append(f"\n{r['method']} against its control (same blocks, natural order): {vc}.")
+    rcp = next((r for r in summary.to_dict("records") if r["method"] == "RCP"), None)
+    for r in summary.to_dict("records"):  # what moved: a separated clip ablation that differs in its start
+        vs = r.get("vs_RCP")
+        if rcp is None or not (isinstance(vs, str) and vs.startswith("RCP < ")):
+            continue
+        a, b, moved = (float(x.get(k, float("nan"))) for x, k in ((rcp, "clip_ratio_init_mean"),
+                                                                  (r, "clip_ratio_init_mean"), (rcp, "clip_shift_mean")))
+        if abs(a - b) > 10 * moved:
+            lines.append(f"\n{r['method']}: its clip ratio starts at {b:.3f} instead of RCP's {a:.3f} (the searched "
+                         f"start), while training moves RCP's by {moved:.4f} on average: the gap comes from the searched "
+                         f"clip start, not from learning the clip.")
     return "\n".join(lines)
 
 

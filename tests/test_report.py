@@ -201,6 +201,7 @@ def test_ablation_block_in_readme(tmp_path):
     assert "| RCP | 3 | 400 ± 10.00 | 50000 | 0.672 → 0.671 | 0.0120 | 0.0130 | 0.0034 | – |" in md
     assert "| RCP w/o Clip | 3 | 410 ± 30.00 |" in md and "not separable at this budget |" in md
     assert "Not comparable row to row" not in md  # no fingerprints recorded on either side: nothing to compare
+    assert "the gap comes from the searched clip start" not in md  # nothing separated from RCP here
     abl = pd.read_csv(tmp_path / "ablation" / "ablation_summary.csv")
     extra = {**abl.iloc[1].to_dict(), "method": "RCP w/o Rotate", "ppl_mean": 4000.0, "vs_RCP": "RCP < RCP w/o Rotate (x)"}
     abl = pd.concat([abl, pd.DataFrame([extra])], ignore_index=True)
@@ -210,6 +211,9 @@ def test_ablation_block_in_readme(tmp_path):
     rows["code_fingerprint"] = "old"
     rows.to_csv(res / "perplexity.csv", index=False)
     md = results_markdown("cpu", res)
+    # separated from RCP and started from another clip ratio (the fake row copies w/o Clip's 1.0): the start is named
+    assert ("RCP w/o Rotate: its clip ratio starts at 1.000 instead of RCP's 0.672 (the searched start), while training "
+            "moves RCP's by 0.0120 on average: the gap comes from the searched clip start") in md
     assert "rotation is worth 10× in the ablation with seeds (means over 3 seeds: w/o Rotate 4000 vs RCP 400; " \
            "RCP < RCP w/o Rotate (x))" in md
     assert "**Not comparable row to row:** the ablation ran with code new and the perplexity table above with code old" in md
