@@ -27,7 +27,8 @@ Seeds (``--seeds``; default: the profile's ``seed``) set the R1 signs and the QA
 mean) over the seeds cached for it (seeds 0..9 are looked up), and ``vs_best``: its order against the selected point
 only beyond two standard errors of the difference (:func:`rcp_lib.experiments.ablation.separation`), else "not
 separable at this budget". The selected point has the lowest mean among the points run at the most seeds, so a point
-run once cannot win on one lucky seed. Results are refused from a dirty tree unless ``--allow-dirty``. Run it alone: two torch jobs on 2 cores slow each other more than 10x.
+run once cannot win on one lucky seed. Results are refused from a dirty tree unless ``--allow-dirty``. Run it alone:
+two torch jobs on 2 cores slow each other more than 10x.
 """
 
 from __future__ import annotations
