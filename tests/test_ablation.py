@@ -92,13 +92,19 @@ def test_default_profile_recipe_is_the_best_sweep_point():
     """The cpu profile's QAT recipe is the best point of the committed recipe sweep (traceable to its evidence)."""
     import csv
 
-    from rcp_lib.paths import REPO_ROOT
+    from rcp_lib.paths import REPO_ROOT, readme_path
 
     sweep = REPO_ROOT / "results" / "cpu" / "recipe_sweep.csv"
     rows = list(csv.DictReader(sweep.open()))
     best = next(r for r in rows if r["best"] == "True")
     assert len({r["code_fingerprint"] for r in rows}) == 1  # every point trained by the same code
     assert int(best["n_seeds"]) >= 3 and int(best["n_seeds"]) == max(int(r["n_seeds"]) for r in rows)
+    # the README's prose: the selected point is "not separable from the other points run at 3 seeds"
+    rivals = {r["point"]: r["vs_best"] for r in rows if int(r["n_seeds"]) == int(best["n_seeds"]) and r["best"] != "True"}
+    assert rivals and set(rivals.values()) == {"not separable at this budget"}
+    text = " ".join(readme_path().read_text().split())
+    assert f"the lowest mean over {best['n_seeds']} seeds, not separable from the other points run at " \
+           f"{best['n_seeds']} seeds" in text
     P = get_profile("cpu")
     r = X.method("RCP", "W2A4KV4").recipe(P)
     assert (r.quant.weight.clip_init, r.quant.weight.range_mode, r.quant.weight.ldp_init) == ("mse", "relative", "lloyd")
