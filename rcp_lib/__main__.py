@@ -1,4 +1,5 @@
-"""Command line: ``python -m rcp_lib {ppl,qat,reproduce,table,readme}`` (``python -m rcp_lib <command> --help``).
+"""Command line: ``python -m rcp_lib {ppl,qat,reproduce,table,readme,train-rows,export,eval}``
+(``python -m rcp_lib <command> --help``).
 
 Known errors (bad input: a malformed or mistyped config, an unknown model, profile or field, a corpus or device that
 is not available here) print one line on stderr and exit with status 2; ``--debug`` (anywhere on the line) shows
@@ -25,10 +26,11 @@ def _known_errors() -> tuple[type[BaseException], ...]:
     import yaml
 
     from .data import CorpusUnavailableError
+    from .experiments.build import QATDoesNotFitError
     from .paths import OutputRootError
 
     return (CliError, ValueError, FileNotFoundError, NotADirectoryError, yaml.YAMLError, ConnectionError,
-            CorpusUnavailableError, OutputRootError, _model_not_found())
+            CorpusUnavailableError, OutputRootError, QATDoesNotFitError, _model_not_found())
 
 
 def _model_not_found() -> type[BaseException]:
@@ -252,6 +254,29 @@ def _computable_tables() -> list[str]:
     return [n for n, t in TABLES.items() if t.rows]
 
 
+def _cmd_train_rows(args: argparse.Namespace) -> int:
+    """``train-rows``: train the QAT students of a profile's table rows into the cache (under ``accelerate launch``
+    for the ``paper`` profile, whose QAT does not fit one GPU; :func:`rcp_lib.experiments.build.train_rows`)."""
+    import os
+
+    from . import experiments as X
+    from .experiments.build import train_rows
+    from .profiles import get_profile
+
+    P = get_profile(args.profile, **_parse_overrides(args.set))
+    if args.method:
+        rows = [X.method(args.method, s) for s in ([args.setting] if args.setting else P.settings)]
+    else:
+        rows = [m for m in X.all_methods(P) if m.qat and (args.setting is None or m.setting == args.setting)]
+    if not rows:
+        raise CliError(f"profile {args.profile!r} has no QAT row" + (f" at {args.setting}" if args.setting else ""))
+    paths = train_rows(rows, P, progress=not args.quiet)
+    if int(os.environ.get("RANK", "0")) == 0:
+        for m, path in zip(rows, paths):
+            print(f"{m.name} {m.setting}: {path}")
+    return 0
+
+
 def _cmd_export(args: argparse.Namespace) -> int:
     """``export``: a finished QAT run (``--run``) or a cached method of a profile (``--method``) -> packed folder."""
     import torch
@@ -418,6 +443,23 @@ def build_parser() -> argparse.ArgumentParser:
     rd.add_argument("--print", action="store_true", dest="print_only",
                     help="print the markdown block instead of rewriting README.md")
     rd.set_defaults(func=_cmd_readme)
+
+    tr = sub.add_parser("train-rows", help="train the QAT students of a profile's table rows into the cache "
+                                           "(run it under accelerate launch for the paper profile)",
+                        description="Train the QAT students of a profile's rows (all its QAT rows, or --method / "
+                                    "--setting) into the cache that the notebooks and `table` read; students already "
+                                    "trained are skipped. Under `accelerate launch` every process trains on its own "
+                                    "GPU (DDP or FSDP from the launch config) and rank 0 writes.",
+                        epilog=_example("accelerate launch --config_file configs/accelerate/8gpu-fsdp.yaml -m rcp_lib "
+                                        "train-rows --profile paper --method RCP --setting W2A4KV4",
+                                        "python -m rcp_lib train-rows --profile smoke"))
+    tr.add_argument("--profile", default="cpu", choices=profiles, help="run profile (rcp_lib/profiles.py)")
+    tr.add_argument("--method", help="a named QAT method (None: every QAT row of the profile)")
+    tr.add_argument("--setting", help="only this setting, e.g. W2A4KV4 (None: the profile's settings)")
+    tr.add_argument("--set", action="append", metavar="KEY=VALUE",
+                    help="override a profile field (JSON value), as for reproduce and table")
+    tr.add_argument("--quiet", action="store_true", help="no progress bars")
+    tr.set_defaults(func=_cmd_train_rows)
 
     _add_checkpoint_commands(sub)
     return p

@@ -69,8 +69,13 @@ def calibration(profile: Profile) -> torch.Tensor:
     return calibration_windows(tokens(profile, "train"), profile.calib_windows, profile.calib_seqlen, seed=profile.seed)
 
 
-def build(method: Method, profile: Profile, progress: bool = True) -> nn.Module:
-    """A fresh model for ``method``: copy of the FP model -> rotate -> quantize -> GPTQ or QAT (cached)."""
+def build(method: Method, profile: Profile, progress: bool = True, check_memory: bool = True) -> nn.Module:
+    """A fresh model for ``method``: copy of the FP model -> rotate -> quantize -> GPTQ or QAT (cached).
+
+    A QAT row whose student is not cached is trained here, in this process, unless its estimated memory exceeds the
+    profile's one CUDA device (``check_memory``; :func:`check_qat_fits` names the ``accelerate launch`` command that
+    trains it into the cache instead, :func:`train_rows`).
+    """
     fp, _ = base_model(profile)
     _free(profile.device)
     recipe = method.recipe(profile)
@@ -92,23 +97,123 @@ def build(method: Method, profile: Profile, progress: bool = True) -> nn.Module:
         if done.exists():  # (a GPTQ start needs no GPTQ here: the static quantizers take the trained state)
             model.load_state_dict(torch.load(done, map_location=profile.device), strict=True)
         else:
-            from ..qat import resolve_mixed_precision, teacher_dtype
-
-            gptq_s = 0.0
-            if recipe.qat.gptq_start:
-                t0 = time.perf_counter()
-                _gptq_start(model, profile, progress)
-                gptq_s = time.perf_counter() - t0
-            td = teacher_dtype(resolve_mixed_precision(recipe.qat), fp)
-            teacher = fp if fp.dtype == td else copy.deepcopy(fp).to(td)  # train() never changes the shared base
-            stats = train_student(model, teacher, profile, recipe.qat, out_dir=out, progress=progress,
-                                  step0_eval=lambda m: _test_ppl(m, profile, progress))
-            del teacher
-            stats["seconds"] = round(stats["seconds"] + gptq_s, 1)
-            atomic_write_json(stats, out / "qat_stats.json")
-            atomic_save_torch(model.state_dict(), done)
-            drop_checkpoints(out)
+            if check_memory:
+                check_qat_fits(method, profile, model.config)
+            _train_and_save(model, method, profile, out, progress)
     return model
+
+
+def _train_and_save(model: nn.Module, method: Method, profile: Profile, out: Path, progress: bool) -> None:
+    """Train the quantized ``model`` of a QAT row in place and write ``out/student.pt`` + ``out/qat_stats.json`` (what
+    :func:`build` loads). Under a distributed launch every process trains, the full state dict is gathered (a
+    collective: a sharded student's shards) and rank 0 writes."""
+    from ..qat import resolve_mixed_precision, teacher_dtype
+    from ..run_config import full_state_dict
+
+    recipe = method.recipe(profile)
+    fp, _ = base_model(profile)
+    gptq_s = 0.0
+    if recipe.qat.gptq_start:
+        t0 = time.perf_counter()
+        _gptq_start(model, profile, progress)
+        gptq_s = time.perf_counter() - t0
+    td = teacher_dtype(resolve_mixed_precision(recipe.qat), fp)
+    teacher = fp if fp.dtype == td else copy.deepcopy(fp).to(td)  # train() never changes the shared base
+    stats = train_student(model, teacher, profile, recipe.qat, out_dir=out, progress=progress,
+                          step0_eval=lambda m: _test_ppl(m, profile, progress))
+    del teacher
+    stats["seconds"] = round(stats["seconds"] + gptq_s, 1)
+    dist = torch.distributed.is_available() and torch.distributed.is_initialized()
+    state = full_state_dict(model) if dist else model.state_dict()
+    if not dist or torch.distributed.get_rank() == 0:
+        atomic_write_json(stats, out / "qat_stats.json")
+        atomic_save_torch(state, out / "student.pt")
+        drop_checkpoints(out)
+    if dist:
+        torch.distributed.barrier()
+
+
+class QATDoesNotFitError(RuntimeError):
+    """The QAT of a table row is estimated not to fit on the profile's one GPU: train it with ``accelerate launch``
+    (:func:`train_rows`; the message names the command)."""
+
+
+def qat_memory_gb(method: Method, profile: Profile, config) -> float:
+    """Estimated GB of one process training the student of ``method`` alone (no sharding), from the model's
+    ``config`` and the row's recipe (weight bits and group, QAT seqlen and micro-batch):
+    :func:`rcp_lib.train_memory.qat_memory_per_gpu`, which assumes gradient checkpointing and a bf16 teacher."""
+    from ..train_memory import qat_memory_per_gpu
+
+    r = method.recipe(profile)
+    return qat_memory_per_gpu(config, n_gpus=1, strategy="ddp", w_bits=r.quant.w_bits,
+                              group_size=r.quant.weight.group_size, seq_len=r.qat.seqlen,
+                              micro_batch=r.qat.batch_size)["total_gb"]
+
+
+#: the multi-GPU launch that :func:`check_qat_fits` proposes (configs/accelerate/)
+LAUNCH_CONFIG = "configs/accelerate/8gpu-fsdp.yaml"
+
+
+def launch_command(method: Method, profile: Profile) -> str:
+    """The shell command that trains the student of ``method`` under ``profile`` (and its overrides) on several
+    GPUs into the cache where :func:`build` finds it (``python -m rcp_lib train-rows``)."""
+    import shlex
+
+    sets = "".join(f" --set {shlex.quote(f'{k}={json.dumps(v)}')}" for k, v in sorted(profile.overrides.items()))
+    return (f"accelerate launch --config_file {LAUNCH_CONFIG} -m rcp_lib train-rows --profile {profile.name} "
+            f"--method {shlex.quote(method.name)} --setting {method.setting}{sets}")
+
+
+def check_qat_fits(method: Method, profile: Profile, config, device_bytes: int | None = None) -> None:
+    """Refuse to train a QAT row on one CUDA device smaller than its estimated memory (:func:`qat_memory_gb`).
+
+    Args:
+        config: the model's transformers config (sizes only).
+        device_bytes: the device's memory (None: the profile's CUDA device's; nothing is checked off CUDA).
+    Raises:
+        QATDoesNotFitError: one line with the estimate, the device's memory and the ``accelerate launch`` command
+            (:func:`launch_command`) that trains the student into the cache, after which the same call loads it.
+    """
+    if device_bytes is None:
+        dev = torch.device(profile.device)
+        if dev.type != "cuda" or not torch.cuda.is_available():
+            return
+        device_bytes = torch.cuda.get_device_properties(dev).total_memory
+    need, have = qat_memory_gb(method, profile, config), device_bytes / 1e9
+    if need > have:
+        raise QATDoesNotFitError(
+            f"{method.name} {method.setting} of profile {profile.name!r} is not trained yet, and its QAT needs about "
+            f"{need:.1f} GB on one GPU (estimate, rcp_lib.train_memory) while {profile.device} has {have:.1f} GB: "
+            f"train it on several GPUs with `{launch_command(method, profile)}` (it writes "
+            f"{cache_dir() / 'qat' / _qat_key(method, profile) / 'student.pt'}), then run this again")
+
+
+def train_rows(methods: list[Method], profile: Profile, progress: bool = True) -> list[Path]:
+    """Train the QAT students of table rows into the cache where :func:`build` loads them: the entry of
+    ``accelerate launch -m rcp_lib train-rows`` (any number of processes, DDP or FSDP from the launch config; every
+    process trains on its own device, rank 0 writes). Rows already trained are skipped.
+
+    Returns:
+        the ``student.pt`` path of each method, in order.
+    Raises:
+        ValueError: a method without QAT.
+    """
+    from ..run_config import run_device
+
+    bad = [f"{m.name} {m.setting}" for m in methods if not m.qat]
+    if bad:
+        raise ValueError(f"train-rows trains QAT rows only; not QAT: {bad}")
+    dev = str(run_device(profile.device))  # this process's GPU under a launch, not GPU 0 in every process
+    if dev != profile.device:
+        profile = profile.with_overrides(device=dev)  # the device is no part of the cache keys
+    paths = []
+    for m in methods:
+        done = cache_dir() / "qat" / _qat_key(m, profile) / "student.pt"
+        _log_cache(done.exists(), done.parent.name, f"{m.name} {m.setting} student")
+        if not done.exists():
+            build(m, profile, progress=progress, check_memory=False)
+        paths.append(done)
+    return paths
 
 
 def drop_checkpoints(out: Path) -> None:
