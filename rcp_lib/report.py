@@ -350,6 +350,34 @@ def benchmarks_markdown(d: Path) -> str:
     return "\n".join(["| script | what | measured |", "|---|---|---|", *lines])
 
 
+def code_versions_markdown(ppl: pd.DataFrame, summary: pd.DataFrame, seeds: pd.DataFrame | None) -> str:
+    """A sentence when the ablation (``summary``, with its per-seed rows ``seeds``) and the perplexity table ``ppl``
+    were computed by different code (their ``code_fingerprint`` columns), "" when by the same code (or unrecorded).
+
+    The rows both files compute (same method, setting and seed) decide what it says: identical perplexities show that
+    the change between the two code versions did not move them; any difference, or nothing shared, makes the two
+    not comparable row to row until one of them is regenerated at the other's code."""
+    fp_tab = set(ppl["code_fingerprint"].astype(str)) if "code_fingerprint" in ppl else set()
+    fp_abl = set(summary["code_fingerprint"].astype(str)) if "code_fingerprint" in summary else set()
+    if fp_tab == fp_abl:
+        return ""
+    codes = (f"the ablation ran with code {', '.join(sorted(fp_abl)) or '?'} and the perplexity table above with code "
+             f"{', '.join(sorted(fp_tab)) or '?'} (`code_fingerprint` columns)")
+    shared = []
+    if seeds is not None and {"method", "setting", "seed", "ppl"} <= set(seeds) and "seed" in ppl:
+        both = seeds.merge(ppl[["method", "setting", "seed", "ppl"]], on=["method", "setting", "seed"],
+                           suffixes=("_abl", "_tab"))
+        shared = [(r.method, r.setting, int(r.seed), float(r.ppl_abl), float(r.ppl_tab)) for r in both.itertuples()]
+    if shared and all(a == b for *_, a, b in shared):
+        rows = ", ".join(f"{m} {s} seed {sd}: {a:.2f}" for m, s, sd, a, _ in shared)
+        return (f"Code versions: {codes}; the rows both compute ({rows}) are identical in both files, so the change "
+                "between the two versions did not move them.")
+    diff = "; ".join(f"{m} {s} seed {sd}: {a:.2f} vs {b:.2f}" for m, s, sd, a, b in shared if a != b)
+    why = f"the rows both compute differ ({diff})" if diff else "they share no row to check them against each other"
+    return (f"**Not comparable row to row:** {codes}, and {why}; regenerate one at the other's code (the ablation: "
+            "`python -m rcp_lib table --profile ablation --table ablation`, then `--table ablation_summary`).")
+
+
 def results_markdown(profile: str = "cpu", results: Path | None = None) -> str:
     """The README block for a profile: perplexity and zero-shot tables with their protocol and provenance."""
     d = Path(results) if results else results_dir(profile)
@@ -423,12 +451,10 @@ def results_markdown(profile: str = "cpu", results: Path | None = None) -> str:
                 f"setting the R1 signs and the data order; `results/ablation/`, git {', '.join(c[:8] for c in commits)}). "
                 "An order against RCP is stated only where the difference of means exceeds two standard errors of "
                 "that difference.", "", ablation_markdown(abl), ""]
-        fp_tab = set(ppl["code_fingerprint"].astype(str)) if "code_fingerprint" in ppl else set()
-        fp_abl = set(abl["code_fingerprint"].astype(str)) if "code_fingerprint" in abl else set()
-        if fp_tab != fp_abl:
-            out += [f"**Not comparable row to row:** the ablation ran with code {', '.join(sorted(fp_abl)) or '?'} and "
-                    f"the perplexity table above with code {', '.join(sorted(fp_tab)) or '?'} (`code_fingerprint` "
-                    "columns); the table is regenerated at the ablation's code by the next full `reproduce`.", ""]
+        seeds_p = abl_p.parent / _file("ablation")
+        line = code_versions_markdown(ppl, abl, pd.read_csv(seeds_p) if seeds_p.exists() else None)
+        if line:
+            out += [line, ""]
     ctl = gsr_control_markdown(ppl)
     if ctl:
         out += ["GSR and its control: the same block-diagonal R1 with the rows of each block in natural Hadamard order "

@@ -219,6 +219,25 @@ def test_ablation_block_in_readme(tmp_path):
     assert "**Not comparable row to row:** the ablation ran with code new and the perplexity table above with code old" in md
 
 
+def test_code_versions_sentence_checks_the_rows_both_files_compute():
+    """Table and ablation at different code: the rows both compute (method, setting, seed) decide the sentence."""
+    from rcp_lib.report import code_versions_markdown
+
+    ppl = _ppl_rows().assign(seed=0, code_fingerprint="old")
+    summary = pd.DataFrame([{"method": "RCP", "setting": "W2A4KV4", "code_fingerprint": "new"}])
+    seeds = pd.DataFrame([{"method": "RCP", "setting": "W2A4KV4", "seed": s, "ppl": v}
+                          for s, v in ((0, 30.25), (1, 41.0), (2, 39.0))])
+    assert code_versions_markdown(ppl, summary.assign(code_fingerprint="old"), seeds) == ""  # same code
+    md = code_versions_markdown(ppl, summary, seeds)
+    assert md.startswith("Code versions: the ablation ran with code new and the perplexity table above with code old")
+    assert "(RCP W2A4KV4 seed 0: 30.25) are identical in both files" in md and "Not comparable" not in md
+    md = code_versions_markdown(ppl, summary, seeds.assign(ppl=[30.5, 41.0, 39.0]))
+    assert md.startswith("**Not comparable row to row:**") and "RCP W2A4KV4 seed 0: 30.50 vs 30.25" in md
+    md = code_versions_markdown(ppl, summary, seeds.assign(seed=[1, 2, 3]))  # seed 0 is not in the ablation
+    assert md.startswith("**Not comparable row to row:**") and "they share no row" in md
+    assert "they share no row" in code_versions_markdown(ppl, summary, None)
+
+
 def test_readme_recipe_prose_matches_the_configs():
     """The QAT settings the README's prose names are the cpu profile's defaults and the paper config's."""
     from rcp_lib.experiments.methods import paper_qat_recipe

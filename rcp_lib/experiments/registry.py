@@ -96,7 +96,7 @@ _TABLES = (
     Table("qat_step", "qat_step.json", readme=True,
           command="python benchmarks/bench_qat_step.py --json results/<profile>/qat_step.json",
           description="one QAT step, fake-quantized student vs FP"),
-    Table("ablation", "ablation.csv", rows="ablation_table",
+    Table("ablation", "ablation.csv", rows="ablation_table", readme=True,
           command="python -m rcp_lib table --profile ablation --table ablation",
           description="RCP and its ablations at W2A4KV4, one row per seed (ppl, step-0 ppl, movement, tokens, seconds)"),
     Table("ablation_summary", "ablation_summary.csv", rows="ablation_summary", readme=True,
