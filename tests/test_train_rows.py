@@ -87,6 +87,7 @@ def test_train_rows_under_two_processes_is_what_build_loads(tmp_path, monkeypatc
     stats = json.loads((out / "qat_stats.json").read_text())
     q = m.recipe(P).qat
     assert stats["tokens"] == q.steps * q.batch_size * q.grad_accum * q.seqlen * 2  # two processes' batches
+    assert stats["processes"] == 2
     assert stats["step0_ppl"] > 0
 
     def no_training(*a, **k):

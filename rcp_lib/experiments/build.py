@@ -105,7 +105,7 @@ def build(method: Method, profile: Profile, progress: bool = True, check_memory:
 
 def _train_and_save(model: nn.Module, method: Method, profile: Profile, out: Path, progress: bool) -> None:
     """Train the quantized ``model`` of a QAT row in place and write ``out/student.pt`` + ``out/qat_stats.json`` (what
-    :func:`build` loads). Under a distributed launch every process trains, the full state dict is gathered (a
+    :func:`build` loads; :func:`train_student`'s statistics and the number of ``processes``). Under a distributed launch every process trains, the full state dict is gathered (a
     collective: a sharded student's shards) and rank 0 writes."""
     from ..qat import resolve_mixed_precision, teacher_dtype
     from ..run_config import full_state_dict
@@ -124,6 +124,8 @@ def _train_and_save(model: nn.Module, method: Method, profile: Profile, out: Pat
     del teacher
     stats["seconds"] = round(stats["seconds"] + gptq_s, 1)
     dist = torch.distributed.is_available() and torch.distributed.is_initialized()
+    # the tokens per optimizer step scale with the processes (the rows' qat_tokens show it; the key does not)
+    stats["processes"] = torch.distributed.get_world_size() if dist else 1
     state = full_state_dict(model) if dist else model.state_dict()
     if not dist or torch.distributed.get_rank() == 0:
         atomic_write_json(stats, out / "qat_stats.json")
