@@ -153,6 +153,79 @@ def point_profile(P, pt: dict, steps: int):
                             qat_val_every=max(steps, 1))
 
 
+#: the row every point trains
+METHOD = ("RCP", "W2A4KV4")
+
+
+def sweep_key(P, pt: dict, seed: int, steps: int):
+    """``(profile of the point at this seed, cache key of its row)``: the recipe (which holds every QAT field, Block-AP
+    and GPTQ start included), the model, corpus, validation windows and code; with a GPTQ start also the calibration
+    windows (so a point without one has the key it always had)."""
+    from rcp_lib.experiments import method, method_config
+    from rcp_lib.experiments.rows import _code
+
+    Pp = point_profile(P.with_overrides(seed=seed), pt, steps)
+    key = {"method": method_config(method(*METHOD), Pp), "model": Pp.model, "corpus": Pp.corpus,
+           "val_seqlen": Pp.seqlen, "val_windows": Pp.sweep_val_windows, "code": _code()}
+    if Pp.qat_gptq_start:
+        key["calib"] = [Pp.calib_windows, Pp.calib_seqlen]
+    return Pp, key
+
+
+def sweep_row_path(key: dict):
+    """Where the row of ``key`` (:func:`sweep_key`) is cached."""
+    from rcp_lib.experiments.rows import cache_name
+    from rcp_lib.paths import cache_dir
+
+    return cache_dir() / "rows" / f"{cache_name('sweep', key)}.json"
+
+
+def score_point(fp, train_ids, pt: dict, Pp, steps: int) -> dict:
+    """Train RCP W2A4KV4 under the point's profile ``Pp`` from the FP model ``fp`` (rotate, quantize, the GPTQ start
+    when ``Pp.qat_gptq_start``: calibration windows of the train part, never the held-out tail; then QAT on
+    ``train_ids``, the tokenized train split) and score it on the held-out tail before the first step and after the
+    last. Returns the row (without the point index): the point, budget, perplexities, movement, ``seconds`` (GPTQ +
+    Block-AP + training, without the evaluations), Block-AP's mean MSE ratio (after / before, NaN without it),
+    config and provenance."""
+    import math
+    import time
+
+    from rcp_lib.data import calibration_windows, split_holdout
+    from rcp_lib.evaluation import perplexity
+    from rcp_lib.experiments import gptq_start, method, method_config, train_student
+    from rcp_lib.io import provenance
+    from rcp_lib.quant.apply import quantize_model
+    from rcp_lib.rotation.fuse import rotate_model
+
+    m = method(*METHOD)
+    recipe = m.recipe(Pp)
+    train_part, val = split_holdout(train_ids, recipe.qat.holdout_fraction)
+
+    def val_ppl(model):
+        return perplexity(model, val, seqlen=Pp.seqlen, max_windows=Pp.sweep_val_windows, spread=True, progress=False)
+
+    model = copy.deepcopy(fp)
+    rotate_model(model, recipe.rotation)
+    quantize_model(model, recipe.quant)
+    gptq_s = 0.0
+    if recipe.qat.gptq_start:
+        t0 = time.perf_counter()
+        gptq_start(model, calibration_windows(train_part, Pp.calib_windows, Pp.calib_seqlen, seed=Pp.seed))
+        gptq_s = time.perf_counter() - t0
+    stats = train_student(model, fp, Pp, recipe.qat, out_dir=None, progress=True, step0_eval=val_ppl, data=train_ids)
+    ppl = val_ppl(model)
+    del model
+    bap = stats.get("block_ap") or []
+    return {**pt, "steps": steps, "qat_seqlen": Pp.qat_seqlen, "tokens": stats["tokens"], "val_ppl": ppl,
+            "step0_val_ppl": stats["step0_ppl"], **{k: stats[k] for k in (
+                "clip_ratio_init", "clip_ratio_final", "clip_shift", "level_shift", "weight_shift")},
+            "seconds": round(stats["seconds"] + gptq_s, 1), "gptq_seconds": round(gptq_s, 1),
+            "block_ap_mse_ratio": (sum(b["mse_after"] / b["mse_before"] for b in bap) / len(bap) if bap else math.nan),
+            "val_split": f"train tail ({recipe.qat.holdout_fraction:g}), {Pp.sweep_val_windows} windows spread",
+            "val_seqlen": Pp.seqlen, "model": Pp.model, "corpus": Pp.corpus, "seed": Pp.seed,
+            "config": method_config(m, Pp), **provenance()}
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--profile", default="cpu")
@@ -169,15 +242,11 @@ def main(argv: list[str] | None = None) -> int:
         os.environ["RCP_ALLOW_DIRTY"] = "1"
 
     from rcp_lib.__main__ import _parse_overrides
-    from rcp_lib.data import split_holdout
-    from rcp_lib.evaluation import perplexity
-    from rcp_lib.experiments import base_model, method, method_config, tokens, train_student, write_rows
-    from rcp_lib.experiments.rows import _cached, _code, cache_name
-    from rcp_lib.io import provenance, require_clean_tree
-    from rcp_lib.paths import cache_dir, results_dir
+    from rcp_lib.experiments import base_model, tokens, write_rows
+    from rcp_lib.experiments.rows import _cached, _code
+    from rcp_lib.io import require_clean_tree
+    from rcp_lib.paths import results_dir
     from rcp_lib.profiles import get_profile
-    from rcp_lib.quant.apply import quantize_model
-    from rcp_lib.rotation.fuse import rotate_model
 
     P = get_profile(args.profile, **_parse_overrides(args.set))
     steps = args.steps or P.qat_steps
@@ -185,15 +254,12 @@ def main(argv: list[str] | None = None) -> int:
     pts = points(grid)
     todo = parse_only(args.only, len(pts))
     seeds = parse_seeds(args.seeds, P.seed)
-    m = method("RCP", "W2A4KV4")
 
     def key_of(pt, seed):
-        Pp = point_profile(P.with_overrides(seed=seed), pt, steps)
-        return Pp, {"method": method_config(m, Pp), "model": Pp.model, "corpus": Pp.corpus, "val_seqlen": Pp.seqlen,
-                    "val_windows": Pp.sweep_val_windows, "code": _code()}
+        return sweep_key(P, pt, seed, steps)
 
     def row_path(pt, seed):
-        return cache_dir() / "rows" / f"{cache_name('sweep', key_of(pt, seed)[1])}.json"
+        return sweep_row_path(key_of(pt, seed)[1])
 
     def cached(pt, seed) -> bool:
         return row_path(pt, seed).exists()
@@ -208,28 +274,6 @@ def main(argv: list[str] | None = None) -> int:
 
     fp = base_model(P)[0]
     train_ids = tokens(P, "train")
-
-    def compute(pt, Pp):
-        recipe = m.recipe(Pp)
-        _, val = split_holdout(train_ids, recipe.qat.holdout_fraction)
-
-        def val_ppl(model):
-            return perplexity(model, val, seqlen=Pp.seqlen, max_windows=Pp.sweep_val_windows, spread=True,
-                              progress=False)
-
-        model = copy.deepcopy(fp)
-        rotate_model(model, recipe.rotation)
-        quantize_model(model, recipe.quant)
-        stats = train_student(model, fp, Pp, recipe.qat, out_dir=None, progress=True, step0_eval=val_ppl,
-                              data=train_ids)
-        ppl = val_ppl(model)
-        del model
-        return {**pt, "steps": steps, "qat_seqlen": Pp.qat_seqlen, "tokens": stats["tokens"], "val_ppl": ppl,
-                "step0_val_ppl": stats["step0_ppl"], **{k: stats[k] for k in (
-                    "clip_ratio_init", "clip_ratio_final", "clip_shift", "level_shift", "weight_shift", "seconds")},
-                "val_split": f"train tail ({recipe.qat.holdout_fraction:g}), {Pp.sweep_val_windows} windows spread",
-                "val_seqlen": Pp.seqlen, "model": Pp.model, "corpus": Pp.corpus, "seed": Pp.seed,
-                "config": method_config(m, Pp), **provenance()}
 
     def write():
         rows = []
@@ -252,7 +296,7 @@ def main(argv: list[str] | None = None) -> int:
         pt = pts[i]
         Pp, key = key_of(pt, seed)
         t0 = time.perf_counter()
-        row = _cached("sweep", key, lambda: compute(pt, Pp))
+        row = _cached("sweep", key, lambda: score_point(fp, train_ids, pt, Pp, steps))
         print(f"[sweep {n + 1}/{len(runs)}] point {i} seed {seed} {pt}: val ppl {row['val_ppl']:.2f} (step 0 "
               f"{row['step0_val_ppl']:.1f}), clip {row['clip_ratio_init']:.3f}->{row['clip_ratio_final']:.3f} "
               f"(mean |change| {row.get('clip_shift', float('nan')):.4f}), "

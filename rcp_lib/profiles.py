@@ -61,6 +61,9 @@ class Profile:
     qat_mixed_precision: str = "auto"  # "auto": bf16 on GPU, fp32 on CPU; "bf16": student autocast on CPU too
     qat_teacher_precision: str = "same"  # "bf16": teacher forward under bf16 autocast
     qat_block_ap_steps: int = 0  # > 0: Block-AP pre-stage (steps per decoder block)
+    qat_block_ap_samples: int = 32  # calibration windows (of qat_seqlen tokens, train part) cached for Block-AP
+    qat_block_ap_lr_weights: float = 2e-5  # Block-AP learning rates (latent weights / quantizer parameters);
+    qat_block_ap_lr_quant: float = 1e-4  # defaults: EfficientQAT's Block-AP values (rcp_lib.qat.QATConfig)
     qat_gptq_start: bool = False  # GPTQ on the quantizer's grid, then QAT (needs qat_weight range_mode="static")
     # WeightQuantConfig fields for the learnable quantizers of the QAT rows, e.g. {"clip_init": "mse", "ldp_init":
     # "lloyd"} (the searched start) or {"range_mode": "static"}; clip fields apply to rows with LWC only, ldp_init to

@@ -33,7 +33,17 @@ from .ablation import (
     summarize_ablation,
     token_curve,
 )
-from .build import _ptq_cached, base_model, build, calibration, qat_history, qat_stats, tokens, train_student
+from .build import (
+    _ptq_cached,
+    base_model,
+    build,
+    calibration,
+    gptq_start,
+    qat_history,
+    qat_stats,
+    tokens,
+    train_student,
+)
 from .footprints import REFERENCE_CONFIGS, kv_curve, memory_table, memory_vs_saved
 from .kernel import kernel_correctness, kernel_speed_table
 from .methods import (
@@ -68,6 +78,7 @@ __all__ = [
     "summarize_ablation", "token_curve", "qat_stats", "train_student",
     "CONTROL_SETTINGS", "NAMED", "NOTEBOOKS", "RCP_W", "REFERENCE_CONFIGS", "RTN_W", "TABLES", "Method",
     "Table", "SEEDED_ABLATIONS", "all_methods", "method", "base_model", "build", "calibration", "chance_level", "figures_dir", "full_split_table",
+    "gptq_start",
     "kernel_correctness", "kernel_speed_table", "kv_curve", "memory_table", "memory_vs_saved", "method_config",
     "ppl_row", "ppl_table", "ptq_key", "ptq_methods", "qat_config", "qat_curves", "qat_history", "qat_methods",
     "result_path", "results_dir", "rotation_analysis", "rotation_example", "setup", "summarize_rotation", "tokens",

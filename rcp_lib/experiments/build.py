@@ -115,7 +115,7 @@ def _train_and_save(model: nn.Module, method: Method, profile: Profile, out: Pat
     gptq_s = 0.0
     if recipe.qat.gptq_start:
         t0 = time.perf_counter()
-        _gptq_start(model, profile, progress)
+        gptq_start(model, calibration(profile), progress)
         gptq_s = time.perf_counter() - t0
     td = teacher_dtype(resolve_mixed_precision(recipe.qat), fp)
     teacher = fp if fp.dtype == td else copy.deepcopy(fp).to(td)  # train() never changes the shared base
@@ -235,12 +235,14 @@ def _test_ppl(model: nn.Module, profile: Profile, progress: bool) -> float:
                               progress=progress, spread=profile.eval_spread).ppl
 
 
-def _gptq_start(model: nn.Module, profile: Profile, progress: bool) -> None:
-    """"GPTQ on the LDP grid, then QAT": GPTQ every projection on its own quantizer's grid (the calibration windows of
-    the PTQ rows), then make the layers trainable on that grid (:func:`rcp_lib.quant.calibrate.thaw_to_static`)."""
+def gptq_start(model: nn.Module, calib: torch.Tensor, progress: bool = True) -> None:
+    """"GPTQ on the LDP grid, then QAT", in place: GPTQ every projection of the quantized ``model`` (its quantizers
+    built with ``range_mode="static"``) on its own quantizer's grid with the calibration windows ``calib``
+    (``LongTensor [n, seqlen]``; a QAT row uses :func:`calibration`, the PTQ rows' windows), then make the layers
+    trainable on that grid (:func:`rcp_lib.quant.calibrate.thaw_to_static`)."""
     from ..quant.calibrate import gptq_model, thaw_to_static
 
-    gptq_model(model, calibration(profile), progress=progress)
+    gptq_model(model, calib, progress=progress)
     thaw_to_static(model)
 
 

@@ -158,7 +158,9 @@ def qat_config(profile: Profile) -> QATConfig:
                      warmup_steps=max(0, min(10, profile.qat_steps // 10)), seed=profile.seed,
                      lr_weights=profile.qat_lr_weights, lr_quant=profile.qat_lr_quant, grad_clip=profile.qat_grad_clip,
                      mixed_precision=profile.qat_mixed_precision, teacher_precision=profile.qat_teacher_precision,
-                     block_ap_steps=profile.qat_block_ap_steps, gptq_start=profile.qat_gptq_start)
+                     block_ap_steps=profile.qat_block_ap_steps, block_ap_samples=profile.qat_block_ap_samples,
+                     block_ap_lr_weights=profile.qat_block_ap_lr_weights,
+                     block_ap_lr_quant=profile.qat_block_ap_lr_quant, gptq_start=profile.qat_gptq_start)
 
 
 def paper_qat_recipe(path: str) -> QATConfig:

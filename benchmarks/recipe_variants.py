@@ -1,0 +1,176 @@
+"""Variants of the selected QAT recipe at (about) equal CPU time, each against the default at the same seeds.
+
+    python benchmarks/recipe_variants.py --profile cpu --seeds 0,1,2                 # every variant
+    python benchmarks/recipe_variants.py --profile cpu --only default,block-ap --seeds 0,1,2
+    python benchmarks/recipe_variants.py --list
+
+The questions of the issue "a recipe under which Clip and Partition actually learn" that the sweep's grid
+(``benchmarks/recipe_sweep.py``) does not ask: does a Block-AP pre-stage beat plain end-to-end QAT at equal CPU time
+(item 5), does a GPTQ start on the quantizer's grid with a static range help (item 2), does training at the evaluation
+length help at equal tokens (item 6). Every variant is the sweep's selected point (:data:`POINT`: the ``cpu``
+profile's default recipe) with the profile overrides and step count of :data:`VARIANTS`, trained and scored exactly
+as a sweep point (:func:`recipe_sweep.score_point`: validation perplexity on the held-out tail of the TRAIN split,
+never the test split). ``default`` is the point itself; its rows are the sweep's own cached rows (same key).
+
+Equal time: Block-AP's cost was measured on this machine before choosing its step counts (16 calibration windows and
+16 steps per block: about 86 s, the time of about 19 end-to-end steps of 4.6 s), so its end-to-end stage is cut from
+40 to 21 steps; the ``seconds`` column (GPTQ + Block-AP + training, without evaluations) shows what each variant
+actually took. The GPTQ start adds its GPTQ pass on top of the 40 steps (its seconds say by how much); seqlen 512
+trains 20 steps of 512 tokens: the default's tokens.
+
+Writes ``results/<profile>/recipe_variants.csv``: one row per (variant, seed) with the variant's ``n_seeds``,
+``val_ppl_mean``, ``val_ppl_sem`` and ``vs_default`` (:func:`rcp_lib.experiments.ablation.separation`: an order only
+beyond two standard errors of the difference, else "not separable at this budget"). Resumable (rows cached like the
+sweep's), refused from a dirty tree unless ``--allow-dirty``. Run it alone: two torch jobs on 2 cores slow each other
+more than 10x.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script: the checkout's root
+
+from benchmarks.recipe_sweep import (  # noqa: E402
+    GRID,
+    SEEDS_SCANNED,
+    check_same_code,
+    parse_seeds,
+    points,
+    score_point,
+    sweep_key,
+    sweep_row_path,
+)
+
+#: the sweep's selected point (its index in ``recipe_sweep.py --list``), whose recipe is the cpu profile's default
+POINT = 35
+
+#: name -> (profile overrides, end-to-end QAT steps or None for the profile's qat_steps, what it tests)
+VARIANTS: dict[str, tuple[dict, int | None, str]] = {
+    "default": ({}, None, "the selected recipe: 40 end-to-end steps of 256 tokens"),
+    "block-ap": ({"qat_block_ap_steps": 16, "qat_block_ap_samples": 16, "qat_block_ap_lr_quant": 1e-2}, 21,
+                 "Block-AP (16 steps per block on 16 windows, quantizer lr 1e-2 as end to end) + 21 end-to-end steps"),
+    "block-ap-effqat-lr": ({"qat_block_ap_steps": 16, "qat_block_ap_samples": 16}, 21,
+                           "the same with EfficientQAT's Block-AP learning rates (weights 2e-5, quantizer 1e-4)"),
+    "gptq-static": ({"qat_gptq_start": True, "qat_weight": {"clip_init": "mse", "ldp_init": "lloyd",
+                                                            "range_mode": "static"}}, None,
+                    "GPTQ on the searched LDP grid, then 40 end-to-end steps with a static (learnable lo/hi) range"),
+    "seqlen-512": ({"qat_seqlen": 512}, 20, "QAT at the evaluation length: 20 steps of 512 tokens (equal tokens)"),
+}
+
+
+def parse_variants(spec: str | None) -> list[str]:
+    """``"default,block-ap"`` -> those names (validated); None -> every variant."""
+    if not spec:
+        return list(VARIANTS)
+    names = [s.strip() for s in spec.split(",") if s.strip()]
+    bad = [n for n in names if n not in VARIANTS]
+    if bad:
+        raise SystemExit(f"unknown variant(s) {bad}; known: {', '.join(VARIANTS)}")
+    return names
+
+
+def summarize(rows: list[dict]) -> list[dict]:
+    """Per-variant statistics over seeds on rows with ``variant``, ``seed`` and ``val_ppl``: adds ``n_seeds``,
+    ``val_ppl_mean``, ``val_ppl_sem`` (NaN for one seed), ``seconds_mean`` and ``vs_default`` (the separation from
+    the ``default`` rows; empty on them, and when no default row exists). Returns the rows (modified in place)."""
+    from rcp_lib.experiments.ablation import separation
+
+    stats: dict[str, dict] = {}
+    for r in rows:
+        s = stats.setdefault(r["variant"], {"method": r["variant"], "vals": [], "secs": []})
+        s["vals"].append(float(r["val_ppl"]))
+        s["secs"].append(float(r["seconds"]))
+    for s in stats.values():
+        v, n = s["vals"], len(s["vals"])
+        s["n"], s["ppl_mean"] = n, sum(v) / n
+        s["ppl_sem"] = math.sqrt(sum((x - s["ppl_mean"]) ** 2 for x in v) / (n - 1) / n) if n > 1 else math.nan
+    base = stats.get("default")
+    for r in rows:
+        s = stats[r["variant"]]
+        r.update(n_seeds=s["n"], val_ppl_mean=s["ppl_mean"], val_ppl_sem=s["ppl_sem"],
+                 seconds_mean=sum(s["secs"]) / len(s["secs"]),
+                 vs_default="" if base is None or s is base else separation(base, s))
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--profile", default="cpu")
+    ap.add_argument("--only", help="comma-separated variant names (default: all; see --list)")
+    ap.add_argument("--seeds", help="seeds, e.g. 0,1,2 (default: the profile's seed)")
+    ap.add_argument("--list", action="store_true", help="print the variants and the seeds cached for each")
+    ap.add_argument("--allow-dirty", action="store_true", help="write results from a tree with uncommitted changes")
+    args = ap.parse_args(argv)
+    if args.allow_dirty:
+        os.environ["RCP_ALLOW_DIRTY"] = "1"
+
+    from rcp_lib.experiments import base_model, tokens, write_rows
+    from rcp_lib.experiments.rows import _cached, _code
+    from rcp_lib.io import require_clean_tree
+    from rcp_lib.paths import results_dir
+    from rcp_lib.profiles import get_profile
+
+    P = get_profile(args.profile)
+    pt = points(GRID)[POINT]
+    todo = parse_variants(args.only)
+    seeds = parse_seeds(args.seeds, P.seed)
+
+    def key_of(name: str, seed: int):
+        over, steps, _ = VARIANTS[name]
+        Pv = P.with_overrides(**over) if over else P
+        return sweep_key(Pv, pt, seed, steps or P.qat_steps) + (steps or P.qat_steps,)
+
+    if args.list:
+        for name, (over, steps, what) in VARIANTS.items():
+            have = [s for s in SEEDS_SCANNED if sweep_row_path(key_of(name, s)[1]).exists()]
+            print(f"{name:20s} {what}; cached at seeds {','.join(map(str, have)) or '-'}")
+        return 0
+    require_clean_tree()  # fail before hours of training, not after
+    out_csv = results_dir(P) / "recipe_variants.csv"
+    check_same_code(out_csv, _code())
+    fp = base_model(P)[0]
+    train_ids = tokens(P, "train")
+
+    def write():
+        rows = []
+        for name in VARIANTS:
+            for s in SEEDS_SCANNED:
+                path = sweep_row_path(key_of(name, s)[1])
+                if path.exists():
+                    rows.append({"variant": name, "point": POINT, "overrides_variant": json.dumps(VARIANTS[name][0]),
+                                 **json.loads(path.read_text())})
+        if not rows:
+            return None
+        summarize(rows)
+        first = ["variant", "seed", "val_ppl", "n_seeds", "val_ppl_mean", "val_ppl_sem", "vs_default", "seconds",
+                 "seconds_mean", "step0_val_ppl", "steps", "qat_seqlen", "tokens", "gptq_seconds",
+                 "block_ap_mse_ratio", "clip_ratio_init", "clip_ratio_final", "clip_shift", "level_shift",
+                 "weight_shift"]
+        rows = [{**{k: r[k] for k in first if k in r}, **{k: v for k, v in r.items() if k not in first}} for r in rows]
+        return write_rows(rows, P, "recipe_variants")
+
+    t_all = time.perf_counter()
+    runs = [(n, s) for n in todo for s in seeds]
+    for i, (name, seed) in enumerate(runs):
+        Pp, key, steps = key_of(name, seed)
+        t0 = time.perf_counter()
+        row = _cached("sweep", key, lambda: score_point(fp, train_ids, pt, Pp, steps))
+        print(f"[variants {i + 1}/{len(runs)}] {name} seed {seed}: val ppl {row['val_ppl']:.2f} (step 0 "
+              f"{row['step0_val_ppl']:.1f}), {row['seconds']:.0f} s of training [{time.perf_counter() - t0:.0f} s, "
+              f"total {time.perf_counter() - t_all:.0f} s]", flush=True)
+        write()
+    path = write()
+    if path:
+        print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,76 @@
+"""The recipe-variants script: its keys, its variants' recipes and its summary (no training here)."""
+
+import math
+
+import pytest
+
+from benchmarks import recipe_sweep as S
+from benchmarks import recipe_variants as V
+
+
+def _key(name, seed=0, profile="cpu"):
+    from rcp_lib.profiles import get_profile
+
+    P = get_profile(profile)
+    over, steps, _ = V.VARIANTS[name]
+    return S.sweep_key(P.with_overrides(**over) if over else P, S.points(S.GRID)[V.POINT], seed, steps or P.qat_steps)
+
+
+def test_default_variant_is_the_profiles_recipe_and_shares_the_sweeps_row():
+    """'default' must be the sweep's selected point with the cpu profile's own recipe, and have the sweep row's key
+    (one cached row serves both files)."""
+    from rcp_lib.experiments import method, method_config
+    from rcp_lib.profiles import get_profile
+
+    P = get_profile("cpu")
+    pt = S.points(S.GRID)[V.POINT]
+    assert (pt["lr_quant"], pt["lr_weights"], pt["grad_clip"], pt["init"]) == (
+        P.qat_lr_quant, P.qat_lr_weights, P.qat_grad_clip, "search")
+    Pp, key = _key("default")
+    assert key == S.sweep_key(P, pt, 0, P.qat_steps)[1] and "calib" not in key
+    m = method("RCP", "W2A4KV4")
+    def trained(cfg):  # the fields that change the trained weights (not the validation / checkpoint intervals)
+        return {k: v for k, v in cfg["qat"].items() if k not in ("val_every", "checkpoint_every")}
+
+    assert trained(method_config(m, Pp)) == trained(method_config(m, P))
+    assert method_config(m, Pp)["quant"] == method_config(m, P)["quant"]
+
+
+def test_variants_build_the_recipes_they_name():
+    from rcp_lib.experiments import method
+
+    m = method("RCP", "W2A4KV4")
+    q = {name: m.recipe(_key(name)[0]).qat for name in V.VARIANTS}
+    w = {name: m.recipe(_key(name)[0]).quant.weight for name in V.VARIANTS}
+    assert q["default"].block_ap_steps == 0 and not q["default"].gptq_start and q["default"].steps == 40
+    assert (q["block-ap"].block_ap_steps, q["block-ap"].block_ap_samples, q["block-ap"].block_ap_lr_quant,
+            q["block-ap"].steps) == (16, 16, 1e-2, 21)
+    assert (q["block-ap-effqat-lr"].block_ap_lr_quant, q["block-ap-effqat-lr"].block_ap_lr_weights) == (1e-4, 2e-5)
+    assert q["gptq-static"].gptq_start and w["gptq-static"].range_mode == "static"
+    assert (w["gptq-static"].clip_init, w["gptq-static"].ldp_init) == ("mse", "lloyd")
+    assert "calib" in _key("gptq-static")[1]
+    assert (q["seqlen-512"].seqlen, q["seqlen-512"].steps) == (512, 20)
+    assert q["seqlen-512"].seqlen * q["seqlen-512"].steps == q["default"].seqlen * q["default"].steps  # equal tokens
+    keys = {name: str(_key(name)[1]) for name in V.VARIANTS}
+    assert len(set(keys.values())) == len(keys)  # no two variants share a cached row
+    assert _key("block-ap", 1)[1] != _key("block-ap", 0)[1]
+
+
+def test_variant_summary_states_order_against_default_only_beyond_two_se():
+    rows = ([{"variant": "default", "seed": s, "val_ppl": v, "seconds": 180.0} for s, v in enumerate((500., 520., 510.))]
+            + [{"variant": "a", "seed": s, "val_ppl": v, "seconds": 170.0} for s, v in enumerate((300., 310., 305.))]
+            + [{"variant": "b", "seed": s, "val_ppl": v, "seconds": 190.0} for s, v in enumerate((400., 650., 520.))])
+    V.summarize(rows)
+    by = {r["variant"]: r for r in rows}
+    assert by["default"]["vs_default"] == "" and by["default"]["n_seeds"] == 3
+    assert by["a"]["vs_default"].startswith("a < default (difference 205 > 2 SE")
+    assert by["b"]["vs_default"] == "not separable at this budget"
+    assert math.isclose(by["a"]["val_ppl_mean"], 305.0) and math.isclose(by["a"]["val_ppl_sem"], 5 / math.sqrt(3))
+    assert by["b"]["seconds_mean"] == 190.0
+
+
+def test_variant_names_are_checked():
+    assert V.parse_variants(None) == list(V.VARIANTS)
+    assert V.parse_variants("default, seqlen-512") == ["default", "seqlen-512"]
+    with pytest.raises(SystemExit, match="unknown variant"):
+        V.parse_variants("default,nope")
