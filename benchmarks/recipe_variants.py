@@ -16,7 +16,9 @@ Equal time: Block-AP's cost was measured on this machine before choosing its ste
 16 steps per block: about 86 s, the time of about 19 end-to-end steps of 4.6 s), so its end-to-end stage is cut from
 40 to 21 steps; the ``seconds`` column (GPTQ + Block-AP + training, without evaluations) shows what each variant
 actually took. The GPTQ start adds its GPTQ pass on top of the 40 steps (its seconds say by how much); seqlen 512
-trains 20 steps of 512 tokens: the default's tokens.
+trains 20 steps of 512 tokens: the default's tokens. The static range's lo / hi are absolute weight values: at the
+quantizer learning rate of 1e-2 (made for logits) a first run's loss rose from 2.3 to 18 in 9 steps, so they train at
+``qat_lr_range`` 1e-4 (EfficientQAT's Block-AP quantizer rate), the LDP logits at 1e-2 as in the default.
 
 Writes ``results/<profile>/recipe_variants.csv``: one row per (variant, seed) with the variant's ``n_seeds``,
 ``val_ppl_mean``, ``val_ppl_sem`` and ``vs_default`` (:func:`rcp_lib.experiments.ablation.separation`: an order only
@@ -58,9 +60,10 @@ VARIANTS: dict[str, tuple[dict, int | None, str]] = {
                  "Block-AP (16 steps per block on 16 windows, quantizer lr 1e-2 as end to end) + 21 end-to-end steps"),
     "block-ap-effqat-lr": ({"qat_block_ap_steps": 16, "qat_block_ap_samples": 16}, 21,
                            "the same with EfficientQAT's Block-AP learning rates (weights 2e-5, quantizer 1e-4)"),
-    "gptq-static": ({"qat_gptq_start": True, "qat_weight": {"clip_init": "mse", "ldp_init": "lloyd",
-                                                            "range_mode": "static"}}, None,
-                    "GPTQ on the searched LDP grid, then 40 end-to-end steps with a static (learnable lo/hi) range"),
+    "gptq-static": ({"qat_gptq_start": True, "qat_lr_range": 1e-4,
+                     "qat_weight": {"clip_init": "mse", "ldp_init": "lloyd", "range_mode": "static"}}, None,
+                    "GPTQ on the searched LDP grid, then 40 end-to-end steps with a static (learnable lo/hi) range, "
+                    "lo/hi at lr 1e-4"),
     "seqlen-512": ({"qat_seqlen": 512}, 20, "QAT at the evaluation length: 20 steps of 512 tokens (equal tokens)"),
 }
 

@@ -58,6 +58,7 @@ class Profile:
     qat_lr_weights: float = 2e-5
     qat_lr_quant: float = 1e-2
     qat_grad_clip: float = 0.3
+    qat_lr_range: float | None = None  # static ranges' lo / hi (qat_weight range_mode "static"); None: qat_lr_quant
     qat_mixed_precision: str = "auto"  # "auto": bf16 on GPU, fp32 on CPU; "bf16": student autocast on CPU too
     qat_teacher_precision: str = "same"  # "bf16": teacher forward under bf16 autocast
     qat_block_ap_steps: int = 0  # > 0: Block-AP pre-stage (steps per decoder block)

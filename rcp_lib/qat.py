@@ -2,7 +2,7 @@
 
 ``train(student, teacher, data, QATConfig)`` trains a rotated, fake-quantized student (its latent weights
 and its quantizer parameters - LWC clip logits, LDP partition logits - in two AdamW parameter groups with
-their own learning rates) against a full-precision teacher (self-distillation, the BitDistiller recipe RCP
+their own learning rates; a static range's absolute lo / hi in a third with ``lr_range``, :func:`optimizer_groups`) against a full-precision teacher (self-distillation, the BitDistiller recipe RCP
 builds on: KL on the teacher's logits by default, or cross-entropy on the data, or a mix).
 
 Our reading of the paper's recipe (its body is not available to us; every item is a config field):
@@ -57,6 +57,9 @@ class QATConfig(JsonConfig):
     seqlen: int = 512
     lr_weights: float = 2e-5
     lr_quant: float = 1e-3
+    # learning rate of a static range's lo / hi (range_mode="static"; absolute weight values, while lr_quant moves
+    # logits: AdamW's step is about the learning rate, so 1e-2 shifts a range of ~0.1 by 10% per step). None: lr_quant
+    lr_range: float | None = None
     weight_decay: float = 0.0
     warmup_steps: int = 10
     min_lr_ratio: float = 0.1
@@ -93,8 +96,10 @@ class QATConfig(JsonConfig):
                 errs.append(f"{n} must be >= 1 (got {getattr(self, n)})")
         if self.seqlen < 2:
             errs.append(f"seqlen must be >= 2 (got {self.seqlen})")
-        for n in ("lr_weights", "lr_quant"):
+        for n in ("lr_weights", "lr_quant", "lr_range"):
             v = getattr(self, n)
+            if n == "lr_range" and v is None:
+                continue
             if not (v > 0 and math.isfinite(v)):
                 errs.append(f"{n} must be > 0 (got {v})")
         if self.loss not in LOSSES:
@@ -154,6 +159,24 @@ def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor
         kl = (log_pt.exp() * (log_pt - log_ps)).sum(-1).mean() * T * T
         loss = loss + ((1 - cfg.ce_weight) if cfg.loss == "mix" else 1.0) * kl
     return loss
+
+
+def optimizer_groups(student: nn.Module, latent: list[nn.Parameter], quant: list[nn.Parameter],
+                     cfg: QATConfig) -> list[dict]:
+    """AdamW parameter groups of :func:`parameter_groups`' output: ``"weights"`` (``lr_weights``, ``weight_decay``),
+    ``"quantizer"`` (``lr_quant``, no decay) and, when ``cfg.lr_range`` is set, ``"range"``: the static ranges'
+    absolute ``lo, hi`` (:meth:`~rcp_lib.quant.quantizers.WeightQuantizer.range_parameters`) at ``lr_range``. Empty
+    groups are left out."""
+    ranges: set[int] = set()
+    if cfg.lr_range is not None:
+        ranges = {id(p) for m in student.modules() if hasattr(m, "range_parameters") for p in m.range_parameters()}
+    groups = [
+        {"params": latent, "lr": cfg.lr_weights, "weight_decay": cfg.weight_decay, "name": "weights"},
+        {"params": [p for p in quant if id(p) not in ranges], "lr": cfg.lr_quant, "weight_decay": 0.0,
+         "name": "quantizer"},
+        {"params": [p for p in quant if id(p) in ranges], "lr": cfg.lr_range, "weight_decay": 0.0, "name": "range"},
+    ]
+    return [g for g in groups if g["params"]]
 
 
 def parameter_groups(student: nn.Module, cfg: QATConfig) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
@@ -378,11 +401,7 @@ def train(
         raise ValueError("the student has no trainable parameters (was it quantized with quantize_model?)")
     if cfg.gradient_checkpointing:
         student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    groups = [g for g in (
-        {"params": latent, "lr": cfg.lr_weights, "weight_decay": cfg.weight_decay, "name": "weights"},
-        {"params": quant, "lr": cfg.lr_quant, "weight_decay": 0.0, "name": "quantizer"},
-    ) if g["params"]]
-    opt = torch.optim.AdamW(groups, betas=(0.9, 0.95), eps=1e-8)
+    opt = torch.optim.AdamW(optimizer_groups(student, latent, quant, cfg), betas=(0.9, 0.95), eps=1e-8)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg))
     from .quant.linear import clear_weight_cache
 

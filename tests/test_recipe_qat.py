@@ -71,3 +71,28 @@ def test_train_student_reports_step0_and_movement():
     assert stats["clip_ratio_final"] != stats["clip_ratio_init"] and stats["level_shift"] > 0
     assert stats["clip_shift"] >= abs(stats["clip_ratio_final"] - stats["clip_ratio_init"]) and stats["clip_shift"] > 0
     assert 0 < stats["weight_shift"] < 1 and stats["tokens"] == 4 * 32 and stats["seconds"] >= 0
+
+
+def test_static_range_gets_its_own_learning_rate():
+    """lr_range puts every static lo / hi (and nothing else) in a group of its own; without it they stay with the
+    quantizer logits (the loop as it was). One step at lr_range moves a range by about lr_range, not lr_quant."""
+    from rcp_lib.qat import optimizer_groups, parameter_groups, train
+
+    fp, st, _ = _student(ldp_init="lloyd", range_mode="static", clip_init="mse")
+    wqs = [q.weight_quantizer for _, q in M.named_block_linears(st)]
+    cfg = QATConfig(steps=1, seqlen=32, warmup_steps=0, val_every=100, val_windows=1, lr_quant=1e-2, lr_range=1e-4)
+    latent, quant = parameter_groups(st, cfg)
+    groups = {g["name"]: g for g in optimizer_groups(st, latent, quant, cfg)}
+    assert set(groups) == {"weights", "quantizer", "range"} and groups["range"]["lr"] == 1e-4
+    ranges = {id(p) for w in wqs for p in (w.lo, w.hi)}
+    assert {id(p) for p in groups["range"]["params"]} == ranges
+    assert {id(p) for p in groups["quantizer"]["params"]} == {id(w.theta) for w in wqs}
+    two = optimizer_groups(st, latent, quant, QATConfig(lr_quant=1e-2))
+    assert [g["name"] for g in two] == ["weights", "quantizer"] and len(two[1]["params"]) == len(quant)
+    with pytest.raises(ValueError, match="lr_range"):
+        QATConfig(lr_range=0.0).validate()
+    lo0 = [w.lo.detach().clone() for w in wqs]
+    data = torch.randint(0, 128, (1, 2000), generator=torch.Generator().manual_seed(1))
+    train(st, fp, data, cfg, progress=False)
+    moved = max(float((w.lo.detach() - a).abs().max()) for w, a in zip(wqs, lo0))
+    assert 0 < moved <= 1.5e-4  # AdamW's first step is at most about lr (bias-corrected), far below lr_quant

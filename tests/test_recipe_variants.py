@@ -47,6 +47,7 @@ def test_variants_build_the_recipes_they_name():
             q["block-ap"].steps) == (16, 16, 1e-2, 21)
     assert (q["block-ap-effqat-lr"].block_ap_lr_quant, q["block-ap-effqat-lr"].block_ap_lr_weights) == (1e-4, 2e-5)
     assert q["gptq-static"].gptq_start and w["gptq-static"].range_mode == "static"
+    assert (q["gptq-static"].lr_range, q["gptq-static"].lr_quant) == (1e-4, 1e-2) and q["default"].lr_range is None
     assert (w["gptq-static"].clip_init, w["gptq-static"].ldp_init) == ("mse", "lloyd")
     assert "calib" in _key("gptq-static")[1]
     assert (q["seqlen-512"].seqlen, q["seqlen-512"].steps) == (512, 20)

@@ -694,6 +694,13 @@ class WeightQuantizer(nn.Module):
             if p is not None:
                 yield p
 
+    def range_parameters(self) -> Iterator[nn.Parameter]:
+        """The static range's ``lo, hi`` (``range_mode="static"``; absolute weight values, trained at
+        :attr:`rcp_lib.qat.QATConfig.lr_range` when that is set), else nothing."""
+        for p in (self.lo, self.hi):
+            if p is not None:
+                yield p
+
     @torch.no_grad()
     def init_from(self, weight: torch.Tensor) -> "WeightQuantizer":
         """Initialise the quantizer parameters from a weight ``[out, in]``.
