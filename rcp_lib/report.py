@@ -289,6 +289,51 @@ def sweep_markdown(sweep: pd.DataFrame) -> str:
     return txt
 
 
+def variants_markdown(var: pd.DataFrame) -> str:
+    """The recipe variants (``recipe_variants.csv``, one row per variant and seed; ``benchmarks/recipe_variants.py``):
+    a table of validation perplexity (mean ± standard error over seeds), step-0 perplexity, training seconds, tokens,
+    Block-AP's MSE ratio and the movement, each variant's order against ``default`` (only beyond two standard errors),
+    and one sentence on what that means for the default recipe."""
+    def num(v, fmt):
+        return "–" if v is None or pd.isna(v) else fmt(float(v))
+
+    r0 = var.iloc[0]
+    lines = [f"QAT recipe variants (`benchmarks/recipe_variants.py`, `results/cpu/recipe_variants.csv`): the default "
+             f"recipe against each variant at the same seeds, scored like the sweep on {r0['val_split']}; `seconds` is "
+             f"GPTQ + Block-AP + training, without evaluations. An order against the default is stated only beyond "
+             f"two standard errors of the difference.", "",
+             "| variant | what | seeds | val ppl (mean ± SE) | step-0 ppl | seconds (mean) | tokens | Block-AP MSE "
+             "after / before | mean \\|Δ clip ratio\\| | mean \\|Δ level\\| | weight change | vs default |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    mean = var.groupby("variant", sort=False).mean(numeric_only=True)
+    first = var.groupby("variant", sort=False).first()
+    for name, r in first.iterrows():
+        m = mean.loc[name]
+        vs = r.get("vs_default")
+        lines.append(
+            f"| {name} | {r.get('description', '') if isinstance(r.get('description'), str) else ''} | "
+            f"{int(r['n_seeds'])} | {_fmt_ppl(float(r['val_ppl_mean']))} ± {num(r['val_ppl_sem'], _fmt_ppl)} | "
+            f"{num(m['step0_val_ppl'], _fmt_ppl)} | {m['seconds']:.0f} | {int(r['tokens'])} | "
+            f"{num(m.get('block_ap_mse_ratio'), lambda x: f'{x:.3f}')} | {num(m['clip_shift'], lambda x: f'{x:.4f}')} | "
+            f"{num(m['level_shift'], lambda x: f'{x:.4f}')} | {num(m['weight_shift'], lambda x: f'{x:.2g}')} | "
+            f"{vs if isinstance(vs, str) and vs else '–'} |")
+    better = [n for n, r in first.iterrows() if isinstance(r.get("vs_default"), str)
+              and r["vs_default"].startswith(f"{n} < default")]
+    worse = [n for n, r in first.iterrows() if isinstance(r.get("vs_default"), str)
+             and r["vs_default"].startswith(f"default < {n}")]
+    same = [n for n in first.index if n != "default" and n not in better + worse]
+    txt = []
+    if better:
+        txt.append(f"Lower than the default beyond two standard errors: {', '.join(better)}.")
+    if worse:
+        txt.append(f"Higher than the default beyond two standard errors: {', '.join(worse)}.")
+    if same:
+        txt.append(f"Not separable from the default at this budget: {', '.join(same)}.")
+    if not better:
+        txt.append("No variant beats the default beyond noise, so the default recipe is kept.")
+    return "\n".join(lines) + "\n\n" + " ".join(txt)
+
+
 def ablation_markdown(summary: pd.DataFrame) -> str:
     """The ablation with seeds (``results/ablation/ablation_summary.csv``): perplexity mean ± sample std over seeds,
     the step-0 perplexity and how far each part moved (means over seeds), and the order against RCP that
@@ -442,6 +487,9 @@ def results_markdown(profile: str = "cpu", results: Path | None = None) -> str:
     sweep_p = d / _file("recipe_sweep")
     if sweep_p.exists():
         out += [sweep_markdown(pd.read_csv(sweep_p)), ""]
+    var_p = d / _file("recipe_variants")
+    if var_p.exists():
+        out += [variants_markdown(pd.read_csv(var_p)), ""]
     abl_p = d.parent / "ablation" / _file("ablation_summary")
     if abl_p.exists():
         abl = pd.read_csv(abl_p)

@@ -284,3 +284,24 @@ def test_committed_rotation_rows_cover_the_layers_the_readme_names():
         pytest.skip("no committed results/cpu/rotation_impact_layers.csv")
     layers = sorted(set(pd.read_csv(path)["layer"].astype(int)))
     assert layers == sorted(get_profile("cpu").analysis_layers or layers)
+
+
+def test_variants_markdown_states_orders_from_the_rows():
+    from benchmarks.recipe_variants import summarize
+    from rcp_lib.report import variants_markdown
+
+    def rows(name, vals, secs, **kw):
+        return [{"variant": name, "description": f"about {name}", "seed": s, "val_ppl": v, "seconds": secs,
+                 "step0_val_ppl": 5000.0, "tokens": 10240, "block_ap_mse_ratio": float("nan"), "clip_shift": 0.005,
+                 "level_shift": 0.01, "weight_shift": 7e-4, "val_split": "train tail (0.05), 16 windows spread", **kw}
+                for s, v in enumerate(vals)]
+
+    df = pd.DataFrame(summarize(rows("default", (500., 520., 510.), 180.) + rows("fast", (300., 310., 305.), 170.)
+                                + rows("noisy", (400., 650., 520.), 190., block_ap_mse_ratio=0.8)))
+    md = variants_markdown(df)
+    assert "| fast | about fast | 3 | 305 ± 2.89 |" in md and "| 170 | 10240 | – |" in md
+    assert "| noisy |" in md and "| 0.800 |" in md
+    assert "Lower than the default beyond two standard errors: fast." in md
+    assert "Not separable from the default at this budget: noisy." in md and "is kept" not in md
+    md2 = variants_markdown(df[df.variant != "fast"])
+    assert "No variant beats the default beyond noise, so the default recipe is kept." in md2
