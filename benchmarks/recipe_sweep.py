@@ -120,22 +120,30 @@ def parse_seeds(spec: str | None, default: int) -> list[int]:
     return out
 
 
+def group_stats(rows: list[dict], key: str, label=str) -> dict:
+    """Validation perplexity over seeds per value of ``rows[i][key]``: ``{value: {"method": label(value), "vals",
+    "n", "ppl_mean", "ppl_sem"}}`` (standard error of the mean, NaN for one seed): the summary rows that
+    :func:`rcp_lib.experiments.ablation.separation` compares."""
+    import math
+
+    stats: dict = {}
+    for r in rows:
+        stats.setdefault(r[key], {"method": label(r[key]), "vals": []})["vals"].append(float(r["val_ppl"]))
+    for s in stats.values():
+        v, n = s["vals"], len(s["vals"])
+        s["n"], s["ppl_mean"] = n, sum(v) / n
+        s["ppl_sem"] = math.sqrt(sum((x - s["ppl_mean"]) ** 2 for x in v) / (n - 1) / n) if n > 1 else math.nan
+    return stats
+
+
 def select(rows: list[dict]) -> list[dict]:
     """Per-point statistics over seeds and the selection, on rows with ``point``, ``seed`` and ``val_ppl``: adds
     ``n_seeds``, ``val_ppl_mean``, ``val_ppl_sem`` (NaN for one seed), ``best`` (the lowest mean among the points
     with the most seeds) and ``vs_best`` (:func:`rcp_lib.experiments.ablation.separation` against the best point;
     empty on the best point's rows). Returns the rows (modified in place)."""
-    import math
-
     from rcp_lib.experiments.ablation import separation
 
-    stats: dict[int, dict] = {}
-    for r in rows:
-        stats.setdefault(r["point"], {"method": f"point {r['point']}", "vals": []})["vals"].append(float(r["val_ppl"]))
-    for s in stats.values():
-        v, n = s["vals"], len(s["vals"])
-        s["n"], s["ppl_mean"] = n, sum(v) / n
-        s["ppl_sem"] = (math.sqrt(sum((x - s["ppl_mean"]) ** 2 for x in v) / (n - 1) / n) if n > 1 else float("nan"))
+    stats = group_stats(rows, "point", lambda p: f"point {p}")
     most = max(s["n"] for s in stats.values())
     best = min((p for p, s in stats.items() if s["n"] == most), key=lambda p: stats[p]["ppl_mean"])
     for r in rows:

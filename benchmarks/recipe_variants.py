@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import sys
 import time
@@ -43,6 +42,7 @@ from benchmarks.recipe_sweep import (  # noqa: E402
     GRID,
     SEEDS_SCANNED,
     check_same_code,
+    group_stats,
     parse_seeds,
     points,
     score_point,
@@ -85,20 +85,15 @@ def summarize(rows: list[dict]) -> list[dict]:
     the ``default`` rows; empty on them, and when no default row exists). Returns the rows (modified in place)."""
     from rcp_lib.experiments.ablation import separation
 
-    stats: dict[str, dict] = {}
+    stats = group_stats(rows, "variant")
+    secs: dict[str, list[float]] = {}
     for r in rows:
-        s = stats.setdefault(r["variant"], {"method": r["variant"], "vals": [], "secs": []})
-        s["vals"].append(float(r["val_ppl"]))
-        s["secs"].append(float(r["seconds"]))
-    for s in stats.values():
-        v, n = s["vals"], len(s["vals"])
-        s["n"], s["ppl_mean"] = n, sum(v) / n
-        s["ppl_sem"] = math.sqrt(sum((x - s["ppl_mean"]) ** 2 for x in v) / (n - 1) / n) if n > 1 else math.nan
+        secs.setdefault(r["variant"], []).append(float(r["seconds"]))
     base = stats.get("default")
     for r in rows:
         s = stats[r["variant"]]
         r.update(n_seeds=s["n"], val_ppl_mean=s["ppl_mean"], val_ppl_sem=s["ppl_sem"],
-                 seconds_mean=sum(s["secs"]) / len(s["secs"]),
+                 seconds_mean=sum(secs[r["variant"]]) / len(secs[r["variant"]]),
                  vs_default="" if base is None or s is base else separation(base, s))
     return rows
 
