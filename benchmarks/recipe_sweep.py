@@ -12,7 +12,11 @@ Grid (issue "a recipe under which Clip and Partition actually learn", item 3): `
 searched per-group clip and Lloyd-Max levels inside it, ``qat_weight={"clip_init": "mse", "ldp_init": "lloyd"}``;
 ``const``: the constant start, ``{"clip_init": "const", "ldp_init": "uniform"}``: the clip logit ``lwc_init`` and
 uniform levels; either merged over the profile's other ``qat_weight`` fields). Everything else is the profile's recipe (``--set`` overrides profile
-fields, e.g. ``--set qat_seqlen=512``). Every point trains from the same rotated, quantized start for ``--steps``
+fields, e.g. ``--set qat_seqlen=512``), its start included: since ``benchmarks/recipe_variants.py`` that is a GPTQ start
+with a static range, while the committed ``results/cpu/recipe_sweep.csv`` ran before, under the searched start without
+GPTQ (each row's ``config`` says which); ``--set qat_gptq_start=false --set
+'qat_weight={"clip_init": "mse", "ldp_init": "lloyd"}'`` trains that start again (``qat_lr_range`` then has nothing to
+train, but stays in the config: such rows get new cache keys). Every point trains from the same rotated, quantized start for ``--steps``
 steps (default ``qat_steps``; tokens = steps x qat_seqlen x batch) and is scored before the first step and after the
 last on ``sweep_val_windows`` windows of ``seqlen`` tokens, evenly spread over the held-out tail
 (``QATConfig.holdout_fraction``) of the train split, which the training never sees.

@@ -50,22 +50,39 @@ from benchmarks.recipe_sweep import (  # noqa: E402
     sweep_row_path,
 )
 
-#: the sweep's selected point (its index in ``recipe_sweep.py --list``), whose recipe is the cpu profile's default
+#: the sweep's selected point (its index in ``recipe_sweep.py --list``): its learning rates and gradient clip are the
+#: cpu profile's
 POINT = 35
 
-#: name -> (profile overrides, end-to-end QAT steps or None for the profile's qat_steps, what it tests)
+#: the start the sweep selected its point with (the searched clip and Lloyd-Max levels, LWC relative to the latent
+#: weight, no GPTQ): pinned in every variant, so that a variant's recipe does not follow the profile's default start
+SEARCHED_START = {"qat_gptq_start": False, "qat_lr_range": None,
+                  "qat_weight": {"clip_init": "mse", "ldp_init": "lloyd"}}
+
+#: name -> (profile overrides, end-to-end QAT steps or None for the profile's qat_steps, what it tests). "default" is
+#: the sweep's point as selected (the cpu profile's recipe when these variants were first run); "gptq-static" won
+#: and is the cpu profile's recipe since (tests/test_recipe_variants.py checks both).
 VARIANTS: dict[str, tuple[dict, int | None, str]] = {
-    "default": ({}, None, "the selected recipe: 40 end-to-end steps of 256 tokens"),
-    "block-ap": ({"qat_block_ap_steps": 16, "qat_block_ap_samples": 16, "qat_block_ap_lr_quant": 1e-2}, 21,
+    "default": (SEARCHED_START, None, "the sweep's point: searched start, 40 end-to-end steps of 256 tokens"),
+    "block-ap": ({**SEARCHED_START, "qat_block_ap_steps": 16, "qat_block_ap_samples": 16,
+                  "qat_block_ap_lr_quant": 1e-2}, 21,
                  "Block-AP (16 steps per block on 16 windows, quantizer lr 1e-2 as end to end) + 21 end-to-end steps"),
-    "block-ap-effqat-lr": ({"qat_block_ap_steps": 16, "qat_block_ap_samples": 16}, 21,
+    "block-ap-effqat-lr": ({**SEARCHED_START, "qat_block_ap_steps": 16, "qat_block_ap_samples": 16}, 21,
                            "the same with EfficientQAT's Block-AP learning rates (weights 2e-5, quantizer 1e-4)"),
     "gptq-static": ({"qat_gptq_start": True, "qat_lr_range": 1e-4,
                      "qat_weight": {"clip_init": "mse", "ldp_init": "lloyd", "range_mode": "static"}}, None,
                     "GPTQ on the searched LDP grid, then 40 end-to-end steps with a static (learnable lo/hi) range, "
                     "lo/hi at lr 1e-4"),
-    "seqlen-512": ({"qat_seqlen": 512}, 20, "QAT at the evaluation length: 20 steps of 512 tokens (equal tokens)"),
+    "seqlen-512": ({**SEARCHED_START, "qat_seqlen": 512}, 20,
+                   "QAT at the evaluation length: 20 steps of 512 tokens (equal tokens)"),
 }
+
+
+def variant_profile(P, over: dict):
+    """``P`` with a variant's overrides, None values included (``with_overrides`` skips None: "not given")."""
+    from dataclasses import replace
+
+    return replace(P.with_overrides(**over), **{k: v for k, v in over.items() if v is None})
 
 
 def parse_variants(spec: str | None) -> list[str]:
@@ -122,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def key_of(name: str, seed: int):
         over, steps, _ = VARIANTS[name]
-        Pv = P.with_overrides(**over) if over else P
+        Pv = variant_profile(P, over)
         return sweep_key(Pv, pt, seed, steps or P.qat_steps) + (steps or P.qat_steps,)
 
     if args.list:

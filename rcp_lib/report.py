@@ -289,17 +289,26 @@ def sweep_markdown(sweep: pd.DataFrame) -> str:
     return txt
 
 
-def variants_markdown(var: pd.DataFrame) -> str:
+def _trained_recipe(config: dict) -> dict:
+    """A row's ``config`` without what does not change the trained weights of one seed (validation and checkpoint
+    intervals, the seed) or names the row."""
+    skip = {"val_every", "checkpoint_every", "seed"}
+    return {"quant": config.get("quant"), "qat": {k: v for k, v in (config.get("qat") or {}).items() if k not in skip},
+            "rotation": {k: v for k, v in (config.get("rotation") or {}).items() if k != "seed"}}
+
+
+def variants_markdown(var: pd.DataFrame, table_config: dict | None = None) -> str:
     """The recipe variants (``recipe_variants.csv``, one row per variant and seed; ``benchmarks/recipe_variants.py``):
     a table of validation perplexity (mean ± standard error over seeds), step-0 perplexity, training seconds, tokens,
     Block-AP's MSE ratio and the movement, each variant's order against ``default`` (only beyond two standard errors),
-    and one sentence on what that means for the default recipe."""
+    one sentence on what that means for the default recipe and, given the ``config`` of the perplexity table's RCP
+    W2A4KV4 row (``table_config``), which variant's recipe that row trains with."""
     def num(v, fmt):
         return "–" if v is None or pd.isna(v) else fmt(float(v))
 
     r0 = var.iloc[0]
-    lines = [f"QAT recipe variants (`benchmarks/recipe_variants.py`, `results/cpu/recipe_variants.csv`): the default "
-             f"recipe against each variant at the same seeds, scored like the sweep on {r0['val_split']}; `seconds` is "
+    lines = [f"QAT recipe variants (`benchmarks/recipe_variants.py`, `results/cpu/recipe_variants.csv`): the sweep's "
+             f"selected recipe (`default`: its searched start, no GPTQ) against each variant at the same seeds, scored like the sweep on {r0['val_split']}; `seconds` is "
              f"GPTQ + Block-AP + training, without evaluations. An order against the default is stated only beyond "
              f"two standard errors of the difference.", "",
              "| variant | what | seeds | val ppl (mean ± SE) | step-0 ppl | seconds (mean) | tokens | Block-AP MSE "
@@ -331,6 +340,11 @@ def variants_markdown(var: pd.DataFrame) -> str:
         txt.append(f"Not separable from the default at this budget: {', '.join(same)}.")
     if not better:
         txt.append("No variant beats the default beyond noise, so the default recipe is kept.")
+    if table_config is not None and "config" in var:
+        same = [n for n, r in first.iterrows()
+                if _trained_recipe(json.loads(r["config"])) == _trained_recipe(table_config)]
+        txt.append(f"The perplexity table's RCP rows train with the recipe of `{same[0]}`." if same else
+                   "The perplexity table's RCP W2A4KV4 row trains with none of these recipes.")
     return "\n".join(lines) + "\n\n" + " ".join(txt)
 
 
@@ -462,6 +476,9 @@ def results_markdown(profile: str = "cpu", results: Path | None = None) -> str:
             if quant is not None and quant.weight is not None:
                 w = quant.weight
                 start = f"; RCP's quantizer starts from clip `{w.clip_init}` and levels `{w.ldp_init}`"
+                if q.get("gptq_start"):
+                    start += (f", then GPTQ on that grid (the calibration windows of the PTQ rows) and a static range "
+                              f"`{w.range_mode}` whose lo / hi train at {q.get('lr_range') or q['lr_quant']:g}")
         out += [f"QAT rows: {q['steps']} steps × batch {q['batch_size']} × grad-accum {q['grad_accum']} × "
                 f"{q['seqlen']} tokens of the train split (same budget for every QAT row), loss "
                 f"`{q.get('loss', 'kl')}` against the FP teacher, learning rates {q['lr_weights']:g} "
@@ -489,7 +506,8 @@ def results_markdown(profile: str = "cpu", results: Path | None = None) -> str:
         out += [sweep_markdown(pd.read_csv(sweep_p)), ""]
     var_p = d / _file("recipe_variants")
     if var_p.exists():
-        out += [variants_markdown(pd.read_csv(var_p)), ""]
+        rcp = ppl[(ppl.method == "RCP") & (ppl.setting == "W2A4KV4")]
+        out += [variants_markdown(pd.read_csv(var_p), json.loads(rcp.iloc[0]["config"]) if len(rcp) else None), ""]
     abl_p = d.parent / "ablation" / _file("ablation_summary")
     if abl_p.exists():
         abl = pd.read_csv(abl_p)

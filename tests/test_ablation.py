@@ -1,6 +1,7 @@
 """The ablation profile and table: seeds, columns, the summary and the two-standard-error rule; the recipe fields of
 profiles; the tokens-vs-ppl figure."""
 
+import json
 import math
 import statistics
 
@@ -77,7 +78,8 @@ def test_ablation_rows_share_keys_with_cpu_at_seed_0_only():
 
 
 def test_qat_weight_fields_apply_only_where_they_mean_something():
-    P = get_profile("cpu", qat_weight={"clip_init": "mse", "ldp_init": "lloyd"}, qat_lr_quant=1e-2, qat_grad_clip=0.3,
+    P = get_profile("cpu", qat_weight={"clip_init": "mse", "ldp_init": "lloyd", "range_mode": "static"}, qat_lr_quant=1e-2,
+                    qat_grad_clip=0.3,
                     qat_lr_weights=1e-4)
     w = lambda n: X.method(n, "W2A4KV4").recipe(P).quant.weight
     assert (w("RCP").clip_init, w("RCP").ldp_init) == ("mse", "lloyd")
@@ -86,6 +88,13 @@ def test_qat_weight_fields_apply_only_where_they_mean_something():
     assert w("QuaRot-GPTQ").clip_init == "const"  # PTQ rows never get the QAT fields
     q = X.method("RCP", "W2A4KV4").recipe(P).qat
     assert (q.lr_quant, q.grad_clip, q.lr_weights) == (1e-2, 0.3, 1e-4)
+    # range_mode applies to every QAT row (a GPTQ start for each): learnable lo / hi with LWC, fixed without
+    D = get_profile("ablation")
+    for n in D.methods:
+        r = X.method(n, "W2A4KV4").recipe(D)
+        assert r.qat.gptq_start and r.quant.weight.range_mode == "static", n
+    assert not X.method("RCP w/o Clip", "W2A4KV4").recipe(D).quant.weight.lwc
+    assert X.method("QuaRot-GPTQ", "W2A4KV4").recipe(D).quant.weight.range_mode == "relative"
 
 
 def test_default_profile_recipe_is_the_best_sweep_point():
@@ -107,13 +116,23 @@ def test_default_profile_recipe_is_the_best_sweep_point():
            f"{best['n_seeds']} seeds" in text
     P = get_profile("cpu")
     r = X.method("RCP", "W2A4KV4").recipe(P)
-    assert (r.quant.weight.clip_init, r.quant.weight.range_mode, r.quant.weight.ldp_init) == ("mse", "relative", "lloyd")
+    assert (r.quant.weight.clip_init, r.quant.weight.ldp_init) == ("mse", "lloyd")
     assert best["init"] == "search"
     q = r.qat
     assert (q.lr_weights, q.lr_quant, q.grad_clip) == (float(best["lr_weights"]), float(best["lr_quant"]),
                                                        float(best["grad_clip"]))
     assert (q.steps, q.seqlen) == (int(best["steps"]), int(best["qat_seqlen"]))  # the budget it was selected at
-    assert (q.mixed_precision, q.teacher_precision, q.block_ap_steps, q.gptq_start) == ("auto", "same", 0, False)
+    assert (q.mixed_precision, q.teacher_precision, q.block_ap_steps) == ("auto", "same", 0)
+    # the start (GPTQ on the grid, static range) is the variant that beat the sweep's point beyond 2 SE
+    var = list(csv.DictReader((REPO_ROOT / "results" / "cpu" / "recipe_variants.csv").open()))
+    assert len({r["code_fingerprint"] for r in var}) == 1
+    gs = [v for v in var if v["variant"] == "gptq-static"]
+    assert len(gs) >= 3 and gs[0]["vs_default"].startswith("gptq-static < default (difference")
+    assert (q.gptq_start, r.quant.weight.range_mode) == (True, "static")
+    trained = json.loads(gs[0]["config"])
+    assert {k: v for k, v in trained["qat"].items() if k not in ("val_every", "checkpoint_every", "seed")} == \
+        {k: v for k, v in q.to_dict().items() if k not in ("val_every", "checkpoint_every", "seed")}
+    assert trained["quant"] == r.quant.to_dict()
 
 
 def test_plot_token_curve(tmp_path):

@@ -27,8 +27,11 @@ def _student(seed=0, **w):
     return fp, st, qc
 
 
-def test_gptq_then_qat_starts_at_the_gptq_model():
-    fp, st, _ = _student(ldp_init="lloyd", range_mode="static", clip_init="mse")
+@pytest.mark.parametrize("w", [dict(ldp_init="lloyd", range_mode="static", clip_init="mse"),
+                               dict(method="rtn", lwc=True, range_mode="static", clip_init="mse")],
+                         ids=["ldp", "uniform"])
+def test_gptq_then_qat_starts_at_the_gptq_model(w):
+    fp, st, _ = _student(**w)
     calib = torch.randint(0, 128, (4, 32), generator=torch.Generator().manual_seed(0))
     gptq_model(st, calib, progress=False)
     x = torch.randint(0, 128, (1, 24))
@@ -96,3 +99,23 @@ def test_static_range_gets_its_own_learning_rate():
     train(st, fp, data, cfg, progress=False)
     moved = max(float((w.lo.detach() - a).abs().max()) for w, a in zip(wqs, lo0))
     assert 0 < moved <= 1.5e-4  # AdamW's first step is at most about lr (bias-corrected), far below lr_quant
+
+
+def test_gptq_start_of_a_row_without_clip_keeps_its_min_max_grid():
+    """A "w/o Clip" row (LDP without LWC) with range_mode="static": GPTQ on its min-max grid, thawed on that grid
+    (output unchanged), then QAT trains the levels and weights while the range stays where GPTQ left it."""
+    fp, st, _ = _student(lwc=False, ldp_init="lloyd", range_mode="static")
+    gptq_model(st, torch.randint(0, 128, (4, 32), generator=torch.Generator().manual_seed(0)), progress=False)
+    x = torch.randint(0, 128, (1, 24))
+    with torch.no_grad():
+        y_frozen = st(input_ids=x).logits
+    thaw_to_static(st)
+    with torch.no_grad():
+        torch.testing.assert_close(st(input_ids=x).logits, y_frozen, rtol=1e-5, atol=1e-5)
+    wqs = [q.weight_quantizer for _, q in M.named_block_linears(st)]
+    lo0, th0 = [w.lo.clone() for w in wqs], [w.theta.detach().clone() for w in wqs]
+    data = torch.randint(0, 128, (1, 2000), generator=torch.Generator().manual_seed(1))
+    train_student(st, fp, None, QATConfig(steps=2, seqlen=32, warmup_steps=0, val_every=100, val_windows=1,
+                                          lr_quant=1e-2, lr_range=1e-4), data=data, progress=False)
+    assert all(torch.equal(w.lo, a) for w, a in zip(wqs, lo0))
+    assert any(not torch.equal(w.theta.detach(), a) for w, a in zip(wqs, th0))

@@ -13,12 +13,16 @@ def _key(name, seed=0, profile="cpu"):
 
     P = get_profile(profile)
     over, steps, _ = V.VARIANTS[name]
-    return S.sweep_key(P.with_overrides(**over) if over else P, S.points(S.GRID)[V.POINT], seed, steps or P.qat_steps)
+    return S.sweep_key(V.variant_profile(P, over), S.points(S.GRID)[V.POINT], seed, steps or P.qat_steps)
 
 
-def test_default_variant_is_the_profiles_recipe_and_shares_the_sweeps_row():
-    """'default' must be the sweep's selected point with the cpu profile's own recipe, and have the sweep row's key
-    (one cached row serves both files)."""
+def _trained(cfg):  # the recipe fields that change the trained weights (not the validation / checkpoint intervals)
+    return {**cfg, "qat": {k: v for k, v in cfg["qat"].items() if k not in ("val_every", "checkpoint_every")}}
+
+
+def test_default_variant_is_the_sweeps_point_and_gptq_static_the_profiles_recipe():
+    """'default' is the sweep's selected point with the start it was selected with (its rows share the sweep's
+    cache key); the winner, 'gptq-static', is the cpu profile's recipe."""
     from rcp_lib.experiments import method, method_config
     from rcp_lib.profiles import get_profile
 
@@ -27,13 +31,10 @@ def test_default_variant_is_the_profiles_recipe_and_shares_the_sweeps_row():
     assert (pt["lr_quant"], pt["lr_weights"], pt["grad_clip"], pt["init"]) == (
         P.qat_lr_quant, P.qat_lr_weights, P.qat_grad_clip, "search")
     Pp, key = _key("default")
-    assert key == S.sweep_key(P, pt, 0, P.qat_steps)[1] and "calib" not in key
+    assert key == S.sweep_key(V.variant_profile(P, V.SEARCHED_START), pt, 0, P.qat_steps)[1] and "calib" not in key
     m = method("RCP", "W2A4KV4")
-    def trained(cfg):  # the fields that change the trained weights (not the validation / checkpoint intervals)
-        return {k: v for k, v in cfg["qat"].items() if k not in ("val_every", "checkpoint_every")}
-
-    assert trained(method_config(m, Pp)) == trained(method_config(m, P))
-    assert method_config(m, Pp)["quant"] == method_config(m, P)["quant"]
+    assert not m.recipe(Pp).qat.gptq_start and m.recipe(Pp).quant.weight.range_mode == "relative"
+    assert _trained(method_config(m, _key("gptq-static")[0])) == _trained(method_config(m, P))
 
 
 def test_variants_build_the_recipes_they_name():

@@ -249,7 +249,8 @@ def test_readme_recipe_prose_matches_the_configs():
     lr = lambda x: f"{x:.0e}".replace("e-0", "e-")  # 1e-4, as the prose writes it
     assert (f"{lr(P.qat_lr_weights)} for the weights, {lr(P.qat_lr_quant)} for the quantizer, clip "
             f"{P.qat_grad_clip:.1f}, searched start") in text
-    assert P.qat_weight == {"clip_init": "mse", "ldp_init": "lloyd"}
+    assert P.qat_weight == {"clip_init": "mse", "ldp_init": "lloyd", "range_mode": "static"}
+    assert P.qat_gptq_start and "add a GPTQ start" in text and f"`lr_range` {lr(P.qat_lr_range)}" in text
     paper = paper_qat_recipe("configs/paper-llama2-7b.yaml")
     assert f"keeps {lr(paper.lr_weights)} / {lr(paper.lr_quant)} for its {paper.steps} steps" in text
 
@@ -305,3 +306,13 @@ def test_variants_markdown_states_orders_from_the_rows():
     assert "Not separable from the default at this budget: noisy." in md and "is kept" not in md
     md2 = variants_markdown(df[df.variant != "fast"])
     assert "No variant beats the default beyond noise, so the default recipe is kept." in md2
+    cfg = {n: {"method": "RCP", "quant": {"weight": {"range_mode": m}}, "rotation": {"r1": "random_hadamard", "seed": 0},
+               "qat": {"gptq_start": g, "steps": 40, "val_every": 40, "seed": 0}}
+           for n, m, g in (("default", "relative", False), ("fast", "static", True), ("noisy", "relative", False))}
+    cfg["noisy"]["qat"]["block_ap_steps"] = 16
+    df["config"] = [json.dumps(cfg[v]) for v in df["variant"]]
+    table = {**cfg["fast"], "qat": {**cfg["fast"]["qat"], "val_every": 20, "seed": 3},
+             "rotation": {"r1": "random_hadamard", "seed": 3}}
+    assert "The perplexity table's RCP rows train with the recipe of `fast`." in variants_markdown(df, table)
+    other = {**table, "qat": {**table["qat"], "steps": 80}}
+    assert "trains with none of these recipes" in variants_markdown(df, other)

@@ -58,13 +58,16 @@ class Method:
         return self.recipe(profile).rotation
 
 
-CLIP_FIELDS = ("clip_init", "range_mode", "lwc_init")  # profile.qat_weight fields that need a learnable clip (LWC)
+# profile.qat_weight fields that need a learnable clip (LWC); range_mode applies to every row ("static" without LWC:
+# the range fixed where it starts, so that a "w/o Clip" row can take a GPTQ start too)
+CLIP_FIELDS = ("clip_init", "lwc_init")
 LDP_FIELDS = ("ldp_init", "ldp_granularity", "lloyd_iters")  # ... that need LDP levels
 
 
 def _qat_weight_fields(weight: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     """The fields of ``profile.qat_weight`` that apply to a QAT row with these weight fields: clip fields only with
-    LWC (a "w/o Clip" row has no clip to initialise), LDP fields only with LDP levels, any other field always."""
+    LWC (a "w/o Clip" row has no clip to initialise), LDP fields only with LDP levels, any other field (``range_mode``
+    included) always."""
     lwc = weight.get("lwc", True)
     ldp = weight.get("method", "ldp") == "ldp"
     return {k: v for k, v in extra.items() if (k not in CLIP_FIELDS or lwc) and (k not in LDP_FIELDS or ldp)}

@@ -49,9 +49,14 @@ def _row_key(method: Method, profile: Profile) -> dict:
 
 def _qat_key(method: Method, profile: Profile) -> str:
     """Cache key of a trained student: what determines the weights (the method's name and recipe, which holds the
-    weight group and the QAT budget; the model, its parameter dtype and the corpus), not the evaluation settings."""
-    return config_hash({"method": method_config(method, profile), "model": profile.model, "corpus": profile.corpus,
-                        "dtype": profile.dtype, "code": _code(), "kind": "qat-student"})
+    weight group and the QAT budget; the model, its parameter dtype and the corpus; with a GPTQ start the calibration
+    windows), not the evaluation settings."""
+    config = method_config(method, profile)
+    key = {"method": config, "model": profile.model, "corpus": profile.corpus, "dtype": profile.dtype, "code": _code(),
+           "kind": "qat-student"}
+    if (config.get("qat") or {}).get("gptq_start"):
+        key["calib"] = [profile.calib_windows, profile.calib_seqlen]
+    return config_hash(key)
 
 
 def ptq_key(method: Method, profile: Profile) -> dict:

@@ -521,7 +521,10 @@ class WeightQuantConfig(JsonConfig):
             :func:`mse_clip_range`, capped at ``sigmoid(lwc_init)``); needs ``lwc=True``. With ``ldp_init="lloyd"`` the
             Lloyd-Max levels are then fitted inside the searched range.
         range_mode: ``"relative"`` (LWC: the range is ``sigmoid(logit) * min/max`` of the current latent weight, the
-            default) or ``"static"`` (``lo``/``hi`` are parameters, initialised once); ``"static"`` needs ``lwc=True``.
+            default) or ``"static"`` (``lo``/``hi`` set once by :meth:`WeightQuantizer.init_from` or
+            :meth:`~WeightQuantizer.init_from_levels`: learnable parameters with ``lwc=True``; without LWC fixed
+            buffers at the min-max (``clip_ratio``) range of the start, the range a GPTQ start of a "w/o Clip" row
+            keeps).
     """
 
     bits: int = 2
@@ -570,9 +573,9 @@ class WeightQuantConfig(JsonConfig):
             raise ValueError(f"clip_init must be one of {CLIP_INITS}, got {self.clip_init!r}")
         if self.range_mode not in RANGE_MODES:
             raise ValueError(f"range_mode must be one of {RANGE_MODES}, got {self.range_mode!r}")
-        if (self.clip_init != "const" or self.range_mode != "relative") and not self.lwc:
-            raise ValueError(f"clip_init={self.clip_init!r} / range_mode={self.range_mode!r} initialise or hold a "
-                             "learnable clip: they need lwc=True (without LWC the range is min-max or clip_ratio)")
+        if self.clip_init != "const" and not self.lwc:
+            raise ValueError(f"clip_init={self.clip_init!r} initialises a learnable clip: it needs lwc=True (without "
+                             "LWC the range is min-max or clip_ratio)")
 
     @property
     def learn_clip(self) -> bool:
@@ -592,7 +595,8 @@ class WeightQuantizer(nn.Module):
 
     Parameters (float32, created according to the config):
         gamma, beta: ``[out, n_groups]`` LWC logits (if ``config.learn_clip`` and ``range_mode="relative"``).
-        lo, hi: ``[out, n_groups]`` the range itself (``range_mode="static"``; set by :meth:`init_from`).
+        lo, hi: ``[out, n_groups]`` the range itself (``range_mode="static"``; set by :meth:`init_from`): parameters
+            with LWC, buffers (fixed) without.
         theta: ``[out, n_groups, L-1]`` (``"group"``) or ``[out, 1, L-1]`` (``"row"``) LDP logits (if method ``"ldp"``).
     """
 
@@ -608,11 +612,17 @@ class WeightQuantizer(nn.Module):
         self.group_size = resolve_group_size(self.in_features, cfg.group_size, f"{name} {tuple(shape)}")
         self.n_groups = self.in_features // self.group_size
         L = cfg.levels_count
-        self.gamma = self.beta = self.lo = self.hi = None
-        if cfg.learn_clip and cfg.range_mode == "static":
-            self.lo = nn.Parameter(torch.zeros(self.out_features, self.n_groups))
-            self.hi = nn.Parameter(torch.zeros(self.out_features, self.n_groups))
-        elif cfg.learn_clip:
+        self.gamma = self.beta = None
+        if cfg.range_mode == "static":
+            shape = (self.out_features, self.n_groups)
+            if cfg.learn_clip:
+                self.lo, self.hi = nn.Parameter(torch.zeros(shape)), nn.Parameter(torch.zeros(shape))
+            else:  # a fixed range: no clip to learn
+                self.register_buffer("lo", torch.zeros(shape))
+                self.register_buffer("hi", torch.zeros(shape))
+        else:
+            self.lo = self.hi = None
+        if cfg.learn_clip and cfg.range_mode != "static":
             self.gamma = nn.Parameter(torch.full((self.out_features, self.n_groups), float(cfg.lwc_init)))
             self.beta = nn.Parameter(torch.full((self.out_features, self.n_groups), float(cfg.lwc_init)))
         if cfg.method == "ldp":
@@ -640,6 +650,10 @@ class WeightQuantizer(nn.Module):
         if self.lo is not None:  # static: the parameters are the range (hi raised to lo if training crossed them)
             lo = self.lo.to(wg.dtype)
             return lo, torch.maximum(self.hi.to(wg.dtype), lo)
+        return self._weight_range(wg)
+
+    def _weight_range(self, wg: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The range computed from the grouped weight (LWC, the MSE search or ``clip_ratio`` * min-max)."""
         if self.gamma is not None:
             return lwc_range(wg, self.gamma, self.beta)
         if self.config.clip_search == "mse":
@@ -691,14 +705,14 @@ class WeightQuantizer(nn.Module):
     def quant_parameters(self) -> Iterator[nn.Parameter]:
         """The quantizer's learnable parameters (theta, gamma, beta or the static lo, hi) - not the latent weight."""
         for p in (self.theta, self.gamma, self.beta, self.lo, self.hi):
-            if p is not None:
+            if isinstance(p, nn.Parameter):
                 yield p
 
     def range_parameters(self) -> Iterator[nn.Parameter]:
         """The static range's ``lo, hi`` (``range_mode="static"``; absolute weight values, trained at
         :attr:`rcp_lib.qat.QATConfig.lr_range` when that is set), else nothing."""
         for p in (self.lo, self.hi):
-            if p is not None:
+            if isinstance(p, nn.Parameter):
                 yield p
 
     @torch.no_grad()
@@ -707,11 +721,16 @@ class WeightQuantizer(nn.Module):
 
         The clip: LWC logits = ``lwc_init`` (``clip_init="const"``) or the logit of the per-group ratio of
         :func:`mse_clip_range` capped at ``sigmoid(lwc_init)`` (``"mse"``); in ``range_mode="static"`` the parameters
-        ``lo, hi`` are set to that ratio times the group min / max. LDP ``theta``: 0 (``ldp_init="uniform"``) or the
+        ``lo, hi`` are set to that ratio times the group min / max (without LWC: the fixed range of
+        :meth:`clip_range`'s relative form, ``clip_ratio`` * min-max). LDP ``theta``: 0 (``ldp_init="uniform"``) or the
         pinned-end Lloyd-Max levels of the weights inside that range (``"lloyd"``). Returns ``self``.
         """
         wg = self._grouped(weight)
-        if self.gamma is not None or self.lo is not None:
+        if self.lo is not None and not self.config.learn_clip:
+            lo, hi = self._weight_range(wg.detach())
+            self.lo.copy_(lo.to(self.lo.dtype))
+            self.hi.copy_(hi.to(self.hi.dtype))
+        elif self.gamma is not None or self.lo is not None:
             cap = 1.0 / (1.0 + math.exp(-float(self.config.lwc_init)))
             if self.config.clip_init == "mse":
                 # float32: the search is most of the start's cost, float64 halves its speed for ratios on a 0.01 grid

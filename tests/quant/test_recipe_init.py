@@ -47,9 +47,7 @@ def test_search_init_capped_at_lwc_init_and_const_unchanged():
     assert torch.equal(const.gamma, torch.full((8, 2), 4.0)) and torch.equal(const.beta, const.gamma)
 
 
-def test_static_and_clip_init_need_lwc():
-    with pytest.raises(ValueError, match="lwc=True"):
-        WeightQuantConfig(method="ldp", lwc=False, range_mode="static")
+def test_clip_init_needs_lwc():
     with pytest.raises(ValueError, match="lwc=True"):
         WeightQuantConfig(method="ldp", lwc=False, clip_init="mse")
     with pytest.raises(ValueError, match="range_mode"):
@@ -142,3 +140,21 @@ def test_init_from_levels_reproduces_a_level_table_exactly():
     lwc = WeightQuantizer((3, 16), WeightQuantConfig(bits=2, group_size=8))
     with pytest.raises(ValueError, match="static"):
         lwc.init_from_levels(levels)
+
+
+def test_static_range_without_lwc_is_fixed_at_the_min_max_start():
+    """range_mode="static" without LWC (a "w/o Clip" row's GPTQ start): lo / hi are buffers at clip_ratio * min-max
+    of the start, equal to the relative quantizer there, never trained and not recomputed from a moved weight."""
+    torch.manual_seed(3)
+    w = torch.randn(6, 64)
+    rel = WeightQuantizer(w.shape, WeightQuantConfig(bits=2, group_size=32, lwc=False, ldp_init="lloyd")).init_from(w)
+    st = WeightQuantizer(w.shape, WeightQuantConfig(bits=2, group_size=32, lwc=False, ldp_init="lloyd",
+                                                    range_mode="static")).init_from(w)
+    assert {n for n, _ in st.named_parameters()} == {"theta"} and {n for n, _ in st.named_buffers()} == {"lo", "hi"}
+    assert list(st.quant_parameters()) == [st.theta] and list(st.range_parameters()) == []
+    wg = w.view(6, 2, 32)
+    torch.testing.assert_close(st.lo, wg.amin(-1))
+    torch.testing.assert_close(st.hi, wg.amax(-1))
+    torch.testing.assert_close(st(w), rel(w), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(st.clip_range(3 * w)[0], st.lo)  # fixed
+    assert set(st.state_dict()) == {"theta", "lo", "hi"}  # saved with the student
