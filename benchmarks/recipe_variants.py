@@ -159,12 +159,12 @@ def main(argv: list[str] | None = None) -> int:
             for s in SEEDS_SCANNED:
                 path = sweep_row_path(key_of(name, s)[1])
                 if path.exists():
-                    rows.append({"variant": name, "description": VARIANTS[name][2], "point": POINT,
-                                 "overrides_variant": json.dumps(VARIANTS[name][0]), **json.loads(path.read_text())})
+                    rows.append({"variant": name, "point": POINT, "overrides_variant": json.dumps(VARIANTS[name][0]),
+                                 **json.loads(path.read_text())})
         if not rows:
             return None
         summarize(rows)
-        first = ["variant", "description", "seed", "val_ppl", "n_seeds", "val_ppl_mean", "val_ppl_sem", "vs_default", "seconds",
+        first = ["variant", "seed", "val_ppl", "n_seeds", "val_ppl_mean", "val_ppl_sem", "vs_default", "seconds",
                  "seconds_mean", "step0_val_ppl", "steps", "qat_seqlen", "tokens", "gptq_seconds",
                  "block_ap_mse_ratio", "clip_ratio_init", "clip_ratio_final", "clip_shift", "level_shift",
                  "weight_shift"]

@@ -297,6 +297,21 @@ def _trained_recipe(config: dict) -> dict:
             "rotation": {k: v for k, v in (config.get("rotation") or {}).items() if k != "seed"}}
 
 
+def _variant_what(config: dict) -> str:
+    """What a recipe variant trains, read from its row's ``config``: the start, Block-AP and the end-to-end budget."""
+    q, w = config.get("qat") or {}, ((config.get("quant") or {}).get("weight") or {})
+    parts = []
+    if q.get("gptq_start"):
+        parts.append(f"GPTQ start, static range (lo / hi at lr {q.get('lr_range') or q.get('lr_quant'):g})")
+    else:
+        parts.append(f"clip `{w.get('clip_init')}`, levels `{w.get('ldp_init')}`, no GPTQ")
+    if q.get("block_ap_steps"):
+        parts.append(f"Block-AP {q['block_ap_steps']} steps per block on {q.get('block_ap_samples')} windows (lr "
+                     f"{q.get('block_ap_lr_weights'):g} / {q.get('block_ap_lr_quant'):g})")
+    parts.append(f"{q.get('steps')} end-to-end steps × {q.get('seqlen')} tokens")
+    return "; ".join(parts)
+
+
 def variants_markdown(var: pd.DataFrame, table_config: dict | None = None) -> str:
     """The recipe variants (``recipe_variants.csv``, one row per variant and seed; ``benchmarks/recipe_variants.py``):
     a table of validation perplexity (mean ± standard error over seeds), step-0 perplexity, training seconds, tokens,
@@ -320,7 +335,7 @@ def variants_markdown(var: pd.DataFrame, table_config: dict | None = None) -> st
         m = mean.loc[name]
         vs = r.get("vs_default")
         lines.append(
-            f"| {name} | {r.get('description', '') if isinstance(r.get('description'), str) else ''} | "
+            f"| {name} | {_variant_what(json.loads(r['config'])) if isinstance(r.get('config'), str) else '–'} | "
             f"{int(r['n_seeds'])} | {_fmt_ppl(float(r['val_ppl_mean']))} ± {num(r['val_ppl_sem'], _fmt_ppl)} | "
             f"{num(m['step0_val_ppl'], _fmt_ppl)} | {m['seconds']:.0f} | {int(r['tokens'])} | "
             f"{num(m.get('block_ap_mse_ratio'), lambda x: f'{x:.3f}')} | {num(m['clip_shift'], lambda x: f'{x:.4f}')} | "

@@ -292,25 +292,31 @@ def test_variants_markdown_states_orders_from_the_rows():
     from rcp_lib.report import variants_markdown
 
     def rows(name, vals, secs, **kw):
-        return [{"variant": name, "description": f"about {name}", "seed": s, "val_ppl": v, "seconds": secs,
+        return [{"variant": name, "seed": s, "val_ppl": v, "seconds": secs,
                  "step0_val_ppl": 5000.0, "tokens": 10240, "block_ap_mse_ratio": float("nan"), "clip_shift": 0.005,
                  "level_shift": 0.01, "weight_shift": 7e-4, "val_split": "train tail (0.05), 16 windows spread", **kw}
                 for s, v in enumerate(vals)]
 
+    cfg = {n: {"method": "RCP", "rotation": {"r1": "random_hadamard", "seed": 0},
+               "quant": {"weight": {"range_mode": m, "clip_init": "mse", "ldp_init": "lloyd"}},
+               "qat": {"gptq_start": g, "lr_range": 1e-4 if g else None, "lr_quant": 1e-2, "steps": st, "seqlen": 256,
+                       "val_every": 40, "seed": 0}}
+           for n, m, g, st in (("default", "relative", False, 40), ("fast", "static", True, 40),
+                               ("noisy", "relative", False, 21))}
+    cfg["noisy"]["qat"].update(block_ap_steps=16, block_ap_samples=16, block_ap_lr_weights=2e-5, block_ap_lr_quant=1e-2)
     df = pd.DataFrame(summarize(rows("default", (500., 520., 510.), 180.) + rows("fast", (300., 310., 305.), 170.)
                                 + rows("noisy", (400., 650., 520.), 190., block_ap_mse_ratio=0.8)))
+    df["config"] = [json.dumps(cfg[v]) for v in df["variant"]]
     md = variants_markdown(df)
-    assert "| fast | about fast | 3 | 305 ± 2.89 |" in md and "| 170 | 10240 | – |" in md
-    assert "| noisy |" in md and "| 0.800 |" in md
+    assert ("| fast | GPTQ start, static range (lo / hi at lr 0.0001); 40 end-to-end steps × 256 tokens | 3 | "
+            "305 ± 2.89 |") in md and "| 170 | 10240 | – |" in md
+    assert "| default | clip `mse`, levels `lloyd`, no GPTQ; 40 end-to-end steps × 256 tokens |" in md
+    assert ("| noisy | clip `mse`, levels `lloyd`, no GPTQ; Block-AP 16 steps per block on 16 windows (lr 2e-05 / "
+            "0.01); 21 end-to-end steps × 256 tokens |") in md and "| 0.800 |" in md
     assert "Lower than the default beyond two standard errors: fast." in md
     assert "Not separable from the default at this budget: noisy." in md and "is kept" not in md
     md2 = variants_markdown(df[df.variant != "fast"])
     assert "No variant beats the default beyond noise, so the default recipe is kept." in md2
-    cfg = {n: {"method": "RCP", "quant": {"weight": {"range_mode": m}}, "rotation": {"r1": "random_hadamard", "seed": 0},
-               "qat": {"gptq_start": g, "steps": 40, "val_every": 40, "seed": 0}}
-           for n, m, g in (("default", "relative", False), ("fast", "static", True), ("noisy", "relative", False))}
-    cfg["noisy"]["qat"]["block_ap_steps"] = 16
-    df["config"] = [json.dumps(cfg[v]) for v in df["variant"]]
     table = {**cfg["fast"], "qat": {**cfg["fast"]["qat"], "val_every": 20, "seed": 3},
              "rotation": {"r1": "random_hadamard", "seed": 3}}
     assert "The perplexity table's RCP rows train with the recipe of `fast`." in variants_markdown(df, table)
