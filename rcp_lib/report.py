@@ -154,9 +154,14 @@ def claims_markdown(d: Path, ppl: pd.DataFrame) -> str:
             a = pd.read_csv(abl_p).set_index("method")
             if {"RCP", "RCP w/o Rotate"} <= set(a.index):
                 r, w = a.loc["RCP"], a.loc["RCP w/o Rotate"]
+                seeds_p = abl_p.parent / _file("ablation")
+                versions = code_versions_markdown(ppl, a.reset_index(),
+                                                  pd.read_csv(seeds_p) if seeds_p.exists() else None)
+                other = (" — from the ablation's own code, not comparable row to row with this table (see the code "
+                         "versions below)" if versions.startswith("**Not comparable") else "")
                 rot = (f" Inside QAT, rotation is worth {_fmt_x(float(w['ppl_mean']) / float(r['ppl_mean']))} in the "
                        f"ablation with seeds (means over {int(r['n'])} seeds: w/o Rotate {_fmt_ppl(float(w['ppl_mean']))}"
-                       f" vs RCP {_fmt_ppl(float(r['ppl_mean']))}; {w['vs_RCP']}).")
+                       f" vs RCP {_fmt_ppl(float(r['ppl_mean']))}; {w['vs_RCP']}{other}).")
         rows.append(f"| RCP ≫ PTQ baselines at W2A4KV4 | embedded model: RCP {_fmt_ppl(rcp)} vs the best PTQ row "
                     f"({best}, {clip}) {_fmt_ppl(float(ptq.min()))}, i.e. "
                     + (f"{_fmt_x(float(ptq.min()) / rcp)} lower" if rcp < float(ptq.min()) else

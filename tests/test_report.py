@@ -215,7 +215,7 @@ def test_ablation_block_in_readme(tmp_path):
     assert ("RCP w/o Rotate: its clip ratio starts at 1.000 instead of RCP's 0.672 (the searched start), while training "
             "moves RCP's by 0.0120 on average: the gap comes from the searched clip start") in md
     assert "rotation is worth 10× in the ablation with seeds (means over 3 seeds: w/o Rotate 4000 vs RCP 400; " \
-           "RCP < RCP w/o Rotate (x))" in md
+           "RCP < RCP w/o Rotate (x) — from the ablation's own code, not comparable row to row with this table" in md
     assert "**Not comparable row to row:** the ablation ran with code new and the perplexity table above with code old" in md
 
 
