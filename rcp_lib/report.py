@@ -295,8 +295,10 @@ def sweep_markdown(sweep: pd.DataFrame) -> str:
 
 
 def _trained_recipe(config: dict) -> dict:
-    """A row's ``config`` without what does not change the trained weights of one seed (validation and checkpoint
-    intervals, the seed) or names the row."""
+    """A row's ``config`` read back as a :class:`Recipe` (so a field added after the row was written takes its
+    default), without what does not change the trained weights of one seed (validation and checkpoint intervals, the
+    seed) or names the row."""
+    config = Recipe.of_row(config).to_dict()
     skip = {"val_every", "checkpoint_every", "seed"}
     return {"quant": config.get("quant"), "qat": {k: v for k, v in (config.get("qat") or {}).items() if k not in skip},
             "rotation": {k: v for k, v in (config.get("rotation") or {}).items() if k != "seed"}}
