@@ -480,8 +480,13 @@ def results_markdown(profile: str = "cpu", results: Path | None = None) -> str:
     timing = d / _file("reproduce_timing")
     if timing.exists():
         t = json.loads(timing.read_text())
-        cold = ("from empty caches" if not t.get("cached_rows_at_start") else
-                f"with {t['cached_rows_at_start']} cached rows at the start")
+        nb_rows = [r for r in (t.get("rows") or {}).values() if isinstance(r, dict)]
+        if nb_rows:  # every cache key holds the code fingerprint: a hit is a row of this code (earlier in the run or before)
+            cold = (f"computing {sum(int(r.get('computed', 0)) for r in nb_rows)} result rows and taking "
+                    f"{sum(int(r.get('hits', 0)) for r in nb_rows)} from the cache of this code")
+        else:
+            cold = ("from empty caches" if not t.get("cached_rows_at_start") else
+                    f"with {t['cached_rows_at_start']} cached rows at the start")
         out += [f"The last full `reproduce --profile {profile}` took **{t['total_seconds'] / 60:.0f} min** {cold} "
                 f"on {t['device']} (git {str(t['git_commit'])[:8]}, {t['date_utc']}); per notebook: "
                 + ", ".join(f"{k.split('.')[0]} {v / 60:.1f} min" for k, v in t["notebooks"].items()) + ".", ""]
@@ -499,8 +504,8 @@ def results_markdown(profile: str = "cpu", results: Path | None = None) -> str:
                 w = quant.weight
                 start = f"; RCP's quantizer starts from clip `{w.clip_init}` and levels `{w.ldp_init}`"
                 if q.get("gptq_start"):
-                    start += (f", then GPTQ on that grid (the calibration windows of the PTQ rows) and a static range "
-                              f"`{w.range_mode}` whose lo / hi train at {q.get('lr_range') or q['lr_quant']:g}")
+                    start += (f", then GPTQ on that grid (the calibration windows of the PTQ rows) and QAT with "
+                              f"`range_mode=\"{w.range_mode}\"` (lo / hi train at {q.get('lr_range') or q['lr_quant']:g})")
         out += [f"QAT rows: {q['steps']} steps × batch {q['batch_size']} × grad-accum {q['grad_accum']} × "
                 f"{q['seqlen']} tokens of the train split (same budget for every QAT row), loss "
                 f"`{q.get('loss', 'kl')}` against the FP teacher, learning rates {q['lr_weights']:g} "

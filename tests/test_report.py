@@ -322,3 +322,22 @@ def test_variants_markdown_states_orders_from_the_rows():
     assert "The perplexity table's RCP rows train with the recipe of `fast`." in variants_markdown(df, table)
     other = {**table, "qat": {**table["qat"], "steps": 80}}
     assert "trains with none of these recipes" in variants_markdown(df, other)
+
+
+def test_timing_line_counts_rows_of_this_code(tmp_path):
+    """The reproduce timing line says how many rows the run computed and took from the cache (keys hold the code
+    fingerprint), not how many row files of any code the cache held."""
+    from rcp_lib.report import results_markdown
+
+    res = tmp_path / "cpu"
+    res.mkdir()
+    _ppl_rows().to_csv(res / "perplexity.csv", index=False)
+    timing = {"total_seconds": 3504.8, "device": "cpu x2", "git_commit": "abcdef012345", "date_utc": "2026-11-27",
+              "notebooks": {"01_rotation_impact.ipynb": 138.0, "02_perplexity.ipynb": 2640.0},
+              "rows": {"01_rotation_impact.ipynb": {"computed": 9, "hits": 0}, "02_perplexity.ipynb": {"computed": 29,
+                                                                                                    "hits": 5}},
+              "cached_rows_at_start": 77}
+    (res / "reproduce_timing.json").write_text(json.dumps(timing))
+    md = results_markdown("cpu", res)
+    assert "took **58 min** computing 38 result rows and taking 5 from the cache of this code on cpu x2" in md
+    assert "77" not in md.split("took **58 min**")[1].split("\n")[0]
