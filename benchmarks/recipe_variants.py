@@ -7,10 +7,12 @@
 The questions of the issue "a recipe under which Clip and Partition actually learn" that the sweep's grid
 (``benchmarks/recipe_sweep.py``) does not ask: does a Block-AP pre-stage beat plain end-to-end QAT at equal CPU time
 (item 5), does a GPTQ start on the quantizer's grid with a static range help (item 2), does training at the evaluation
-length help at equal tokens (item 6). Every variant is the sweep's selected point (:data:`POINT`: the ``cpu``
-profile's default recipe) with the profile overrides and step count of :data:`VARIANTS`, trained and scored exactly
-as a sweep point (:func:`recipe_sweep.score_point`: validation perplexity on the held-out tail of the TRAIN split,
-never the test split). ``default`` is the point itself; its rows are the sweep's own cached rows (same key).
+length help at equal tokens (item 6). Every variant is the sweep's selected point (:data:`POINT`: its learning rates
+and gradient clip are the ``cpu`` profile's) with the profile overrides and step count of :data:`VARIANTS`, trained and
+scored exactly as a sweep point (:func:`recipe_sweep.score_point`: validation perplexity on the held-out tail of the
+TRAIN split, never the test split). ``default`` is the point with the start the sweep selected it with
+(:data:`SEARCHED_START`; same key as the sweep's rows of that code). ``gptq-static`` beat it beyond two standard errors
+and has been the profile's start since, so every variant pins its start explicitly.
 
 Equal time: Block-AP's cost was measured on this machine before choosing its step counts (16 calibration windows and
 16 steps per block: about 86 s, the time of about 19 end-to-end steps of 4.6 s), so its end-to-end stage is cut from
