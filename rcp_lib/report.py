@@ -370,39 +370,121 @@ def variants_markdown(var: pd.DataFrame, table_config: dict | None = None) -> st
     return "\n".join(lines) + "\n\n" + " ".join(txt)
 
 
-def ablation_markdown(summary: pd.DataFrame) -> str:
+def _removed_part(name: str) -> str | None:
+    """``"clip"`` or ``"partition"`` when the named method is RCP with only its learnable clip (LWC) or only its
+    non-uniform levels (LDP) removed (same rotation; read from the method definitions), else None."""
+    from .experiments.methods import NAMED
+
+    rcp, m = NAMED.get("RCP"), NAMED.get(name)
+    if rcp is None or m is None or m is rcp or m.r1 != rcp.r1:
+        return None
+    a, b = {"lwc": True, "method": "ldp", **rcp.weight}, {"lwc": True, "method": "ldp", **m.weight}
+    diff = {k for k in a.keys() | b.keys() if a.get(k) != b.get(k)}
+    return {"lwc": "clip", "method": "partition"}.get(diff.pop()) if len(diff) == 1 else None
+
+
+def ablation_markdown(summary: pd.DataFrame, start: pd.DataFrame | None = None) -> str:
     """The ablation with seeds (``results/ablation/ablation_summary.csv``): perplexity mean ± sample std over seeds,
     the step-0 perplexity and how far each part moved (means over seeds), and the order against RCP that
-    :func:`rcp_lib.experiments.ablation.separation` states (only beyond two standard errors)."""
+    :func:`rcp_lib.experiments.ablation.separation` states (only beyond two standard errors).
+
+    ``start`` (``ablation_start.csv`` of ``benchmarks/ablation_start.py``, one row per method and seed), when given,
+    adds where each row's quantizer starts and ends against the rotated FP weights (clip ratio) and the uniform grid
+    (level offset), means over seeds; the sentence on what a separated clip ablation changed then reads its start from
+    there (the movement columns divide by the latent weights of the QAT start, which a GPTQ start puts inside the
+    range)."""
     def num(r, k, fmt):
         v = r.get(k)
         return "–" if v is None or pd.isna(v) else fmt(float(v))
 
+    means: dict[str, dict] = {}
+    if start is not None and len(start):
+        cols = ["clip_ratio_start", "clip_ratio_trained", "clip_shift", "level_offset_start", "level_offset_trained"]
+        means = start.groupby("method")[cols].mean().to_dict("index")
+    extra_h, extra_s = ("", "") if not means else (" clip ratio vs FP weights: start → trained | levels off uniform: "
+                                                   "start → trained |", "---|---|")
     lines = ["| method | seeds | ppl (mean ± std) | step-0 ppl | clip ratio init → final | mean \\|Δ clip ratio\\| | "
-             "mean \\|Δ level\\| | weight change | vs RCP |", "|---|---|---|---|---|---|---|---|---|"]
+             f"mean \\|Δ level\\| | weight change |{extra_h} vs RCP |", f"|---|---|---|---|---|---|---|---|{extra_s}---|"]
     for r in summary.to_dict("records"):
         vs = r.get("vs_RCP")
+        f = means.get(r["method"])
+        extra = "" if not means else (
+            " – | – |" if f is None else
+            f" {f['clip_ratio_start']:.3f} → {f['clip_ratio_trained']:.3f} | {f['level_offset_start']:.4f} → "
+            f"{f['level_offset_trained']:.4f} |")
         lines.append(f"| {r['method']} | {int(r['n'])} | {_fmt_ppl(float(r['ppl_mean']))} ± {num(r, 'ppl_std', _fmt_ppl)} | "
                      f"{num(r, 'step0_ppl_mean', _fmt_ppl)} | {num(r, 'clip_ratio_init_mean', lambda x: f'{x:.3f}')} → "
                      f"{num(r, 'clip_ratio_final_mean', lambda x: f'{x:.3f}')} | {num(r, 'clip_shift_mean', lambda x: f'{x:.4f}')} | "
-                     f"{num(r, 'level_shift_mean', lambda x: f'{x:.4f}')} | {num(r, 'weight_shift_mean', lambda x: f'{x:.2g}')} | "
-                     f"{vs if isinstance(vs, str) and vs else '–'} |")
+                     f"{num(r, 'level_shift_mean', lambda x: f'{x:.4f}')} | {num(r, 'weight_shift_mean', lambda x: f'{x:.2g}')} |"
+                     f"{extra} {vs if isinstance(vs, str) and vs else '–'} |")
+    if means:
+        lines.append("\n`clip ratio init → final` and the movement columns compare the quantizer with the latent weights "
+                     "at the start of QAT (after a GPTQ start: GPTQ's weights, rounded onto the grid, so the ratio is 1 by "
+                     "construction); the two columns after them (`python benchmarks/ablation_start.py --profile "
+                     "ablation`, `results/ablation/ablation_start.csv`) compare it with the rotated FP weights, which "
+                     "neither GPTQ nor QAT touched, and the level positions with the uniform grid's.")
     for r in summary.to_dict("records"):
         vc = r.get("vs_control")
         if isinstance(vc, str) and vc:
             lines.append(f"\n{r['method']} against its control (same blocks, natural order): {vc}.")
     rcp = next((r for r in summary.to_dict("records") if r["method"] == "RCP"), None)
-    for r in summary.to_dict("records"):  # what moved: a separated clip ablation that differs in its start
-        vs = r.get("vs_RCP")
-        if rcp is None or not (isinstance(vs, str) and vs.startswith("RCP < ")):
+    for r in summary.to_dict("records"):  # what a separated ablation that removes one part changed: its start
+        vs, part = r.get("vs_RCP"), _removed_part(r["method"])
+        if rcp is None or part is None or not (isinstance(vs, str) and vs.startswith("RCP < ")):
             continue
-        a, b, moved = (float(x.get(k, float("nan"))) for x, k in ((rcp, "clip_ratio_init_mean"),
-                                                                  (r, "clip_ratio_init_mean"), (rcp, "clip_shift_mean")))
-        if abs(a - b) > 10 * moved:
-            lines.append(f"\n{r['method']}: its clip ratio starts at {b:.3f} instead of RCP's {a:.3f} (the searched "
-                         f"start), while training moves RCP's by {moved:.4f} on average: the gap comes from the searched "
-                         f"clip start, not from learning the clip.")
+        fr, fa = means.get("RCP"), means.get(r["method"])
+        if part == "clip":
+            if fr is not None and fa is not None:
+                a, b, moved, vs_what = fr["clip_ratio_start"], fa["clip_ratio_start"], fr["clip_shift"], " against the FP weights"
+            else:
+                a, b, moved = (float(x.get(k, float("nan"))) for x, k in ((rcp, "clip_ratio_init_mean"),
+                                                                          (r, "clip_ratio_init_mean"), (rcp, "clip_shift_mean")))
+                vs_what = ""
+            if abs(a - b) > 10 * moved:
+                lines.append(f"\n{r['method']}: its clip ratio{vs_what} starts at {b:.3f} instead of RCP's {a:.3f} (the "
+                             f"searched start), while training moves RCP's by {moved:.4f} on average: the gap comes from "
+                             f"the searched clip start, not from learning the clip.")
+        elif fr is not None and fa is not None:
+            a, b = fr["level_offset_start"], fa["level_offset_start"]
+            moved = abs(fr["level_offset_trained"] - a)
+            if abs(a - b) > 10 * max(moved, 1e-12):
+                lines.append(f"\n{r['method']}: its levels start {b:.4f} off the uniform grid instead of RCP's {a:.4f} "
+                             f"(Lloyd-Max), while training changes RCP's offset by {moved:.4f} on average: the gap comes "
+                             f"from the Lloyd-Max start of the levels, not from learning them.")
     return "\n".join(lines)
+
+
+def token_curve_markdown(curve: pd.DataFrame, profile: str = "cpu") -> str:
+    """One paragraph on ``qat_tokens.csv`` (:func:`rcp_lib.experiments.token_curve`, one row per validation point of
+    one long RCP run): the command that wrote it, the validation perplexity at the first and the last point against
+    FP on the same held-out windows, what the last doubling of tokens bought, and how far the whole run moved each
+    part. Every number is read from ``curve``."""
+    c = curve.sort_values("tokens")
+    first, last = c.iloc[0], c.iloc[-1]
+    steps, every = int(last["step"]), int(c["step"].diff().dropna().mode().iloc[0]) if len(c) > 1 else int(last["step"])
+    fp = float(last["fp_val_ppl"])
+    commits = ", ".join(sorted({str(x)[:8] for x in c["git_commit"]})) if "git_commit" in c else "?"
+    txt = (f"How far would more tokens go (`python benchmarks/token_curve.py --profile {profile} --steps {steps} "
+           f"--val-every {every}`; `results/{profile}/qat_tokens.csv`, git {commits}): one {last['method']} "
+           f"{last['setting']} run of {steps} steps of the `{profile}` profile's recipe (its learning-rate schedule spans "
+           f"the whole run, so a point at the table's budget is not the table's row), scored every {every} steps on "
+           f"{int(last['val_windows'])} held-out windows of {int(last['val_seqlen'])} tokens from the tail of the train "
+           f"split. Validation perplexity {_fmt_ppl(float(first['val_ppl']))} at {int(first['tokens']):,} tokens "
+           f"({_fmt_x(float(first['val_ppl']) / fp)} FP) → {_fmt_ppl(float(last['val_ppl']))} at "
+           f"{int(last['tokens']):,} tokens ({_fmt_x(float(last['val_ppl']) / fp)} FP; FP {_fmt_ppl(fp)}).")
+    half = c[c["tokens"] <= int(last["tokens"]) // 2]
+    if len(half) and len(c) > 2:
+        h = half.iloc[-1]
+        drop = 1 - float(last["val_ppl"]) / float(h["val_ppl"])
+        txt += (f" The last doubling of tokens ({int(h['tokens']):,} → {int(last['tokens']):,}) "
+                + (f"lowered it by {100 * drop:.0f} %." if drop > 0 else f"did not lower it ({_fmt_ppl(float(h['val_ppl']))} → "
+                   f"{_fmt_ppl(float(last['val_ppl']))})."))
+    moved = [(k, last.get(f"run_{k}")) for k in ("clip_shift", "level_shift", "weight_shift")]
+    if all(v is not None and not pd.isna(v) for _, v in moved):
+        cs, ls, ws = (float(v) for _, v in moved)
+        txt += (f" Over the whole run the clip ratio moved by {cs:.4f} and the level fractions by {ls:.4f} on average "
+                f"(mean |Δ| over groups), the latent weights by {ws:.2g} (relative Frobenius change).")
+    return txt + f"\n\n![qat_tokens](figures/{profile}/qat_tokens.png)"
 
 
 def benchmarks_markdown(d: Path) -> str:
@@ -538,16 +620,22 @@ def results_markdown(profile: str = "cpu", results: Path | None = None) -> str:
     abl_p = d.parent / "ablation" / _file("ablation_summary")
     if abl_p.exists():
         abl = pd.read_csv(abl_p)
+        start_p = abl_p.parent / "ablation_start.csv"  # benchmarks/ablation_start.py
         commits = sorted(set(abl["git_commit"].astype(str))) if "git_commit" in abl else []
         out += [f"Ablation with seeds (`ablation` profile: `python -m rcp_lib table --profile ablation --table "
                 f"ablation_summary`; W2A4KV4, the `cpu` profile's test windows and QAT budget, one run per seed, the seed "
                 f"setting the R1 signs and the data order; `results/ablation/`, git {', '.join(c[:8] for c in commits)}). "
                 "An order against RCP is stated only where the difference of means exceeds two standard errors of "
-                "that difference.", "", ablation_markdown(abl), ""]
+                "that difference.", "",
+                ablation_markdown(abl, pd.read_csv(start_p) if start_p.exists() else None), ""]
         seeds_p = abl_p.parent / _file("ablation")
         line = code_versions_markdown(ppl, abl, pd.read_csv(seeds_p) if seeds_p.exists() else None)
         if line:
             out += [line, ""]
+    # registered without readme=True (its flag sits in the code fingerprint, and the tables' code is kept): read by name
+    tok_p = d / TABLES["qat_tokens"].file
+    if tok_p.exists():
+        out += [token_curve_markdown(pd.read_csv(tok_p), profile), ""]
     ctl = gsr_control_markdown(ppl)
     if ctl:
         out += ["GSR and its control: the same block-diagonal R1 with the rows of each block in natural Hadamard order "

@@ -205,15 +205,18 @@ def test_ablation_block_in_readme(tmp_path):
     abl = pd.read_csv(tmp_path / "ablation" / "ablation_summary.csv")
     extra = {**abl.iloc[1].to_dict(), "method": "RCP w/o Rotate", "ppl_mean": 4000.0, "vs_RCP": "RCP < RCP w/o Rotate (x)"}
     abl = pd.concat([abl, pd.DataFrame([extra])], ignore_index=True)
+    abl.loc[1, "vs_RCP"] = "RCP < RCP w/o Clip (x)"
     abl["code_fingerprint"] = "new"
     abl.to_csv(tmp_path / "ablation" / "ablation_summary.csv", index=False)
     rows = _ppl_rows()
     rows["code_fingerprint"] = "old"
     rows.to_csv(res / "perplexity.csv", index=False)
     md = results_markdown("cpu", res)
-    # separated from RCP and started from another clip ratio (the fake row copies w/o Clip's 1.0): the start is named
-    assert ("RCP w/o Rotate: its clip ratio starts at 1.000 instead of RCP's 0.672 (the searched start), while training "
+    # w/o Clip, separated from RCP and started from another clip ratio: the start is named; w/o Rotate (the fake row
+    # copies w/o Clip's start) removes the rotation, not the clip: no sentence on the clip for it
+    assert ("RCP w/o Clip: its clip ratio starts at 1.000 instead of RCP's 0.672 (the searched start), while training "
             "moves RCP's by 0.0120 on average: the gap comes from the searched clip start") in md
+    assert "RCP w/o Rotate: its clip ratio" not in md
     assert "rotation is worth 10× in the ablation with seeds (means over 3 seeds: w/o Rotate 4000 vs RCP 400; " \
            "RCP < RCP w/o Rotate (x) — from the ablation's own code, not comparable row to row with this table" in md
     assert "**Not comparable row to row:** the ablation ran with code new and the perplexity table above with code old" in md
@@ -341,3 +344,65 @@ def test_timing_line_counts_rows_of_this_code(tmp_path):
     md = results_markdown("cpu", res)
     assert "took **58 min** computing 38 result rows and taking 5 from the cache of this code on cpu x2" in md
     assert "77" not in md.split("took **58 min**")[1].split("\n")[0]
+
+
+def test_token_curve_paragraph_reads_the_curve(tmp_path):
+    """The token-curve paragraph quotes the first and last validation points against FP, the last doubling of tokens
+    and the run's movement, all from the rows; the README block carries it when ``qat_tokens.csv`` exists."""
+    from rcp_lib.report import results_markdown, token_curve_markdown
+
+    def row(step, ppl):
+        return {"method": "RCP", "setting": "W2A4KV4", "step": step, "tokens": 256 * step, "val_ppl": ppl,
+                "fp_val_ppl": 20.0, "val_seqlen": 256, "val_windows": 16, "run_clip_shift": 0.004,
+                "run_level_shift": 0.02, "run_weight_shift": 1.5e-3, "git_commit": "abcdef0123456789"}
+
+    curve = pd.DataFrame([row(s, p) for s, p in ((40, 200.0), (80, 120.0), (120, 100.0), (160, 80.0))])
+    md = token_curve_markdown(curve.sample(frac=1.0, random_state=0), "cpu")  # order of the rows does not matter
+    assert "--steps 160 --val-every 40" in md and "git abcdef01" in md
+    assert "Validation perplexity 200 at 10,240 tokens (10× FP) → 80.00 at 40,960 tokens (4× FP; FP 20.00)" in md
+    assert "The last doubling of tokens (20,480 → 40,960) lowered it by 33 %." in md
+    assert "clip ratio moved by 0.0040 and the level fractions by 0.0200" in md and "by 0.0015 (relative" in md
+    assert "![qat_tokens](figures/cpu/qat_tokens.png)" in md
+    flat = curve.assign(val_ppl=[200.0, 90.0, 100.0, 95.0])
+    assert "did not lower it (90.00 → 95.00)" in token_curve_markdown(flat)
+
+    res = tmp_path / "cpu"
+    res.mkdir()
+    _ppl_rows().to_csv(res / "perplexity.csv", index=False)
+    assert "How far would more tokens go" not in results_markdown("cpu", res)
+    curve.to_csv(res / "qat_tokens.csv", index=False)
+    assert "How far would more tokens go" in results_markdown("cpu", res)
+
+
+def test_ablation_start_columns_and_what_the_start_changed():
+    """With ``ablation_start.csv`` the table gets the clip ratio against the FP weights and the level offset from the
+    uniform grid (means over seeds), and the sentence on a separated ablation reads its start from there: the movement
+    columns of a GPTQ start are 1 for every row."""
+    from rcp_lib.report import ablation_markdown
+
+    def summ(method, ppl, vs):
+        return {"method": method, "setting": "W2A4KV4", "n": 3, "ppl_mean": ppl, "ppl_std": 5.0, "ppl_sem": 2.9,
+                "step0_ppl_mean": 200.0, "clip_ratio_init_mean": 1.0, "clip_ratio_final_mean": 1.0,
+                "clip_shift_mean": 0.003, "level_shift_mean": 0.012, "weight_shift_mean": 7e-4, "vs_RCP": vs}
+
+    summary = pd.DataFrame([summ("RCP", 90.0, ""), summ("RCP w/o Clip", 300.0, "RCP < RCP w/o Clip (x)"),
+                            summ("RCP w/o Partition (LWC+uniform)", 120.0, "RCP < RCP w/o Partition (LWC+uniform) (y)"),
+                            summ("RCP w/o Rotate", 900.0, "RCP < RCP w/o Rotate (z)")])
+    start = pd.DataFrame([
+        {"method": m, "seed": sd, "clip_ratio_start": c0, "clip_ratio_trained": c0 + d, "clip_shift": abs(d) + 0.001,
+         "level_offset_start": l0, "level_offset_trained": l0 + 0.001}
+        for m, c0, l0 in (("RCP", 0.67, 0.05), ("RCP w/o Clip", 1.0, 0.06), ("RCP w/o Partition (LWC+uniform)", 0.67, 0.0),
+                          ("RCP w/o Rotate", 0.5, 0.04))
+        for sd, d in ((0, 0.002), (1, 0.004))])
+    md = ablation_markdown(summary, start)
+    assert "clip ratio vs FP weights: start → trained | levels off uniform: start → trained | vs RCP |" in md
+    assert "| 0.670 → 0.673 | 0.0500 → 0.0510 | – |" in md  # RCP, means over its two seeds
+    assert "| 1.000 → 1.003 | 0.0600 → 0.0610 | RCP < RCP w/o Clip (x) |" in md
+    assert ("RCP w/o Clip: its clip ratio against the FP weights starts at 1.000 instead of RCP's 0.670 (the searched "
+            "start), while training moves RCP's by 0.0040 on average") in md
+    assert ("RCP w/o Partition (LWC+uniform): its levels start 0.0000 off the uniform grid instead of RCP's 0.0500 "
+            "(Lloyd-Max), while training changes RCP's offset by 0.0010 on average") in md
+    assert "RCP w/o Rotate:" not in md and "which neither GPTQ nor QAT touched" in md
+    plain = ablation_markdown(summary)  # without the file: no such columns, and the latent ratios (equal) say nothing
+    assert "vs FP weights" not in plain and "the gap comes from" not in plain
+    assert "| – | – |" in ablation_markdown(summary, start[start.method != "RCP w/o Rotate"])
