@@ -401,7 +401,10 @@ def test_ablation_start_columns_and_what_the_start_changed():
     assert ("RCP w/o Clip: its clip ratio against the FP weights starts at 1.000 instead of RCP's 0.670 (the searched "
             "start), while training moves RCP's by 0.0040 on average") in md
     assert ("RCP w/o Partition (LWC+uniform): its levels start 0.0000 off the uniform grid instead of RCP's 0.0500 "
-            "(Lloyd-Max), while training changes RCP's offset by 0.0010 on average") in md
+            "(Lloyd-Max; mean |offset| of the interior levels), while training moves RCP's levels by 0.0120 on average "
+            "(mean \\|Δ level\\|): start and learning both count here") in md  # 0.05 < 10 x 0.012
+    low = ablation_markdown(summary.assign(level_shift_mean=0.001), start)
+    assert "by 0.0010 on average (mean \\|Δ level\\|): the gap comes from the Lloyd-Max start of the levels" in low
     assert "RCP w/o Rotate:" not in md and "which neither GPTQ nor QAT touched" in md
     plain = ablation_markdown(summary)  # without the file: no such columns, and the latent ratios (equal) say nothing
     assert "vs FP weights" not in plain and "the gap comes from" not in plain
