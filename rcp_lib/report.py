@@ -451,8 +451,28 @@ def ablation_markdown(summary: pd.DataFrame, start: pd.DataFrame | None = None) 
                    else "start and learning both count here: this ablation does not separate them")
             lines.append(f"\n{r['method']}: its levels start {b:.4f} off the uniform grid instead of RCP's {a:.4f} "
                          f"(Lloyd-Max; mean |offset| of the interior levels), while training moves RCP's levels by "
-                         f"{moved:.4f} on average (mean \\|Δ level\\|): {why}.")
+                         f"{moved:.4f} on average (the table's mean |Δ level|): {why}.")
     return "\n".join(lines)
+
+
+#: the overrides a token curve of a profile may carry (``benchmarks/token_curve.py --steps/--val-every``): its length
+TOKEN_CURVE_OVERRIDES = frozenset({"qat_steps", "qat_val_every"})
+
+
+def token_curve_file(d: Path) -> Path | None:
+    """The token curve of the profile whose results are ``d``: ``d/qat_tokens.csv``, or the newest (``date_utc``) of the
+    run folders ``<d>-<hash>/qat_tokens.csv`` whose overrides are only its length (:data:`TOKEN_CURVE_OVERRIDES`; a
+    profile with overrides writes to its own folder, :func:`rcp_lib.experiments.rows.write_rows`); None without one."""
+    name = _file("qat_tokens")
+    if (d / name).exists():
+        return d / name
+    found = []
+    for p in d.parent.glob(f"{d.name}-*/{name}"):
+        df = pd.read_csv(p)
+        over = set(json.loads(df["overrides"].iloc[0])) if "overrides" in df and len(df) else {"?"}
+        if over <= TOKEN_CURVE_OVERRIDES:
+            found.append((str(df["date_utc"].max()) if "date_utc" in df else "", p))
+    return max(found)[1] if found else None
 
 
 def token_curve_markdown(curve: pd.DataFrame, profile: str = "cpu") -> str:
@@ -465,9 +485,10 @@ def token_curve_markdown(curve: pd.DataFrame, profile: str = "cpu") -> str:
     steps, every = int(last["step"]), int(c["step"].diff().dropna().mode().iloc[0]) if len(c) > 1 else int(last["step"])
     fp = float(last["fp_val_ppl"])
     commits = ", ".join(sorted({str(x)[:8] for x in c["git_commit"]})) if "git_commit" in c else "?"
-    txt = (f"How far would more tokens go (`python benchmarks/token_curve.py --profile {profile} --steps {steps} "
+    base = profile.split("-")[0] if profile.split("-")[0] in PROFILES else profile  # "cpu-<hash>": the cpu profile
+    txt = (f"How far would more tokens go (`python benchmarks/token_curve.py --profile {base} --steps {steps} "
            f"--val-every {every}`; `results/{profile}/qat_tokens.csv`, git {commits}): one {last['method']} "
-           f"{last['setting']} run of {steps} steps of the `{profile}` profile's recipe (its learning-rate schedule spans "
+           f"{last['setting']} run of {steps} steps of the `{base}` profile's recipe (its learning-rate schedule spans "
            f"the whole run, so a point at the table's budget is not the table's row), scored every {every} steps on "
            f"{int(last['val_windows'])} held-out windows of {int(last['val_seqlen'])} tokens from the tail of the train "
            f"split. Validation perplexity {_fmt_ppl(float(first['val_ppl']))} at {int(first['tokens']):,} tokens "
@@ -633,9 +654,9 @@ def results_markdown(profile: str = "cpu", results: Path | None = None) -> str:
         line = code_versions_markdown(ppl, abl, pd.read_csv(seeds_p) if seeds_p.exists() else None)
         if line:
             out += [line, ""]
-    tok_p = d / _file("qat_tokens")
-    if tok_p.exists():
-        out += [token_curve_markdown(pd.read_csv(tok_p), profile), ""]
+    tok_p = token_curve_file(d)
+    if tok_p is not None:
+        out += [token_curve_markdown(pd.read_csv(tok_p), tok_p.parent.name), ""]
     ctl = gsr_control_markdown(ppl)
     if ctl:
         out += ["GSR and its control: the same block-diagonal R1 with the rows of each block in natural Hadamard order "

@@ -370,8 +370,20 @@ def test_token_curve_paragraph_reads_the_curve(tmp_path):
     res.mkdir()
     _ppl_rows().to_csv(res / "perplexity.csv", index=False)
     assert "How far would more tokens go" not in results_markdown("cpu", res)
-    curve.to_csv(res / "qat_tokens.csv", index=False)
-    assert "How far would more tokens go" in results_markdown("cpu", res)
+    other = tmp_path / "cpu-aaaa"  # a curve of another recipe: not the profile's
+    other.mkdir()
+    curve.assign(overrides=json.dumps({"qat_steps": 160, "qat_lr_quant": 0.1}), date_utc="2026-12-01").to_csv(
+        other / "qat_tokens.csv", index=False)
+    assert "How far would more tokens go" not in results_markdown("cpu", res)
+    for name, date, steps in (("cpu-bbbb", "2026-11-02", 160), ("cpu-cccc", "2026-11-03", 640)):  # the newest one
+        (tmp_path / name).mkdir()
+        curve.assign(overrides=json.dumps({"qat_steps": steps, "qat_val_every": 40}), date_utc=date).to_csv(
+            tmp_path / name / "qat_tokens.csv", index=False)
+    md = results_markdown("cpu", res)
+    assert ("(`python benchmarks/token_curve.py --profile cpu --steps 160 --val-every 40`; "
+            "`results/cpu-cccc/qat_tokens.csv`") in md and "![qat_tokens](figures/cpu-cccc/qat_tokens.png)" in md
+    curve.to_csv(res / "qat_tokens.csv", index=False)  # in the profile's own folder: that one
+    assert "`results/cpu/qat_tokens.csv`" in results_markdown("cpu", res)
 
 
 def test_ablation_start_columns_and_what_the_start_changed():
@@ -402,9 +414,9 @@ def test_ablation_start_columns_and_what_the_start_changed():
             "start), while training moves RCP's by 0.0040 on average") in md
     assert ("RCP w/o Partition (LWC+uniform): its levels start 0.0000 off the uniform grid instead of RCP's 0.0500 "
             "(Lloyd-Max; mean |offset| of the interior levels), while training moves RCP's levels by 0.0120 on average "
-            "(mean \\|Δ level\\|): start and learning both count here") in md  # 0.05 < 10 x 0.012
+            "(the table's mean |Δ level|): start and learning both count here") in md  # 0.05 < 10 x 0.012
     low = ablation_markdown(summary.assign(level_shift_mean=0.001), start)
-    assert "by 0.0010 on average (mean \\|Δ level\\|): the gap comes from the Lloyd-Max start of the levels" in low
+    assert "by 0.0010 on average (the table's mean |Δ level|): the gap comes from the Lloyd-Max start of the levels" in low
     assert "RCP w/o Rotate:" not in md and "which neither GPTQ nor QAT touched" in md
     plain = ablation_markdown(summary)  # without the file: no such columns, and the latent ratios (equal) say nothing
     assert "vs FP weights" not in plain and "the gap comes from" not in plain
