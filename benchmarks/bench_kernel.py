@@ -10,7 +10,10 @@ before each replay and outside the timed interval; the median over ``--reps`` re
 * ``w2a4_fused``: the deployed path, two launches (activation pre-kernel + GEMV/GEMM), fp16 in, fp16 out;
 * ``w2a4_matmul``: launch 2 alone, on pre-quantized codes (the weight-streaming kernel);
 * ``w2a4_generic_op``: the generic ``torch.ops.rcp.w2a4_gemv`` kernel (``kernels/triton_gemv.py``) on the same
-  weights, natural-order codes (the previous path of PackedLinear on CUDA).
+  weights, natural-order codes (the previous path of PackedLinear on CUDA);
+* ``w2a4_bitplane_fused`` / ``w2a4_bitplane_matmul`` (decode batches, ``B <= GEMV_MAX_BATCH``): the bit-serial
+  kernel (``PackedLinear(gemv_format="bitplane")``): the pre-kernel writing activation bit planes + the popcount
+  GEMV on weight bit planes (derived once per layer), and that GEMV alone.
 
 ``bytes_moved`` is the minimum traffic of the op (weights + LUT + row sums + activations + output); achieved
 bandwidth is ``bytes_moved / time`` and ``pct_of_peak_bw`` divides it by the peak measured in the same run: a
@@ -23,7 +26,7 @@ fixed random fp16 KV cache of ``--kv-len`` tokens, no RoPE, cache not appended),
 (11008 x 4096), SiLU gating, down (4096 x 11008), residual; no embedding / lm_head. ``fp16`` uses ``nn.Linear``
 fp16 weights, ``w2a4`` uses :class:`rcp_lib.packing.PackedLinear` (random codes and LUTs, G = 128, A4, the online
 R4 Hadamard on down_proj's input: 11008 is not a power of two, so that transform runs in torch before the fused
-pre-kernel). One token step is captured in a CUDA graph; tokens/s = 1 / median step time (no L2 flush: the weights
+pre-kernel); ``w2a4_bitplane`` is the same stack with the bit-serial decode kernel. One token step is captured in a CUDA graph; tokens/s = 1 / median step time (no L2 flush: the weights
 exceed L2).
 
 Rows carry provenance (:func:`rcp_lib.io.provenance`: git commit, device, torch version, date) plus the triton
@@ -112,7 +115,8 @@ def _rmsnorm(x, w, eps=1e-5):
     return (x.float() * torch.rsqrt(v + eps)).to(x.dtype) * w
 
 
-def build_decoder(dev, packed: bool, layers: int, hidden: int, inter: int, heads: int, kv_len: int, G: int):
+def build_decoder(dev, packed: bool, layers: int, hidden: int, inter: int, heads: int, kv_len: int, G: int,
+                  gemv_format: str = "select"):
     """The decode stand-in of the module docstring: returns ``step(x [1, hidden]) -> [1, hidden]``."""
     import torch
     import torch.nn.functional as F
@@ -132,8 +136,11 @@ def build_decoder(dev, packed: bool, layers: int, hidden: int, inter: int, heads
             return m
         q = torch.randint(-(2**31), 2**31 - 1, (N, K // 16), dtype=torch.int32, device=dev, generator=gen)
         lut = torch.randn(N, K // G, 4, device=dev, generator=gen).sort(-1).values.mul_(K**-0.5).half()
-        m = PackedLinear(q, lut, K, G, 2, None, 4, 1.0, OnlineHadamard(K) if r4 else None)
+        m = PackedLinear(q, lut, K, G, 2, None, 4, 1.0, OnlineHadamard(K) if r4 else None, backend="triton",
+                         gemv_format=gemv_format)  # the fused path ("auto" keeps the reference op for now)
         m.kernel_weights()
+        if gemv_format == "bitplane":
+            m.kernel_planes()
         return m
 
     blocks = []
@@ -174,8 +181,9 @@ def measure(dev, shapes, batches, G: int, copy_mib: int, bench, layers: int = 0,
 
     from rcp_lib.io import provenance
     from rcp_lib.kernels import dequantize, pack_codes, w2a4_gemv
-    from rcp_lib.kernels.layout import unpermute_activations, weight_row_sums
-    from rcp_lib.kernels.triton_w2a4 import GEMV_MAX_BATCH, quantize_activations_triton, w2a4_linear_triton, w2a4_matmul_triton
+    from rcp_lib.kernels.layout import activation_bitplanes, unpermute_activations, weight_bitplanes, weight_row_sums
+    from rcp_lib.kernels.triton_w2a4 import (GEMV_MAX_BATCH, quantize_activations_triton, w2a4_bitplane_matmul_triton,
+                                             w2a4_linear_triton, w2a4_matmul_triton)
     from rcp_lib.quant.activations import quantize_per_token
 
     nbytes = copy_mib * 2**20
@@ -197,6 +205,7 @@ def measure(dev, shapes, batches, G: int, copy_mib: int, bench, layers: int = 0,
         packed = pack_codes(codes, 2)
         del codes
         wsum = weight_row_sums(packed, lut, K, G)
+        wplanes = weight_bitplanes(packed, K)
         w16 = dequantize(packed, lut, K, G, 2, dtype=torch.float16)
         w64 = None
         for B in batches:
@@ -211,6 +220,14 @@ def measure(dev, shapes, batches, G: int, copy_mib: int, bench, layers: int = 0,
             checks = {"w2a4_fused": w2a4_linear_triton(x, packed, lut, wsum, K, G, out_dtype=torch.float32),
                       "w2a4_matmul": w2a4_matmul_triton(pc, ps, pz, packed, lut, wsum, K, G),
                       "w2a4_generic_op": w2a4_gemv(xc, xs, xz, packed, lut, K, G)}
+            decode = B <= GEMV_MAX_BATCH
+            if decode:
+                ac, as_, az = quantize_activations_triton(x, 4, 1.0, G, planes=True)
+                if not torch.equal(ac, activation_bitplanes(xc)):
+                    raise KernelMismatch(f"{N}x{K} B={B}: the pre-kernel's bit planes differ from quantize_per_token's")
+                checks["w2a4_bitplane_fused"] = w2a4_linear_triton(x, packed, lut, wsum, K, G, out_dtype=torch.float32,
+                                                                   wplanes=wplanes)
+                checks["w2a4_bitplane_matmul"] = w2a4_bitplane_matmul_triton(ac, as_, az, wplanes, lut, wsum, K, G)
             rel = {k: float((v.double() - ref).norm() / ref.norm()) for k, v in checks.items()}
             code_diff = int((unpermute_activations(pc, G) != xc).sum())
             if code_diff:
@@ -231,6 +248,15 @@ def measure(dev, shapes, batches, G: int, copy_mib: int, bench, layers: int = 0,
                 ("w2a4_generic_op", bench(lambda: w2a4_gemv(xc, xs, xz, packed, lut, K, G)),
                  packed.nbytes + lut.nbytes + act + B * N * 4, "torch.ops.rcp.w2a4_gemv", rel["w2a4_generic_op"]),
             ]  # fmt: skip
+            if decode:
+                p_bytes = wplanes.nbytes + lut.nbytes + wsum.nbytes + ac.nbytes + 8 * B + B * N * 2
+                results += [
+                    ("w2a4_bitplane_fused", bench(lambda: w2a4_linear_triton(x, packed, lut, wsum, K, G, wplanes=wplanes)),
+                     p_bytes + x.nbytes, "pre-kernel (planes) + bitplane", rel["w2a4_bitplane_fused"]),
+                    ("w2a4_bitplane_matmul", bench(lambda: w2a4_bitplane_matmul_triton(ac, as_, az, wplanes, lut, wsum, K, G,
+                                                                                      None, torch.float16)),
+                     p_bytes, "bitplane", rel["w2a4_bitplane_matmul"]),
+                ]  # fmt: skip
             t_fp16 = results[0][1]
             for method, t_ms, moved, cfg, err in results:
                 gbps = moved / (t_ms * 1e-3) / 1e9
@@ -242,7 +268,7 @@ def measure(dev, shapes, batches, G: int, copy_mib: int, bench, layers: int = 0,
                 rows.append(row)
                 print(f"{N:6d}x{K:<6d} B={B:<3d} {method:16s} {row['median_us']:9.1f} us  x{row['speedup_vs_fp16']:.2f} "
                       f"vs fp16  {gbps:7.1f} GB/s ({row['pct_of_peak_bw']:.0f}% of peak)  {cfg}")  # fmt: skip
-        del packed, lut, w16, w64, wsum
+        del packed, lut, w16, w64, wsum, wplanes
         if dev.type == "cuda":
             torch.cuda.empty_cache()
 
@@ -250,13 +276,14 @@ def measure(dev, shapes, batches, G: int, copy_mib: int, bench, layers: int = 0,
         hidden, inter, heads = decode_dims
         x = torch.randn(1, hidden, device=dev, dtype=torch.float16, generator=gen)
         t = {}
-        for method, packed_model in (("fp16", False), ("w2a4", True)):
-            step = build_decoder(dev, packed_model, layers, hidden, inter, heads, kv_len, G)
+        variants = (("fp16", False, "select"), ("w2a4", True, "select"), ("w2a4_bitplane", True, "bitplane"))
+        for method, packed_model, fmt in variants:
+            step = build_decoder(dev, packed_model, layers, hidden, inter, heads, kv_len, G, fmt)
             t[method] = bench(lambda: step(x))
             del step
             if dev.type == "cuda":
                 torch.cuda.empty_cache()
-        for method in ("fp16", "w2a4"):
+        for method, _, _ in variants:
             row = {"bench": "decode", "model": f"LLaMA-2-7B-shaped stack, {layers} layers, attention stand-in "
                    f"(kv {kv_len})", "N_out": hidden, "K_in": inter, "batch": 1, "method": method, "config": "",
                    "median_us": round(t[method] * 1e3, 2), "speedup_vs_fp16": round(t["fp16"] / t[method], 3),

@@ -11,10 +11,13 @@
   ``G % 16 == 0``): launch 1, an activation pre-kernel (optional power-of-two online Hadamard + the per-token
   quantizer of ``quantize_per_token``, operation for operation); launch 2, a split-K GEMV (<= 4 tokens) or a
   ``tl.dot`` GEMM (prefill) with 128-bit weight loads, levels selected in registers, a pipelined K loop, fp32
-  accumulation and an epilogue that applies scale, float zero point and bias; autotuned per (N, K, batch). Speed
-  unmeasured until a GPU runs ``python benchmarks/bench_kernel.py``;
+  accumulation and an epilogue that applies scale, float zero point and bias; autotuned per (N, K, batch). A second
+  decode kernel, bit-serial (``PackedLinear(gemv_format="bitplane")``): weight and activation bit planes, 12 ANDs
+  and popcounts per 32 weights, the four levels applied once per group. Speed: ``python benchmarks/bench_kernel.py``
+  on a GPU (``results/gpu/kernel_speed.csv``; the bit-serial kernel not yet measured);
 * :mod:`.layout`: what the fused path derives at deploy time: the activation order that matches the stored words
-  (``activation_permutation``) and the weight row sums that carry the float zero point (``weight_row_sums``).
+  (``activation_permutation``), the weight row sums that carry the float zero point (``weight_row_sums``) and the
+  bit planes of the bit-serial kernel (``weight_bitplanes``, ``activation_bitplanes``).
 
 The activation operands come from :func:`rcp_lib.quant.activations.quantize_per_token`, the integer form of the
 activation fake quantizer; the deployed layer is :class:`rcp_lib.packing.PackedLinear`. Importing this package
@@ -35,8 +38,9 @@ if __name__ == "rcp_lib.kernels":
     from . import bitpack as _bitpack
     from .bitpack import SUPPORTED_BITS, codes_per_word, dequantize, pack_codes, packed_words, unpack_codes
     from . import layout as _layout
-    from .layout import (activation_permutation, fused_layout_supported, permute_activations, unpermute_activations,
-                         weight_row_sums)
+    from .layout import (activation_bitplanes, activation_permutation, bitplane_layout_supported, bitplanes_to_codes,
+                         fused_layout_supported, permute_activations, unpermute_activations, weight_bitplanes,
+                         weight_bitplanes_to_packed, weight_row_sums)
     from .op import triton_available, w2a4_gemv
     from .reference import w2a4_gemv_reference
 

@@ -25,16 +25,38 @@ the decision taken for fake quantization). The kernels use
 ``sum_k (c_k - zero) w_k = sum_k c_k w_k - zero * sum_k w_k``: the codes ``c`` stay small integers (exact in fp16,
 so the batch > 1 path can feed them to ``tl.dot``), and ``sum_k w_k`` is a per-row constant, :func:`weight_row_sums`
 (float64 sums of the stored levels, kept in float32), computed once per layer at deploy time.
+
+Bit planes (the bit-serial GEMV, :func:`.triton_w2a4.w2a4_bitplane_matmul_triton`)
+--------------------------------------------------------------------------------
+A second kernel layout, derived at deploy time from the same stored words: every run of 32 consecutive ``k`` (a
+*chunk*, ``t = k // 32``) is held as bit planes, one 32-bit word per bit, bit ``i`` of a word for ``k = 32 t + i``.
+
+* weights, :func:`weight_bitplanes`: ``int32 [N, 2, K / 32]``: ``P0[n, t]`` (bit 0 of the 2-bit codes) and ``P1``
+  (bit 1), the same 2 bits per weight as the stored format (a permutation of its bits);
+* activations, :func:`activation_bitplanes`: ``int32 [B, A, K / 32]``, one plane per bit of the ``A``-bit codes
+  (what the pre-kernel writes with ``planes=True``).
+
+With ``c = b0 + 2 b1`` and ``a = sum_j 2^j a_j``, the dot product of a group ``g`` is exact in integers up to the
+four levels::
+
+    sum_k a_k lut[c_k] = l0 Qa + (l1 - l0) Q0 + (l2 - l0) Q1 + (l3 - l2 - l1 + l0) Q01
+    Qa  = sum_j 2^j popcount(A_j)             Q0  = sum_j 2^j popcount(A_j & P0)
+    Q1  = sum_j 2^j popcount(A_j & P1)        Q01 = sum_j 2^j popcount(A_j & P0 & P1)     (summed over the chunks)
+
+(``c = 1``: ``l0 + (l1 - l0)``; ``c = 2``: ``l0 + (l2 - l0)``; ``c = 3``: all four terms, ``l3``.) 12 AND + 12
+popcounts give 32 products of one row; no per-weight decode, select or float multiply. Requires ``K % 32 == 0`` and
+``G % 32 == 0`` (:func:`bitplane_layout_supported`).
 """
 
 from __future__ import annotations
 
 import torch
 
-from .bitpack import codes_per_word, dequantize
+from .bitpack import codes_per_word, dequantize, pack_codes, unpack_codes
 
 __all__ = ["activation_permutation", "permute_activations", "unpermute_activations", "weight_row_sums",
-           "fused_layout_supported"]
+           "fused_layout_supported", "bitplane_layout_supported", "weight_bitplanes", "weight_bitplanes_to_packed",
+           "activation_bitplanes", "bitplanes_to_codes"]
 
 
 def fused_layout_supported(K: int, G: int, bits: int = 2) -> bool:
@@ -78,3 +100,61 @@ def weight_row_sums(packed: torch.Tensor, lut: torch.Tensor, K: int, G: int, bit
         n1 = min(N, n0 + rows_per_chunk)
         out[n0:n1] = dequantize(packed[n0:n1], lut[n0:n1], K, G, bits, dtype=torch.float64).sum(1).float()
     return out
+
+
+# ------------------------------------------------------------------------------------------------------ bit planes
+def bitplane_layout_supported(K: int, G: int, bits: int = 2) -> bool:
+    """Whether the bit-serial GEMV runs this shape: 2-bit weights, ``G % 32 == 0`` and ``K % G == 0``."""
+    return bits == 2 and G > 0 and G % 32 == 0 and K % G == 0 and K > 0
+
+
+def _to_int32_bits(v: torch.Tensor) -> torch.Tensor:
+    """int64 values in ``[0, 2**32)`` reinterpreted as two's complement int32."""
+    return torch.where(v >= 2**31, v - 2**32, v).to(torch.int32)
+
+
+def _planes(codes: torch.Tensor, nbits: int) -> torch.Tensor:
+    """``codes [R, K]`` (integers below ``2**nbits``, ``K % 32 == 0``) -> int32 ``[R, nbits, K / 32]``."""
+    R, K = codes.shape
+    c = codes.to(torch.int64).reshape(R, K // 32, 32)
+    lane = torch.arange(32, device=codes.device, dtype=torch.int64)
+    return torch.stack([_to_int32_bits((((c >> j) & 1) << lane).sum(-1)) for j in range(nbits)], dim=1)
+
+
+def bitplanes_to_codes(planes: torch.Tensor) -> torch.Tensor:
+    """Inverse of the plane layout: int32 ``[R, nbits, K / 32]`` -> uint8 codes ``[R, K]``."""
+    R, nbits, KC = planes.shape
+    w = planes.to(torch.int64) & 0xFFFFFFFF
+    lane = torch.arange(32, device=planes.device, dtype=torch.int64)
+    bits = (w.unsqueeze(-1) >> lane) & 1  # [R, nbits, KC, 32]
+    c = sum(bits[:, j] << j for j in range(nbits))
+    return c.reshape(R, KC * 32).to(torch.uint8)
+
+
+@torch.no_grad()
+def weight_bitplanes(packed: torch.Tensor, K: int, rows_per_chunk: int = 1024) -> torch.Tensor:
+    """The stored 2-bit words (:func:`.bitpack.pack_codes`, ``int32 [N, K / 16]``) as bit planes ``int32 [N, 2, K / 32]``
+    (module docstring; ``K % 32 == 0``). Converted in chunks of rows to bound the temporary."""
+    if K % 32 or packed.dim() != 2:
+        raise ValueError(f"bit planes need packed [N, K/16] with K % 32 == 0, got K={K}, {tuple(packed.shape)}")
+    N = packed.shape[0]
+    out = torch.empty(N, 2, K // 32, dtype=torch.int32, device=packed.device)
+    for n0 in range(0, N, rows_per_chunk):
+        n1 = min(N, n0 + rows_per_chunk)
+        out[n0:n1] = _planes(unpack_codes(packed[n0:n1], K, 2), 2)
+    return out
+
+
+def weight_bitplanes_to_packed(planes: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`weight_bitplanes`: ``int32 [N, 2, K / 32]`` -> the stored words ``int32 [N, K / 16]``."""
+    if planes.dim() != 3 or planes.shape[1] != 2:
+        raise ValueError(f"weight planes must be [N, 2, K/32], got {tuple(planes.shape)}")
+    return pack_codes(bitplanes_to_codes(planes), 2)
+
+
+def activation_bitplanes(codes: torch.Tensor, bits: int = 4) -> torch.Tensor:
+    """Activation codes ``[B, K]`` (natural order, values below ``2**bits``, ``K % 32 == 0``) as bit planes
+    ``int32 [B, bits, K / 32]`` (what the pre-kernel writes with ``planes=True``)."""
+    if codes.dim() != 2 or codes.shape[1] % 32:
+        raise ValueError(f"activation planes need codes [B, K] with K % 32 == 0, got {tuple(codes.shape)}")
+    return _planes(codes, bits)

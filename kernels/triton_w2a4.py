@@ -1,5 +1,5 @@
-"""The fused W2A4 linear in two Triton launches: an activation pre-kernel, then a split-K GEMV (batch <= 4) or a
-``tl.dot`` GEMM (batch > 4), both autotuned per shape.
+"""The fused W2A4 linear in two Triton launches: an activation pre-kernel, then a split-K GEMV (batch <= 4; the select
+kernel, or the bit-serial one) or a ``tl.dot`` GEMM (batch > 4), all autotuned per shape.
 
 Launch 1, :func:`quantize_activations_triton` (one program per token): optional online Hadamard (R4) of a
 power-of-two block ``HB >= 16`` in fp32, then the per-token asymmetric quantizer of
@@ -25,6 +25,18 @@ the codes). The K loop is ``tl.range(..., num_stages=NUM_STAGES)`` (software pip
   fp32 LUT) and multiplied with the matching ``[BLOCK_B, COLS]`` codes by ``tl.dot`` (codes 0..15 and fp16 levels
   are exact in fp16; fp32 accumulation).
 
+Launch 2, bit-serial, :func:`w2a4_bitplane_matmul_triton` (decode; ``w2a4_linear_triton(..., wplanes=...)``, i.e.
+``PackedLinear(gemv_format="bitplane")``): the same output from bit planes (:mod:`.layout`, "Bit planes"): the
+pre-kernel writes the activation codes as 4 planes of 32-bit words (``planes=True``), the weights are planes derived
+once per layer. Per 32 weights of a row and token: 12 ANDs and 12 hardware popcounts (``popc.b32``; SWAR arithmetic
+under the interpreter) give the exact integer sums ``Q0, Q1, Q01`` (and the token's own ``Qa``), summed over the
+group's chunks; the four levels enter once per (row, group): ``l0 Qa + (l1 - l0) Q0 + (l2 - l0) Q1 +
+(l3 - l2 - l1 + l0) Q01`` in fp32. No per-weight decode, select, conversion or float multiply; the weight tile, the
+token planes and the levels are loaded in the 3-D layout they are used in, so the loop needs no layout conversion
+through shared memory (``benchmarks/kernel_sass.py`` counts it in the sm_90 code: no ``STS``, and a ``BAR`` only for
+the cp.async pipeline when ``NUM_STAGES > 1``). Numerics: the integer part is exact; the per-group combination rounds
+differently from the select kernel (level differences, partial cancellation), fp32 rounding either way.
+
 Split-K (``SPLIT_K > 1``): ``SPLIT_K`` programs share an output tile, each owning a contiguous range of groups, so
 that ``N / BLOCK_N * SPLIT_K`` programs fill the SMs several times over. Each adds its fp32 partial into a zeroed
 fp32 workspace with ``tl.atomic_add``, then takes a ticket from a per-tile counter (after a CTA barrier, acq_rel);
@@ -34,7 +46,8 @@ serial split-K fix-up of CUTLASS). The workspace and counters are cached per (de
 freed (CUDA graphs keep their addresses); two calls that use the same workspace must not run concurrently on
 different streams.
 
-Autotuning: ``triton.autotune`` over the configurations of :func:`gemv_configs` / :func:`gemm_configs`, keyed by
+Autotuning: ``triton.autotune`` over the configurations of :func:`gemv_configs` / :func:`bitplane_configs` /
+:func:`gemm_configs`, keyed by
 ``(N, K, batch)`` (batch rounded to a power of two for the GEMM), cached per process (and on disk with triton's
 autotune cache). Tuning runs at the first call of each key: warm up before capturing a CUDA graph. Under
 ``TRITON_INTERPRET=1`` (CPU, tests) there is no tuning: a fixed, or the given, configuration runs.
@@ -53,7 +66,8 @@ import triton.language as tl
 
 from .layout import fused_layout_supported
 
-__all__ = ["quantize_activations_triton", "w2a4_matmul_triton", "w2a4_linear_triton", "hadamard_supported",
+__all__ = ["quantize_activations_triton", "w2a4_matmul_triton", "w2a4_bitplane_matmul_triton", "w2a4_linear_triton",
+           "hadamard_supported", "bitplane_configs", "GEMV_FORMATS",
            "gemv_configs", "gemm_configs", "default_config", "AUTOTUNE", "GEMV_MAX_BATCH", "MAX_ROW"]
 
 GEMV_MAX_BATCH = 4
@@ -70,9 +84,10 @@ def interpret_mode() -> bool:
 # ----------------------------------------------------------------------------------------------- pre-kernel
 def _act_quant_kernel(
     x_ptr, c_ptr, s_ptr, z_ptr, hc_ptr, hl_ptr,
-    K, stride_xb, stride_cb, clip, inv_sqrt,
+    K, stride_xb, stride_cb, stride_cj, clip, inv_sqrt,
     LEVELS: tl.constexpr, G: tl.constexpr, PERMUTE: tl.constexpr, HADAMARD: tl.constexpr, MIX_ROWS: tl.constexpr,
-    KP: tl.constexpr, C: tl.constexpr, RP: tl.constexpr, INTERPRET: tl.constexpr,
+    KP: tl.constexpr, C: tl.constexpr, RP: tl.constexpr, PLANES: tl.constexpr, ABITS: tl.constexpr,
+    INTERPRET: tl.constexpr,
 ):  # fmt: skip
     pid = tl.program_id(0)
     if HADAMARD:
@@ -116,12 +131,26 @@ def _act_quant_kernel(
     odd = (fl - 2.0 * tl.math.floor(fl * 0.5)) != 0.0
     q = fl + tl.where((d > 0.5) | ((d == 0.5) & odd), 1.0, 0.0)
     q = tl.minimum(tl.maximum(q, 0.0), LEVELS - 1.0)
-    if PERMUTE:
-        WPG: tl.constexpr = G // 16
-        p = (k // G) * G + (k % 16) * WPG + (k % G) // 16
+    if PLANES:
+        # bit planes (.layout, "Bit planes"): word t of plane j holds bit j of the codes of k = 32 t .. 32 t + 31
+        NCH: tl.constexpr = (RP * C if HADAMARD else KP) // 32
+        qr = tl.reshape(q.to(tl.int32), (NCH, 32))  # row-major: chunk t = k // 32
+        lane = tl.arange(0, 32)
+        chunk = tl.arange(0, NCH)
+        for j in tl.static_range(ABITS):
+            bitj = ((qr >> j) & 1) << lane[None, :]  # distinct bits: the sum is their OR (wraps at bit 31)
+            if INTERPRET:
+                plane = tl.reduce(bitj, 1, tl.standard._sum_combine)
+            else:
+                plane = tl.sum(bitj, axis=1)
+            tl.store(c_ptr + pid * stride_cb + j * stride_cj + chunk, plane.to(tl.int32), mask=chunk * 32 < K)
     else:
-        p = k
-    tl.store(c_ptr + pid * stride_cb + p, q.to(tl.uint8), mask=mask)
+        if PERMUTE:
+            WPG: tl.constexpr = G // 16
+            p = (k // G) * G + (k % 16) * WPG + (k % G) // 16
+        else:
+            p = k
+        tl.store(c_ptr + pid * stride_cb + p, q.to(tl.uint8), mask=mask)
     tl.store(s_ptr + pid, s)
     tl.store(z_ptr + pid, tl.math.div_rn(-lo, s))
 
@@ -267,6 +296,111 @@ def _w2a4_gemm_kernel(
     tl.store(y_ptr + offs_b[:, None] * stride_yb + offs_n[None, :], y.to(y_ptr.dtype.element_ty), mask=ymask)
 
 
+def _popcount_fn(x, INTERPRET: tl.constexpr):
+    """Population count of every uint32 element: the hardware ``popc.b32`` on the GPU; under the interpreter (no
+    inline assembly) the SWAR bit count in numpy uint32 arithmetic. (LLVM would recognise the SWAR idiom alone, but
+    not once its result is shifted, as the bit-serial sums do: InstCombine folds the shift in first.)"""
+    if INTERPRET:
+        x = x - ((x >> 1) & 0x55555555)
+        x = (x & 0x33333333) + ((x >> 2) & 0x33333333)
+        x = (x + (x >> 4)) & 0x0F0F0F0F
+        return (x * 0x01010101) >> 24
+    else:
+        return tl.inline_asm_elementwise("popc.b32 $0, $1;", "=r,r", [x], dtype=tl.uint32, is_pure=True, pack=1)
+
+
+def _w2a4_bitplane_gemv_kernel(
+    a_ptr, xs_ptr, xz_ptr, w_ptr, lut_ptr, wsum_ptr, bias_ptr, y_ptr, ws_ptr, cnt_ptr,
+    B, N, K, stride_ab, stride_aj, stride_wn, stride_wp, stride_ln, stride_yb, B_KEY,
+    G: tl.constexpr, ABITS: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr,
+    GPI: tl.constexpr, SPLIT_K: tl.constexpr, NUM_STAGES: tl.constexpr, INTERPRET: tl.constexpr,
+):  # fmt: skip
+    # a: int32 [B, ABITS, K/32] activation planes; w: int32 [N, 2, K/32] weight planes (.layout, "Bit planes"); the
+    # plane strides are arguments (not K // 32) so that triton's divisibility specialisation keeps 128-bit loads
+    CH: tl.constexpr = G // 32  # chunks of 32 weights per group
+    COLS: tl.constexpr = GPI * CH
+    NG = K // G
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    pid_b = tl.program_id(2)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_b = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
+    mask_n = offs_n < N
+    mask_b = offs_b < B
+    per_split = ((NG + SPLIT_K - 1) // SPLIT_K + GPI - 1) // GPI * GPI
+    g_start = pid_k * per_split
+    g_end = tl.minimum(g_start + per_split, NG)
+    col = tl.arange(0, COLS)
+    grp = tl.arange(0, GPI)
+    n3 = offs_n[None, :, None]
+    b3 = offs_b[:, None, None]
+    acc = tl.full((BLOCK_B, BLOCK_N, GPI), 0.0, tl.float32)
+    for g0 in tl.range(g_start, g_end, GPI, num_stages=NUM_STAGES):
+        cmask = (g0 + col // CH) < g_end
+        ch = tl.multiple_of(g0 * CH, CH) + tl.max_contiguous(col, COLS)  # hints: 128-bit loads / cp.async
+        wmask = (n3 < N) & cmask[None, None, :]  # [1, BLOCK_N, COLS]
+        wp = w_ptr + n3 * stride_wn + ch[None, None, :]
+        p0 = tl.load(wp, mask=wmask, other=0).to(tl.uint32, bitcast=True)
+        p1 = tl.load(wp + stride_wp, mask=wmask, other=0).to(tl.uint32, bitcast=True)
+        p01 = p0 & p1
+        amask = (b3 < B) & cmask[None, None, :]  # [BLOCK_B, 1, COLS]
+        ap = a_ptr + b3 * stride_ab + ch[None, None, :]
+        qa = tl.full((BLOCK_B, 1, COLS), 0, tl.uint32)
+        q0 = tl.full((BLOCK_B, BLOCK_N, COLS), 0, tl.uint32)
+        q1 = tl.full((BLOCK_B, BLOCK_N, COLS), 0, tl.uint32)
+        q01 = tl.full((BLOCK_B, BLOCK_N, COLS), 0, tl.uint32)
+        for j in tl.static_range(ABITS):
+            aj = tl.load(ap + j * stride_aj, mask=amask, other=0).to(tl.uint32, bitcast=True)
+            qa += _popcount(aj, INTERPRET) << j
+            q0 += _popcount(aj & p0, INTERPRET) << j
+            q1 += _popcount(aj & p1, INTERPRET) << j
+            q01 += _popcount(aj & p01, INTERPRET) << j
+        # integer sums per group (< 2**ABITS * G), then the four levels of each (row, group)
+        if INTERPRET:
+            qa = tl.reduce(tl.reshape(qa, (BLOCK_B, 1, GPI, CH)), 3, tl.standard._sum_combine)
+            q0 = tl.reduce(tl.reshape(q0, (BLOCK_B, BLOCK_N, GPI, CH)), 3, tl.standard._sum_combine)
+            q1 = tl.reduce(tl.reshape(q1, (BLOCK_B, BLOCK_N, GPI, CH)), 3, tl.standard._sum_combine)
+            q01 = tl.reduce(tl.reshape(q01, (BLOCK_B, BLOCK_N, GPI, CH)), 3, tl.standard._sum_combine)
+        else:
+            qa = tl.sum(tl.reshape(qa, (BLOCK_B, 1, GPI, CH)), axis=3)
+            q0 = tl.sum(tl.reshape(q0, (BLOCK_B, BLOCK_N, GPI, CH)), axis=3)
+            q1 = tl.sum(tl.reshape(q1, (BLOCK_B, BLOCK_N, GPI, CH)), axis=3)
+            q01 = tl.sum(tl.reshape(q01, (BLOCK_B, BLOCK_N, GPI, CH)), axis=3)
+        # the 4 levels of a (row, group) in one 8-byte load (fp16 LUT; 16 bytes for fp32), split in registers
+        lev = tl.arange(0, 4)
+        gmask = (n3[:, :, :, None] < N) & ((g0 + grp) < g_end)[None, None, :, None]  # [1, BLOCK_N, GPI, 1]
+        lvals = tl.load(lut_ptr + n3[:, :, :, None] * stride_ln + (g0 * 4 + grp[:, None] * 4 + lev[None, :])[None, None],
+                        mask=gmask, other=0.0).to(tl.float32)  # [1, BLOCK_N, GPI, 4]
+        l02, l13 = tl.split(tl.reshape(lvals, (1, BLOCK_N, GPI, 2, 2)))
+        l0, l2 = tl.split(l02)
+        l1, l3 = tl.split(l13)
+        acc += (l0 * qa.to(tl.float32) + (l1 - l0) * q0.to(tl.float32) + (l2 - l0) * q1.to(tl.float32)
+                + ((l3 - l2) - (l1 - l0)) * q01.to(tl.float32))
+    if INTERPRET:
+        part = tl.reduce(acc, 2, tl.standard._sum_combine)
+    else:
+        part = tl.sum(acc, axis=2)
+    ymask = mask_b[:, None] & mask_n[None, :]
+    if SPLIT_K > 1:
+        wsp = ws_ptr + offs_b[:, None] * N + offs_n[None, :]
+        tl.atomic_add(wsp, part, mask=ymask, sem="relaxed")
+        tl.debug_barrier()
+        tile = pid_b * tl.num_programs(0) + pid_n
+        ticket = tl.atomic_add(cnt_ptr + tile, 1, sem="acq_rel")
+        last = ticket == SPLIT_K - 1
+        ymask = ymask & ((tl.full((BLOCK_B, BLOCK_N), 0, tl.int32) + ticket) == SPLIT_K - 1)
+        part = tl.load(wsp, mask=ymask, other=0.0, cache_modifier=".cg")
+        tl.store(wsp, part * 0.0, mask=ymask)
+        tl.store(cnt_ptr + tile, 0, mask=last)
+    scale = tl.load(xs_ptr + offs_b, mask=mask_b, other=0.0)
+    zero = tl.load(xz_ptr + offs_b, mask=mask_b, other=0.0)
+    wsum = tl.load(wsum_ptr + offs_n, mask=mask_n, other=0.0)
+    y = scale[:, None] * (part - zero[:, None] * wsum[None, :])
+    if HAS_BIAS:
+        y += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+    tl.store(y_ptr + offs_b[:, None] * stride_yb + offs_n[None, :], y.to(y_ptr.dtype.element_ty), mask=ymask)
+
+
 # ----------------------------------------------------------------------------------------------- configurations
 def gemv_configs(G: int) -> list[dict]:
     """GEMV candidates (``BLOCK_N``, groups per iteration ``GPI``, ``SPLIT_K``, warps, pipeline stages)."""
@@ -297,26 +431,52 @@ AUTOTUNE = True
 """False: compiled launches without a ``config`` use :func:`default_config` instead of autotuning (``--no-tune``)."""
 
 
+def bitplane_configs(G: int) -> list[dict]:
+    """Bit-serial GEMV candidates (``BLOCK_N``, ``GPI``, ``SPLIT_K``, warps, stages). With ``G = 128`` a (row, group)
+    is 32 bytes of planes + 8 of levels; the candidates keep >= 2 such per thread and span 1..8-fold split-K, with and
+    without the cp.async pipeline (``NUM_STAGES = 1``: plain loads, no shared memory, no barrier in the loop)."""
+    cands = [(32, 1, 4, 1, 1), (32, 1, 4, 2, 2), (64, 1, 4, 2, 2), (64, 2, 4, 4, 3), (64, 2, 2, 4, 2),
+             (128, 1, 2, 4, 2), (128, 2, 1, 4, 3), (32, 2, 8, 2, 2), (64, 1, 8, 2, 1), (128, 1, 4, 4, 1),
+             (64, 4, 2, 4, 2), (256, 1, 1, 8, 2)]  # fmt: skip
+    return [dict(BLOCK_N=bn, GPI=gpi, SPLIT_K=sk, num_warps=nw, NUM_STAGES=ns) for bn, gpi, sk, nw, ns in cands]
+
+
 def default_config(path: str, G: int) -> dict:
     """A fixed, untuned configuration (used when :data:`AUTOTUNE` is False; not chosen by any measurement)."""
     if path == "gemv":
         return dict(BLOCK_N=32, GPI=1, SPLIT_K=4, num_warps=2, NUM_STAGES=2)
+    if path == "bitplane":
+        return dict(BLOCK_N=64, GPI=2, SPLIT_K=4, num_warps=4, NUM_STAGES=3)
     return dict(BLOCK_B=16, BLOCK_N=64, GPI=max(1, -(-16 // (G // 16))), SPLIT_K=2, num_warps=4, NUM_STAGES=2)
 
 
-_DEFAULT_INTERP_GEMV = dict(BLOCK_N=16, GPI=1, SPLIT_K=1, num_warps=4, NUM_STAGES=1)
-_DEFAULT_INTERP_GEMM = dict(BLOCK_B=16, BLOCK_N=16, GPI=None, SPLIT_K=1, num_warps=4, NUM_STAGES=1)
+_DEFAULT_INTERP = {"gemv": dict(BLOCK_N=16, GPI=1, SPLIT_K=1, num_warps=4, NUM_STAGES=1),
+                   "gemm": dict(BLOCK_B=16, BLOCK_N=16, GPI=None, SPLIT_K=1, num_warps=4, NUM_STAGES=1),
+                   "bitplane": dict(BLOCK_N=16, GPI=1, SPLIT_K=1, num_warps=4, NUM_STAGES=1)}
 
 _JIT: dict = {}
 _TUNED: dict = {}
+_popcount = None  # the jit helper, bound per mode by _set_helpers before a kernel is decorated or launched
+
+
+_KERNELS = {"act": "_act_quant_kernel", "gemv": "_w2a4_gemv_kernel", "gemm": "_w2a4_gemm_kernel",
+            "bitplane": "_w2a4_bitplane_gemv_kernel"}
+
+
+def _set_helpers(interp: bool) -> None:
+    """Bind the jit helpers the kernels call (``_popcount``) for this mode: decorated lazily, like the kernels."""
+    key = ("_popcount", interp)
+    if key not in _JIT:
+        _JIT[key] = triton.jit(_popcount_fn)
+    globals()["_popcount"] = _JIT[key]
 
 
 def _jitted(name: str):
     interp = interpret_mode()
+    _set_helpers(interp)
     key = (name, interp)
     if key not in _JIT:
-        fn = {"act": _act_quant_kernel, "gemv": _w2a4_gemv_kernel, "gemm": _w2a4_gemm_kernel}[name]
-        _JIT[key] = triton.jit(fn)
+        _JIT[key] = triton.jit(globals()[_KERNELS[name]])
     return _JIT[key]
 
 
@@ -324,14 +484,15 @@ def _tuned(kind: str, G: int, split_k: bool):
     """``triton.autotune``-wrapped kernel, one per (kind, G, split-K allowed); compiled mode only."""
     key = (kind, G, split_k)
     if key not in _TUNED:
-        cfgs = gemv_configs(G) if kind == "gemv" else gemm_configs(G, split_k)
+        cfgs = {"gemv": gemv_configs, "bitplane": bitplane_configs}.get(kind, lambda g: gemm_configs(g, split_k))(G)
         cfgs = [c for c in cfgs if split_k or c["SPLIT_K"] == 1]  # no workspace: no split-K
         configs = []
         for c in cfgs:
             c = dict(c)
             nw = c.pop("num_warps")
             configs.append(triton.Config(c, num_warps=nw, num_stages=1))
-        fn = _w2a4_gemv_kernel if kind == "gemv" else _w2a4_gemm_kernel
+        _set_helpers(False)
+        fn = globals()[_KERNELS[kind]]
         _TUNED[key] = triton.autotune(configs=configs, key=["N", "K", "B_KEY"], cache_results=True)(triton.jit(fn))
     return _TUNED[key]
 
@@ -387,7 +548,8 @@ def _check_device(t: torch.Tensor) -> None:
 # ----------------------------------------------------------------------------------------------- launchers
 def quantize_activations_triton(x: torch.Tensor, bits: int, clip_ratio: float, G: int | None,
                                 hadamard_block: int | None = None, apply_hadamard: bool = False,
-                                num_warps: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                                num_warps: int | None = None, planes: bool = False,
+                                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Launch 1: (optional Hadamard +) per-token asymmetric quantization of ``x [B, K]``.
 
     Args:
@@ -397,8 +559,12 @@ def quantize_activations_triton(x: torch.Tensor, bits: int, clip_ratio: float, G
             (None: natural order, what :func:`rcp_lib.quant.activations.quantize_per_token` returns).
         hadamard_block, apply_hadamard: apply ``x @ kron(I, H_hb)`` first (``hb = hadamard_block or K``), the
             ``OnlineHadamard(K, hadamard_block)`` of R4; needs :func:`hadamard_supported`.
+        planes: write the codes as bit planes, ``int32 [B, bits, K / 32]`` (:func:`.layout.activation_bitplanes` of
+            the natural-order codes; ``K % 32 == 0``; ``G`` is ignored), the operand of
+            :func:`w2a4_bitplane_matmul_triton`.
     Returns:
-        ``(codes uint8 [B, K], scale float32 [B], zero float32 [B])``: ``x_hat = (codes - zero) * scale``.
+        ``(codes, scale float32 [B], zero float32 [B])``: ``x_hat = (codes - zero) * scale``; codes are uint8
+        ``[B, K]`` (or the planes).
     """
     if x.dim() != 2:
         raise ValueError(f"x must be [B, K], got {tuple(x.shape)}")
@@ -410,12 +576,19 @@ def quantize_activations_triton(x: torch.Tensor, bits: int, clip_ratio: float, G
     B, K = x.shape
     if K > MAX_ROW:
         raise ValueError(f"the pre-kernel holds one row in registers: K <= {MAX_ROW}, got {K}")
+    if planes:
+        if K % 32:
+            raise ValueError(f"bit planes need K % 32 == 0, got K={K}")
+        G = None
     if G is not None and not fused_layout_supported(K, G):
         raise ValueError(f"permuted codes need G % 16 == 0 and K % G == 0, got K={K}, G={G}")
     if x.stride(-1) != 1:
         x = x.contiguous()
     dev = x.device
-    codes = torch.empty((B, K), dtype=torch.uint8, device=dev)
+    if planes:
+        codes = torch.empty((B, bits, K // 32), dtype=torch.int32, device=dev)
+    else:
+        codes = torch.empty((B, K), dtype=torch.uint8, device=dev)
     s = torch.empty(B, dtype=torch.float32, device=dev)
     z = torch.empty(B, dtype=torch.float32, device=dev)
     if B == 0:
@@ -434,9 +607,11 @@ def quantize_activations_triton(x: torch.Tensor, bits: int, clip_ratio: float, G
         num_warps = 4 if K <= 4096 else (8 if K <= 16384 else 16)
     _jitted("act")[(B,)](
         x, codes, s, z, hc if hc is not None else s, hl if hl is not None else s,
-        K, x.stride(0), codes.stride(0), float(clip_ratio), 1.0 / math.sqrt(hb) if hb else 1.0,
+        K, x.stride(0), codes.stride(0), codes.stride(1) if planes else 0, float(clip_ratio),
+        1.0 / math.sqrt(hb) if hb else 1.0,
         LEVELS=1 << bits, G=G or 16, PERMUTE=G is not None, HADAMARD=hb is not None, MIX_ROWS=hl is not None,
-        KP=KP, C=C, RP=RP, INTERPRET=interp, num_warps=num_warps,
+        KP=KP, C=C, RP=RP, PLANES=planes, ABITS=bits, INTERPRET=interp,
+        num_warps=num_warps,
     )  # fmt: skip
     return codes, s, z
 
@@ -467,19 +642,66 @@ def w2a4_matmul_triton(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Ten
     B, N = codes.shape[0], packed_w.shape[0]
     if packed_w.dtype != torch.int32 or tuple(packed_w.shape) != (N, K // 16):
         raise ValueError(f"packed_w must be int32 [N, {K // 16}], got {packed_w.dtype} {tuple(packed_w.shape)}")
-    if tuple(lut.shape) != (N, K // G, 4) or lut.dtype not in (torch.float16, torch.float32):
-        raise ValueError(f"lut must be fp16/fp32 [N={N}, {K // G}, 4], got {lut.dtype} {tuple(lut.shape)}")
-    if tuple(wsum.shape) != (N,):
-        raise ValueError(f"wsum must be [N={N}], got {tuple(wsum.shape)}")
-    _check_device(codes)
-    dev = codes.device
+    _check_operands(B, N, K, G, lut, wsum)
     path = path or ("gemv" if B <= GEMV_MAX_BATCH else "gemm")
     if path not in ("gemv", "gemm"):
         raise ValueError(f"path must be 'gemv' or 'gemm', got {path!r}")
     if path == "gemm" and codes.dtype not in (torch.uint8, torch.float16):
         raise ValueError("the GEMM path takes uint8 codes or fp16 activations (exact in fp16)")
     codes = codes if codes.stride(-1) == 1 else codes.contiguous()
-    packed_w, lut = packed_w.contiguous(), lut.contiguous()
+    return _launch(path, codes, scale, zero, packed_w.contiguous(), lut, wsum, bias, out_dtype, G, config,
+                   (codes.stride(0), packed_w.stride(0)))
+
+
+def w2a4_bitplane_matmul_triton(aplanes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
+                                wplanes: torch.Tensor, lut: torch.Tensor, wsum: torch.Tensor, K: int, G: int,
+                                bias: torch.Tensor | None = None, out_dtype: torch.dtype = torch.float32,
+                                config: dict | None = None) -> torch.Tensor:
+    """Launch 2, bit-serial: ``y [B, N] = scale * (sum_k a_k W_hat[n, k] - zero * wsum) (+ bias)`` from bit planes.
+
+    Args:
+        aplanes: int32 ``[B, A, K / 32]`` activation planes (:func:`quantize_activations_triton` with ``planes=True``,
+            or :func:`.layout.activation_bitplanes`), ``A`` = activation bits.
+        scale, zero: float32 ``[B]``. wplanes: int32 ``[N, 2, K / 32]`` (:func:`.layout.weight_bitplanes`).
+        lut: ``[N, K / G, 4]`` fp16 or fp32. wsum: float32 ``[N]``. K, G: :func:`.layout.bitplane_layout_supported`.
+        bias: ``[N]`` or None. config: keys of :func:`bitplane_configs` instead of autotuning (the interpreter
+            always runs a fixed one).
+    Returns:
+        ``[B, N]`` in ``out_dtype``. Any batch is accepted; it is meant for decode (a few tokens): each token costs
+        the 12 popcounts per 32 weights again, where the GEMM path shares its dequantized tile.
+    """
+    from .layout import bitplane_layout_supported
+
+    if not bitplane_layout_supported(K, G):
+        raise ValueError(f"the bit-serial kernel needs G % 32 == 0 and K % G == 0, got K={K}, G={G}")
+    if aplanes.dim() != 3 or aplanes.shape[2] != K // 32 or aplanes.dtype != torch.int32 or not 1 <= aplanes.shape[1] <= 8:
+        raise ValueError(f"aplanes must be int32 [B, bits (1..8), {K // 32}], got {aplanes.dtype} {tuple(aplanes.shape)}")
+    N = wplanes.shape[0]
+    if wplanes.dtype != torch.int32 or tuple(wplanes.shape) != (N, 2, K // 32):
+        raise ValueError(f"wplanes must be int32 [N, 2, {K // 32}], got {wplanes.dtype} {tuple(wplanes.shape)}")
+    _check_operands(aplanes.shape[0], N, K, G, lut, wsum)
+    aplanes, wplanes = aplanes.contiguous(), wplanes.contiguous()
+    return _launch("bitplane", aplanes, scale, zero, wplanes, lut, wsum, bias, out_dtype, G, config,
+                   (aplanes.stride(0), aplanes.stride(1), wplanes.stride(0), wplanes.stride(1)),
+                   abits=aplanes.shape[1])
+
+
+def _check_operands(B: int, N: int, K: int, G: int, lut: torch.Tensor, wsum: torch.Tensor) -> None:
+    if tuple(lut.shape) != (N, K // G, 4) or lut.dtype not in (torch.float16, torch.float32):
+        raise ValueError(f"lut must be fp16/fp32 [N={N}, {K // G}, 4], got {lut.dtype} {tuple(lut.shape)}")
+    if tuple(wsum.shape) != (N,):
+        raise ValueError(f"wsum must be [N={N}], got {tuple(wsum.shape)}")
+
+
+def _launch(path: str, x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, w: torch.Tensor, lut: torch.Tensor,
+            wsum: torch.Tensor, bias: torch.Tensor | None, out_dtype: torch.dtype, G: int, config: dict | None,
+            strides: tuple[int, ...], abits: int = 4) -> torch.Tensor:
+    """The launch shared by the three launch-2 kernels: operands to the device layout, the split-K workspace, a fixed
+    configuration (interpreter, ``AUTOTUNE`` off, or given) or the autotuned kernel."""
+    _check_device(x)
+    dev = x.device
+    B, N, K = x.shape[0], w.shape[0], (x.shape[-1] * 32 if path == "bitplane" else x.shape[1])
+    lut = lut.contiguous()
     scale = scale.reshape(B).to(device=dev, dtype=torch.float32).contiguous()
     zero = zero.reshape(B).to(device=dev, dtype=torch.float32).contiguous()
     wsum = wsum.to(device=dev, dtype=torch.float32).contiguous()
@@ -490,20 +712,22 @@ def w2a4_matmul_triton(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Ten
     split_ok = bucket <= _SPLITK_MAX_BUCKET
     ws, cnt = _workspace(dev, N, bucket) if split_ok else (scale, scale.new_zeros(1, dtype=torch.int32))
     has_bias = bias is not None
-    args = (codes, scale, zero, packed_w, lut, wsum, bias if has_bias else wsum, y, ws, cnt,
-            B, N, K, codes.stride(0), packed_w.stride(0), lut.stride(0), y.stride(0), min(bucket, 4096))
+    args = (x, scale, zero, w, lut, wsum, bias if has_bias else wsum, y, ws, cnt,
+            B, N, K, *strides, lut.stride(0), y.stride(0), min(bucket, 4096))
     interp = interpret_mode()
-    if path == "gemv":
+    if path == "gemm":
+        consts = dict(G=G, HAS_BIAS=has_bias, DOT_F32=lut.dtype == torch.float32, INTERPRET=interp)
+    else:
         block_b = min(triton.next_power_of_2(B), GEMV_MAX_BATCH)
         consts = dict(G=G, HAS_BIAS=has_bias, BLOCK_B=block_b, INTERPRET=interp)
-    else:
-        consts = dict(G=G, HAS_BIAS=has_bias, DOT_F32=lut.dtype == torch.float32, INTERPRET=interp)
+        if path == "bitplane":
+            consts["ABITS"] = abits
     if config is None and not interp and not AUTOTUNE:
         config = default_config(path, G)
         if not split_ok:
             config["SPLIT_K"] = 1
     if config is None and interp:
-        config = dict(_DEFAULT_INTERP_GEMV if path == "gemv" else _DEFAULT_INTERP_GEMM)
+        config = dict(_DEFAULT_INTERP[path])
         if path == "gemm":
             config["GPI"] = max(1, -(-16 // (G // 16)))
     if config is not None:
@@ -529,11 +753,24 @@ def w2a4_matmul_triton(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Ten
     return y
 
 
+GEMV_FORMATS = ("select", "bitplane")
+"""Launch-2 kernels of the decode path (``B <= GEMV_MAX_BATCH``): "select" reads the stored words and selects each
+weight's level (:func:`w2a4_matmul_triton`), "bitplane" the bit planes (:func:`w2a4_bitplane_matmul_triton`)."""
+
+
 def w2a4_linear_triton(x: torch.Tensor, packed_w: torch.Tensor, lut: torch.Tensor, wsum: torch.Tensor, K: int,
                        G: int, act_bits: int = 4, act_clip_ratio: float = 1.0, bias: torch.Tensor | None = None,
                        hadamard_block: int | None = None, apply_hadamard: bool = False,
-                       out_dtype: torch.dtype | None = None, config: dict | None = None) -> torch.Tensor:
+                       out_dtype: torch.dtype | None = None, config: dict | None = None,
+                       wplanes: torch.Tensor | None = None) -> torch.Tensor:
     """The whole W2A4 linear in two launches: :func:`quantize_activations_triton` then :func:`w2a4_matmul_triton`.
-    ``x [B, K]`` -> ``[B, N]`` in ``out_dtype`` (default ``x.dtype``)."""
+    ``x [B, K]`` -> ``[B, N]`` in ``out_dtype`` (default ``x.dtype``). With ``wplanes`` (int32 ``[N, 2, K / 32]``,
+    :func:`.layout.weight_bitplanes` of ``packed_w``), a decode batch (``B <= GEMV_MAX_BATCH``) runs the bit-serial
+    kernel on activation planes instead; larger batches the GEMM on ``packed_w`` either way."""
+    if wplanes is not None and x.shape[0] <= GEMV_MAX_BATCH:
+        planes, s, z = quantize_activations_triton(x, act_bits, act_clip_ratio, G, hadamard_block, apply_hadamard,
+                                                   planes=True)
+        return w2a4_bitplane_matmul_triton(planes, s, z, wplanes, lut, wsum, K, G, bias, out_dtype or x.dtype,
+                                           config=config)
     codes, s, z = quantize_activations_triton(x, act_bits, act_clip_ratio, G, hadamard_block, apply_hadamard)
     return w2a4_matmul_triton(codes, s, z, packed_w, lut, wsum, K, G, bias, out_dtype or x.dtype, config=config)

@@ -383,6 +383,12 @@ def save_quantized(model: nn.Module, path: str | os.PathLike, tokenizer=None, dt
     return path
 
 
+def _check_gemv_format(fmt: str) -> str:
+    if fmt not in ("select", "bitplane"):
+        raise ValueError(f"gemv_format must be 'select' or 'bitplane', got {fmt!r}")
+    return fmt
+
+
 class PackedLinear(nn.Module):
     """The deployed form of a :class:`~rcp_lib.quant.linear.QuantLinear`: packed codes + LUT, computed with the W2A4
     op of :mod:`rcp_lib.kernels` (``torch.ops.rcp.w2a4_gemv``: torch reference on CPU, Triton on CUDA).
@@ -403,12 +409,18 @@ class PackedLinear(nn.Module):
     now: the fused path has not yet passed the whole-model check on a GPU (see :meth:`_use_fused`). "triton" forces
     the fused path (CPU tensors need ``TRITON_INTERPRET=1``), "torch" the reference. The stored tensors are the same for every
     backend; the fused path derives ``wsum`` (:meth:`kernel_weights`) once per device.
+
+    ``gemv_format`` picks the fused path's decode kernel (:data:`rcp_lib.kernels.triton_w2a4.GEMV_FORMATS`): "select"
+    (default: the stored words, each weight's level selected in registers; the kernel measured on a GPU) or
+    "bitplane" (the bit-serial kernel on weight bit planes derived once per device, :meth:`kernel_planes`; fewer
+    instructions per weight in its sm_90 code, speed not yet measured).
     """
 
     def __init__(self, qweight: torch.Tensor, lut: torch.Tensor, K: int, group_size: int, bits: int,
                  bias: torch.Tensor | None, act_bits: int | None, act_clip_ratio: float,
-                 input_transform: nn.Module | None = None, backend: str | None = None):
+                 input_transform: nn.Module | None = None, backend: str | None = None, gemv_format: str = "select"):
         super().__init__()
+        self.gemv_format = _check_gemv_format(gemv_format)
         self.register_buffer("qweight", qweight)
         self.register_buffer("lut", lut)
         self.register_buffer("bias", bias)
@@ -484,15 +496,35 @@ class PackedLinear(nn.Module):
         """The derived operand of the fused path: ``wsum [N]`` float32, the row sums of ``W_hat``
         (:func:`rcp_lib.kernels.layout.weight_row_sums`), computed once per device and weight version and cached on
         the module (not a buffer: not saved). Call it before capturing a CUDA graph."""
+        return self._derived("wsum")
+
+    @torch.no_grad()
+    def kernel_planes(self) -> torch.Tensor:
+        """The weight bit planes of the bit-serial decode kernel, int32 ``[N, 2, K / 32]``
+        (:func:`rcp_lib.kernels.layout.weight_bitplanes`), cached like :meth:`kernel_weights` (not saved)."""
+        return self._derived("planes")
+
+    def _derived(self, what: str) -> torch.Tensor:
+        from .kernels.layout import weight_bitplanes, weight_row_sums
+
         key = (self.qweight.device, self.qweight.data_ptr(), self.qweight._version, self.lut.data_ptr(),
                self.lut._version)
         cache = getattr(self, "_kernel_cache", None)
         if cache is None or cache[0] != key:
-            from .kernels.layout import weight_row_sums
-
-            cache = (key, weight_row_sums(self.qweight, self.lut, self.in_features, self.group_size, self.bits))
+            cache = (key, {})
             self._kernel_cache = cache
-        return cache[1]
+        if what not in cache[1]:
+            if what == "wsum":
+                cache[1][what] = weight_row_sums(self.qweight, self.lut, self.in_features, self.group_size, self.bits)
+            else:
+                cache[1][what] = weight_bitplanes(self.qweight, self.in_features)
+        return cache[1][what]
+
+    def _bitplane(self) -> bool:
+        from .kernels.layout import bitplane_layout_supported
+
+        return self.gemv_format == "bitplane" and bitplane_layout_supported(self.in_features, self.group_size,
+                                                                             self.bits)
 
     def _forward_fused(self, x: torch.Tensor) -> torch.Tensor:
         """Two launches (pre-kernel: R4 + A-quantization; GEMV / GEMM with scale, zero and bias in the epilogue).
@@ -508,7 +540,7 @@ class PackedLinear(nn.Module):
         y = w2a4_linear_triton(x2, self.qweight, self.lut, self.kernel_weights(), self.in_features, self.group_size,
                                self.act_bits, self.act_clip_ratio, self.bias,
                                hadamard_block=t.block if fuse_had else None, apply_hadamard=fuse_had,
-                               out_dtype=x.dtype)
+                               out_dtype=x.dtype, wplanes=self.kernel_planes() if self._bitplane() else None)
         return y.reshape(*lead, self.out_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -697,7 +729,7 @@ def deploy(model: nn.Module, lut_dtype: torch.dtype = torch.float16, backend: st
 
 
 def load_quantized(path: str | os.PathLike, device: str | torch.device = "cpu", backend: str | None = None,
-                   dtype: torch.dtype = torch.float32):
+                   dtype: torch.dtype = torch.float32, gemv_format: str = "select"):
     """Load a folder written by :func:`save_quantized`. Returns ``(model, tokenizer or None)``.
 
     The folder is checked first (:func:`check_folder`: nothing is built from a bad folder), then loaded with
@@ -705,6 +737,7 @@ def load_quantized(path: str | os.PathLike, device: str | torch.device = "cpu", 
     device, re-runs the stored rotation and quantization surgery with empty packed layers
     (:func:`install_packed_layers`) and transformers loads the stored tensors into them; no full-precision weight of a
     quantized projection is ever built. LUTs keep the stored dtype; the other float tensors are cast to ``dtype``.
+    ``backend`` and ``gemv_format`` are set on every :class:`PackedLinear` (deploy-time choices, not stored).
 
     Raises:
         PackedFormatError: see :func:`check_folder` and :func:`install_packed_layers`.
@@ -713,6 +746,7 @@ def load_quantized(path: str | os.PathLike, device: str | torch.device = "cpu", 
 
     from .hf import register
 
+    _check_gemv_format(gemv_format)
     path = Path(path)
     folder = check_folder(path)
     register()
@@ -722,6 +756,7 @@ def load_quantized(path: str | os.PathLike, device: str | torch.device = "cpu", 
     for mod in model.modules():
         if isinstance(mod, PackedLinear):
             mod.backend = backend
+            mod.gemv_format = gemv_format
     model.to(device).eval()
     tok = None
     if (path / "tokenizer_config.json").exists():

@@ -83,6 +83,9 @@ _TABLES = (
           figures=("kernel_correctness",), rows="kernel_correctness", description="W2A4 GEMV backends vs a float64 product"),
     Table("kernel_speed", "gpu/kernel_speed.csv", command="python benchmarks/bench_kernel.py (CUDA GPU)",
           per_profile=False, figures=("kernel_speed",), description="W2A4 GEMV speed vs fp16 (notebook 05 plots it)"),
+    Table("kernel_sass", "kernel/kernel_sass.csv", command="python benchmarks/kernel_sass.py", per_profile=False,
+          description="static sm_90 instruction counts of the W2A4 GEMV loops (per weight, barriers, popcounts, "
+                      "load widths): no GPU needed, not a speed"),
     Table("perplexity_ptq", "perplexity_ptq.csv", command="python -m rcp_lib table --profile <profile>",
           rows="ppl_table", families=("baseline", "ptq"), description="the PTQ part of the perplexity table alone"),
     Table("perplexity_qat", "perplexity_qat_*.csv", readme=True, rows="ppl_table", families=("qat",),

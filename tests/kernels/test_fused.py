@@ -246,12 +246,14 @@ def test_matmul_kernels_lower_to_sm90(tmp_path, monkeypatch, name, const):
 
 
 @needs_triton
-@pytest.mark.parametrize("hadamard", [False, True])
-def test_prekernel_lowers_to_sm90(tmp_path, monkeypatch, hadamard):
+@pytest.mark.parametrize("hadamard,planes", [(False, False), (True, False), (False, True), (True, True)])
+def test_prekernel_lowers_to_sm90(tmp_path, monkeypatch, hadamard, planes):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))
-    sig = {"x_ptr": "*fp16", "c_ptr": "*u8", "s_ptr": "*fp32", "z_ptr": "*fp32", "hc_ptr": "*fp32", "hl_ptr": "*fp32",
-           "K": "i32", "stride_xb": "i32", "stride_cb": "i32", "clip": "fp32", "inv_sqrt": "fp32"}
-    const = dict(LEVELS=16, G=128, PERMUTE=True, HADAMARD=hadamard, MIX_ROWS=hadamard, KP=16 if hadamard else 4096,
-                 C=128 if hadamard else 16, RP=32 if hadamard else 16, INTERPRET=False)
+    sig = {"x_ptr": "*fp16", "c_ptr": "*i32" if planes else "*u8", "s_ptr": "*fp32", "z_ptr": "*fp32",
+           "hc_ptr": "*fp32", "hl_ptr": "*fp32", "K": "i32", "stride_xb": "i32", "stride_cb": "i32", "stride_cj": "i32",
+           "clip": "fp32", "inv_sqrt": "fp32"}
+    const = dict(LEVELS=16, G=128, PERMUTE=not planes, HADAMARD=hadamard, MIX_ROWS=hadamard,
+                 KP=16 if hadamard else 4096, C=128 if hadamard else 16, RP=32 if hadamard else 16, PLANES=planes,
+                 ABITS=4, INTERPRET=False)
     assert "cubin" in _compile("act", const, sig).asm

@@ -250,10 +250,12 @@ def test_benchmark_measurement_logic_smoke(tmp_path):
     rows = mod.measure(torch.device("cpu"), [("tiny", 24, 64)], [1], 32, 1, lambda fn: (fn(), 1.0)[1],
                        layers=1, decode_dims=(32, 64, 2), kv_len=4)
     linear = [r for r in rows if r["bench"] == "linear"]
-    assert [r["method"] for r in linear] == ["fp16_cublas", "w2a4_fused", "w2a4_matmul", "w2a4_generic_op"]
+    assert [r["method"] for r in linear] == ["fp16_cublas", "w2a4_fused", "w2a4_matmul", "w2a4_generic_op",
+                                             "w2a4_bitplane_fused", "w2a4_bitplane_matmul"]
     assert all(r["gpu"] == "cpu (smoke test)" and "git_commit" in r and "triton" in r for r in rows)
     assert all(float(r["rel_err_vs_float64"]) < 1e-3 for r in linear[1:])
-    assert [(r["bench"], r["method"]) for r in rows[len(linear):]] == [("decode", "fp16"), ("decode", "w2a4")]
+    assert [(r["bench"], r["method"]) for r in rows[len(linear):]] == [("decode", "fp16"), ("decode", "w2a4"),
+                                                                       ("decode", "w2a4_bitplane")]
 
 
 @needs_triton

@@ -1,0 +1,204 @@
+"""The bit-serial decode kernel (kernels/triton_w2a4.py, ``w2a4_bitplane_matmul_triton``) and its layout
+(kernels/layout.py, "Bit planes"): plane round trips, the popcount identity in exact integers, the pre-kernel's planes
+against quantize_per_token, the kernel against float64 products on odd shapes (interpreter), PackedLinear with
+``gemv_format="bitplane"`` against fake quantization, and the sm_90 code: hardware popcounts, 128-bit loads, and
+fewer instructions per weight than the select kernel (static counts, not a speed)."""
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+
+import rcp_lib.kernels as rk
+from rcp_lib.kernels import dequantize, pack_codes
+from rcp_lib.kernels.layout import (activation_bitplanes, bitplane_layout_supported, bitplanes_to_codes,
+                                    weight_bitplanes, weight_bitplanes_to_packed, weight_row_sums)
+from rcp_lib.quant.activations import quantize_per_token
+from rcp_lib.rotation.online import OnlineHadamard
+
+needs_triton = pytest.mark.skipif(not rk.triton_available(), reason="triton not installed")
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _problem(B, N, K, G, seed=0, lut_dtype=torch.float16):
+    g = torch.Generator().manual_seed(seed)
+    codes = torch.randint(0, 4, (N, K), dtype=torch.uint8, generator=g)
+    lut = torch.randn(N, K // G, 4, generator=g).sort(-1).values.to(lut_dtype)
+    x = torch.randn(B, K, generator=g) * 3
+    return codes, lut, x
+
+
+def _rel(a, b):
+    return ((a.double() - b).norm() / b.norm()).item()
+
+
+# --------------------------------------------------------------------------------------------- layout
+def test_plane_layout_round_trips_and_bit_positions():
+    codes, _, _ = _problem(1, 5, 96, 32)
+    packed = pack_codes(codes)
+    wp = weight_bitplanes(packed, 96, rows_per_chunk=2)
+    assert wp.shape == (5, 2, 3) and wp.dtype == torch.int32
+    assert torch.equal(weight_bitplanes_to_packed(wp), packed)
+    n, t, i = 3, 2, 31  # bit i of word t of plane j is bit j of the code of k = 32 t + i (bit 31: the sign bit)
+    for j in range(2):
+        assert ((int(wp[n, j, t]) >> i) & 1) == ((int(codes[n, 32 * t + i]) >> j) & 1)
+    a = torch.randint(0, 16, (4, 64), dtype=torch.uint8)
+    ap = activation_bitplanes(a)
+    assert ap.shape == (4, 4, 2) and torch.equal(bitplanes_to_codes(ap), a)
+    assert bitplane_layout_supported(4096, 128) and not bitplane_layout_supported(4096, 16)
+    assert not bitplane_layout_supported(96, 64) and not bitplane_layout_supported(256, 128, bits=4)
+    with pytest.raises(ValueError, match="K % 32"):
+        activation_bitplanes(a[:, :48])
+
+
+def test_popcount_identity_is_exact():
+    """The module's formula, in Python integers and float64, equals sum_k a_k lut[c_k] of one group."""
+    g = torch.Generator().manual_seed(1)
+    G = 128
+    c = torch.randint(0, 4, (G,), generator=g)
+    a = torch.randint(0, 16, (G,), generator=g)
+    lv = torch.randn(4, generator=g, dtype=torch.float64)
+    P = [sum(((int(c[k]) >> b) & 1) << (k % 32) for k in range(32 * t, 32 * t + 32)) for b in range(2) for t in range(4)]
+    A = [[sum(((int(a[k]) >> j) & 1) << (k % 32) for k in range(32 * t, 32 * t + 32)) for t in range(4)] for j in range(4)]
+    p0, p1 = P[:4], P[4:]
+    pc = lambda v: bin(v).count("1")  # noqa: E731
+    qa = sum(pc(A[j][t]) << j for j in range(4) for t in range(4))
+    q0 = sum(pc(A[j][t] & p0[t]) << j for j in range(4) for t in range(4))
+    q1 = sum(pc(A[j][t] & p1[t]) << j for j in range(4) for t in range(4))
+    q01 = sum(pc(A[j][t] & p0[t] & p1[t]) << j for j in range(4) for t in range(4))
+    got = lv[0] * qa + (lv[1] - lv[0]) * q0 + (lv[2] - lv[0]) * q1 + (lv[3] - lv[2] - lv[1] + lv[0]) * q01
+    want = (a.double() * lv[c]).sum()
+    assert abs(float(got - want)) < 1e-10 * float(want.abs() + 1)
+    assert qa == int(a.sum())
+
+
+# --------------------------------------------------------------------------------------------- pre-kernel
+@needs_triton
+@pytest.mark.parametrize("K,block", [(96, None), (256, None), (256, 64), (128, 16)])
+def test_prekernel_planes_equal_quantize_per_token(K, block):
+    from rcp_lib.kernels.triton_w2a4 import hadamard_supported, quantize_activations_triton
+
+    x = torch.randn(3, K, dtype=torch.float16) * 2
+    if block is not None:
+        assert hadamard_supported(K, block)
+        ref_in = OnlineHadamard(K, block)(x.float())
+    else:
+        ref_in = x.float()
+    planes, s, z = quantize_activations_triton(x, 4, 0.9, 128, hadamard_block=block, apply_hadamard=block is not None,
+                                               planes=True)
+    rc, rs, rz = quantize_per_token(ref_in, 4, 0.9)
+    assert planes.shape == (3, 4, K // 32) and planes.dtype == torch.int32
+    assert torch.equal(planes, activation_bitplanes(rc))
+    assert torch.equal(s, rs.reshape(-1).float()) and torch.equal(z, rz.reshape(-1).float())
+    with pytest.raises(ValueError, match="K % 32"):
+        quantize_activations_triton(torch.randn(1, 48), 4, 1.0, None, planes=True)
+
+
+# --------------------------------------------------------------------------------------------- GEMV
+CASES = [  # B, N, K, G, config (None: the interpreter's default)
+    (1, 33, 384, 128, None),
+    (3, 17, 320, 64, dict(BLOCK_N=8, GPI=2, SPLIT_K=3, NUM_STAGES=2)),  # split-K, ragged split, N tail
+    (1, 40, 256, 32, dict(BLOCK_N=16, GPI=4, SPLIT_K=8, NUM_STAGES=1)),  # empty splits
+    (6, 9, 256, 64, dict(BLOCK_N=8, GPI=1, SPLIT_K=2, NUM_STAGES=2)),  # two token tiles
+    (4, 24, 512, 128, dict(BLOCK_N=16, GPI=2, SPLIT_K=1, NUM_STAGES=3)),
+]
+
+
+@needs_triton
+@pytest.mark.parametrize("B,N,K,G,config", CASES)
+def test_bitplane_matmul_matches_float64(B, N, K, G, config):
+    from rcp_lib.kernels.triton_w2a4 import _WORKSPACE, quantize_activations_triton, w2a4_bitplane_matmul_triton
+
+    codes, lut, x = _problem(B, N, K, G, seed=B + N)
+    packed = pack_codes(codes)
+    bias = torch.randn(N)
+    planes, s, z = quantize_activations_triton(x, 4, 1.0, G, planes=True)
+    ws = weight_row_sums(packed, lut, K, G)
+    wp = weight_bitplanes(packed, K)
+    y = w2a4_bitplane_matmul_triton(planes, s, z, wp, lut, ws, K, G, bias, torch.float32, config=config)
+    rc, rs, rz = quantize_per_token(x, 4)
+    w = dequantize(packed, lut, K, G, dtype=torch.float64)
+    ref = ((rc.double() - rz.double().reshape(-1, 1)) * rs.double().reshape(-1, 1)) @ w.T + bias.double()
+    assert y.shape == (B, N) and y.dtype == torch.float32
+    assert _rel(y, ref) < 1e-5
+    assert all(float(w_.abs().max()) == 0 and int(n.abs().max()) == 0 for w_, n in _WORKSPACE.values())  # reset
+    y16 = w2a4_bitplane_matmul_triton(planes, s, z, wp, lut.float(), ws, K, G, None, torch.float16, config=config)
+    assert y16.dtype == torch.float16 and _rel(y16, ref - bias.double()) < 2e-3
+
+
+@needs_triton
+def test_bitplane_matmul_rejects_bad_operands():
+    from rcp_lib.kernels.triton_w2a4 import w2a4_bitplane_matmul_triton
+
+    codes, lut, _ = _problem(1, 4, 256, 128)
+    wp = weight_bitplanes(pack_codes(codes), 256)
+    ap = torch.zeros(1, 4, 8, dtype=torch.int32)
+    one, zero, ws = torch.ones(1), torch.zeros(1), torch.zeros(4)
+    with pytest.raises(ValueError, match="G % 32"):
+        w2a4_bitplane_matmul_triton(ap, one, zero, wp, lut, ws, 256, 16)
+    with pytest.raises(ValueError, match="aplanes"):
+        w2a4_bitplane_matmul_triton(ap[:, :, :4], one, zero, wp, lut, ws, 256, 128)
+    with pytest.raises(ValueError, match="wplanes"):
+        w2a4_bitplane_matmul_triton(ap, one, zero, wp[:2, :1], lut, ws, 256, 128)
+    with pytest.raises(ValueError, match="lut"):
+        w2a4_bitplane_matmul_triton(ap, one, zero, wp, lut[:, :1], ws, 256, 128)
+
+
+# --------------------------------------------------------------------------------------------- deployed layer
+@needs_triton
+@pytest.mark.parametrize("tokens,transform", [((1, 1), None), ((1, 3), OnlineHadamard(128, 32)), ((2, 3), None)])
+def test_packed_linear_bitplane_matches_fake_quant(tokens, transform):
+    """Decode batches (<= 4 tokens) run the bit-serial kernel, larger ones the GEMM; both equal fake quantization."""
+    from rcp_lib.packing import PackedLinear
+    from rcp_lib.quant import QuantLinear, WeightQuantConfig
+
+    K, N, G = 128, 24, 32
+    g = torch.Generator().manual_seed(0)
+    lin = torch.nn.Linear(K, N)
+    with torch.no_grad():
+        lin.weight.copy_(torch.randn(N, K, generator=g) * 0.2)
+    wcfg = WeightQuantConfig(bits=2, group_size=G, method="ldp", lwc=True, ldp_init="lloyd")
+    q = QuantLinear.from_linear(lin, wcfg, act_bits=4, act_clip_ratio=0.9, input_transform=transform)
+    p = PackedLinear.from_quant_linear(q, lut_dtype=torch.float32, backend="triton")
+    p.gemv_format = "bitplane"
+    assert p._bitplane() and p.kernel_planes().shape == (N, 2, K // 32)
+    x = torch.randn(*tokens, K) * 2
+    with torch.no_grad():
+        ref = q(x)
+        y = p(x)
+    torch.testing.assert_close(y, ref, rtol=1e-5, atol=2e-5 * float(ref.abs().max()))
+    with pytest.raises(ValueError, match="gemv_format"):
+        PackedLinear(p.qweight, p.lut, K, G, 2, None, 4, 1.0, gemv_format="planes")
+
+
+# --------------------------------------------------------------------------------------------- sm_90 code
+def _sass_tool():
+    spec = importlib.util.spec_from_file_location("kernel_sass", REPO / "benchmarks" / "kernel_sass.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@needs_triton
+def test_bitplane_sm90_code_has_popc_wide_loads_and_fewer_instructions(tmp_path, monkeypatch):
+    """Static: the loop uses the hardware POPC, loads its weight planes 128 bits at a time, needs no more than the
+    pipeline's barriers, and issues fewer than half the instructions per weight of the select kernel (batch 1)."""
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))
+    ks = _sass_tool()
+    try:
+        sel = ks.stats(*ks.CASES[0])
+        bp = ks.stats("bitplane", dict(G=128, ABITS=4, HAS_BIAS=True, BLOCK_B=1, BLOCK_N=64, GPI=2, SPLIT_K=4,
+                                       NUM_STAGES=3), 4)
+        plain = ks.stats("bitplane", dict(G=128, ABITS=4, HAS_BIAS=False, BLOCK_B=4, BLOCK_N=32, GPI=1, SPLIT_K=1,
+                                          NUM_STAGES=1), 2)
+    except RuntimeError as e:  # a triton build without the CUDA backend / ptxas
+        if "ptxas" in str(e).lower() or "backend" in str(e).lower():
+            pytest.skip(f"no CUDA compiler backend: {e}")
+        raise
+    # 12 popcounts per (row, chunk) and token: 64 rows x 8 chunks / 128 threads = 4 per thread, + the token's own
+    assert bp["popc"] >= 48 and plain["popc"] >= 4 * 12 * 32 * 4 // 64
+    assert bp["ldgsts"] + bp["ldg_128"] > 0 and bp["bar"] <= 2 and plain["bar"] == 0 and plain["sts"] == 0
+    assert bp["instr_per_weight"] < 0.5 * sel["instr_per_weight"]
+    assert sel["bar"] >= 16  # the select kernel's per-slot layout conversions (what the bit planes remove)
