@@ -143,9 +143,15 @@ def test_gpu_check_self_test_on_cpu(tmp_path):
     rep = json.loads(out.read_text())
     assert rep["failed_sections"] == [] and "git_commit" in rep
     assert rep["kernel"]["max_rel_err"] < 1e-3
-    assert rep["export"]["packed_linears"] == 14 and rep["export"]["rel_logits_vs_fakequant"] < 1e-2
-    # every packed linear, fed the input its fake-quant twin saw, gives the same output to float32 rounding
-    assert rep["export"]["teacher_forced_max_rel"] < 1e-4
+    ex = rep["export"]
+    assert ex["packed_linears"] == 14 and ex["ok"]
+    # every packed linear, fed the input its fake-quant twin saw, gives the same output to float32 rounding (prompt
+    # and decode batches)
+    assert ex["teacher_forced_max_rel"] < 1e-4 and ex["teacher_forced_decode_max_rel"] < 1e-4
+    # end to end: close, or apart only from a code flipped by a rounding-level input difference (seen on one CPU: one
+    # code at layer 0's o_proj, input 3e-7, logits 9 %)
+    assert ex["rel_logits_vs_fakequant"] < 1e-2 or (ex["first_code_flip_linear"] is not None
+                                                    and ex["input_rel_at_first_code_flip"] < 1e-5)
     assert 0 < rep["export"]["fakequant_sensitivity_rel_logits_1e-6"] < 10  # > 0: the perturbation reached the model
     # without CUDA and without --device cpu: one line, status 2, nothing written
     if not torch.cuda.is_available():
