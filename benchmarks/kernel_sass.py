@@ -129,7 +129,7 @@ def stats(name: str, const: dict, num_warps: int) -> dict:
     total = sum(c.values())
     threads = 32 * num_warps
     w = weights_per_iteration(name, const)
-    return {"kernel": name, "G": const["G"], "BLOCK_B": const["BLOCK_B"], "BLOCK_N": const["BLOCK_N"],
+    return {"kernel": name, "gemv_format": "bitplane" if name == "bitplane" else "select", "G": const["G"], "BLOCK_B": const["BLOCK_B"], "BLOCK_N": const["BLOCK_N"],
             "GPI": const["GPI"], "NUM_STAGES": const["NUM_STAGES"], "num_warps": num_warps,
             "loop_instr_per_thread": total, "weights_per_iter": w,
             "instr_per_weight": round(total * threads / w, 3),
