@@ -155,6 +155,32 @@ def _act_quant_kernel(
     tl.store(z_ptr + pid, tl.math.div_rn(-lo, s))
 
 
+def _epilogue_fn(part, offs_b, offs_n, mask_b, mask_n, pid_b, pid_n, N, stride_yb, xs_ptr, xz_ptr, wsum_ptr,
+                 bias_ptr, y_ptr, ws_ptr, cnt_ptr, HAS_BIAS: tl.constexpr, BLOCK_B: tl.constexpr,
+                 BLOCK_N: tl.constexpr, SPLIT_K: tl.constexpr):
+    """The end of every launch-2 kernel: the split-K fix-up (module docstring) when ``SPLIT_K > 1``, then
+    ``y = scale * (part - zero * wsum) (+ bias)`` stored in the output dtype. ``part``: fp32 ``[BLOCK_B, BLOCK_N]``."""
+    ymask = mask_b[:, None] & mask_n[None, :]
+    if SPLIT_K > 1:
+        wsp = ws_ptr + offs_b[:, None] * N + offs_n[None, :]
+        tl.atomic_add(wsp, part, mask=ymask, sem="relaxed")
+        tl.debug_barrier()
+        tile = pid_b * tl.num_programs(0) + pid_n
+        ticket = tl.atomic_add(cnt_ptr + tile, 1, sem="acq_rel")
+        last = ticket == SPLIT_K - 1
+        ymask = ymask & ((tl.full((BLOCK_B, BLOCK_N), 0, tl.int32) + ticket) == SPLIT_K - 1)
+        part = tl.load(wsp, mask=ymask, other=0.0, cache_modifier=".cg")
+        tl.store(wsp, part * 0.0, mask=ymask)
+        tl.store(cnt_ptr + tile, 0, mask=last)
+    scale = tl.load(xs_ptr + offs_b, mask=mask_b, other=0.0)
+    zero = tl.load(xz_ptr + offs_b, mask=mask_b, other=0.0)
+    wsum = tl.load(wsum_ptr + offs_n, mask=mask_n, other=0.0)
+    y = scale[:, None] * (part - zero[:, None] * wsum[None, :])
+    if HAS_BIAS:
+        y += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+    tl.store(y_ptr + offs_b[:, None] * stride_yb + offs_n[None, :], y.to(y_ptr.dtype.element_ty), mask=ymask)
+
+
 # ----------------------------------------------------------------------------------------------- GEMV / GEMM
 def _w2a4_gemv_kernel(
     x_ptr, xs_ptr, xz_ptr, w_ptr, lut_ptr, wsum_ptr, bias_ptr, y_ptr, ws_ptr, cnt_ptr,
@@ -202,25 +228,8 @@ def _w2a4_gemv_kernel(
         part = tl.reduce(acc, 2, tl.standard._sum_combine)
     else:
         part = tl.sum(acc, axis=2)
-    ymask = mask_b[:, None] & mask_n[None, :]
-    if SPLIT_K > 1:
-        wsp = ws_ptr + offs_b[:, None] * N + offs_n[None, :]
-        tl.atomic_add(wsp, part, mask=ymask, sem="relaxed")
-        tl.debug_barrier()
-        tile = pid_b * tl.num_programs(0) + pid_n
-        ticket = tl.atomic_add(cnt_ptr + tile, 1, sem="acq_rel")
-        last = ticket == SPLIT_K - 1
-        ymask = ymask & ((tl.full((BLOCK_B, BLOCK_N), 0, tl.int32) + ticket) == SPLIT_K - 1)
-        part = tl.load(wsp, mask=ymask, other=0.0, cache_modifier=".cg")
-        tl.store(wsp, part * 0.0, mask=ymask)
-        tl.store(cnt_ptr + tile, 0, mask=last)
-    scale = tl.load(xs_ptr + offs_b, mask=mask_b, other=0.0)
-    zero = tl.load(xz_ptr + offs_b, mask=mask_b, other=0.0)
-    wsum = tl.load(wsum_ptr + offs_n, mask=mask_n, other=0.0)
-    y = scale[:, None] * (part - zero[:, None] * wsum[None, :])
-    if HAS_BIAS:
-        y += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
-    tl.store(y_ptr + offs_b[:, None] * stride_yb + offs_n[None, :], y.to(y_ptr.dtype.element_ty), mask=ymask)
+    _epilogue(part, offs_b, offs_n, mask_b, mask_n, pid_b, pid_n, N, stride_yb, xs_ptr, xz_ptr, wsum_ptr, bias_ptr,
+              y_ptr, ws_ptr, cnt_ptr, HAS_BIAS, BLOCK_B, BLOCK_N, SPLIT_K)
 
 
 def _w2a4_gemm_kernel(
@@ -275,25 +284,8 @@ def _w2a4_gemm_kernel(
             else:
                 acc = tl.dot(xi.to(tl.float16), tl.trans(w), acc)
     part = acc
-    ymask = mask_b[:, None] & mask_n[None, :]
-    if SPLIT_K > 1:
-        wsp = ws_ptr + offs_b[:, None] * N + offs_n[None, :]
-        tl.atomic_add(wsp, part, mask=ymask, sem="relaxed")
-        tl.debug_barrier()
-        tile = pid_b * tl.num_programs(0) + pid_n
-        ticket = tl.atomic_add(cnt_ptr + tile, 1, sem="acq_rel")
-        last = ticket == SPLIT_K - 1
-        ymask = ymask & ((tl.full((BLOCK_B, BLOCK_N), 0, tl.int32) + ticket) == SPLIT_K - 1)
-        part = tl.load(wsp, mask=ymask, other=0.0, cache_modifier=".cg")
-        tl.store(wsp, part * 0.0, mask=ymask)
-        tl.store(cnt_ptr + tile, 0, mask=last)
-    scale = tl.load(xs_ptr + offs_b, mask=mask_b, other=0.0)
-    zero = tl.load(xz_ptr + offs_b, mask=mask_b, other=0.0)
-    wsum = tl.load(wsum_ptr + offs_n, mask=mask_n, other=0.0)
-    y = scale[:, None] * (part - zero[:, None] * wsum[None, :])
-    if HAS_BIAS:
-        y += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
-    tl.store(y_ptr + offs_b[:, None] * stride_yb + offs_n[None, :], y.to(y_ptr.dtype.element_ty), mask=ymask)
+    _epilogue(part, offs_b, offs_n, mask_b, mask_n, pid_b, pid_n, N, stride_yb, xs_ptr, xz_ptr, wsum_ptr, bias_ptr,
+              y_ptr, ws_ptr, cnt_ptr, HAS_BIAS, BLOCK_B, BLOCK_N, SPLIT_K)
 
 
 def _popcount_fn(x, INTERPRET: tl.constexpr):
@@ -380,25 +372,8 @@ def _w2a4_bitplane_gemv_kernel(
         part = tl.reduce(acc, 2, tl.standard._sum_combine)
     else:
         part = tl.sum(acc, axis=2)
-    ymask = mask_b[:, None] & mask_n[None, :]
-    if SPLIT_K > 1:
-        wsp = ws_ptr + offs_b[:, None] * N + offs_n[None, :]
-        tl.atomic_add(wsp, part, mask=ymask, sem="relaxed")
-        tl.debug_barrier()
-        tile = pid_b * tl.num_programs(0) + pid_n
-        ticket = tl.atomic_add(cnt_ptr + tile, 1, sem="acq_rel")
-        last = ticket == SPLIT_K - 1
-        ymask = ymask & ((tl.full((BLOCK_B, BLOCK_N), 0, tl.int32) + ticket) == SPLIT_K - 1)
-        part = tl.load(wsp, mask=ymask, other=0.0, cache_modifier=".cg")
-        tl.store(wsp, part * 0.0, mask=ymask)
-        tl.store(cnt_ptr + tile, 0, mask=last)
-    scale = tl.load(xs_ptr + offs_b, mask=mask_b, other=0.0)
-    zero = tl.load(xz_ptr + offs_b, mask=mask_b, other=0.0)
-    wsum = tl.load(wsum_ptr + offs_n, mask=mask_n, other=0.0)
-    y = scale[:, None] * (part - zero[:, None] * wsum[None, :])
-    if HAS_BIAS:
-        y += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
-    tl.store(y_ptr + offs_b[:, None] * stride_yb + offs_n[None, :], y.to(y_ptr.dtype.element_ty), mask=ymask)
+    _epilogue(part, offs_b, offs_n, mask_b, mask_n, pid_b, pid_n, N, stride_yb, xs_ptr, xz_ptr, wsum_ptr, bias_ptr,
+              y_ptr, ws_ptr, cnt_ptr, HAS_BIAS, BLOCK_B, BLOCK_N, SPLIT_K)
 
 
 # ----------------------------------------------------------------------------------------------- configurations
@@ -456,7 +431,7 @@ _DEFAULT_INTERP = {"gemv": dict(BLOCK_N=16, GPI=1, SPLIT_K=1, num_warps=4, NUM_S
 
 _JIT: dict = {}
 _TUNED: dict = {}
-_popcount = None  # the jit helper, bound per mode by _set_helpers before a kernel is decorated or launched
+_popcount = _epilogue = None  # the jit helpers, bound per mode by _set_helpers before a kernel is decorated or launched
 
 
 _KERNELS = {"act": "_act_quant_kernel", "gemv": "_w2a4_gemv_kernel", "gemm": "_w2a4_gemm_kernel",
@@ -464,11 +439,14 @@ _KERNELS = {"act": "_act_quant_kernel", "gemv": "_w2a4_gemv_kernel", "gemm": "_w
 
 
 def _set_helpers(interp: bool) -> None:
-    """Bind the jit helpers the kernels call (``_popcount``) for this mode: decorated lazily, like the kernels."""
-    key = ("_popcount", interp)
-    if key not in _JIT:
-        _JIT[key] = triton.jit(_popcount_fn)
-    globals()["_popcount"] = _JIT[key]
+    """Bind the jit helpers the kernels call (``_popcount``, ``_epilogue``) for this mode: decorated lazily, like the
+    kernels, and rebound before every decoration or launch (the interpreter and the compiler need different
+    objects)."""
+    for name, fn in (("_popcount", _popcount_fn), ("_epilogue", _epilogue_fn)):
+        key = (name, interp)
+        if key not in _JIT:
+            _JIT[key] = triton.jit(fn)
+        globals()[name] = _JIT[key]
 
 
 def _jitted(name: str):
