@@ -40,19 +40,24 @@ SIG = {
     "bitplane": {"a_ptr": "*i32", "xs_ptr": "*fp32", "xz_ptr": "*fp32", "w_ptr": "*i32", "lut_ptr": "*fp16",
                  "wsum_ptr": "*fp32", "bias_ptr": "*fp16", "y_ptr": "*fp16", "ws_ptr": "*fp32", "cnt_ptr": "*i32",
                  **{k: "i32" for k in ["B", "N", "K", "stride_ab", "stride_aj", "stride_wn", "stride_wp", "stride_ln",
-                                        "stride_yb", "B_KEY"]}},
+                                        "stride_yb", "B_KEY"]}, "clip": "fp32"},
 }  # fmt: skip
 
 # (kernel, constexprs, num_warps): the select kernel at the configuration measured on the H100, the bit-serial
 # kernel at batch 1 and 4
+_BP = dict(G=128, ABITS=4, HAS_BIAS=False, QUANT_IN=False, RB=1024)
 CASES: list[tuple[str, dict, int]] = [
     ("gemv", dict(G=128, HAS_BIAS=False, BLOCK_B=1, BLOCK_N=32, GPI=1, SPLIT_K=4, NUM_STAGES=2), 2),
     ("gemv", dict(G=128, HAS_BIAS=False, BLOCK_B=4, BLOCK_N=32, GPI=1, SPLIT_K=4, NUM_STAGES=2), 2),
-    ("bitplane", dict(G=128, ABITS=4, HAS_BIAS=False, BLOCK_B=1, BLOCK_N=32, GPI=1, SPLIT_K=4, NUM_STAGES=2), 2),
-    ("bitplane", dict(G=128, ABITS=4, HAS_BIAS=False, BLOCK_B=1, BLOCK_N=64, GPI=2, SPLIT_K=4, NUM_STAGES=3), 4),
-    ("bitplane", dict(G=128, ABITS=4, HAS_BIAS=False, BLOCK_B=1, BLOCK_N=128, GPI=1, SPLIT_K=4, NUM_STAGES=1), 4),
-    ("bitplane", dict(G=128, ABITS=4, HAS_BIAS=False, BLOCK_B=4, BLOCK_N=32, GPI=1, SPLIT_K=4, NUM_STAGES=2), 2),
-    ("bitplane", dict(G=128, ABITS=4, HAS_BIAS=False, BLOCK_B=4, BLOCK_N=32, GPI=1, SPLIT_K=1, NUM_STAGES=1), 2),
+    ("bitplane", dict(_BP, BLOCK_B=1, BLOCK_N=32, GPI=1, SPLIT_K=4, NUM_STAGES=2), 2),
+    ("bitplane", dict(_BP, BLOCK_B=1, BLOCK_N=64, GPI=2, SPLIT_K=4, NUM_STAGES=3), 4),
+    ("bitplane", dict(_BP, BLOCK_B=1, BLOCK_N=128, GPI=1, SPLIT_K=4, NUM_STAGES=1), 4),
+    ("bitplane", dict(_BP, BLOCK_B=4, BLOCK_N=32, GPI=1, SPLIT_K=4, NUM_STAGES=2), 2),
+    ("bitplane", dict(_BP, BLOCK_B=4, BLOCK_N=32, GPI=1, SPLIT_K=1, NUM_STAGES=1), 2),
+    # one launch: the kernel quantizes fp16 activations itself
+    ("bitplane", dict(_BP, QUANT_IN=True, BLOCK_B=1, BLOCK_N=128, GPI=1, SPLIT_K=4, NUM_STAGES=1), 4),
+    ("bitplane", dict(_BP, QUANT_IN=True, BLOCK_B=1, BLOCK_N=64, GPI=2, SPLIT_K=4, NUM_STAGES=3), 4),
+    ("bitplane", dict(_BP, QUANT_IN=True, BLOCK_B=4, BLOCK_N=32, GPI=1, SPLIT_K=4, NUM_STAGES=2), 2),
 ]
 
 
@@ -67,7 +72,9 @@ def compile_sass(name: str, const: dict, num_warps: int) -> str:
 
     if interpret_mode():
         raise RuntimeError("kernel_sass compiles the GPU kernels: unset TRITON_INTERPRET")
-    sig = SIG[name]
+    sig = dict(SIG[name])
+    if const.get("QUANT_IN"):
+        sig["a_ptr"] = "*fp16"
     names = list(sig)
     attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in names if n.endswith("_ptr") or n.startswith("stride")}
     const = {**const, "INTERPRET": False}
@@ -129,7 +136,8 @@ def stats(name: str, const: dict, num_warps: int) -> dict:
     total = sum(c.values())
     threads = 32 * num_warps
     w = weights_per_iteration(name, const)
-    return {"kernel": name, "gemv_format": "bitplane" if name == "bitplane" else "select", "G": const["G"], "BLOCK_B": const["BLOCK_B"], "BLOCK_N": const["BLOCK_N"],
+    return {"kernel": name, "gemv_format": "bitplane" if name == "bitplane" else "select",
+            "quant_in": bool(const.get("QUANT_IN", False)), "G": const["G"], "BLOCK_B": const["BLOCK_B"], "BLOCK_N": const["BLOCK_N"],
             "GPI": const["GPI"], "NUM_STAGES": const["NUM_STAGES"], "num_warps": num_warps,
             "loop_instr_per_thread": total, "weights_per_iter": w,
             "instr_per_weight": round(total * threads / w, 3),
@@ -158,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
     for name, const, nw in CASES:
         r = stats(name, const, nw)
         rows.append({**r, **prov})
-        print(f"{name:9s} B{r['BLOCK_B']} N{r['BLOCK_N']:<3d} GPI{r['GPI']} S{r['NUM_STAGES']} w{nw}: "
+        print(f"{name + (' +q' if r['quant_in'] else ''):11s} B{r['BLOCK_B']} N{r['BLOCK_N']:<3d} GPI{r['GPI']} S{r['NUM_STAGES']} w{nw}: "
               f"{r['loop_instr_per_thread']:4d} instr/thread/iter, {r['instr_per_weight']:5.2f} per weight "
               f"({r['instr_per_weight_token']:.2f} per weight x token), BAR {r['bar']}, STS {r['sts']}, LDS {r['lds']}, "
               f"POPC {r['popc']}, LDG {r['ldg']} (128-bit {r['ldg_128']}), LDGSTS {r['ldgsts']}  | {r['top_ops']}")

@@ -13,7 +13,8 @@
   ``tl.dot`` GEMM (prefill) with 128-bit weight loads, levels selected in registers, a pipelined K loop, fp32
   accumulation and an epilogue that applies scale, float zero point and bias; autotuned per (N, K, batch). A second
   decode kernel, bit-serial (``PackedLinear(gemv_format="bitplane")``): weight and activation bit planes, 12 ANDs
-  and popcounts per 32 weights, the four levels applied once per group. Speed: ``python benchmarks/bench_kernel.py``
+  and popcounts per 32 weights, the four levels applied once per group, in one launch that quantizes its own
+  activations (no pre-kernel) unless the layer's Hadamard runs in the pre-kernel. Speed: ``python benchmarks/bench_kernel.py``
   on a GPU (``results/gpu/kernel_speed.csv``; the bit-serial kernel not yet measured);
 * :mod:`.layout`: what the fused path derives at deploy time: the activation order that matches the stored words
   (``activation_permutation``), the weight row sums that carry the float zero point (``weight_row_sums``) and the

@@ -37,6 +37,14 @@ through shared memory (``benchmarks/kernel_sass.py`` counts it in the sm_90 code
 the cp.async pipeline when ``NUM_STAGES > 1``). Numerics: the integer part is exact; the per-group combination rounds
 differently from the select kernel (level differences, partial cancellation), fp32 rounding either way.
 
+One launch, :func:`w2a4_bitplane_linear_triton` (``QUANT_IN``; what ``w2a4_linear_triton`` runs for a decode batch
+with weight planes and no in-kernel Hadamard): no pre-kernel. Every program reads its tokens' whole rows for min and
+max (order-independent, so every program gets the same exact range), then quantizes and packs only the chunks its
+loop consumes, with the pre-kernel's own helpers (``_act_range``, ``_act_codes``): the output equals the two-launch
+result bit for bit (tested). This removes the pre-kernel's launch and its one-program-per-token phase, which at
+batch 1 runs on one SM; the cost is the redundant min / max read (``K`` activations per program, from L2) and one
+layout conversion per activation plane and iteration (the in-loop reductions that build the planes).
+
 Split-K (``SPLIT_K > 1``): ``SPLIT_K`` programs share an output tile, each owning a contiguous range of groups, so
 that ``N / BLOCK_N * SPLIT_K`` programs fill the SMs several times over. Each adds its fp32 partial into a zeroed
 fp32 workspace with ``tl.atomic_add``, then takes a ticket from a per-tile counter (after a CTA barrier, acq_rel);
@@ -66,7 +74,8 @@ import triton.language as tl
 
 from .layout import fused_layout_supported
 
-__all__ = ["quantize_activations_triton", "w2a4_matmul_triton", "w2a4_bitplane_matmul_triton", "w2a4_linear_triton",
+__all__ = ["quantize_activations_triton", "w2a4_matmul_triton", "w2a4_bitplane_matmul_triton",
+           "w2a4_bitplane_linear_triton", "w2a4_linear_triton",
            "hadamard_supported", "bitplane_configs", "GEMV_FORMATS",
            "gemv_configs", "gemm_configs", "default_config", "AUTOTUNE", "GEMV_MAX_BATCH", "MAX_ROW"]
 
@@ -82,6 +91,26 @@ def interpret_mode() -> bool:
 
 
 # ----------------------------------------------------------------------------------------------- pre-kernel
+def _act_range_fn(mn, mx, clip, LEVELS: tl.constexpr):
+    """:func:`rcp_lib.quant.activations.quantize_per_token`'s range, operation by operation (asymmetric, float zero
+    point): ``(lo, scale, zero)`` from the row's min and max (any shape, elementwise)."""
+    lo = mn * clip
+    hi = mx * clip
+    s = tl.maximum(tl.math.div_rn(hi - lo, LEVELS - 1.0), 1e-10)
+    return lo, s, tl.math.div_rn(-lo, s)
+
+
+def _act_codes_fn(v, lo, s, LEVELS: tl.constexpr):
+    """The codes of ``quantize_per_token`` (float values 0 .. LEVELS - 1): ``clamp(round_half_even((v - lo) / s))``
+    with an IEEE division; ``lo`` and ``s`` broadcast against ``v``."""
+    t = tl.math.div_rn(v - lo, s)
+    fl = tl.math.floor(t)  # round half to even (torch.round), exact: t - floor(t) is exact in fp32
+    d = t - fl
+    odd = (fl - 2.0 * tl.math.floor(fl * 0.5)) != 0.0
+    q = fl + tl.where((d > 0.5) | ((d == 0.5) & odd), 1.0, 0.0)
+    return tl.minimum(tl.maximum(q, 0.0), LEVELS - 1.0)
+
+
 def _act_quant_kernel(
     x_ptr, c_ptr, s_ptr, z_ptr, hc_ptr, hl_ptr,
     K, stride_xb, stride_cb, stride_cj, clip, inv_sqrt,
@@ -121,16 +150,8 @@ def _act_quant_kernel(
     else:
         mn = tl.min(vmin, axis=0)
         mx = tl.max(vmax, axis=0)
-    # quantize_per_token (asymmetric, float zero point), operation by operation
-    lo = mn * clip
-    hi = mx * clip
-    s = tl.maximum(tl.math.div_rn(hi - lo, LEVELS - 1.0), 1e-10)
-    t = tl.math.div_rn(v - lo, s)
-    fl = tl.math.floor(t)  # round half to even (torch.round), exact: t - floor(t) is exact in fp32
-    d = t - fl
-    odd = (fl - 2.0 * tl.math.floor(fl * 0.5)) != 0.0
-    q = fl + tl.where((d > 0.5) | ((d == 0.5) & odd), 1.0, 0.0)
-    q = tl.minimum(tl.maximum(q, 0.0), LEVELS - 1.0)
+    lo, s, zero = _act_range(mn, mx, clip, LEVELS)
+    q = _act_codes(v, lo, s, LEVELS)
     if PLANES:
         # bit planes (.layout, "Bit planes"): word t of plane j holds bit j of the codes of k = 32 t .. 32 t + 31
         NCH: tl.constexpr = (RP * C if HADAMARD else KP) // 32
@@ -152,14 +173,15 @@ def _act_quant_kernel(
             p = k
         tl.store(c_ptr + pid * stride_cb + p, q.to(tl.uint8), mask=mask)
     tl.store(s_ptr + pid, s)
-    tl.store(z_ptr + pid, tl.math.div_rn(-lo, s))
+    tl.store(z_ptr + pid, zero)
 
 
-def _epilogue_fn(part, offs_b, offs_n, mask_b, mask_n, pid_b, pid_n, N, stride_yb, xs_ptr, xz_ptr, wsum_ptr,
-                 bias_ptr, y_ptr, ws_ptr, cnt_ptr, HAS_BIAS: tl.constexpr, BLOCK_B: tl.constexpr,
-                 BLOCK_N: tl.constexpr, SPLIT_K: tl.constexpr):
+def _epilogue_fn(part, scale, zero, offs_b, offs_n, mask_b, mask_n, pid_b, pid_n, N, stride_yb, wsum_ptr, bias_ptr,
+                 y_ptr, ws_ptr, cnt_ptr, HAS_BIAS: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr,
+                 SPLIT_K: tl.constexpr):
     """The end of every launch-2 kernel: the split-K fix-up (module docstring) when ``SPLIT_K > 1``, then
-    ``y = scale * (part - zero * wsum) (+ bias)`` stored in the output dtype. ``part``: fp32 ``[BLOCK_B, BLOCK_N]``."""
+    ``y = scale * (part - zero * wsum) (+ bias)`` stored in the output dtype. ``part``: fp32 ``[BLOCK_B, BLOCK_N]``;
+    ``scale``, ``zero``: fp32 ``[BLOCK_B]``."""
     ymask = mask_b[:, None] & mask_n[None, :]
     if SPLIT_K > 1:
         wsp = ws_ptr + offs_b[:, None] * N + offs_n[None, :]
@@ -172,8 +194,6 @@ def _epilogue_fn(part, offs_b, offs_n, mask_b, mask_n, pid_b, pid_n, N, stride_y
         part = tl.load(wsp, mask=ymask, other=0.0, cache_modifier=".cg")
         tl.store(wsp, part * 0.0, mask=ymask)
         tl.store(cnt_ptr + tile, 0, mask=last)
-    scale = tl.load(xs_ptr + offs_b, mask=mask_b, other=0.0)
-    zero = tl.load(xz_ptr + offs_b, mask=mask_b, other=0.0)
     wsum = tl.load(wsum_ptr + offs_n, mask=mask_n, other=0.0)
     y = scale[:, None] * (part - zero[:, None] * wsum[None, :])
     if HAS_BIAS:
@@ -228,8 +248,10 @@ def _w2a4_gemv_kernel(
         part = tl.reduce(acc, 2, tl.standard._sum_combine)
     else:
         part = tl.sum(acc, axis=2)
-    _epilogue(part, offs_b, offs_n, mask_b, mask_n, pid_b, pid_n, N, stride_yb, xs_ptr, xz_ptr, wsum_ptr, bias_ptr,
-              y_ptr, ws_ptr, cnt_ptr, HAS_BIAS, BLOCK_B, BLOCK_N, SPLIT_K)
+    scale = tl.load(xs_ptr + offs_b, mask=mask_b, other=0.0)
+    zero = tl.load(xz_ptr + offs_b, mask=mask_b, other=0.0)
+    _epilogue(part, scale, zero, offs_b, offs_n, mask_b, mask_n, pid_b, pid_n, N, stride_yb, wsum_ptr, bias_ptr, y_ptr,
+              ws_ptr, cnt_ptr, HAS_BIAS, BLOCK_B, BLOCK_N, SPLIT_K)
 
 
 def _w2a4_gemm_kernel(
@@ -284,8 +306,10 @@ def _w2a4_gemm_kernel(
             else:
                 acc = tl.dot(xi.to(tl.float16), tl.trans(w), acc)
     part = acc
-    _epilogue(part, offs_b, offs_n, mask_b, mask_n, pid_b, pid_n, N, stride_yb, xs_ptr, xz_ptr, wsum_ptr, bias_ptr,
-              y_ptr, ws_ptr, cnt_ptr, HAS_BIAS, BLOCK_B, BLOCK_N, SPLIT_K)
+    scale = tl.load(xs_ptr + offs_b, mask=mask_b, other=0.0)
+    zero = tl.load(xz_ptr + offs_b, mask=mask_b, other=0.0)
+    _epilogue(part, scale, zero, offs_b, offs_n, mask_b, mask_n, pid_b, pid_n, N, stride_yb, wsum_ptr, bias_ptr, y_ptr,
+              ws_ptr, cnt_ptr, HAS_BIAS, BLOCK_B, BLOCK_N, SPLIT_K)
 
 
 def _popcount_fn(x, INTERPRET: tl.constexpr):
@@ -303,12 +327,14 @@ def _popcount_fn(x, INTERPRET: tl.constexpr):
 
 def _w2a4_bitplane_gemv_kernel(
     a_ptr, xs_ptr, xz_ptr, w_ptr, lut_ptr, wsum_ptr, bias_ptr, y_ptr, ws_ptr, cnt_ptr,
-    B, N, K, stride_ab, stride_aj, stride_wn, stride_wp, stride_ln, stride_yb, B_KEY,
+    B, N, K, stride_ab, stride_aj, stride_wn, stride_wp, stride_ln, stride_yb, B_KEY, clip,
     G: tl.constexpr, ABITS: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr,
-    GPI: tl.constexpr, SPLIT_K: tl.constexpr, NUM_STAGES: tl.constexpr, INTERPRET: tl.constexpr,
+    GPI: tl.constexpr, SPLIT_K: tl.constexpr, NUM_STAGES: tl.constexpr, QUANT_IN: tl.constexpr, RB: tl.constexpr,
+    INTERPRET: tl.constexpr,
 ):  # fmt: skip
-    # a: int32 [B, ABITS, K/32] activation planes; w: int32 [N, 2, K/32] weight planes (.layout, "Bit planes"); the
-    # plane strides are arguments (not K // 32) so that triton's divisibility specialisation keeps 128-bit loads
+    # a: int32 [B, ABITS, K/32] activation planes, or (QUANT_IN) the float activations [B, K], quantized here with
+    # clip; w: int32 [N, 2, K/32] weight planes (.layout, "Bit planes"); the plane strides are arguments (not K // 32)
+    # so that triton's divisibility specialisation keeps 128-bit loads
     CH: tl.constexpr = G // 32  # chunks of 32 weights per group
     COLS: tl.constexpr = GPI * CH
     NG = K // G
@@ -326,6 +352,25 @@ def _w2a4_bitplane_gemv_kernel(
     grp = tl.arange(0, GPI)
     n3 = offs_n[None, :, None]
     b3 = offs_b[:, None, None]
+    if QUANT_IN:
+        # every program reads its tokens' whole rows for min / max (the same exact values in every program), then
+        # quantizes only its own chunks in the loop: one launch, no pre-kernel
+        r = tl.arange(0, RB)
+        mn = tl.full((BLOCK_B,), float("inf"), tl.float32)
+        mx = tl.full((BLOCK_B,), float("-inf"), tl.float32)
+        for k0 in range(0, K, RB):
+            m = mask_b[:, None] & ((k0 + r) < K)[None, :]
+            v = tl.load(a_ptr + offs_b[:, None] * stride_ab + (k0 + r)[None, :], mask=m, other=0.0).to(tl.float32)
+            if INTERPRET:
+                mn = tl.minimum(mn, tl.reduce(tl.where(m, v, float("inf")), 1, tl.standard._elementwise_min))
+                mx = tl.maximum(mx, tl.reduce(tl.where(m, v, float("-inf")), 1, tl.standard._elementwise_max))
+            else:
+                mn = tl.minimum(mn, tl.min(tl.where(m, v, float("inf")), axis=1))
+                mx = tl.maximum(mx, tl.max(tl.where(m, v, float("-inf")), axis=1))
+        mn = tl.where(mask_b, mn, 0.0)  # padded tokens: a finite range (their rows are never stored)
+        mx = tl.where(mask_b, mx, 0.0)
+        lo_t, s_t, z_t = _act_range(mn, mx, clip, 1 << ABITS)  # [BLOCK_B]
+        lane = tl.arange(0, 32)
     acc = tl.full((BLOCK_B, BLOCK_N, GPI), 0.0, tl.float32)
     for g0 in tl.range(g_start, g_end, GPI, num_stages=NUM_STAGES):
         cmask = (g0 + col // CH) < g_end
@@ -341,8 +386,20 @@ def _w2a4_bitplane_gemv_kernel(
         q0 = tl.full((BLOCK_B, BLOCK_N, COLS), 0, tl.uint32)
         q1 = tl.full((BLOCK_B, BLOCK_N, COLS), 0, tl.uint32)
         q01 = tl.full((BLOCK_B, BLOCK_N, COLS), 0, tl.uint32)
+        if QUANT_IN:  # this iteration's codes [BLOCK_B, COLS, 32] (k = 32 chunk + lane)
+            xk = ch[None, :, None] * 32 + lane[None, None, :]
+            xv = tl.load(a_ptr + b3 * stride_ab + xk, mask=(b3 < B) & cmask[None, :, None], other=0.0).to(tl.float32)
+            qc = _act_codes(xv, lo_t[:, None, None], s_t[:, None, None], 1 << ABITS).to(tl.int32)
         for j in tl.static_range(ABITS):
-            aj = tl.load(ap + j * stride_aj, mask=amask, other=0).to(tl.uint32, bitcast=True)
+            if QUANT_IN:
+                bitj = ((qc >> j) & 1) << lane[None, None, :]  # distinct bits: the sum is their OR
+                if INTERPRET:
+                    aj = tl.reduce(bitj, 2, tl.standard._sum_combine)
+                else:
+                    aj = tl.sum(bitj, axis=2)
+                aj = tl.where(cmask[None, :], aj, 0).to(tl.uint32, bitcast=True)[:, None, :]  # [BLOCK_B, 1, COLS]
+            else:
+                aj = tl.load(ap + j * stride_aj, mask=amask, other=0).to(tl.uint32, bitcast=True)
             qa += _popcount(aj, INTERPRET) << j
             q0 += _popcount(aj & p0, INTERPRET) << j
             q1 += _popcount(aj & p1, INTERPRET) << j
@@ -372,8 +429,13 @@ def _w2a4_bitplane_gemv_kernel(
         part = tl.reduce(acc, 2, tl.standard._sum_combine)
     else:
         part = tl.sum(acc, axis=2)
-    _epilogue(part, offs_b, offs_n, mask_b, mask_n, pid_b, pid_n, N, stride_yb, xs_ptr, xz_ptr, wsum_ptr, bias_ptr,
-              y_ptr, ws_ptr, cnt_ptr, HAS_BIAS, BLOCK_B, BLOCK_N, SPLIT_K)
+    if QUANT_IN:
+        scale, zero = s_t, z_t
+    else:
+        scale = tl.load(xs_ptr + offs_b, mask=mask_b, other=0.0)
+        zero = tl.load(xz_ptr + offs_b, mask=mask_b, other=0.0)
+    _epilogue(part, scale, zero, offs_b, offs_n, mask_b, mask_n, pid_b, pid_n, N, stride_yb, wsum_ptr, bias_ptr, y_ptr,
+              ws_ptr, cnt_ptr, HAS_BIAS, BLOCK_B, BLOCK_N, SPLIT_K)
 
 
 # ----------------------------------------------------------------------------------------------- configurations
@@ -431,7 +493,7 @@ _DEFAULT_INTERP = {"gemv": dict(BLOCK_N=16, GPI=1, SPLIT_K=1, num_warps=4, NUM_S
 
 _JIT: dict = {}
 _TUNED: dict = {}
-_popcount = _epilogue = None  # the jit helpers, bound per mode by _set_helpers before a kernel is decorated or launched
+_popcount = _epilogue = _act_range = _act_codes = None  # the jit helpers, bound per mode by _set_helpers before a kernel is decorated or launched
 
 
 _KERNELS = {"act": "_act_quant_kernel", "gemv": "_w2a4_gemv_kernel", "gemm": "_w2a4_gemm_kernel",
@@ -442,7 +504,8 @@ def _set_helpers(interp: bool) -> None:
     """Bind the jit helpers the kernels call (``_popcount``, ``_epilogue``) for this mode: decorated lazily, like the
     kernels, and rebound before every decoration or launch (the interpreter and the compiler need different
     objects)."""
-    for name, fn in (("_popcount", _popcount_fn), ("_epilogue", _epilogue_fn)):
+    for name, fn in (("_popcount", _popcount_fn), ("_epilogue", _epilogue_fn), ("_act_range", _act_range_fn),
+                     ("_act_codes", _act_codes_fn)):
         key = (name, interp)
         if key not in _JIT:
             _JIT[key] = triton.jit(fn)
@@ -664,6 +727,40 @@ def w2a4_bitplane_matmul_triton(aplanes: torch.Tensor, scale: torch.Tensor, zero
                    abits=aplanes.shape[1])
 
 
+def w2a4_bitplane_linear_triton(x: torch.Tensor, wplanes: torch.Tensor, lut: torch.Tensor, wsum: torch.Tensor, K: int,
+                                G: int, act_bits: int = 4, act_clip_ratio: float = 1.0,
+                                bias: torch.Tensor | None = None, out_dtype: torch.dtype | None = None,
+                                config: dict | None = None) -> torch.Tensor:
+    """The whole W2A4 linear in **one** launch for decode: the bit-serial kernel quantizes ``x [B, K]`` itself
+    (``quantize_per_token``'s formula with ``act_clip_ratio``, the same helpers as the pre-kernel: bit-identical
+    codes), each program its own chunks after reading its tokens' rows for min / max. No online Hadamard (a layer with
+    one uses the pre-kernel, :func:`w2a4_linear_triton`). ``-> [B, N]`` in ``out_dtype`` (default ``x.dtype``).
+
+    Args: as :func:`w2a4_bitplane_matmul_triton`, with ``x`` fp16 / bf16 / fp32 activations instead of the planes
+    and ``act_bits`` in 1..8, ``act_clip_ratio`` in ``(0, 1]``.
+    """
+    from .layout import bitplane_layout_supported
+
+    if not bitplane_layout_supported(K, G):
+        raise ValueError(f"the bit-serial kernel needs G % 32 == 0 and K % G == 0, got K={K}, G={G}")
+    if x.dim() != 2 or x.shape[1] != K or not x.is_floating_point():
+        raise ValueError(f"x must be float [B, K={K}], got {x.dtype} {tuple(x.shape)}")
+    if not 1 <= act_bits <= 8:
+        raise ValueError(f"act_bits must be in 1..8, got {act_bits}")
+    if not 0 < act_clip_ratio <= 1:
+        raise ValueError(f"act_clip_ratio must be in (0, 1], got {act_clip_ratio}")
+    N = wplanes.shape[0]
+    if wplanes.dtype != torch.int32 or tuple(wplanes.shape) != (N, 2, K // 32):
+        raise ValueError(f"wplanes must be int32 [N, 2, {K // 32}], got {wplanes.dtype} {tuple(wplanes.shape)}")
+    _check_operands(x.shape[0], N, K, G, lut, wsum)
+    x = x if x.stride(-1) == 1 else x.contiguous()
+    wplanes = wplanes.contiguous()
+    dummy = torch.zeros(x.shape[0], dtype=torch.float32, device=x.device)
+    return _launch("bitplane", x, dummy, dummy, wplanes, lut, wsum, bias, out_dtype or x.dtype, G, config,
+                   (x.stride(0), 0, wplanes.stride(0), wplanes.stride(1)), abits=act_bits, clip=act_clip_ratio,
+                   quant_in=True)
+
+
 def _check_operands(B: int, N: int, K: int, G: int, lut: torch.Tensor, wsum: torch.Tensor) -> None:
     if tuple(lut.shape) != (N, K // G, 4) or lut.dtype not in (torch.float16, torch.float32):
         raise ValueError(f"lut must be fp16/fp32 [N={N}, {K // G}, 4], got {lut.dtype} {tuple(lut.shape)}")
@@ -673,12 +770,12 @@ def _check_operands(B: int, N: int, K: int, G: int, lut: torch.Tensor, wsum: tor
 
 def _launch(path: str, x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, w: torch.Tensor, lut: torch.Tensor,
             wsum: torch.Tensor, bias: torch.Tensor | None, out_dtype: torch.dtype, G: int, config: dict | None,
-            strides: tuple[int, ...], abits: int = 4) -> torch.Tensor:
+            strides: tuple[int, ...], abits: int = 4, clip: float = 1.0, quant_in: bool = False) -> torch.Tensor:
     """The launch shared by the three launch-2 kernels: operands to the device layout, the split-K workspace, a fixed
     configuration (interpreter, ``AUTOTUNE`` off, or given) or the autotuned kernel."""
     _check_device(x)
     dev = x.device
-    B, N, K = x.shape[0], w.shape[0], (x.shape[-1] * 32 if path == "bitplane" else x.shape[1])
+    B, N, K = x.shape[0], w.shape[0], (x.shape[-1] * 32 if path == "bitplane" and not quant_in else x.shape[1])
     lut = lut.contiguous()
     scale = scale.reshape(B).to(device=dev, dtype=torch.float32).contiguous()
     zero = zero.reshape(B).to(device=dev, dtype=torch.float32).contiguous()
@@ -692,6 +789,8 @@ def _launch(path: str, x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
     has_bias = bias is not None
     args = (x, scale, zero, w, lut, wsum, bias if has_bias else wsum, y, ws, cnt,
             B, N, K, *strides, lut.stride(0), y.stride(0), min(bucket, 4096))
+    if path == "bitplane":
+        args += (float(clip),)
     interp = interpret_mode()
     if path == "gemm":
         consts = dict(G=G, HAS_BIAS=has_bias, DOT_F32=lut.dtype == torch.float32, INTERPRET=interp)
@@ -699,7 +798,7 @@ def _launch(path: str, x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
         block_b = min(triton.next_power_of_2(B), GEMV_MAX_BATCH)
         consts = dict(G=G, HAS_BIAS=has_bias, BLOCK_B=block_b, INTERPRET=interp)
         if path == "bitplane":
-            consts["ABITS"] = abits
+            consts.update(ABITS=abits, QUANT_IN=quant_in, RB=min(triton.next_power_of_2(K), 1024))
     if config is None and not interp and not AUTOTUNE:
         config = default_config(path, G)
         if not split_ok:
@@ -744,8 +843,13 @@ def w2a4_linear_triton(x: torch.Tensor, packed_w: torch.Tensor, lut: torch.Tenso
     """The whole W2A4 linear in two launches: :func:`quantize_activations_triton` then :func:`w2a4_matmul_triton`.
     ``x [B, K]`` -> ``[B, N]`` in ``out_dtype`` (default ``x.dtype``). With ``wplanes`` (int32 ``[N, 2, K / 32]``,
     :func:`.layout.weight_bitplanes` of ``packed_w``), a decode batch (``B <= GEMV_MAX_BATCH``) runs the bit-serial
-    kernel on activation planes instead; larger batches the GEMM on ``packed_w`` either way."""
+    kernel instead, in one launch (:func:`w2a4_bitplane_linear_triton`) unless the pre-kernel applies a Hadamard
+    (then pre-kernel planes + :func:`w2a4_bitplane_matmul_triton`); larger batches the GEMM on ``packed_w`` either
+    way."""
     if wplanes is not None and x.shape[0] <= GEMV_MAX_BATCH:
+        if not apply_hadamard:  # one launch: the kernel quantizes its own chunks
+            return w2a4_bitplane_linear_triton(x, wplanes, lut, wsum, K, G, act_bits, act_clip_ratio, bias,
+                                               out_dtype or x.dtype, config=config)
         planes, s, z = quantize_activations_triton(x, act_bits, act_clip_ratio, G, hadamard_block, apply_hadamard,
                                                    planes=True)
         return w2a4_bitplane_matmul_triton(planes, s, z, wplanes, lut, wsum, K, G, bias, out_dtype or x.dtype,

@@ -145,6 +145,37 @@ def test_bitplane_matmul_rejects_bad_operands():
         w2a4_bitplane_matmul_triton(ap, one, zero, wp, lut[:, :1], ws, 256, 128)
 
 
+@needs_triton
+@pytest.mark.parametrize("B,N,K,G,dtype,config", [
+    (1, 37, 384, 128, torch.float16, None),
+    (3, 17, 320, 64, torch.bfloat16, dict(BLOCK_N=8, GPI=2, SPLIT_K=3, NUM_STAGES=2)),
+    (6, 9, 2304, 64, torch.float32, dict(BLOCK_N=8, GPI=1, SPLIT_K=2, NUM_STAGES=1)),  # rows > RB, 2 token tiles
+])
+def test_one_launch_equals_prekernel_then_matmul(B, N, K, G, dtype, config):
+    """The kernel that quantizes its own chunks gives bit for bit what the pre-kernel's planes give (same codes,
+    same integer sums, same epilogue), and that is the float64 product of quantize_per_token's operands."""
+    from rcp_lib.kernels.triton_w2a4 import (quantize_activations_triton, w2a4_bitplane_linear_triton,
+                                             w2a4_bitplane_matmul_triton)
+
+    codes, lut, x = _problem(B, N, K, G, seed=B + K)
+    x = x.to(dtype)
+    packed = pack_codes(codes)
+    wp, ws, bias = weight_bitplanes(packed, K), weight_row_sums(packed, lut, K, G), torch.randn(N)
+    y1 = w2a4_bitplane_linear_triton(x, wp, lut, ws, K, G, 4, 0.9, bias, torch.float32, config=config)
+    planes, s, z = quantize_activations_triton(x, 4, 0.9, G, planes=True)
+    y2 = w2a4_bitplane_matmul_triton(planes, s, z, wp, lut, ws, K, G, bias, torch.float32, config=config)
+    assert torch.equal(y1, y2)
+    rc, rs, rz = quantize_per_token(x.float(), 4, 0.9)
+    w = dequantize(packed, lut, K, G, dtype=torch.float64)
+    ref = ((rc.double() - rz.double().reshape(-1, 1)) * rs.double().reshape(-1, 1)) @ w.T + bias.double()
+    assert _rel(y1, ref) < 1e-5
+    assert w2a4_bitplane_linear_triton(x, wp, lut, ws, K, G, 4, 0.9, config=config).dtype == dtype
+    with pytest.raises(ValueError, match="act_clip_ratio"):
+        w2a4_bitplane_linear_triton(x, wp, lut, ws, K, G, 4, 0.0)
+    with pytest.raises(ValueError, match="x must be float"):
+        w2a4_bitplane_linear_triton(x.to(torch.uint8), wp, lut, ws, K, G)
+
+
 # --------------------------------------------------------------------------------------------- deployed layer
 @needs_triton
 @pytest.mark.parametrize("tokens,transform", [((1, 1), None), ((1, 3), OnlineHadamard(128, 32)), ((2, 3), None)])
@@ -183,16 +214,17 @@ def _sass_tool():
 @needs_triton
 def test_bitplane_sm90_code_has_popc_wide_loads_and_fewer_instructions(tmp_path, monkeypatch):
     """Static: the loop uses the hardware POPC, loads its weight planes 128 bits at a time, needs no more than the
-    pipeline's barriers, and issues fewer than half the instructions per weight of the select kernel (batch 1)."""
+    pipeline's barriers, and issues fewer than half the instructions per weight of the select kernel (batch 1), also
+    when it quantizes the activations itself (one launch)."""
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))
     ks = _sass_tool()
     try:
         sel = ks.stats(*ks.CASES[0])
-        bp = ks.stats("bitplane", dict(G=128, ABITS=4, HAS_BIAS=True, BLOCK_B=1, BLOCK_N=64, GPI=2, SPLIT_K=4,
-                                       NUM_STAGES=3), 4)
-        plain = ks.stats("bitplane", dict(G=128, ABITS=4, HAS_BIAS=False, BLOCK_B=4, BLOCK_N=32, GPI=1, SPLIT_K=1,
-                                          NUM_STAGES=1), 2)
+        bp = ks.stats("bitplane", dict(ks._BP, HAS_BIAS=True, BLOCK_B=1, BLOCK_N=64, GPI=2, SPLIT_K=4, NUM_STAGES=3), 4)
+        plain = ks.stats("bitplane", dict(ks._BP, BLOCK_B=4, BLOCK_N=32, GPI=1, SPLIT_K=1, NUM_STAGES=1), 2)
+        one = ks.stats("bitplane", dict(ks._BP, QUANT_IN=True, BLOCK_B=1, BLOCK_N=128, GPI=1, SPLIT_K=4,
+                                        NUM_STAGES=1), 4)
     except RuntimeError as e:  # a triton build without the CUDA backend / ptxas
         if "ptxas" in str(e).lower() or "backend" in str(e).lower():
             pytest.skip(f"no CUDA compiler backend: {e}")
@@ -201,4 +233,7 @@ def test_bitplane_sm90_code_has_popc_wide_loads_and_fewer_instructions(tmp_path,
     assert bp["popc"] >= 48 and plain["popc"] >= 4 * 12 * 32 * 4 // 64
     assert bp["ldgsts"] + bp["ldg_128"] > 0 and bp["bar"] <= 2 and plain["bar"] == 0 and plain["sts"] == 0
     assert bp["instr_per_weight"] < 0.5 * sel["instr_per_weight"]
+    # one launch: the activation planes are built in the loop (their reductions convert layouts: barriers, once per
+    # 128 rows x 128 weights instead of per 16 weights of 32 rows), still well under the select kernel
+    assert one["popc"] >= 48 and one["instr_per_weight"] < 0.5 * sel["instr_per_weight"]
     assert sel["bar"] >= 16  # the select kernel's per-slot layout conversions (what the bit planes remove)
