@@ -5,7 +5,8 @@ Launch 1, :func:`quantize_activations_triton` (one program per token): optional 
 power-of-two block ``HB >= 16`` in fp32, then the per-token asymmetric quantizer of
 :func:`rcp_lib.quant.activations.quantize_per_token` with the same operations (``lo = clip * min``,
 ``s = max((hi - lo) / (L - 1), 1e-10)``, ``c = clamp(round_half_even((x - lo) / s), 0, L - 1)``,
-``zero = -lo / s``, a float; IEEE divisions through ``div_rn``): codes (uint8, written in the order of
+``zero = -lo / s``, a float; IEEE divisions through ``div_rn``; launched without FMA contraction,
+:data:`QUANT_LAUNCH_OPTIONS`): codes (uint8, written in the order of
 :func:`.layout.activation_permutation`), scale and zero (float32 ``[B]``). The Hadamard is computed as
 ``Y = L (X H_C) / sqrt(HB)`` on the row viewed as ``X [K / C, C]`` with ``C = min(HB, 128)`` and
 ``L = kron(I, H_{HB / C})`` (Sylvester: ``H_HB = kron(H_{HB/C}, H_C)``): two small ``tl.dot`` in full fp32
@@ -76,10 +77,14 @@ from .layout import fused_layout_supported
 
 __all__ = ["quantize_activations_triton", "w2a4_matmul_triton", "w2a4_bitplane_matmul_triton",
            "w2a4_bitplane_linear_triton", "w2a4_linear_triton",
-           "hadamard_supported", "bitplane_configs", "GEMV_FORMATS",
+           "hadamard_supported", "bitplane_configs", "GEMV_FORMATS", "QUANT_LAUNCH_OPTIONS",
            "gemv_configs", "gemm_configs", "default_config", "AUTOTUNE", "GEMV_MAX_BATCH", "MAX_ROW"]
 
 GEMV_MAX_BATCH = 4
+#: launch options of every kernel that quantizes activations (the pre-kernel, the bit-serial GEMV): no FMA contraction,
+#: so that ``x - clip * min`` rounds its product first, as ``quantize_per_token`` does in torch (with contraction the
+#: sm_90 code computes it as one fma per element and, for a clip ratio below 1, codes move across rounding boundaries)
+QUANT_LAUNCH_OPTIONS = {"enable_fp_fusion": False}
 MAX_ROW = 32768
 _SPLITK_MAX_BUCKET = 64  # split-K (and its workspace) only up to this many tokens
 
@@ -652,7 +657,7 @@ def quantize_activations_triton(x: torch.Tensor, bits: int, clip_ratio: float, G
         1.0 / math.sqrt(hb) if hb else 1.0,
         LEVELS=1 << bits, G=G or 16, PERMUTE=G is not None, HADAMARD=hb is not None, MIX_ROWS=hl is not None,
         KP=KP, C=C, RP=RP, PLANES=planes, ABITS=bits, INTERPRET=interp,
-        num_warps=num_warps,
+        num_warps=num_warps, **QUANT_LAUNCH_OPTIONS,
     )  # fmt: skip
     return codes, s, z
 
@@ -743,8 +748,8 @@ def w2a4_bitplane_linear_triton(x: torch.Tensor, wplanes: torch.Tensor, lut: tor
 
     if not bitplane_layout_supported(K, G):
         raise ValueError(f"the bit-serial kernel needs G % 32 == 0 and K % G == 0, got K={K}, G={G}")
-    if x.dim() != 2 or x.shape[1] != K or not x.is_floating_point():
-        raise ValueError(f"x must be float [B, K={K}], got {x.dtype} {tuple(x.shape)}")
+    if x.dim() != 2 or x.shape[1] != K or x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise ValueError(f"x must be fp16 / bf16 / fp32 [B, K={K}], got {x.dtype} {tuple(x.shape)}")
     if not 1 <= act_bits <= 8:
         raise ValueError(f"act_bits must be in 1..8, got {act_bits}")
     if not 0 < act_clip_ratio <= 1:
@@ -755,8 +760,7 @@ def w2a4_bitplane_linear_triton(x: torch.Tensor, wplanes: torch.Tensor, lut: tor
     _check_operands(x.shape[0], N, K, G, lut, wsum)
     x = x if x.stride(-1) == 1 else x.contiguous()
     wplanes = wplanes.contiguous()
-    dummy = torch.zeros(x.shape[0], dtype=torch.float32, device=x.device)
-    return _launch("bitplane", x, dummy, dummy, wplanes, lut, wsum, bias, out_dtype or x.dtype, G, config,
+    return _launch("bitplane", x, wsum, wsum, wplanes, lut, wsum, bias, out_dtype or x.dtype, G, config,
                    (x.stride(0), 0, wplanes.stride(0), wplanes.stride(1)), abits=act_bits, clip=act_clip_ratio,
                    quant_in=True)
 
@@ -774,12 +778,16 @@ def _launch(path: str, x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
     """The launch shared by the three launch-2 kernels: operands to the device layout, the split-K workspace, a fixed
     configuration (interpreter, ``AUTOTUNE`` off, or given) or the autotuned kernel."""
     _check_device(x)
+    _set_helpers(interpret_mode())
     dev = x.device
     B, N, K = x.shape[0], w.shape[0], (x.shape[-1] * 32 if path == "bitplane" and not quant_in else x.shape[1])
     lut = lut.contiguous()
-    scale = scale.reshape(B).to(device=dev, dtype=torch.float32).contiguous()
-    zero = zero.reshape(B).to(device=dev, dtype=torch.float32).contiguous()
     wsum = wsum.to(device=dev, dtype=torch.float32).contiguous()
+    if quant_in:  # the kernel computes scale and zero itself: any fp32 pointer (no allocation, no launch)
+        scale = zero = wsum
+    else:
+        scale = scale.reshape(B).to(device=dev, dtype=torch.float32).contiguous()
+        zero = zero.reshape(B).to(device=dev, dtype=torch.float32).contiguous()
     y = torch.empty((B, N), dtype=out_dtype, device=dev)
     if B == 0 or N == 0:
         return y
@@ -789,8 +797,10 @@ def _launch(path: str, x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
     has_bias = bias is not None
     args = (x, scale, zero, w, lut, wsum, bias if has_bias else wsum, y, ws, cnt,
             B, N, K, *strides, lut.stride(0), y.stride(0), min(bucket, 4096))
+    opts = {}
     if path == "bitplane":
         args += (float(clip),)
+        opts = QUANT_LAUNCH_OPTIONS
     interp = interpret_mode()
     if path == "gemm":
         consts = dict(G=G, HAS_BIAS=has_bias, DOT_F32=lut.dtype == torch.float32, INTERPRET=interp)
@@ -818,7 +828,7 @@ def _launch(path: str, x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
             raise ValueError("BLOCK_N must be >= 8 (the split-K counters are sized for it)")
         bb = consts.get("BLOCK_B", cfg.get("BLOCK_B"))
         grid = (triton.cdiv(N, cfg["BLOCK_N"]), cfg["SPLIT_K"], triton.cdiv(B, bb))
-        _jitted(path)[grid](*args, **consts, **cfg, num_warps=nw)
+        _jitted(path)[grid](*args, **consts, **cfg, num_warps=nw, **opts)
     else:
         kern = _tuned(path, G, split_ok)
 
@@ -826,7 +836,7 @@ def _launch(path: str, x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
             bb = meta["BLOCK_B"]
             return (triton.cdiv(N, meta["BLOCK_N"]), meta["SPLIT_K"], triton.cdiv(B, bb))
 
-        kern[grid](*args, **consts)
+        kern[grid](*args, **consts, **opts)
     return y
 
 

@@ -134,6 +134,21 @@ def test_random_weights_never_write_into_results(tmp_path, monkeypatch):
     assert results_dir(P) == tmp_path / "r" / P.run_name  # a modified profile: its own folder
 
 
+@pytest.mark.slow
+def test_gpu_check_export_fused_paths_under_interpreter(tmp_path):
+    """The export section with the fused paths (select and bit-serial decode) in the triton interpreter (~2 min):
+    the kernels' quantizer gives quantize_per_token's codes, every linear agrees teacher-forced, both verdicts pass."""
+    out = tmp_path / "check.json"
+    env = {**__import__("os").environ, "PYTHONPATH": str(ROOT), "TRITON_INTERPRET": "1"}
+    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_check.py"), "--device", "cpu", "--tiny",
+                        "--sections", "export", "--out", str(out)], capture_output=True, text=True, timeout=900, env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    ex = json.loads(out.read_text())["export"]
+    assert ex["kernel_code_mismatches"] == 0 and ex["kernel_code_mismatches_hadamard"] == 0
+    assert ex["fused_path_ok"] and ex["fused_bitplane_ok"]
+    assert ex["teacher_forced_decode_max_rel_triton_bitplane"] < 1e-4 and ex["packed_linears_triton_bitplane"] == 14
+
+
 def test_gpu_check_self_test_on_cpu(tmp_path):
     out = tmp_path / "check.json"
     r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_check.py"), "--device", "cpu", "--tiny",

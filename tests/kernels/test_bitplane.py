@@ -172,7 +172,7 @@ def test_one_launch_equals_prekernel_then_matmul(B, N, K, G, dtype, config):
     assert w2a4_bitplane_linear_triton(x, wp, lut, ws, K, G, 4, 0.9, config=config).dtype == dtype
     with pytest.raises(ValueError, match="act_clip_ratio"):
         w2a4_bitplane_linear_triton(x, wp, lut, ws, K, G, 4, 0.0)
-    with pytest.raises(ValueError, match="x must be float"):
+    with pytest.raises(ValueError, match="x must be fp16"):
         w2a4_bitplane_linear_triton(x.to(torch.uint8), wp, lut, ws, K, G)
 
 
@@ -237,3 +237,48 @@ def test_bitplane_sm90_code_has_popc_wide_loads_and_fewer_instructions(tmp_path,
     # 128 rows x 128 weights instead of per 16 weights of 32 rows), still well under the select kernel
     assert one["popc"] >= 48 and one["instr_per_weight"] < 0.5 * sel["instr_per_weight"]
     assert sel["bar"] >= 16  # the select kernel's per-slot layout conversions (what the bit planes remove)
+
+
+@needs_triton
+def test_quantizing_kernels_launch_without_fma_contraction(tmp_path, monkeypatch):
+    """Both kernels that quantize activations are launched with QUANT_LAUNCH_OPTIONS, and with those options the
+    pre-kernel's sm_90 code has no fma (with contraction, ``x - clip * min`` becomes one fma per element and rounds
+    differently from quantize_per_token when clip < 1)."""
+    import rcp_lib.kernels.triton_w2a4 as T
+
+    seen = []
+
+    class _Rec:
+        def __getitem__(self, grid):
+            return lambda *a, **kw: seen.append(kw)
+
+    monkeypatch.setattr(T, "_jitted", lambda name: _Rec())
+    x = torch.randn(2, 128)
+    codes, lut, _ = _problem(1, 8, 128, 32)
+    wp, ws = weight_bitplanes(pack_codes(codes), 128), torch.zeros(8)
+    T.quantize_activations_triton(x, 4, 0.9, 32)
+    T.w2a4_bitplane_linear_triton(x, wp, lut, ws, 128, 32, 4, 0.9)
+    assert len(seen) == 2 and all(kw.get("enable_fp_fusion") is False for kw in seen)
+    monkeypatch.undo()
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    sig = {"x_ptr": "*fp16", "c_ptr": "*i32", "s_ptr": "*fp32", "z_ptr": "*fp32", "hc_ptr": "*fp32", "hl_ptr": "*fp32",
+           "K": "i32", "stride_xb": "i32", "stride_cb": "i32", "stride_cj": "i32", "clip": "fp32", "inv_sqrt": "fp32"}
+    const = dict(LEVELS=16, G=128, PERMUTE=False, HADAMARD=False, MIX_ROWS=False, KP=4096, C=16, RP=16, PLANES=True,
+                 ABITS=4, INTERPRET=False)
+    ptx = {}
+    for fusion in (True, False):
+        src = ASTSource(fn=T._jitted("act"), signature={**sig, **{k: "constexpr" for k in const}}, constexprs=const)
+        try:
+            k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4, "enable_fp_fusion": fusion})
+        except RuntimeError as e:
+            if "ptxas" in str(e).lower() or "backend" in str(e).lower():
+                pytest.skip(f"no CUDA compiler backend: {e}")
+            raise
+        ptx[fusion] = k.asm["ptx"]
+    assert "fma.rn.f32" in ptx[True]  # what contraction does to the quantizer
+    assert "fma.rn.f32" not in ptx[False] and T.QUANT_LAUNCH_OPTIONS == {"enable_fp_fusion": False}
