@@ -68,7 +68,7 @@ def compile_sass(name: str, const: dict, num_warps: int) -> str:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from rcp_lib.kernels.triton_w2a4 import _jitted, interpret_mode
+    from rcp_lib.kernels.triton_w2a4 import QUANT_LAUNCH_OPTIONS, _jitted, interpret_mode
 
     if interpret_mode():
         raise RuntimeError("kernel_sass compiles the GPU kernels: unset TRITON_INTERPRET")
@@ -80,7 +80,8 @@ def compile_sass(name: str, const: dict, num_warps: int) -> str:
     const = {**const, "INTERPRET": False}
     src = ASTSource(fn=_jitted(name), signature={**sig, **{k: "constexpr" for k in const}}, constexprs=const,
                     attrs=attrs)
-    k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
+    opts = {"num_warps": num_warps, **(QUANT_LAUNCH_OPTIONS if name == "bitplane" else {})}  # as launched
+    k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=opts)
     nvdisasm = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "nvdisasm"
     with tempfile.TemporaryDirectory() as d:
         cubin = Path(d) / "k.cubin"
