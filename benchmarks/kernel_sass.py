@@ -1,8 +1,8 @@
 """Static instruction counts of the W2A4 GEMV kernels' inner loop, from their sm_90 machine code (no GPU needed).
 
 Each kernel of ``kernels/triton_w2a4.py`` is compiled for sm_90 (``triton.compile`` with a ``GPUTarget``; triton's
-own ptxas), its cubin disassembled with triton's ``nvdisasm``, and the body of its K loop (the backward branch that
-encloses the most instructions) counted by opcode. ``instr_per_weight`` = loop instructions per thread x threads
+own ptxas, with the kernel's launch options), its cubin disassembled with triton's ``nvdisasm``, and the body of its
+K loop (the backward-branch loop with the most popcounts, or selects for the select kernel) counted by opcode. ``instr_per_weight`` = loop instructions per thread x threads
 per program / weights per loop iteration and token, i.e. the issue slots one weight costs at batch 1 (a static
 count: not a time, not a speed; latency, occupancy and memory behaviour are not in it). ``bar`` counts ``BAR``
 (CTA barriers: every layout conversion through shared memory costs two), ``sts``/``lds`` shared-memory stores and
@@ -94,9 +94,11 @@ _BRA = re.compile(r"/\*([0-9a-f]{4,})\*/.*\bBRA\b.*`\((\.L_x_\d+)\)")
 _LABEL = re.compile(r"^(\.L_x_\d+):")
 
 
-def loop_opcodes(sass: str) -> Counter:
-    """Opcode counts (``LDG.E.128`` keeps its width suffix, other opcodes lose theirs) of the largest backward-branch
-    loop in ``sass``."""
+def loop_opcodes(sass: str, marker: str | None = None) -> Counter:
+    """Opcode counts (``LDG.E.128`` keeps its width suffix as ``LDG.128``, other opcodes lose theirs) of one
+    backward-branch loop of ``sass``: the one with the most ``marker`` instructions (the K loop's signature: ``POPC``
+    for the bit-serial kernel, ``FSEL`` for the select kernel; the one-launch kernel also has a min / max loop over
+    the activations), the largest on a tie or without a marker."""
     labels, instrs = {}, []
     pending = []
     for line in sass.splitlines():
@@ -111,20 +113,19 @@ def loop_opcodes(sass: str) -> Counter:
                 labels[lab] = addr
             pending = []
             instrs.append((addr, m.group(2), m.group(3), line))
-    best = None
+    loops: list[Counter] = []
     for addr, op, _, line in instrs:
         b = _BRA.search(line)
         if op == "BRA" and b and b.group(2) in labels and labels[b.group(2)] <= addr:
-            span = (labels[b.group(2)], addr)
-            if best is None or span[1] - span[0] > best[1] - best[0]:
-                best = span
-    if best is None:
+            lo, hi = labels[b.group(2)], addr
+            c: Counter = Counter()
+            for a2, op2, suffix, _ in instrs:
+                if lo <= a2 <= hi:
+                    c["LDG.128" if op2 == "LDG" and ".128" in suffix else op2] += 1
+            loops.append(c)
+    if not loops:
         raise RuntimeError("no loop found in the SASS")
-    c: Counter = Counter()
-    for addr, op, suffix, _ in instrs:
-        if best[0] <= addr <= best[1]:
-            c["LDG.128" if op == "LDG" and ".128" in suffix else op] += 1
-    return c
+    return max(loops, key=lambda c: (c[marker] if marker else 0, sum(c.values())))
 
 
 def weights_per_iteration(name: str, const: dict) -> int:
@@ -133,7 +134,7 @@ def weights_per_iteration(name: str, const: dict) -> int:
 
 
 def stats(name: str, const: dict, num_warps: int) -> dict:
-    c = loop_opcodes(compile_sass(name, const, num_warps))
+    c = loop_opcodes(compile_sass(name, const, num_warps), "POPC" if name == "bitplane" else "FSEL")
     total = sum(c.values())
     threads = 32 * num_warps
     w = weights_per_iteration(name, const)

@@ -282,3 +282,22 @@ def test_quantizing_kernels_launch_without_fma_contraction(tmp_path, monkeypatch
         ptx[fusion] = k.asm["ptx"]
     assert "fma.rn.f32" in ptx[True]  # what contraction does to the quantizer
     assert "fma.rn.f32" not in ptx[False] and T.QUANT_LAUNCH_OPTIONS == {"enable_fp_fusion": False}
+
+
+@needs_triton
+@pytest.mark.slow
+def test_every_bitplane_candidate_lowers_to_sm90(tmp_path, monkeypatch):
+    """Each autotuning candidate compiles to sm_90 code with hardware popcounts, for activation planes and for the
+    one-launch kernel, at one and four tokens per tile (~40 s): a GPU's first autotuning run meets no compile error."""
+    from rcp_lib.kernels.triton_w2a4 import bitplane_configs
+
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))
+    ks = _sass_tool()
+    for quant_in in (False, True):
+        for block_b in (1, 4):
+            for cfg in bitplane_configs(128):
+                cfg = dict(cfg)
+                nw = cfg.pop("num_warps")
+                r = ks.stats("bitplane", dict(ks._BP, QUANT_IN=quant_in, BLOCK_B=block_b, **cfg), nw)
+                assert r["popc"] > 0, (quant_in, block_b, cfg)
