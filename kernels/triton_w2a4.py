@@ -181,6 +181,14 @@ def _act_quant_kernel(
     tl.store(z_ptr + pid, zero)
 
 
+def _split_range_fn(NG, pid_k, SPLIT_K: tl.constexpr, GPI: tl.constexpr):
+    """Groups ``[g_start, g_end)`` of split ``pid_k``: ``NG`` groups in ``SPLIT_K`` contiguous ranges, each a multiple
+    of ``GPI`` (the last one ragged, trailing ones possibly empty)."""
+    per_split = ((NG + SPLIT_K - 1) // SPLIT_K + GPI - 1) // GPI * GPI  # tl.cdiv is a jit helper
+    g_start = pid_k * per_split
+    return g_start, tl.minimum(g_start + per_split, NG)
+
+
 def _epilogue_fn(part, scale, zero, offs_b, offs_n, mask_b, mask_n, pid_b, pid_n, N, stride_yb, wsum_ptr, bias_ptr,
                  y_ptr, ws_ptr, cnt_ptr, HAS_BIAS: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr,
                  SPLIT_K: tl.constexpr):
@@ -223,9 +231,7 @@ def _w2a4_gemv_kernel(
     offs_b = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
     mask_n = offs_n < N
     mask_b = offs_b < B
-    per_split = ((NG + SPLIT_K - 1) // SPLIT_K + GPI - 1) // GPI * GPI  # tl.cdiv is a jit helper
-    g_start = pid_k * per_split
-    g_end = tl.minimum(g_start + per_split, NG)
+    g_start, g_end = _split_range(NG, pid_k, SPLIT_K, GPI)
     col = tl.arange(0, COLS)
     gcol = col // WPG
     jcol = col % WPG
@@ -275,9 +281,7 @@ def _w2a4_gemm_kernel(
     offs_b = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
     mask_n = offs_n < N
     mask_b = offs_b < B
-    per_split = ((NG + SPLIT_K - 1) // SPLIT_K + GPI - 1) // GPI * GPI  # tl.cdiv is a jit helper
-    g_start = pid_k * per_split
-    g_end = tl.minimum(g_start + per_split, NG)
+    g_start, g_end = _split_range(NG, pid_k, SPLIT_K, GPI)
     col = tl.arange(0, COLS)
     gcol = col // WPG
     jcol = col % WPG
@@ -350,9 +354,7 @@ def _w2a4_bitplane_gemv_kernel(
     offs_b = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
     mask_n = offs_n < N
     mask_b = offs_b < B
-    per_split = ((NG + SPLIT_K - 1) // SPLIT_K + GPI - 1) // GPI * GPI
-    g_start = pid_k * per_split
-    g_end = tl.minimum(g_start + per_split, NG)
+    g_start, g_end = _split_range(NG, pid_k, SPLIT_K, GPI)
     col = tl.arange(0, COLS)
     grp = tl.arange(0, GPI)
     n3 = offs_n[None, :, None]
@@ -498,7 +500,7 @@ _DEFAULT_INTERP = {"gemv": dict(BLOCK_N=16, GPI=1, SPLIT_K=1, num_warps=4, NUM_S
 
 _JIT: dict = {}
 _TUNED: dict = {}
-_popcount = _epilogue = _act_range = _act_codes = None  # the jit helpers, bound per mode by _set_helpers before a kernel is decorated or launched
+_popcount = _epilogue = _act_range = _act_codes = _split_range = None  # the jit helpers, bound per mode by _set_helpers before a kernel is decorated or launched
 
 
 _KERNELS = {"act": "_act_quant_kernel", "gemv": "_w2a4_gemv_kernel", "gemm": "_w2a4_gemm_kernel",
@@ -506,11 +508,11 @@ _KERNELS = {"act": "_act_quant_kernel", "gemv": "_w2a4_gemv_kernel", "gemm": "_w
 
 
 def _set_helpers(interp: bool) -> None:
-    """Bind the jit helpers the kernels call (``_popcount``, ``_epilogue``) for this mode: decorated lazily, like the
+    """Bind the jit helpers the kernels call (``_popcount``, ``_epilogue``, ...) for this mode: decorated lazily, like the
     kernels, and rebound before every decoration or launch (the interpreter and the compiler need different
     objects)."""
     for name, fn in (("_popcount", _popcount_fn), ("_epilogue", _epilogue_fn), ("_act_range", _act_range_fn),
-                     ("_act_codes", _act_codes_fn)):
+                     ("_act_codes", _act_codes_fn), ("_split_range", _split_range_fn)):
         key = (name, interp)
         if key not in _JIT:
             _JIT[key] = triton.jit(fn)
@@ -716,15 +718,9 @@ def w2a4_bitplane_matmul_triton(aplanes: torch.Tensor, scale: torch.Tensor, zero
         ``[B, N]`` in ``out_dtype``. Any batch is accepted; it is meant for decode (a few tokens): each token costs
         the 12 popcounts per 32 weights again, where the GEMM path shares its dequantized tile.
     """
-    from .layout import bitplane_layout_supported
-
-    if not bitplane_layout_supported(K, G):
-        raise ValueError(f"the bit-serial kernel needs G % 32 == 0 and K % G == 0, got K={K}, G={G}")
+    N = _check_wplanes(wplanes, K, G)
     if aplanes.dim() != 3 or aplanes.shape[2] != K // 32 or aplanes.dtype != torch.int32 or not 1 <= aplanes.shape[1] <= 8:
         raise ValueError(f"aplanes must be int32 [B, bits (1..8), {K // 32}], got {aplanes.dtype} {tuple(aplanes.shape)}")
-    N = wplanes.shape[0]
-    if wplanes.dtype != torch.int32 or tuple(wplanes.shape) != (N, 2, K // 32):
-        raise ValueError(f"wplanes must be int32 [N, 2, {K // 32}], got {wplanes.dtype} {tuple(wplanes.shape)}")
     _check_operands(aplanes.shape[0], N, K, G, lut, wsum)
     aplanes, wplanes = aplanes.contiguous(), wplanes.contiguous()
     return _launch("bitplane", aplanes, scale, zero, wplanes, lut, wsum, bias, out_dtype, G, config,
@@ -744,25 +740,31 @@ def w2a4_bitplane_linear_triton(x: torch.Tensor, wplanes: torch.Tensor, lut: tor
     Args: as :func:`w2a4_bitplane_matmul_triton`, with ``x`` fp16 / bf16 / fp32 activations instead of the planes
     and ``act_bits`` in 1..8, ``act_clip_ratio`` in ``(0, 1]``.
     """
-    from .layout import bitplane_layout_supported
-
-    if not bitplane_layout_supported(K, G):
-        raise ValueError(f"the bit-serial kernel needs G % 32 == 0 and K % G == 0, got K={K}, G={G}")
+    N = _check_wplanes(wplanes, K, G)
     if x.dim() != 2 or x.shape[1] != K or x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         raise ValueError(f"x must be fp16 / bf16 / fp32 [B, K={K}], got {x.dtype} {tuple(x.shape)}")
     if not 1 <= act_bits <= 8:
         raise ValueError(f"act_bits must be in 1..8, got {act_bits}")
     if not 0 < act_clip_ratio <= 1:
         raise ValueError(f"act_clip_ratio must be in (0, 1], got {act_clip_ratio}")
-    N = wplanes.shape[0]
-    if wplanes.dtype != torch.int32 or tuple(wplanes.shape) != (N, 2, K // 32):
-        raise ValueError(f"wplanes must be int32 [N, 2, {K // 32}], got {wplanes.dtype} {tuple(wplanes.shape)}")
     _check_operands(x.shape[0], N, K, G, lut, wsum)
     x = x if x.stride(-1) == 1 else x.contiguous()
     wplanes = wplanes.contiguous()
     return _launch("bitplane", x, wsum, wsum, wplanes, lut, wsum, bias, out_dtype or x.dtype, G, config,
                    (x.stride(0), 0, wplanes.stride(0), wplanes.stride(1)), abits=act_bits, clip=act_clip_ratio,
                    quant_in=True)
+
+
+def _check_wplanes(wplanes: torch.Tensor, K: int, G: int) -> int:
+    """Validate the bit-serial kernel's shape and weight planes; returns ``N``."""
+    from .layout import bitplane_layout_supported
+
+    if not bitplane_layout_supported(K, G):
+        raise ValueError(f"the bit-serial kernel needs G % 32 == 0 and K % G == 0, got K={K}, G={G}")
+    N = wplanes.shape[0]
+    if wplanes.dtype != torch.int32 or tuple(wplanes.shape) != (N, 2, K // 32):
+        raise ValueError(f"wplanes must be int32 [N, 2, {K // 32}], got {wplanes.dtype} {tuple(wplanes.shape)}")
+    return N
 
 
 def _check_operands(B: int, N: int, K: int, G: int, lut: torch.Tensor, wsum: torch.Tensor) -> None:
