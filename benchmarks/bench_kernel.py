@@ -27,8 +27,8 @@ fixed random fp16 KV cache of ``--kv-len`` tokens, no RoPE, cache not appended),
 (11008 x 4096), SiLU gating, down (4096 x 11008), residual; no embedding / lm_head. ``fp16`` uses ``nn.Linear``
 fp16 weights, ``w2a4`` uses :class:`rcp_lib.packing.PackedLinear` (random codes and LUTs, G = 128, A4, the online
 R4 Hadamard on down_proj's input: 11008 is not a power of two, so that transform runs in torch before the fused
-pre-kernel); ``w2a4_bitplane`` is the same stack with the bit-serial decode kernel. One token step is captured in a CUDA graph; tokens/s = 1 / median step time (no L2 flush: the weights
-exceed L2).
+pre-kernel); ``w2a4_bitplane`` is the same stack with the bit-serial decode kernel. One token step is captured in a
+CUDA graph; tokens/s = 1 / median step time (no L2 flush: the weights exceed L2).
 
 Rows carry provenance (:func:`rcp_lib.io.provenance`: git commit, device, torch version, date) plus the triton
 version and the measured copy bandwidth. Without a CUDA GPU the script prints one line and exits with status 2,
@@ -250,14 +250,13 @@ def measure(dev, shapes, batches, G: int, copy_mib: int, bench, layers: int = 0,
                  packed.nbytes + lut.nbytes + act + B * N * 4, "torch.ops.rcp.w2a4_gemv", rel["w2a4_generic_op"]),
             ]  # fmt: skip
             if decode:
-                p_bytes = wplanes.nbytes + lut.nbytes + wsum.nbytes + ac.nbytes + 8 * B + B * N * 2
+                wp_bytes = wplanes.nbytes + lut.nbytes + wsum.nbytes + B * N * 2  # weights + output
                 results += [
                     ("w2a4_bitplane_fused", bench(lambda: w2a4_linear_triton(x, packed, lut, wsum, K, G, wplanes=wplanes)),
-                     p_bytes - ac.nbytes - 8 * B + x.nbytes, "one launch (quantize + bitplane)",
-                     rel["w2a4_bitplane_fused"]),
+                     wp_bytes + x.nbytes, "one launch (quantize + bitplane)", rel["w2a4_bitplane_fused"]),
                     ("w2a4_bitplane_matmul", bench(lambda: w2a4_bitplane_matmul_triton(ac, as_, az, wplanes, lut, wsum, K, G,
                                                                                       None, torch.float16)),
-                     p_bytes, "bitplane", rel["w2a4_bitplane_matmul"]),
+                     wp_bytes + ac.nbytes + 8 * B, "bitplane", rel["w2a4_bitplane_matmul"]),
                 ]  # fmt: skip
             t_fp16 = results[0][1]
             for method, t_ms, moved, cfg, err in results:

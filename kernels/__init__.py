@@ -39,9 +39,9 @@ if __name__ == "rcp_lib.kernels":
     from . import bitpack as _bitpack
     from .bitpack import SUPPORTED_BITS, codes_per_word, dequantize, pack_codes, packed_words, unpack_codes
     from . import layout as _layout
-    from .layout import (activation_bitplanes, activation_permutation, bitplane_layout_supported, bitplanes_to_codes,
-                         fused_layout_supported, permute_activations, unpermute_activations, weight_bitplanes,
-                         weight_bitplanes_to_packed, weight_row_sums)
+    from .layout import (GEMV_FORMATS, activation_bitplanes, activation_permutation, bitplane_layout_supported,
+                         bitplanes_to_codes, fused_layout_supported, permute_activations, unpermute_activations,
+                         weight_bitplanes, weight_bitplanes_to_packed, weight_row_sums)
     from .op import triton_available, w2a4_gemv
     from .reference import w2a4_gemv_reference
 

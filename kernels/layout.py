@@ -56,7 +56,7 @@ from .bitpack import codes_per_word, dequantize, pack_codes, unpack_codes
 
 __all__ = ["activation_permutation", "permute_activations", "unpermute_activations", "weight_row_sums",
            "fused_layout_supported", "bitplane_layout_supported", "weight_bitplanes", "weight_bitplanes_to_packed",
-           "activation_bitplanes", "bitplanes_to_codes"]
+           "activation_bitplanes", "bitplanes_to_codes", "GEMV_FORMATS"]
 
 
 def fused_layout_supported(K: int, G: int, bits: int = 2) -> bool:
@@ -103,6 +103,12 @@ def weight_row_sums(packed: torch.Tensor, lut: torch.Tensor, K: int, G: int, bit
 
 
 # ------------------------------------------------------------------------------------------------------ bit planes
+GEMV_FORMATS = ("select", "bitplane")
+"""Launch-2 kernels of the fused decode path (``B <= GEMV_MAX_BATCH``, :mod:`.triton_w2a4`): "select" reads the stored
+words and selects each weight's level (``w2a4_matmul_triton``), "bitplane" the bit planes
+(``w2a4_bitplane_matmul_triton`` / ``w2a4_bitplane_linear_triton``)."""
+
+
 def bitplane_layout_supported(K: int, G: int, bits: int = 2) -> bool:
     """Whether the bit-serial GEMV runs this shape: 2-bit weights, ``G % 32 == 0`` and ``K % G == 0``."""
     return bits == 2 and G > 0 and G % 32 == 0 and K % G == 0 and K > 0

@@ -73,7 +73,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .layout import fused_layout_supported
+from .layout import GEMV_FORMATS, fused_layout_supported  # noqa: F401  (GEMV_FORMATS re-exported)
 
 __all__ = ["quantize_activations_triton", "w2a4_matmul_triton", "w2a4_bitplane_matmul_triton",
            "w2a4_bitplane_linear_triton", "w2a4_linear_triton",
@@ -840,11 +840,6 @@ def _launch(path: str, x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
 
         kern[grid](*args, **consts, **opts)
     return y
-
-
-GEMV_FORMATS = ("select", "bitplane")
-"""Launch-2 kernels of the decode path (``B <= GEMV_MAX_BATCH``): "select" reads the stored words and selects each
-weight's level (:func:`w2a4_matmul_triton`), "bitplane" the bit planes (:func:`w2a4_bitplane_matmul_triton`)."""
 
 
 def w2a4_linear_triton(x: torch.Tensor, packed_w: torch.Tensor, lut: torch.Tensor, wsum: torch.Tensor, K: int,

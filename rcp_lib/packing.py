@@ -384,8 +384,10 @@ def save_quantized(model: nn.Module, path: str | os.PathLike, tokenizer=None, dt
 
 
 def _check_gemv_format(fmt: str) -> str:
-    if fmt not in ("select", "bitplane"):
-        raise ValueError(f"gemv_format must be 'select' or 'bitplane', got {fmt!r}")
+    from .kernels.layout import GEMV_FORMATS
+
+    if fmt not in GEMV_FORMATS:
+        raise ValueError(f"gemv_format must be one of {GEMV_FORMATS}, got {fmt!r}")
     return fmt
 
 
@@ -410,7 +412,7 @@ class PackedLinear(nn.Module):
     the fused path (CPU tensors need ``TRITON_INTERPRET=1``), "torch" the reference. The stored tensors are the same for every
     backend; the fused path derives ``wsum`` (:meth:`kernel_weights`) once per device.
 
-    ``gemv_format`` picks the fused path's decode kernel (:data:`rcp_lib.kernels.triton_w2a4.GEMV_FORMATS`): "select"
+    ``gemv_format`` picks the fused path's decode kernel (:data:`rcp_lib.kernels.layout.GEMV_FORMATS`): "select"
     (default: the stored words, each weight's level selected in registers; the kernel measured on a GPU) or
     "bitplane" (the bit-serial kernel on weight bit planes derived once per device, :meth:`kernel_planes`; fewer
     instructions per weight in its sm_90 code, speed not yet measured).
