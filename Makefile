@@ -1,13 +1,16 @@
 # Two commands do everything on a fresh machine (see README):
 #   make test        create .venv if missing, install, run the default (CPU, offline) test suite
 #   make reproduce   create .venv if missing, install, run the main job (all notebooks, embedded default)
+# torch comes from PyTorch's CPU index by default (the default index would give a multi-GB CUDA build on Linux);
 # GPU users: make test TORCH_SPEC="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128"
+# Needs Python >= 3.11 (the pinned packages do): make test PYTHON=python3.11 where python3 is older.
 
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
-TORCH_SPEC ?= torch==2.13.0
+MIN_PYTHON := 3.11
+TORCH_SPEC ?= torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu
 PROFILE ?= cpu
 STAMP := $(VENV)/.rcp-installed
 export HF_HUB_OFFLINE ?= 1
@@ -19,6 +22,11 @@ export TOKENIZERS_PARALLELISM ?= false
 install: $(STAMP)
 
 $(STAMP): requirements.txt pyproject.toml
+	@py=$(PYTHON); if test -x $(PY); then py=$(PY); fi; \
+	v=$$($$py -c 'import sys; print("%d.%d" % sys.version_info[:2])' 2>/dev/null); \
+	if test -z "$$v" || ! printf '%s\n' $(MIN_PYTHON) "$$v" | sort -V -C; then \
+	  echo "error: rcp-companion needs Python >= $(MIN_PYTHON) (its pinned packages do), but $$py is $${v:-not a runnable Python}; run make with PYTHON=python3.11 (or newer), after removing $(VENV) if an older Python made it" >&2; \
+	  exit 1; fi
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(TORCH_SPEC)

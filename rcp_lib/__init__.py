@@ -11,8 +11,11 @@ Public API (re-exported here; see each module for details):
 * evaluate:   ``perplexity``, ``zero_shot``             (rcp_lib.evaluation)
 * deploy:     ``save_quantized``, ``load_quantized``, ``footprint``   (rcp_lib.packing, rcp_lib.memory)
 
-Importing rcp_lib registers the "rcp" quantization method with transformers (rcp_lib.hf), so
-``AutoModelForCausalLM.from_pretrained(DIR)`` loads a folder written by ``save_quantized``.
+Importing rcp_lib registers, explicitly and once, the "rcp" quantization method and the ``rcp_<family>`` model types
+of packed folders with transformers (:func:`rcp_lib.hf.register`), so ``AutoModelForCausalLM.from_pretrained(DIR)``
+loads a folder written by ``save_quantized``; a process that has not imported rcp_lib refuses such a folder (unknown
+model type) unless ``trust_remote_code=True`` lets the folder's ``modeling_rcp.py`` import rcp_lib. Importing rcp_lib
+therefore imports transformers: set ``HF_HUB_OFFLINE`` / ``HF_DATASETS_OFFLINE`` before it where they matter.
 """
 
 __version__ = "0.1.0"
@@ -27,9 +30,9 @@ from .quant.calibrate import gptq_model
 from .quant.linear import freeze_model
 from .recipe import Recipe
 from .rotation import RotationConfig, gsr, hadamard, rotate_model, walsh
-from ._hf_hook import install as _install_hf_quantizer
+from .hf import register as _register_with_transformers
 
-_install_hf_quantizer()  # transformers' "rcp" quantization method, registered when transformers loads its quantizers
+_register_with_transformers()  # transformers' "rcp" quantization method and the rcp_<family> model types
 
 __all__ = [
     "__version__",

@@ -1,9 +1,11 @@
-"""Command line: ``python -m rcp_lib {ppl,qat,reproduce,table,readme,train-rows,export,eval}``
+"""Command line: ``python -m rcp_lib {ppl,qat,reproduce,table,readme,train-rows,export,eval,compare}``
 (``python -m rcp_lib <command> --help``).
 
-Known errors (bad input: a malformed or mistyped config, an unknown model, profile or field, a corpus or device that
-is not available here) print one line on stderr and exit with status 2; ``--debug`` (anywhere on the line) shows
-the traceback instead.
+Known errors (bad input: a malformed or mistyped config, an unknown model, profile, method or field, a corpus or
+device that is not available here, a path that cannot be read or written, something not implemented) print one line
+on stderr and exit with status 2; ``--debug`` (anywhere on the line) shows the traceback instead. Every input is
+checked before a model is loaded. Ctrl-C prints one line and exits with status 130 (finished rows, QAT checkpoints
+and cached models stay in the cache: the same command resumes).
 """
 
 from __future__ import annotations
@@ -29,7 +31,10 @@ def _known_errors() -> tuple[type[BaseException], ...]:
     from .experiments.build import QATDoesNotFitError
     from .paths import OutputRootError
 
-    return (CliError, ValueError, FileNotFoundError, NotADirectoryError, yaml.YAMLError, ConnectionError,
+    # OSError: a missing, unreadable or unwritable path (FileNotFoundError, PermissionError, IsADirectoryError,
+    # NotADirectoryError, FileExistsError), a model or hub file that is not there, a connection refused;
+    # NotImplementedError: something this library does not do (e.g. a weight width the packed format cannot hold)
+    return (CliError, ValueError, OSError, NotImplementedError, yaml.YAMLError, ConnectionError,
             CorpusUnavailableError, OutputRootError, QATDoesNotFitError, _model_not_found())
 
 
@@ -162,7 +167,9 @@ def _cmd_reproduce(args: argparse.Namespace) -> int:
     if overrides:
         from .profiles import get_profile
 
-        get_profile(args.profile, **overrides)  # unknown fields / wrong types: one line before any notebook runs
+        # unknown fields / wrong types / method names, a group that does not fit the model: one line before any
+        # notebook runs
+        get_profile(args.profile, **overrides).check_model_sizes()
     try:
         done = reproduce(args.profile, notebooks=args.notebooks or None, overrides=overrides or None,
                          html=not args.no_html)
@@ -205,6 +212,7 @@ def _cmd_table(args: argparse.Namespace) -> int:
     _apply_allow_dirty(args)
     t, stem = _table_for(args)
     P = get_profile(args.profile, **_parse_overrides(args.set))
+    P.check_model_sizes()
     try:
         require_clean_tree()  # fail before computing, not after
     except DirtyTreeError as e:
@@ -237,6 +245,19 @@ def _parse_overrides(items: list[str] | None) -> dict:
     return out
 
 
+def _cmd_compare(args: argparse.Namespace) -> int:
+    """``compare``: every CSV cell of two results folders (:mod:`rcp_lib.compare`); exit 1 when a cell differs."""
+    from .compare import compare_folders
+
+    res = compare_folders(args.a, args.b, rtol=args.rtol, atol=args.atol)
+    for d in res.diffs:
+        print(d.line())
+    for n in res.notes:
+        print(f"note: {n}")
+    print(res.summary(args.rtol, args.atol))
+    return 0 if res.ok else 1
+
+
 def _cmd_readme(args: argparse.Namespace) -> int:
     from .report import results_markdown, update_readme
 
@@ -264,6 +285,7 @@ def _cmd_train_rows(args: argparse.Namespace) -> int:
     from .profiles import get_profile
 
     P = get_profile(args.profile, **_parse_overrides(args.set))
+    P.check_model_sizes()
     if args.method:
         rows = [X.method(args.method, s) for s in ([args.setting] if args.setting else P.settings)]
     else:
@@ -283,12 +305,16 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
     from .export import export_method, export_run
 
-    dtype = getattr(torch, args.dtype)
-    if args.run:
-        path = export_run(args.run, args.out, dtype=dtype, max_shard_size=args.max_shard_size)
-    else:
-        path = export_method(args.method, args.setting, args.profile, args.out, dtype=dtype,
-                             max_shard_size=args.max_shard_size)
+    dtype = None if args.dtype == "auto" else getattr(torch, args.dtype)
+    try:  # the output folder is checked before any model is built (check_output_folder)
+        if args.run:
+            path = export_run(args.run, args.out, dtype=dtype, max_shard_size=args.max_shard_size,
+                              overwrite=args.overwrite)
+        else:
+            path = export_method(args.method, args.setting, args.profile, args.out, dtype=dtype,
+                                 max_shard_size=args.max_shard_size, overwrite=args.overwrite)
+    except FileExistsError as e:
+        raise CliError(f"--out {_one_line(e)}") from e
     print(path)
     return 0
 
@@ -298,7 +324,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from .export import evaluate_folder
 
     out = evaluate_folder(args.model, corpus=args.corpus, seqlen=args.seqlen, max_windows=args.max_windows,
-                          tasks=args.tasks, limit=args.limit, device=args.device)
+                          tasks=args.tasks, limit=args.limit, device=args.device, spread=args.spread)
     if args.json:
         print(json.dumps(out, default=str))
     else:
@@ -307,6 +333,17 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         for r in out.get("zero_shot", []):
             print(f"{r['task']:16s} {r['metric']:10s} {r['value']:.4f} ± {r['stderr']:.4f} (n={r['n_examples']})")
     return 0
+
+
+def _shard_size(text: str) -> int:
+    """argparse ``type`` of ``--max-shard-size``: :func:`rcp_lib.packing._max_shard_bytes` (one parser for the CLI and
+    ``save_quantized``), its ValueError as a usage error (one line, exit 2, before anything is built)."""
+    from .packing import _max_shard_bytes
+
+    try:
+        return _max_shard_bytes(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from e
 
 
 def _add_checkpoint_commands(sub) -> None:
@@ -323,10 +360,15 @@ def _add_checkpoint_commands(sub) -> None:
                                       "--profile (computed first if not cached)")
     e.add_argument("--setting", default="W2A4KV4", help="with --method (default W2A4KV4)")
     e.add_argument("--profile", default="cpu", choices=sorted(PROFILES), help="with --method")
-    e.add_argument("--out", required=True, help="output folder")
-    e.add_argument("--dtype", default="float16", choices=["float16", "float32"],
-                   help="storage of the LUTs and full-precision tensors (float32: bit-exact)")
-    e.add_argument("--max-shard-size", default="2GB", help="bytes per safetensors file, e.g. 2GB, 500MB")
+    e.add_argument("--out", required=True, help="output folder: new or empty (a folder holding other files is "
+                                                "refused and left as it is)")
+    e.add_argument("--overwrite", action="store_true", help="replace --out if it holds a packed model already")
+    e.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16"],
+                   help="storage of the LUTs and full-precision tensors; auto: as evaluated (the model's compute "
+                        "dtype, float32 on the CPU: the folder's perplexity is the table row's); float16: smaller, "
+                        "not bit-identical to the evaluated row")
+    e.add_argument("--max-shard-size", default="2GB", type=_shard_size,
+                   help="bytes per safetensors file, e.g. 2GB, 500MB")
     e.set_defaults(func=_cmd_export)
 
     v = sub.add_parser("eval", help="perplexity (and zero-shot with --tasks) of a packed folder",
@@ -336,6 +378,9 @@ def _add_checkpoint_commands(sub) -> None:
                    help="corpus of the perplexity (wikitext2 needs the network or the datasets cache)")
     v.add_argument("--seqlen", type=int, default=512, help="tokens per window")
     v.add_argument("--max-windows", type=int, default=32, help="score at most this many windows")
+    v.add_argument("--first-windows", action="store_false", dest="spread",
+                   help="score the first windows instead of windows evenly spread over the split (the tables' "
+                        "windows: with the profile's --seqlen and --max-windows, eval gives the row's perplexity)")
     v.add_argument("--tasks", nargs="*", help="lm_eval tasks, e.g. wiki_lastword wiki_nextsent (offline)")
     v.add_argument("--limit", type=int, default=None, help="documents per task")
     v.add_argument("--device", default="cpu", help="torch device (cuda needs a CUDA build and a GPU)")
@@ -461,6 +506,19 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--quiet", action="store_true", help="no progress bars")
     tr.set_defaults(func=_cmd_train_rows)
 
+    c = sub.add_parser("compare", help="compare every CSV cell of two results folders (or two CSV files)",
+                       description="Compare every CSV cell present in both folders (same relative paths; rows by "
+                                   "position): numbers within the tolerances, text exactly; provenance and timing "
+                                   "columns skipped (rcp_lib/compare.py). One line per differing cell, then a summary; "
+                                   "exit 0 when nothing differs, 1 otherwise.",
+                       epilog=_example("python -m rcp_lib compare results/cpu other-checkout/results/cpu",
+                                       "python -m rcp_lib compare results/cpu /tmp/rerun/cpu --rtol 1e-4"))
+    c.add_argument("a", metavar="RESULTS_A", help="a results folder (e.g. results/cpu) or a CSV file")
+    c.add_argument("b", metavar="RESULTS_B", help="the folder (or file) to compare it with")
+    c.add_argument("--rtol", type=float, default=0.0, help="relative tolerance of numeric cells (0: bit-identical)")
+    c.add_argument("--atol", type=float, default=0.0, help="absolute tolerance of numeric cells")
+    c.set_defaults(func=_cmd_compare)
+
     _add_checkpoint_commands(sub)
     return p
 
@@ -474,6 +532,11 @@ def main(argv: list[str] | None = None) -> int:
     t = time.time()
     try:
         rc = args.func(args)
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        print(f"python -m rcp_lib {args.cmd}: interrupted; finished rows are cached", file=sys.stderr)
+        return 130
     except _known_errors() as e:
         if debug:
             raise

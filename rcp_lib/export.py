@@ -14,25 +14,33 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
+if TYPE_CHECKING:
+    from .experiments.methods import Method
 
-def export_run(run_dir: str | os.PathLike, out: str | os.PathLike, dtype: torch.dtype = torch.float16,
-               max_shard_size: int | str = "2GB") -> Path:
+
+def export_run(run_dir: str | os.PathLike, out: str | os.PathLike, dtype: torch.dtype | None = None,
+               max_shard_size: int | str = "2GB", overwrite: bool = False) -> Path:
     """Rebuild the student of a finished QAT run (load the run's model, rotate + quantize with its recipe, load
     ``checkpoint/pytorch_model.bin``) and write it as a packed folder with the model's tokenizer.
 
+    ``dtype`` None: stored as evaluated (the student's compute dtype, see :func:`rcp_lib.packing.save_quantized`).
+    ``out`` is checked first (:func:`rcp_lib.packing.check_output_folder`), before anything is loaded.
+
     Raises:
         FileNotFoundError: no ``summary.json`` (run not finished) or no checkpoint.
+        FileExistsError: ``out`` holds other files, or a packed folder without ``overwrite``.
     """
     from .models import load
-    from .packing import save_quantized
-    from .quant.apply import quantize_model
+    from .packing import check_output_folder, save_quantized
+    from .quant.apply import check_packable, quantize_model
     from .rotation.fuse import rotate_model
     from .run_config import RunConfig
 
+    check_output_folder(out, overwrite)
     run_dir = Path(run_dir)
     summary, ckpt = run_dir / "summary.json", run_dir / "checkpoint" / "pytorch_model.bin"
     if not summary.is_file():
@@ -40,43 +48,59 @@ def export_run(run_dir: str | os.PathLike, out: str | os.PathLike, dtype: torch.
     if not ckpt.is_file():
         raise FileNotFoundError(f"{run_dir} has no checkpoint/pytorch_model.bin (the run's trained student)")
     cfg = RunConfig.from_dict(json.loads(summary.read_text())["config"])
+    check_packable(cfg.recipe.quant)  # e.g. a 3-bit research run: refused before the model is loaded
     model, tok = load(cfg.model)
     if cfg.recipe.rotation is not None:
         rotate_model(model, cfg.recipe.rotation)
     quantize_model(model, cfg.recipe.quant)
     model.load_state_dict(torch.load(ckpt, map_location="cpu", weights_only=True), strict=True)
-    return save_quantized(model, out, tokenizer=tok, dtype=dtype, max_shard_size=max_shard_size)
+    return save_quantized(model, out, tokenizer=tok, dtype=dtype, max_shard_size=max_shard_size, overwrite=overwrite)
 
 
-def export_method(name: str, setting: str, profile: str, out: str | os.PathLike, dtype: torch.dtype = torch.float16,
-                  overrides: dict[str, Any] | None = None, max_shard_size: int | str = "2GB") -> Path:
+def export_method(name: "str | Method", setting: str, profile: str, out: str | os.PathLike,
+                  dtype: torch.dtype | None = None, overrides: dict[str, Any] | None = None,
+                  max_shard_size: int | str = "2GB", overwrite: bool = False, progress: bool = True) -> Path:
     """Build ``method(name, setting)`` for a profile (from its cache entry; computed and cached first if missing) and
-    write it as a packed folder with the profile model's tokenizer.
+    write it as a packed folder with the profile model's tokenizer. ``name`` may also be a
+    :class:`~rcp_lib.experiments.methods.Method` (then ``setting`` is its own).
+
+    ``dtype`` None (default): stored as evaluated, i.e. in the built model's compute dtype (float32 for the CPU
+    profiles), so the folder's perplexity is the table row's (the row's ``storage_dtype`` column).
+    ``out`` is checked first (:func:`rcp_lib.packing.check_output_folder`), before any model is built.
 
     Raises:
         ValueError: the method has no quantized weights (nothing to pack).
+        FileExistsError: ``out`` holds other files, or a packed folder without ``overwrite``.
     """
     from .experiments.build import base_model, build
-    from .experiments.methods import method
-    from .packing import save_quantized
+    from .experiments.methods import Method, method
+    from .packing import check_output_folder, save_quantized
     from .profiles import get_profile
+    from .quant.apply import check_packable
 
+    check_output_folder(out, overwrite)
     P = get_profile(profile, **(overrides or {}))
-    m = method(name, setting)
+    m = name if isinstance(name, Method) else method(name, setting)
     if m.recipe(P).quant is None:
         raise ValueError(f"{name} {setting} is a full-precision method: nothing to pack")
-    model = build(m, P)
-    return save_quantized(model, out, tokenizer=base_model(P)[1], dtype=dtype, max_shard_size=max_shard_size)
+    check_packable(m.recipe(P).quant)
+    model = build(m, P, progress=progress)
+    return save_quantized(model, out, tokenizer=base_model(P)[1], dtype=dtype, max_shard_size=max_shard_size,
+                          overwrite=overwrite)
 
 
 def evaluate_folder(path: str | os.PathLike, corpus: str = "wiki-excerpt", seqlen: int = 512,
                     max_windows: int | None = 32, tasks: list[str] | None = None, limit: int | None = None,
-                    device: str = "cpu") -> dict[str, Any]:
+                    device: str = "cpu", spread: bool = True) -> dict[str, Any]:
     """Perplexity on the corpus' test split and, if ``tasks`` are given, zero-shot accuracy
     (:func:`rcp_lib.evaluation.zero_shot.zero_shot`, offline tasks allowed) of a packed folder.
 
+    ``spread``: the ``max_windows`` windows evenly spread over the split (the tables' ``eval_spread``), not the first
+    ones; with a profile's ``seqlen``, ``eval_windows`` and ``spread=True`` the windows of its perplexity rows.
+
     Returns:
-        ``{"model": path, "corpus", "seqlen", "windows", "tokens_scored", "ppl", "zero_shot": [rows]}``.
+        ``{"model": path, "corpus", "seqlen", "windows", "tokens_scored", "window_indices", "ppl",
+        "zero_shot": [rows]}``.
     Raises:
         PackedFormatError: not a valid packed folder. ValueError: the folder has no tokenizer.
     """
@@ -88,9 +112,9 @@ def evaluate_folder(path: str | os.PathLike, corpus: str = "wiki-excerpt", seqle
     if tok is None:
         raise ValueError(f"{path} has no tokenizer; re-export it with save_quantized(..., tokenizer=...)")
     ids = corpus_tokens(tok, corpus, "test")
-    r = perplexity_details(model, ids, seqlen=seqlen, max_windows=max_windows, progress=False)
+    r = perplexity_details(model, ids, seqlen=seqlen, max_windows=max_windows, progress=False, spread=spread)
     out: dict[str, Any] = {"model": str(path), "corpus": corpus, "seqlen": seqlen, "windows": r.windows,
-                           "tokens_scored": r.tokens_scored, "ppl": r.ppl}
+                           "tokens_scored": r.tokens_scored, "window_indices": r.window_indices, "ppl": r.ppl}
     if tasks:
         from .evaluation.zero_shot import zero_shot
 

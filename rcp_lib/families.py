@@ -78,6 +78,13 @@ class Family:
 
         return getattr(transformers, self.causal_lm_class)
 
+    @property
+    def packed_model_type(self) -> str:
+        """``config.model_type`` of this family's packed folders (:mod:`rcp_lib.hf`), e.g. ``"rcp_llama"``: a type
+        plain transformers does not know, so that a packed folder is refused, never loaded as random weights,
+        by a process that has not imported rcp_lib."""
+        return f"rcp_{self.model_type}"
+
 
 FAMILIES: dict[str, Family] = {
     f.model_type: f
@@ -93,6 +100,9 @@ FAMILIES: dict[str, Family] = {
 }
 """The registry: ``config.model_type`` -> :class:`Family`."""
 
+PACKED_FAMILIES: dict[str, Family] = {f.packed_model_type: f for f in FAMILIES.values()}
+"""``model_type`` of a packed folder (``rcp_<family>``, :attr:`Family.packed_model_type`) -> :class:`Family`."""
+
 SUPPORTED: tuple[str, ...] = tuple(FAMILIES)
 """The supported ``model_type`` values, in registry order."""
 
@@ -104,7 +114,7 @@ def describe_supported() -> str:
 
 def family_of(model_or_config: Any) -> Family:
     """The :class:`Family` of a ``model_type`` string, a transformers config, or anything with a ``.config`` (a
-    model, an attention module).
+    model, an attention module); a packed model's ``rcp_<family>`` type maps to its family.
 
     Raises:
         UnsupportedModelError: no config, or a ``model_type`` that is not registered (the message names the
@@ -114,7 +124,7 @@ def family_of(model_or_config: Any) -> Family:
         mt = model_or_config
     else:
         mt = getattr(getattr(model_or_config, "config", model_or_config), "model_type", None)
-    fam = FAMILIES.get(mt) if isinstance(mt, str) else None
+    fam = (FAMILIES.get(mt) or PACKED_FAMILIES.get(mt)) if isinstance(mt, str) else None
     if fam is None:
         what = f"model_type={mt!r}" if mt is not None else f"{type(model_or_config).__name__} without a transformers config"
         raise UnsupportedModelError(

@@ -1,35 +1,49 @@
-"""The "rcp" quantization method of transformers: ``AutoModelForCausalLM.from_pretrained(DIR)`` on a folder written by
-:func:`rcp_lib.packing.save_quantized`.
+"""rcp_lib in transformers: the "rcp" quantization method and the ``rcp_<family>`` model types of packed folders.
 
-``import rcp_lib`` calls :func:`register` (``register_quantization_config("rcp")`` + ``register_quantizer("rcp")``).
-From then on transformers reads ``config.json``'s ``quantization_config`` (``quant_method: "rcp"``) into
-:class:`RcpConfig` and loads the folder through :class:`RcpHfQuantizer`:
+``import rcp_lib`` calls :func:`register` once, explicitly (no import hook): it registers
+
+* :class:`RcpConfig` / :class:`RcpHfQuantizer` as transformers' "rcp" quantization method
+  (``register_quantization_config`` + ``register_quantizer``), and
+* for every family of :data:`rcp_lib.families.FAMILIES` a config class ``Rcp<Config>`` of ``model_type``
+  ``rcp_<family>`` (e.g. :class:`RcpLlamaConfig`, ``"rcp_llama"``) and a causal-LM class ``Rcp<Family>ForCausalLM``
+  (plain subclasses of the transformers classes), with ``AutoConfig.register`` / ``AutoModelForCausalLM.register``.
+
+Why a model type of our own: a packed folder's ``config.json`` says ``"model_type": "rcp_llama"``. A process that has
+not imported rcp_lib does not know that type, so ``AutoModelForCausalLM.from_pretrained(DIR)`` refuses the folder
+(transformers asks for ``trust_remote_code=True``, which runs the folder's ``modeling_rcp.py``: it imports this
+module) instead of skipping the unknown quantization method and returning random weights.
+
+Loading (``AutoModelForCausalLM.from_pretrained(DIR)`` after ``import rcp_lib``):
 
 1. the model is built from the config on the meta device (transformers' own init context);
-2. ``_process_model_before_weight_loading`` checks the folder (:func:`rcp_lib.packing.check_folder`: format version,
-   checksums, manifest, safetensors headers) and re-runs rcp_lib's surgery on the skeleton
-   (:func:`rcp_lib.packing.install_packed_layers`: ``rotate_model(fuse_weights=False)`` for the online R3/R4 and the
-   ``rcp_*`` attention function, ``quantize_model`` with empty :class:`~rcp_lib.packing.PackedLinear` layers and the
-   KV quantizers), then checks that the skeleton's state dict is exactly the stored tensors;
+2. :meth:`RcpHfQuantizer.validate_environment` checks the format version, then
+   ``_process_model_before_weight_loading`` checks the folder (:func:`rcp_lib.packing.check_folder`: checksums,
+   manifest, safetensors headers) and re-runs rcp_lib's surgery on the skeleton
+   (:func:`rcp_lib.packing.install_packed_layers`), then checks that the skeleton's state dict is exactly the
+   stored tensors;
 3. transformers loads the packed tensors (int32 codes, LUTs in their stored dtype, the rest cast to the requested
    dtype) straight into those buffers: no full-precision copy of a quantized projection is built.
 
-A process that has not imported rcp_lib (the ``lm_eval`` command line) loads the folder with
-``trust_remote_code=True``: ``config.json``'s ``auto_map`` points to the folder's ``modeling_rcp.py``, which imports
-rcp_lib (registering the quantizer) and subclasses the family's transformers class.
-
 ``model.save_pretrained`` of a loaded model is refused (``is_serializable`` is False: transformers would write no
 manifest); write folders with :func:`rcp_lib.packing.save_quantized`, which also takes a loaded model.
+
+Imports: this module imports transformers and :mod:`rcp_lib.families` at import time and :mod:`rcp_lib.packing`
+only inside the quantizer's methods; :mod:`rcp_lib.packing` never imports this module (no cycle).
 """
 
 from __future__ import annotations
 
+import importlib
 from typing import Any
 
+import transformers
+from transformers import AutoConfig, AutoModelForCausalLM
 from transformers.quantizers.auto import (AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO_QUANTIZER_MAPPING,
                                           register_quantization_config, register_quantizer)
 from transformers.quantizers.base import HfQuantizer
 from transformers.utils.quantization_config import QuantizationConfigMixin
+
+from .families import FAMILIES, Family
 
 METHOD = "rcp"
 
@@ -64,12 +78,9 @@ class RcpHfQuantizer(HfQuantizer):
     requires_calibration = True
 
     def validate_environment(self, *args: Any, **kwargs: Any) -> None:
-        from .packing import FORMAT_VERSION, PackedFormatError
+        from .packing import check_format_version
 
-        ver = self.quantization_config.format_version
-        if ver != FORMAT_VERSION:
-            raise PackedFormatError(f"packed format version {ver!r} in config.json; this rcp_lib reads version "
-                                    f"{FORMAT_VERSION} (re-export the model with this version)")
+        check_format_version(self.quantization_config.format_version, "config.json")
         if not self.pre_quantized:
             raise ValueError("the rcp quantization method loads folders written by rcp_lib.packing.save_quantized; "
                              "to quantize a model use rcp_lib.rotate_model + rcp_lib.quantize_model")
@@ -96,11 +107,34 @@ class RcpHfQuantizer(HfQuantizer):
         return False
 
 
+def _packed_classes(fam: Family) -> tuple[type, type]:
+    """``(Rcp<Config>, Rcp<Family>ForCausalLM)``: the family's transformers classes under the packed model type."""
+    base_cfg = getattr(transformers, fam.config_class)
+    base_lm = getattr(importlib.import_module(fam.modeling_module), fam.causal_lm_class)
+    cfg = type(f"Rcp{fam.config_class}", (base_cfg,), {
+        "model_type": fam.packed_model_type, "__module__": __name__,
+        "__doc__": f"{fam.config_class} of an rcp_lib packed folder (model_type {fam.packed_model_type!r})."})
+    lm = type(f"Rcp{fam.causal_lm_class}", (base_lm,), {
+        "config_class": cfg, "__module__": __name__,
+        "__doc__": f"{fam.causal_lm_class} whose packed projections the 'rcp' quantizer installs while loading."})
+    return cfg, lm
+
+
+PACKED_CLASSES: dict[str, tuple[type, type]] = {fam.packed_model_type: _packed_classes(fam) for fam in FAMILIES.values()}
+"""``rcp_<family>`` -> ``(config class, causal-LM class)``; each class is also a name of this module (the folder's
+``modeling_rcp.py`` imports them from here)."""
+globals().update({c.__name__: c for pair in PACKED_CLASSES.values() for c in pair})
+
+
 def register() -> None:
-    """Register :class:`RcpConfig` and :class:`RcpHfQuantizer` as transformers' "rcp" method (idempotent)."""
+    """Register the "rcp" quantization method and the ``rcp_<family>`` model types with transformers (idempotent;
+    called once by ``import rcp_lib``)."""
     if AUTO_QUANTIZATION_CONFIG_MAPPING.get(METHOD) is not RcpConfig:
         AUTO_QUANTIZATION_CONFIG_MAPPING.pop(METHOD, None)  # a stale class from a reloaded module
         register_quantization_config(METHOD)(RcpConfig)
     if AUTO_QUANTIZER_MAPPING.get(METHOD) is not RcpHfQuantizer:
         AUTO_QUANTIZER_MAPPING.pop(METHOD, None)
         register_quantizer(METHOD)(RcpHfQuantizer)
+    for model_type, (cfg, lm) in PACKED_CLASSES.items():
+        AutoConfig.register(model_type, cfg, exist_ok=True)
+        AutoModelForCausalLM.register(cfg, lm, exist_ok=True)

@@ -205,8 +205,10 @@ def source_roots() -> dict[str, Path]:
 #:   it changes (a row's key holds the whole profile but its table selections, a student's key its recipe and budget;
 #:   ``--set`` overrides are keyed the same way), so editing which rows a profile lists, or its budgets, recomputes only
 #:   what they change instead of every cache;
-#: * the README formatter and the progress bars only format what was computed.
-FINGERPRINT_EXCLUDE = frozenset({"rcp_lib/profiles.py", "rcp_lib/report.py", "rcp_lib/progress.py"})
+#: * the README formatter and the progress bars only format what was computed, ``compare`` only reads results, and the
+#:   tests of :mod:`rcp_lib.stats` only order rows already computed.
+FINGERPRINT_EXCLUDE = frozenset({"rcp_lib/profiles.py", "rcp_lib/report.py", "rcp_lib/progress.py",
+                                 "rcp_lib/compare.py", "rcp_lib/stats.py"})
 
 
 def fingerprint_tree(roots: Mapping[str, str | os.PathLike]) -> str:
@@ -241,8 +243,71 @@ def code_fingerprint() -> str:
     return fingerprint_tree(source_roots())
 
 
+#: the vector extensions that decide which float kernels oneDNN / MKL / ATen run (x86 and Arm names as in
+#: ``/proc/cpuinfo``): two machines that differ here may round differently (see :func:`cpu_info`)
+VECTOR_FLAGS = ("avx", "avx2", "fma", "avx_vnni", "avx512f", "avx512dq", "avx512bw", "avx512vl", "avx512_vnni",
+                "avx512_bf16", "avx512_fp16", "amx_tile", "amx_int8", "amx_bf16", "amx_fp16",
+                "asimd", "asimdhp", "sve", "sve2", "i8mm", "bf16")
+
+
+def parse_cpuinfo(text: str) -> tuple[str, str]:
+    """``(model name, the VECTOR_FLAGS present, space-separated in that order)`` of a ``/proc/cpuinfo`` text (the
+    first processor's; x86 "flags" or Arm "Features"); ``("", "")`` for an empty text."""
+    model, flags = "", set()
+    for line in text.splitlines():
+        key, _, val = line.partition(":")
+        key = key.strip().lower()
+        if key == "model name" and not model:
+            model = val.strip()
+        elif key in ("flags", "features") and not flags:
+            flags = set(val.split())
+    return model, " ".join(f for f in VECTOR_FLAGS if f in flags)
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_info() -> dict[str, Any]:
+    """What decides the float rounding of a CPU run, beyond the library versions: ``cpu_model`` (``/proc/cpuinfo``'s
+    "model name", else :func:`platform.processor`), ``cpu_flags`` (the :data:`VECTOR_FLAGS` present, space-separated),
+    ``torch_cpu_capability`` (the ATen kernel level torch dispatches to, e.g. AVX2 / AVX512), ``blas`` (the BLAS and
+    oneDNN builds of torch, from ``torch.__config__.show()``). Float results are bit-identical only between runs that
+    agree on these (and on ``torch_threads``); another CPU type rounds differently (README, "Reproducibility")."""
+    import re
+
+    import torch
+
+    try:
+        text = Path("/proc/cpuinfo").read_text(errors="replace")
+    except OSError:
+        text = ""
+    model, flags = parse_cpuinfo(text)
+    show = torch.__config__.show()
+    blas = []
+    for pat, fmt in ((r"BLAS_INFO=(\w+)", "BLAS {}"), (r"Math Kernel Library Version ([\d.]*\d)", "MKL {}"),
+                     (r"OpenBLAS\s*v?(\S+)", "OpenBLAS {}"), (r"(?:MKL-DNN|oneDNN) v(\S+)", "oneDNN {}")):
+        m = re.search(pat, show)
+        if m:
+            blas.append(fmt.format(m.group(1).rstrip(",")))
+    try:
+        capability = torch.backends.cpu.get_cpu_capability()
+    except Exception:  # older torch
+        capability = ""
+    return {"cpu_model": model or platform.processor() or "unknown",
+            "cpu_flags": flags,
+            "torch_cpu_capability": capability,
+            "blas": ", ".join(blas) or "unknown"}
+
+
+#: the keys of :func:`provenance`: the columns that say where and when a row was computed, not what it measured
+#: (``python -m rcp_lib compare`` skips them)
+PROVENANCE_KEYS = ("rcp_lib", "torch", "transformers", "python", "machine", "device", "cpu_model", "cpu_flags",
+                   "torch_cpu_capability", "torch_threads", "blas", "git_commit", "code_fingerprint", "allow_dirty",
+                   "date_utc")
+
+
 def provenance() -> dict[str, Any]:
-    """Versions, machine, git commit, code fingerprint and UTC date, to be stored with every result row.
+    """Versions, machine (CPU model, vector extensions, torch's kernel level and thread count, BLAS: see
+    :func:`cpu_info`), git commit, code fingerprint and UTC date, to be stored with every result row (the keys are
+    :data:`PROVENANCE_KEYS`).
 
     ``allow_dirty`` is true when the commit is dirty and dirty runs were allowed (``--allow-dirty``).
     """
@@ -252,18 +317,21 @@ def provenance() -> dict[str, Any]:
     from . import __version__
 
     commit = git_commit()
-    return {
+    out = {
         "rcp_lib": __version__,
         "torch": torch.__version__,
         "transformers": transformers.__version__,
         "python": platform.python_version(),
         "machine": platform.machine(),
         "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"cpu x{os.cpu_count()}",
+        **cpu_info(),
+        "torch_threads": torch.get_num_threads(),
         "git_commit": commit,
         "code_fingerprint": code_fingerprint(),
         "allow_dirty": commit.endswith("+dirty") and allow_dirty(),
         "date_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     }
+    return {k: out[k] for k in PROVENANCE_KEYS}
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -137,17 +137,9 @@ def load(
     if name_or_path == EMBEDDED_ALIAS:
         model, tok = _load_embedded_float32()
     else:
-        from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        try:
-            cfg = AutoConfig.from_pretrained(name_or_path)
-        except (OSError, ValueError) as e:
-            raise ModelNotFoundError(
-                f"Could not load a model config for {name_or_path!r}: not the embedded alias "
-                f"{EMBEDDED_ALIAS!r}, not a local folder with config.json, and not reachable on the Hugging Face "
-                f"hub (offline: HF_HUB_OFFLINE={os.environ.get('HF_HUB_OFFLINE', '')!r}). Use "
-                f"load({EMBEDDED_ALIAS!r}) for the offline default. Cause: {type(e).__name__}: {str(e)[:200]}"
-            ) from e
+        cfg = _auto_config(name_or_path)
         family_of(cfg)
         model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype)
         tok = AutoTokenizer.from_pretrained(name_or_path)
@@ -211,6 +203,41 @@ def dims(model_or_config) -> Dims:
         vocab=cfg.vocab_size,
         tied=bool(getattr(cfg, "tie_word_embeddings", False)),
     )
+
+
+#: the sizes of the embedded model (its GGUF metadata, as transformers reads it; ``tests/test_models.py`` checks them
+#: against the loaded model), so that a run on it can be validated without reading the 93 MB file
+EMBEDDED_DIMS = Dims(hidden=576, intermediate=1536, n_layers=30, n_heads=9, n_kv_heads=3, head_dim=64, vocab=49152,
+                     tied=True)
+
+
+def model_dims(name_or_path: str) -> Dims:
+    """The sizes of the model :func:`load` would load, read without its weights: :data:`EMBEDDED_DIMS` for the
+    embedded alias, else the ``config.json`` of the local folder or hub id (a few KB).
+
+    Raises:
+        ModelNotFoundError: no config can be read (as :func:`load`). UnsupportedModelError: not a registered family.
+    """
+    if name_or_path == EMBEDDED_ALIAS:
+        return EMBEDDED_DIMS
+    cfg = _auto_config(name_or_path)
+    family_of(cfg)
+    return dims(cfg)
+
+
+def _auto_config(name_or_path: str):
+    """``AutoConfig.from_pretrained(name_or_path)``, or :class:`ModelNotFoundError` naming what was tried."""
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(name_or_path)
+    except (OSError, ValueError) as e:
+        raise ModelNotFoundError(
+            f"Could not load a model config for {name_or_path!r}: not the embedded alias "
+            f"{EMBEDDED_ALIAS!r}, not a local folder with config.json, and not reachable on the Hugging Face "
+            f"hub (offline: HF_HUB_OFFLINE={os.environ.get('HF_HUB_OFFLINE', '')!r}). Use "
+            f"load({EMBEDDED_ALIAS!r}) for the offline default. Cause: {type(e).__name__}: {str(e)[:200]}"
+        ) from e
 
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:

@@ -16,10 +16,11 @@ Folder layout (format version :data:`FORMAT_VERSION`), a Hugging Face model fold
 * ``model.safetensors`` (or ``model-0000i-of-0000n.safetensors`` + ``model.safetensors.index.json`` above
   ``max_shard_size``) — :func:`quantized_state_dict`: for every quantized projection ``<name>``: ``<name>.qweight``
   (int32 ``[N, ceil(K/16)]``, 2-bit codes packed 16 per word along K, the layout of :mod:`rcp_lib.kernels.bitpack`),
-  ``<name>.lut`` (fp16 ``[N, K/G, 2^bits]`` level table per group; float32 when ``dtype=float32``) and
-  ``<name>.bias`` if any; projections kept in full precision as ``<name>.weight``; every other tensor (embedding,
-  lm_head, norms) in ``dtype`` (fp16 by default). The names are the state dict of the deployed model.
-* ``config.json`` — the transformers config (untied embeddings, ``dtype`` = the model's compute dtype) with
+  ``<name>.lut`` (``[N, K/G, 2^bits]`` level table per group: float32 when the storage ``dtype`` is float32, else
+  fp16) and ``<name>.bias`` if any; projections kept in full precision as ``<name>.weight``; every other tensor
+  (embedding, lm_head, norms) in ``dtype`` (by default the model's compute dtype: the folder holds what was
+  evaluated; ``dtype=torch.float16`` is the smaller opt-in). The names are the state dict of the deployed model.
+* ``config.json`` — the transformers config (``model_type`` ``rcp_<family>`` of :mod:`rcp_lib.hf`, untied embeddings, ``dtype`` = the model's compute dtype) with
   ``quantization_config = {"quant_method": "rcp", "format_version", "storage_dtype", "rotation", "quant"}`` (the
   :class:`~rcp_lib.recipe.Recipe`'s rotation and quant dicts: what the loader re-runs) and ``auto_map`` to the shim.
 * ``quant_map.json`` — the manifest: the format version, one entry per projection (bits, group size, N, K,
@@ -37,8 +38,8 @@ inside ``AutoModelForCausalLM.from_pretrained``, and :func:`load_quantized` call
 (:meth:`PackedLinear.from_quant_linear`): packed codes + LUT, per-token A4 input quantization, the W2A4 op of
 :mod:`rcp_lib.kernels` (torch reference on CPU, Triton on CUDA). It quantizes its input with the activation fake
 quantizer's own formula (:func:`rcp_lib.quant.activations.quantize_per_token`), so a trained layer and its deployed
-form agree to float rounding (with a float32 LUT; the fp16 LUT of the default storage adds the fp16 rounding of the
-levels).
+form agree to float rounding (with a float32 LUT, the default for a float32 model; an fp16 LUT adds the fp16 rounding
+of the levels, which A4 turns into activation-code flips).
 """
 
 from __future__ import annotations
@@ -60,7 +61,7 @@ from torch import nn
 from . import models as M
 from .io import atomic_save_safetensors
 from .kernels import SUPPORTED_BITS, dequantize, pack_codes, unpack_codes, w2a4_gemv
-from .quant.activations import quantize_per_token
+from .quant.activations import fake_quant_per_token, quantize_per_token
 from .quant.linear import QuantLinear
 from .rotation.online import OnlineHadamard
 
@@ -71,7 +72,10 @@ if TYPE_CHECKING:
 # Version 1: model.safetensors + quant_map.json holding the configs and one checksum (no config.json).
 # Version 2: a Hugging Face model folder (config.json with quantization_config, sharded safetensors + index, tokenizer,
 # generation config, loader shim); quant_map.json is the manifest (layers, tensors, one checksum per file).
-FORMAT_VERSION = 2
+# Version 3: version 2 with config.json's model_type "rcp_<family>" (rcp_lib.hf), so that transformers without rcp_lib
+# refuses the folder instead of loading random weights. Version 2 folders are still read (same tensors).
+FORMAT_VERSION = 3
+READ_VERSIONS = (2, 3)
 QUANT_METHOD = "rcp"
 WEIGHTS = "model.safetensors"
 INDEX = "model.safetensors.index.json"
@@ -80,6 +84,19 @@ MAP = "quant_map.json"
 
 class PackedFormatError(ValueError):
     """A packed-model folder that does not match what this version reads (version, checksum, tensors)."""
+
+
+def check_format_version(version: object, where: str) -> None:
+    """PackedFormatError unless ``version`` (read from ``where``) is one of :data:`READ_VERSIONS`; the message says
+    what to do: upgrade rcp_lib for a folder from a newer writer, re-export a folder from an older one."""
+    if version in READ_VERSIONS:
+        return
+    if isinstance(version, int) and version > FORMAT_VERSION:
+        todo = "it was written by a newer rcp_lib: upgrade rcp_lib to load it"
+    else:
+        todo = "re-export the model with this rcp_lib (python -m rcp_lib export)"
+    raise PackedFormatError(f"packed format version {version!r} in {where}; this rcp_lib ({FORMAT_VERSION}) reads "
+                            f"versions {', '.join(map(str, READ_VERSIONS))}: {todo}")
 
 
 def _sha256(path: Path) -> str:
@@ -233,14 +250,26 @@ def load_quantized_state(model: nn.Module, path: str | os.PathLike) -> nn.Module
 
 
 def _max_shard_bytes(size: int | str) -> int:
-    if isinstance(size, int):
-        return size
-    m = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
-    s = size.strip().upper()
-    for unit, mult in sorted(m.items(), key=lambda kv: -len(kv[0])):
-        if s.endswith(unit):
-            return int(float(s[: -len(unit)]) * mult)
-    return int(s)
+    """Bytes of a shard size: an integer, or a number with a unit (``"2GB"``, ``"500MB"``, ``"1.5GiB"``, ``"64KB"``);
+    also the ``type`` of the CLI's ``--max-shard-size`` (checked when the line is parsed, before any model is built).
+
+    Raises:
+        ValueError: not a positive size of that form (the message names the accepted forms).
+    """
+    if isinstance(size, int) and not isinstance(size, bool):
+        n = size
+    else:
+        m = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+        s = str(size).strip().upper()
+        unit = next((u for u in sorted(m, key=len, reverse=True) if s.endswith(u)), "")
+        try:
+            n = int(float(s[: len(s) - len(unit)].strip()) * m.get(unit, 1))
+        except (ValueError, OverflowError):
+            n = 0
+    if n <= 0:
+        raise ValueError(f"max shard size must be a positive number of bytes, optionally with a unit (B, KB, MB, GB, "
+                         f"KiB, MiB, GiB), e.g. 2GB or 500MB; got {size!r}")
+    return n
 
 
 def _shards(tensors: dict[str, torch.Tensor], max_bytes: int) -> list[list[str]]:
@@ -261,24 +290,13 @@ SHIM = "modeling_rcp.py"
 _SHIM_TEXT = '''"""Loader shim written by rcp_lib.packing.save_quantized: lets a process that has not imported rcp_lib (the lm_eval
 command line, a server) load this folder with ``AutoModelForCausalLM.from_pretrained(DIR, trust_remote_code=True)``.
 
-Importing rcp_lib registers its transformers quantizer ("rcp"). The config class is imported first (lm_eval reads
-``quantization_config`` right after the config), so it is this module's too. Both classes are the plain transformers
-classes; the quantizer (config.json's ``quantization_config``) builds the model on the meta device, re-runs rcp_lib's
-surgery and loads the packed tensors. rcp_lib must be importable (installed, or on PYTHONPATH).
+config.json's model_type is {model_type!r}, which only rcp_lib defines: without rcp_lib (imported, or through this
+file) transformers refuses the folder. Importing rcp_lib registers the "rcp" quantizer and the rcp_* model types; the
+quantizer (config.json's quantization_config) builds the model on the meta device, re-runs rcp_lib's surgery and loads
+the packed tensors. rcp_lib must be importable (pip install the rcp-companion repository, or put it on PYTHONPATH).
 """
 
-import rcp_lib  # noqa: F401  (registers the "rcp" quantizer with transformers)
-from transformers import {base}, {config}
-
-
-class Rcp{config}({config}):
-    """{config}, imported from here so that rcp_lib is imported before the quantization config is read."""
-
-
-class Rcp{base}({base}):
-    """{base} whose packed projections are installed by rcp_lib's quantizer."""
-
-    config_class = Rcp{config}
+from rcp_lib.hf import Rcp{config}, Rcp{base}  # noqa: F401  (importing rcp_lib registers them)
 '''
 
 
@@ -295,14 +313,72 @@ def _hf_config_dict(model: nn.Module, qcfg: dict) -> dict:
     floats = [t.dtype for t in model.state_dict().values() if t.is_floating_point()]
     if floats:  # the dtype the model computes in (dtype="auto" of from_pretrained), not the storage dtype
         cfg["dtype"] = str(max(set(floats), key=floats.count)).replace("torch.", "")
-    cfg.update(tie_word_embeddings=False, architectures=[fam.causal_lm_class], quantization_config=qcfg,
+    cfg.update(model_type=fam.packed_model_type, tie_word_embeddings=False,
+               architectures=[f"Rcp{fam.causal_lm_class}"], quantization_config=qcfg,
                auto_map={"AutoConfig": f"{SHIM[:-3]}.Rcp{fam.config_class}",
                          "AutoModelForCausalLM": f"{SHIM[:-3]}.Rcp{fam.causal_lm_class}"})
     return cfg
 
 
-def save_quantized(model: nn.Module, path: str | os.PathLike, tokenizer=None, dtype: torch.dtype = torch.float16,
-                   overwrite: bool = True, max_shard_size: int | str = "2GB") -> Path:
+def _is_packed_folder(path: Path) -> bool:
+    """Whether ``path`` looks like a folder written by :func:`save_quantized`: ``config.json`` whose
+    ``quantization_config.quant_method`` is "rcp", and ``quant_map.json`` (nothing else is read)."""
+    cp = path / "config.json"
+    try:
+        qcfg = json.loads(cp.read_text()).get("quantization_config") if cp.is_file() else None
+    except (OSError, ValueError, AttributeError):
+        return False
+    return isinstance(qcfg, dict) and qcfg.get("quant_method") == QUANT_METHOD and (path / MAP).is_file()
+
+
+def check_output_folder(path: str | os.PathLike, overwrite: bool = False) -> Path:
+    """Check that :func:`save_quantized` may write ``path``, before anything is built or written (the CLI's
+    ``export`` calls it first). Allowed: a path that does not exist, an empty folder, and, with ``overwrite``, a
+    packed folder (:func:`save_quantized` replaces it whole). Nothing is changed here. Returns ``path`` as a Path.
+
+    Raises:
+        FileExistsError: ``path`` is a file; a non-empty folder that is not a packed folder (never replaced, whatever
+            ``overwrite`` says); a packed folder without ``overwrite``.
+    """
+    path = Path(path)
+    if path.is_symlink() or (path.exists() and not path.is_dir()):
+        raise FileExistsError(f"{path} exists and is not a folder (a file or a link); nothing was changed")
+    if not path.exists() or not any(path.iterdir()):
+        return path
+    if not _is_packed_folder(path):
+        raise FileExistsError(f"{path} is not empty and holds files other than a packed model (no config.json with "
+                              f"quantization_config.quant_method = {QUANT_METHOD!r} and {MAP}); nothing was changed: "
+                              f"choose a new or empty folder")
+    if not overwrite:
+        raise FileExistsError(f"{path} holds a packed model already; nothing was changed: pass --overwrite "
+                              f"(overwrite=True) to replace it")
+    return path
+
+
+def _folder_mode(path: Path) -> int:
+    """The permission bits ``path`` gets: those of the folder it replaces, else what a plain ``mkdir`` gives
+    (``0o777`` less the umask), not the ``0o700`` of ``tempfile.mkdtemp``."""
+    if path.is_dir():
+        return path.stat().st_mode & 0o7777
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return 0o777 & ~mask
+
+
+def compute_dtype(model: nn.Module) -> torch.dtype:
+    """The dtype a model computes in: the dtype holding the most elements among its floating-point parameters (among
+    its floating-point state if it has no such parameter; float32 if none), so that many small quantizer parameters
+    do not outvote the weights. :func:`save_quantized` stores in it by default."""
+    count: dict[torch.dtype, int] = {}
+    tensors = [p for p in model.parameters() if p.is_floating_point()] or \
+        [t for t in model.state_dict().values() if t.is_floating_point()]
+    for t in tensors:
+        count[t.dtype] = count.get(t.dtype, 0) + t.numel()
+    return max(count, key=count.get) if count else torch.float32
+
+
+def save_quantized(model: nn.Module, path: str | os.PathLike, tokenizer=None, dtype: torch.dtype | None = None,
+                   overwrite: bool = False, max_shard_size: int | str = "2GB") -> Path:
     """Export a quantized model (after QAT, GPTQ or plain PTQ; frozen, or deployed / loaded) as a Hugging Face model
     folder (see module docstring) that ``AutoModelForCausalLM.from_pretrained`` loads after ``import rcp_lib`` (or with
     ``trust_remote_code=True`` in a process that has not imported it).
@@ -311,14 +387,21 @@ def save_quantized(model: nn.Module, path: str | os.PathLike, tokenizer=None, dt
         model: a model of a registered family prepared with ``quantize_model`` (and usually ``rotate_model``).
         path: output folder (written to a temporary folder, then renamed).
         tokenizer: saved next to the weights if given (lm_eval and the CLI need it).
-        dtype: storage dtype of the non-quantized tensors and the LUTs (fp16 default; float32 for bit-exact round
-            trips).
+        dtype: storage dtype of the non-quantized tensors and the LUTs. None (the default): the model's compute dtype
+            (:func:`compute_dtype`; float32 for every CPU table row), so the folder holds exactly the levels and
+            tensors that were evaluated and reloads to the same logits (float rounding). ``torch.float16`` is
+            smaller (half the LUT and embedding bytes) but not bit-identical to the evaluated model: with A4 the fp16
+            rounding of the levels flips activation codes downstream (on a tiny W2A4KV4 LLaMA, logits 0.15 relative
+            from the evaluated model's, against 5e-7 with float32 storage; ``tests/test_packing_io.py``).
+        overwrite: replace ``path`` if it is a packed folder (see :func:`check_output_folder`: a folder holding other
+            files is never replaced; an empty folder is written into).
         max_shard_size: bytes (or "2GB", "500MB") per safetensors file; above it the tensors are sharded
             (``model-0000i-of-0000n.safetensors`` + ``model.safetensors.index.json``).
     Returns:
-        the folder.
+        the folder (permissions: those of the folder it replaced, else ``0o777`` less the umask).
     Raises:
         NotImplementedError: a weight width the W2A4 op cannot run (e.g. 3 bits).
+        FileExistsError: see :func:`check_output_folder` (checked before anything is written).
     """
     from safetensors.torch import save_file
 
@@ -326,9 +409,9 @@ def save_quantized(model: nn.Module, path: str | os.PathLike, tokenizer=None, dt
 
     if not getattr(model.config, "rcp_quant", None):
         raise ValueError("save_quantized needs a model prepared with quantize_model (config.rcp_quant is missing)")
-    path = Path(path)
-    if path.exists() and not overwrite:
-        raise FileExistsError(f"{path} exists (overwrite=False)")
+    path = check_output_folder(path, overwrite)
+    if dtype is None:
+        dtype = compute_dtype(model)
     recipe = Recipe.from_dict({"rotation": getattr(model.config, "rcp_rotation", None), "quant": model.config.rcp_quant})
     layers = {name: _layer_entry(name, q) for name, q in _quantized_projections(model).items()}
     tensors = quantized_state_dict(model, dtype)
@@ -368,12 +451,15 @@ def save_quantized(model: nn.Module, path: str | os.PathLike, tokenizer=None, dt
         from .families import family_of
 
         fam = family_of(model)
-        (tmp / SHIM).write_text(_SHIM_TEXT.format(base=fam.causal_lm_class, config=fam.config_class))
+        (tmp / SHIM).write_text(_SHIM_TEXT.format(base=fam.causal_lm_class, config=fam.config_class,
+                                                  model_type=fam.packed_model_type))
         gen = getattr(model, "generation_config", None)
         if gen is not None:
             gen.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
+        os.chmod(tmp, _folder_mode(path))
+        check_output_folder(path, overwrite)  # again: the folder may have changed while the tensors were written
         if path.exists():
             shutil.rmtree(path)
         os.replace(tmp, path)
@@ -401,7 +487,8 @@ class PackedLinear(nn.Module):
     ``forward(x [..., K]) -> [..., N]`` in ``x.dtype``: optional online rotation (R4), then the per-token activation
     quantizer of fake quantization in its integer form (:func:`rcp_lib.quant.activations.quantize_per_token`, formula
     and float zero point documented there), then ``x̂ Ŵᵀ`` with fp32 accumulation. With ``act_bits=None`` the input
-    stays in full precision and the weight is dequantized on the fly.
+    stays in full precision and the weight is dequantized on the fly. On the CPU the decode cache (below) replaces
+    both by the fake quantizer's own operations on a cached ``Ŵ``.
 
     Backends (``backend``, else ``$RCP_KERNEL_BACKEND``, else "auto"): on CUDA with triton, when
     :meth:`fused_supported` (every W2 layer with G = 128), "triton" runs the fused two-launch path of
@@ -416,7 +503,25 @@ class PackedLinear(nn.Module):
     (default: the stored words, each weight's level selected in registers; the kernel measured on a GPU) or
     "bitplane" (the bit-serial kernel on weight bit planes derived once per device, :meth:`kernel_planes`; fewer
     instructions per weight in its sm_90 code, speed not yet measured).
+
+    Decode cache (``decode_cache``, default True; the class attribute, or per layer): on the CPU (where the torch
+    reference would compute the layer, i.e. not under the "triton" backend) the decoded weight ``W_hat [N, K]``
+    (:meth:`dequantized_weight`, in the input's dtype) is kept on the module after the first call (keyed like
+    :meth:`kernel_weights`: rebuilt when ``qweight`` or ``lut`` change), and each call runs the operations of the
+    fake-quantized :class:`~rcp_lib.quant.linear.QuantLinear` on it: input transform,
+    :func:`~rcp_lib.quant.activations.fake_quant_per_token` (the value ``lo + s * c`` of the same codes), then
+    ``F.linear(x_hat, W_hat, bias)``. So a packed folder stored as evaluated (``save_quantized``'s default) computes
+    the evaluated model bit for bit on a CPU, instead of the W2A4 op's integer form ``(c - zero) * s``, which agrees
+    only to float rounding: enough for an activation code to flip on a tie, and a 2-bit PTQ model (perplexity in
+    the millions) turns one flip into a different perplexity. Memory cost: a float32 copy of every packed
+    projection (4 bytes per weight, 8-13x the packed codes + LUT at 2 bits and G = 64..128; 0.42 GB for
+    SmolLM2-135M), the price of generating near FP speed on a CPU (``benchmarks/packed_cpu_speed.py``).
+    ``decode_cache = False`` keeps only the packed form and calls the W2A4 op (which decodes the codes on every call).
+    CUDA never uses the cache.
     """
+
+    #: keep the decoded float32 weight on the CPU (class docstring); False: decode the packed codes on every call
+    decode_cache: bool = True
 
     def __init__(self, qweight: torch.Tensor, lut: torch.Tensor, K: int, group_size: int, bits: int,
                  bias: torch.Tensor | None, act_bits: int | None, act_clip_ratio: float,
@@ -516,11 +621,21 @@ class PackedLinear(nn.Module):
             cache = (key, {})
             self._kernel_cache = cache
         if what not in cache[1]:
-            if what == "wsum":
+            if what.startswith("decoded:"):  # "decoded:<dtype>": W_hat in that dtype (the decode cache)
+                cache[1][what] = self.dequantized_weight(getattr(torch, what.split(":", 1)[1]))
+            elif what == "wsum":
                 cache[1][what] = weight_row_sums(self.qweight, self.lut, self.in_features, self.group_size, self.bits)
             else:
                 cache[1][what] = weight_bitplanes(self.qweight, self.in_features)
         return cache[1][what]
+
+    def _use_decode_cache(self, x: torch.Tensor) -> bool:
+        """Whether this call runs on the cached ``W_hat`` (:attr:`decode_cache`, CPU tensors, a backend that would
+        run the torch reference)."""
+        from .kernels.op import _resolve_backend
+
+        return (self.decode_cache and x.device.type == "cpu" and self.qweight.device.type == "cpu"
+                and _resolve_backend(self.backend) != "triton")
 
     def _bitplane(self) -> bool:
         from .kernels.layout import bitplane_layout_supported
@@ -552,6 +667,11 @@ class PackedLinear(nn.Module):
             x = self.input_transform(x)
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)
+        if self._use_decode_cache(x):  # QuantLinear.forward's own operations on the cached W_hat (class docstring)
+            if self.act_bits is not None:
+                x = fake_quant_per_token(x, self.act_bits, self.act_clip_ratio)
+            w = self._derived("decoded:" + str(x.dtype).replace("torch.", ""))
+            return F.linear(x, w, None if self.bias is None else self.bias.to(x.dtype))
         if self.act_bits is None:
             y = F.linear(x2, self.dequantized_weight(x.dtype))
         else:
@@ -612,9 +732,7 @@ def check_folder(path: str | os.PathLike) -> PackedFolder:
     except json.JSONDecodeError as e:
         raise PackedFormatError(f"{path / MAP} is not valid JSON: {e}") from e
     for where, ver in (("config.json", qcfg.get("format_version")), (MAP, qmap.get("format_version"))):
-        if ver != FORMAT_VERSION:
-            raise PackedFormatError(f"{path}: packed format version {ver!r} in {where}; this rcp_lib reads version "
-                                    f"{FORMAT_VERSION} (re-export the model with this version)")
+        check_format_version(ver, f"{path / where}")
     try:
         rot = RotationConfig.from_dict(qcfg["rotation"]) if qcfg.get("rotation") else None
         quant = QuantConfig.from_dict(qcfg["quant"])
@@ -746,12 +864,9 @@ def load_quantized(path: str | os.PathLike, device: str | torch.device = "cpu", 
     """
     from transformers import AutoModelForCausalLM
 
-    from .hf import register
-
     _check_gemv_format(gemv_format)
     path = Path(path)
     folder = check_folder(path)
-    register()
     model = AutoModelForCausalLM.from_pretrained(
         str(path), dtype=dtype, attn_implementation=folder.manifest.get("attn_implementation") or "sdpa",
         trust_remote_code=False)

@@ -144,6 +144,10 @@ def reproduce(profile: str = "cpu", notebooks: list[str] | None = None, kernel: 
     if allow_dirty:
         os.environ[ALLOW_DIRTY_ENV] = "1"
     absolutize_env()  # the kernels run in notebooks/: relative output roots must not move with them
+    # the kernels' Hugging Face look-ups are offline unless the caller says otherwise (set to 0 for the network); set
+    # here, before the kernels start, because importing rcp_lib imports transformers, which reads them once
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     require_clean_tree()
     tag = f"[reproduce:{P.run_name}]"
     print(f"{tag} git {git_commit()}, code fingerprint {code_fingerprint()}", file=sys.stderr, flush=True)

@@ -60,6 +60,8 @@ class RunConfig:
         path = Path(path)
         if not path.exists():
             raise FileNotFoundError(f"run config {path} does not exist (see configs/ for examples)")
+        if path.is_dir():
+            raise IsADirectoryError(f"run config {path} is a folder: give one file, e.g. configs/cpu.yaml")
         text = path.read_text()
         if path.suffix in (".yaml", ".yml"):
             import yaml
@@ -75,6 +77,10 @@ class RunConfig:
         self.recipe.validate()
         if self.recipe.qat is None or self.recipe.quant is None:
             raise ValueError("a run config trains (QAT): it needs the quant and qat sections")
+        if self.export_dir:  # refused before training, not after it: the export is the run's last step
+            from .quant.apply import check_packable
+
+            check_packable(self.recipe.quant)
         if self.corpus not in CORPORA:
             raise ValueError(f"unknown corpus {self.corpus!r}; available: {CORPORA}")
         bad = set(self.eval) - {"seqlen", "max_windows"}
@@ -133,7 +139,9 @@ def full_state_dict(model) -> dict:
 def export_run(student, cfg: RunConfig, export_dir: str | Path, is_main: bool, skeleton=None) -> None:
     """Save the trained ``student`` as a packed model (:func:`rcp_lib.packing.save_quantized`) from every rank:
     a sharded student's full state dict is gathered (all ranks), then rank 0 loads it into an unsharded skeleton of
-    the same surgery on the CPU and writes; an unsharded student is written by rank 0 directly.
+    the same surgery on the CPU and writes; an unsharded student is written by rank 0 directly. A packed folder
+    already at ``export_dir`` (the same run's earlier export) is replaced; a folder holding anything else is refused
+    (:func:`rcp_lib.packing.check_output_folder`, which :func:`run_qat` calls before training).
 
     Args:
         skeleton: ``() -> nn.Module``, the unrotated full-precision model to rebuild on (default: ``load(cfg.model)``
@@ -143,7 +151,7 @@ def export_run(student, cfg: RunConfig, export_dir: str | Path, is_main: bool, s
         if is_main:
             from .packing import save_quantized
 
-            save_quantized(student, export_dir)
+            save_quantized(student, export_dir, overwrite=True)
         return
     sd = full_state_dict(student)
     if is_main:
@@ -157,7 +165,7 @@ def export_run(student, cfg: RunConfig, export_dir: str | Path, is_main: bool, s
             rotate_model(model, cfg.recipe.rotation, fuse_weights=False)
         quantize_model(model, cfg.recipe.quant)
         model.load_state_dict(sd, strict=True)
-        save_quantized(model, export_dir)
+        save_quantized(model, export_dir, overwrite=True)
 
 
 def _dtype_of(sd: dict):
@@ -180,14 +188,19 @@ def run_qat(cfg: RunConfig, progress: bool = True) -> dict:
     from .data import corpus_tokens
     from .evaluation import perplexity_details
     from .io import atomic_write_json, provenance
-    from .models import describe, load
+    from .models import describe, load, model_dims
     from .paths import cache_dir
-    from .quant.apply import quantize_model
+    from .quant.apply import check_model_sizes, quantize_model
     from .qat import resolve_mixed_precision, train
     from .rotation.fuse import rotate_model
 
     cfg.validate()
+    if cfg.export_dir:  # a folder holding other files fails now, not after training
+        from .packing import check_output_folder
+
+        check_output_folder(cfg.export_dir, overwrite=True)
     recipe = cfg.recipe
+    check_model_sizes(recipe.quant, model_dims(cfg.model), cfg.model)  # from the model's config, before loading it
     torch.manual_seed(recipe.qat.seed)
     state = PartialState()
     device = run_device(cfg.device)

@@ -163,3 +163,60 @@ def test_readme_print_leaves_the_readme_alone(tmp_path, capsys, monkeypatch):
     assert main(["readme", "--profile", "smoke", "--print"]) == 2
     assert "perplexity.csv not found" in capsys.readouterr().err
     assert readme_path().read_bytes() == before
+
+
+def _export_cli(*argv, cache, timeout=120):
+    """``python -m rcp_lib export ARGV`` in a fresh process from the checkout (offline, an empty cache folder
+    ``cache``): (return code, stderr)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "RCP_CACHE": str(cache),
+           "PYTHONPATH": f"{root}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    r = subprocess.run([sys.executable, "-m", "rcp_lib", "export", *argv], cwd=root, env=env, capture_output=True,
+                       text=True, timeout=timeout)
+    return r.returncode, r.stderr.strip()
+
+
+def _snapshot(root):
+    out = {".": root.stat().st_mode & 0o7777}
+    for p in sorted(root.rglob("*")):
+        out[str(p.relative_to(root))] = (p.read_bytes() if p.is_file() else None, p.stat().st_mode & 0o7777)
+    return out
+
+
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_export_refuses_a_folder_holding_other_files_before_building(tmp_path, overwrite):
+    """`export --out DIR` with a folder of the user's (notes.txt, sub/y): exit 2, one line on stderr, every file and
+    the folder's mode as they were, even with --overwrite; refused before any model is built or loaded (the
+    profile's method is not cached in this empty cache, so a build would take minutes)."""
+    d = tmp_path / "mine"
+    (d / "sub").mkdir(parents=True)
+    (d / "notes.txt").write_text("keep me")
+    (d / "sub" / "y").write_text("and me")
+    d.chmod(0o755)
+    before = _snapshot(d)
+    argv = ["--method", "QuaRot-RTN", "--setting", "W2A4KV4", "--profile", "smoke", "--out", str(d)]
+    rc, err = _export_cli(*argv, *(["--overwrite"] if overwrite else []), cache=tmp_path / "cache")
+    assert rc == 2, err
+    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+    assert "holds files other than a packed model" in err and "nothing was changed" in err, err
+    assert _snapshot(d) == before
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name != "cache") == ["mine"]
+
+
+def test_export_refuses_a_packed_folder_without_overwrite(tmp_path):
+    """A folder that already holds a packed model: refused (exit 2, one line naming --overwrite), left unchanged."""
+    import json
+
+    d = tmp_path / "packed"
+    d.mkdir()
+    (d / "config.json").write_text(json.dumps({"quantization_config": {"quant_method": "rcp"}}))
+    (d / "quant_map.json").write_text("{}")
+    before = _snapshot(d)
+    rc, err = _export_cli("--method", "QuaRot-RTN", "--profile", "smoke", "--out", str(d), cache=tmp_path / "cache")
+    assert rc == 2 and len(err.splitlines()) == 1 and "--overwrite" in err, err
+    assert _snapshot(d) == before

@@ -66,3 +66,94 @@ def test_layer_without_weight_quantizer_is_refused():
     q = QuantLinear.from_linear(nn.Linear(32, 8), None, act_bits=4)
     with pytest.raises(ValueError, match="nothing to pack"):
         PackedLinear.from_quant_linear(q)
+
+
+# -- the decode cache of the CPU path (issue item 8) -------------------------------------------------------------------
+
+def _random_packed(K=192, N=40, G=64, act_bits=4, lut_dtype=torch.float32, seed=0):
+    """A PackedLinear with random codes and levels, a bias and an online Hadamard on its input (R4's form)."""
+    from rcp_lib.kernels import pack_codes
+    from rcp_lib.rotation.online import OnlineHadamard
+
+    g = torch.Generator().manual_seed(seed)
+    codes = torch.randint(0, 4, (N, K), generator=g, dtype=torch.uint8)
+    lut = torch.randn(N, K // G, 4, generator=g).sort(-1).values.to(lut_dtype)
+    bias = torch.randn(N, generator=g)
+    return PackedLinear(pack_codes(codes, 2), lut, K, G, 2, bias, act_bits, 0.9, OnlineHadamard(K, 64))
+
+
+@pytest.mark.parametrize("act_bits", [4, None])
+@pytest.mark.parametrize("lut_dtype", [torch.float32, torch.float16])
+def test_decode_cache_agrees_with_the_reference_op(act_bits, lut_dtype):
+    """The cached path (decoded W_hat kept on the layer) and the W2A4 op's torch reference (the path without the
+    cache) agree to float rounding (rel <= 1e-6), with a bias and an input transform, for a batch and one token."""
+    from rcp_lib.kernels import w2a4_gemv_reference
+    from rcp_lib.quant.activations import quantize_per_token
+
+    p = _random_packed(act_bits=act_bits, lut_dtype=lut_dtype)
+    for shape in [(3, 5, 192), (1, 1, 192)]:
+        x = torch.randn(*shape, generator=torch.Generator().manual_seed(1)) * 3
+        with torch.no_grad():
+            p.decode_cache = True
+            y = p(x)
+            assert p._kernel_cache is not None and any(k.startswith("decoded") for k in p._kernel_cache[1])
+            # the reference, written out: transform, quantize, torch reference op, bias
+            xt = p.input_transform(x).reshape(-1, 192)
+            if act_bits is None:
+                ref = xt @ p.dequantized_weight().t()
+            else:
+                ref = w2a4_gemv_reference(*quantize_per_token(xt, 4, 0.9), p.qweight, p.lut, 192, 64, 2)
+            ref = (ref + p.bias).reshape(*shape[:-1], 40)
+            p.decode_cache = False
+            y_off = p(x)
+        assert y.shape == ref.shape and y.dtype == x.dtype
+        assert ((y - ref).abs().max() / ref.abs().max()).item() <= 1e-6
+        assert ((y_off - ref).abs().max() / ref.abs().max()).item() <= 1e-6
+
+
+@pytest.mark.parametrize("act_clip_ratio", [1.0, 0.9])
+def test_decode_cache_computes_the_fake_quant_layer_bit_for_bit(act_clip_ratio):
+    """On the CPU the cached path runs QuantLinear's own operations on the same W_hat: the deployed layer's output
+    equals the trained fake-quant layer's exactly (float32 LUT), with and without an input transform."""
+    from rcp_lib.rotation.online import OnlineHadamard
+
+    q = _trained_layer(K=128, act_clip_ratio=act_clip_ratio)
+    x = torch.randn(4, 9, 128) * 2
+    for transform in (None, OnlineHadamard(128, 64)):
+        q.input_transform = transform
+        p = PackedLinear.from_quant_linear(q, lut_dtype=torch.float32)
+        with torch.no_grad():
+            assert torch.equal(p(x), q(x))
+            assert torch.equal(p(x[:1, :1]), q(x[:1, :1]))
+
+
+def test_decode_cache_decodes_once_and_follows_the_buffers(monkeypatch):
+    """One decode per layer, not one per call; rebuilt when the stored codes change in place; off with
+    ``decode_cache = False`` (every call decodes)."""
+    import rcp_lib.kernels.bitpack as bitpack
+    import rcp_lib.kernels.reference as reference
+    import rcp_lib.packing as packing
+
+    calls = []
+    real = bitpack.dequantize
+
+    def counting(*a, **k):
+        calls.append(1)
+        return real(*a, **k)
+
+    monkeypatch.setattr(packing, "dequantize", counting)
+    monkeypatch.setattr(reference, "dequantize", counting)
+    p = _random_packed()
+    x = torch.randn(1, 192)
+    with torch.no_grad():
+        first = p(x)
+        for _ in range(4):
+            assert torch.equal(p(x), first)
+        assert len(calls) == 1
+        p.qweight.bitwise_xor_(1)  # other codes, same storage: the cache key's version changes
+        changed = p(x)
+        assert len(calls) == 2 and not torch.equal(changed, first)
+        p.decode_cache = False
+        p(x)
+        p(x)
+        assert len(calls) == 4

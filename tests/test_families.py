@@ -224,7 +224,8 @@ def test_packed_round_trip(family, label, tmp_path):
     ref = _logits(model, ids)
     save_quantized(model, tmp_path / "q", dtype=torch.float32)
     loaded, _ = load_quantized(tmp_path / "q")
-    assert type(loaded).__name__ == F.family_of(family).causal_lm_class
+    assert type(loaded).__name__ == "Rcp" + F.family_of(family).causal_lm_class  # the packed model type's class
+    assert isinstance(loaded, F.family_of(family).causal_lm())
     assert _max_rel(ref, _logits(loaded, ids)) < 1e-5
 
 
@@ -240,7 +241,7 @@ def test_memory_accountant_matches_packed_bytes(family, tmp_path):
     d = M.dims(model)
     group = math.gcd(d.hidden, d.intermediate, d.n_heads * d.head_dim)
     quantize_model(model, preset("W2A4KV4", w_group_size=group, w_method="rtn", w_lwc=False))
-    save_quantized(model, tmp_path / "q")
+    save_quantized(model, tmp_path / "q", dtype=torch.float16)  # the accountant counts the fp16 format
     f = footprint(model.config, replace(W2A4KV4, group_size=group, kv_group_size=d.head_dim))
     assert packed_model_bytes(tmp_path / "q")["total"] == f.weights
     qkv = (d.n_heads + 2 * d.n_kv_heads) * d.head_dim * d.n_layers * 2  # fp16

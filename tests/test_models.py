@@ -10,6 +10,7 @@ def test_embedded_config(embedded):
     assert (d.hidden, d.intermediate, d.n_layers, d.n_heads, d.n_kv_heads, d.head_dim, d.vocab) == (
         576, 1536, 30, 9, 3, 64, 49152)
     assert d.tied and model.lm_head.weight is model.model.embed_tokens.weight
+    assert d == models.EMBEDDED_DIMS == models.model_dims("smollm2-135m")  # what runs are validated against, unloaded
     n_params = sum(p.numel() for p in model.parameters())
     assert 134_000_000 < n_params < 135_000_000
     assert all(p.dtype == torch.float32 for p in model.parameters())

@@ -3,6 +3,7 @@
 
 import copy
 import json
+import os
 from dataclasses import replace
 
 import pytest
@@ -42,7 +43,7 @@ def test_round_trip_logits_and_generation(tmp_path, q):
         assert _rel(ref, loaded(IDS).logits) < 1e-5
         assert torch.equal(gen, loaded.generate(IDS[:1, :5], max_new_tokens=8, do_sample=False))
     if q.act.bits == 16:  # fp16 storage: within fp16 rounding (with A4, rounding flips of the 4-bit grid amplify it)
-        save_quantized(m, tmp_path / "f16")
+        save_quantized(m, tmp_path / "f16", dtype=torch.float16)
         l16, _ = load_quantized(tmp_path / "f16")
         with torch.no_grad():
             assert _rel(ref, l16(IDS).logits) < 3e-3
@@ -114,7 +115,7 @@ def test_accountant_matches_bytes_on_disk_for_embedded_model(embedded, tmp_path)
 
     model = copy.deepcopy(embedded[0])
     quantize_model(model, QuantConfig(w_group_size=64, w_method="rtn", w_lwc=False))
-    save_quantized(model, tmp_path / "packed")
+    save_quantized(model, tmp_path / "packed", dtype=torch.float16)  # the accountant counts the fp16 format
     disk = packed_model_bytes(tmp_path / "packed")
     f = footprint(model.config, replace(W2A4KV4, group_size=64, kv_group_size=64))
     block = sum(v for k, v in f.per_kind.items() if k.startswith(("attn_", "mlp_")))
@@ -136,7 +137,9 @@ def _structure(model):
             bits = mod.bits if isinstance(mod, PackedLinear) else (None if wq is None else wq.config.bits)
             out[name] = ("quantized", bits, mod.act_bits, mod.act_clip_ratio, repr(mod.input_transform))
         elif "." not in name or not name.rsplit(".", 1)[-1].startswith(("weight_quantizer", "input_transform")):
-            out[name] = (type(mod).__name__, mod.extra_repr())
+            # a loaded folder's top class is the packed model type's subclass (RcpLlamaForCausalLM of rcp_lib.hf)
+            cls = type(mod).__name__
+            out[name] = (cls[3:] if name == "" and cls.startswith("Rcp") else cls, mod.extra_repr())
     return out, model.config._attn_implementation, model.config.rcp_rotation, model.config.rcp_quant
 
 
@@ -217,3 +220,118 @@ def test_quantized_state_file_round_trip(tmp_path, bits):
     fresh = _model(QuantConfig(w_bits=bits, w_group_size=32, w_method="rtn", w_lwc=False, w_clip_search="mse"))
     load_quantized_state(fresh, tmp_path / "s.safetensors")
     assert all(q.frozen and torch.equal(q.quantized_weight(), ref[n]) for n, q in quantized_linears(fresh))
+
+
+# -- the output folder: never delete what a user keeps there, never change its mode (issue item 2) ---------------------
+
+def _tree(root):
+    """Every path under ``root`` with its bytes (files) and permission bits."""
+    out = {".": root.stat().st_mode & 0o7777}
+    for p in sorted(root.rglob("*")):
+        out[str(p.relative_to(root))] = (p.read_bytes() if p.is_file() else None, p.stat().st_mode & 0o7777)
+    return out
+
+
+def _user_folder(tmp_path):
+    d = tmp_path / "mine"
+    (d / "sub").mkdir(parents=True)
+    (d / "notes.txt").write_text("keep me")
+    (d / "sub" / "y").write_text("and me")
+    d.chmod(0o751)
+    return d
+
+
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_save_refuses_a_folder_holding_other_files(tmp_path, overwrite):
+    from rcp_lib.packing import check_output_folder
+
+    d = _user_folder(tmp_path)
+    before = _tree(d)
+    m = _model(QuantConfig(w_group_size=32))
+    with pytest.raises(FileExistsError, match="holds files other than a packed model.*nothing was changed"):
+        save_quantized(m, d, overwrite=overwrite)
+    with pytest.raises(FileExistsError, match="nothing was changed"):
+        check_output_folder(d, overwrite)
+    assert _tree(d) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mine"]  # no temporary folder left behind
+    (tmp_path / "a_file").write_text("x")
+    with pytest.raises(FileExistsError, match="not a folder"):
+        save_quantized(m, tmp_path / "a_file", overwrite=overwrite)
+    assert (tmp_path / "a_file").read_text() == "x"
+
+
+def test_save_writes_an_empty_or_new_folder_and_replaces_a_packed_one_only_with_overwrite(tmp_path):
+    m = _model(QuantConfig(w_group_size=32))
+    mask = os.umask(0o022)
+    os.umask(mask)
+    new = save_quantized(m, tmp_path / "new")
+    assert new.stat().st_mode & 0o7777 == 0o777 & ~mask  # what mkdir gives, not mkdtemp's 0o700
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    empty.chmod(0o750)
+    save_quantized(m, empty)
+    assert (empty / "quant_map.json").is_file() and empty.stat().st_mode & 0o7777 == 0o750
+    before = _tree(empty)
+    with pytest.raises(FileExistsError, match="holds a packed model already.*overwrite"):
+        save_quantized(m, empty)
+    assert _tree(empty) == before
+    save_quantized(m, empty, overwrite=True)
+    assert (empty / "quant_map.json").is_file() and empty.stat().st_mode & 0o7777 == 0o750
+    load_quantized(empty)
+
+
+# -- the exported folder is the evaluated model (issue item 4) --------------------------------------------------------
+
+def test_default_storage_reloads_the_evaluated_model_fp16_does_not(tmp_path):
+    """Tiny LLaMA (hidden 128), R1 random Hadamard, W2A4KV4 with LDP levels in groups of 64: the default storage (the
+    model's compute dtype) reloads to the evaluated fake-quant logits; fp16 storage (the old default) moves them by
+    far more, because A4 turns the fp16 rounding of the levels into activation-code flips."""
+    from rcp_lib.quant.apply import preset
+
+    m = M.tiny_llama(hidden=128, intermediate=256, heads=4, kv_heads=2, layers=2, vocab=128)
+    rotate_model(m, RotationConfig(r1="random_hadamard", seed=0))
+    quantize_model(m, preset("W2A4KV4", w_group_size=64))
+    assert m.config.rcp_quant["weight"]["method"] == "ldp"
+    ids = torch.randint(0, 128, (4, 64), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref = m(ids).logits
+    path = save_quantized(m, tmp_path / "default")
+    assert json.loads((path / "config.json").read_text())["quantization_config"]["storage_dtype"] == "float32"
+    loaded, _ = load_quantized(path)
+    with torch.no_grad():
+        got = loaded(ids).logits
+    err = _rel(ref, got)
+    assert err <= 1e-5, err
+    loaded16, _ = load_quantized(save_quantized(m, tmp_path / "f16", dtype=torch.float16))
+    with torch.no_grad():
+        err16 = _rel(ref, loaded16(ids).logits)
+    print(f"reloaded vs evaluated logits (max rel): default float32 storage {err:.1e}, fp16 storage {err16:.1e}")
+    assert err16 > 1e-3 and err16 > 100 * max(err, 1e-8)
+
+
+def test_exported_folder_scores_the_table_row(embedded, tmp_path, monkeypatch):
+    """The embedded model: a PTQ row built and scored by the tables' code (``ppl_row``: RTN W2A4KV4, here without the
+    clip search to keep it fast), exported by the CLI's code with the default storage, scores the row's perplexity on
+    the row's windows (``evaluate_folder``, rel <= 1e-6), and the row records that storage dtype."""
+    import importlib
+
+    from rcp_lib.experiments.methods import Method
+    from rcp_lib.experiments.tables import ppl_row
+    from rcp_lib.export import evaluate_folder, export_method
+    from rcp_lib.profiles import get_profile
+
+    B = importlib.import_module("rcp_lib.experiments.build")  # (rcp_lib.experiments.build is also a function)
+    monkeypatch.setenv("RCP_CACHE", str(tmp_path / "cache"))
+    P = get_profile("smoke")  # 2 windows of 128 tokens, evenly spread over the test split
+    monkeypatch.setitem(B._BASE, (P.model, P.device, B.base_dtype(P)), embedded)  # the session's model, not a reload
+    m = Method("RTN (no clip search)", "W2A4KV4", "ptq", None, {"method": "rtn", "lwc": False}, "rtn")
+    row = ppl_row(m, P, progress=False)
+    assert row["storage_dtype"] == "float32"
+    out = export_method(m, m.setting, "smoke", tmp_path / "packed", progress=False)
+    qcfg = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert qcfg["storage_dtype"] == row["storage_dtype"]
+    r = evaluate_folder(out, corpus=P.corpus, seqlen=P.seqlen, max_windows=P.eval_windows, spread=P.eval_spread)
+    assert r["window_indices"] == row["window_indices"] and r["tokens_scored"] == row["tokens_scored"]
+    rel = abs(r["ppl"] - row["ppl"]) / row["ppl"]
+    print(f"row ppl {row['ppl']:.6f}, exported folder {r['ppl']:.6f}: rel {rel:.1e}")
+    assert rel <= 1e-6

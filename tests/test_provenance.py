@@ -314,3 +314,36 @@ def test_save_figure_is_byte_identical(tmp_path, monkeypatch):
     assert b"CreationDate" not in a[1].read_bytes()
     assert b"Software" not in a[0].read_bytes()
 
+
+
+# ------------------------------------------------------------------ what decides float rounding (issue 6)
+
+AVX512_CPUINFO = """processor\t: 0
+vendor_id\t: AuthenticAMD
+model name\t: AMD EPYC 9R14 96-Core Processor
+flags\t\t: fpu sse sse2 avx fma avx2 avx512f avx512dq avx512bw avx512vl avx512_bf16 avx512_vnni sha_ni
+processor\t: 1
+model name\t: AMD EPYC 9R14 96-Core Processor
+flags\t\t: fpu sse
+"""
+AVX2_CPUINFO = "model name\t: AMD EPYC\nflags\t\t: fpu sse2 ssse3 fma sse4_1 avx avx2 bmi2\n"
+ARM_CPUINFO = "processor\t: 0\nFeatures\t: fp asimd evtstrm aes sve sve2 i8mm bf16\nCPU part\t: 0xd4f\n"
+
+
+def test_parse_cpuinfo_names_the_vector_extensions():
+    assert rio.parse_cpuinfo(AVX512_CPUINFO) == (
+        "AMD EPYC 9R14 96-Core Processor", "avx avx2 fma avx512f avx512dq avx512bw avx512vl avx512_vnni avx512_bf16")
+    assert rio.parse_cpuinfo(AVX2_CPUINFO) == ("AMD EPYC", "avx avx2 fma")
+    assert rio.parse_cpuinfo(ARM_CPUINFO) == ("", "asimd sve sve2 i8mm bf16")
+    assert rio.parse_cpuinfo("") == ("", "")
+
+
+def test_provenance_records_cpu_threads_and_blas():
+    import torch
+
+    prov = rio.provenance()
+    assert tuple(prov) == rio.PROVENANCE_KEYS
+    assert prov["torch_threads"] == torch.get_num_threads()
+    assert prov["cpu_model"] and prov["blas"]  # never empty: "unknown" when nothing could be read
+    assert prov["cpu_flags"] == " ".join(f for f in prov["cpu_flags"].split() if f in rio.VECTOR_FLAGS)
+    assert prov["torch_cpu_capability"] == torch.backends.cpu.get_cpu_capability()

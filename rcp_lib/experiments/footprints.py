@@ -86,14 +86,17 @@ def memory_vs_saved(profile: Profile) -> dict:
     """Accountant vs bytes on disk for the profile's model exported with ``save_quantized`` (W2A4KV4)."""
     import tempfile
 
+    import torch
+
     from ..packing import packed_model_bytes, save_quantized
 
     m = method("QuaRot-RTN", "W2A4KV4")  # the table row's recipe; the accountant reads the same object
     model = build(m, profile, progress=False)
     cfg = {**_memory_configs(profile)[profile.model], "tie_word_embeddings": False}
-    f = footprint(cfg, m.recipe(profile).quant)
+    # what the packed folder stores: a level table per group even for this uniform row (one kernel for all methods)
+    f = footprint(cfg, Scheme.of(m.recipe(profile).quant, lut_levels=True))
     with tempfile.TemporaryDirectory() as d:
-        save_quantized(model, d)
+        save_quantized(model, d, dtype=torch.float16)  # the format the accountant counts (fp16 levels and tensors)
         disk = packed_model_bytes(d)
     block_acc = sum(v for k, v in f.per_kind.items() if k.startswith(("attn_", "mlp_")))
     return {"model": profile.model, "scheme": "W2A4KV4", "group_size": profile.w_group_size,

@@ -96,7 +96,8 @@ def setup(profile: str, overrides: dict | str | None = None, show: bool = True,
     """Prepare a notebook run and say what it will do.
 
     * offline Hugging Face look-ups (``HF_HUB_OFFLINE`` / ``HF_DATASETS_OFFLINE`` default to 1; set them to 0
-      beforehand for the network);
+      beforehand for the network). Importing rcp_lib imports transformers, which reads them once: ``reproduce`` and
+      the Makefile set them before any kernel starts; in a hand-started kernel set them before ``import rcp_lib``;
     * figures inline in a Jupyter kernel (``%matplotlib inline``; no backend is forced elsewhere);
     * the profile with the papermill ``overrides`` (any :class:`~rcp_lib.profiles.Profile` field; a dict or a JSON
       object string); with overrides, results and figures go to ``<profile>-<hash>/`` folders

@@ -126,6 +126,8 @@ def fake_quant_per_token(
         xq = q.sub_(z).mul_(s)
     else:
         xq = q.mul_(s).add_(lo)
+    if not (torch.is_grad_enabled() and x.requires_grad):  # no gradient to route (evaluation, generation): the
+        return xq.to(x.dtype)  # straight-through function's forward value, without its mask and autograd node
     inside = (xd >= lo).logical_and_(xd <= hi)
     return _StraightThrough.apply(x, xq.to(x.dtype), inside)
 

@@ -173,6 +173,43 @@ class QuantConfig(JsonConfig):
         return QuantConfig(weight=w, act=self.act, kv=self.kv)
 
 
+def packable_weight_bits() -> tuple[int, ...]:
+    """The weight widths a packed folder can hold and the W2A4 op can run (:data:`rcp_lib.kernels.SUPPORTED_BITS`:
+    ``2**bits`` levels per group packed in ``bits``-bit codes)."""
+    from ..kernels import SUPPORTED_BITS
+
+    return tuple(SUPPORTED_BITS)
+
+
+def check_packable(cfg: QuantConfig) -> None:
+    """ValueError unless a model quantized with ``cfg`` can be exported as a packed folder
+    (:func:`rcp_lib.packing.save_quantized`): weight bits in :func:`packable_weight_bits` (16 = full precision is
+    fine). Activation and KV widths 1..8 are fake-quantized at run time in the packed model too, so
+    :meth:`QuantConfig.validate` covers them. Other widths (e.g. 3-bit weights) still train and evaluate as fake
+    quantization: a run config without ``export_dir`` may use them (research only; they cannot be deployed)."""
+    cfg.validate()
+    ok = packable_weight_bits()
+    if cfg.weight is not None and cfg.weight.bits not in ok:
+        raise ValueError(f"weight bits {cfg.weight.bits} cannot be exported as a packed model (packable widths: "
+                         f"{', '.join(map(str, ok))}); use one of those, or train without export "
+                         f"(export_dir: null) as fake quantization only")
+
+
+def check_model_sizes(cfg: QuantConfig, d: "M.Dims", model: str = "the model") -> None:
+    """ValueError unless ``cfg``'s groups divide the sizes of a model with dims ``d`` (:func:`rcp_lib.models.model_dims`
+    reads them from the model's config, no weights): the weight group must divide every block projection's input
+    (hidden size for q/k/v/gate/up, heads x head_dim for o_proj, intermediate size for down_proj), the KV group the
+    head_dim. The same condition :func:`quantize_model` checks per layer, before any model is loaded."""
+    cfg.validate()
+    if cfg.weight is not None:
+        for what, k in (("hidden size (q/k/v/gate/up input)", d.hidden),
+                        ("attention width (o_proj input)", d.n_heads * d.head_dim),
+                        ("intermediate size (down_proj input)", d.intermediate)):
+            resolve_group_size(k, cfg.weight.group_size, f"{model}'s {what}")
+    if cfg.kv.bits != OFF and cfg.kv.group_size is not None:
+        resolve_group_size(d.head_dim, cfg.kv.group_size, f"{model}'s KV cache (head_dim)")
+
+
 def preset(name: str, **overrides: Any) -> QuantConfig:
     """A named setting ``W<w>A<a>KV<kv>`` (W2A4KV4: RCP's, W2A16KV16: GSR's, W4A4KV4: QuaRot's, W16A16KV16: none),
     with optional :class:`QuantConfig` keywords (the parts, or the flat names, e.g. ``w_group_size=64``)."""

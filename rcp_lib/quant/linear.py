@@ -215,9 +215,17 @@ def cached_weight_bytes(model: nn.Module) -> int:
                for m in model.modules() if isinstance(m, QuantLinear) and "_wq_cache" in m.__dict__)
 
 
-def freeze_model(model: nn.Module) -> nn.Module:
-    """:meth:`QuantLinear.freeze` every quantized layer of ``model`` in place (outputs unchanged); returns the model."""
-    for mod in model.modules():
-        if isinstance(mod, QuantLinear):
-            mod.freeze()
+def freeze_model(model: nn.Module, progress: bool = False) -> nn.Module:
+    """:meth:`QuantLinear.freeze` every quantized layer of ``model`` in place (outputs unchanged); returns the model.
+
+    ``progress``: a bar over the layers (:func:`rcp_lib.progress.bar`); freezing an RTN layer with ``clip_search="mse"``
+    runs its clip search (minutes for a whole model on a CPU), so the bar is labelled "RTN clip search" then."""
+    from ..progress import bar
+
+    layers = [mod for mod in model.modules() if isinstance(mod, QuantLinear)]
+    searched = any(getattr(getattr(q.weight_quantizer, "config", None), "clip_search", "none") != "none"
+                   for q in layers if isinstance(q.weight_quantizer, WeightQuantizer))
+    for mod in bar(layers, desc="RTN clip search" if searched else "freeze", unit="layer", disable=not progress,
+                   leave=False):
+        mod.freeze()
     return model

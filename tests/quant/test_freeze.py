@@ -83,3 +83,24 @@ def test_gptq_ends_frozen():
     qs = [q for _, q in quantized_linears(m)]
     assert qs and all(q.frozen for q in qs)
     assert all(torch.equal(q.weight, q.weight_quantizer(q.weight)) for q in qs)
+
+
+def test_freeze_model_shows_the_clip_search_progress(tmp_path, monkeypatch):
+    """The RTN clip search of an export runs inside freeze_model: with ``progress`` it reports through the project's
+    progress helper (here its batch log, ``$RCP_PROGRESS_LOG``), one bar over the layers labelled "RTN clip search";
+    the PTQ build passes its ``progress`` on."""
+    import importlib
+    import inspect
+    import re
+
+    build = importlib.import_module("rcp_lib.experiments.build")
+
+    log = tmp_path / "progress.log"
+    monkeypatch.setenv("RCP_PROGRESS_LOG", str(log))
+    m = M.tiny_llama(hidden=64, intermediate=96, heads=2, kv_heads=1, layers=1, vocab=64)
+    quantize_model(m, QuantConfig(w_group_size=32, w_method="rtn", w_lwc=False, w_clip_search="mse"))
+    freeze_model(m, progress=True)
+    text = log.read_text()
+    assert re.search(r"RTN clip search.*\b(\d+)/\1\b", text), text  # the bar reached the last layer
+    assert all(isinstance(q.weight_quantizer, FrozenLevelsQuantizer) for _, q in quantized_linears(m))
+    assert "freeze_model(model, progress=progress)" in inspect.getsource(build._ptq_cached)

@@ -1,0 +1,196 @@
+"""Every input of the command line is checked before a model is loaded (issue 5): each case runs ``python -m rcp_lib``
+in a fresh process and must end in one line on stderr and exit status 2 (Ctrl-C: one line and 130) within seconds.
+
+An empty ``RCP_CACHE`` proves that no model was touched: loading the embedded model writes its dequantized copy there.
+"""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SMOKE = (ROOT / "configs" / "smoke.yaml").read_text()
+
+
+def _env(tmp_path: Path) -> dict:
+    return {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "RCP_CACHE": str(tmp_path / "cache"),
+            "RCP_RESULTS_DIR": str(tmp_path / "results"), "RCP_FIGURES_DIR": str(tmp_path / "figures"),
+            "RCP_RUNS_DIR": str(tmp_path / "runs"), "PYTHONPATH": str(ROOT)}
+
+
+def _cli(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "rcp_lib", *args], cwd=ROOT, env=_env(tmp_path), capture_output=True,
+                          text=True, timeout=300)
+
+
+def _assert_one_line(p: subprocess.CompletedProcess, needle: str, tmp_path: Path, rc: int = 2) -> str:
+    err = p.stderr.strip()
+    assert p.returncode == rc, (p.returncode, err[-2000:])
+    assert "\n" not in err and "Traceback" not in err, err[-2000:]
+    assert needle in err, err
+    cache = tmp_path / "cache"
+    assert not cache.exists() or not any(cache.glob("smollm2-135m-dequant-*")), "a model was loaded"
+    return err
+
+
+def _config(tmp_path: Path, old: str, new: str, extra: str = "") -> str:
+    assert old in SMOKE
+    p = tmp_path / "run.yaml"
+    p.write_text(SMOKE.replace(old, new) + extra)
+    return str(p)
+
+
+def test_qat_refuses_an_unexportable_weight_width_before_training(tmp_path):
+    """3-bit weights (and 5-bit KV, which is fine) with an export: refused at once, not after training."""
+    cfg = _config(tmp_path, "weight: {bits: 2,", "weight: {bits: 3,")
+    text = Path(cfg).read_text().replace("kv: {bits: 4}", "kv: {bits: 5}")
+    Path(cfg).write_text(text.replace("export_dir: null", f"export_dir: {tmp_path / 'out'}"))
+    err = _assert_one_line(_cli(tmp_path, "qat", "--config", cfg), "weight bits 3 cannot be exported", tmp_path)
+    assert "1, 2, 4, 8" in err and "export_dir: null" in err  # the allowed widths and the research opt-out
+
+
+_BATCH = """
+import contextlib, io, json, runpy, sys, traceback
+out = []
+for argv in json.loads(sys.argv[1]):
+    err = io.StringIO()
+    sys.argv = ["python -m rcp_lib", *argv]
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+        try:
+            runpy.run_module("rcp_lib", run_name="__main__", alter_sys=True)
+            rc = 0
+        except SystemExit as e:
+            rc = e.code
+        except BaseException:
+            traceback.print_exc()
+            rc = "uncaught"
+    out.append([rc, err.getvalue()])
+print(json.dumps(out))
+"""
+
+
+def test_bad_inputs_fail_in_one_line_before_any_model(tmp_path):
+    """More cases in one fresh process: each enters the CLI as ``python -m rcp_lib`` does (runpy), so one interpreter
+    start-up serves them all."""
+    import json
+
+    group = _config(tmp_path, "group_size: 64", "group_size: 100")
+    run = tmp_path / "run"
+    run.mkdir()
+    cases = [
+        (["qat", "--config", group], "does not divide the input size 576 of smollm2-135m's hidden size"),
+        (["table", "--profile", "smoke", "--set", "w_group_size=100"], "Profile.w_group_size: group_size=100"),
+        (["train-rows", "--profile", "smoke", "--set", 'methods=["rcp"]'], "unknown method 'rcp'; did you mean 'RCP'"),
+        (["reproduce", "--profile", "smoke", "--set", 'full_eval_methods=["FP", "quarot"]'], "unknown method 'quarot'"),
+        (["table", "--profile", "smoke", "--set", 'settings=["W2A4"]'], "'W2A4' is not a setting name"),
+        (["export", "--run", str(run), "--out", str(tmp_path / "o"), "--max-shard-size", "banana"],
+         "argument --max-shard-size: max shard size must be a positive number"),
+        (["export", "--run", str(run), "--out", str(tmp_path / "o"), "--max-shard-size", "0"], "got '0'"),
+        (["qat", "--config", "configs/"], "run config configs is a folder"),
+        (["compare", str(tmp_path / "nope"), str(tmp_path)], "does not exist"),
+    ]
+    p = subprocess.run([sys.executable, "-c", _BATCH, json.dumps([a for a, _ in cases])], cwd=ROOT,
+                       env=_env(tmp_path), capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    results = json.loads(p.stdout.strip().splitlines()[-1])
+    for (argv, needle), (rc, err) in zip(cases, results):
+        err = err.strip()
+        assert rc == 2 and "\n" not in err and "Traceback" not in err, (argv, rc, err[-2000:])
+        assert needle in err, (argv, err)
+    cache = tmp_path / "cache"
+    assert not cache.exists() or not any(cache.glob("smollm2-135m-dequant-*")), "a model was loaded"
+    assert not (tmp_path / "results").exists()
+
+
+def test_unknown_method_name_in_set_is_refused(tmp_path):
+    """`--set 'methods=["quarot-gptq"]'` used to write an empty CSV and exit 0."""
+    err = _assert_one_line(_cli(tmp_path, "table", "--profile", "smoke", "--set", 'methods=["quarot-gptq"]'),
+                           "unknown method 'quarot-gptq'", tmp_path)
+    assert "did you mean 'QuaRot-GPTQ'" in err and "RCP w/o Clip" in err  # the known names are listed
+    assert not (tmp_path / "results").exists()  # no (empty) CSV written
+
+
+_SLEEP = """
+import sys, time
+import rcp_lib.__main__ as M
+def fake(args):
+    print("ready", flush=True)
+    time.sleep(60)
+M._cmd_readme = fake
+sys.exit(M.main(["readme", "--profile", "cpu"]))
+"""
+
+
+def test_ctrl_c_is_one_line_and_exit_130(tmp_path):
+    p = subprocess.Popen([sys.executable, "-c", _SLEEP], cwd=ROOT, env=_env(tmp_path),
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert p.stdout.readline().strip() == "ready"
+        time.sleep(0.2)
+        p.send_signal(signal.SIGINT)
+        out, err = p.communicate(timeout=60)
+    finally:
+        if p.poll() is None:
+            p.kill()
+    _assert_one_line(subprocess.CompletedProcess(p.args, p.returncode, out, err),
+                     "interrupted; finished rows are cached", tmp_path, rc=130)
+
+
+@pytest.mark.parametrize("exc,needle", [(PermissionError(13, "Permission denied", "/root/x.yaml"),
+                                         "Permission denied: '/root/x.yaml'"),
+                                        (IsADirectoryError(21, "Is a directory", "configs"),
+                                         "Is a directory: 'configs'"),
+                                        (NotImplementedError("3 bits cannot be packed"), "3 bits cannot be packed")])
+def test_os_and_not_implemented_errors_are_one_line(exc, needle, monkeypatch, capsys):
+    import rcp_lib.__main__ as M
+
+    def fail(args):
+        raise exc
+
+    monkeypatch.setattr(M, "_cmd_readme", fail)
+    assert M.main(["readme", "--profile", "cpu"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and needle in err and "error:" in err, err
+
+
+# ---- the checks themselves (in process) ------------------------------------------------------------------------
+
+
+def test_check_packable_refuses_only_what_cannot_be_packed():
+    from rcp_lib.quant.apply import check_packable, packable_weight_bits, preset
+
+    assert packable_weight_bits() == (1, 2, 4, 8)
+    for name in ("W2A4KV4", "W4A4KV4", "W2A5KV5", "W8A8KV8", "W16A4KV4", "W1A16KV16"):
+        check_packable(preset(name))
+    with pytest.raises(ValueError, match="weight bits 3 cannot be exported"):
+        check_packable(preset("W3A4KV4"))
+
+
+def test_run_config_refuses_three_bit_weights_only_when_it_exports(tmp_path):
+    from rcp_lib.run_config import RunConfig
+
+    d = {"quant": {"weight": {"bits": 3, "group_size": 64}, "kv": {"bits": 5}}, "qat": {"steps": 1}}
+    assert RunConfig.from_dict(d).recipe.quant.w_bits == 3  # a research run (fake quantization only) is allowed
+    with pytest.raises(ValueError, match="weight bits 3"):
+        RunConfig.from_dict({**d, "export_dir": str(tmp_path / "out")})
+
+
+def test_model_sizes_without_loading(tmp_path):
+    from rcp_lib.models import EMBEDDED_DIMS, model_dims, tiny_llama
+    from rcp_lib.quant.apply import check_model_sizes, preset
+
+    assert model_dims("smollm2-135m") is EMBEDDED_DIMS
+    m = tiny_llama(vocab=64, hidden=48, intermediate=80, heads=2, kv_heads=1, layers=1)
+    m.save_pretrained(tmp_path / "tiny")
+    d = model_dims(str(tmp_path / "tiny"))
+    assert (d.hidden, d.intermediate, d.head_dim) == (48, 80, 24)
+    check_model_sizes(preset("W2A4KV4", w_group_size=16), d)
+    with pytest.raises(ValueError, match="does not divide the input size 80 of the model's intermediate size"):
+        check_model_sizes(preset("W2A4KV4", w_group_size=24), d)
+    with pytest.raises(ValueError, match="KV cache"):
+        check_model_sizes(preset("W2A4KV4", w_group_size=8, kv_group_size=16), d)

@@ -1,0 +1,80 @@
+"""Set-up edges (issue 7): CPU torch by default, a clear Python-version check, ``requires-python`` matching the pins,
+and README hub commands that exist in the pinned huggingface_hub."""
+
+import re
+import shutil
+import subprocess
+import sys
+from importlib import metadata
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+needs_make = pytest.mark.skipif(shutil.which("make") is None, reason="needs GNU make")
+
+
+def _make(*args: str, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run(["make", "-C", str(ROOT), *args], capture_output=True, text=True, timeout=60, **kw)
+
+
+@needs_make
+def test_default_torch_comes_from_the_cpu_index(tmp_path):
+    p = _make("-n", "install", f"VENV={tmp_path / 'venv'}", "PYTHON=" + sys.executable)
+    assert p.returncode == 0, p.stderr
+    assert "pip install -q torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu" in p.stdout
+    p = _make("-n", "install", f"VENV={tmp_path / 'venv'}", "TORCH_SPEC=torch==2.13.0 --index-url X/cu128")
+    assert "pip install -q torch==2.13.0 --index-url X/cu128" in p.stdout  # GPU users pass TORCH_SPEC
+
+
+@needs_make
+@pytest.mark.parametrize("version", ["3.10", "2.7", None])
+def test_an_old_python_is_refused_in_one_line_before_the_venv(tmp_path, version):
+    fake = tmp_path / "python3"
+    fake.write_text("#!/bin/sh\n" + (f"echo {version}\n" if version else "exit 1\n"))
+    fake.chmod(0o755)
+    venv = tmp_path / "venv"
+    p = _make("install", f"PYTHON={fake}", f"VENV={venv}")
+    assert p.returncode != 0 and not venv.exists()
+    err = [line for line in p.stderr.splitlines() if not line.startswith("make")]
+    assert len(err) == 1 and "needs Python >= 3.11" in err[0] and "PYTHON=python3.11" in err[0], p.stderr
+    assert (version or "not a runnable Python") in err[0]
+
+
+def _lower_bound(spec: str | None) -> tuple[int, ...]:
+    m = re.search(r">=\s*(\d+(?:\.\d+)*)", spec or "")
+    return tuple(int(x) for x in m.group(1).split(".")[:2]) if m else (0,)
+
+
+def test_requires_python_matches_the_pins():
+    """pyproject's requires-python is the highest lower bound among the pinned packages (as installed here)."""
+    import tomllib
+
+    declared = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["requires-python"]
+    bounds = {}
+    for line in (ROOT / "requirements.txt").read_text().splitlines():
+        m = re.match(r"([A-Za-z0-9_.-]+)(?:\[[^]]*\])?==", line.strip())
+        if m:
+            try:
+                bounds[m.group(1)] = _lower_bound(metadata.metadata(m.group(1)).get("Requires-Python"))
+            except metadata.PackageNotFoundError:
+                pass
+    assert len(bounds) >= 10, bounds
+    assert _lower_bound(declared) == max(bounds.values()), (declared, bounds)
+    assert "python=" + ".".join(map(str, _lower_bound(declared))) in (ROOT / "environment.yml").read_text()
+
+
+def test_readme_hub_commands_exist_in_the_pinned_huggingface_hub():
+    readme = (ROOT / "README.md").read_text()
+    assert "huggingface-cli" not in readme  # removed from huggingface_hub; it installs `hf`
+    cmds = sorted(set(re.findall(r"(?:^|`|\n)\s*hf ([a-z-]+(?: [a-z-]+)?)", readme)))
+    assert cmds, "the README names no hf command"
+    hf = Path(sys.executable).parent / "hf"
+    if not hf.exists():
+        pytest.skip("the hf command of huggingface_hub is not installed next to this Python")
+    for cmd in cmds:
+        words = cmd.split()
+        p = subprocess.run([str(hf), *words, "--help"], capture_output=True, text=True, timeout=60)
+        if p.returncode != 0 and len(words) > 1:  # "hf upload <repo>": the second word is an argument
+            p = subprocess.run([str(hf), words[0], "--help"], capture_output=True, text=True, timeout=60)
+        assert p.returncode == 0, (cmd, p.stderr[-500:])
