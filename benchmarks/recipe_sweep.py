@@ -29,7 +29,7 @@ point of the grid that has a cached row (so sub-grids run in several sessions ad
 Seeds (``--seeds``; default: the profile's ``seed``) set the R1 signs and the QAT data order of a point. One row per
 (point, seed); every row carries its point's ``n_seeds``, ``val_ppl_mean`` and ``val_ppl_sem`` (standard error of the
 mean) over the seeds cached for it (seeds 0..9 are looked up), and ``vs_best``: its order against the selected point
-only beyond two standard errors of the difference (:func:`rcp_lib.experiments.ablation.separation`), else "not
+only from Welch's t-test on log perplexity, p < 0.05 (:func:`rcp_lib.experiments.ablation.separation`), else "not
 separable at this budget". The selected point has the lowest mean among the points run at the most seeds, so a point
 run once cannot win on one lucky seed. Results are refused from a dirty tree unless ``--allow-dirty``. Run it alone:
 two torch jobs on 2 cores slow each other more than 10x.
@@ -230,7 +230,7 @@ def score_point(fp, train_ids, pt: dict, Pp, steps: int) -> dict:
     bap = stats.get("block_ap") or []
     return {**pt, "steps": steps, "qat_seqlen": Pp.qat_seqlen, "tokens": stats["tokens"], "val_ppl": ppl,
             "step0_val_ppl": stats["step0_ppl"], **{k: stats[k] for k in (
-                "clip_ratio_init", "clip_ratio_final", "clip_shift", "level_shift", "weight_shift")},
+                "clip_ratio_init", "clip_ratio_final", "clip_shift", "level_shift", "weight_shift", "code_flips")},
             "seconds": round(stats["seconds"] + gptq_s, 1), "gptq_seconds": round(gptq_s, 1),
             "block_ap_mse_ratio": (sum(b["mse_after"] / b["mse_before"] for b in bap) / len(bap) if bap else math.nan),
             "val_split": f"train tail ({recipe.qat.holdout_fraction:g}), {Pp.sweep_val_windows} windows spread",

@@ -11,7 +11,7 @@ length help at equal tokens (item 6). Every variant is the sweep's selected poin
 and gradient clip are the ``cpu`` profile's) with the profile overrides and step count of :data:`VARIANTS`, trained and
 scored exactly as a sweep point (:func:`recipe_sweep.score_point`: validation perplexity on the held-out tail of the
 TRAIN split, never the test split). ``default`` is the point with the start the sweep selected it with
-(:data:`SEARCHED_START`; same key as the sweep's rows of that code). ``gptq-static`` beat it beyond two standard errors
+(:data:`SEARCHED_START`; same key as the sweep's rows of that code). ``gptq-static`` beat it (Welch p < 0.05 over 3 seeds)
 and has been the profile's start since, so every variant pins its start explicitly.
 
 Equal time: Block-AP's cost was measured on this machine before choosing its step counts (16 calibration windows and
@@ -24,7 +24,7 @@ quantizer learning rate of 1e-2 (made for logits) a first run's loss rose from 2
 
 Writes ``results/<profile>/recipe_variants.csv``: one row per (variant, seed) with the variant's ``n_seeds``,
 ``val_ppl_mean``, ``val_ppl_sem`` and ``vs_default`` (:func:`rcp_lib.experiments.ablation.separation`: an order only
-beyond two standard errors of the difference, else "not separable at this budget"). Resumable (rows cached like the
+from Welch's t-test on log perplexity (p < 0.05), else "not separable at this budget"). Resumable (rows cached like the
 sweep's), refused from a dirty tree unless ``--allow-dirty``. Run it alone: two torch jobs on 2 cores slow each other
 more than 10x.
 """

@@ -43,7 +43,7 @@ import math
 from dataclasses import asdict, dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Mapping
 
-from .families import FAMILIES
+from .families import FAMILIES, PACKED_FAMILIES
 
 if TYPE_CHECKING:
     from .quant.apply import QuantConfig
@@ -105,17 +105,37 @@ class Scheme:
     def label(self) -> str:
         return self.name or f"W{self.w_bits}A{self.a_bits}KV{self.kv_bits}"
 
+    @property
+    def bits_per_weight(self) -> float:
+        """Stored bits per block-linear weight: the code plus the group's metadata spread over its weights,
+        ``w_bits + 16 * 2**w_bits / G`` with a level table (LDP: 3.0 at W2 g64, 2.5 at g128) or ``w_bits + 32 / G``
+        with fp16 scale + zero (uniform: 2.5 at W2 g64, 2.25 at g128); 16 unquantized. ``G`` = ``group_size`` (a
+        whole row, -1, counts as metadata-free here: its per-row cost depends on the row length)."""
+        if self.w_bits == 16:
+            return 16.0
+        if self.group_size == -1:
+            return float(self.w_bits)
+        meta = FP16_BYTES * 8 * (2 ** self.w_bits if self.lut_levels else 2)
+        return self.w_bits + meta / self.group_size
+
     @classmethod
-    def of(cls, quant: "QuantConfig | None", head_dim: int | None = None, name: str = "", lut_levels: bool = True,
-           keep_fp16: tuple[str, ...] = ("embed", "lm_head", "norms")) -> "Scheme":
+    def of(cls, quant: "QuantConfig | None", head_dim: int | None = None, name: str = "",
+           lut_levels: bool | None = None, keep_fp16: tuple[str, ...] = ("embed", "lm_head", "norms")) -> "Scheme":
         """The storage of a model quantized with ``quant`` (None: fp16): its bits, its weight group (the recipe's,
         never re-derived from shapes) and its KV group (None in the config = ``head_dim``; -1 = a whole head when
-        ``head_dim`` is not given). ``lut_levels``: the packed format (:func:`rcp_lib.packing.save_quantized`)
-        stores ``2**w_bits`` fp16 levels per group for every method, uniform ones included."""
+        ``head_dim`` is not given).
+
+        ``lut_levels`` (None: from the weight method) is what the method's format needs per group: ``2**w_bits`` fp16
+        levels for a non-uniform grid (LDP), an fp16 scale + zero point for a uniform one (RTN, GPTQ, LWC), so that an
+        equal-bits comparison charges each format what it needs. (rcp_lib's packed folder writes a level table for
+        every method, uniform ones included, so that one kernel runs them all; a uniform deployment format such as
+        GPTQ's stores scale + zero.)"""
         if quant is None:
-            return cls(w_bits=16, a_bits=16, kv_bits=16, group_size=-1, kv_group_size=-1, lut_levels=lut_levels,
-                       keep_fp16=keep_fp16, name=name or "FP16")
+            return cls(w_bits=16, a_bits=16, kv_bits=16, group_size=-1, kv_group_size=-1,
+                       lut_levels=True if lut_levels is None else lut_levels, keep_fp16=keep_fp16, name=name or "FP16")
         w = quant.weight
+        if lut_levels is None:
+            lut_levels = w is None or w.method == "ldp"
         return cls(w_bits=quant.w_bits, a_bits=quant.act.bits, kv_bits=quant.kv.bits,
                    group_size=-1 if w is None else w.group_size, lut_levels=lut_levels,
                    kv_group_size=quant.kv.group_size or head_dim or -1, keep_fp16=keep_fp16, name=name)
@@ -151,7 +171,8 @@ def model_dims(config: Any) -> dict[str, Any]:
     """The dimensions the accountant uses, with defaults filled in (ints; ``tie`` bool)."""
     h = int(_get(config, "hidden_size"))
     heads = int(_get(config, "num_attention_heads"))
-    family = FAMILIES.get(_get(config, "model_type"))
+    mt = _get(config, "model_type")
+    family = FAMILIES.get(mt) or PACKED_FAMILIES.get(mt)
     return {
         "hidden": h,
         "intermediate": int(_get(config, "intermediate_size")),

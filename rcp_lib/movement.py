@@ -13,7 +13,10 @@ training) and gives the columns every QAT row carries:
 * ``level_shift``: mean ``|c_final - c_init|`` over the *interior* normalised level positions ``c_1 .. c_{L-2}`` of
   every group (the end positions are 0 and 1 by construction); 0 for a uniform grid;
 * ``weight_shift``: relative Frobenius change of the latent weights, ``sqrt(sum ||W1 - W0||^2) / sqrt(sum ||W0||^2)``
-  over all quantized layers.
+  over all quantized layers;
+* ``code_flips``: the fraction of all quantized weights whose code (the level it is assigned to) differs between the
+  two snapshots. After a GPTQ start every latent weight sits on a level, so a latent-weight step smaller than the
+  half-gap to the next level changes no code: ``weight_shift`` can be non-zero while ``code_flips`` is 0.
 
 :func:`movement` is a pure function of the two snapshots (tested on a hand-built example).
 """
@@ -31,7 +34,8 @@ Snapshot = dict[str, dict[str, torch.Tensor]]
 @torch.no_grad()
 def snapshot(model: nn.Module, weights: bool = True) -> Snapshot:
     """Per quantized layer (name -> dict): ``clip_ratio`` float64 ``[out, n_groups]``, ``fractions`` float64
-    ``[out, n_groups or 1, L]`` and (``weights=True``) ``weight``, a float32 copy of the latent weight ``[out, in]``.
+    ``[out, n_groups or 1, L]``, ``codes`` uint8 ``[out, in]`` (:meth:`~rcp_lib.quant.quantizers.WeightQuantizer.export`)
+    and (``weights=True``) ``weight``, a float32 copy of the latent weight ``[out, in]``.
 
     Only layers with a learnable :class:`~rcp_lib.quant.quantizers.WeightQuantizer` are recorded (frozen or
     full-precision layers have nothing to move)."""
@@ -43,7 +47,8 @@ def snapshot(model: nn.Module, weights: bool = True) -> Snapshot:
         if not isinstance(wq, WeightQuantizer):
             continue
         w = mod.weight.detach()
-        rec = {"clip_ratio": wq.clip_ratio(w).cpu(), "fractions": wq.level_fractions(w).cpu()}
+        rec = {"clip_ratio": wq.clip_ratio(w).cpu(), "fractions": wq.level_fractions(w).cpu(),
+               "codes": wq.export(w)[0].cpu()}
         if weights:
             rec["weight"] = w.to(device="cpu", dtype=torch.float32, copy=True)
         out[name] = rec
@@ -54,8 +59,8 @@ def movement(before: Snapshot, after: Snapshot) -> dict[str, float]:
     """Movement columns between two snapshots of the same model (see module docstring).
 
     Returns:
-        ``{"clip_ratio_init", "clip_ratio_final", "clip_shift", "level_shift", "weight_shift"}`` as floats (``weight_shift`` is NaN
-        when the snapshots hold no weights).
+        ``{"clip_ratio_init", "clip_ratio_final", "clip_shift", "level_shift", "weight_shift", "code_flips"}`` as floats
+        (``weight_shift`` is NaN when the snapshots hold no weights, ``code_flips`` when they hold no codes).
     Raises:
         ValueError: the snapshots are empty or name different layers / shapes.
     """
@@ -65,14 +70,21 @@ def movement(before: Snapshot, after: Snapshot) -> dict[str, float]:
         raise ValueError(f"snapshots of different models: {sorted(set(before) ^ set(after))[:4]} ...")
     r0 = torch.cat([before[n]["clip_ratio"].reshape(-1) for n in before]).double()
     r1 = torch.cat([after[n]["clip_ratio"].reshape(-1) for n in before]).double()
-    shifts, dw2, w2 = [], 0.0, 0.0
+    shifts, dw2, w2, flips, n_codes = [], 0.0, 0.0, 0, 0
     have_w = all("weight" in before[n] and "weight" in after[n] for n in before)
+    have_c = all("codes" in before[n] and "codes" in after[n] for n in before)
     for n in before:
         c0, c1 = before[n]["fractions"].double(), after[n]["fractions"].double()
         if c0.shape != c1.shape:
             raise ValueError(f"{n}: level fractions of different shapes {tuple(c0.shape)} and {tuple(c1.shape)}")
         if c0.shape[-1] > 2:
             shifts.append((c1[..., 1:-1] - c0[..., 1:-1]).abs().reshape(-1))
+        if have_c:
+            k0, k1 = before[n]["codes"], after[n]["codes"]
+            if k0.shape != k1.shape:
+                raise ValueError(f"{n}: codes of different shapes {tuple(k0.shape)} and {tuple(k1.shape)}")
+            flips += int((k0 != k1).sum())
+            n_codes += k0.numel()
         if have_w:
             w0, w1 = before[n]["weight"].double(), after[n]["weight"].double()
             dw2 += float(((w1 - w0) ** 2).sum())
@@ -80,4 +92,5 @@ def movement(before: Snapshot, after: Snapshot) -> dict[str, float]:
     level = float(torch.cat(shifts).mean()) if shifts else 0.0
     return {"clip_ratio_init": float(r0.mean()), "clip_ratio_final": float(r1.mean()),
             "clip_shift": float((r1 - r0).abs().mean()), "level_shift": level,
-            "weight_shift": math.sqrt(dw2 / w2) if have_w and w2 > 0 else float("nan")}
+            "weight_shift": math.sqrt(dw2 / w2) if have_w and w2 > 0 else float("nan"),
+            "code_flips": flips / n_codes if have_c and n_codes else float("nan")}

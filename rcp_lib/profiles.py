@@ -14,7 +14,7 @@ profile's group, seed and QAT budget).
   recipe is ``configs/paper-llama2-7b.yaml`` (``qat_recipe``; the budget fields here must agree with that file,
   ``tests/test_gpu_path.py`` checks it). ``python -m rcp_lib reproduce --profile paper --dry-run`` runs its path on
   the CPU with a tiny random model (:mod:`rcp_lib.reproduce`).
-* ``ablation`` - the ``cpu`` setting at W2A4KV4 only, RCP and its ablations (w/o Clip, w/o Partition, w/o Rotate,
+* ``ablation`` - the ``cpu`` setting at W2A4KV4 only, RCP and its ablations (w/o Clip, Uniform-QAT = w/o Partition, w/o Rotate,
   RCP+GSR, the block-Hadamard control), each trained and scored once per seed of ``ablation_seeds`` (the seed sets the
   R1 signs and the QAT data order); ``results/ablation/ablation.csv`` (:func:`rcp_lib.experiments.ablation_table`).
 
@@ -74,9 +74,12 @@ class Profile:
     # without, as in a "w/o Clip" row); clip fields apply to rows with LWC only, ldp_init to LDP rows only
     # (rcp_lib.experiments.methods.Method.recipe). The searched start (per-group MSE clip, Lloyd-Max levels inside it)
     # gave lower validation perplexity than the constant start at every learning-rate pair the sweep ran both ways
-    qat_weight: dict = field(default_factory=lambda: {"clip_init": "mse", "ldp_init": "lloyd", "range_mode": "static"})
+    # "range_param": "log" makes the learnable range scale-free (log-multipliers of the start's range, trained at
+    # qat_lr_quant like the levels: one learning rate means the same relative step in every layer); issue 35 item 1
+    qat_weight: dict = field(default_factory=lambda: {"clip_init": "mse", "ldp_init": "lloyd", "range_mode": "static",
+                                                      "range_param": "log"})
     ablation_seeds: list[int] = field(default_factory=lambda: [0])  # seeds of the ablation table (one run each)
-    # the one-seed QAT ablation rows (w/o Clip, w/o Partition, w/o Rotate, the block-Hadamard control) in the tables;
+    # the one-seed QAT ablation rows (w/o Clip, Uniform-QAT = w/o Partition, w/o Rotate, the block-Hadamard control) in the tables;
     # False: left to the ``ablation`` profile, which has the seeds to order them (rcp_lib.experiments.SEEDED_ABLATIONS)
     qat_ablation_rows: bool = True
     sweep_val_windows: int = 16  # held-out train-tail windows (at seqlen) that select a recipe in the sweep
@@ -112,6 +115,21 @@ class Profile:
         digest = hashlib.sha256(json.dumps(self.overrides, sort_keys=True, default=str).encode()).hexdigest()
         return f"{self.name}-{digest[:8]}"
 
+    def check_model_sizes(self) -> None:
+        """ValueError when an overridden ``w_group_size`` or ``model`` does not fit: the group must divide every block
+        projection's input of the model (:func:`rcp_lib.quant.apply.check_model_sizes`), whose sizes are read from its
+        config without loading weights (:func:`rcp_lib.models.model_dims`). The named profiles fit their models; the
+        CLI calls this before computing anything."""
+        if not {"w_group_size", "model"} & set(self.overrides):
+            return
+        from .models import model_dims
+        from .quant.apply import check_model_sizes, preset
+
+        try:
+            check_model_sizes(preset("W2A4KV4", w_group_size=self.w_group_size), model_dims(self.model), self.model)
+        except ValueError as e:
+            raise ValueError(f"Profile.w_group_size: {e}") from e
+
     def with_overrides(self, **kw) -> "Profile":
         """A copy with fields replaced (None values ignored). Numeric strings are converted (``"2e-5"``); a value
         of the wrong type raises ValueError naming the field. Changed fields are recorded in :attr:`overrides`."""
@@ -123,12 +141,45 @@ class Profile:
             raise ValueError(f"unknown profile fields {sorted(bad)}; known: {sorted(known)}")
         kw = coerce_fields(Profile, {k: v for k, v in kw.items() if v is not None})
         out = replace(self, **kw)
+        _check_names(out, set(kw))
         base = PROFILES.get(self.name)
         changed = {**self.overrides, **{k: v for k, v in kw.items() if v != getattr(self, k)}}
         if base is not None:  # a value set back to the named profile's is no override
             changed = {k: v for k, v in changed.items() if v != getattr(base, k)}
         out.overrides = dict(sorted(changed.items()))
         return out
+
+
+def _unknown(field_name: str, names: list[str] | None, known: list[str]) -> str | None:
+    """The message for the first name of ``names`` not in ``known`` (with the closest known spelling), else None."""
+    import difflib
+
+    for n in names or []:
+        if n not in known:
+            folded = {k.lower(): k for k in known}
+            close = [folded[c] for c in difflib.get_close_matches(str(n).lower(), list(folded), n=1, cutoff=0.6)]
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            return f"Profile.{field_name}: unknown method {n!r}{hint} (known: {', '.join(known)})"
+    return None
+
+
+def _check_names(profile: "Profile", changed: set[str]) -> None:
+    """ValueError for an overridden ``methods`` / ``full_eval_methods`` naming no method of
+    :data:`rcp_lib.experiments.methods.NAMED` (a misspelt name would silently select no row), or a ``settings``
+    entry that is not a ``W<w>A<a>KV<kv>`` name."""
+    import re
+
+    if changed & {"methods", "full_eval_methods"}:
+        from .experiments.methods import NAMED
+
+        for f in ("methods", "full_eval_methods"):
+            msg = _unknown(f, getattr(profile, f), list(NAMED))
+            if msg:
+                raise ValueError(msg)
+    if "settings" in changed:
+        for s in profile.settings:
+            if not isinstance(s, str) or not re.fullmatch(r"W\d+A\d+KV\d+", s):
+                raise ValueError(f"Profile.settings: {s!r} is not a setting name like 'W2A4KV4'")
 
 
 PROFILES: dict[str, Profile] = {
@@ -152,8 +203,10 @@ PROFILES: dict[str, Profile] = {
     ),
     "ablation": Profile(
         name="ablation", settings=["W2A4KV4"], full_eval_methods=[], ablation_seeds=[0, 1, 2],
-        methods=["RCP", "RCP w/o Clip", "RCP w/o Partition (LWC+uniform)", "RCP w/o Rotate", "RCP+GSR",
-                 "RCP+BlockHadamard"],
+        # RCP against the fair rival (uniform-grid QAT, same start / budget / learning rates) and with each learnable
+        # part frozen at its start (issue 35); the earlier ablations (w/o Clip, w/o Rotate, GSR, block-Hadamard) are
+        # methods of their own and join with --set methods=[...] (results/ablation-<hash>/)
+        methods=["RCP", "Uniform-QAT", "RCP levels frozen", "RCP clip frozen"],
     ),
     "paper": Profile(
         name="paper", model="meta-llama/Llama-2-7b-hf", corpus="wikitext2", device="cuda", seqlen=2048,

@@ -41,6 +41,7 @@ from .io import atomic_write_json
 
 LOSSES = ("kl", "ce", "mix")
 TEACHER_PRECISIONS = ("same", "bf16")
+FREEZABLE = ("levels", "clip", "weights")
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -86,6 +87,9 @@ class QATConfig(JsonConfig):
     block_ap_lr_quant: float = 1e-4
     gptq_start: bool = False  # start from GPTQ on the quantizer's own grid (needs range_mode="static"; applied by the
     #                           model builder, rcp_lib.experiments.build, before train)
+    # parts of the student left at their start (the ablations that show what training a part buys): "levels" (LDP's
+    # theta), "clip" (the range: LWC logits, static lo / hi or their log-multipliers), "weights" (the latent weights)
+    freeze: list[str] = field(default_factory=list)
 
     def validate(self) -> None:
         errs = []
@@ -123,6 +127,13 @@ class QATConfig(JsonConfig):
             v = getattr(self, n)
             if not (v > 0 and math.isfinite(v)):
                 errs.append(f"{n} must be > 0 (got {v})")
+        bad = [f for f in self.freeze if f not in FREEZABLE]
+        if bad or len(set(self.freeze)) != len(self.freeze):
+            errs.append(f"freeze takes distinct names among {FREEZABLE} (got {self.freeze})")
+        elif set(self.freeze) == set(FREEZABLE):
+            errs.append("freeze names every part of the student: nothing would train")
+        if self.freeze and self.block_ap_steps > 0:
+            errs.append("freeze with a Block-AP stage (block_ap_steps > 0) is not supported: Block-AP trains every part")
         if errs:
             raise ValueError("invalid QATConfig: " + "; ".join(errs))
 
@@ -180,35 +191,44 @@ def optimizer_groups(student: nn.Module, latent: list[nn.Parameter], quant: list
 
 
 def parameter_groups(student: nn.Module, cfg: QATConfig) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
-    """(latent weights, quantizer parameters). Everything else is frozen.
+    """(latent weights, quantizer parameters). Everything else is frozen, and so are the parts ``cfg.freeze`` names.
 
     Latent weights: the weights (and biases) of the linears inside decoder blocks, plus the embedding and
     lm_head if ``train_embeddings``. Quantizer parameters: every parameter of a module whose class defines
-    ``quant_parameters`` (LWC γ/β, LDP θ).
+    ``quant_parameters`` (LWC γ/β, static lo / hi or their log-multipliers, LDP θ); ``level_parameters`` names the
+    levels (θ) among them, the rest is the clip.
     """
     from .models import embedding, lm_head, named_block_linears
 
     quant: list[nn.Parameter] = []
     seen: set[int] = set()
+    frozen: set[int] = set()
+    levels = {id(p) for m in student.modules() if hasattr(m, "level_parameters") for p in m.level_parameters()}
     for m in student.modules():
         if hasattr(m, "quant_parameters"):
             for p in m.quant_parameters():
                 if id(p) not in seen:
                     seen.add(id(p))
-                    quant.append(p)
+                    if ("levels" in cfg.freeze and id(p) in levels) or ("clip" in cfg.freeze and id(p) not in levels):
+                        frozen.add(id(p))
+                    else:
+                        quant.append(p)
     latent: list[nn.Parameter] = []
     for _, lin in named_block_linears(student):
         for p in (lin.weight, getattr(lin, "bias", None)):
             if p is not None and id(p) not in seen:
                 seen.add(id(p))
-                latent.append(p)
+                if "weights" in cfg.freeze:
+                    frozen.add(id(p))
+                else:
+                    latent.append(p)
     if cfg.train_embeddings:
         for p in (embedding(student).weight, lm_head(student).weight):
             if id(p) not in seen:
                 seen.add(id(p))
                 latent.append(p)
     for p in student.parameters():
-        p.requires_grad_(id(p) in seen)
+        p.requires_grad_(id(p) in seen and id(p) not in frozen)
     return latent, quant
 
 

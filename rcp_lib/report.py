@@ -136,7 +136,7 @@ def claims_markdown(d: Path, ppl: pd.DataFrame) -> str:
         order = "reproduced" if rcp < float(ptq.min()) else "not reproduced"
         rot = ""
         abl_p = d.parent / "ablation" / _file("ablation_summary")
-        in_table = bool({"RCP w/o Clip", "RCP w/o Partition (LWC+uniform)", "RCP w/o Rotate"} & set(at.index))
+        in_table = bool({"RCP w/o Clip", "Uniform-QAT", "RCP w/o Rotate"} & set(at.index))
         if in_table:
             abl = ("The Clip / Partition / GSR ablations are one seed each in this table: their order is stated only "
                    "in the ablation with seeds below." if abl_p.exists() else
@@ -151,17 +151,22 @@ def claims_markdown(d: Path, ppl: pd.DataFrame) -> str:
         if "RCP w/o Rotate" in at.index:
             rot = f" Inside QAT, rotation is worth {_fmt_x(float(at['RCP w/o Rotate']) / rcp)} (w/o Rotate {_fmt_ppl(float(at['RCP w/o Rotate']))})."
         elif abl_p.exists():
-            a = pd.read_csv(abl_p).set_index("method")
+            a = pd.read_csv(abl_p)
+            seeds_p = abl_p.parent / _file("ablation")
+            if seeds_p.exists():
+                from .experiments.ablation import refresh_orders
+
+                a = pd.DataFrame(refresh_orders(a.to_dict("records"), pd.read_csv(seeds_p).to_dict("records")))
+            a = a.set_index("method")
             if {"RCP", "RCP w/o Rotate"} <= set(a.index):
                 r, w = a.loc["RCP"], a.loc["RCP w/o Rotate"]
-                seeds_p = abl_p.parent / _file("ablation")
                 versions = code_versions_markdown(ppl, a.reset_index(),
                                                   pd.read_csv(seeds_p) if seeds_p.exists() else None)
                 other = (" — from the ablation's own code, not comparable row to row with this table (see the code "
                          "versions below)" if versions.startswith("**Not comparable") else "")
                 rot = (f" Inside QAT, rotation is worth {_fmt_x(float(w['ppl_mean']) / float(r['ppl_mean']))} in the "
                        f"ablation with seeds (means over {int(r['n'])} seeds: w/o Rotate {_fmt_ppl(float(w['ppl_mean']))}"
-                       f" vs RCP {_fmt_ppl(float(r['ppl_mean']))}; {w['vs_RCP']}{other}).")
+                       f" vs RCP {_fmt_ppl(float(r['ppl_mean']))}; {_current_order(w['vs_RCP']) or '–'}{other}).")
         rows.append(f"| RCP ≫ PTQ baselines at W2A4KV4 | embedded model: RCP {_fmt_ppl(rcp)} vs the best PTQ row "
                     f"({best}, {clip}) {_fmt_ppl(float(ptq.min()))}, i.e. "
                     + (f"{_fmt_x(float(ptq.min()) / rcp)} lower" if rcp < float(ptq.min()) else
@@ -259,8 +264,8 @@ def _span(values: pd.Series) -> str:
 
 def sweep_markdown(sweep: pd.DataFrame) -> str:
     """One paragraph on the QAT recipe sweep (``recipe_sweep.csv``, one row per point and seed): how many points and
-    seeds, the selected point (mean ± standard error over its seeds), which points it separates from beyond two
-    standard errors, and the searched start against the constant start at the same learning rates, clip and seed (the
+    seeds, the selected point (mean ± standard error over its seeds), which points it separates from (a t-test
+    recomputed from the rows, :mod:`rcp_lib.stats`), and the searched start against the constant start at the same learning rates, clip and seed (the
     ratio of validation perplexities)."""
     keys = ["lr_quant", "lr_weights", "grad_clip"]
     per_point = sweep.groupby("point").first()
@@ -279,8 +284,9 @@ def sweep_markdown(sweep: pd.DataFrame) -> str:
            f"{best['init']} start → validation perplexity {_fmt_ppl(float(best['val_ppl_mean']))}{spread} over "
            f"{int(best['n_seeds'])} seed(s) (step 0: {_span(sweep[sweep['point'] == best.name]['step0_val_ppl'])}).")
     rivals = per_point[(per_point["n_seeds"].astype(int) > 1) & (per_point["best"].astype(str) != "True")]
+    fresh = _orders_from_rows(sweep, "point", "val_ppl", best.name, lambda p: f"point {p}")
     for p, r in rivals.iterrows():
-        vs = r["vs_best"] if isinstance(r["vs_best"], str) and r["vs_best"] else "not separable at this budget"
+        vs = fresh.get(p, "not separable at this budget")
         txt += (f" Point {p} (lr_quant {r['lr_quant']:g}, lr_weights {r['lr_weights']:g}, grad clip "
                 f"{r['grad_clip']:g}): {_fmt_ppl(float(r['val_ppl_mean']))} ± {_fmt_ppl(float(r['val_ppl_sem']))} "
                 f"over {int(r['n_seeds'])} seeds; {vs}.")
@@ -322,7 +328,7 @@ def _variant_what(config: dict) -> str:
 def variants_markdown(var: pd.DataFrame, table_config: dict | None = None) -> str:
     """The recipe variants (``recipe_variants.csv``, one row per variant and seed; ``benchmarks/recipe_variants.py``):
     a table of validation perplexity (mean ± standard error over seeds), step-0 perplexity, training seconds, tokens,
-    Block-AP's MSE ratio and the movement, each variant's order against ``default`` (only beyond two standard errors),
+    Block-AP's MSE ratio and the movement, each variant's order against ``default`` (only from a t-test, :mod:`rcp_lib.stats`),
     one sentence on what that means for the default recipe and, given the ``config`` of the perplexity table's RCP
     W2A4KV4 row (``table_config``), which variant's recipe that row trains with."""
     def num(v, fmt):
@@ -331,13 +337,14 @@ def variants_markdown(var: pd.DataFrame, table_config: dict | None = None) -> st
     r0 = var.iloc[0]
     lines = [f"QAT recipe variants (`benchmarks/recipe_variants.py`, `results/cpu/recipe_variants.csv`): the sweep's "
              f"selected recipe (`default`: its searched start, no GPTQ) against each variant at the same seeds, scored like the sweep on {r0['val_split']}; `seconds` is "
-             f"GPTQ + Block-AP + training, without evaluations. An order against the default is stated only beyond "
-             f"two standard errors of the difference.", "",
+             f"GPTQ + Block-AP + training, without evaluations. An order against the default is stated only from "
+             f"a t-test on log perplexity over the seeds (paired by seed, else Welch's; two-sided p < 0.05, p shown).", "",
              "| variant | what | seeds | val ppl (mean ± SE) | step-0 ppl | seconds (mean) | tokens | Block-AP MSE "
              "after / before | mean \\|Δ clip ratio\\| | mean \\|Δ level\\| | weight change | vs default |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     mean = var.groupby("variant", sort=False).mean(numeric_only=True)
     first = var.groupby("variant", sort=False).first()
+    first["vs_default"] = pd.Series(_orders_from_rows(var, "variant", "val_ppl", "default"), dtype=object)
     for name, r in first.iterrows():
         m = mean.loc[name]
         vs = r.get("vs_default")
@@ -355,9 +362,9 @@ def variants_markdown(var: pd.DataFrame, table_config: dict | None = None) -> st
     same = [n for n in first.index if n != "default" and n not in better + worse]
     txt = []
     if better:
-        txt.append(f"Lower than the default beyond two standard errors: {', '.join(better)}.")
+        txt.append(f"Lower than the default (t-test, p < 0.05): {', '.join(better)}.")
     if worse:
-        txt.append(f"Higher than the default beyond two standard errors: {', '.join(worse)}.")
+        txt.append(f"Higher than the default (t-test, p < 0.05): {', '.join(worse)}.")
     if same:
         txt.append(f"Not separable from the default at this budget: {', '.join(same)}.")
     if not better:
@@ -383,20 +390,51 @@ def _removed_part(name: str) -> str | None:
     return {"lwc": "clip", "method": "partition"}.get(diff.pop()) if len(diff) == 1 else None
 
 
-def ablation_markdown(summary: pd.DataFrame, start: pd.DataFrame | None = None) -> str:
+def _current_order(vs: object) -> str:
+    """An order phrase of :mod:`rcp_lib.stats` (it names its test and p, or n), else "" (a phrase written by an older
+    rule, e.g. "beyond two standard errors", is never shown)."""
+    if not isinstance(vs, str) or not vs:
+        return ""
+    return vs if (" p = " in vs or "(n = " in vs or vs.startswith("not comparable")) else ""
+
+
+def _orders_from_rows(rows: pd.DataFrame, key: str, value: str, ref: object, label=str) -> dict:
+    """``{group: order phrase against ref}`` recomputed from per-seed rows (Welch's t-test on log ``value``, paired by
+    seed when both groups ran the same seeds): the orders a table shows come from the values, never from cached text."""
+    from .experiments.ablation import separation
+
+    groups = {}
+    for g, df in rows.groupby(key, sort=False):
+        df = df.sort_values("seed") if "seed" in df else df
+        groups[g] = {"method": label(g), "ppl_values": [float(v) for v in df[value]],
+                     **({"seeds": [int(x) for x in df["seed"]]} if "seed" in df else {})}
+    if ref not in groups:
+        return {}
+    return {g: separation(groups[ref], r) for g, r in groups.items() if g != ref}
+
+
+def ablation_markdown(summary: pd.DataFrame, start: pd.DataFrame | None = None,
+                      seeds: pd.DataFrame | None = None) -> str:
     """The ablation with seeds (``results/ablation/ablation_summary.csv``): perplexity mean ± sample std over seeds,
     the step-0 perplexity and how far each part moved (means over seeds), and the order against RCP that
-    :func:`rcp_lib.experiments.ablation.separation` states (only beyond two standard errors).
+    :func:`rcp_lib.experiments.ablation.separation` states (only from a t-test, :mod:`rcp_lib.stats`).
 
     ``start`` (``ablation_start.csv`` of ``benchmarks/ablation_start.py``, one row per method and seed), when given,
     adds where each row's quantizer starts and ends against the rotated FP weights (clip ratio) and the uniform grid
     (level offset), means over seeds; the sentence on what a separated clip ablation changed then reads its start from
     there (the movement columns divide by the latent weights of the QAT start, which a GPTQ start puts inside the
-    range)."""
+    range). ``seeds`` (``ablation.csv``, one row per method and seed), when given, recomputes the orders from the
+    values (:func:`rcp_lib.experiments.ablation.refresh_orders`); without it only orders in the current phrasing of
+    :mod:`rcp_lib.stats` are shown."""
     def num(r, k, fmt):
         v = r.get(k)
         return "–" if v is None or pd.isna(v) else fmt(float(v))
 
+    if seeds is not None and len(seeds):
+        from .experiments.ablation import refresh_orders
+
+        summary = pd.DataFrame(refresh_orders(summary.to_dict("records"), seeds.to_dict("records")))
+    summary = summary.assign(**{c: summary[c].map(_current_order) for c in ("vs_RCP", "vs_control") if c in summary})
     means: dict[str, dict] = {}
     if start is not None and len(start):
         cols = ["clip_ratio_start", "clip_ratio_trained", "clip_shift", "level_offset_start", "level_offset_trained"]
@@ -647,9 +685,11 @@ def results_markdown(profile: str = "cpu", results: Path | None = None) -> str:
         out += [f"Ablation with seeds (`ablation` profile: `python -m rcp_lib table --profile ablation --table "
                 f"ablation_summary`; W2A4KV4, the `cpu` profile's test windows and QAT budget, one run per seed, the seed "
                 f"setting the R1 signs and the data order; `results/ablation/`, git {', '.join(c[:8] for c in commits)}). "
-                "An order against RCP is stated only where the difference of means exceeds two standard errors of "
-                "that difference.", "",
-                ablation_markdown(abl, pd.read_csv(start_p) if start_p.exists() else None), ""]
+                "An order against RCP is stated only from a t-test on log perplexity over the seeds (paired by seed) "
+                "(two-sided p < 0.05, p shown).", "",
+                ablation_markdown(abl, pd.read_csv(start_p) if start_p.exists() else None,
+                                  pd.read_csv(abl_p.parent / _file("ablation"))
+                                  if (abl_p.parent / _file("ablation")).exists() else None), ""]
         seeds_p = abl_p.parent / _file("ablation")
         line = code_versions_markdown(ppl, abl, pd.read_csv(seeds_p) if seeds_p.exists() else None)
         if line:

@@ -109,3 +109,22 @@ def test_accountant_matches_packed_tensors():
     fp = footprint(cfg, scheme)
     assert fp.weights == pytest.approx(actual, rel=0.01)
     assert fp.weight_codes + fp.quant_metadata + fp16_rest == actual  # exact with the int32 padding model
+
+
+def test_each_format_is_charged_what_it_stores_and_bits_per_weight_agrees():
+    """LDP needs 2**b fp16 levels per group, a uniform grid an fp16 scale + zero: Scheme.of derives it from the weight
+    method, and bits_per_weight equals the accountant's block-linear bytes * 8 / weights (LLaMA-2-7B, no row tails)."""
+    from rcp_lib.memory import Scheme, count_linear_weights, footprint
+    from rcp_lib.quant.apply import QuantConfig
+
+    cfg = dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+               num_key_value_heads=32, head_dim=128, vocab_size=32000, tie_word_embeddings=False)
+    n = count_linear_weights(cfg)
+    for method, g, bpw in (("ldp", 64, 3.0), ("ldp", 128, 2.5), ("rtn", 64, 2.5), ("rtn", 128, 2.25)):
+        q = QuantConfig.from_dict({"weight": {"bits": 2, "group_size": g, "method": method, "lwc": False}})
+        s = Scheme.of(q)
+        assert s.lut_levels == (method == "ldp") and s.bits_per_weight == bpw
+        f = footprint(cfg, s)
+        block = sum(v for k, v in f.per_kind.items() if k.startswith(("attn_", "mlp_")))
+        assert block * 8 / n == pytest.approx(bpw, rel=1e-12)
+    assert Scheme.of(None).bits_per_weight == 16.0

@@ -29,6 +29,10 @@ def test_movement_on_hand_built_snapshots():
     # interior shifts: |0.3-1/3|, |0.7-2/3|, |0.25-0.25|, |0.4-0.5| -> mean
     assert m["level_shift"] == pytest.approx((1 / 30 + 1 / 30 + 0 + 0.1) / 4)
     assert m["weight_shift"] == pytest.approx(math.sqrt((16 + 9) / 25))
+    assert math.isnan(m["code_flips"])  # no codes in these snapshots
+    for snap, codes in ((before, ([[0, 3]], [[1]])), (after, ([[0, 2]], [[2]]))):  # 2 of 3 codes change
+        snap["a"]["codes"], snap["b"]["codes"] = (torch.tensor(c, dtype=torch.uint8) for c in codes)
+    assert movement(before, after)["code_flips"] == pytest.approx(2 / 3)
     with pytest.raises(ValueError, match="different models"):
         movement(before, {"a": after["a"]})
 
@@ -53,3 +57,6 @@ def test_snapshot_of_a_quantizer_matches_its_definitions():
     assert mv["clip_ratio_final"] == pytest.approx(0.5) and mv["weight_shift"] == pytest.approx(1.0)
     assert mv["clip_shift"] == pytest.approx(0.0)
     assert mv["level_shift"] > 0.05
+    assert s0[""]["codes"].dtype == torch.uint8 and s0[""]["codes"].shape == (4, 32)
+    k1 = m.weight_quantizer.export(m.weight)[0]  # the moved level: codes by the quantizer's own export
+    assert mv["code_flips"] == pytest.approx(float((k1 != s0[""]["codes"]).double().mean())) and mv["code_flips"] > 0

@@ -204,3 +204,29 @@ def test_a_finished_student_drops_every_checkpoint_folder(tmp_path):
     (tmp_path / "student.pt").write_bytes(b"0")
     drop_checkpoints(tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["keep", "student.pt"]
+
+
+@pytest.mark.parametrize("freeze", [["levels"], ["clip"], ["levels", "weights"]])
+def test_frozen_parts_stay_at_their_start_and_the_rest_moves(freeze):
+    """QATConfig.freeze: the named parts keep their start bit for bit; the others move (static log range, LDP)."""
+    from rcp_lib.quant.apply import quantized_linears
+
+    fp = M.tiny_llama(hidden=64, intermediate=128, heads=2, kv_heads=1, layers=2, vocab=128, seed=0)
+    quantize_log = QuantConfig(**{"w_bits": 2, "a_bits": 4, "kv_bits": 4, "w_group_size": 32})
+    student = copy.deepcopy(fp)
+    rotate_model(student, RotationConfig(r1="random_hadamard"))
+    quantize_model(student, quantize_log.with_weight(method="ldp", lwc=True, range_mode="static", range_param="log",
+                                                     ldp_init="lloyd"))
+    parts = {"levels": lambda wq: [wq.theta], "clip": lambda wq: [wq.log_lo, wq.log_hi],
+             "weights": lambda q: [q.weight]}
+    qs = [q for _, q in quantized_linears(student)]
+    before = {k: [t.detach().clone() for q in qs for t in (f(q) if k == "weights" else f(q.weight_quantizer))]
+              for k, f in parts.items()}
+    train(student, fp, _data(), _cfg(steps=5, freeze=freeze), progress=False)
+    after = {k: [t.detach() for q in qs for t in (f(q) if k == "weights" else f(q.weight_quantizer))]
+             for k, f in parts.items()}
+    for k in parts:
+        same = all(torch.equal(a, b) for a, b in zip(before[k], after[k]))
+        assert same == (k in freeze), k
+    with pytest.raises(ValueError, match="freeze"):
+        QATConfig(freeze=["theta"]).validate()

@@ -60,7 +60,7 @@ def test_recipes_of_named_methods():
     for m in ms:
         r = Recipe.of_row(X.method_config(m, P))
         assert r == m.recipe(P)
-        assert r.quant is None or r.quant.weight.group_size == P.w_group_size
+        assert r.quant is None or r.quant.weight.group_size == m.weight.get("group_size", P.w_group_size)
     with pytest.raises(ValueError, match="unknown method"):
         X.method("RCP-2")
     with pytest.raises(ValueError, match="not both"):

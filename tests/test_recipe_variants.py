@@ -34,7 +34,10 @@ def test_default_variant_is_the_sweeps_point_and_gptq_static_the_profiles_recipe
     assert key == S.sweep_key(V.variant_profile(P, V.SEARCHED_START), pt, 0, P.qat_steps)[1] and "calib" not in key
     m = method("RCP", "W2A4KV4")
     assert not m.recipe(Pp).qat.gptq_start and m.recipe(Pp).quant.weight.range_mode == "relative"
-    assert _trained(method_config(m, _key("gptq-static")[0])) == _trained(method_config(m, P))
+    # the profile then moved on (issue 35): the same start with the range learned scale-free (range_param "log")
+    gs, now = _trained(method_config(m, _key("gptq-static")[0])), _trained(method_config(m, P))
+    assert now["quant"]["weight"].pop("range_param") == "log" and gs["quant"]["weight"].pop("range_param") == "absolute"
+    assert gs == now
 
 
 def test_variants_build_the_recipes_they_name():
@@ -58,15 +61,15 @@ def test_variants_build_the_recipes_they_name():
     assert _key("block-ap", 1)[1] != _key("block-ap", 0)[1]
 
 
-def test_variant_summary_states_order_against_default_only_beyond_two_se():
+def test_variant_summary_states_order_against_default_only_from_a_t_test():
     rows = ([{"variant": "default", "seed": s, "val_ppl": v, "seconds": 180.0} for s, v in enumerate((500., 520., 510.))]
             + [{"variant": "a", "seed": s, "val_ppl": v, "seconds": 170.0} for s, v in enumerate((300., 310., 305.))]
             + [{"variant": "b", "seed": s, "val_ppl": v, "seconds": 190.0} for s, v in enumerate((400., 650., 520.))])
     V.summarize(rows)
     by = {r["variant"]: r for r in rows}
     assert by["default"]["vs_default"] == "" and by["default"]["n_seeds"] == 3
-    assert by["a"]["vs_default"].startswith("a < default (difference 205 > 2 SE")
-    assert by["b"]["vs_default"] == "not separable at this budget"
+    assert by["a"]["vs_default"].startswith("a < default (Welch p = ")
+    assert by["b"]["vs_default"].startswith("not separable at this budget (Welch p = ")
     assert math.isclose(by["a"]["val_ppl_mean"], 305.0) and math.isclose(by["a"]["val_ppl_sem"], 5 / math.sqrt(3))
     assert by["b"]["seconds_mean"] == 190.0
 

@@ -5,8 +5,9 @@ curve of RCP (issue "a recipe under which Clip and Partition actually learn", it
   the R1 signs and the QAT data order), one row each with :data:`ABLATION_COLUMNS`. Every row is a cached perplexity
   row (:func:`~rcp_lib.experiments.tables.ppl_row`), so an interrupted run resumes from the row cache.
 * :func:`summarize_ablation` / :func:`ablation_summary`: mean, standard deviation and standard error of the
-  perplexity per method, and :func:`separation`, which states an order between two rows only when the difference of
-  their means exceeds two standard errors of that difference, and otherwise says "not separable at this budget".
+  perplexity per method, and :func:`separation`, which states an order between two rows only when Welch's t-test on
+  log perplexity over the seeds gives p < 0.05 (:mod:`rcp_lib.stats`, p shown), and otherwise says "not separable at
+  this budget".
 * :func:`token_curve` / :func:`plot_token_curve`: RCP W2A4KV4 validation perplexity (held-out tail of the train split,
   the QAT loop's own validation) against training tokens, with the FP model on the same windows as a line.
 """
@@ -20,19 +21,19 @@ from typing import Any
 
 from ..io import provenance
 from ..profiles import Profile
-from .methods import ABLATIONS, Method, method
+from .methods import ABLATIONS, EQUAL_BITS, QAT_BASELINES, Method, method
 from .rows import _cached, _code
 
 #: the columns of ``ablation.csv``, in order
 ABLATION_COLUMNS = ("method", "setting", "seed", "ppl", "step0_ppl", "clip_ratio_init", "clip_ratio_final",
-                    "clip_shift", "level_shift", "weight_shift", "tokens", "seconds", "git_commit")
-NOT_SEPARABLE = "not separable at this budget"
+                    "clip_shift", "level_shift", "weight_shift", "code_flips", "tokens", "seconds", "git_commit")
+from ..stats import NOT_SEPARABLE, order
 ABLATION_SETTING = "W2A4KV4"
 
 
 def ablation_methods(profile: Profile) -> list[Method]:
     """RCP and its ablations at W2A4KV4 (restricted to ``profile.methods`` when set)."""
-    names = ("RCP",) + ABLATIONS
+    names = ("RCP",) + QAT_BASELINES + EQUAL_BITS + ABLATIONS
     return [method(n, ABLATION_SETTING) for n in names if profile.methods is None or n in profile.methods]
 
 
@@ -54,7 +55,8 @@ def ablation_table(profile: Profile, progress: bool = True) -> list[dict]:
                          "step0_ppl": r.get("step0_ppl"), "clip_ratio_init": r.get("clip_ratio_init"),
                          "clip_ratio_final": r.get("clip_ratio_final"), "clip_shift": r.get("clip_shift"),
                          "level_shift": r.get("level_shift"),
-                         "weight_shift": r.get("weight_shift"), "tokens": r.get("qat_tokens"),
+                         "weight_shift": r.get("weight_shift"), "code_flips": r.get("code_flips"),
+                         "tokens": r.get("qat_tokens"),
                          "seconds": r.get("qat_seconds"), "git_commit": r.get("git_commit")})
     return rows
 
@@ -79,29 +81,54 @@ def summarize_ablation(rows: list[dict]) -> list[dict]:
     for (name, setting), rs in groups.items():
         mean, sd, se = _stats([float(r["ppl"]) for r in rs])
         rec: dict[str, Any] = {"method": name, "setting": setting, "n": len(rs), "seeds": [r["seed"] for r in rs],
-                               "ppl_mean": mean, "ppl_std": sd, "ppl_sem": se}
-        for k in ("step0_ppl", "clip_ratio_init", "clip_ratio_final", "clip_shift", "level_shift", "weight_shift"):
+                               "ppl_mean": mean, "ppl_std": sd, "ppl_sem": se,
+                               "ppl_values": [float(r["ppl"]) for r in rs]}
+        for k in ("step0_ppl", "clip_ratio_init", "clip_ratio_final", "clip_shift", "level_shift", "weight_shift",
+                  "code_flips"):
             vals = [float(r[k]) for r in rs if r.get(k) is not None and r.get(k) == r.get(k)]
             rec[f"{k}_mean"] = statistics.fmean(vals) if vals else float("nan")
         out.append(rec)
     return out
 
 
-def separation(a: dict, b: dict, k: float = 2.0) -> str:
-    """The order of two summary rows (:func:`summarize_ablation`) by mean perplexity, stated only when
-    ``|mean_a - mean_b| > k * sqrt(sem_a^2 + sem_b^2)`` (k = 2: two standard errors of the difference); otherwise
-    ``"not separable at this budget"`` (also when a row has fewer than 2 seeds)."""
-    diff = a["ppl_mean"] - b["ppl_mean"]
-    se = math.sqrt(a["ppl_sem"] ** 2 + b["ppl_sem"] ** 2)
-    if not math.isfinite(se) or abs(diff) <= k * se:
-        return NOT_SEPARABLE
-    lo, hi = (a, b) if diff < 0 else (b, a)
-    return (f"{lo['method']} < {hi['method']} (difference {abs(diff):.4g} > {k:g} SE = {k * se:.4g}, "
-            f"n = {a['n']}, {b['n']})")
+def separation(a: dict, b: dict) -> str:
+    """The order of two summary rows by perplexity over seeds: :func:`rcp_lib.stats.order` on log perplexity,
+    two-sided, p < 0.05 (the phrase shows the test, p and n), else ``"not separable at this budget (...)"``. The test
+    is paired by seed when both rows list the same ``seeds`` in the same order (one seed sets the same R1 signs,
+    calibration windows and data order in both), else Welch's. A row's values are its ``ppl_values``
+    (:func:`summarize_ablation`) or ``vals``; its name is ``method``."""
+    va, vb = a.get("ppl_values", a.get("vals")), b.get("ppl_values", b.get("vals"))
+    if va is None or vb is None:
+        raise ValueError("separation needs each row's per-seed values (ppl_values or vals)")
+    sa, sb = a.get("seeds"), b.get("seeds")
+    paired = sa is not None and sb is not None and list(sa) == list(sb) and len(sa) == len(va) == len(vb)
+    return order(a["method"], va, b["method"], vb, kind="paired" if paired else "welch")
 
 
 #: rows compared with a control besides RCP: GSR's sequency order against the same blocks in natural order
 CONTROLS = {"RCP+GSR": "RCP+BlockHadamard"}
+
+
+def refresh_orders(summary: list[dict], seeds: list[dict]) -> list[dict]:
+    """``summary`` rows (:func:`summarize_ablation` layout, e.g. read back from ``ablation_summary.csv``) with
+    ``ppl_values`` / ``seeds`` and their ``vs_RCP`` / ``vs_control`` recomputed by :func:`separation` from the per-seed
+    rows ``seeds`` (``ablation.csv``), so a table never shows an order written by an older rule. Returns new dicts."""
+    fresh = {r["method"]: r for r in summarize_ablation(seeds)}
+    out = []
+    for s in summary:
+        s = dict(s)
+        f = fresh.get(s["method"])
+        if f is not None:
+            s.update(ppl_values=f["ppl_values"], seeds=f["seeds"])
+        out.append(s)
+    by = {s["method"]: s for s in out}
+    rcp = by.get("RCP")
+    for s in out:
+        ok = "ppl_values" in s
+        s["vs_RCP"] = "" if rcp is None or s is rcp or not ok or "ppl_values" not in rcp else separation(rcp, s)
+        ctl = by.get(CONTROLS.get(s["method"], ""))
+        s["vs_control"] = separation(s, ctl) if ctl is not None and ok and "ppl_values" in ctl else ""
+    return out
 
 
 def ablation_summary(profile: Profile, progress: bool = True) -> list[dict]:
@@ -157,7 +184,7 @@ def token_curve(profile: Profile, progress: bool = True) -> list[dict]:
         raise RuntimeError("the RCP student has no validation points in its history (was it trained by build?)")
     fp = _fp_val_ppl(profile, qat.seqlen, qat.val_windows, qat.holdout_fraction, progress)
     st = qat_stats(m, profile)
-    run = {f"run_{k}": st.get(k) for k in ("clip_shift", "level_shift", "weight_shift")}  # the whole run's movement
+    run = {f"run_{k}": st.get(k) for k in ("clip_shift", "level_shift", "weight_shift", "code_flips")}  # the whole run's movement
     prov = provenance()
     return [{"method": m.name, "setting": m.setting, "step": h["step"], "tokens": h["tokens"], "val_ppl": h["val_ppl"],
              "fp_val_ppl": fp, "val_seqlen": qat.seqlen, "val_windows": qat.val_windows, "split": "train (held-out tail)",

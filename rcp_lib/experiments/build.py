@@ -257,7 +257,7 @@ def train_student(model: nn.Module, fp: nn.Module, profile: Profile, qat: QATCon
     there (a killed run resumes).
 
     Returns:
-        ``{"step0_ppl", "clip_ratio_init", "clip_ratio_final", "clip_shift", "level_shift", "weight_shift", "tokens",
+        ``{"step0_ppl", "clip_ratio_init", "clip_ratio_final", "clip_shift", "level_shift", "weight_shift", "code_flips", "tokens",
         "seconds", "block_ap"}`` (``step0_ppl`` None without ``step0_eval``; ``seconds`` = Block-AP + training, without the
         evaluations).
     """
@@ -304,7 +304,7 @@ def _ptq_cached(model: nn.Module, method: Method, profile: Profile, progress: bo
         return
     if method.ptq == "gptq":
         gptq_model(model, calibration(profile), progress=progress)  # ends frozen
-    freeze_model(model)
+    freeze_model(model, progress=progress)  # RTN: the clip search runs here (a bar per layer)
     save_quantized_state(model, path)
 
 

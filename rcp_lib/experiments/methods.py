@@ -30,6 +30,7 @@ class Method:
         weight: :class:`~rcp_lib.quant.quantizers.WeightQuantConfig` fields on top of the setting's preset.
         ptq: ``"none"``, ``"rtn"`` or ``"gptq"``.
         qat: trained with the profile's QAT budget (:func:`qat_config`).
+        qat_fields: :class:`~rcp_lib.qat.QATConfig` fields on top of the profile's (e.g. ``{"freeze": ["levels"]}``).
     """
 
     name: str
@@ -39,6 +40,7 @@ class Method:
     weight: dict[str, Any] = field(default_factory=dict, hash=False)
     ptq: str = "none"
     qat: bool = False
+    qat_fields: dict[str, Any] = field(default_factory=dict, hash=False)
 
     def recipe(self, profile: Profile) -> Recipe:
         """The full recipe for ``profile``: the setting's preset with the profile's weight group size and the
@@ -49,7 +51,12 @@ class Method:
             r1=self.r1, r1_block=g if self.r1 in BLOCK_KINDS else None, seed=profile.seed)
         weight = {**self.weight, **(_qat_weight_fields(self.weight, profile.qat_weight) if self.qat else {})}
         quant = None if self.setting == "FP" else preset(self.setting, w_group_size=g).with_weight(**weight)
-        recipe = Recipe(rotation=rot, quant=quant, ptq=self.ptq, qat=qat_config(profile) if self.qat else None)
+        qat = None
+        if self.qat:
+            from dataclasses import replace
+
+            qat = replace(qat_config(profile), **self.qat_fields)
+        recipe = Recipe(rotation=rot, quant=quant, ptq=self.ptq, qat=qat)
         recipe.validate()
         return recipe
 
@@ -60,7 +67,7 @@ class Method:
 
 # profile.qat_weight fields that need a learnable clip (LWC); range_mode applies to every row ("static" without LWC:
 # the range fixed where it starts, so that a "w/o Clip" row can take a GPTQ start too)
-CLIP_FIELDS = ("clip_init", "lwc_init")
+CLIP_FIELDS = ("clip_init", "lwc_init", "range_param")
 LDP_FIELDS = ("ldp_init", "ldp_granularity", "lloyd_iters")  # ... that need LDP levels
 
 
@@ -74,8 +81,8 @@ def _qat_weight_fields(weight: dict[str, Any], extra: dict[str, Any]) -> dict[st
 
 
 def _m(name: str, family: str, r1: str | None = None, weight: dict[str, Any] | None = None, ptq: str = "none",
-       qat: bool = False) -> Method:
-    return Method(name, "FP", family, r1, dict(weight or {}), ptq, qat)
+       qat: bool = False, qat_fields: dict[str, Any] | None = None) -> Method:
+    return Method(name, "FP", family, r1, dict(weight or {}), ptq, qat, dict(qat_fields or {}))
 
 
 # The one definition of every named method (the setting is given when a row is made, see :func:`method`).
@@ -89,14 +96,27 @@ NAMED: dict[str, Method] = {m.name: m for m in (
     # block-diagonal structure; at block == group the two differ only by a permutation inside each group).
     _m("BlockHadamard-GPTQ", "ptq", "block_hadamard", RTN_W, "gptq"),
     _m("RCP", "qat", "random_hadamard", RCP_W, qat=True),
-    _m("RCP w/o Partition (LWC+uniform)", "qat", "random_hadamard", {"method": "rtn", "lwc": True}, qat=True),
+    # RCP without Partition = the fair rival: uniform-grid QAT with a learnable range (scale and zero point,
+    # EfficientQAT-style), the same start procedure, budget and learning rates; at group 32 it stores the bits LDP
+    # stores at group 64 (3.0 per weight)
+    _m("Uniform-QAT", "qat", "random_hadamard", {"method": "rtn", "lwc": True}, qat=True),
+    _m("Uniform-QAT g32", "qat", "random_hadamard", {"method": "rtn", "lwc": True, "group_size": 32}, qat=True),
     _m("RCP w/o Rotate", "qat", None, RCP_W, qat=True),
     _m("RCP w/o Clip", "qat", "random_hadamard", {"method": "ldp", "lwc": False}, qat=True),
     _m("RCP+GSR", "qat", "gsr", RCP_W, qat=True),
     _m("RCP+BlockHadamard", "qat", "block_hadamard", RCP_W, qat=True),
+    # what training each part of RCP buys: the same run with a part left at its (GPTQ) start
+    _m("RCP levels frozen", "qat", "random_hadamard", RCP_W, qat=True, qat_fields={"freeze": ["levels"]}),
+    _m("RCP clip frozen", "qat", "random_hadamard", RCP_W, qat=True, qat_fields={"freeze": ["clip"]}),
+    # QuaRot-GPTQ with each group's range fixed at the start (static groups), as RCP's GPTQ start keeps it
+    _m("QuaRot-GPTQ static", "ptq", "random_hadamard", {**RTN_W, "range_mode": "static"}, "gptq"),
 )}
-PTQ_ROWS = ("RTN", "QuaRot-RTN", "QuaRot-GPTQ", "GSR-GPTQ")
-ABLATIONS = ("RCP w/o Partition (LWC+uniform)", "RCP w/o Rotate", "RCP w/o Clip", "RCP+GSR", "RCP+BlockHadamard")
+PTQ_ROWS = ("RTN", "QuaRot-RTN", "QuaRot-GPTQ", "QuaRot-GPTQ static", "GSR-GPTQ")
+#: QAT rows of every setting besides RCP: the fair rival (uniform grid, same start, budget and learning rates)
+QAT_BASELINES = ("Uniform-QAT",)
+#: at W2A4KV4 also the uniform grid at the bits LDP stores at the profile's group (group 32: 3.0 bits, as LDP at 64)
+EQUAL_BITS = ("Uniform-QAT g32",)
+ABLATIONS = ("RCP levels frozen", "RCP clip frozen", "RCP w/o Rotate", "RCP w/o Clip", "RCP+GSR", "RCP+BlockHadamard")
 CONTROL_SETTINGS = ("W2A4KV4", "W2A16KV16")  # settings that also get the block-Hadamard control rows
 
 
@@ -105,7 +125,7 @@ def method(name: str, setting: str = "W2A4KV4") -> Method:
     if name not in NAMED:
         raise ValueError(f"unknown method {name!r}; named methods: {sorted(NAMED)}")
     m = NAMED[name]
-    return Method(m.name, "FP" if name == "FP" else setting, m.family, m.r1, m.weight, m.ptq, m.qat)
+    return Method(m.name, "FP" if name == "FP" else setting, m.family, m.r1, m.weight, m.ptq, m.qat, m.qat_fields)
 
 
 def ptq_methods(settings: list[str]) -> list[Method]:
@@ -121,14 +141,15 @@ def ptq_methods(settings: list[str]) -> list[Method]:
 
 #: ablation rows whose order needs seeds: with ``Profile.qat_ablation_rows=False`` (the ``cpu`` profile) the tables
 #: leave them to the ``ablation`` profile, which runs each with several seeds (RCP+GSR stays: a method of its own)
-SEEDED_ABLATIONS = ("RCP w/o Partition (LWC+uniform)", "RCP w/o Rotate", "RCP w/o Clip", "RCP+BlockHadamard")
+SEEDED_ABLATIONS = ("RCP levels frozen", "RCP clip frozen", "RCP w/o Rotate", "RCP w/o Clip", "RCP+BlockHadamard")
 
 
 def qat_methods(settings: list[str], ablations: bool = True) -> list[Method]:
     """RCP at every setting and its ablations at W2A4KV4, all through the same QAT loop (our reconstruction);
     ``ablations=False`` leaves out :data:`SEEDED_ABLATIONS`."""
     abl = ABLATIONS if ablations else tuple(n for n in ABLATIONS if n not in SEEDED_ABLATIONS)
-    return [method(n, s) for s in settings for n in ("RCP",) + (abl if s == "W2A4KV4" else ())]
+    return [method(n, s) for s in settings
+            for n in ("RCP",) + QAT_BASELINES + (EQUAL_BITS + abl if s == "W2A4KV4" else ())]
 
 
 def all_methods(profile: Profile) -> list[Method]:

@@ -104,7 +104,7 @@ _TABLES = (
           description="RCP and its ablations at W2A4KV4, one row per seed (ppl, step-0 ppl, movement, tokens, seconds)"),
     Table("ablation_summary", "ablation_summary.csv", rows="ablation_summary", readme=True,
           command="python -m rcp_lib table --profile ablation --table ablation_summary",
-          description="mean ± std per ablation row; an order vs RCP only beyond two standard errors"),
+          description="mean ± std per ablation row; an order vs RCP only from Welch's t-test (p < 0.05)"),
     Table("ablation_start", "ablation_start.csv", readme=True,
           command="python benchmarks/ablation_start.py --profile ablation",
           description="the ablation rows' clip ratio against the rotated FP weights and level offset from the uniform "

@@ -15,7 +15,8 @@ from .rows import _cached, _row_key, method_config
 
 
 #: movement / start columns of every perplexity row (None for rows without QAT); see :mod:`rcp_lib.movement`
-QAT_COLUMNS = ("step0_ppl", "clip_ratio_init", "clip_ratio_final", "clip_shift", "level_shift", "weight_shift")
+QAT_COLUMNS = ("step0_ppl", "clip_ratio_init", "clip_ratio_final", "clip_shift", "level_shift", "weight_shift",
+               "code_flips")
 
 
 def _window_note(idx: list[int], n_total: int) -> str:
@@ -27,10 +28,31 @@ def _window_note(idx: list[int], n_total: int) -> str:
     return f"{len(idx)} of {n_total} evenly spread: floor(i*{n_total}/{len(idx)})"
 
 
+def storage_dtype(model, method: Method, profile: Profile) -> str | None:
+    """The ``storage_dtype`` column of a row: the dtype ``python -m rcp_lib export`` writes the row's packed folder in
+    by default (:func:`rcp_lib.packing.save_quantized` with ``dtype=None``: the built model's compute dtype, so the
+    folder holds the evaluated model); None for a full-precision row (nothing to pack). Provenance only: not part of
+    the row's cache key."""
+    from ..packing import compute_dtype
+
+    if method.recipe(profile).quant is None:
+        return None
+    return str(compute_dtype(model)).replace("torch.", "")
+
+
+def bits_per_weight(method: Method, profile: Profile) -> float:
+    """Stored bits per block-linear weight of a row's format (:attr:`rcp_lib.memory.Scheme.bits_per_weight`: codes
+    plus what its grid needs per group, a level table for LDP, scale + zero for a uniform grid; 16 for FP)."""
+    from ..memory import Scheme
+
+    return Scheme.of(method.recipe(profile).quant).bits_per_weight
+
+
 def ppl_row(method: Method, profile: Profile, progress: bool = True) -> dict:
     """Perplexity row for a method (cached). Records which windows of the test split were scored and, for QAT rows,
     the perplexity before the first step on the same windows (``step0_ppl``), how far the clip, the levels and the
-    latent weights moved (:data:`QAT_COLUMNS`), the training tokens and seconds (``qat_tokens``, ``qat_seconds``)."""
+    latent weights moved (:data:`QAT_COLUMNS`), the training tokens and seconds (``qat_tokens``, ``qat_seconds``),
+    and the dtype its exported folder stores by default (``storage_dtype``: the folder's perplexity is this row's)."""
 
     def compute():
         t0 = time.time()
@@ -50,7 +72,9 @@ def ppl_row(method: Method, profile: Profile, progress: bool = True) -> dict:
                 "seed": profile.seed, "rotation_seed": rot.seed if rot is not None else None,
                 "r1_block": rot.r1_block if rot is not None else None,
                 "build_seconds": round(build_s, 1), "eval_seconds": round(r.seconds, 1),
-                "config": method_config(method, profile), **provenance()}
+                "config": method_config(method, profile), "storage_dtype": storage_dtype(model, method, profile),
+                "bits_per_weight": bits_per_weight(method, profile),
+                **provenance()}
 
     return _cached("ppl", _row_key(method, profile), compute)
 
@@ -116,7 +140,7 @@ def zero_shot_table(profile: Profile, progress: bool = True) -> list[dict]:
             df = zero_shot(model, base_model(profile)[1], tasks=profile.zero_shot_tasks,
                            limit=profile.zero_shot_limit, config=method_config(m, profile), seed=profile.seed)
             recs = df.to_dict("records")
-            prov = provenance()
+            prov = {"storage_dtype": storage_dtype(model, m, profile), **provenance()}
             return {"rows": [{"method": m.name, "setting": m.setting, "model": profile.model, **r, **prov} for r in recs]}
 
         rows += _cached("zeroshot", key, compute)["rows"]

@@ -178,12 +178,13 @@ def _gptq_layers(model, layers, calib, percdamp, act_order, block_size, batch_si
         for n, q in qlins.items():
             wq = q.weight_quantizer
             cfg = wq.config
-            if cfg.method == "rtn" and not getattr(cfg, "learn_clip", False):
+            if cfg.method == "rtn" and not getattr(cfg, "learn_clip", False) and cfg.range_mode != "static":
+                # the uniform grid, each group's range searched again on the updated weights when the group starts
                 res = gptq_quantize(q.weight.data, accs[n].H, bits=cfg.bits, group_size=cfg.group_size,
                                     block_size=block_size, percdamp=percdamp, act_order=act_order,
                                     clip_ratio=cfg.clip_ratio, round_zero=cfg.round_zero,
                                     clip_search=getattr(cfg, "clip_search", "none"))
-            else:  # fixed non-uniform (LDP / Lloyd) or clipped grid: its current level table
+            else:  # a fixed grid: non-uniform (LDP / Lloyd), clipped, or a static range (AutoGPTQ's static_groups)
                 res = gptq_quantize(q.weight.data, accs[n].H, levels=wq.levels(q.weight.data).detach(),
                                     group_size=cfg.group_size, block_size=block_size, percdamp=percdamp,
                                     act_order=act_order)

@@ -21,6 +21,12 @@ Clipping range of a group (``lo <= hi``)
   parameters, set once by :meth:`WeightQuantizer.init_from` (or :meth:`WeightQuantizer.init_from_levels`, e.g. from a
   GPTQ level table) and never recomputed from the latent weight (EfficientQAT learns its scale / zero point, ParetoQ its
   range, the same way). A GPTQ-rounded start then stays on its grid. Our reading, not the paper's.
+  ``range_param`` says what is learned: ``"absolute"`` (``lo, hi`` themselves, in weight units: one learning rate
+  means a different relative step in every layer, a large one for tiny weights, a negligible one for large ranges) or
+  ``"log"`` (scale-free: ``lo0, hi0`` are the start's range, kept as buffers, and the learnable log-multipliers
+  ``log_lo, log_hi: [out, n_groups]`` (init 0) stretch each end away from the start's centre ``c = (lo0 + hi0) / 2``:
+  ``lo = c - (c - lo0) * exp(log_lo)``, ``hi = c + (hi0 - c) * exp(log_hi)``; a step of ``lr`` changes an end's
+  distance from the centre by the factor ``exp(±lr)`` in every layer alike).
 * Clip initialisation (``clip_init``): ``"const"`` (the default: logits ``lwc_init``) or ``"mse"``: the per-group ratio
   of :func:`mse_clip_range` (the search of the uniform baselines, QuaRot's ``|e|^2.4`` on the ``bits``-bit uniform
   grid), capped at ``sigmoid(lwc_init)`` so that a group the search leaves unclipped (ratio 1, logit +inf) starts where
@@ -81,6 +87,7 @@ LDP_GRANULARITIES = ("group", "row")
 LDP_INITS = ("uniform", "lloyd")
 CLIP_INITS = ("const", "mse")
 RANGE_MODES = ("relative", "static")
+RANGE_PARAMS = ("absolute", "log")
 _EPS = 1e-10  # smallest group range (constant groups quantize to themselves)
 
 
@@ -525,6 +532,10 @@ class WeightQuantConfig(JsonConfig):
             :meth:`~WeightQuantizer.init_from_levels`: learnable parameters with ``lwc=True``; without LWC fixed
             buffers at the min-max (``clip_ratio``) range of the start, the range a GPTQ start of a "w/o Clip" row
             keeps).
+        range_param: what a learnable static range learns (``range_mode="static"`` with ``lwc=True`` only):
+            ``"absolute"`` (``lo``/``hi`` in weight units, trained at ``QATConfig.lr_range``) or ``"log"`` (scale-free
+            log-multipliers of the start's range around its centre, trained at ``QATConfig.lr_quant``; see the module
+            docstring).
     """
 
     bits: int = 2
@@ -540,6 +551,7 @@ class WeightQuantConfig(JsonConfig):
     lloyd_iters: int = 50
     clip_init: str = "const"
     range_mode: str = "relative"
+    range_param: str = "absolute"
 
     def __post_init__(self) -> None:
         if self.method == "lwc":  # the one stored spelling of "uniform grid + learnable clipping"
@@ -573,6 +585,11 @@ class WeightQuantConfig(JsonConfig):
             raise ValueError(f"clip_init must be one of {CLIP_INITS}, got {self.clip_init!r}")
         if self.range_mode not in RANGE_MODES:
             raise ValueError(f"range_mode must be one of {RANGE_MODES}, got {self.range_mode!r}")
+        if self.range_param not in RANGE_PARAMS:
+            raise ValueError(f"range_param must be one of {RANGE_PARAMS}, got {self.range_param!r}")
+        if self.range_param != "absolute" and (self.range_mode != "static" or not self.lwc):
+            raise ValueError(f"range_param={self.range_param!r} parametrises a learnable static range: it needs "
+                             "range_mode='static' and lwc=True")
         if self.clip_init != "const" and not self.lwc:
             raise ValueError(f"clip_init={self.clip_init!r} initialises a learnable clip: it needs lwc=True (without "
                              "LWC the range is min-max or clip_ratio)")
@@ -596,7 +613,8 @@ class WeightQuantizer(nn.Module):
     Parameters (float32, created according to the config):
         gamma, beta: ``[out, n_groups]`` LWC logits (if ``config.learn_clip`` and ``range_mode="relative"``).
         lo, hi: ``[out, n_groups]`` the range itself (``range_mode="static"``; set by :meth:`init_from`): parameters
-            with LWC, buffers (fixed) without.
+            with LWC, buffers (fixed) without; with ``range_param="log"`` buffers holding the start's range.
+        log_lo, log_hi: ``[out, n_groups]`` the log-multipliers of the start's range (``range_param="log"``).
         theta: ``[out, n_groups, L-1]`` (``"group"``) or ``[out, 1, L-1]`` (``"row"``) LDP logits (if method ``"ldp"``).
     """
 
@@ -615,13 +633,17 @@ class WeightQuantizer(nn.Module):
         self.gamma = self.beta = None
         if cfg.range_mode == "static":
             shape = (self.out_features, self.n_groups)
-            if cfg.learn_clip:
+            if cfg.learn_clip and cfg.range_param == "absolute":
                 self.lo, self.hi = nn.Parameter(torch.zeros(shape)), nn.Parameter(torch.zeros(shape))
-            else:  # a fixed range: no clip to learn
+            else:  # a fixed range (no clip to learn), or the start's range that log_lo / log_hi stretch
                 self.register_buffer("lo", torch.zeros(shape))
                 self.register_buffer("hi", torch.zeros(shape))
         else:
             self.lo = self.hi = None
+        self.log_lo = self.log_hi = None
+        if cfg.range_param == "log":
+            shape = (self.out_features, self.n_groups)
+            self.log_lo, self.log_hi = nn.Parameter(torch.zeros(shape)), nn.Parameter(torch.zeros(shape))
         if cfg.learn_clip and cfg.range_mode != "static":
             self.gamma = nn.Parameter(torch.full((self.out_features, self.n_groups), float(cfg.lwc_init)))
             self.beta = nn.Parameter(torch.full((self.out_features, self.n_groups), float(cfg.lwc_init)))
@@ -638,7 +660,7 @@ class WeightQuantizer(nn.Module):
             raise ValueError(f"{self.name}: expected weight of shape {(self.out_features, self.in_features)}, got {tuple(weight.shape)}")
         if self.check_finite:
             check_finite(weight, self.name)
-        params = [p for p in (self.gamma, self.lo, self.theta) if p is not None]
+        params = [p for p in (self.gamma, self.lo, self.log_lo, self.theta) if p is not None]
         cdt = _compute_dtype(weight, *params)
         return weight.to(cdt).reshape(self.out_features, self.n_groups, self.group_size)
 
@@ -647,6 +669,11 @@ class WeightQuantizer(nn.Module):
         return self._range(self._grouped(weight))
 
     def _range(self, wg: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.log_lo is not None:  # static, scale-free: the start's range stretched around its centre
+            lo0, hi0 = self.lo.to(wg.dtype), self.hi.to(wg.dtype)
+            c = 0.5 * (lo0 + hi0)  # lo0 + (lo0 - c) expm1(s) = c - (c - lo0) e^s, exactly lo0 at s = 0
+            return (lo0 + (lo0 - c) * torch.expm1(self.log_lo.to(wg.dtype)),
+                    hi0 + (hi0 - c) * torch.expm1(self.log_hi.to(wg.dtype)))
         if self.lo is not None:  # static: the parameters are the range (hi raised to lo if training crossed them)
             lo = self.lo.to(wg.dtype)
             return lo, torch.maximum(self.hi.to(wg.dtype), lo)
@@ -703,10 +730,17 @@ class WeightQuantizer(nn.Module):
         return codes.reshape(weight.shape).to(torch.uint8), levels.to(torch.float32).contiguous()
 
     def quant_parameters(self) -> Iterator[nn.Parameter]:
-        """The quantizer's learnable parameters (theta, gamma, beta or the static lo, hi) - not the latent weight."""
-        for p in (self.theta, self.gamma, self.beta, self.lo, self.hi):
+        """The quantizer's learnable parameters (theta, gamma, beta, the static lo, hi or their log-multipliers) - not
+        the latent weight."""
+        for p in (self.theta, self.gamma, self.beta, self.lo, self.hi, self.log_lo, self.log_hi):
             if isinstance(p, nn.Parameter):
                 yield p
+
+    def level_parameters(self) -> Iterator[nn.Parameter]:
+        """The parameters of the level positions inside the range (LDP's ``theta``), else nothing; the other
+        :meth:`quant_parameters` are the clip."""
+        if isinstance(self.theta, nn.Parameter):
+            yield self.theta
 
     def range_parameters(self) -> Iterator[nn.Parameter]:
         """The static range's ``lo, hi`` (``range_mode="static"``; absolute weight values, trained at
@@ -749,6 +783,9 @@ class WeightQuantizer(nn.Module):
                 wd = wg.detach().to(torch.float64)
                 self.lo.copy_((r * wd.amin(-1)).to(self.lo.dtype))
                 self.hi.copy_((r * wd.amax(-1)).to(self.hi.dtype))
+                for p in (self.log_lo, self.log_hi):
+                    if p is not None:
+                        p.zero_()
         if self.theta is None:
             return self
         if self.config.ldp_init == "uniform":
@@ -786,6 +823,9 @@ class WeightQuantizer(nn.Module):
         lv = levels.to(torch.float64)
         self.lo.copy_(lv[..., 0].to(self.lo.dtype))
         self.hi.copy_(lv[..., -1].to(self.hi.dtype))
+        for p in (self.log_lo, self.log_hi):
+            if p is not None:
+                p.zero_()
         if self.theta is not None:
             if self.config.ldp_granularity != "group":
                 raise ValueError(f"{self.name}: init_from_levels sets one level table per group: use ldp_granularity='group'")
@@ -825,6 +865,8 @@ class WeightQuantizer(nn.Module):
             s += f", clip_init={c.clip_init}"
         if c.range_mode != "relative":
             s += f", range_mode={c.range_mode}"
+        if c.range_param != "absolute":
+            s += f", range_param={c.range_param}"
         return s
 
 
