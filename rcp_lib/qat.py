@@ -58,8 +58,9 @@ class QATConfig(JsonConfig):
     seqlen: int = 512
     lr_weights: float = 2e-5
     lr_quant: float = 1e-3
-    # learning rate of a static range's lo / hi (range_mode="static"; absolute weight values, while lr_quant moves
-    # logits: AdamW's step is about the learning rate, so 1e-2 shifts a range of ~0.1 by 10% per step). None: lr_quant
+    # learning rate of a learnable static range (range_mode="static"): its lo / hi in weight units (range_param
+    # "absolute": AdamW's step is about the learning rate, so 1e-2 shifts a range of ~0.1 by 10% per step) or their
+    # log-multipliers (range_param "log": a step of lr stretches an end by a factor exp(lr) in every layer). None: lr_quant
     lr_range: float | None = None
     weight_decay: float = 0.0
     warmup_steps: int = 10

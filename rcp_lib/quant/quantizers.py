@@ -533,9 +533,9 @@ class WeightQuantConfig(JsonConfig):
             buffers at the min-max (``clip_ratio``) range of the start, the range a GPTQ start of a "w/o Clip" row
             keeps).
         range_param: what a learnable static range learns (``range_mode="static"`` with ``lwc=True`` only):
-            ``"absolute"`` (``lo``/``hi`` in weight units, trained at ``QATConfig.lr_range``) or ``"log"`` (scale-free
-            log-multipliers of the start's range around its centre, trained at ``QATConfig.lr_quant``; see the module
-            docstring).
+            ``"absolute"`` (``lo``/``hi`` in weight units) or ``"log"`` (scale-free log-multipliers of the start's range
+            around its centre; see the module docstring); either trains at ``QATConfig.lr_range`` when that is set,
+            else at ``lr_quant``.
     """
 
     bits: int = 2
@@ -743,9 +743,10 @@ class WeightQuantizer(nn.Module):
             yield self.theta
 
     def range_parameters(self) -> Iterator[nn.Parameter]:
-        """The static range's ``lo, hi`` (``range_mode="static"``; absolute weight values, trained at
-        :attr:`rcp_lib.qat.QATConfig.lr_range` when that is set), else nothing."""
-        for p in (self.lo, self.hi):
+        """The learnable static range: ``lo, hi`` (``range_param="absolute"``: weight units) or ``log_lo, log_hi``
+        (``"log"``: log-multipliers, the same relative step in every layer), trained at
+        :attr:`rcp_lib.qat.QATConfig.lr_range` when that is set (else at ``lr_quant``); else nothing."""
+        for p in (self.lo, self.hi, self.log_lo, self.log_hi):
             if isinstance(p, nn.Parameter):
                 yield p
 

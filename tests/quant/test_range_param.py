@@ -21,7 +21,8 @@ def test_log_range_starts_exactly_at_the_absolute_range():
     a, b = _q("absolute").init_from(w), _q("log").init_from(w)
     assert torch.equal(a(w), b(w)) and torch.equal(a.clip_range(w)[0], b.clip_range(w)[0])
     names = {n for n, _ in b.named_parameters()}
-    assert {"log_lo", "log_hi", "theta"} == names and not list(b.range_parameters())
+    assert {"log_lo", "log_hi", "theta"} == names
+    assert [id(p) for p in b.range_parameters()] == [id(b.log_lo), id(b.log_hi)]  # trained at lr_range when set
     assert {id(p) for p in b.quant_parameters()} == {id(b.log_lo), id(b.log_hi), id(b.theta)}
 
 
