@@ -5,7 +5,10 @@ position (the tables are written in a fixed order) and named by their label colu
 setting, seed, ...). A cell present in both is compared
 
 * as numbers when both parse as floats: equal when ``|a - b| <= atol + rtol * max(|a|, |b|)`` (NaN equals NaN);
-* as text otherwise (JSON cells, booleans, names): equal when identical.
+* elementwise as numbers when both are JSON lists of numbers of the same length (e.g. per-seed values);
+* as text otherwise (other JSON cells, booleans, names): equal when identical. Order phrases (``vs_*``: "A < B (paired
+  p = 0.01, n = 3, 3)") carry p-values of their own and are compared as text: a rerun within tolerance can still
+  print another p; read those lines as notes on the numbers they derive from.
 
 Columns that say where, when and how fast a row was computed rather than what it measured are skipped:
 :data:`SKIPPED_COLUMNS` (the provenance keys of :func:`rcp_lib.io.provenance`: commit, date, CPU, versions...; the
@@ -87,11 +90,30 @@ def _float(s: str) -> float | None:
         return None
 
 
+def _number_list(s: str) -> list[float] | None:
+    """A JSON list of numbers (``"[88.7, 119.2]"``), else None."""
+    import json
+
+    if not s.startswith("["):
+        return None
+    try:
+        v = json.loads(s)
+    except ValueError:
+        return None
+    ok = isinstance(v, list) and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in v)
+    return [float(x) for x in v] if ok else None
+
+
 def cells_equal(a: str, b: str, rtol: float = 0.0, atol: float = 0.0) -> tuple[bool, float | None]:
     """Whether two CSV cells agree (numbers within ``atol + rtol * max(|a|, |b|)``, NaN == NaN; text identical) and
     their relative difference ``|a - b| / max(|a|, |b|)`` (0 for equal values, None for text)."""
     fa, fb = _float(a), _float(b)
     if fa is None or fb is None:
+        la, lb = _number_list(a), _number_list(b)
+        if la is not None and lb is not None and len(la) == len(lb) and la:  # e.g. ppl_values: elementwise
+            pairs = [cells_equal(repr(x), repr(y), rtol, atol) for x, y in zip(la, lb)]
+            rels = [r for _, r in pairs if r is not None]
+            return all(e for e, _ in pairs), (max(rels) if rels else None)
         return a == b, None
     if math.isnan(fa) or math.isnan(fb):
         return math.isnan(fa) and math.isnan(fb), (0.0 if math.isnan(fa) and math.isnan(fb) else math.inf)

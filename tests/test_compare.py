@@ -92,3 +92,12 @@ def test_cli_exit_status_and_lines(tmp_path, capsys):
     assert capsys.readouterr().out.strip().splitlines() == [
         "compared 8 cells in 1 file(s): 0 differ beyond rtol=0.0001, atol=0; 0 file(s) with a different row count; "
         "largest relative difference 3e-05 (t.csv row 1 (method=RCP, setting=W2A4KV4) ppl)"]
+
+
+def test_lists_of_numbers_compare_elementwise_by_tolerance():
+    from rcp_lib.compare import cells_equal
+
+    assert cells_equal("[100.0, 200.0]", "[100.001, 200.0]", rtol=1e-4) == (True, pytest.approx(1e-5, rel=1e-3))
+    assert cells_equal("[100.0, 200.0]", "[101.0, 200.0]", rtol=1e-4)[0] is False
+    assert cells_equal("[1, 2]", "[1, 2, 3]") == (False, None)  # different lengths: text
+    assert cells_equal('["a"]', '["a"]') == (True, None)
