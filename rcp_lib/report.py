@@ -646,8 +646,11 @@ def results_markdown(profile: str = "cpu", results: Path | None = None) -> str:
                 w = quant.weight
                 start = f"; RCP's quantizer starts from clip `{w.clip_init}` and levels `{w.ldp_init}`"
                 if q.get("gptq_start"):
+                    lr = q.get('lr_range') or q['lr_quant']
+                    how = (f"log-multipliers of the start's range train at {lr:g}"
+                           if getattr(w, "range_param", "absolute") == "log" else f"lo / hi train at {lr:g}")
                     start += (f", then GPTQ on that grid (the calibration windows of the PTQ rows) and QAT with "
-                              f"`range_mode=\"{w.range_mode}\"` (lo / hi train at {q.get('lr_range') or q['lr_quant']:g})")
+                              f"`range_mode=\"{w.range_mode}\"` ({how})")
         out += [f"QAT rows: {q['steps']} steps × batch {q['batch_size']} × grad-accum {q['grad_accum']} × "
                 f"{q['seqlen']} tokens of the train split (same budget for every QAT row), loss "
                 f"`{q.get('loss', 'kl')}` against the FP teacher, learning rates {q['lr_weights']:g} "
