@@ -76,7 +76,7 @@ def main() -> None:
     fp = copy.deepcopy(teacher)
     student = copy.deepcopy(teacher)
     rotate_model(student, RotationConfig(r1="random_hadamard"))
-    quantize_model(student, QuantConfig(w_bits=2, a_bits=4, kv_bits=4, w_group_size=args.group_size))
+    quantize_model(student, preset("W2A4KV4", w_group_size=args.group_size))
     opts = {}
     for name, m in (("fp", fp), ("rcp_w2a4kv4", student)):
         if name == "fp" and args.fp_train == "all":
@@ -153,7 +153,7 @@ def autocast_main(args) -> None:
     ids = calibration_windows(train_ids, 3 * args.repeats + 3, args.seqlen, seed=0)
     base = copy.deepcopy(teacher)
     rotate_model(base, RotationConfig(r1="random_hadamard"))
-    quantize_model(base, QuantConfig(w_bits=2, a_bits=4, kv_bits=4, w_group_size=args.group_size))
+    quantize_model(base, preset("W2A4KV4", w_group_size=args.group_size))
     teacher.eval()
     cfg = QATConfig(seqlen=args.seqlen)
 

@@ -9,14 +9,16 @@ budget, selected by validation perplexity on the held-out tail of the TRAIN spli
 
 Grid (issue "a recipe under which Clip and Partition actually learn", item 3): ``lr_quant`` in {1e-3, 3e-3, 1e-2},
 ``lr_weights`` in {2e-5, 5e-5, 1e-4, 2e-4}, ``grad_clip`` in {1.0, 0.3}, ``init`` in {const, search} (``search``: the
-searched per-group clip and Lloyd-Max levels inside it, ``qat_weight={"clip_init": "mse", "ldp_init": "lloyd"}``;
-``const``: the constant start, ``{"clip_init": "const", "ldp_init": "uniform"}``: the clip logit ``lwc_init`` and
-uniform levels; either merged over the profile's other ``qat_weight`` fields). Everything else is the profile's recipe (``--set`` overrides profile
-fields, e.g. ``--set qat_seqlen=512``), its start included: since ``benchmarks/recipe_variants.py`` that is a GPTQ start
-with a static range, while the committed ``results/cpu/recipe_sweep.csv`` ran before, under the searched start without
-GPTQ (each row's ``config`` says which); ``--set qat_gptq_start=false --set
-'qat_weight={"clip_init": "mse", "ldp_init": "lloyd"}'`` trains that start again (``qat_lr_range`` then has nothing to
-train, but stays in the config: such rows get new cache keys). Every point trains from the same rotated, quantized start for ``--steps``
+searched per-group clip and Lloyd-Max levels inside it, ``{"clip_init": "mse", "ldp_init": "lloyd"}``; ``const``: the
+constant start, ``{"clip_init": "const", "ldp_init": "uniform"}``: the clip logit ``lwc_init`` and uniform levels;
+either merged over the other start fields of the profile's QAT recipe). A point is the profile with these fields in
+``qat_overrides`` (on top of its QAT recipe file, ``Profile.qat_recipe``); everything else is the profile's recipe
+(``--set`` overrides profile fields, e.g. ``--set qat_seqlen=512``), its start included: since
+``benchmarks/recipe_variants.py`` that is a GPTQ start with a static range, while the committed
+``results/cpu/recipe_sweep.csv`` ran before, under the searched start without GPTQ (each row's ``config`` says which);
+``--set 'qat_overrides={"qat": {"gptq_start": false}, "quant": {"weight": {"range_mode": "relative", "range_param":
+"absolute"}}}'`` trains that start again (``lr_range`` then has nothing to train, but stays in the config: such rows get
+new cache keys). Every point trains from the same rotated, quantized start for ``--steps``
 steps (default ``qat_steps``; tokens = steps x qat_seqlen x batch) and is scored before the first step and after the
 last on ``sweep_val_windows`` windows of ``seqlen`` tokens, evenly spread over the held-out tail
 (``QATConfig.holdout_fraction``) of the train split, which the training never sees.
@@ -48,7 +50,7 @@ import time
 GRID: dict[str, list] = {"lr_quant": [1e-3, 3e-3, 1e-2], "lr_weights": [2e-5, 5e-5, 1e-4, 2e-4],
                          "grad_clip": [1.0, 0.3], "init": ["const", "search"]}
 SEARCH_INIT = {"clip_init": "mse", "ldp_init": "lloyd"}
-# explicit: since the profiles default to the searched start, "the profile's own qat_weight" would be SEARCH_INIT too
+# explicit: since the profiles default to the searched start, "the profile's own start" would be SEARCH_INIT too
 # (a first version did that, and every const point reused its search twin's cached row)
 CONST_INIT = {"clip_init": "const", "ldp_init": "uniform"}
 
@@ -157,12 +159,20 @@ def select(rows: list[dict]) -> list[dict]:
     return rows
 
 
+def with_recipe(over: dict, qat: dict | None = None, weight: dict | None = None) -> dict:
+    """``qat_overrides`` (``{"qat": {...}, "quant": {"weight": {...}}}``) with these QATConfig / start fields on top."""
+    q = {**(over.get("qat") or {}), **(qat or {})}
+    w = {**((over.get("quant") or {}).get("weight") or {}), **(weight or {})}
+    return {**({"qat": q} if q else {}), **({"quant": {"weight": w}} if w else {})}
+
+
 def point_profile(P, pt: dict, steps: int):
-    """The profile of one grid point."""
-    qw = {**P.qat_weight, **(SEARCH_INIT if pt["init"] == "search" else CONST_INIT)}
-    return P.with_overrides(qat_lr_quant=pt["lr_quant"], qat_lr_weights=pt["lr_weights"],
-                            qat_grad_clip=pt["grad_clip"], qat_weight=qw, qat_steps=steps,
-                            qat_val_every=max(steps, 1))
+    """The profile of one grid point: its learning rates, gradient clip and start in ``qat_overrides`` (over those
+    ``P`` has), ``steps`` QAT steps validated once."""
+    over = with_recipe(P.qat_overrides, {"lr_quant": pt["lr_quant"], "lr_weights": pt["lr_weights"],
+                                         "grad_clip": pt["grad_clip"]},
+                       SEARCH_INIT if pt["init"] == "search" else CONST_INIT)
+    return P.with_overrides(qat_overrides=over, qat_steps=steps, qat_val_every=max(steps, 1))
 
 
 #: the row every point trains
@@ -177,9 +187,10 @@ def sweep_key(P, pt: dict, seed: int, steps: int):
     from rcp_lib.experiments.rows import _code
 
     Pp = point_profile(P.with_overrides(seed=seed), pt, steps)
-    key = {"method": method_config(method(*METHOD), Pp), "model": Pp.model, "corpus": Pp.corpus,
+    config = method_config(method(*METHOD), Pp)
+    key = {"method": config, "model": Pp.model, "corpus": Pp.corpus,
            "val_seqlen": Pp.seqlen, "val_windows": Pp.sweep_val_windows, "code": _code()}
-    if Pp.qat_gptq_start:
+    if config["qat"]["gptq_start"]:
         key["calib"] = [Pp.calib_windows, Pp.calib_seqlen]
     return Pp, key
 
@@ -194,7 +205,7 @@ def sweep_row_path(key: dict):
 
 def score_point(fp, train_ids, pt: dict, Pp, steps: int) -> dict:
     """Train RCP W2A4KV4 under the point's profile ``Pp`` from the FP model ``fp`` (rotate, quantize, the GPTQ start
-    when ``Pp.qat_gptq_start``: calibration windows of the train part, never the held-out tail; then QAT on
+    when its recipe has one: calibration windows of the train part, never the held-out tail; then QAT on
     ``train_ids``, the tokenized train split) and score it on the held-out tail before the first step and after the
     last. Returns the row (without the point index): the point, budget, perplexities, movement, ``seconds`` (GPTQ +
     Block-AP + training, without the evaluations), Block-AP's mean MSE ratio (after / before, NaN without it),

@@ -20,7 +20,7 @@ Equal time: Block-AP's cost was measured on this machine before choosing its ste
 actually took. The GPTQ start adds its GPTQ pass on top of the 40 steps (its seconds say by how much); seqlen 512
 trains 20 steps of 512 tokens: the default's tokens. The static range's lo / hi are absolute weight values: at the
 quantizer learning rate of 1e-2 (made for logits) a first run's loss rose from 2.3 to 18 in 9 steps, so they train at
-``qat_lr_range`` 1e-4 (EfficientQAT's Block-AP quantizer rate), the LDP logits at 1e-2 as in the default.
+``lr_range`` 1e-4 (EfficientQAT's Block-AP quantizer rate), the LDP logits at 1e-2 as in the default.
 
 Writes ``results/<profile>/recipe_variants.csv``: one row per (variant, seed) with the variant's ``n_seeds``,
 ``val_ppl_mean``, ``val_ppl_sem`` and ``vs_default`` (:func:`rcp_lib.experiments.ablation.separation`: an order only
@@ -50,6 +50,7 @@ from benchmarks.recipe_sweep import (  # noqa: E402
     score_point,
     sweep_key,
     sweep_row_path,
+    with_recipe,
 )
 
 #: the sweep's selected point (its index in ``recipe_sweep.py --list``): its learning rates and gradient clip are the
@@ -57,34 +58,38 @@ from benchmarks.recipe_sweep import (  # noqa: E402
 POINT = 35
 
 #: the start the sweep selected its point with (the searched clip and Lloyd-Max levels, LWC relative to the latent
-#: weight, no GPTQ): pinned in every variant, so that a variant's recipe does not follow the profile's default start
-SEARCHED_START = {"qat_gptq_start": False, "qat_lr_range": None,
-                  "qat_weight": {"clip_init": "mse", "ldp_init": "lloyd"}}
+#: weight, no GPTQ), as profile overrides (``qat_overrides`` over the profile's QAT recipe): pinned in every variant,
+#: so that a variant's recipe does not follow the profile's default start
+SEARCHED_START = {"qat_overrides": {"qat": {"gptq_start": False, "lr_range": None},
+                                    "quant": {"weight": {"clip_init": "mse", "ldp_init": "lloyd",
+                                                         "range_mode": "relative", "range_param": "absolute"}}}}
+
+
+def _start(qat: dict | None = None, weight: dict | None = None) -> dict:
+    """:data:`SEARCHED_START` with these QATConfig / start fields on top."""
+    return {"qat_overrides": with_recipe(SEARCHED_START["qat_overrides"], qat, weight)}
+
 
 #: name -> (profile overrides, end-to-end QAT steps or None for the profile's qat_steps, what it tests). "default" is
 #: the sweep's point as selected (the cpu profile's recipe when these variants were first run); "gptq-static" won
-#: and is the cpu profile's recipe since (tests/test_recipe_variants.py checks both).
+#: and became the cpu profile's recipe, then with range_param "log" (tests/test_recipe_variants.py checks both).
 VARIANTS: dict[str, tuple[dict, int | None, str]] = {
-    "default": (SEARCHED_START, None, "the sweep's point: searched start, 40 end-to-end steps of 256 tokens"),
-    "block-ap": ({**SEARCHED_START, "qat_block_ap_steps": 16, "qat_block_ap_samples": 16,
-                  "qat_block_ap_lr_quant": 1e-2}, 21,
+    "default": (_start(), None, "the sweep's point: searched start, 40 end-to-end steps of 256 tokens"),
+    "block-ap": (_start({"block_ap_steps": 16, "block_ap_samples": 16, "block_ap_lr_quant": 1e-2}), 21,
                  "Block-AP (16 steps per block on 16 windows, quantizer lr 1e-2 as end to end) + 21 end-to-end steps"),
-    "block-ap-effqat-lr": ({**SEARCHED_START, "qat_block_ap_steps": 16, "qat_block_ap_samples": 16}, 21,
+    "block-ap-effqat-lr": (_start({"block_ap_steps": 16, "block_ap_samples": 16}), 21,
                            "the same with EfficientQAT's Block-AP learning rates (weights 2e-5, quantizer 1e-4)"),
-    "gptq-static": ({"qat_gptq_start": True, "qat_lr_range": 1e-4,
-                     "qat_weight": {"clip_init": "mse", "ldp_init": "lloyd", "range_mode": "static"}}, None,
+    "gptq-static": (_start({"gptq_start": True, "lr_range": 1e-4}, {"range_mode": "static"}), None,
                     "GPTQ on the searched LDP grid, then 40 end-to-end steps with a static (learnable lo/hi) range, "
                     "lo/hi at lr 1e-4"),
-    "seqlen-512": ({**SEARCHED_START, "qat_seqlen": 512}, 20,
+    "seqlen-512": ({**_start(), "qat_seqlen": 512}, 20,
                    "QAT at the evaluation length: 20 steps of 512 tokens (equal tokens)"),
 }
 
 
 def variant_profile(P, over: dict):
-    """``P`` with a variant's overrides, None values included (``with_overrides`` skips None: "not given")."""
-    from dataclasses import replace
-
-    return replace(P.with_overrides(**over), **{k: v for k, v in over.items() if v is None})
+    """``P`` with a variant's overrides."""
+    return P.with_overrides(**over)
 
 
 def parse_variants(spec: str | None) -> list[str]:

@@ -1,6 +1,6 @@
 """How far would more tokens go: RCP W2A4KV4 validation perplexity vs training tokens, with FP as a line.
 
-    python benchmarks/token_curve.py --profile cpu --steps 640 --val-every 40 [--set qat_lr_quant=1e-2 ...]
+    python benchmarks/token_curve.py --profile cpu --steps 640 --val-every 40 [--set 'qat_overrides={"qat": {"lr_quant": 1e-2}}' ...]
 
 Trains (or loads from the QAT cache) the RCP W2A4KV4 student of the profile with ``qat_steps = --steps`` and a
 validation point every ``--val-every`` steps (the QAT loop's validation: ``val_windows`` windows of ``qat_seqlen``

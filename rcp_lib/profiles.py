@@ -1,9 +1,10 @@
 """Run profiles: one dataclass drives the notebooks (papermill parameters), the CLI and the tests.
 
 A profile says where and how much: model, corpus, device, evaluation / calibration / QAT budgets, which settings
-and methods the tables hold, and the weight group of its model (``w_group_size``, a divisor of every layer input).
-What a method does is its :class:`~rcp_lib.recipe.Recipe` (:meth:`rcp_lib.experiments.Method.recipe` fills in the
-profile's group, seed and QAT budget).
+and methods the tables hold, and the weight group of its model (``w_group_size``, a divisor of every layer input),
+plus the path of its QAT recipe (``qat_recipe``). What a method does is its recipe file (``configs/recipes/*.yaml``,
+:mod:`rcp_lib.recipe`); :meth:`rcp_lib.experiments.Method.recipe` resolves it with the profile's :attr:`Profile.budget`
+(group, seed, QAT budget) and QAT recipe.
 
 * ``smoke`` - CI: every notebook end to end in minutes on 2 CPU cores (tiny eval slices, a few QAT steps).
   Its numbers only prove the pipeline runs; they are written under ``results/smoke/``.
@@ -12,8 +13,8 @@ profile's group, seed and QAT budget).
   whole test split for perplexity, bf16), written under ``results/gpu/``.
 * ``paper`` - LLaMA-2-7B on a GPU with WikiText-2, the paper's setting (needs the data set and the weights). Its QAT
   recipe is ``configs/paper-llama2-7b.yaml`` (``qat_recipe``; the budget fields here must agree with that file,
-  ``tests/test_gpu_path.py`` checks it). ``python -m rcp_lib reproduce --profile paper --dry-run`` runs its path on
-  the CPU with a tiny random model (:mod:`rcp_lib.reproduce`).
+  ``tests/test_recipe.py`` checks that its recipe is the table's RCP row's). ``python -m rcp_lib reproduce --profile
+  paper --dry-run`` runs its path on the CPU with a tiny random model (:mod:`rcp_lib.reproduce`).
 * ``ablation`` - the ``cpu`` setting at W2A4KV4 only, RCP and its ablations (w/o Clip, Uniform-QAT = w/o Partition, w/o Rotate,
   RCP+GSR, the block-Hadamard control), each trained and scored once per seed of ``ablation_seeds`` (the seed sets the
   R1 signs and the QAT data order); ``results/ablation/ablation.csv`` (:func:`rcp_lib.experiments.ablation_table`).
@@ -29,6 +30,10 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import asdict, dataclass, field, fields, replace
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .recipe import Budget
 
 
 @dataclass
@@ -44,40 +49,12 @@ class Profile:
     calib_windows: int = 32
     calib_seqlen: int = 512
     w_group_size: int = 64  # the weight group of every recipe of this profile; 576 (SmolLM2) is not divisible by 128
+    # the QAT budget of every QAT row (how much; how they train is the QAT recipe, qat_recipe below)
     qat_steps: int = 40
     qat_seqlen: int = 256
     qat_batch_size: int = 1
     qat_grad_accum: int = 1
     qat_val_every: int = 20
-    # the QAT recipe (rcp_lib.qat.QATConfig fields, issue "a recipe under which Clip and Partition learn"), our choice
-    # for the cpu budget (40 steps x 256 tokens), not the paper's (unknown), scored on the train split's held-out tail:
-    # * learning rates and gradient clip: the selected point of benchmarks/recipe_sweep.py (results/cpu/recipe_sweep.csv;
-    #   lowest mean over 3 seeds, lr_quant 1e-2, lr_weights 2e-5, grad clip 0.3, NOT separable by 2 standard errors
-    #   from the two other points run at 3 seeds), selected with the searched start (no GPTQ);
-    # * the start: GPTQ on each row's own quantizer grid (the searched clip and Lloyd-Max levels), then QAT with a static
-    #   range whose lo / hi train at qat_lr_range: lower than the sweep's point beyond 2 standard errors in
-    #   benchmarks/recipe_variants.py (results/cpu/recipe_variants.csv), where Block-AP at equal time and QAT at seqlen
-    #   512 are compared too. The learning rates were not swept again under this start.
-    qat_lr_weights: float = 2e-5
-    qat_lr_quant: float = 1e-2
-    qat_grad_clip: float = 0.3
-    qat_lr_range: float | None = 1e-4  # static ranges' lo / hi (absolute weight values); None: qat_lr_quant
-    qat_mixed_precision: str = "auto"  # "auto": bf16 on GPU, fp32 on CPU; "bf16": student autocast on CPU too
-    qat_teacher_precision: str = "same"  # "bf16": teacher forward under bf16 autocast
-    qat_block_ap_steps: int = 0  # > 0: Block-AP pre-stage (steps per decoder block)
-    qat_block_ap_samples: int = 32  # calibration windows (of qat_seqlen tokens, train part) cached for Block-AP
-    qat_block_ap_lr_weights: float = 2e-5  # Block-AP learning rates (latent weights / quantizer parameters);
-    qat_block_ap_lr_quant: float = 1e-4  # defaults: EfficientQAT's Block-AP values (rcp_lib.qat.QATConfig)
-    qat_gptq_start: bool = True  # GPTQ on the quantizer's grid (calib_windows), then QAT (needs range_mode "static")
-    # WeightQuantConfig fields for the learnable quantizers of the QAT rows, e.g. {"clip_init": "mse", "ldp_init":
-    # "lloyd"} (the searched start) and "range_mode": "static" (the range set once: learnable lo / hi with LWC, fixed
-    # without, as in a "w/o Clip" row); clip fields apply to rows with LWC only, ldp_init to LDP rows only
-    # (rcp_lib.experiments.methods.Method.recipe). The searched start (per-group MSE clip, Lloyd-Max levels inside it)
-    # gave lower validation perplexity than the constant start at every learning-rate pair the sweep ran both ways
-    # "range_param": "log" makes the learnable range scale-free (log-multipliers of the start's range, trained at
-    # qat_lr_quant like the levels: one learning rate means the same relative step in every layer); issue 35 item 1
-    qat_weight: dict = field(default_factory=lambda: {"clip_init": "mse", "ldp_init": "lloyd", "range_mode": "static",
-                                                      "range_param": "log"})
     ablation_seeds: list[int] = field(default_factory=lambda: [0])  # seeds of the ablation table (one run each)
     # the one-seed QAT ablation rows (w/o Clip, Uniform-QAT = w/o Partition, w/o Rotate, the block-Hadamard control) in the tables;
     # False: left to the ``ablation`` profile, which has the seeds to order them (rcp_lib.experiments.SEEDED_ABLATIONS)
@@ -96,14 +73,27 @@ class Profile:
     methods: list[str] | None = None  # None: every method of the tables; else only these names
     seed: int = 0
     dtype: str | None = None  # parameter dtype of the base model: None = bfloat16 on CUDA, float32 elsewhere
-    # a run config (configs/*.yaml, relative to the checkout) whose `qat` section is the QAT recipe of every QAT row;
-    # the qat_* budget fields above still set steps, seqlen, batch, accumulation, validation (None: built from them)
-    qat_recipe: str | None = None
+    # the QAT recipe of every QAT row (rcp_lib.recipe.QATRecipe, a file relative to the checkout): its `qat` section
+    # (learning rates, gradient clip, precision, Block-AP, GPTQ start) and the start fields of its `quant.weight`; the
+    # budget above sets steps, seqlen, batch, accumulation, validation. configs/recipes/qat/cpu.yaml says why its values
+    qat_recipe: str = "configs/recipes/qat/cpu.yaml"
+    # fields on top of that file, in its layout: {"qat": {QATConfig fields}, "quant": {"weight": {start fields}}}
+    # (e.g. a point of benchmarks/recipe_sweep.py: --set 'qat_overrides={"qat": {"lr_quant": 3e-3}}')
+    qat_overrides: dict = field(default_factory=dict)
     # the fields changed from the named profile (set by with_overrides; not a setting: excluded from cache keys)
     overrides: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    @property
+    def budget(self) -> "Budget":
+        """How much every recipe of this profile gets (:class:`rcp_lib.recipe.Budget`): the weight group, the seed
+        and the QAT budget."""
+        from .recipe import Budget
+
+        return Budget(group_size=self.w_group_size, seed=self.seed, steps=self.qat_steps, seqlen=self.qat_seqlen,
+                      batch_size=self.qat_batch_size, grad_accum=self.qat_grad_accum, val_every=self.qat_val_every)
 
     @property
     def run_name(self) -> str:
@@ -142,6 +132,10 @@ class Profile:
         kw = coerce_fields(Profile, {k: v for k, v in kw.items() if v is not None})
         out = replace(self, **kw)
         _check_names(out, set(kw))
+        if {"qat_recipe", "qat_overrides"} & set(kw):  # a misspelt recipe field fails now, not at the first QAT row
+            from .recipe import QATRecipe
+
+            QATRecipe.load(out.qat_recipe, out.qat_overrides)
         base = PROFILES.get(self.name)
         changed = {**self.overrides, **{k: v for k, v in kw.items() if v != getattr(self, k)}}
         if base is not None:  # a value set back to the named profile's is no override
@@ -206,16 +200,15 @@ PROFILES: dict[str, Profile] = {
         # RCP against the fair rival (uniform-grid QAT, same start / budget / learning rates) and with each learnable
         # part frozen at its start (issue 35); the earlier ablations (w/o Clip, w/o Rotate, GSR, block-Hadamard) are
         # methods of their own and join with --set methods=[...] (results/ablation-<hash>/)
-        methods=["RCP", "Uniform-QAT", "RCP levels frozen", "RCP clip frozen"],
+        methods=["RCP", "Uniform-QAT"],  # the frozen-part rows: --set methods=[...]
     ),
     "paper": Profile(
         name="paper", model="meta-llama/Llama-2-7b-hf", corpus="wikitext2", device="cuda", seqlen=2048,
         eval_windows=None, calib_windows=128, calib_seqlen=2048, w_group_size=128, qat_steps=8000, qat_seqlen=2048,
         qat_batch_size=1, qat_grad_accum=8, qat_val_every=500, full_eval_methods=[],
+        # the yaml's recipe (the searched start, no GPTQ start, lr_quant 1e-3): LWC relative to the latent weight, not
+        # the cpu choice's static range (absolute lo / hi would move 1e-3 per step)
         qat_recipe="configs/paper-llama2-7b.yaml",
-        # the yaml's recipe (no GPTQ start, lr_quant 1e-3): LWC relative to the latent weight, not the cpu choice's
-        # static range (absolute lo / hi would move 1e-3 per step)
-        qat_weight={"clip_init": "mse", "ldp_init": "lloyd"}, qat_gptq_start=False, qat_lr_range=None,
         zero_shot_tasks=["arc_challenge", "arc_easy", "hellaswag", "piqa", "winogrande", "boolq", "lambada_openai"],
         zero_shot_limit=None,
     ),

@@ -1,10 +1,11 @@
 """A QAT run described by one YAML/JSON file (``python -m rcp_lib qat --config configs/cpu.yaml``).
 
-The file says where and how much (``model``, ``corpus``, ``device``, ``eval``: ``seqlen``, ``max_windows``;
-``out_dir``, ``export_dir``) and what: the sections of a :class:`~rcp_lib.recipe.Recipe` (``rotation``: the
-:class:`RotationConfig` fields or null; ``quant``: ``weight`` / ``act`` / ``kv``; ``ptq``; ``qat``: the
-:class:`QATConfig` fields), loaded into that one object (``RunConfig.recipe``). Everything is validated before any
-model is loaded.
+The file says where and how much (``model``, ``corpus``, ``device``, ``eval``: ``seqlen``, ``max_windows``, ``spread``;
+``calib``: ``windows``, ``seqlen`` of the GPTQ start; ``out_dir``, ``export_dir``) and what: the sections of a
+:class:`~rcp_lib.recipe.Recipe` (``rotation``: the :class:`RotationConfig` fields or null; ``quant``: ``weight`` /
+``act`` / ``kv``; ``ptq``; ``qat``: the :class:`QATConfig` fields), loaded into that one object (``RunConfig.recipe``).
+Everything is validated before any model is loaded. ``configs/cpu.yaml`` is the recipe of the cpu table's RCP
+W2A4KV4 row and ``configs/paper-llama2-7b.yaml`` the paper profile's (``tests/test_recipe.py`` checks both).
 """
 
 from __future__ import annotations
@@ -38,6 +39,9 @@ class RunConfig:
     device: str = "cpu"
     recipe: Recipe = field(default_factory=_default_recipe)
     eval: dict = field(default_factory=lambda: {"seqlen": 512, "max_windows": 32})
+    # the calibration windows of a GPTQ start (qat.gptq_start): ``windows`` random windows of ``seqlen`` tokens of the
+    # train split, drawn with the QAT seed (the windows of the tables' rows: rcp_lib.experiments.calibration)
+    calib: dict = field(default_factory=lambda: {"windows": 32, "seqlen": 512})
     out_dir: str | None = None
     export_dir: str | None = None
 
@@ -83,9 +87,16 @@ class RunConfig:
             check_packable(self.recipe.quant)
         if self.corpus not in CORPORA:
             raise ValueError(f"unknown corpus {self.corpus!r}; available: {CORPORA}")
-        bad = set(self.eval) - {"seqlen", "max_windows"}
+        bad = set(self.eval) - {"seqlen", "max_windows", "spread"}
         if bad:
             raise ValueError(f"unknown eval keys {sorted(bad)}")
+        bad = set(self.calib) - {"windows", "seqlen"}
+        if bad:
+            raise ValueError(f"unknown calib keys {sorted(bad)}; known: ['seqlen', 'windows']")
+        for k, lo in (("windows", 1), ("seqlen", 2)):
+            v = self.calib.get(k, lo)
+            if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+                raise ValueError(f"calib.{k} must be an integer >= {lo}, got {v!r}")
 
     def to_dict(self) -> dict[str, Any]:
         """The file's layout (recipe sections at the top level), JSON-ready."""
@@ -175,7 +186,12 @@ def _dtype_of(sd: dict):
 
 
 def run_qat(cfg: RunConfig, progress: bool = True) -> dict:
-    """Load -> rotate -> quantize -> train (resumable, cached by config hash) -> evaluate -> export.
+    """Load -> rotate -> quantize -> (GPTQ start) -> train (resumable, cached by config hash) -> evaluate -> export.
+
+    With ``qat.gptq_start`` the quantized student is first GPTQ'd on its own quantizer grid with the ``calib`` windows
+    of the train split (:func:`rcp_lib.experiments.build.gptq_start`, as the tables' QAT rows are); the evaluation
+    takes ``eval.max_windows`` windows of ``eval.seqlen`` tokens of the test split, evenly spread with
+    ``eval.spread`` (the tables' windows), else the first ones.
 
     Under ``accelerate launch`` every process loads onto its own device (:func:`run_device`), the student in float32
     (its latent weights are the optimizer's master copy) and the teacher as :func:`rcp_lib.qat.train` keeps it
@@ -213,10 +229,18 @@ def run_qat(cfg: RunConfig, progress: bool = True) -> dict:
         rotate_model(student, recipe.rotation)
     quantize_model(student, recipe.quant)
     out = Path(cfg.out_dir) if cfg.out_dir else cache_dir() / "qat-cli" / cfg.key()
+    if recipe.qat.gptq_start:
+        from .data import calibration_windows
+        from .experiments.build import gptq_start
+
+        calib = calibration_windows(train_ids, cfg.calib.get("windows", 32), cfg.calib.get("seqlen", 512),
+                                    seed=recipe.qat.seed)
+        gptq_start(student, calib, progress=progress and state.is_main_process)
     res = train(student, teacher, train_ids, recipe.qat, out_dir=out, resume=True, progress=progress)
     del teacher
     ev = perplexity_details(student, test_ids, seqlen=cfg.eval.get("seqlen", 512),
-                            max_windows=cfg.eval.get("max_windows"), progress=progress and state.is_main_process)
+                            max_windows=cfg.eval.get("max_windows"), progress=progress and state.is_main_process,
+                            spread=bool(cfg.eval.get("spread", False)))
     summary = {"model": cfg.model, "model_note": describe(cfg.model), "corpus": cfg.corpus, "setting": recipe.label,
                "test_ppl": ev.ppl, "eval_seqlen": ev.seqlen, "eval_windows": ev.windows, "tokens_scored": ev.tokens_scored,
                "train_steps": res.steps, "final_loss": res.final_loss, "train_tokens": res.tokens, "out_dir": str(out),

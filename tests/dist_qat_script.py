@@ -11,7 +11,7 @@ import torch
 
 from rcp_lib import models as M
 from rcp_lib.qat import QATConfig, train
-from rcp_lib.quant.apply import QuantConfig, quantize_model
+from rcp_lib.quant.apply import preset, quantize_model
 from rcp_lib.rotation.fuse import RotationConfig, rotate_model
 
 
@@ -23,7 +23,7 @@ def main():
     fp = M.tiny_llama(hidden=64, intermediate=128, heads=2, kv_heads=1, layers=2, vocab=128, seed=0)
     student = copy.deepcopy(fp)
     rotate_model(student, RotationConfig(r1="random_hadamard"))
-    quantize_model(student, QuantConfig(w_bits=2, a_bits=4, kv_bits=4, w_group_size=32))
+    quantize_model(student, preset("W2A4KV4", w_group_size=32))
     g = torch.Generator().manual_seed(0)
     data = torch.randint(0, 128, (1, 8000), generator=g)
     cfg = QATConfig(steps=steps, seqlen=64, grad_accum=grad_accum, lr_weights=1e-3, lr_quant=1e-2, warmup_steps=1,

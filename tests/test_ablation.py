@@ -68,8 +68,12 @@ def test_ablation_profile_and_table_columns(monkeypatch):
     assert {s["n"] for s in summ} == {len(P.ablation_seeds)}
     monkeypatch.setattr(A, "provenance", lambda: {"git_commit": "abc"})
     full = {s["method"]: s for s in A.ablation_summary(P, progress=False)}
-    assert full["RCP"]["vs_RCP"] == "" and full["RCP w/o Clip"]["vs_RCP"].startswith(A.NOT_SEPARABLE)  # identical fake rows
-    assert full["RCP+GSR"]["vs_control"].startswith(A.NOT_SEPARABLE) and full["RCP"]["vs_control"] == ""
+    # identical fake rows: no order (a paired test of equal values: p = 1)
+    assert full["RCP"]["vs_RCP"] == "" and full["Uniform-QAT"]["vs_RCP"].startswith(A.NOT_SEPARABLE)
+    assert full["RCP"]["vs_control"] == ""
+    P2 = get_profile("ablation", methods=["RCP", "RCP+GSR", "RCP+BlockHadamard"])
+    full = {s["method"]: s for s in A.ablation_summary(P2, progress=False)}
+    assert full["RCP+GSR"]["vs_control"].startswith(A.NOT_SEPARABLE)
 
 
 def test_ablation_rows_share_keys_with_cpu_at_seed_0_only():
@@ -82,9 +86,9 @@ def test_ablation_rows_share_keys_with_cpu_at_seed_0_only():
 
 
 def test_qat_weight_fields_apply_only_where_they_mean_something():
-    P = get_profile("cpu", qat_weight={"clip_init": "mse", "ldp_init": "lloyd", "range_mode": "static"}, qat_lr_quant=1e-2,
-                    qat_grad_clip=0.3,
-                    qat_lr_weights=1e-4)
+    P = get_profile("cpu", qat_overrides={"qat": {"lr_quant": 1e-2, "grad_clip": 0.3, "lr_weights": 1e-4},
+                                          "quant": {"weight": {"clip_init": "mse", "ldp_init": "lloyd",
+                                                               "range_mode": "static"}}})
     w = lambda n: X.method(n, "W2A4KV4").recipe(P).quant.weight
     assert (w("RCP").clip_init, w("RCP").ldp_init) == ("mse", "lloyd")
     assert (w("RCP w/o Clip").clip_init, w("RCP w/o Clip").ldp_init) == ("const", "lloyd")
@@ -135,12 +139,12 @@ def test_default_profile_recipe_is_the_best_sweep_point():
     assert (q.gptq_start, r.quant.weight.range_mode) == (True, "static")
     trained = json.loads(gs[0]["config"])
     # later than that evidence (issue 35): the range learns scale-free (range_param "log") and QATConfig has `freeze`
-    new = {"freeze"}
-    assert {k: v for k, v in trained["qat"].items() if k not in ("val_every", "checkpoint_every", "seed")} == \
+    new = {"freeze", "lr_range"}  # lr_range: now the log-multipliers' rate (1e-3), see configs/recipes/qat/cpu.yaml
+    assert {k: v for k, v in trained["qat"].items() if k not in ("val_every", "checkpoint_every", "seed", *new)} == \
         {k: v for k, v in q.to_dict().items() if k not in ("val_every", "checkpoint_every", "seed", *new)}
     assert trained["quant"] == {**r.quant.to_dict(), "weight": {k: v for k, v in r.quant.to_dict()["weight"].items()
                                                                 if k != "range_param"}}
-    assert r.quant.weight.range_param == "log" and q.freeze == []
+    assert r.quant.weight.range_param == "log" and q.freeze == [] and q.lr_range == 1e-3
 
 
 def test_plot_token_curve(tmp_path):
@@ -159,5 +163,7 @@ def test_cpu_tables_leave_the_seeded_ablations_to_the_ablation_profile():
     assert ("RCP", "W2A4KV4") in cpu and ("RCP+GSR", "W2A4KV4") in cpu
     assert not {n for n, _ in cpu} & set(X.SEEDED_ABLATIONS)
     abl = {m.name for m in A.ablation_methods(get_profile("ablation"))}
-    assert set(X.SEEDED_ABLATIONS) <= abl and "RCP+GSR" in abl
+    assert {"RCP", "Uniform-QAT"} <= abl  # the rest: --set methods=[...]
+    every = {m.name for m in A.ablation_methods(get_profile("ablation", methods=sorted(X.methods.NAMED)))}
+    assert set(X.SEEDED_ABLATIONS) <= every and "RCP+GSR" in every
     assert {m.name for m in X.all_methods(get_profile("gpu"))} >= set(X.SEEDED_ABLATIONS)  # default: in the table

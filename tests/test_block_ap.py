@@ -9,7 +9,7 @@ import torch
 from rcp_lib import models as M
 from rcp_lib.block_ap import block_ap, block_mse, quantizers_off
 from rcp_lib.qat import QATConfig, train
-from rcp_lib.quant.apply import QuantConfig, quantize_model
+from rcp_lib.quant.apply import preset, quantize_model
 from rcp_lib.rotation.fuse import RotationConfig, rotate_model
 
 
@@ -17,7 +17,7 @@ def _student(seed=0):
     fp = M.tiny_llama(hidden=64, intermediate=128, heads=2, kv_heads=1, layers=2, vocab=128, seed=seed)
     st = copy.deepcopy(fp)
     rotate_model(st, RotationConfig(r1="random_hadamard"))
-    quantize_model(st, QuantConfig(w_bits=2, a_bits=4, kv_bits=4, w_group_size=32))
+    quantize_model(st, preset("W2A4KV4", w_group_size=32))
     return fp, st
 
 

@@ -240,7 +240,7 @@ def test_memory_accountant_matches_packed_bytes(family, tmp_path):
     model = _tiny(family)
     d = M.dims(model)
     group = math.gcd(d.hidden, d.intermediate, d.n_heads * d.head_dim)
-    quantize_model(model, preset("W2A4KV4", w_group_size=group, w_method="rtn", w_lwc=False))
+    quantize_model(model, preset("W2A4KV4", w_group_size=group).with_weight(method="rtn", lwc=False))
     save_quantized(model, tmp_path / "q", dtype=torch.float16)  # the accountant counts the fp16 format
     f = footprint(model.config, replace(W2A4KV4, group_size=group, kv_group_size=d.head_dim))
     assert packed_model_bytes(tmp_path / "q")["total"] == f.weights

@@ -13,7 +13,7 @@ import torch
 
 from rcp_lib import models as M
 from rcp_lib.qat import QATConfig, train
-from rcp_lib.quant.apply import QuantConfig, quantize_model
+from rcp_lib.quant.apply import preset, quantize_model
 from rcp_lib.quant.linear import cached_weight_bytes
 from rcp_lib.rotation.fuse import RotationConfig, rotate_model
 
@@ -41,7 +41,7 @@ def test_load_dtype(tiny_folder, monkeypatch):
 def _student(fp):
     s = copy.deepcopy(fp)
     rotate_model(s, RotationConfig(r1="random_hadamard"))
-    quantize_model(s, QuantConfig(w_bits=2, a_bits=4, kv_bits=4, w_group_size=32))
+    quantize_model(s, preset("W2A4KV4", w_group_size=32))
     return s
 
 

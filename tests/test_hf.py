@@ -17,7 +17,7 @@ import rcp_lib  # noqa: F401  (registers the "rcp" quantizer)
 from rcp_lib import models as M
 from rcp_lib.packing import (FORMAT_VERSION, PackedFormatError, PackedLinear, check_folder, load_quantized,
                              packed_model_bytes, save_quantized)
-from rcp_lib.quant.apply import QuantConfig, quantize_model
+from rcp_lib.quant.apply import preset, quantize_model
 from rcp_lib.rotation.fuse import RotationConfig, rotate_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -43,7 +43,7 @@ def _model(q=None, hidden=96, intermediate=160, layers=2, vocab=260, rot=True):
     m = M.tiny_llama(hidden=hidden, intermediate=intermediate, heads=3, kv_heads=1, layers=layers, vocab=vocab)
     if rot:
         rotate_model(m, RotationConfig(r1="gsr", r1_block=32))
-    return quantize_model(m, q or QuantConfig(w_group_size=32))
+    return quantize_model(m, q or preset("W2A4KV4", w_group_size=32))
 
 
 def _rel(a, b):
@@ -68,7 +68,7 @@ def test_from_pretrained_round_trip_and_layout(tmp_path):
     qc = json.loads((path / "config.json").read_text())["quantization_config"]
     assert qc["quant_method"] == "rcp" and qc["format_version"] == FORMAT_VERSION
     assert qc["rotation"] == RotationConfig(r1="gsr", r1_block=32).to_dict()
-    assert qc["quant"] == QuantConfig(w_group_size=32).to_dict()
+    assert qc["quant"] == preset("W2A4KV4", w_group_size=32).to_dict()
 
     loaded = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     assert sum(isinstance(x, PackedLinear) for x in loaded.modules()) == 14
@@ -89,14 +89,14 @@ def test_from_pretrained_round_trip_and_layout(tmp_path):
 def test_from_pretrained_without_quantized_weights_and_fp16(tmp_path):
     """W16A4 (projections stay QuantLinear with full-precision weights) and fp16 storage (LUTs kept in fp16, the rest
     cast to the requested dtype) load through the same quantizer."""
-    m = _model(QuantConfig(w_bits=16, a_bits=4, kv_bits=16), rot=False)
+    m = _model(preset("W16A4KV16"), rot=False)
     with torch.no_grad():
         ref = m(IDS).logits
     loaded = AutoModelForCausalLM.from_pretrained(save_quantized(m, tmp_path / "w16", dtype=torch.float32))
     assert not any(isinstance(x, PackedLinear) for x in loaded.modules())
     with torch.no_grad():
         assert _rel(ref, loaded(IDS).logits) < 1e-6
-    m = _model(QuantConfig(w_group_size=32, a_bits=16, kv_bits=16))
+    m = _model(preset("W2A16KV16", w_group_size=32))
     with torch.no_grad():
         ref = m(IDS).logits
     loaded = AutoModelForCausalLM.from_pretrained(save_quantized(m, tmp_path / "f16", dtype=torch.float16),
@@ -129,7 +129,7 @@ def test_loading_builds_no_full_precision_copy(tmp_path):
     """Peak memory of from_pretrained (fresh process, /proc VmHWM) stays far below the float32 bytes of the quantized
     projections: the model is built on the meta device and the packed tensors are loaded into packed buffers."""
     small = save_quantized(_model(), tmp_path / "small")
-    q = QuantConfig(w_group_size=128, w_method="rtn", w_lwc=False, a_bits=16, kv_bits=16)
+    q = preset("W2A16KV16", w_group_size=128).with_weight(method="rtn", lwc=False)
     big = _model(q, hidden=768, intermediate=2304, layers=2, vocab=260, rot=False)
     fp32_proj = sum(p.numel() * 4 for n, p in big.named_parameters() if ".layers." in n and p.dim() == 2)
     path = save_quantized(big, tmp_path / "big")
@@ -235,7 +235,7 @@ def test_embedded_model_round_trip_smoke(embedded, tmp_path):
     in-memory quantized model's (float32 storage) and greedy generation is identical."""
     model, tok = copy.deepcopy(embedded[0]), embedded[1]
     rotate_model(model, RotationConfig(r1="gsr", r1_block=64))
-    quantize_model(model, QuantConfig(w_group_size=64, w_method="rtn", w_lwc=False))
+    quantize_model(model, preset("W2A4KV4", w_group_size=64).with_weight(method="rtn", lwc=False))
     ids = tok("The history of the city begins", return_tensors="pt").input_ids
     with torch.no_grad():
         ref = model(ids).logits
@@ -261,7 +261,7 @@ def test_export_run_and_eval_commands(tmp_path, monkeypatch, capsys):
     M.tiny_llama(hidden=96, intermediate=160, heads=3, kv_heads=1, layers=2, vocab=260).save_pretrained(base)
     _byte_tokenizer().save_pretrained(base)
     recipe = Recipe(rotation=RotationConfig(r1="gsr", r1_block=32),
-                    quant=QuantConfig(w_group_size=32, w_method="rtn", w_lwc=False), qat=QATConfig())
+                    quant=preset("W2A4KV4", w_group_size=32).with_weight(method="rtn", lwc=False), qat=QATConfig())
     student, tok = M.load(str(base))
     rotate_model(student, recipe.rotation)
     quantize_model(student, recipe.quant)

@@ -11,8 +11,9 @@ import torch
 
 from rcp_lib import models as M
 from rcp_lib.packing import PackedFormatError, PackedLinear, load_quantized, packed_model_bytes, save_quantized
-from rcp_lib.quant.apply import QuantConfig, quantize_model
+from rcp_lib.quant.apply import ActQuantConfig, QuantConfig, preset, quantize_model
 from rcp_lib.quant.calibrate import gptq_model
+from rcp_lib.quant.quantizers import WeightQuantConfig
 from rcp_lib.rotation.fuse import RotationConfig, rotate_model
 
 
@@ -29,8 +30,8 @@ def _rel(a, b):
 IDS = torch.randint(0, 128, (2, 24), generator=torch.Generator().manual_seed(0))
 
 
-@pytest.mark.parametrize("q", [QuantConfig(w_group_size=32), QuantConfig(w_group_size=32, a_bits=16, kv_bits=16),
-                               QuantConfig(w_bits=4, w_group_size=32)], ids=lambda q: q.label)
+@pytest.mark.parametrize("q", [preset("W2A4KV4", w_group_size=32), preset("W2A16KV16", w_group_size=32),
+                               preset("W4A4KV4", w_group_size=32)], ids=lambda q: q.label)
 def test_round_trip_logits_and_generation(tmp_path, q):
     m = _model(q)
     with torch.no_grad():
@@ -50,7 +51,7 @@ def test_round_trip_logits_and_generation(tmp_path, q):
 
 
 def test_gptq_model_round_trip(tmp_path):
-    m = _model(QuantConfig(w_group_size=32, w_method="rtn", w_lwc=False))
+    m = _model(preset("W2A4KV4", w_group_size=32).with_weight(method="rtn", lwc=False))
     gptq_model(m, torch.randint(0, 128, (16, 32)), progress=False)
     with torch.no_grad():
         ref = m(IDS).logits
@@ -62,7 +63,7 @@ def test_gptq_model_round_trip(tmp_path):
 
 def test_three_bits_cannot_be_packed(tmp_path):
     with pytest.raises(NotImplementedError, match="3 bits"):
-        save_quantized(_model(QuantConfig(w_bits=3, w_group_size=32)), tmp_path / "x")
+        save_quantized(_model(preset("W3A4KV4", w_group_size=32)), tmp_path / "x")
 
 
 def test_unquantized_model_is_refused(tmp_path):
@@ -72,7 +73,7 @@ def test_unquantized_model_is_refused(tmp_path):
 
 @pytest.fixture()
 def saved(tmp_path):
-    save_quantized(_model(QuantConfig(w_group_size=32)), tmp_path / "m")
+    save_quantized(_model(preset("W2A4KV4", w_group_size=32)), tmp_path / "m")
     return tmp_path / "m"
 
 
@@ -114,7 +115,7 @@ def test_accountant_matches_bytes_on_disk_for_embedded_model(embedded, tmp_path)
     from rcp_lib.memory import W2A4KV4, footprint
 
     model = copy.deepcopy(embedded[0])
-    quantize_model(model, QuantConfig(w_group_size=64, w_method="rtn", w_lwc=False))
+    quantize_model(model, preset("W2A4KV4", w_group_size=64).with_weight(method="rtn", lwc=False))
     save_quantized(model, tmp_path / "packed", dtype=torch.float16)  # the accountant counts the fp16 format
     disk = packed_model_bytes(tmp_path / "packed")
     f = footprint(model.config, replace(W2A4KV4, group_size=64, kv_group_size=64))
@@ -148,7 +149,8 @@ def test_frozen_round_trip_re_runs_the_surgery(tmp_path):
     rotated + quantized one, and its logits equal the in-memory frozen model's."""
     from rcp_lib.quant.linear import freeze_model
 
-    q = QuantConfig(w_group_size=32, lm_head_a_bits=8)  # lm_head's input quantizer is part of the surgery too
+    # lm_head's input quantizer is part of the surgery too
+    q = QuantConfig(weight=WeightQuantConfig(group_size=32), act=ActQuantConfig(lm_head_bits=8))
     m = freeze_model(_model(q))
     with torch.no_grad():
         ref = m(IDS).logits
@@ -166,7 +168,7 @@ def test_load_calls_rotate_and_quantize(tmp_path, monkeypatch):
     from rcp_lib.quant import apply
     from rcp_lib.rotation import fuse
 
-    save_quantized(_model(QuantConfig(w_group_size=32)), tmp_path / "p")
+    save_quantized(_model(preset("W2A4KV4", w_group_size=32)), tmp_path / "p")
     calls = []
     rot, quant = fuse.rotate_model, apply.quantize_model
     monkeypatch.setattr(fuse, "rotate_model", lambda m, c, **kw: calls.append(("rotate", kw)) or rot(m, c, **kw))
@@ -214,10 +216,10 @@ def test_quantized_state_file_round_trip(tmp_path, bits):
     from rcp_lib.packing import load_quantized_state, save_quantized_state
     from rcp_lib.quant.apply import quantized_linears
 
-    m = _model(QuantConfig(w_bits=bits, w_group_size=32, w_method="rtn", w_lwc=False, w_clip_search="mse"))
+    m = _model(preset(f"W{bits}A4KV4", w_group_size=32).with_weight(method="rtn", lwc=False, clip_search="mse"))
     ref = {n: q.quantized_weight().clone() for n, q in quantized_linears(m)}
     save_quantized_state(m, tmp_path / "s.safetensors")
-    fresh = _model(QuantConfig(w_bits=bits, w_group_size=32, w_method="rtn", w_lwc=False, w_clip_search="mse"))
+    fresh = _model(preset(f"W{bits}A4KV4", w_group_size=32).with_weight(method="rtn", lwc=False, clip_search="mse"))
     load_quantized_state(fresh, tmp_path / "s.safetensors")
     assert all(q.frozen and torch.equal(q.quantized_weight(), ref[n]) for n, q in quantized_linears(fresh))
 
@@ -247,7 +249,7 @@ def test_save_refuses_a_folder_holding_other_files(tmp_path, overwrite):
 
     d = _user_folder(tmp_path)
     before = _tree(d)
-    m = _model(QuantConfig(w_group_size=32))
+    m = _model(preset("W2A4KV4", w_group_size=32))
     with pytest.raises(FileExistsError, match="holds files other than a packed model.*nothing was changed"):
         save_quantized(m, d, overwrite=overwrite)
     with pytest.raises(FileExistsError, match="nothing was changed"):
@@ -261,7 +263,7 @@ def test_save_refuses_a_folder_holding_other_files(tmp_path, overwrite):
 
 
 def test_save_writes_an_empty_or_new_folder_and_replaces_a_packed_one_only_with_overwrite(tmp_path):
-    m = _model(QuantConfig(w_group_size=32))
+    m = _model(preset("W2A4KV4", w_group_size=32))
     mask = os.umask(0o022)
     os.umask(mask)
     new = save_quantized(m, tmp_path / "new")

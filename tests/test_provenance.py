@@ -77,8 +77,9 @@ def test_profile_fields_reach_the_cache_keys():
     P = get_profile("cpu")
     rcp, gptq = X.method("RCP", "W2A4KV4"), X.method("QuaRot-GPTQ", "W2A4KV4")
     assert set(_row_key(rcp, P)["profile"]) == {f.name for f in fields(Profile)} - selections
-    for field, value in (("qat_steps", 41), ("qat_lr_quant", 3e-3), ("dtype", "bfloat16"), ("seed", 1),
-                         ("qat_weight", {"clip_init": "const", "range_mode": "static"}), ("calib_windows", 16)):
+    for field, value in (("qat_steps", 41), ("qat_overrides", {"qat": {"lr_quant": 3e-3}}), ("dtype", "bfloat16"),
+                         ("seed", 1), ("qat_overrides", {"quant": {"weight": {"clip_init": "const"}}}),
+                         ("qat_recipe", "configs/paper-llama2-7b.yaml"), ("calib_windows", 16)):
         Q = get_profile("cpu", **{field: value})
         assert _row_key(rcp, Q) != _row_key(rcp, P) and _qat_key(rcp, Q) != _qat_key(rcp, P), field
     for field, value in (("calib_windows", 16), ("dtype", "bfloat16"), ("seed", 1), ("w_group_size", 32)):

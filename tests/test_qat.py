@@ -10,15 +10,15 @@ import torch
 from rcp_lib import models as M
 from rcp_lib.io import config_hash
 from rcp_lib.qat import NonFiniteLossError, QATConfig, train
-from rcp_lib.quant.apply import QuantConfig, quantize_model
+from rcp_lib.quant.apply import preset, quantize_model
 from rcp_lib.rotation.fuse import RotationConfig, rotate_model
 
 
-def _pair(seed=0, r1="random_hadamard", **q):
+def _pair(seed=0, r1="random_hadamard", **weight):
     fp = M.tiny_llama(hidden=64, intermediate=128, heads=2, kv_heads=1, layers=2, vocab=128, seed=seed)
     student = copy.deepcopy(fp)
     rotate_model(student, RotationConfig(r1=r1))
-    quantize_model(student, QuantConfig(**{"w_bits": 2, "a_bits": 4, "kv_bits": 4, "w_group_size": 32, **q}))
+    quantize_model(student, preset("W2A4KV4", w_group_size=32).with_weight(**weight))
     return fp, student
 
 
@@ -165,7 +165,7 @@ def test_two_trainings_with_different_precision_in_one_process():
     ids = torch.randint(0, 128, (4096,))
     for mp in ("no", "bf16"):
         student = copy.deepcopy(teacher)
-        quantize_model(student, QuantConfig(w_bits=2, w_group_size=32, w_method="ldp", w_lwc=True))
+        quantize_model(student, preset("W2A4KV4", w_group_size=32))
         res = train(student, teacher, ids, QATConfig(steps=1, seqlen=32, val_every=1, mixed_precision=mp), progress=False)
         assert res.tokens == 32
 
@@ -212,7 +212,7 @@ def test_frozen_parts_stay_at_their_start_and_the_rest_moves(freeze):
     from rcp_lib.quant.apply import quantized_linears
 
     fp = M.tiny_llama(hidden=64, intermediate=128, heads=2, kv_heads=1, layers=2, vocab=128, seed=0)
-    quantize_log = QuantConfig(**{"w_bits": 2, "a_bits": 4, "kv_bits": 4, "w_group_size": 32})
+    quantize_log = preset("W2A4KV4", w_group_size=32)
     student = copy.deepcopy(fp)
     rotate_model(student, RotationConfig(r1="random_hadamard"))
     quantize_model(student, quantize_log.with_weight(method="ldp", lwc=True, range_mode="static", range_param="log",

@@ -11,7 +11,7 @@ from rcp_lib import models as M
 from rcp_lib.experiments.build import train_student
 from rcp_lib.profiles import get_profile
 from rcp_lib.qat import QATConfig
-from rcp_lib.quant.apply import QuantConfig, quantize_model
+from rcp_lib.quant.apply import preset, quantize_model
 from rcp_lib.quant.calibrate import gptq_model, thaw_to_static
 from rcp_lib.quant.quantizers import WeightQuantizer
 from rcp_lib.recipe import Recipe
@@ -22,7 +22,7 @@ def _student(seed=0, **w):
     fp = M.tiny_llama(hidden=64, intermediate=128, heads=2, kv_heads=1, layers=2, vocab=128, seed=seed)
     st = copy.deepcopy(fp)
     rotate_model(st, RotationConfig(r1="random_hadamard"))
-    qc = QuantConfig(w_bits=2, a_bits=4, kv_bits=4, w_group_size=32).with_weight(**w)
+    qc = preset("W2A4KV4", w_group_size=32).with_weight(**w)
     quantize_model(st, qc)
     return fp, st, qc
 
@@ -56,7 +56,7 @@ def test_thaw_needs_static_range():
 
 
 def test_gptq_start_recipe_needs_static_range():
-    qc = QuantConfig(w_bits=2, a_bits=4, kv_bits=4, w_group_size=32)
+    qc = preset("W2A4KV4", w_group_size=32)
     with pytest.raises(ValueError, match="static"):
         Recipe(quant=qc, qat=QATConfig(gptq_start=True)).validate()
     Recipe(quant=qc.with_weight(range_mode="static"), qat=QATConfig(gptq_start=True)).validate()

@@ -31,7 +31,9 @@ def test_const_and_search_points_are_different_recipes():
     from rcp_lib.profiles import get_profile
 
     m = method("RCP", "W2A4KV4")
-    for P in (get_profile("cpu"), get_profile("cpu", qat_weight={}, qat_gptq_start=False)):
+    const_start = {"qat": {"gptq_start": False}, "quant": {"weight": {
+        "clip_init": "const", "ldp_init": "uniform", "range_mode": "relative", "range_param": "absolute"}}}
+    for P in (get_profile("cpu"), get_profile("cpu", qat_overrides=const_start)):
         const, search = (S.point_profile(P, {**S.points(S.GRID)[41], "init": i}, 40) for i in ("const", "search"))
         wc, ws = (m.recipe(p).quant.weight for p in (const, search))
         assert (wc.clip_init, wc.ldp_init) == ("const", "uniform") and (ws.clip_init, ws.ldp_init) == ("mse", "lloyd")

@@ -28,8 +28,9 @@ def test_default_variant_is_the_sweeps_point_and_gptq_static_the_profiles_recipe
 
     P = get_profile("cpu")
     pt = S.points(S.GRID)[V.POINT]
+    q = method("RCP", "W2A4KV4").recipe(P).qat
     assert (pt["lr_quant"], pt["lr_weights"], pt["grad_clip"], pt["init"]) == (
-        P.qat_lr_quant, P.qat_lr_weights, P.qat_grad_clip, "search")
+        q.lr_quant, q.lr_weights, q.grad_clip, "search")
     Pp, key = _key("default")
     assert key == S.sweep_key(V.variant_profile(P, V.SEARCHED_START), pt, 0, P.qat_steps)[1] and "calib" not in key
     m = method("RCP", "W2A4KV4")
@@ -37,6 +38,7 @@ def test_default_variant_is_the_sweeps_point_and_gptq_static_the_profiles_recipe
     # the profile then moved on (issue 35): the same start with the range learned scale-free (range_param "log")
     gs, now = _trained(method_config(m, _key("gptq-static")[0])), _trained(method_config(m, P))
     assert now["quant"]["weight"].pop("range_param") == "log" and gs["quant"]["weight"].pop("range_param") == "absolute"
+    assert (now["qat"].pop("lr_range"), gs["qat"].pop("lr_range")) == (1e-3, 1e-4)  # a log step vs a weight-unit step
     assert gs == now
 
 

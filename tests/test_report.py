@@ -250,13 +250,17 @@ def test_readme_recipe_prose_matches_the_configs():
     from rcp_lib.paths import readme_path
     from rcp_lib.profiles import get_profile
 
+    from rcp_lib.experiments.methods import profile_qat_recipe, qat_config
+
     text = " ".join(readme_path().read_text().split())
     P = get_profile("cpu")
+    q = qat_config(P)
     lr = lambda x: f"{x:.0e}".replace("e-0", "e-")  # 1e-4, as the prose writes it
-    assert (f"{lr(P.qat_lr_weights)} for the weights, {lr(P.qat_lr_quant)} for the quantizer, clip "
-            f"{P.qat_grad_clip:.1f}, searched start") in text
-    assert P.qat_weight == {"clip_init": "mse", "ldp_init": "lloyd", "range_mode": "static", "range_param": "log"}
-    assert P.qat_gptq_start and "add a GPTQ start" in text and f"`lr_range` {lr(P.qat_lr_range)}" in text
+    assert (f"{lr(q.lr_weights)} for the weights, {lr(q.lr_quant)} for the quantizer, clip "
+            f"{q.grad_clip:.1f}, searched start") in text
+    assert profile_qat_recipe(P).weight == {"clip_init": "mse", "ldp_init": "lloyd", "range_mode": "static",
+                                            "range_param": "log"}
+    assert q.gptq_start and "add a GPTQ start" in text and f"`lr_range` {lr(q.lr_range)}" in text
     paper = paper_qat_recipe("configs/paper-llama2-7b.yaml")
     assert f"keeps {lr(paper.lr_weights)} / {lr(paper.lr_quant)} for its {paper.steps} steps" in text
 
@@ -375,7 +379,8 @@ def test_token_curve_paragraph_reads_the_curve(tmp_path):
     assert "How far would more tokens go" not in results_markdown("cpu", res)
     other = tmp_path / "cpu-aaaa"  # a curve of another recipe: not the profile's
     other.mkdir()
-    curve.assign(overrides=json.dumps({"qat_steps": 160, "qat_lr_quant": 0.1}), date_utc="2026-12-01").to_csv(
+    curve.assign(overrides=json.dumps({"qat_steps": 160, "qat_overrides": {"qat": {"lr_quant": 0.1}}}),
+                 date_utc="2026-12-01").to_csv(
         other / "qat_tokens.csv", index=False)
     assert "How far would more tokens go" not in results_markdown("cpu", res)
     for name, date, steps in (("cpu-bbbb", "2026-11-02", 160), ("cpu-cccc", "2026-11-03", 640)):  # the newest one

@@ -49,8 +49,6 @@ from .kernel import kernel_correctness, kernel_speed_table
 from .methods import (
     CONTROL_SETTINGS,
     NAMED,
-    RCP_W,
-    RTN_W,
     SEEDED_ABLATIONS,
     Method,
     all_methods,
@@ -76,7 +74,7 @@ from .tables import (
 __all__ = [
     "ABLATION_COLUMNS", "ablation_methods", "ablation_summary", "ablation_table", "plot_token_curve", "separation",
     "summarize_ablation", "token_curve", "qat_stats", "train_student",
-    "CONTROL_SETTINGS", "NAMED", "NOTEBOOKS", "RCP_W", "REFERENCE_CONFIGS", "RTN_W", "TABLES", "Method",
+    "CONTROL_SETTINGS", "NAMED", "NOTEBOOKS", "REFERENCE_CONFIGS", "TABLES", "Method",
     "Table", "SEEDED_ABLATIONS", "all_methods", "method", "base_model", "build", "calibration", "chance_level", "figures_dir", "full_split_table",
     "gptq_start",
     "kernel_correctness", "kernel_speed_table", "kv_curve", "memory_table", "memory_vs_saved", "method_config",

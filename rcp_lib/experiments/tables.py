@@ -41,8 +41,10 @@ def storage_dtype(model, method: Method, profile: Profile) -> str | None:
 
 
 def bits_per_weight(method: Method, profile: Profile) -> float:
-    """Stored bits per block-linear weight of a row's format (:attr:`rcp_lib.memory.Scheme.bits_per_weight`: codes
-    plus what its grid needs per group, a level table for LDP, scale + zero for a uniform grid; 16 for FP)."""
+    """Bits per block-linear weight of the row's method in its own deployment format, fp16 metadata
+    (:attr:`rcp_lib.memory.Scheme.bits_per_weight`: codes plus what its grid needs per group, a level table for LDP,
+    scale + zero for a uniform grid; 16 for FP): the bits of an equal-bits comparison. Not the size of rcp_lib's packed
+    folder, which stores a level table for every method, in the row's ``storage_dtype`` (float32 on the CPU)."""
     from ..memory import Scheme
 
     return Scheme.of(method.recipe(profile).quant).bits_per_weight

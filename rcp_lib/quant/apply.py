@@ -15,7 +15,7 @@ Everything is validated before the model is changed.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable
 
 import torch
@@ -86,20 +86,10 @@ class KVQuantConfig(JsonConfig):
             raise ValueError(f"KV group_size must be a positive integer or None (= head_dim), got {self.group_size!r}")
 
 
-# The flat keyword names of the compatibility constructor ``QuantConfig(w_bits=2, a_bits=4, w_group_size=64, ...)``
-# (also the layout of configs written before the nested form): flat name -> (part, field of that part's config).
-FLAT_NAMES: dict[str, tuple[str, str]] = {
-    "w_bits": ("weight", "bits"), "w_group_size": ("weight", "group_size"), "w_method": ("weight", "method"),
-    "w_lwc": ("weight", "lwc"), "w_lwc_init": ("weight", "lwc_init"), "w_clip_ratio": ("weight", "clip_ratio"),
-    "w_clip_search": ("weight", "clip_search"), "ldp_granularity": ("weight", "ldp_granularity"),
-    "ldp_init": ("weight", "ldp_init"), "w_clip_init": ("weight", "clip_init"), "w_range_mode": ("weight", "range_mode"),
-    "a_bits": ("act", "bits"), "a_clip_ratio": ("act", "clip_ratio"), "lm_head_a_bits": ("act", "lm_head_bits"),
-    "kv_bits": ("kv", "bits"), "kv_group_size": ("kv", "group_size"), "kv_clip_ratio": ("kv", "clip_ratio"),
-}
 _UNSET: Any = object()
 
 
-@dataclass(init=False)
+@dataclass
 class QuantConfig(JsonConfig):
     """What :func:`quantize_model` inserts: the weight quantizer, activation and KV-cache quantization. Nested, each
     part owned by its own config; round-trips to JSON (``{"weight": {...} | None, "act": {...}, "kv": {...}}``).
@@ -109,46 +99,30 @@ class QuantConfig(JsonConfig):
             LDP options; see :mod:`rcp_lib.quant.quantizers`), or None for 16-bit weights.
         act: :class:`ActQuantConfig`. kv: :class:`KVQuantConfig`.
 
-    Constructors: ``QuantConfig(weight=..., act=..., kv=...)``, or the flat keywords of :data:`FLAT_NAMES`
-    (``QuantConfig(w_bits=2, a_bits=4, kv_bits=4, w_group_size=64)``; ``w_bits=16`` = no weight quantizer), which
-    build the same nested object (applied on top of the given or default parts). The default weight group is
-    :class:`WeightQuantConfig`'s 128, which must divide every block-linear input (576 of SmolLM2 does not: give the
-    profile's ``w_group_size``); :func:`quantize_model` names a divisor when it does not.
+    A named setting is :func:`preset` (``preset("W2A4KV4", w_group_size=64)``), other weight fields on top with
+    :meth:`with_weight`. The default weight group is :class:`WeightQuantConfig`'s 128, which must divide every
+    block-linear input (576 of SmolLM2 does not: give the profile's ``w_group_size``); :func:`quantize_model` names a
+    divisor when it does not.
     """
 
-    weight: WeightQuantConfig | None
-    act: ActQuantConfig
-    kv: KVQuantConfig
+    weight: WeightQuantConfig | None = field(default_factory=WeightQuantConfig)
+    act: ActQuantConfig = field(default_factory=ActQuantConfig)
+    kv: KVQuantConfig = field(default_factory=KVQuantConfig)
 
-    def __init__(self, weight: WeightQuantConfig | None = _UNSET, act: ActQuantConfig | None = None,
-                 kv: KVQuantConfig | None = None, **flat: Any):
-        unknown = set(flat) - set(FLAT_NAMES)
-        if unknown:
-            raise ValueError(f"unknown QuantConfig fields {sorted(unknown)}; known: weight, act, kv, {sorted(FLAT_NAMES)}")
-        parts: dict[str, dict[str, Any]] = {"weight": {}, "act": {}, "kv": {}}
-        for k, v in flat.items():
-            part, f = FLAT_NAMES[k]
-            parts[part][f] = v
-        if weight is _UNSET:
-            weight = WeightQuantConfig()
-        if parts["weight"].get("bits") == OFF:
-            weight = None
-        elif parts["weight"]:
-            weight = replace(weight, **parts["weight"]) if weight is not None else WeightQuantConfig(**parts["weight"])
-        self.weight = weight
-        self.act = replace(act or ActQuantConfig(), **parts["act"])
-        self.kv = replace(kv or KVQuantConfig(), **parts["kv"])
+    def __post_init__(self) -> None:
+        if self.act is None:  # None: the default part (16-bit is bits=16, not None)
+            self.act = ActQuantConfig()
+        if self.kv is None:
+            self.kv = KVQuantConfig()
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "QuantConfig":
-        """The nested layout (``to_dict``), or the flat layout of :data:`FLAT_NAMES` (older configs and rows)."""
-        if set(d) & set(FLAT_NAMES):
-            return cls(**d)
+        """The layout of ``to_dict`` (a missing part: its default; ``weight: null``: 16-bit weights)."""
         unknown = set(d) - {"weight", "act", "kv"}
         if unknown:
             raise ValueError(f"unknown QuantConfig fields {sorted(unknown)}; known: ['act', 'kv', 'weight']")
         w = d.get("weight", _UNSET)
-        return cls(weight=w if w is _UNSET or w is None else WeightQuantConfig.from_dict(w),
+        return cls(weight=WeightQuantConfig() if w is _UNSET else None if w is None else WeightQuantConfig.from_dict(w),
                    act=ActQuantConfig.from_dict(d.get("act") or {}), kv=KVQuantConfig.from_dict(d.get("kv") or {}))
 
     def validate(self) -> None:
@@ -210,14 +184,17 @@ def check_model_sizes(cfg: QuantConfig, d: "M.Dims", model: str = "the model") -
         resolve_group_size(d.head_dim, cfg.kv.group_size, f"{model}'s KV cache (head_dim)")
 
 
-def preset(name: str, **overrides: Any) -> QuantConfig:
-    """A named setting ``W<w>A<a>KV<kv>`` (W2A4KV4: RCP's, W2A16KV16: GSR's, W4A4KV4: QuaRot's, W16A16KV16: none),
-    with optional :class:`QuantConfig` keywords (the parts, or the flat names, e.g. ``w_group_size=64``)."""
+def preset(name: str, w_group_size: int | None = None, kv_group_size: int | None = None) -> QuantConfig:
+    """A named setting ``W<w>A<a>KV<kv>`` (W2A4KV4: RCP's, W2A16KV16: GSR's, W4A4KV4: QuaRot's, W16A16KV16: none;
+    16 bits = not quantized): the default parts at those widths, with the weight group ``w_group_size`` (None:
+    :class:`WeightQuantConfig`'s 128) and the KV group ``kv_group_size`` (None: the head_dim)."""
     m = re.fullmatch(r"W(\d+)A(\d+)KV(\d+)", name.upper())
     if not m:
         raise ValueError(f"preset names look like 'W2A4KV4', got {name!r}")
     w, a, kv = map(int, m.groups())
-    return QuantConfig(**{"w_bits": w, "a_bits": a, "kv_bits": kv, **overrides})
+    weight = None if w == OFF else WeightQuantConfig(bits=w, **({} if w_group_size is None else
+                                                                  {"group_size": w_group_size}))
+    return QuantConfig(weight=weight, act=ActQuantConfig(bits=a), kv=KVQuantConfig(bits=kv, group_size=kv_group_size))
 
 
 class KVQuantizer(nn.Module):

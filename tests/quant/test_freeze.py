@@ -7,7 +7,7 @@ from torch import nn
 
 from rcp_lib import models as M
 from rcp_lib.quant import FrozenLevelsQuantizer, QuantLinear, WeightQuantConfig, freeze_model
-from rcp_lib.quant.apply import QuantConfig, quantize_model, quantized_linears
+from rcp_lib.quant.apply import preset, quantize_model, quantized_linears
 from rcp_lib.quant.calibrate import gptq_model
 
 CONFIGS = {
@@ -67,7 +67,7 @@ def _tiny():
 
 
 def test_freeze_model_keeps_the_logits():
-    m = quantize_model(_tiny(), QuantConfig(w_group_size=32))
+    m = quantize_model(_tiny(), preset("W2A4KV4", w_group_size=32))
     ids = torch.randint(0, 96, (2, 12), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         ref = m(ids).logits
@@ -78,7 +78,7 @@ def test_freeze_model_keeps_the_logits():
 
 
 def test_gptq_ends_frozen():
-    m = quantize_model(_tiny(), QuantConfig(w_group_size=32, w_method="rtn", w_lwc=False))
+    m = quantize_model(_tiny(), preset("W2A4KV4", w_group_size=32).with_weight(method="rtn", lwc=False))
     gptq_model(m, torch.randint(0, 96, (4, 16)), progress=False)
     qs = [q for _, q in quantized_linears(m)]
     assert qs and all(q.frozen for q in qs)
@@ -98,7 +98,7 @@ def test_freeze_model_shows_the_clip_search_progress(tmp_path, monkeypatch):
     log = tmp_path / "progress.log"
     monkeypatch.setenv("RCP_PROGRESS_LOG", str(log))
     m = M.tiny_llama(hidden=64, intermediate=96, heads=2, kv_heads=1, layers=1, vocab=64)
-    quantize_model(m, QuantConfig(w_group_size=32, w_method="rtn", w_lwc=False, w_clip_search="mse"))
+    quantize_model(m, preset("W2A4KV4", w_group_size=32).with_weight(method="rtn", lwc=False, clip_search="mse"))
     freeze_model(m, progress=True)
     text = log.read_text()
     assert re.search(r"RTN clip search.*\b(\d+)/\1\b", text), text  # the bar reached the last layer

@@ -262,15 +262,15 @@ def test_gptq_model_hessians_from_16bit_activations():
     import copy
 
     from rcp_lib import models as M
-    from rcp_lib.quant.apply import QuantConfig, quantize_model, quantized_linears
+    from rcp_lib.quant.apply import preset, quantize_model, quantized_linears
     from rcp_lib.quant.calibrate import gptq_model
 
     base = M.tiny_llama(hidden=64, intermediate=128, heads=2, kv_heads=1, layers=2, vocab=128)
     calib = torch.randint(0, 128, (4, 32), generator=torch.Generator().manual_seed(0))
     codes = {}
     for a in (4, 16):
-        m = quantize_model(copy.deepcopy(base), QuantConfig(w_bits=2, a_bits=a, kv_bits=a, w_group_size=32,
-                                                            w_method="rtn", w_lwc=False, w_clip_search="mse"))
+        m = quantize_model(copy.deepcopy(base), preset(f"W2A{a}KV{a}", w_group_size=32).with_weight(
+            method="rtn", lwc=False, clip_search="mse"))
         gptq_model(m, calib, progress=False)
         codes[a] = {n: q.weight_quantizer.codes.clone() for n, q in quantized_linears(m)}
         if a == 4:
@@ -278,8 +278,8 @@ def test_gptq_model_hessians_from_16bit_activations():
             assert all(M.attention(l).rcp_kv_quantizer is not None for l in M.decoder_layers(m))
     assert codes[4].keys() == codes[16].keys()
     assert all(torch.equal(codes[4][n], codes[16][n]) for n in codes[4])
-    m = quantize_model(copy.deepcopy(base), QuantConfig(w_bits=2, a_bits=4, kv_bits=4, w_group_size=32, w_method="rtn",
-                                                        w_lwc=False, w_clip_search="mse"))
+    m = quantize_model(copy.deepcopy(base), preset("W2A4KV4", w_group_size=32).with_weight(
+        method="rtn", lwc=False, clip_search="mse"))
     gptq_model(m, calib, progress=False, quantized_activations=True)  # the old behaviour, still available
     assert any(not torch.equal(q.weight_quantizer.codes, codes[4][n]) for n, q in quantized_linears(m))
 
@@ -289,12 +289,12 @@ def test_gptq_model_shared_hessians_equal_separate(monkeypatch):
     import copy
 
     from rcp_lib import models as M
-    from rcp_lib.quant.apply import QuantConfig, quantize_model, quantized_linears
+    from rcp_lib.quant.apply import preset, quantize_model, quantized_linears
     from rcp_lib.quant.calibrate import gptq_model
 
     base = M.tiny_llama(hidden=64, intermediate=128, heads=2, kv_heads=1, layers=2, vocab=128)
     calib = torch.randint(0, 128, (4, 32), generator=torch.Generator().manual_seed(1))
-    cfg = QuantConfig(w_bits=2, a_bits=16, kv_bits=16, w_group_size=32, w_method="rtn", w_lwc=False, w_clip_search="mse")
+    cfg = preset("W2A16KV16", w_group_size=32).with_weight(method="rtn", lwc=False, clip_search="mse")
     shared = gptq_model(quantize_model(copy.deepcopy(base), cfg), calib, progress=False)
     monkeypatch.setattr(M, "shared_input_groups", lambda layer: [])
     separate = gptq_model(quantize_model(copy.deepcopy(base), cfg), calib, progress=False)
