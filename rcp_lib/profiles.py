@@ -211,7 +211,7 @@ PROFILES: dict[str, Profile] = {
         # RCP against the fair rival (uniform-grid QAT, same start / budget / learning rates) and with each learnable
         # part frozen at its start (issue 35); the earlier ablations (w/o Clip, w/o Rotate, GSR, block-Hadamard) are
         # methods of their own and join with --set methods=[...] (results/ablation-<hash>/)
-        methods=["RCP", "RCP clip frozen", "Uniform-QAT"],  # "RCP levels frozen": --set methods=[...]
+        methods=["RCP", "Uniform-QAT"],  # the frozen-part rows: --set methods=[...]
     ),
     "paper": Profile(
         name="paper", model="meta-llama/Llama-2-7b-hf", corpus="wikitext2", device="cuda", seqlen=2048,
