@@ -8,7 +8,8 @@ budget, selected by validation perplexity on the held-out tail of the TRAIN spli
     python benchmarks/recipe_sweep.py --profile cpu --only 35,41,43 --seeds 0,1,2   # the same points at 3 seeds
 
 Grid (issue "a recipe under which Clip and Partition actually learn", item 3): ``lr_quant`` in {1e-3, 3e-3, 1e-2},
-``lr_weights`` in {2e-5, 5e-5, 1e-4, 2e-4}, ``grad_clip`` in {1.0, 0.3}, ``init`` in {const, search} (``search``: the
+``lr_weights`` in {2e-5, 5e-5, 1e-4, 2e-4}, ``grad_clip`` in {1.0, 0.3}, ``lr_range`` in {None} (the learnable range's
+rate, issue 35: a log-multiplier of the start's range with ``range_param: log``; None: the profile's QAT recipe's), ``init`` in {const, search} (``search``: the
 searched per-group clip and Lloyd-Max levels inside it, ``{"clip_init": "mse", "ldp_init": "lloyd"}``; ``const``: the
 constant start, ``{"clip_init": "const", "ldp_init": "uniform"}``: the clip logit ``lwc_init`` and uniform levels;
 either merged over the other start fields of the profile's QAT recipe). A point is the profile with these fields in
@@ -18,7 +19,8 @@ either merged over the other start fields of the profile's QAT recipe). A point 
 ``results/cpu/recipe_sweep.csv`` ran before, under the searched start without GPTQ (each row's ``config`` says which);
 ``--set 'qat_overrides={"qat": {"gptq_start": false}, "quant": {"weight": {"range_mode": "relative", "range_param":
 "absolute"}}}'`` trains that start again (``lr_range`` then has nothing to train, but stays in the config: such rows get
-new cache keys). Every point trains from the same rotated, quantized start for ``--steps``
+new cache keys). The GPTQ start of a seed is computed once and cached (:func:`rcp_lib.experiments.gptq_start`), so the
+points of a seed share it. Every point trains from the same rotated, quantized start for ``--steps``
 steps (default ``qat_steps``; tokens = steps x qat_seqlen x batch) and is scored before the first step and after the
 last on ``sweep_val_windows`` windows of ``seqlen`` tokens, evenly spread over the held-out tail
 (``QATConfig.holdout_fraction``) of the train split, which the training never sees.
@@ -48,7 +50,7 @@ import sys
 import time
 
 GRID: dict[str, list] = {"lr_quant": [1e-3, 3e-3, 1e-2], "lr_weights": [2e-5, 5e-5, 1e-4, 2e-4],
-                         "grad_clip": [1.0, 0.3], "init": ["const", "search"]}
+                         "grad_clip": [1.0, 0.3], "init": ["const", "search"], "lr_range": [None]}
 SEARCH_INIT = {"clip_init": "mse", "ldp_init": "lloyd"}
 # explicit: since the profiles default to the searched start, "the profile's own start" would be SEARCH_INIT too
 # (a first version did that, and every const point reused its search twin's cached row)
@@ -73,7 +75,7 @@ def parse_grid(items: list[str] | None) -> dict[str, list]:
 
 
 def points(grid: dict[str, list]) -> list[dict]:
-    """The grid's points in a fixed order (lr_quant, lr_weights, grad_clip, init)."""
+    """The grid's points in a fixed order (lr_quant, lr_weights, grad_clip, init, lr_range)."""
     keys = list(GRID)
     return [dict(zip(keys, vals)) for vals in itertools.product(*(grid[k] for k in keys))]
 
@@ -169,8 +171,10 @@ def with_recipe(over: dict, qat: dict | None = None, weight: dict | None = None)
 def point_profile(P, pt: dict, steps: int):
     """The profile of one grid point: its learning rates, gradient clip and start in ``qat_overrides`` (over those
     ``P`` has), ``steps`` QAT steps validated once."""
-    over = with_recipe(P.qat_overrides, {"lr_quant": pt["lr_quant"], "lr_weights": pt["lr_weights"],
-                                         "grad_clip": pt["grad_clip"]},
+    rates = {"lr_quant": pt["lr_quant"], "lr_weights": pt["lr_weights"], "grad_clip": pt["grad_clip"]}
+    if pt.get("lr_range") is not None:  # None: the recipe's own (so the points run before this axis keep their keys)
+        rates["lr_range"] = pt["lr_range"]
+    over = with_recipe(P.qat_overrides, rates,
                        SEARCH_INIT if pt["init"] == "search" else CONST_INIT)
     return P.with_overrides(qat_overrides=over, qat_steps=steps, qat_val_every=max(steps, 1))
 
@@ -211,11 +215,10 @@ def score_point(fp, train_ids, pt: dict, Pp, steps: int) -> dict:
     Block-AP + training, without the evaluations), Block-AP's mean MSE ratio (after / before, NaN without it),
     config and provenance."""
     import math
-    import time
 
     from rcp_lib.data import calibration_windows, split_holdout
     from rcp_lib.evaluation import perplexity
-    from rcp_lib.experiments import gptq_start, method, method_config, train_student
+    from rcp_lib.experiments import gptq_start, method, method_config, start_key, train_student
     from rcp_lib.io import provenance
     from rcp_lib.quant.apply import quantize_model
     from rcp_lib.rotation.fuse import rotate_model
@@ -231,10 +234,9 @@ def score_point(fp, train_ids, pt: dict, Pp, steps: int) -> dict:
     rotate_model(model, recipe.rotation)
     quantize_model(model, recipe.quant)
     gptq_s = 0.0
-    if recipe.qat.gptq_start:
-        t0 = time.perf_counter()
-        gptq_start(model, calibration_windows(train_part, Pp.calib_windows, Pp.calib_seqlen, seed=Pp.seed))
-        gptq_s = time.perf_counter() - t0
+    if recipe.qat.gptq_start:  # cached: the points of one seed share it
+        gptq_s = gptq_start(model, calibration_windows(train_part, Pp.calib_windows, Pp.calib_seqlen, seed=Pp.seed),
+                            key=start_key(Pp.model, Pp.dtype, recipe))
     stats = train_student(model, fp, Pp, recipe.qat, out_dir=None, progress=True, step0_eval=val_ppl, data=train_ids)
     ppl = val_ppl(model)
     del model
@@ -253,7 +255,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--profile", default="cpu")
     ap.add_argument("--steps", type=int, default=None, help="QAT steps per point (default: the profile's qat_steps)")
-    ap.add_argument("--grid", nargs="*", help="replace grid axes: AXIS=v1,v2 (lr_quant, lr_weights, grad_clip, init)")
+    ap.add_argument("--grid", nargs="*", help="replace grid axes: AXIS=v1,v2 (lr_quant, lr_weights, grad_clip, init, "
+                                              "lr_range)")
     ap.add_argument("--only", help="run only these point indices (e.g. 0-5,12; see --list)")
     ap.add_argument("--list", action="store_true", help="print the grid with indices and whether each is cached")
     ap.add_argument("--set", nargs="*", default=[], help="profile overrides KEY=VALUE (JSON values)")

@@ -119,3 +119,34 @@ def test_gptq_start_of_a_row_without_clip_keeps_its_min_max_grid():
                                           lr_quant=1e-2, lr_range=1e-4), data=data, progress=False)
     assert all(torch.equal(w.lo, a) for w, a in zip(wqs, lo0))
     assert any(not torch.equal(w.theta.detach(), a) for w, a in zip(wqs, th0))
+
+
+def test_cached_gptq_start_trains_like_the_computed_one(tmp_path, monkeypatch):
+    """gptq_start with a key computes the start once (cache miss), then loads it into a freshly quantized model (hit):
+    the loaded start has the same state, the same recorded seconds, and QAT from it gives bit-identical weights."""
+    from rcp_lib.experiments.build import gptq_start
+
+    monkeypatch.setenv("RCP_CACHE", str(tmp_path))
+    w = dict(ldp_init="lloyd", range_mode="static", clip_init="mse", range_param="log")
+    calib = torch.randint(0, 128, (4, 32), generator=torch.Generator().manual_seed(0))
+    key = {"test": "start"}
+    fp, a, _ = _student(**w)
+    s_a = gptq_start(a, calib, progress=False, key=key)
+    assert len(list((tmp_path / "start").glob("gptq-start-*.pt"))) == 1
+    _, b, _ = _student(**w)
+    s_b = gptq_start(b, calib, progress=False, key=key)
+    assert s_a == s_b > 0
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+    other = calib.clone()
+    other[0, 0] = (other[0, 0] + 1) % 128  # other calibration windows: another start
+    _, c, _ = _student(**w)
+    gptq_start(c, other, progress=False, key=key)
+    assert len(list((tmp_path / "start").glob("gptq-start-*.pt"))) == 2
+    data = torch.randint(0, 128, (1, 2000), generator=torch.Generator().manual_seed(1))
+    cfg = QATConfig(steps=2, seqlen=32, warmup_steps=0, val_every=100, val_windows=1, lr_quant=1e-2, lr_weights=1e-3)
+    for m in (a, b):
+        train_student(m, fp, None, cfg, data=data, progress=False)
+    sa, sb = a.state_dict(), b.state_dict()
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert any(not torch.equal(sa[k], v) for k, v in c.state_dict().items())

@@ -16,8 +16,17 @@ def test_sweep_refuses_to_drop_points_of_other_code(tmp_path):
 
 def test_sweep_grid_order_and_selection():
     pts = S.points(S.GRID)
-    assert len(pts) == 48 and pts[0] == {"lr_quant": 1e-3, "lr_weights": 2e-5, "grad_clip": 1.0, "init": "const"}
-    assert pts[41] == {"lr_quant": 1e-2, "lr_weights": 1e-4, "grad_clip": 1.0, "init": "search"}
+    assert len(pts) == 48 and pts[0] == {"lr_quant": 1e-3, "lr_weights": 2e-5, "grad_clip": 1.0, "init": "const",
+                                         "lr_range": None}
+    assert pts[41] == {"lr_quant": 1e-2, "lr_weights": 1e-4, "grad_clip": 1.0, "init": "search", "lr_range": None}
+    two = S.points(S.parse_grid(["lr_weights=2e-5", "lr_range=1e-3,1e-2", "lr_quant=1e-2", "grad_clip=0.3",
+                                 "init=search"]))
+    assert [p["lr_range"] for p in two] == [1e-3, 1e-2]
+    from rcp_lib.experiments import method
+    from rcp_lib.profiles import get_profile
+
+    ranges = [method("RCP", "W2A4KV4").recipe(S.point_profile(get_profile("cpu"), p, 40)).qat.lr_range for p in two]
+    assert ranges == [1e-3, 1e-2]  # the axis reaches the row's recipe
     assert S.parse_only("0-2,41", 48) == [0, 1, 2, 41]
     with pytest.raises(SystemExit, match="outside the grid"):
         S.parse_only("48", 48)

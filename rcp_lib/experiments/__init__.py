@@ -41,6 +41,7 @@ from .build import (
     gptq_start,
     qat_history,
     qat_stats,
+    start_key,
     tokens,
     train_student,
 )
@@ -77,6 +78,7 @@ __all__ = [
     "CONTROL_SETTINGS", "NAMED", "NOTEBOOKS", "REFERENCE_CONFIGS", "TABLES", "Method",
     "Table", "SEEDED_ABLATIONS", "all_methods", "method", "base_model", "build", "calibration", "chance_level", "figures_dir", "full_split_table",
     "gptq_start",
+    "start_key",
     "kernel_correctness", "kernel_speed_table", "kv_curve", "memory_table", "memory_vs_saved", "method_config",
     "ppl_row", "ppl_table", "ptq_key", "ptq_methods", "qat_config", "qat_curves", "qat_history", "qat_methods",
     "result_path", "results_dir", "rotation_analysis", "rotation_example", "setup", "summarize_rotation", "tokens",

@@ -22,7 +22,7 @@ from ..qat import QATConfig, train
 from ..quant.apply import quantize_model
 from ..rotation.fuse import rotate_model
 from .methods import Method
-from .rows import _log_cache, _qat_key, cache_name, ptq_key
+from .rows import _code, _log_cache, _qat_key, cache_name, ptq_key
 
 _BASE: dict[tuple[str, str], tuple[nn.Module, object]] = {}
 
@@ -114,9 +114,7 @@ def _train_and_save(model: nn.Module, method: Method, profile: Profile, out: Pat
     fp, _ = base_model(profile)
     gptq_s = 0.0
     if recipe.qat.gptq_start:
-        t0 = time.perf_counter()
-        gptq_start(model, calibration(profile), progress)
-        gptq_s = time.perf_counter() - t0
+        gptq_s = gptq_start(model, calibration(profile), progress, key=start_key(profile.model, profile.dtype, recipe))
     td = teacher_dtype(resolve_mixed_precision(recipe.qat), fp)
     teacher = fp if fp.dtype == td else copy.deepcopy(fp).to(td)  # train() never changes the shared base
     stats = train_student(model, teacher, profile, recipe.qat, out_dir=out, progress=progress,
@@ -235,15 +233,53 @@ def _test_ppl(model: nn.Module, profile: Profile, progress: bool) -> float:
                               progress=progress, spread=profile.eval_spread).ppl
 
 
-def gptq_start(model: nn.Module, calib: torch.Tensor, progress: bool = True) -> None:
+def gptq_start(model: nn.Module, calib: torch.Tensor, progress: bool = True, key: dict | None = None) -> float:
     """"GPTQ on the LDP grid, then QAT", in place: GPTQ every projection of the quantized ``model`` (its quantizers
     built with ``range_mode="static"``) on its own quantizer's grid with the calibration windows ``calib``
     (``LongTensor [n, seqlen]``; a QAT row uses :func:`calibration`, the PTQ rows' windows), then make the layers
-    trainable on that grid (:func:`rcp_lib.quant.calibrate.thaw_to_static`)."""
+    trainable on that grid (:func:`rcp_lib.quant.calibrate.thaw_to_static`).
+
+    With ``key`` (:func:`start_key`: what made ``model`` besides ``calib``) the started state is cached under
+    ``cache_dir()/start/`` and loaded instead of recomputed: rows that differ only in how they train (learning rates,
+    frozen parts, steps) share one start per seed. Loading gives the state the computation gives, bit for bit (a test
+    checks the trained weights)."""
     from ..quant.calibrate import gptq_model, thaw_to_static
 
+    path = None
+    if key is not None:
+        key = {**key, "calib": _tensor_digest(calib), "code": _code()}
+        name = cache_name("gptq-start", key)
+        path = cache_dir() / "start" / f"{name}.pt"
+        _log_cache(path.exists(), name, "GPTQ start")
+        if path.exists():
+            saved = torch.load(path, map_location=next(model.parameters()).device)
+            model.load_state_dict(saved["state"], strict=True)
+            return float(saved["seconds"])
+    t0 = time.perf_counter()
     gptq_model(model, calib, progress=progress)
     thaw_to_static(model)
+    seconds = time.perf_counter() - t0
+    dist = torch.distributed.is_available() and torch.distributed.is_initialized()
+    if path is not None and (not dist or torch.distributed.get_rank() == 0):
+        atomic_save_torch({"state": model.state_dict(), "seconds": seconds}, path)
+    return seconds
+
+
+def start_key(model_name: str, dtype: str | None, recipe) -> dict:
+    """What determines a GPTQ start besides its calibration windows: the model, its dtype, the rotation and the
+    quantizers (:class:`rcp_lib.recipe.Recipe`'s ``rotation`` and ``quant``), not the QAT section."""
+    return {"model": model_name, "dtype": dtype, "rotation": recipe.rotation.to_dict() if recipe.rotation else None,
+            "quant": recipe.quant.to_dict()}
+
+
+def _tensor_digest(t: torch.Tensor) -> str:
+    """sha256 of a tensor's shape, dtype and values (a cache key for data, e.g. calibration windows)."""
+    import hashlib
+
+    t = t.detach().cpu().contiguous()
+    h = hashlib.sha256(f"{tuple(t.shape)} {t.dtype}".encode())
+    h.update(t.numpy().tobytes())
+    return h.hexdigest()[:32]
 
 
 def train_student(model: nn.Module, fp: nn.Module, profile: Profile, qat: QATConfig, out_dir=None,
