@@ -477,6 +477,35 @@ def _check_gemv_format(fmt: str) -> str:
     return fmt
 
 
+#: bytes held by the decode caches of every PackedLinear of the process (:func:`_reserve_decoded`)
+_DECODED_BYTES = [0]
+_DECODE_WARNED = [False]
+
+
+def _reserve_decoded(w: torch.Tensor, max_bytes: int) -> bool:
+    """Account a decoded weight ``w`` against the process-wide decode-cache budget: True (and counted until ``w`` is
+    freed) when it fits in ``max_bytes``; else False and, once per process, a warning that names the budget."""
+    import warnings
+    import weakref
+
+    nb = w.numel() * w.element_size()
+    if _DECODED_BYTES[0] + nb > max_bytes:
+        if not _DECODE_WARNED[0]:
+            _DECODE_WARNED[0] = True
+            warnings.warn(f"PackedLinear decode cache full ({_DECODED_BYTES[0] / 2**30:.2f} of "
+                          f"{max_bytes / 2**30:.2f} GiB): the remaining projections decode their codes on every call "
+                          f"(the same numbers, slower). Raise "
+                          f"PackedLinear.decode_cache_max_bytes to keep more.", stacklevel=4)
+        return False
+    _DECODED_BYTES[0] += nb
+    weakref.finalize(w, _release_decoded, nb)
+    return True
+
+
+def _release_decoded(nb: int) -> None:
+    _DECODED_BYTES[0] -= nb
+
+
 class PackedLinear(nn.Module):
     """The deployed form of a :class:`~rcp_lib.quant.linear.QuantLinear`: packed codes + LUT, computed with the W2A4
     op of :mod:`rcp_lib.kernels` (``torch.ops.rcp.w2a4_gemv``: torch reference on CPU, Triton on CUDA).
@@ -522,6 +551,9 @@ class PackedLinear(nn.Module):
 
     #: keep the decoded float32 weight on the CPU (class docstring); False: decode the packed codes on every call
     decode_cache: bool = True
+    #: the most bytes the decode caches of all layers of the process hold together (8 GiB: SmolLM2-135M needs 0.42 GB,
+    #: LLaMA-2-7B 26 GB in float32); a layer that would exceed it decodes on every call instead, with one warning
+    decode_cache_max_bytes: int = 8 * 2**30
 
     def __init__(self, qweight: torch.Tensor, lut: torch.Tensor, K: int, group_size: int, bits: int,
                  bias: torch.Tensor | None, act_bits: int | None, act_clip_ratio: float,
@@ -614,15 +646,18 @@ class PackedLinear(nn.Module):
     def _derived(self, what: str) -> torch.Tensor:
         from .kernels.layout import weight_bitplanes, weight_row_sums
 
-        key = (self.qweight.device, self.qweight.data_ptr(), self.qweight._version, self.lut.data_ptr(),
-               self.lut._version)
+        # the tensors themselves (not their addresses, which a new tensor may reuse) and their in-place versions
+        key = (self.qweight, self.qweight._version, self.lut, self.lut._version)
         cache = getattr(self, "_kernel_cache", None)
-        if cache is None or cache[0] != key:
+        if cache is None or not (cache[0][0] is key[0] and cache[0][2] is key[2] and cache[0][1::2] == key[1::2]):
             cache = (key, {})
             self._kernel_cache = cache
         if what not in cache[1]:
             if what.startswith("decoded:"):  # "decoded:<dtype>": W_hat in that dtype (the decode cache)
-                cache[1][what] = self.dequantized_weight(getattr(torch, what.split(":", 1)[1]))
+                w = self.dequantized_weight(getattr(torch, what.split(":", 1)[1]))
+                if not _reserve_decoded(w, type(self).decode_cache_max_bytes):
+                    return w  # over the budget: used for this call, not kept
+                cache[1][what] = w
             elif what == "wsum":
                 cache[1][what] = weight_row_sums(self.qweight, self.lut, self.in_features, self.group_size, self.bits)
             else:

@@ -415,8 +415,9 @@ def _orders_from_rows(rows: pd.DataFrame, key: str, value: str, ref: object, lab
 
 def ablation_markdown(summary: pd.DataFrame, start: pd.DataFrame | None = None,
                       seeds: pd.DataFrame | None = None) -> str:
-    """The ablation with seeds (``results/ablation/ablation_summary.csv``): perplexity mean ± sample std over seeds,
-    the step-0 perplexity and how far each part moved (means over seeds), and the order against RCP that
+    """The ablation with seeds (``results/ablation/ablation_summary.csv``): perplexity mean ± standard error over seeds,
+    the start's perplexity (before the first QAT step) with what QAT bought over it (a seed-paired t-test), how far
+    each part moved (means over seeds; code flips: the share of weights whose code changed), and the order against RCP that
     :func:`rcp_lib.experiments.ablation.separation` states (only from a t-test, :mod:`rcp_lib.stats`).
 
     ``start`` (``ablation_start.csv`` of ``benchmarks/ablation_start.py``, one row per method and seed), when given,
@@ -434,26 +435,30 @@ def ablation_markdown(summary: pd.DataFrame, start: pd.DataFrame | None = None,
         from .experiments.ablation import refresh_orders
 
         summary = pd.DataFrame(refresh_orders(summary.to_dict("records"), seeds.to_dict("records")))
-    summary = summary.assign(**{c: summary[c].map(_current_order) for c in ("vs_RCP", "vs_control") if c in summary})
+    summary = summary.assign(**{c: summary[c].map(_current_order) for c in ("vs_RCP", "vs_control", "vs_start")
+                                if c in summary})
     means: dict[str, dict] = {}
     if start is not None and len(start):
         cols = ["clip_ratio_start", "clip_ratio_trained", "clip_shift", "level_offset_start", "level_offset_trained"]
         means = start.groupby("method")[cols].mean().to_dict("index")
     extra_h, extra_s = ("", "") if not means else (" clip ratio vs FP weights: start → trained | levels off uniform: "
                                                    "start → trained |", "---|---|")
-    lines = ["| method | seeds | ppl (mean ± std) | step-0 ppl | clip ratio init → final | mean \\|Δ clip ratio\\| | "
-             f"mean \\|Δ level\\| | weight change |{extra_h} vs RCP |", f"|---|---|---|---|---|---|---|---|{extra_s}---|"]
+    lines = ["| method | seeds | ppl (mean ± SE) | start ppl (before QAT) | QAT vs its start | clip ratio init → final | "
+             f"mean \\|Δ clip ratio\\| | mean \\|Δ level\\| | code flips | weight change |{extra_h} vs RCP |",
+             f"|---|---|---|---|---|---|---|---|---|---|{extra_s}---|"]
     for r in summary.to_dict("records"):
-        vs = r.get("vs_RCP")
+        vs, vst = r.get("vs_RCP"), r.get("vs_start")
         f = means.get(r["method"])
         extra = "" if not means else (
             " – | – |" if f is None else
             f" {f['clip_ratio_start']:.3f} → {f['clip_ratio_trained']:.3f} | {f['level_offset_start']:.4f} → "
             f"{f['level_offset_trained']:.4f} |")
-        lines.append(f"| {r['method']} | {int(r['n'])} | {_fmt_ppl(float(r['ppl_mean']))} ± {num(r, 'ppl_std', _fmt_ppl)} | "
-                     f"{num(r, 'step0_ppl_mean', _fmt_ppl)} | {num(r, 'clip_ratio_init_mean', lambda x: f'{x:.3f}')} → "
+        lines.append(f"| {r['method']} | {int(r['n'])} | {_fmt_ppl(float(r['ppl_mean']))} ± {num(r, 'ppl_sem', _fmt_ppl)} | "
+                     f"{num(r, 'step0_ppl_mean', _fmt_ppl)} | {vst if isinstance(vst, str) and vst else '–'} | "
+                     f"{num(r, 'clip_ratio_init_mean', lambda x: f'{x:.3f}')} → "
                      f"{num(r, 'clip_ratio_final_mean', lambda x: f'{x:.3f}')} | {num(r, 'clip_shift_mean', lambda x: f'{x:.4f}')} | "
-                     f"{num(r, 'level_shift_mean', lambda x: f'{x:.4f}')} | {num(r, 'weight_shift_mean', lambda x: f'{x:.2g}')} |"
+                     f"{num(r, 'level_shift_mean', lambda x: f'{x:.4f}')} | {num(r, 'code_flips_mean', lambda x: f'{x:.2g}')} | "
+                     f"{num(r, 'weight_shift_mean', lambda x: f'{x:.2g}')} |"
                      f"{extra} {vs if isinstance(vs, str) and vs else '–'} |")
     if means:
         lines.append("\n`clip ratio init → final` and the movement columns compare the quantizer with the latent weights "

@@ -167,3 +167,16 @@ def test_cpu_tables_leave_the_seeded_ablations_to_the_ablation_profile():
     every = {m.name for m in A.ablation_methods(get_profile("ablation", methods=sorted(X.methods.NAMED)))}
     assert set(X.SEEDED_ABLATIONS) <= every and "RCP+GSR" in every
     assert {m.name for m in X.all_methods(get_profile("gpu"))} >= set(X.SEEDED_ABLATIONS)  # default: in the table
+
+
+def test_summary_says_what_qat_bought_over_its_start():
+    """vs_start: each method's start (step0_ppl) against its trained row, paired by seed; empty without a start."""
+    rows = [{"method": "RCP", "setting": "W2A4KV4", "seed": s, "ppl": p, "step0_ppl": q, "code_flips": f}
+            for s, p, q, f in ((0, 90.0, 190.0, 0.01), (1, 110.0, 200.0, 0.02), (2, 95.0, 185.0, 0.03))]
+    rows += [{"method": "x", "setting": "W2A4KV4", "seed": s, "ppl": 100.0 + s, "step0_ppl": None} for s in range(3)]
+    summ = {r["method"]: r for r in A.summarize_ablation(rows)}
+    assert summ["RCP"]["vs_start"].startswith("RCP < RCP start (paired p = ")
+    assert summ["RCP"]["code_flips_mean"] == pytest.approx(0.02)
+    assert summ["x"]["vs_start"] == ""
+    same = [{**r, "step0_ppl": r["ppl"] * (1.01 if r["seed"] % 2 else 0.99)} for r in rows[:3]]
+    assert A.summarize_ablation(same)[0]["vs_start"].startswith(A.NOT_SEPARABLE)

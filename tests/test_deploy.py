@@ -157,3 +157,35 @@ def test_decode_cache_decodes_once_and_follows_the_buffers(monkeypatch):
         p(x)
         p(x)
         assert len(calls) == 4
+
+
+def test_decode_cache_budget_and_identity(monkeypatch):
+    """The decode caches of a process stay within PackedLinear.decode_cache_max_bytes: a layer over the budget
+    computes the same output from a weight decoded for the call (one warning), and the cache follows the tensors
+    themselves, so a new qweight at a recycled address is decoded again."""
+    import warnings
+
+    from rcp_lib import packing as P
+
+    torch.manual_seed(0)
+    K, N, G = 64, 32, 32
+    codes = torch.randint(0, 4, (N, K), dtype=torch.uint8)
+    lut = torch.sort(torch.randn(N, K // G, 4), dim=-1).values
+    layer = P.PackedLinear(P.pack_codes(codes, 2), lut, K, G, 2, None, 4, 0.9)
+    x = torch.randn(3, K)
+    monkeypatch.setattr(P, "_DECODED_BYTES", [0])
+    monkeypatch.setattr(P, "_DECODE_WARNED", [False])
+    y = layer(x)
+    assert P._DECODED_BYTES[0] == N * K * 4 and any(k.startswith("decoded") for k in layer._kernel_cache[1])
+    other = P.PackedLinear(P.pack_codes(codes, 2), lut.clone(), K, G, 2, None, 4, 0.9)
+    monkeypatch.setattr(P.PackedLinear, "decode_cache_max_bytes", N * K * 4 + 1)
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        y2 = other(x)
+        other(x)
+    assert torch.equal(y, y2) and P._DECODED_BYTES[0] == N * K * 4
+    assert sum("decode cache full" in str(m.message) for m in w) == 1
+    assert not any(k.startswith("decoded") for k in other._kernel_cache[1])
+    layer.qweight = P.pack_codes((codes + 1) % 4, 2)  # a new tensor: the cache must not serve the old decode
+    monkeypatch.setattr(P.PackedLinear, "decode_cache_max_bytes", 8 * 2**30)
+    assert not torch.equal(layer(x), y)

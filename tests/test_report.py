@@ -201,8 +201,8 @@ def test_ablation_block_in_readme(tmp_path):
     ]).to_csv(tmp_path / "ablation" / "ablation_summary.csv", index=False)
     md = results_markdown("cpu", res)
     assert "ablations run with seeds in the `ablation` profile (below)" in md
-    assert "| RCP | 3 | 400 ± 10.00 | 50000 | 0.672 → 0.671 | 0.0120 | 0.0130 | 0.0034 | – |" in md
-    assert "| RCP w/o Clip | 3 | 410 ± 30.00 |" in md and "not separable at this budget (Welch p = 0.5, n = 3, 3) |" in md
+    assert "| RCP | 3 | 400 ± 5.77 | 50000 | – | 0.672 → 0.671 | 0.0120 | 0.0130 | – | 0.0034 | – |" in md
+    assert "| RCP w/o Clip | 3 | 410 ± 17.30 |" in md and "not separable at this budget (Welch p = 0.5, n = 3, 3) |" in md
     assert "Not comparable row to row" not in md  # no fingerprints recorded on either side: nothing to compare
     assert "the gap comes from the searched clip start" not in md  # nothing separated from RCP here
     abl = pd.read_csv(tmp_path / "ablation" / "ablation_summary.csv")

@@ -21,13 +21,13 @@ from typing import Any
 
 from ..io import provenance
 from ..profiles import Profile
+from ..stats import NOT_SEPARABLE, order  # noqa: F401 (NOT_SEPARABLE: re-exported)
 from .methods import ABLATIONS, EQUAL_BITS, QAT_BASELINES, Method, method
 from .rows import _cached, _code
 
 #: the columns of ``ablation.csv``, in order
 ABLATION_COLUMNS = ("method", "setting", "seed", "ppl", "step0_ppl", "clip_ratio_init", "clip_ratio_final",
                     "clip_shift", "level_shift", "weight_shift", "code_flips", "tokens", "seconds", "git_commit")
-from ..stats import NOT_SEPARABLE, order
 ABLATION_SETTING = "W2A4KV4"
 
 
@@ -72,8 +72,10 @@ def _stats(values: list[float]) -> tuple[float, float, float]:
 
 def summarize_ablation(rows: list[dict]) -> list[dict]:
     """Per (method, setting), in first-seen order: ``n``, ``ppl_mean``, ``ppl_std`` (sample std), ``ppl_sem``
-    (std / sqrt(n)), ``seeds`` and the means of ``step0_ppl``, ``clip_ratio_init``, ``clip_ratio_final``,
-    ``clip_shift``, ``level_shift``, ``weight_shift`` (NaN where a column is missing)."""
+    (std / sqrt(n)), ``seeds``, ``ppl_values``, the means of ``step0_ppl``, ``clip_ratio_init``, ``clip_ratio_final``,
+    ``clip_shift``, ``level_shift``, ``weight_shift``, ``code_flips`` (NaN where a column is missing), and
+    ``vs_start``: the row's start (its model before the first QAT step, ``step0_ppl``) against the trained row, a
+    seed-paired t-test (:func:`start_order`; empty without a start for every seed)."""
     groups: dict[tuple[str, str], list[dict]] = {}
     for r in rows:
         groups.setdefault((r["method"], r["setting"]), []).append(r)
@@ -87,8 +89,19 @@ def summarize_ablation(rows: list[dict]) -> list[dict]:
                   "code_flips"):
             vals = [float(r[k]) for r in rs if r.get(k) is not None and r.get(k) == r.get(k)]
             rec[f"{k}_mean"] = statistics.fmean(vals) if vals else float("nan")
+        rec["vs_start"] = start_order(name, rs)
         out.append(rec)
     return out
+
+
+def start_order(name: str, rows: list[dict]) -> str:
+    """What the QAT of one method bought: its start (``step0_ppl``: the rotated, quantized model, after a GPTQ start
+    when the recipe has one, before the first step) against the trained model (``ppl``) on the same windows, a t-test
+    paired by seed on log perplexity (:func:`rcp_lib.stats.order`). Empty when a seed has no start."""
+    start = [r.get("step0_ppl") for r in rows]
+    if not rows or any(v is None or v != v for v in start):
+        return ""
+    return order(f"{name} start", [float(v) for v in start], name, [float(r["ppl"]) for r in rows], kind="paired")
 
 
 def separation(a: dict, b: dict) -> str:
@@ -111,7 +124,7 @@ CONTROLS = {"RCP+GSR": "RCP+BlockHadamard"}
 
 def refresh_orders(summary: list[dict], seeds: list[dict]) -> list[dict]:
     """``summary`` rows (:func:`summarize_ablation` layout, e.g. read back from ``ablation_summary.csv``) with
-    ``ppl_values`` / ``seeds`` and their ``vs_RCP`` / ``vs_control`` recomputed by :func:`separation` from the per-seed
+    ``ppl_values`` / ``seeds`` and their ``vs_start`` / ``vs_RCP`` / ``vs_control`` recomputed by :func:`separation` from the per-seed
     rows ``seeds`` (``ablation.csv``), so a table never shows an order written by an older rule. Returns new dicts."""
     fresh = {r["method"]: r for r in summarize_ablation(seeds)}
     out = []
@@ -119,7 +132,8 @@ def refresh_orders(summary: list[dict], seeds: list[dict]) -> list[dict]:
         s = dict(s)
         f = fresh.get(s["method"])
         if f is not None:
-            s.update(ppl_values=f["ppl_values"], seeds=f["seeds"])
+            s.update(ppl_values=f["ppl_values"], seeds=f["seeds"], vs_start=f["vs_start"],
+                     code_flips_mean=f["code_flips_mean"])
         out.append(s)
     by = {s["method"]: s for s in out}
     rcp = by.get("RCP")
