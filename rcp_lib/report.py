@@ -300,6 +300,73 @@ def sweep_markdown(sweep: pd.DataFrame) -> str:
     return txt
 
 
+def sweep_table_markdown(sweep: pd.DataFrame, name: str = "recipe_sweep_gptq") -> str:
+    """The learning-rate sweep under the GPTQ start (``results/cpu/<name>.csv`` of ``benchmarks/recipe_sweep.py
+    --name <name>``, one row per point and seed) as a table: per point its learning rates, validation perplexity on the
+    held-out train tail (mean ± standard error over seeds), the start's perplexity, how far each part moved (means
+    over seeds: clip ratio, levels, share of weights whose code changed, relative latent-weight change) and its order
+    against the selected point, recomputed from the per-seed values (:func:`_orders_from_rows`)."""
+    per_point = sweep.groupby("point", sort=True)
+    best = sweep[sweep["best"].astype(str) == "True"]["point"].iloc[0]
+    fresh = _orders_from_rows(sweep, "point", "val_ppl", best, lambda p: f"point {p}")
+    r0 = sweep.iloc[0]
+    lines = [f"Learning-rate sweep under the GPTQ start (`benchmarks/recipe_sweep.py --name {name}`, "
+             f"`results/cpu/{name}.csv`): RCP W2A4KV4, {int(r0['steps'])} steps × "
+             f"{int(r0['tokens']) // int(r0['steps'])} tokens, validation perplexity on {r0['val_split']} (never the "
+             f"test split); selected: the lowest mean among the points run at the most seeds.", "",
+             "| point | lr weights | lr quantizer | lr range | seeds | val ppl (mean ± SE) | start ppl | mean \\|Δ clip "
+             "ratio\\| | mean \\|Δ level\\| | code flips | weight change | vs selected |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for p, df in per_point:
+        r = df.iloc[0]
+        lr_range = r.get("lr_range")
+        lr_range = json.loads(r["config"])["qat"].get("lr_range") if lr_range is None or pd.isna(lr_range) else lr_range
+        sem = float(r["val_ppl_sem"])
+        vs = "selected" if p == best else fresh.get(p, "–")
+        lines.append(f"| {p} | {float(r['lr_weights']):g} | {float(r['lr_quant']):g} | {float(lr_range):g} | "
+                     f"{int(r['n_seeds'])} | {_fmt_ppl(float(r['val_ppl_mean']))}"
+                     f"{f' ± {_fmt_ppl(sem)}' if math.isfinite(sem) else ''} | "
+                     f"{_fmt_ppl(float(df['step0_val_ppl'].mean()))} | {df['clip_shift'].mean():.4f} | "
+                     f"{df['level_shift'].mean():.4f} | {df['code_flips'].mean():.2g} | {df['weight_shift'].mean():.2g} | "
+                     f"{vs} |")
+    return "\n".join(lines)
+
+
+def gsr_decision_markdown(df: pd.DataFrame) -> str:
+    """The GSR decision (``gsr_decision.csv``, :mod:`rcp_lib.experiments.gsr`) as two tables: W16A4KV16 perplexity
+    per R1 (mean ± SE over seeds; deterministic R1s are one row) with its order against QuaRot's R1, and GSR against
+    its control (same blocks, natural order) per weight group at W2A16KV16; orders from t-tests on the per-seed
+    values (paired by seed), p shown."""
+    def cell(v: pd.Series) -> str:
+        v = v.astype(float)
+        if len(v) < 2:
+            return f"{_fmt_ppl(float(v.iloc[0]))} (one run: deterministic R1)"
+        return f"{_fmt_ppl(float(v.mean()))} ± {_fmt_ppl(float(v.std(ddof=1) / math.sqrt(len(v))))}"
+
+    out = []
+    act = df[df["part"] == "activations"]
+    if len(act):
+        ref = "QuaRot (random Hadamard)"
+        orders = _orders_from_rows(act, "method", "ppl", ref)
+        out += ["| R1 (weights in full precision, W16A4KV16) | seeds | ppl (mean ± SE) | vs QuaRot's R1 |",
+                "|---|---|---|---|"]
+        for name, g in act.groupby("method", sort=False):
+            vs = "–" if name == ref else orders.get(name, "–")
+            vs = "not separable at this budget (one run)" if len(g) < 2 and name != ref else vs
+            out.append(f"| {name} | {len(g)} | {cell(g['ppl'])} | {vs} |")
+    wts = df[df["part"] == "weights"]
+    if len(wts):
+        out += ["", "| weight group (R1 block) | GSR-GPTQ (mean ± SE) | BlockHadamard-GPTQ (mean ± SE) | GSR vs control |",
+                "|---|---|---|---|"]
+        for g, sub in wts.groupby("w_group", sort=True):
+            gsr = sub[sub["r1"] == "gsr"]
+            ctl = sub[sub["r1"] == "block_hadamard"]
+            vs = _orders_from_rows(sub.assign(m=sub["r1"].map({"gsr": "GSR", "block_hadamard": "control"})),
+                                   "m", "ppl", "GSR").get("control", "–")
+            out.append(f"| {int(g)} ({int(sub['block'].iloc[0])}) | {cell(gsr['ppl'])} | {cell(ctl['ppl'])} | {vs} |")
+    return "\n".join(out)
+
+
 def _trained_recipe(config: dict) -> dict:
     """A row's ``config`` read back as a :class:`Recipe` (so a field added after the row was written takes its
     default), without what does not change the trained weights of one seed (validation and checkpoint intervals, the
@@ -681,6 +748,9 @@ def results_markdown(profile: str = "cpu", results: Path | None = None) -> str:
     sweep_p = d / _file("recipe_sweep")
     if sweep_p.exists():
         out += [sweep_markdown(pd.read_csv(sweep_p)), ""]
+    gsweep_p = d / _file("recipe_sweep_gptq")
+    if gsweep_p.exists():
+        out += [sweep_table_markdown(pd.read_csv(gsweep_p)), ""]
     var_p = d / _file("recipe_variants")
     if var_p.exists():
         rcp = ppl[(ppl.method == "RCP") & (ppl.setting == "W2A4KV4")]
@@ -702,6 +772,12 @@ def results_markdown(profile: str = "cpu", results: Path | None = None) -> str:
         line = code_versions_markdown(ppl, abl, pd.read_csv(seeds_p) if seeds_p.exists() else None)
         if line:
             out += [line, ""]
+    gsr_p = d.parent / "ablation" / _file("gsr_decision")
+    if gsr_p.exists():
+        out += ["GSR decided (`python -m rcp_lib table --profile ablation --table gsr_decision`, "
+                "`results/ablation/gsr_decision.csv`): what a block-diagonal R1 does to 4-bit activations alone, and "
+                "GSR's sequency order where it can matter (weight groups smaller than the block).", "",
+                gsr_decision_markdown(pd.read_csv(gsr_p)), ""]
     tok_p = token_curve_file(d)
     if tok_p is not None:
         out += [token_curve_markdown(pd.read_csv(tok_p), tok_p.parent.name), ""]

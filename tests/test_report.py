@@ -429,3 +429,39 @@ def test_ablation_start_columns_and_what_the_start_changed():
     plain = ablation_markdown(summary)  # without the file: no such columns, and the latent ratios (equal) say nothing
     assert "vs FP weights" not in plain and "the gap comes from" not in plain
     assert "| – | – |" in ablation_markdown(summary, start[start.method != "RCP w/o Rotate"])
+
+
+def test_gptq_sweep_table_orders_from_the_seeds():
+    """The GPTQ-start sweep table: one line per point with mean ± SE, movement means and the order against the
+    selected point recomputed from the per-seed values (paired by seed)."""
+    from rcp_lib.report import sweep_table_markdown
+
+    rows = []
+    for p, (lw, vals) in enumerate(((2e-5, (100.0, 110.0, 105.0)), (1e-3, (150.0, 170.0, 160.0)))):
+        for seed, v in enumerate(vals):
+            rows.append({"point": p, "lr_quant": 1e-2, "lr_weights": lw, "grad_clip": 0.3, "init": "search",
+                         "lr_range": 1e-3, "seed": seed, "best": p == 0, "val_ppl": v, "n_seeds": 3,
+                         "val_ppl_mean": sum(vals) / 3, "val_ppl_sem": 2.9, "step0_val_ppl": 220.0, "steps": 40,
+                         "tokens": 10240, "clip_shift": 0.002, "level_shift": 0.01, "code_flips": 1e-6 * (p + 1),
+                         "weight_shift": 0.001, "val_split": "train tail", "config": "{}"})
+    md = sweep_table_markdown(pd.DataFrame(rows))
+    assert "| 0 | 2e-05 | 0.01 | 0.001 | 3 | 105 ± 2.90 | 220 | 0.0020 | 0.0100 | 1e-06 | 0.001 | selected |" in md
+    assert "| 1 | 0.001 | 0.01 | 0.001 | 3 | 160 ± 2.90 |" in md and "point 0 < point 1 (paired p = " in md
+
+
+def test_gsr_decision_markdown():
+    from rcp_lib.report import gsr_decision_markdown
+
+    rows = [{"part": "activations", "method": m, "r1": r, "seed": s, "ppl": v, "block": 64, "w_group": None}
+            for m, r, vals in (("QuaRot (random Hadamard)", "random_hadamard", (34.0, 34.5, 35.0)),
+                               ("GSR + random signs", "gsr", (49.0, 50.0, 51.5)))
+            for s, v in enumerate(vals)]
+    rows.append({"part": "activations", "method": "GSR", "r1": "gsr", "seed": 0, "ppl": 49.9, "block": 64,
+                 "w_group": None})
+    rows += [{"part": "weights", "method": f"x g{g}", "r1": r, "seed": s, "ppl": v + s, "block": 64, "w_group": g}
+             for g in (16, 32) for r, v in (("gsr", 300.0), ("block_hadamard", 310.0)) for s in range(3)]
+    md = gsr_decision_markdown(pd.DataFrame(rows))
+    assert "| GSR + random signs | 3 | 50.17 ±" in md and "QuaRot (random Hadamard) < GSR + random signs (paired p = " in md
+    assert "| GSR | 1 | 49.90 (one run: deterministic R1) | not separable at this budget (one run) |" in md
+    # a constant difference over seeds: the paired test has zero spread
+    assert "| 16 (64) | 301 ± 0.58 | 311 ± 0.58 | GSR < control (paired p = " in md

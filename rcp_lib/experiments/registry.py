@@ -104,14 +104,24 @@ _TABLES = (
           description="RCP and its ablations at W2A4KV4, one row per seed (ppl, step-0 ppl, movement, tokens, seconds)"),
     Table("ablation_summary", "ablation_summary.csv", rows="ablation_summary", readme=True,
           command="python -m rcp_lib table --profile ablation --table ablation_summary",
-          description="mean ± std per ablation row; an order vs RCP only from Welch's t-test (p < 0.05)"),
+          description="mean ± SE per ablation row, QAT against its own start (paired), an order vs RCP only from a "
+                      "t-test (paired by seed, else Welch; p < 0.05)"),
     Table("ablation_start", "ablation_start.csv", readme=True,
           command="python benchmarks/ablation_start.py --profile ablation",
           description="the ablation rows' clip ratio against the rotated FP weights and level offset from the uniform "
                       "grid, at the start (before GPTQ) and after QAT"),
+    Table("gsr_decision", "gsr_decision.csv", rows="gsr_decision", readme=True,
+          command="python -m rcp_lib table --profile ablation --table gsr_decision",
+          description="GSR decided: W16A4KV16 per R1 (the activation effect of a block-diagonal R1) and GSR vs its "
+                      "control with weight groups smaller than the block (W2A16KV16 GPTQ), seeds of the profile"),
     Table("recipe_sweep", "recipe_sweep.csv", readme=True,
           command="python benchmarks/recipe_sweep.py --profile <profile>",
           description="QAT recipe grid (lr_quant, lr_weights, grad_clip, clip init) selected by held-out train-tail ppl"),
+    Table("recipe_sweep_gptq", "recipe_sweep_gptq.csv", readme=True,
+          command="python benchmarks/recipe_sweep.py --profile <profile> --name recipe_sweep_gptq --grid lr_quant=1e-2 "
+                  "grad_clip=0.3 init=search lr_weights=2e-5,2e-4,1e-3 lr_range=1e-3,1e-2 --only 0,2,4 --seeds 0,1,2",
+          description="the learning rates under the GPTQ start (weights, so that codes can flip; the scale-free range), "
+                      "selected by held-out train-tail ppl over 3 seeds"),
     Table("recipe_variants", "recipe_variants.csv", readme=True,
           command="python benchmarks/recipe_variants.py --profile <profile> --seeds 0,1,2",
           description="the selected QAT recipe vs Block-AP, a GPTQ start with a static range and QAT at seqlen 512"),

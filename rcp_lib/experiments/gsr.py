@@ -1,0 +1,118 @@
+"""GSR, decided (issue "RCP as the paper describes it", item 5): where GSR's deficit at W2A4KV4 comes from.
+
+:func:`gsr_decision` computes two parts, one cached row each (``results/<profile>/gsr_decision.csv``):
+
+* ``activations``: the model with weights in full precision and per-token 4-bit activations (W16A4KV16), for each
+  R1 of :data:`ACTIVATION_R1`: QuaRot's random Hadamard and GSR's sequency-ordered Walsh blocks with random signs
+  (both seeded), and the deterministic full Hadamard and GSR without signs. A
+  block-diagonal R1 spreads an outlier channel over one block only, while the per-token scale of a 4-bit activation
+  spans the whole hidden size: this part measures that effect alone (no weight is quantized).
+* ``weights``: 2-bit weights, 16-bit activations (W2A16KV16, GSR's own setting), GPTQ with the clip search as the PTQ
+  rows, blocks of ``block`` and weight groups smaller than the block: GSR against its control (same blocks, natural
+  order). With group = block (the tables' rows) the two differ by a permutation inside each group, which per-group
+  quantizers cannot see; with smaller groups the sequency order decides which columns share a group.
+
+Every row is seeded (``profile.ablation_seeds``: R1 signs where the R1 has them, calibration windows), so orders
+come from t-tests over seeds (:func:`rcp_lib.experiments.ablation.separation`), p shown.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import replace
+
+from ..io import provenance
+from ..profiles import Profile
+from ..quant.apply import preset, quantize_model
+from ..rotation.fuse import RotationConfig, rotate_model
+from .methods import method
+from .rows import _cached, _code
+
+#: the activation part's R1s: (label, r1 kind, random signs, seeded). The block kinds use ``block``. GSR's blocks in
+#: natural order (block-Hadamard) are left out: they permute the coordinates inside each block, which a per-token
+#: quantizer over the whole hidden size cannot see (equal to GSR by construction; tests/test_gsr_decision.py checks
+#: it). An R1 without random signs is deterministic: computed once (the first seed), not counted as seeds.
+ACTIVATION_R1 = (("QuaRot (random Hadamard)", "random_hadamard", False, True),
+                 ("GSR + random signs", "gsr", True, True),
+                 ("Hadamard (natural order, no signs)", "hadamard", False, False),
+                 ("GSR", "gsr", False, False))
+#: the weight part's rows: GSR-GPTQ and its control at W2A16KV16
+WEIGHT_METHODS = ("GSR-GPTQ", "BlockHadamard-GPTQ")
+
+
+def _eval(model, profile: Profile, progress: bool) -> float:
+    from .build import _test_ppl
+
+    return _test_ppl(model, profile, progress)
+
+
+def _key(part: str, rotation: RotationConfig, quant, profile: Profile, gptq: bool) -> dict:
+    key = {"kind": f"gsr-{part}", "model": profile.model, "corpus": profile.corpus, "dtype": profile.dtype,
+           "rotation": rotation.to_dict(), "quant": quant.to_dict(), "seqlen": profile.seqlen,
+           "eval_windows": profile.eval_windows, "eval_spread": profile.eval_spread, "code": _code()}
+    if gptq:
+        key["calib"] = [profile.calib_windows, profile.calib_seqlen, profile.seed]
+    return key
+
+
+def activation_row(label: str, r1: str, signs: bool, block: int | None, profile: Profile,
+                   progress: bool = True) -> dict:
+    """Perplexity of the FP model rotated by one R1 (R2-R4 as in every row) with W16A4KV16 fake quantization, on the
+    profile's test windows (cached)."""
+    from .build import base_model
+
+    rot = RotationConfig(r1=r1, r1_block=block if r1 in ("gsr", "block_hadamard") else None, r1_random_signs=signs,
+                         seed=profile.seed)
+    quant = preset("W16A4KV16")
+
+    def compute() -> dict:
+        model = copy.deepcopy(base_model(profile)[0]).float()
+        rotate_model(model, rot)
+        quantize_model(model, quant)
+        return {"ppl": _eval(model, profile, progress)}
+
+    row = _cached("gsr", _key("activations", rot, quant, profile, False), compute)
+    return {"method": label, "part": "activations", "r1": r1, "setting": "W16A4KV16", "block": rot.r1_block, "w_group": None,
+            "seed": profile.seed, "ppl": row["ppl"], "rotation": rot.to_dict()}
+
+
+def weight_row(name: str, group: int, block: int, profile: Profile, progress: bool = True) -> dict:
+    """Perplexity of a GSR-GPTQ / BlockHadamard-GPTQ row at W2A16KV16 with R1 blocks of ``block`` and weight groups of
+    ``group`` (the recipe file's quantizer and GPTQ, the profile's calibration windows; cached)."""
+    from ..quant.calibrate import gptq_model
+    from .build import base_model, calibration
+
+    r = method(name, "W2A16KV16").recipe(profile)
+    rot = replace(r.rotation, r1_block=block)
+    quant = r.quant.with_weight(group_size=group)
+
+    def compute() -> dict:
+        model = copy.deepcopy(base_model(profile)[0]).float()
+        rotate_model(model, rot)
+        quantize_model(model, quant)
+        gptq_model(model, calibration(profile), progress=progress)
+        return {"ppl": _eval(model, profile, progress)}
+
+    row = _cached("gsr", _key("weights", rot, quant, profile, True), compute)
+    return {"method": f"{name} g{group}", "part": "weights", "r1": rot.r1, "setting": "W2A16KV16", "block": block, "w_group": group,
+            "seed": profile.seed, "ppl": row["ppl"], "rotation": rot.to_dict()}
+
+
+def gsr_decision(profile: Profile, progress: bool = True, parts: tuple[str, ...] = ("activations", "weights"),
+                 block: int | None = None, groups: tuple[int, ...] = (16, 32)) -> list[dict]:
+    """Both parts (module docstring) for every seed of ``profile.ablation_seeds``: one row per (part, R1, group,
+    seed) with ``ppl`` and provenance. ``block`` defaults to the profile's weight group (the tables' GSR block)."""
+    block = block or profile.w_group_size
+    bad = [g for g in groups if g >= block or block % g]
+    if bad:
+        raise ValueError(f"weight groups {bad} must divide the R1 block {block} and be smaller than it")
+    rows = []
+    for i, seed in enumerate(profile.ablation_seeds):
+        p = replace(profile, seed=int(seed))
+        if "activations" in parts:
+            rows += [activation_row(label, r1, signs, block, p if seeded else replace(profile, seed=0), progress)
+                     for label, r1, signs, seeded in ACTIVATION_R1 if seeded or i == 0]
+        if "weights" in parts:
+            rows += [weight_row(n, g, block, p, progress) for g in groups for n in WEIGHT_METHODS]
+    prov = provenance()
+    return [{**r, **prov} for r in rows]
