@@ -15,8 +15,8 @@ plus the path of its QAT recipe (``qat_recipe``). What a method does is its reci
   recipe is ``configs/paper-llama2-7b.yaml`` (``qat_recipe``; the budget fields here must agree with that file,
   ``tests/test_recipe.py`` checks that its recipe is the table's RCP row's). ``python -m rcp_lib reproduce --profile
   paper --dry-run`` runs its path on the CPU with a tiny random model (:mod:`rcp_lib.reproduce`).
-* ``ablation`` - the ``cpu`` setting at W2A4KV4 only: RCP against uniform-grid QAT (= w/o Partition; also at group 32,
-  equal bits) and RCP with its levels or its clip frozen at the start, each trained and scored once per seed of
+* ``ablation`` - the ``cpu`` setting at W2A4KV4 only: RCP against uniform-grid QAT (= w/o Partition) and RCP with its
+  levels or its clip frozen at the start, each trained and scored once per seed of
   ``ablation_seeds`` (the seed sets the R1 signs, the calibration windows and the QAT data order);
   ``results/ablation/ablation.csv`` (:func:`rcp_lib.experiments.ablation_table`).
 
@@ -198,11 +198,11 @@ PROFILES: dict[str, Profile] = {
     ),
     "ablation": Profile(
         name="ablation", settings=["W2A4KV4"], full_eval_methods=[], ablation_seeds=[0, 1, 2],
-        # RCP against the fair rival (uniform-grid QAT, same start / budget / learning rates; also at group 32, its
-        # bits per weight equal to LDP's at 64) and with each learnable part frozen at its start (issue 35); the earlier
-        # ablations (w/o Clip, w/o Rotate, GSR, block-Hadamard) are methods of their own and join with
-        # --set methods=[...] (results/ablation-<hash>/)
-        methods=["RCP", "Uniform-QAT", "Uniform-QAT g32", "RCP levels frozen", "RCP clip frozen"],
+        # RCP against the fair rival (uniform-grid QAT, same start / budget / learning rates) and with each learnable
+        # part frozen at its start (issue 35); the equal-bits row (Uniform-QAT g32: 3.0 bits per weight, as LDP at
+        # group 64) and the earlier ablations (w/o Clip, w/o Rotate, GSR, block-Hadamard) are methods of their own and
+        # join with --set methods=[...] (results/ablation-<hash>/)
+        methods=["RCP", "Uniform-QAT", "RCP levels frozen", "RCP clip frozen"],
     ),
     "paper": Profile(
         name="paper", model="meta-llama/Llama-2-7b-hf", corpus="wikitext2", device="cuda", seqlen=2048,
