@@ -69,8 +69,8 @@ def parse_grid(items: list[str] | None) -> dict[str, list]:
             if bad:
                 raise SystemExit(f"init values are const/search, got {sorted(bad)}")
             grid[key] = vals.split(",")
-        else:
-            grid[key] = [float(v) for v in vals.split(",")]
+        else:  # "none" (lr_range): the recipe's own value
+            grid[key] = [None if v.lower() == "none" else float(v) for v in vals.split(",")]
     return grid
 
 
@@ -230,13 +230,13 @@ def score_point(fp, train_ids, pt: dict, Pp, steps: int) -> dict:
     def val_ppl(model):
         return perplexity(model, val, seqlen=Pp.seqlen, max_windows=Pp.sweep_val_windows, spread=True, progress=False)
 
-    model = copy.deepcopy(fp)
+    model = copy.deepcopy(fp).float()  # as build(): quantized rows start from fp32 weights (a no-op on the CPU)
     rotate_model(model, recipe.rotation)
     quantize_model(model, recipe.quant)
     gptq_s = 0.0
     if recipe.qat.gptq_start:  # cached: the points of one seed share it
         gptq_s = gptq_start(model, calibration_windows(train_part, Pp.calib_windows, Pp.calib_seqlen, seed=Pp.seed),
-                            key=start_key(Pp.model, Pp.dtype, recipe))
+                            key=start_key(Pp, recipe))
     stats = train_student(model, fp, Pp, recipe.qat, out_dir=None, progress=True, step0_eval=val_ppl, data=train_ids)
     ppl = val_ppl(model)
     del model

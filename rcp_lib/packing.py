@@ -50,6 +50,7 @@ import math
 import os
 import shutil
 import tempfile
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -477,9 +478,9 @@ def _check_gemv_format(fmt: str) -> str:
     return fmt
 
 
-#: bytes held by the decode caches of every PackedLinear of the process (:func:`_reserve_decoded`)
-_DECODED_BYTES = [0]
-_DECODE_WARNED = [False]
+#: the decode caches of every PackedLinear of the process: bytes held, whether the "full" warning was given, a lock
+#: (finalizers may run on any thread). Each reservation releases into the budget it was taken from.
+_DECODE_BUDGET: dict = {"bytes": 0, "warned": False, "lock": threading.Lock()}
 
 
 def _reserve_decoded(w: torch.Tensor, max_bytes: int) -> bool:
@@ -488,22 +489,27 @@ def _reserve_decoded(w: torch.Tensor, max_bytes: int) -> bool:
     import warnings
     import weakref
 
+    budget = _DECODE_BUDGET
     nb = w.numel() * w.element_size()
-    if _DECODED_BYTES[0] + nb > max_bytes:
-        if not _DECODE_WARNED[0]:
-            _DECODE_WARNED[0] = True
-            warnings.warn(f"PackedLinear decode cache full ({_DECODED_BYTES[0] / 2**30:.2f} of "
-                          f"{max_bytes / 2**30:.2f} GiB): the remaining projections decode their codes on every call "
-                          f"(the same numbers, slower). Raise "
-                          f"PackedLinear.decode_cache_max_bytes to keep more.", stacklevel=4)
-        return False
-    _DECODED_BYTES[0] += nb
-    weakref.finalize(w, _release_decoded, nb)
-    return True
+    with budget["lock"]:
+        fits = budget["bytes"] + nb <= max_bytes
+        if fits:
+            budget["bytes"] += nb
+        warn, held = not fits and not budget["warned"], budget["bytes"]
+        if warn:
+            budget["warned"] = True
+    if fits:
+        weakref.finalize(w, _release_decoded, budget, nb)
+    elif warn:
+        warnings.warn(f"PackedLinear decode cache full ({held / 2**30:.2f} of {max_bytes / 2**30:.2f} GiB): the remaining "
+                      f"projections decode their codes on every call (the same numbers, slower). Raise "
+                      f"PackedLinear.decode_cache_max_bytes to keep more.", stacklevel=4)
+    return fits
 
 
-def _release_decoded(nb: int) -> None:
-    _DECODED_BYTES[0] -= nb
+def _release_decoded(budget: dict, nb: int) -> None:
+    with budget["lock"]:
+        budget["bytes"] -= nb
 
 
 class PackedLinear(nn.Module):
@@ -655,7 +661,7 @@ class PackedLinear(nn.Module):
         if what not in cache[1]:
             if what.startswith("decoded:"):  # "decoded:<dtype>": W_hat in that dtype (the decode cache)
                 w = self.dequantized_weight(getattr(torch, what.split(":", 1)[1]))
-                if not _reserve_decoded(w, type(self).decode_cache_max_bytes):
+                if not _reserve_decoded(w, self.decode_cache_max_bytes):
                     return w  # over the budget: used for this call, not kept
                 cache[1][what] = w
             elif what == "wsum":
@@ -663,6 +669,13 @@ class PackedLinear(nn.Module):
             else:
                 cache[1][what] = weight_bitplanes(self.qweight, self.in_features)
         return cache[1][what]
+
+    def __getstate__(self) -> dict:
+        """Copies and pickles leave the derived tensors (decode cache, kernel layouts) behind: rebuilt on first use,
+        so a deep copy never holds decoded weights outside the budget."""
+        state = super().__getstate__()
+        state.pop("_kernel_cache", None)
+        return state
 
     def _use_decode_cache(self, x: torch.Tensor) -> bool:
         """Whether this call runs on the cached ``W_hat`` (:attr:`decode_cache`, CPU tensors, a backend that would

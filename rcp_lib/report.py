@@ -300,18 +300,21 @@ def sweep_markdown(sweep: pd.DataFrame) -> str:
     return txt
 
 
-def sweep_table_markdown(sweep: pd.DataFrame, name: str = "recipe_sweep_gptq") -> str:
+def sweep_table_markdown(sweep: pd.DataFrame, name: str = "recipe_sweep_gptq", profile: str = "cpu") -> str:
     """The learning-rate sweep under the GPTQ start (``results/cpu/<name>.csv`` of ``benchmarks/recipe_sweep.py
     --name <name>``, one row per point and seed) as a table: per point its learning rates, validation perplexity on the
     held-out train tail (mean ± standard error over seeds), the start's perplexity, how far each part moved (means
     over seeds: clip ratio, levels, share of weights whose code changed, relative latent-weight change) and its order
     against the selected point, recomputed from the per-seed values (:func:`_orders_from_rows`)."""
     per_point = sweep.groupby("point", sort=True)
-    best = sweep[sweep["best"].astype(str) == "True"]["point"].iloc[0]
+    chosen = sweep[sweep["best"].astype(str) == "True"]["point"]
+    if not len(chosen):
+        return f"`results/{profile}/{name}.csv` marks no selected point."
+    best = chosen.iloc[0]
     fresh = _orders_from_rows(sweep, "point", "val_ppl", best, lambda p: f"point {p}")
     r0 = sweep.iloc[0]
     lines = [f"Learning-rate sweep under the GPTQ start (`benchmarks/recipe_sweep.py --name {name}`, "
-             f"`results/cpu/{name}.csv`): RCP W2A4KV4, {int(r0['steps'])} steps × "
+             f"`results/{profile}/{name}.csv`): RCP W2A4KV4, {int(r0['steps'])} steps × "
              f"{int(r0['tokens']) // int(r0['steps'])} tokens, validation perplexity on {r0['val_split']} (never the "
              f"test split); selected: the lowest mean among the points run at the most seeds.", "",
              "| point | lr weights | lr quantizer | lr range | seeds | val ppl (mean ± SE) | start ppl | mean \\|Δ clip "
@@ -320,10 +323,12 @@ def sweep_table_markdown(sweep: pd.DataFrame, name: str = "recipe_sweep_gptq") -
     for p, df in per_point:
         r = df.iloc[0]
         lr_range = r.get("lr_range")
-        lr_range = json.loads(r["config"])["qat"].get("lr_range") if lr_range is None or pd.isna(lr_range) else lr_range
+        if lr_range is None or pd.isna(lr_range):  # the recipe's own: read from the row's config
+            lr_range = (json.loads(r["config"]).get("qat") or {}).get("lr_range")
+        lr_range = "–" if lr_range is None else f"{float(lr_range):g}"
         sem = float(r["val_ppl_sem"])
         vs = "selected" if p == best else fresh.get(p, "–")
-        lines.append(f"| {p} | {float(r['lr_weights']):g} | {float(r['lr_quant']):g} | {float(lr_range):g} | "
+        lines.append(f"| {p} | {float(r['lr_weights']):g} | {float(r['lr_quant']):g} | {lr_range} | "
                      f"{int(r['n_seeds'])} | {_fmt_ppl(float(r['val_ppl_mean']))}"
                      f"{f' ± {_fmt_ppl(sem)}' if math.isfinite(sem) else ''} | "
                      f"{_fmt_ppl(float(df['step0_val_ppl'].mean()))} | {df['clip_shift'].mean():.4f} | "
@@ -334,13 +339,16 @@ def sweep_table_markdown(sweep: pd.DataFrame, name: str = "recipe_sweep_gptq") -
 
 def gsr_decision_markdown(df: pd.DataFrame) -> str:
     """The GSR decision (``gsr_decision.csv``, :mod:`rcp_lib.experiments.gsr`) as two tables: W16A4KV16 perplexity
-    per R1 (mean ± SE over seeds; deterministic R1s are one row) with its order against QuaRot's R1, and GSR against
-    its control (same blocks, natural order) per weight group at W2A16KV16; orders from t-tests on the per-seed
-    values (paired by seed), p shown."""
-    def cell(v: pd.Series) -> str:
+    per R1 (mean ± SE over seeds; a deterministic R1 is one exact value, not tested) with its order against QuaRot's
+    R1, and GSR against its control (same blocks, natural order) per weight group at W2A16KV16; orders from t-tests
+    on the per-seed values (paired by seed), p shown."""
+    def cell(v: pd.Series, deterministic: bool = False) -> str:
         v = v.astype(float)
+        if not len(v):
+            return "–"
         if len(v) < 2:
-            return f"{_fmt_ppl(float(v.iloc[0]))} (one run: deterministic R1)"
+            return f"{_fmt_ppl(float(v.iloc[0]))}" + (" (deterministic: one exact run)" if deterministic else
+                                                      " (one seed)")
         return f"{_fmt_ppl(float(v.mean()))} ± {_fmt_ppl(float(v.std(ddof=1) / math.sqrt(len(v))))}"
 
     out = []
@@ -351,9 +359,9 @@ def gsr_decision_markdown(df: pd.DataFrame) -> str:
         out += ["| R1 (weights in full precision, W16A4KV16) | seeds | ppl (mean ± SE) | vs QuaRot's R1 |",
                 "|---|---|---|---|"]
         for name, g in act.groupby("method", sort=False):
-            vs = "–" if name == ref else orders.get(name, "–")
-            vs = "not separable at this budget (one run)" if len(g) < 2 and name != ref else vs
-            out.append(f"| {name} | {len(g)} | {cell(g['ppl'])} | {vs} |")
+            det = bool(g["deterministic"].astype(str).eq("True").all()) if "deterministic" in g else False
+            vs = "–" if name == ref else ("no test (deterministic, one run)" if det else orders.get(name, "–"))
+            out.append(f"| {name} | {len(g)} | {cell(g['ppl'], det)} | {vs} |")
     wts = df[df["part"] == "weights"]
     if len(wts):
         out += ["", "| weight group (R1 block) | GSR-GPTQ (mean ± SE) | BlockHadamard-GPTQ (mean ± SE) | GSR vs control |",
@@ -750,7 +758,7 @@ def results_markdown(profile: str = "cpu", results: Path | None = None) -> str:
         out += [sweep_markdown(pd.read_csv(sweep_p)), ""]
     gsweep_p = d / _file("recipe_sweep_gptq")
     if gsweep_p.exists():
-        out += [sweep_table_markdown(pd.read_csv(gsweep_p)), ""]
+        out += [sweep_table_markdown(pd.read_csv(gsweep_p), profile=profile), ""]
     var_p = d / _file("recipe_variants")
     if var_p.exists():
         rcp = ppl[(ppl.method == "RCP") & (ppl.setting == "W2A4KV4")]

@@ -161,8 +161,11 @@ def test_decode_cache_decodes_once_and_follows_the_buffers(monkeypatch):
 
 def test_decode_cache_budget_and_identity(monkeypatch):
     """The decode caches of a process stay within PackedLinear.decode_cache_max_bytes: a layer over the budget
-    computes the same output from a weight decoded for the call (one warning), and the cache follows the tensors
-    themselves, so a new qweight at a recycled address is decoded again."""
+    computes the same output from a weight decoded for the call (one warning); freeing a cached layer returns its
+    bytes; a deep copy holds no decoded weight; a new qweight tensor is decoded again."""
+    import copy
+    import gc
+    import threading
     import warnings
 
     from rcp_lib import packing as P
@@ -173,19 +176,24 @@ def test_decode_cache_budget_and_identity(monkeypatch):
     lut = torch.sort(torch.randn(N, K // G, 4), dim=-1).values
     layer = P.PackedLinear(P.pack_codes(codes, 2), lut, K, G, 2, None, 4, 0.9)
     x = torch.randn(3, K)
-    monkeypatch.setattr(P, "_DECODED_BYTES", [0])
-    monkeypatch.setattr(P, "_DECODE_WARNED", [False])
+    budget = {"bytes": 0, "warned": False, "lock": threading.Lock()}
+    monkeypatch.setattr(P, "_DECODE_BUDGET", budget)
     y = layer(x)
-    assert P._DECODED_BYTES[0] == N * K * 4 and any(k.startswith("decoded") for k in layer._kernel_cache[1])
+    assert budget["bytes"] == N * K * 4 and any(k.startswith("decoded") for k in layer._kernel_cache[1])
+    twin = copy.deepcopy(layer)
+    assert getattr(twin, "_kernel_cache", None) is None and torch.equal(twin(x), y)  # rebuilt, counted
+    assert budget["bytes"] == 2 * N * K * 4
+    del twin
+    gc.collect()
+    assert budget["bytes"] == N * K * 4
     other = P.PackedLinear(P.pack_codes(codes, 2), lut.clone(), K, G, 2, None, 4, 0.9)
-    monkeypatch.setattr(P.PackedLinear, "decode_cache_max_bytes", N * K * 4 + 1)
+    other.decode_cache_max_bytes = N * K * 4 + 1  # per layer
     with warnings.catch_warnings(record=True) as w:
         warnings.simplefilter("always")
         y2 = other(x)
         other(x)
-    assert torch.equal(y, y2) and P._DECODED_BYTES[0] == N * K * 4
+    assert torch.equal(y, y2) and budget["bytes"] == N * K * 4
     assert sum("decode cache full" in str(m.message) for m in w) == 1
     assert not any(k.startswith("decoded") for k in other._kernel_cache[1])
     layer.qweight = P.pack_codes((codes + 1) % 4, 2)  # a new tensor: the cache must not serve the old decode
-    monkeypatch.setattr(P.PackedLinear, "decode_cache_max_bytes", 8 * 2**30)
     assert not torch.equal(layer(x), y)

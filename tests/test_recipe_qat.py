@@ -150,3 +150,20 @@ def test_cached_gptq_start_trains_like_the_computed_one(tmp_path, monkeypatch):
     sa, sb = a.state_dict(), b.state_dict()
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
     assert any(not torch.equal(sa[k], v) for k, v in c.state_dict().items())
+
+
+def test_start_key_shares_a_start_between_rows_that_only_train_differently():
+    """RCP and its frozen-part rows share one GPTQ start per seed; the uniform grid, another seed or another dtype
+    have their own."""
+    from rcp_lib.experiments import method, start_key
+    from rcp_lib.profiles import get_profile
+
+    P = get_profile("ablation")
+
+    def key(name, **over):
+        p = P.with_overrides(**over) if over else P
+        return start_key(p, method(name, "W2A4KV4").recipe(p))
+
+    assert key("RCP") == key("RCP levels frozen") == key("RCP clip frozen")
+    assert key("RCP") != key("Uniform-QAT") and key("RCP") != key("RCP", seed=1)
+    assert key("RCP") != key("RCP", dtype="bfloat16") and key("RCP")["dtype"] == "torch.float32"

@@ -447,21 +447,28 @@ def test_gptq_sweep_table_orders_from_the_seeds():
     md = sweep_table_markdown(pd.DataFrame(rows))
     assert "| 0 | 2e-05 | 0.01 | 0.001 | 3 | 105 ± 2.90 | 220 | 0.0020 | 0.0100 | 1e-06 | 0.001 | selected |" in md
     assert "| 1 | 0.001 | 0.01 | 0.001 | 3 | 160 ± 2.90 |" in md and "point 0 < point 1 (paired p = " in md
+    # the axis left to the recipe (None): the rate is read from each row's config, "–" when it has none
+    fallback = [{**r, "lr_range": None, "config": '{"qat": {"lr_range": 0.002}}' if r["point"] == 0 else "{}"}
+                for r in rows]
+    md = sweep_table_markdown(pd.DataFrame(fallback))
+    assert "| 0 | 2e-05 | 0.01 | 0.002 | 3 |" in md and "| 1 | 0.001 | 0.01 | – | 3 |" in md
+    assert "marks no selected point" in sweep_table_markdown(pd.DataFrame([{**r, "best": False} for r in rows]))
 
 
 def test_gsr_decision_markdown():
     from rcp_lib.report import gsr_decision_markdown
 
-    rows = [{"part": "activations", "method": m, "r1": r, "seed": s, "ppl": v, "block": 64, "w_group": None}
+    rows = [{"part": "activations", "method": m, "r1": r, "seed": s, "ppl": v, "block": 64, "w_group": None,
+             "deterministic": False}
             for m, r, vals in (("QuaRot (random Hadamard)", "random_hadamard", (34.0, 34.5, 35.0)),
                                ("GSR + random signs", "gsr", (49.0, 50.0, 51.5)))
             for s, v in enumerate(vals)]
     rows.append({"part": "activations", "method": "GSR", "r1": "gsr", "seed": 0, "ppl": 49.9, "block": 64,
-                 "w_group": None})
+                 "w_group": None, "deterministic": True})
     rows += [{"part": "weights", "method": f"x g{g}", "r1": r, "seed": s, "ppl": v + s, "block": 64, "w_group": g}
              for g in (16, 32) for r, v in (("gsr", 300.0), ("block_hadamard", 310.0)) for s in range(3)]
     md = gsr_decision_markdown(pd.DataFrame(rows))
     assert "| GSR + random signs | 3 | 50.17 ±" in md and "QuaRot (random Hadamard) < GSR + random signs (paired p = " in md
-    assert "| GSR | 1 | 49.90 (one run: deterministic R1) | not separable at this budget (one run) |" in md
+    assert "| GSR | 1 | 49.90 (deterministic: one exact run) | no test (deterministic, one run) |" in md
     # a constant difference over seeds: the paired test has zero spread
     assert "| 16 (64) | 301 ± 0.58 | 311 ± 0.58 | GSR < control (paired p = " in md

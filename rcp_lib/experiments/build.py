@@ -114,13 +114,16 @@ def _train_and_save(model: nn.Module, method: Method, profile: Profile, out: Pat
     fp, _ = base_model(profile)
     gptq_s = 0.0
     if recipe.qat.gptq_start:
-        gptq_s = gptq_start(model, calibration(profile), progress, key=start_key(profile.model, profile.dtype, recipe))
+        gptq_s = gptq_start(model, calibration(profile), progress, key=start_key(profile, recipe))
     td = teacher_dtype(resolve_mixed_precision(recipe.qat), fp)
     teacher = fp if fp.dtype == td else copy.deepcopy(fp).to(td)  # train() never changes the shared base
     stats = train_student(model, teacher, profile, recipe.qat, out_dir=out, progress=progress,
                           step0_eval=lambda m: _test_ppl(m, profile, progress))
     del teacher
     stats["seconds"] = round(stats["seconds"] + gptq_s, 1)
+    # the windows step0_ppl was scored on (the student's key leaves out the evaluation settings: a row scored on other
+    # windows must not pair its perplexity with this start, rcp_lib.experiments.tables.ppl_row)
+    stats["step0_windows"] = step0_windows(profile)
     dist = torch.distributed.is_available() and torch.distributed.is_initialized()
     # the tokens per optimizer step scale with the processes (the rows' qat_tokens show it; the key does not)
     stats["processes"] = torch.distributed.get_world_size() if dist else 1
@@ -225,6 +228,12 @@ def drop_checkpoints(out: Path) -> None:
         shutil.rmtree(ckpt, ignore_errors=True)
 
 
+def step0_windows(profile: Profile) -> list:
+    """The evaluation windows of a profile as ``[seqlen, eval_windows, eval_spread]`` (what ``step0_ppl`` was scored
+    on)."""
+    return [profile.seqlen, profile.eval_windows, profile.eval_spread]
+
+
 def _test_ppl(model: nn.Module, profile: Profile, progress: bool) -> float:
     """Perplexity on the profile's evaluation windows of the test split (the windows of the table rows)."""
     from ..evaluation import perplexity_details
@@ -252,7 +261,7 @@ def gptq_start(model: nn.Module, calib: torch.Tensor, progress: bool = True, key
         path = cache_dir() / "start" / f"{name}.pt"
         _log_cache(path.exists(), name, "GPTQ start")
         if path.exists():
-            saved = torch.load(path, map_location=next(model.parameters()).device)
+            saved = torch.load(path, map_location="cpu", mmap=True)  # load_state_dict copies onto the model's device
             model.load_state_dict(saved["state"], strict=True)
             return float(saved["seconds"])
     t0 = time.perf_counter()
@@ -265,11 +274,13 @@ def gptq_start(model: nn.Module, calib: torch.Tensor, progress: bool = True, key
     return seconds
 
 
-def start_key(model_name: str, dtype: str | None, recipe) -> dict:
-    """What determines a GPTQ start besides its calibration windows: the model, its dtype, the rotation and the
-    quantizers (:class:`rcp_lib.recipe.Recipe`'s ``rotation`` and ``quant``), not the QAT section."""
-    return {"model": model_name, "dtype": dtype, "rotation": recipe.rotation.to_dict() if recipe.rotation else None,
-            "quant": recipe.quant.to_dict()}
+def start_key(profile: Profile, recipe) -> dict:
+    """What determines a GPTQ start besides its calibration windows: the model, the dtype its base is loaded in and
+    the device type (bf16 on CUDA, fp32 on the CPU by default), the rotation and the quantizers
+    (:class:`rcp_lib.recipe.Recipe`'s ``rotation`` and ``quant``), not the QAT section (rows that differ only in how
+    they train share a start)."""
+    return {"model": profile.model, "dtype": str(base_dtype(profile)), "device": torch.device(profile.device).type,
+            "rotation": recipe.rotation.to_dict() if recipe.rotation else None, "quant": recipe.quant.to_dict()}
 
 
 def _tensor_digest(t: torch.Tensor) -> str:

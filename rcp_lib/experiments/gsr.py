@@ -31,7 +31,8 @@ from .rows import _cached, _code
 #: the activation part's R1s: (label, r1 kind, random signs, seeded). The block kinds use ``block``. GSR's blocks in
 #: natural order (block-Hadamard) are left out: they permute the coordinates inside each block, which a per-token
 #: quantizer over the whole hidden size cannot see (equal to GSR by construction; tests/test_gsr_decision.py checks
-#: it). An R1 without random signs is deterministic: computed once (the first seed), not counted as seeds.
+#: it). An R1 without random signs is deterministic: computed once (at the first seed; ``deterministic`` True), not
+#: counted as seeds.
 ACTIVATION_R1 = (("QuaRot (random Hadamard)", "random_hadamard", False, True),
                  ("GSR + random signs", "gsr", True, True),
                  ("Hadamard (natural order, no signs)", "hadamard", False, False),
@@ -110,9 +111,10 @@ def gsr_decision(profile: Profile, progress: bool = True, parts: tuple[str, ...]
     for i, seed in enumerate(profile.ablation_seeds):
         p = replace(profile, seed=int(seed))
         if "activations" in parts:
-            rows += [activation_row(label, r1, signs, block, p if seeded else replace(profile, seed=0), progress)
+            rows += [{**activation_row(label, r1, signs, block, p, progress), "deterministic": not seeded}
                      for label, r1, signs, seeded in ACTIVATION_R1 if seeded or i == 0]
         if "weights" in parts:
-            rows += [weight_row(n, g, block, p, progress) for g in groups for n in WEIGHT_METHODS]
+            rows += [{**weight_row(n, g, block, p, progress), "deterministic": False}
+                     for g in groups for n in WEIGHT_METHODS]
     prov = provenance()
     return [{**r, **prov} for r in rows]

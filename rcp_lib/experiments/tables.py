@@ -9,7 +9,7 @@ from ..evaluation import perplexity_details
 from ..io import provenance
 from ..models import describe
 from ..profiles import Profile
-from .build import base_model, build, qat_history, qat_stats, tokens
+from .build import base_model, build, qat_history, qat_stats, step0_windows, tokens
 from .methods import Method, all_methods
 from .rows import _cached, _row_key, method_config
 
@@ -65,6 +65,8 @@ def ppl_row(method: Method, profile: Profile, progress: bool = True) -> dict:
                                progress=progress, spread=profile.eval_spread)
         rot = method.recipe(profile).rotation
         st = qat_stats(method, profile) if method.qat else {}
+        if st.get("step0_windows", step0_windows(profile)) != step0_windows(profile):
+            st = {**st, "step0_ppl": None}  # scored on other windows than this row: no pair for vs_start
         return {"method": method.name, "setting": method.setting, "family": method.family, "ppl": r.ppl,
                 **{k: st.get(k) for k in QAT_COLUMNS}, "qat_tokens": st.get("tokens"), "qat_seconds": st.get("seconds"),
                 "model": profile.model, "model_note": describe(profile.model), "corpus": profile.corpus,
