@@ -43,7 +43,9 @@ def _fmt_ppl(x: float) -> str:
 def ppl_markdown(df: pd.DataFrame) -> str:
     """Methods × settings table of perplexities (rows in first-seen order, FP first).
 
-    ``df`` has at least the columns method, setting, ppl (one row per method and setting).
+    ``df`` has at least the columns method, setting, ppl (one row per method and setting). With a ``step0_ppl``
+    column, each QAT method is followed by its start: "<method> start (no QAT)", the same rotated, quantized (and, with
+    a GPTQ start, GPTQ'd) model before the first training step, scored on the same windows.
     """
     settings = [s for s in dict.fromkeys(df["setting"]) if s != "FP"]
     methods = list(dict.fromkeys(df["method"]))
@@ -57,6 +59,10 @@ def ppl_markdown(df: pd.DataFrame) -> str:
         else:
             cells = [_fmt_ppl(float(sub[s])) if s in sub.index else "–" for s in settings]
         lines.append(f"| {m} | {fam[m] if fam is not None else ''} | " + " | ".join(cells) + " |")
+        if "step0_ppl" in df and df[df.method == m]["step0_ppl"].notna().any():
+            start = df[df.method == m].set_index("setting")["step0_ppl"]
+            cells = [_fmt_ppl(float(start[s])) if s in start.index else "–" for s in settings]
+            lines.append(f"| {m} start (no QAT) | start | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 

@@ -26,7 +26,10 @@ def test_ppl_markdown_layout():
     assert md[0] == "| method | family | W2A4KV4 | W4A4KV4 |"
     assert md[2] == "| FP | baseline | 10.00 | 10.00 |"
     assert md[3] == "| RTN | ptq | 12345 | 20.50 |"
-    assert md[4] == "| RCP | qat | 30.25 | – |"
+    assert md[4] == "| RCP | qat | 30.25 | – |" and len(md) == 5
+    rows = _ppl_rows().assign(step0_ppl=[None, None, None, 190.5])  # the QAT row's start, scored on its windows
+    md = ppl_markdown(rows).splitlines()
+    assert md[4:] == ["| RCP | qat | 30.25 | – |", "| RCP start (no QAT) | start | 190 | – |"]
 
 
 def test_zero_shot_markdown_layout():
@@ -256,13 +259,15 @@ def test_readme_recipe_prose_matches_the_configs():
     P = get_profile("cpu")
     q = qat_config(P)
     lr = lambda x: f"{x:.0e}".replace("e-0", "e-")  # 1e-4, as the prose writes it
-    assert (f"{lr(q.lr_weights)} for the weights, {lr(q.lr_quant)} for the quantizer, clip "
-            f"{q.grad_clip:.1f}, searched start") in text
+    assert (f"`lr_range` {lr(q.lr_range)}, the same relative step in every layer), {lr(q.lr_quant)} for the levels "
+            f"and gradient clip {q.grad_clip:.1f}") in text
+    assert f"and {lr(q.lr_weights)} for the weights, selected again under the GPTQ start" in text
     assert profile_qat_recipe(P).weight == {"clip_init": "mse", "ldp_init": "lloyd", "range_mode": "static",
                                             "range_param": "log"}
-    assert q.gptq_start and "add a GPTQ start" in text and f"`lr_range` {lr(q.lr_range)}" in text
+    assert q.gptq_start and "a GPTQ start on each QAT row's own grid" in text
     paper = paper_qat_recipe("configs/paper-llama2-7b.yaml")
-    assert f"keeps {lr(paper.lr_weights)} / {lr(paper.lr_quant)} for its {paper.steps} steps" in text
+    assert f"keeps {lr(paper.lr_weights)} / {lr(paper.lr_quant)} and the searched start without GPTQ for its " \
+           f"{paper.steps} steps" in text
 
 
 def test_readme_names_the_analysed_layers(tmp_path):
