@@ -477,3 +477,27 @@ def test_gsr_decision_markdown():
     assert "| GSR | 1 | 49.90 (deterministic: one exact run) | no test (deterministic, one run) |" in md
     # a constant difference over seeds: the paired test has zero spread
     assert "| 16 (64) | 301 ± 0.58 | 311 ± 0.58 | GSR < control (paired p = " in md
+
+
+def test_seeded_claim_rows(tmp_path):
+    """The claim rows decided with seeds: each status is a t-test's phrase recomputed from the per-seed rows."""
+    from rcp_lib.report import seeded_claim_rows
+
+    rows = []
+    for name, vals, start in (("RCP", (90.0, 118.0, 88.0), (190.0, 205.0, 188.0)),
+                              ("Uniform-QAT", (150.0, 127.0, 135.0), (210.0, 211.0, 212.0)),
+                              ("RCP clip frozen", (91.0, 119.0, 88.5), (190.0, 205.0, 188.0))):
+        rows += [{"method": name, "setting": "W2A4KV4", "seed": s, "ppl": v, "step0_ppl": st, "clip_shift": 0.002,
+                  "level_shift": 0.012} for s, (v, st) in enumerate(zip(vals, start))]
+    pd.DataFrame(rows).to_csv(tmp_path / "ablation.csv", index=False)
+    out = "\n".join(seeded_claim_rows(tmp_path, 22.13))
+    assert "| QAT recovers W2A4KV4 (RCP) | RCP 98.67 ± 9.68 (3 seeds), 4.46× the FP perplexity" in out
+    assert "| RCP < RCP start (paired p = " in out
+    assert "RCP 98.67 ± 9.68 (3 seeds) vs Uniform-QAT 137 ± 6.74 (3 seeds) | not separable at this budget (paired p = " in out
+    assert "| learning the clip helps |" in out and "learning the levels" not in out
+    assert "GSR" not in out  # no gsr_decision.csv
+    pd.DataFrame([{"part": "activations", "method": m, "seed": s, "ppl": v}
+                  for m, vals in (("QuaRot (random Hadamard)", (33.2, 33.4, 32.9)), ("GSR + random signs", (49.0, 48.3, 46.4)))
+                  for s, v in enumerate(vals)]).to_csv(tmp_path / "gsr_decision.csv", index=False)
+    out = "\n".join(seeded_claim_rows(tmp_path, 22.13))
+    assert "QuaRot (random Hadamard) < GSR + random signs (paired p = " in out
