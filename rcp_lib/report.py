@@ -140,7 +140,7 @@ def claims_markdown(d: Path, ppl: pd.DataFrame) -> str:
         searched = quant is not None and quant.weight is not None and quant.weight.clip_search != "none"
         clip = "with QuaRot's clip search" if searched else "min–max ranges, no clip search"
         # an order needs seeds on both sides (a t-test); the table's rows are one seed each
-        order = ("RCP below the best PTQ row in this table (one seed each: not separable by a test at this budget)"
+        order = ("RCP below the best PTQ row in this table (single runs: not separable by a test at this budget)"
                  if rcp < float(ptq.min()) else "not reproduced")
         rot = ""
         abl_p = d.parent / "ablation" / _file("ablation_summary")
