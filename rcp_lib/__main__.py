@@ -479,14 +479,14 @@ def build_parser() -> argparse.ArgumentParser:
                     help="write the CSV even with uncommitted changes to code or configs (sets RCP_ALLOW_DIRTY=1)")
     tb.set_defaults(func=_cmd_table)
 
-    rd = sub.add_parser("readme", help="rewrite the README results block from results/cpu/ (no computation)",
-                        description="Rewrite README.md's results block from results/cpu/; other profiles only "
-                                    "print their block (--print).",
+    rd = sub.add_parser("readme", help="rewrite the README claim table and results/cpu/SUMMARY.md from results/cpu/ (no computation)",
+                        description="Rewrite README.md's claim table and results/cpu/SUMMARY.md (every table) from "
+                                    "results/cpu/; other profiles only print their tables (--print).",
                         epilog=_example("python -m rcp_lib readme --profile cpu",
                                         "python -m rcp_lib readme --profile smoke --print"))
     rd.add_argument("--profile", default="cpu", choices=profiles, help="run profile whose results to show")
     rd.add_argument("--print", action="store_true", dest="print_only",
-                    help="print the markdown block instead of rewriting README.md")
+                    help="print every table (the SUMMARY.md text) instead of writing files")
     rd.set_defaults(func=_cmd_readme)
 
     tr = sub.add_parser("train-rows", help="train the QAT students of a profile's table rows into the cache "

@@ -16,7 +16,8 @@ folder bookkeeping; wall-clock timings). Files, columns and rows present on one 
 missing on one side count as differences, files and columns as notes.
 
 With the default ``rtol = atol = 0`` the comparison asks "bit-identical?", which holds between runs of the same code
-on the same CPU type; between CPU types see the README ("Reproducibility") for the measured differences.
+on the same CPU type; between CPU types see docs/reproducing.md ("Reproducibility across machines") for the
+measured differences.
 """
 
 from __future__ import annotations

@@ -270,7 +270,8 @@ def cpu_info() -> dict[str, Any]:
     "model name", else :func:`platform.processor`), ``cpu_flags`` (the :data:`VECTOR_FLAGS` present, space-separated),
     ``torch_cpu_capability`` (the ATen kernel level torch dispatches to, e.g. AVX2 / AVX512), ``blas`` (the BLAS and
     oneDNN builds of torch, from ``torch.__config__.show()``). Float results are bit-identical only between runs that
-    agree on these (and on ``torch_threads``); another CPU type rounds differently (README, "Reproducibility")."""
+    agree on these (and on ``torch_threads``); another CPU type rounds differently (docs/reproducing.md, "Reproducibility
+    across machines")."""
     import re
 
     import torch

@@ -198,11 +198,12 @@ PROFILES: dict[str, Profile] = {
     ),
     "ablation": Profile(
         name="ablation", settings=["W2A4KV4"], full_eval_methods=[], ablation_seeds=[0, 1, 2],
-        # RCP against the fair rival (uniform-grid QAT, same start / budget / learning rates) and with each learnable
-        # part frozen at its start (issue 35); the equal-bits row (Uniform-QAT g32: 3.0 bits per weight, as LDP at
-        # group 64) and the earlier ablations (w/o Clip, w/o Rotate, GSR, block-Hadamard) are methods of their own and
-        # join with --set methods=[...] (results/ablation-<hash>/)
-        methods=["RCP", "Uniform-QAT", "RCP levels frozen", "RCP clip frozen"],
+        # RCP against the fair rival (uniform-grid QAT, same start / budget / learning rates), the equal-bits rival
+        # (Uniform-QAT g32: 3.0 bits per weight, as LDP at group 64), with each learnable part frozen at its start, and
+        # the best PTQ rows, each once per seed (issue 35); the earlier ablations (w/o Clip, w/o Rotate, GSR,
+        # block-Hadamard) are methods of their own and join with --set methods=[...] (results/ablation-<hash>/)
+        methods=["RCP", "Uniform-QAT", "RCP levels frozen", "RCP clip frozen", "Uniform-QAT g32", "QuaRot-GPTQ",
+                 "QuaRot-GPTQ static"],
     ),
     "paper": Profile(
         name="paper", model="meta-llama/Llama-2-7b-hf", corpus="wikitext2", device="cuda", seqlen=2048,

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from .experiments.methods import SEEDED_PTQ
 from .experiments.registry import TABLES
 from .io import atomic_write_text
 from .paths import readme_path, results_dir
@@ -50,19 +51,25 @@ def ppl_markdown(df: pd.DataFrame) -> str:
     settings = [s for s in dict.fromkeys(df["setting"]) if s != "FP"]
     methods = list(dict.fromkeys(df["method"]))
     fam = df.drop_duplicates("method").set_index("method")["family"] if "family" in df else None
-    head = "| method | family | " + " | ".join(settings) + " |"
-    lines = [head, "|" + "---|" * (len(settings) + 2)]
+    bits = "bits_per_weight" in df
+    head = "| method | family | " + " | ".join(settings) + (" | bits per weight (" + " / ".join(settings) + ")"
+                                                             if bits else "") + " |"
+    lines = [head, "|" + "---|" * (len(settings) + 2 + bits)]
     for m in methods:
-        sub = df[df.method == m].set_index("setting")["ppl"]
+        sub = df[df.method == m].set_index("setting")
         if "FP" in sub.index:  # the FP baseline has no setting: one value for every column
-            cells = [_fmt_ppl(float(sub.iloc[0]))] * len(settings)
+            cells = [_fmt_ppl(float(sub["ppl"].iloc[0]))] * len(settings)
         else:
-            cells = [_fmt_ppl(float(sub[s])) if s in sub.index else "–" for s in settings]
+            cells = [_fmt_ppl(float(sub.at[s, "ppl"])) if s in sub.index else "–" for s in settings]
+        if bits:  # what each row's weight format stores per weight (rcp_lib.memory.Scheme.bits_per_weight)
+            b = [float(sub["bits_per_weight"].iloc[0])] * len(settings) if "FP" in sub.index else [
+                float(sub.at[s, "bits_per_weight"]) if s in sub.index else float("nan") for s in settings]
+            cells.append(" / ".join(f"{v:.3g}" if v == v else "–" for v in b))
         lines.append(f"| {m} | {fam[m] if fam is not None else ''} | " + " | ".join(cells) + " |")
         if "step0_ppl" in df and df[df.method == m]["step0_ppl"].notna().any():
-            start = df[df.method == m].set_index("setting")["step0_ppl"]
+            start = sub["step0_ppl"]
             cells = [_fmt_ppl(float(start[s])) if s in start.index else "–" for s in settings]
-            lines.append(f"| {m} start (no QAT) | start | " + " | ".join(cells) + " |")
+            lines.append(f"| {m} start (no QAT) | start | " + " | ".join(cells) + (" | same" if bits else "") + " |")
     return "\n".join(lines)
 
 
@@ -140,7 +147,10 @@ def claims_markdown(d: Path, ppl: pd.DataFrame) -> str:
         searched = quant is not None and quant.weight is not None and quant.weight.clip_search != "none"
         clip = "with QuaRot's clip search" if searched else "min–max ranges, no clip search"
         # an order needs seeds on both sides (a t-test); the table's rows are one seed each
-        order = ("RCP below the best PTQ row in this table (single runs: not separable by a test at this budget)"
+        seeded = (d.parent / "ablation" / _file("ablation")).exists() and bool(
+            set(SEEDED_PTQ) & set(pd.read_csv(d.parent / "ablation" / _file("ablation"))["method"]))
+        order = (("RCP below the best PTQ row in this table (single runs: " +
+                  ("the test with seeds is the row below)" if seeded else "not separable by a test at this budget)"))
                  if rcp < float(ptq.min()) else "not reproduced")
         rot = ""
         abl_p = d.parent / "ablation" / _file("ablation_summary")
@@ -206,6 +216,13 @@ def seeded_claim_rows(abl_dir: Path, fp_ppl: float | None = None) -> list[str]:
             se = f" ± {_fmt_ppl(r['ppl_sem'])}" if math.isfinite(r["ppl_sem"]) else ""
             return f"{_fmt_ppl(r['ppl_mean'])}{se} ({r['n']} seeds)"
 
+        ptq = [n for n in SEEDED_PTQ if n in summ]
+        if "RCP" in summ and ptq:
+            best = min(ptq, key=lambda n: summ[n]["ppl_mean"])
+            out.append(f"| RCP ≫ PTQ baselines at W2A4KV4, with seeds | RCP {ms('RCP')} vs "
+                       + "; ".join(f"{n} {ms(n)}" for n in ptq)
+                       + f"; the best PTQ row by its mean ({best}) is {_fmt_x(summ[best]['ppl_mean'] / summ['RCP']['ppl_mean'])}"
+                       f" RCP's mean | " + "; ".join(fresh.get(n, "–") for n in ptq) + " |")
         if "RCP" in summ:
             r = summ["RCP"]
             vs_fp = f", {_fmt_x(r['ppl_mean'] / fp_ppl)} the FP perplexity" if fp_ppl else ""
@@ -215,6 +232,10 @@ def seeded_claim_rows(abl_dir: Path, fp_ppl: float | None = None) -> list[str]:
             out.append(f"| Partition: a learnable non-uniform grid beats a uniform one (same start, budget, learning "
                        f"rates) | RCP {ms('RCP')} vs Uniform-QAT {ms('Uniform-QAT')} | "
                        f"{fresh.get('Uniform-QAT', '–')} |")
+        if {"RCP", "Uniform-QAT g32"} <= set(summ):
+            out.append(f"| Partition at equal bits: LDP at group 64 against a uniform grid at group 32 (3.0 bits per "
+                       f"weight each: 2-bit codes + 4 fp16 levels / 64, or + fp16 scale and zero / 32) | RCP "
+                       f"{ms('RCP')} vs Uniform-QAT g32 {ms('Uniform-QAT g32')} | {fresh.get('Uniform-QAT g32', '–')} |")
         for name, part in (("RCP clip frozen", "the clip"), ("RCP levels frozen", "the levels")):
             if {"RCP", name} <= set(summ):
                 moved = summ["RCP"]["clip_shift_mean" if part == "the clip" else "level_shift_mean"]
@@ -652,7 +673,7 @@ def token_curve_file(d: Path) -> Path | None:
     return max(found)[1] if found else None
 
 
-def token_curve_markdown(curve: pd.DataFrame, profile: str = "cpu") -> str:
+def token_curve_markdown(curve: pd.DataFrame, profile: str = "cpu", link_root: str = "") -> str:
     """One paragraph on ``qat_tokens.csv`` (:func:`rcp_lib.experiments.token_curve`, one row per validation point of
     one long RCP run): the command that wrote it, the validation perplexity at the first and the last point against
     FP on the same held-out windows, what the last doubling of tokens bought, and how far the whole run moved each
@@ -683,7 +704,7 @@ def token_curve_markdown(curve: pd.DataFrame, profile: str = "cpu") -> str:
         cs, ls, ws = (float(v) for _, v in moved)
         txt += (f" Over the whole run the clip ratio moved by {cs:.4f} and the level fractions by {ls:.4f} on average "
                 f"(mean |Δ| over groups), the latent weights by {ws:.2g} (relative Frobenius change).")
-    return txt + f"\n\n![qat_tokens](figures/{profile}/qat_tokens.png)"
+    return txt + f"\n\n![qat_tokens]({link_root}figures/{profile}/qat_tokens.png)"
 
 
 def benchmarks_markdown(d: Path) -> str:
@@ -740,14 +761,58 @@ def code_versions_markdown(ppl: pd.DataFrame, summary: pd.DataFrame, seeds: pd.D
             "`python -m rcp_lib table --profile ablation --table ablation`, then `--table ablation_summary`).")
 
 
-def results_markdown(profile: str = "cpu", results: Path | None = None) -> str:
-    """The README block for a profile: perplexity and zero-shot tables with their protocol and provenance."""
-    d = Path(results) if results else results_dir(profile)
-    ppl_path, zs_path = d / _file("perplexity"), d / _file("zero_shot")
+def _read_ppl(d: Path, profile: str) -> pd.DataFrame:
+    """``perplexity.csv`` of the results folder ``d`` (FileNotFoundError naming the notebook that writes it)."""
+    ppl_path = d / _file("perplexity")
     if not ppl_path.exists():
         raise FileNotFoundError(f"{ppl_path} not found: run notebook 02 first "
                                 f"(python -m rcp_lib reproduce --profile {profile} --notebooks 02_perplexity.ipynb)")
-    ppl = pd.read_csv(ppl_path)
+    return pd.read_csv(ppl_path)
+
+
+def timing_markdown(d: Path, profile: str) -> str:
+    """One sentence on the last full ``reproduce`` of the profile (``reproduce_timing.json`` of ``d``): its time, the
+    rows it computed or took from the cache, where and when; empty without that file."""
+    timing = d / _file("reproduce_timing")
+    if not timing.exists():
+        return ""
+    t = json.loads(timing.read_text())
+    nb_rows = [r for r in (t.get("rows") or {}).values() if isinstance(r, dict)]
+    if nb_rows:  # every cache key holds the code fingerprint: a hit is a row of this code (earlier in the run or before)
+        cold = (f"computing {sum(int(r.get('computed', 0)) for r in nb_rows)} result rows and taking "
+                f"{sum(int(r.get('hits', 0)) for r in nb_rows)} from the cache of this code")
+    else:
+        cold = ("from empty caches" if not t.get("cached_rows_at_start") else
+                f"with {t['cached_rows_at_start']} cached rows at the start")
+    cpu = f", {t['cpu_model']}" if t.get("cpu_model") else ""
+    return (f"The last full `reproduce --profile {profile}` took **{t['total_seconds'] / 60:.0f} min** {cold} "
+            f"on {t['device']}{cpu} (git {str(t['git_commit'])[:8]}, {t['date_utc']}); per notebook: "
+            + ", ".join(f"{k.split('.')[0]} {v / 60:.1f} min" for k, v in t["notebooks"].items()) + ".")
+
+
+def readme_markdown(profile: str = "cpu", results: Path | None = None) -> str:
+    """The README's block for a profile: the last run's time, the claim table (:func:`claims_markdown`) and a link to
+    the profile's ``SUMMARY.md`` (:func:`results_markdown`), which holds every table behind it."""
+    d = Path(results) if results else results_dir(profile)
+    ppl = _read_ppl(d, profile)
+    out = [f"# Results of the `{profile}` profile", "",
+           f"Generated from `results/{profile}/` (and `results/ablation/`) by `python -m rcp_lib readme --profile "
+           f"{profile}`; do not edit by hand.", ""]
+    t = timing_markdown(d, profile)
+    out += [t, ""] if t else []
+    out += [claims_markdown(d, ppl), "",
+            f"Every table behind these rows, with its protocol, seeds and provenance: "
+            f"[`results/{profile}/SUMMARY.md`](results/{profile}/SUMMARY.md) (generated by the same command)."]
+    return "\n".join(out)
+
+
+def results_markdown(profile: str = "cpu", results: Path | None = None, link_root: str = "") -> str:
+    """Every table of a profile's results with its protocol and provenance (the profile's ``SUMMARY.md``): the claim
+    table, perplexity, rotation impact, sweeps, ablation with seeds, GSR, zero-shot, benchmarks. ``link_root`` is put
+    before the figures' repository paths (``"../../"`` from ``results/<profile>/SUMMARY.md``)."""
+    d = Path(results) if results else results_dir(profile)
+    zs_path = d / _file("zero_shot")
+    ppl = _read_ppl(d, profile)
     r0 = ppl.iloc[0]
     qat = ppl[ppl.family == "qat"]
     commits = sorted(set(ppl["git_commit"].astype(str)))
@@ -756,24 +821,18 @@ def results_markdown(profile: str = "cpu", results: Path | None = None) -> str:
     windows = f"{int(r0['windows'])} windows"
     if "windows_note" in ppl and isinstance(r0.get("windows_note"), str):
         windows = f"{r0['windows_note']} windows"
-    out = [f"### Measured here: `{profile}` profile (regenerate with `python -m rcp_lib reproduce --profile {profile}` "
-           f"then `python -m rcp_lib readme --profile {profile}`)", ""]
-    timing = d / _file("reproduce_timing")
-    if timing.exists():
-        t = json.loads(timing.read_text())
-        nb_rows = [r for r in (t.get("rows") or {}).values() if isinstance(r, dict)]
-        if nb_rows:  # every cache key holds the code fingerprint: a hit is a row of this code (earlier in the run or before)
-            cold = (f"computing {sum(int(r.get('computed', 0)) for r in nb_rows)} result rows and taking "
-                    f"{sum(int(r.get('hits', 0)) for r in nb_rows)} from the cache of this code")
-        else:
-            cold = ("from empty caches" if not t.get("cached_rows_at_start") else
-                    f"with {t['cached_rows_at_start']} cached rows at the start")
-        out += [f"The last full `reproduce --profile {profile}` took **{t['total_seconds'] / 60:.0f} min** {cold} "
-                f"on {t['device']} (git {str(t['git_commit'])[:8]}, {t['date_utc']}); per notebook: "
-                + ", ".join(f"{k.split('.')[0]} {v / 60:.1f} min" for k, v in t["notebooks"].items()) + ".", ""]
+    out = [f"# Results of the `{profile}` profile", "",
+           f"Generated from `results/{profile}/` (and `results/ablation/`) by `python -m rcp_lib readme --profile "
+           f"{profile}`; do not edit by hand.", ""]
+    t = timing_markdown(d, profile)
+    out += [t, ""] if t else []
+    cpus = ""
+    if "cpu_model" in ppl:
+        models = sorted(set(ppl["cpu_model"].dropna().astype(str)))
+        cpus = f" ({' / '.join(models)})" if models else ""
     out += [claims_markdown(d, ppl), "",
             f"Perplexity of **{r0['model']}** on the **{r0['corpus']} test split**, seqlen {int(r0['seqlen'])}, "
-            f"{windows} ({int(r0['tokens_scored'])} tokens scored), {r0['device']}; rows computed at {at} "
+            f"{windows} ({int(r0['tokens_scored'])} tokens scored), {r0['device']}{cpus}; rows computed at {at} "
             f"(each row's provenance is in `results/{profile}/perplexity.csv`). Lower is better.", ""]
     if len(qat):
         q = _qat_budget(qat.iloc[0]["config"])
@@ -795,7 +854,7 @@ def results_markdown(profile: str = "cpu", results: Path | None = None) -> str:
                 f"`{q.get('loss', 'kl')}` against the FP teacher, learning rates {q['lr_weights']:g} "
                 f"(weights) / {q['lr_quant']:g} (quantizer), gradient clip {q['grad_clip']:g}"
                 f"{start}.", ""]
-    out += [ppl_markdown(ppl), "", f"![perplexity](figures/{profile}/perplexity.png)", ""]
+    out += [ppl_markdown(ppl), "", f"![perplexity]({link_root}figures/{profile}/perplexity.png)", ""]
     rot_p = d / _file("rotation_impact_summary")
     if rot_p.exists():
         if profile not in PROFILES:  # e.g. "cpu-<hash>": the layers are in its rows, not in a named profile
@@ -847,7 +906,7 @@ def results_markdown(profile: str = "cpu", results: Path | None = None) -> str:
                 gsr_decision_markdown(pd.read_csv(gsr_p)), ""]
     tok_p = token_curve_file(d)
     if tok_p is not None:
-        out += [token_curve_markdown(pd.read_csv(tok_p), tok_p.parent.name), ""]
+        out += [token_curve_markdown(pd.read_csv(tok_p), tok_p.parent.name, link_root), ""]
     ctl = gsr_control_markdown(ppl)
     if ctl:
         out += ["GSR and its control: the same block-diagonal R1 with the rows of each block in natural Hadamard order "
@@ -898,10 +957,13 @@ def results_markdown(profile: str = "cpu", results: Path | None = None) -> str:
 
 #: the profile whose run the checkout's README shows
 README_PROFILE = "cpu"
+#: the file of a profile's results folder that holds every generated table (:func:`results_markdown`)
+SUMMARY = "SUMMARY.md"
 
 
 def update_readme(profile: str = "cpu", readme: Path | None = None, results: Path | None = None) -> Path:
-    """Replace the block between the RESULTS-TABLE markers of ``readme`` with :func:`results_markdown`.
+    """Replace the block between the RESULTS-TABLE markers of ``readme`` with :func:`readme_markdown` (the claim
+    table) and write every table, :func:`results_markdown`, to ``SUMMARY.md`` of the results folder.
 
     The checkout's README (``readme`` None) shows the :data:`README_PROFILE` run only: another profile raises
     ValueError instead of replacing that block (print its markdown with ``python -m rcp_lib readme --print``).
@@ -916,5 +978,8 @@ def update_readme(profile: str = "cpu", readme: Path | None = None, results: Pat
         raise ValueError(f"{path} has no {BEGIN} marker")
     head, rest = text.split(BEGIN, 1)
     tail = rest.split(END, 1)[1] if END in rest else rest
-    block = f"{BEGIN}\n{results_markdown(profile, results)}\n{END}"
+    d = Path(results) if results else results_dir(profile)
+    summary = results_markdown(profile, d, link_root="../../")  # raises before anything is written
+    block = f"{BEGIN}\n{readme_markdown(profile, d)}\n{END}"
+    atomic_write_text(summary + "\n", d / SUMMARY)
     return atomic_write_text(head + block + tail, path)

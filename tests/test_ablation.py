@@ -47,13 +47,14 @@ def test_ablation_profile_and_table_columns(monkeypatch):
     P = get_profile("ablation")
     assert len(P.ablation_seeds) >= 3 and P.settings == ["W2A4KV4"]
     names = [m.name for m in A.ablation_methods(P)]
-    every = {"RCP", *X.methods.QAT_BASELINES, *X.methods.EQUAL_BITS, *X.methods.ABLATIONS}
+    every = {"RCP", *X.methods.QAT_BASELINES, *X.methods.EQUAL_BITS, *X.methods.ABLATIONS, *X.methods.SEEDED_PTQ}
     assert names[0] == "RCP" and set(names) == every & set(P.methods)
     seen = []
 
     def fake_row(m, p, progress=True):
-        seen.append((m.name, p.seed, m.recipe(p).rotation.seed if m.recipe(p).rotation else None,
-                     m.recipe(p).qat.seed))
+        rec = m.recipe(p)
+        seen.append((m.name, p.seed, rec.rotation.seed if rec.rotation else None,
+                     rec.qat.seed if rec.qat else p.seed))  # a PTQ row: the profile's seed picks its calibration
         return {"ppl": 100.0 + p.seed, "step0_ppl": 1e4, "clip_ratio_init": 0.98, "clip_ratio_final": 0.9,
                 "level_shift": 0.02, "weight_shift": 1e-3, "qat_tokens": 10240, "qat_seconds": 60.0,
                 "git_commit": "abc"}
@@ -98,7 +99,7 @@ def test_qat_weight_fields_apply_only_where_they_mean_something():
     assert (q.lr_quant, q.grad_clip, q.lr_weights) == (1e-2, 0.3, 1e-4)
     # range_mode applies to every QAT row (a GPTQ start for each): learnable lo / hi with LWC, fixed without
     D = get_profile("ablation")
-    for n in D.methods:
+    for n in (n for n in D.methods if X.method(n).qat):
         r = X.method(n, "W2A4KV4").recipe(D)
         assert r.qat.gptq_start and r.quant.weight.range_mode == "static", n
     assert not X.method("RCP w/o Clip", "W2A4KV4").recipe(D).quant.weight.lwc

@@ -298,7 +298,7 @@ def _cold(code: str, tmp_path, *args: str, module: bool = False) -> subprocess.C
 
 
 def test_documented_load_paths_work_in_a_cold_process(tmp_path):
-    """The README's two load paths in a fresh interpreter (the tests' own process has imported transformers
+    """The two load paths of docs/library.md in a fresh interpreter (the tests' own process has imported transformers
     already, which hid an import cycle): ``import rcp_lib; rcp_lib.load_quantized(DIR)`` and ``python -m rcp_lib eval
     --model DIR``; and plain ``import rcp_lib`` then ``AutoModelForCausalLM.from_pretrained(DIR)``."""
     m = _model()

@@ -84,8 +84,8 @@ def test_all_notebooks_run_with_smoke_profile(tmp_path):
 
 
 def test_papermill_overrides_json_string_write_to_their_own_folder(tmp_path):
-    """The papermill convention of the README: ``-p overrides '<JSON>'``; the run writes to ``<profile>-<hash>/``
-    and leaves the unmodified profile's results untouched."""
+    """The papermill convention of docs/reproducing.md: ``-p overrides '<JSON>'``; the run writes to
+    ``<profile>-<hash>/`` and leaves the unmodified profile's results untouched."""
     cpu = results_dir("cpu")
     before = {p.name: p.stat().st_mtime_ns for p in cpu.iterdir()} if cpu.exists() else {}
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", RCP_ALLOW_DIRTY="1",

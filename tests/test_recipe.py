@@ -70,9 +70,9 @@ def test_recipes_of_named_methods():
 
 @pytest.mark.parametrize("config, profile", [("cpu.yaml", "cpu"), ("paper-llama2-7b.yaml", "paper")])
 def test_cli_example_config_is_the_tables_recipe(config, profile):
-    """`python -m rcp_lib qat --config configs/cpu.yaml` (the README's CLI example) trains the recipe of the cpu table's
-    RCP W2A4KV4 row, on its model, corpus, calibration and test windows; the paper's run config is the paper
-    profile's RCP row."""
+    """`python -m rcp_lib qat --config configs/cpu.yaml` (the CLI example of docs/library.md) trains the recipe of the
+    cpu table's RCP W2A4KV4 row, on its model, corpus, calibration and test windows; the paper's run config is the
+    paper profile's RCP row."""
     cfg = RunConfig.load(CONFIGS / config)
     P = get_profile(profile)
     table = X.method("RCP", "W2A4KV4").recipe(P)

@@ -50,12 +50,16 @@ def test_update_readme_replaces_block_idempotently(tmp_path):
     readme = tmp_path / "README.md"
     readme.write_text(f"intro\n\n{BEGIN}\n\n## next section\n")
     update_readme("cpu", readme=readme, results=res)
-    once = readme.read_text()
+    once, summary = readme.read_text(), (res / "SUMMARY.md").read_text()
     assert once.startswith("intro\n\n" + BEGIN) and once.count(END) == 1 and once.endswith("\n\n## next section\n")
-    assert "| RCP | qat | 30.25 | – |" in once and "3 steps" in once and "loss `kl`" in once
-    assert "learning rates 0.0001 (weights) / 0.01 (quantizer), gradient clip 1" in once
+    # the README holds the claim table and a link; SUMMARY.md every table with its protocol
+    assert "| claim (the paper's numbers) |" in once and "(results/cpu/SUMMARY.md)" in once
+    assert "| RCP | qat | 30.25 | – |" not in once
+    assert "| RCP | qat | 30.25 | – |" in summary and "3 steps" in summary and "loss `kl`" in summary
+    assert "learning rates 0.0001 (weights) / 0.01 (quantizer), gradient clip 1" in summary
+    assert "](../../figures/cpu/perplexity.png)" in summary  # relative to results/cpu/
     update_readme("cpu", readme=readme, results=res)
-    assert readme.read_text() == once
+    assert readme.read_text() == once and (res / "SUMMARY.md").read_text() == summary
 
 
 def test_update_readme_needs_results(tmp_path):
@@ -80,7 +84,8 @@ def test_longer_qat_rows_sit_next_to_the_main_table(tmp_path):
     longer.to_csv(res / "perplexity_qat_12steps.csv", index=False)
     readme = tmp_path / "README.md"
     readme.write_text(BEGIN)
-    text = update_readme("cpu", readme=readme, results=res).read_text()
+    update_readme("cpu", readme=readme, results=res)
+    text = (res / "SUMMARY.md").read_text()
     assert "perplexity_qat_12steps.csv" in text and "12 steps × 16 tokens" in text and "| RCP | W2A4KV4 | 3: 30.25 | 12: 25.00 |" in text
 
 
@@ -119,14 +124,17 @@ def test_readme_prose_quotes_no_measured_number():
     assert "| claim" not in _readme_static()  # the claim table is generated from results/
 
 
-def test_readme_gpu_memory_table_matches_the_estimator():
-    """The QAT memory-per-GPU table in README.md is an estimate: every cell equals qat_memory_per_gpu's output."""
+def test_docs_gpu_memory_table_matches_the_estimator():
+    """The QAT memory-per-GPU table in docs/reproducing.md is an estimate: every cell equals qat_memory_per_gpu's
+    output."""
     import re
 
     from rcp_lib.experiments import REFERENCE_CONFIGS
+    from rcp_lib.paths import REPO_ROOT
     from rcp_lib.train_memory import qat_memory_per_gpu
 
-    rows = [l for l in _readme_static().splitlines() if re.match(r"\| LLaMA-[\w.-]+ \| \d+ \| (single|FSDP|DDP) \|", l)]
+    text = (REPO_ROOT / "docs" / "reproducing.md").read_text()
+    rows = [l for l in text.splitlines() if re.match(r"\| LLaMA-[\w.-]+ \| \d+ \| (single|FSDP|DDP) \|", l)]
     assert len(rows) >= 4
     for line in rows:
         cells = [c.strip() for c in line.strip("|").split("|")]
@@ -247,15 +255,16 @@ def test_code_versions_sentence_checks_the_rows_both_files_compute():
     assert "they share no row" in code_versions_markdown(ppl, summary, None)
 
 
-def test_readme_recipe_prose_matches_the_configs():
-    """The QAT settings the README's prose names are the cpu profile's defaults and the paper config's."""
+def test_reconstruction_recipe_prose_matches_the_configs():
+    """The QAT settings the prose of docs/reconstruction.md names are the cpu profile's defaults and the paper
+    config's."""
     from rcp_lib.experiments.methods import paper_qat_recipe
-    from rcp_lib.paths import readme_path
+    from rcp_lib.paths import REPO_ROOT
     from rcp_lib.profiles import get_profile
 
     from rcp_lib.experiments.methods import profile_qat_recipe, qat_config
 
-    text = " ".join(readme_path().read_text().split())
+    text = " ".join((REPO_ROOT / "docs" / "reconstruction.md").read_text().split())
     P = get_profile("cpu")
     q = qat_config(P)
     lr = lambda x: f"{x:.0e}".replace("e-0", "e-")  # 1e-4, as the prose writes it
@@ -283,7 +292,7 @@ def test_readme_names_the_analysed_layers(tmp_path):
     readme.write_text(BEGIN)
     update_readme("cpu", readme=readme, results=res)
     layers = get_profile("cpu").analysis_layers
-    text = readme.read_text()
+    text = (res / "SUMMARY.md").read_text()
     assert layers and f"mean over the decoder layers {', '.join(map(str, layers))} (`analysis_layers`" in text
     # no ablation rows in the table and no results/ablation/: the claim row says where the ablations run
     assert "ablations run with seeds in the `ablation` profile" in text and "one seed each" not in text
@@ -501,3 +510,23 @@ def test_seeded_claim_rows(tmp_path):
                   for s, v in enumerate(vals)]).to_csv(tmp_path / "gsr_decision.csv", index=False)
     out = "\n".join(seeded_claim_rows(tmp_path, 22.13))
     assert "QuaRot (random Hadamard) < GSR + random signs (paired p = " in out
+
+
+def test_seeded_claim_rows_ptq_and_equal_bits(tmp_path):
+    """RCP against the seeded PTQ rows and the equal-bits uniform rival: each status is recomputed from the per-seed
+    values (a paired test: the seeds agree); PTQ rows without a start have no 'QAT vs start' phrase of their own."""
+    from rcp_lib.stats import order
+    from rcp_lib.report import seeded_claim_rows
+
+    vals = {"RCP": (92.0, 118.7, 87.9), "QuaRot-GPTQ": (221.0, 240.0, 215.0), "QuaRot-GPTQ static": (195.0, 214.0, 190.0),
+            "Uniform-QAT g32": (120.0, 119.0, 100.0)}
+    rows = [{"method": m, "setting": "W2A4KV4", "seed": s, "ppl": v, "step0_ppl": 190.0 if "GPTQ" not in m else None}
+            for m, vs in vals.items() for s, v in enumerate(vs)]
+    pd.DataFrame(rows).to_csv(tmp_path / "ablation.csv", index=False)
+    out = "\n".join(seeded_claim_rows(tmp_path, 22.13))
+    ptq = next(line for line in out.splitlines() if line.startswith("| RCP ≫ PTQ baselines at W2A4KV4, with seeds"))
+    for m in ("QuaRot-GPTQ", "QuaRot-GPTQ static"):
+        assert order("RCP", list(vals["RCP"]), m, list(vals[m]), kind="paired") in ptq
+    assert "the best PTQ row by its mean (QuaRot-GPTQ static)" in ptq
+    eq = next(line for line in out.splitlines() if line.startswith("| Partition at equal bits"))
+    assert eq.endswith(f"| {order('RCP', list(vals['RCP']), 'Uniform-QAT g32', list(vals['Uniform-QAT g32']), kind='paired')} |")

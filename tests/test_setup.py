@@ -1,5 +1,5 @@
 """Set-up edges (issue 7): CPU torch by default, a clear Python-version check, ``requires-python`` matching the pins,
-and README hub commands that exist in the pinned huggingface_hub."""
+and hub commands of the docs (README.md, docs/*.md) that exist in the pinned huggingface_hub."""
 
 import re
 import shutil
@@ -64,11 +64,12 @@ def test_requires_python_matches_the_pins():
     assert "python=" + ".".join(map(str, _lower_bound(declared))) in (ROOT / "environment.yml").read_text()
 
 
-def test_readme_hub_commands_exist_in_the_pinned_huggingface_hub():
-    readme = (ROOT / "README.md").read_text()
-    assert "huggingface-cli" not in readme  # removed from huggingface_hub; it installs `hf`
-    cmds = sorted(set(re.findall(r"(?:^|`|\n)\s*hf ([a-z-]+(?: [a-z-]+)?)", readme)))
-    assert cmds, "the README names no hf command"
+def test_docs_hub_commands_exist_in_the_pinned_huggingface_hub():
+    # README.md and docs/*.md: the hub commands are in docs/library.md (upload) and docs/reproducing.md (auth login)
+    docs = "\n".join(p.read_text() for p in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))])
+    assert "huggingface-cli" not in docs  # removed from huggingface_hub; it installs `hf`
+    cmds = sorted(set(re.findall(r"(?:^|`|\n)\s*hf ([a-z-]+(?: [a-z-]+)?)", docs)))
+    assert cmds, "the docs name no hf command"
     hf = Path(sys.executable).parent / "hf"
     if not hf.exists():
         pytest.skip("the hf command of huggingface_hub is not installed next to this Python")

@@ -2,7 +2,7 @@
 with the ``accelerate launch ... train-rows`` command, and what that launch writes is what the notebooks' ``build``
 loads.
 
-* the refusal: LLaMA-2-7B's estimate (rcp_lib.train_memory, the README's memory table) against an 80 GB device;
+* the refusal: LLaMA-2-7B's estimate (rcp_lib.train_memory, docs/reproducing.md's memory table) against an 80 GB device;
 * ``train-rows`` under ``torchrun --nproc_per_node 2`` on the CPU (gloo, Accelerate's MULTI_CPU: DDP) with the paper
   profile's dry-run stand-ins (tiny random LLaMA of hidden 256, the paper's group 128 and QAT recipe file, budgets
   cut), then ``build`` in this process loads the student without training.
@@ -33,7 +33,7 @@ def test_a_row_too_large_for_one_gpu_is_refused_with_the_launch_command():
     cfg = REFERENCE_CONFIGS["LLaMA-2-7B"]
     want = qat_memory_per_gpu(cfg, n_gpus=1, strategy="ddp", w_bits=2, group_size=128, seq_len=2048, micro_batch=1)
     assert B.qat_memory_gb(m, P, cfg) == pytest.approx(want["total_gb"])
-    assert 100 < want["total_gb"] < 150  # the README's memory table: ~124 GB, more than one 80 GB GPU
+    assert 100 < want["total_gb"] < 150  # docs/reproducing.md's memory table: ~124 GB, more than one 80 GB GPU
     with pytest.raises(B.QATDoesNotFitError) as e:
         B.check_qat_fits(m, P, cfg, device_bytes=80 * 10**9)
     msg = str(e.value)

@@ -22,7 +22,7 @@ from typing import Any
 from ..io import provenance
 from ..profiles import Profile
 from ..stats import NOT_SEPARABLE, order  # noqa: F401 (NOT_SEPARABLE: re-exported)
-from .methods import ABLATIONS, EQUAL_BITS, QAT_BASELINES, Method, method
+from .methods import ABLATIONS, EQUAL_BITS, QAT_BASELINES, SEEDED_PTQ, Method, method
 from .rows import _cached, _code
 
 #: the columns of ``ablation.csv``, in order
@@ -32,8 +32,9 @@ ABLATION_SETTING = "W2A4KV4"
 
 
 def ablation_methods(profile: Profile) -> list[Method]:
-    """RCP and its ablations at W2A4KV4 (restricted to ``profile.methods`` when set)."""
-    names = ("RCP",) + QAT_BASELINES + EQUAL_BITS + ABLATIONS
+    """RCP, its QAT rivals and ablations and the seeded PTQ rows (:data:`~rcp_lib.experiments.methods.SEEDED_PTQ`) at
+    W2A4KV4 (restricted to ``profile.methods`` when set)."""
+    names = ("RCP",) + QAT_BASELINES + EQUAL_BITS + ABLATIONS + SEEDED_PTQ
     return [method(n, ABLATION_SETTING) for n in names if profile.methods is None or n in profile.methods]
 
 
@@ -50,15 +51,23 @@ def ablation_table(profile: Profile, progress: bool = True) -> list[dict]:
     for seed in profile.ablation_seeds:
         p = replace(profile, seed=int(seed))
         for m in ablation_methods(profile):
-            r = ppl_row(m, p, progress=progress)
-            rows.append({"method": m.name, "setting": m.setting, "seed": int(seed), "ppl": r["ppl"],
-                         "step0_ppl": r.get("step0_ppl"), "clip_ratio_init": r.get("clip_ratio_init"),
-                         "clip_ratio_final": r.get("clip_ratio_final"), "clip_shift": r.get("clip_shift"),
-                         "level_shift": r.get("level_shift"),
-                         "weight_shift": r.get("weight_shift"), "code_flips": r.get("code_flips"),
-                         "tokens": r.get("qat_tokens"),
-                         "seconds": r.get("qat_seconds"), "git_commit": r.get("git_commit")})
+            rows.append(ablation_row({**ppl_row(m, p, progress=progress), "method": m.name, "setting": m.setting,
+                                      "seed": int(seed)}))
     return rows
+
+
+def ablation_row(r: dict) -> dict:
+    """The :data:`ABLATION_COLUMNS` of one perplexity row ``r`` (:func:`~rcp_lib.experiments.tables.ppl_row`, a row of
+    ``perplexity.csv``): a PTQ row has no start, movement, tokens or training seconds (None)."""
+    def get(k):
+        v = r.get(k)
+        return None if v is None or (isinstance(v, float) and v != v) else v
+
+    return {"method": r["method"], "setting": r["setting"], "seed": int(r["seed"]), "ppl": float(r["ppl"]),
+            "step0_ppl": get("step0_ppl"), "clip_ratio_init": get("clip_ratio_init"),
+            "clip_ratio_final": get("clip_ratio_final"), "clip_shift": get("clip_shift"),
+            "level_shift": get("level_shift"), "weight_shift": get("weight_shift"), "code_flips": get("code_flips"),
+            "tokens": get("qat_tokens"), "seconds": get("qat_seconds"), "git_commit": r.get("git_commit")}
 
 
 def _stats(values: list[float]) -> tuple[float, float, float]:

@@ -71,6 +71,9 @@ PTQ_ROWS = ("RTN", "QuaRot-RTN", "QuaRot-GPTQ", "QuaRot-GPTQ static", "GSR-GPTQ"
 QAT_BASELINES = ("Uniform-QAT",)
 #: at W2A4KV4 also the uniform grid at the bits LDP stores at the profile's group (group 32: 3.0 bits, as LDP at 64)
 EQUAL_BITS = ("Uniform-QAT g32",)
+#: PTQ rows the ``ablation`` profile also runs once per seed (the seed sets the R1 signs and the calibration windows),
+#: so that "RCP below the best PTQ row" is decided by a test over seeds, not read off one run each
+SEEDED_PTQ = ("QuaRot-GPTQ", "QuaRot-GPTQ static")
 ABLATIONS = ("RCP levels frozen", "RCP clip frozen", "RCP w/o Rotate", "RCP w/o Clip", "RCP+GSR", "RCP+BlockHadamard")
 CONTROL_SETTINGS = ("W2A4KV4", "W2A16KV16")  # settings that also get the block-Hadamard control rows
 
