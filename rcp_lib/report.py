@@ -90,6 +90,44 @@ def zero_shot_markdown(df: pd.DataFrame) -> str:
     return "\n".join(lines)
 
 
+def zero_shot_tests_markdown(zs: pd.DataFrame, ppl: pd.DataFrame | None = None, ref: str = "RCP") -> str:
+    """Paired tests between zero-shot rows and the measured floor, from the per-document outcomes (``per_doc``,
+    :func:`rcp_lib.evaluation.zero_shot.per_document`): for each task's ``acc``, ``ref`` at each setting against every
+    other row of that setting and FP (exact McNemar, :func:`rcp_lib.stats.accuracy_order`; only rows scored on the
+    same documents, ``docs_sha256``), and the accuracy of the row with the highest perplexity in ``ppl`` (a broken
+    model: what a task gives without language modelling); the tests need per-document outcomes (rows of an older
+    code have none: then only the floor).
+    from .stats import accuracy_order
+
+    acc_all = zs[zs.metric == "acc"]
+    acc = (acc_all[acc_all["per_doc"].notna() & (acc_all["per_doc"].astype(str) != "")] if "per_doc" in zs
+           else acc_all.iloc[:0])
+    lines = ["| task | rows | paired test on the same documents |", "|---|---|---|"]
+    for task, t in acc.groupby("task", sort=False):
+        by = {(r.method, r.setting): r for r in t.itertuples()}
+        fp = next((r for (m, _), r in by.items() if m == "FP"), None)
+        for (m, st), r in by.items():
+            if m != ref:
+                continue
+            others = [o for (m2, s2), o in by.items() if s2 == st and m2 != ref] + ([fp] if fp is not None else [])
+            for o in others:
+                if o.docs_sha256 != r.docs_sha256:
+                    continue
+                a, b = [int(c) for c in str(r.per_doc)], [int(c) for c in str(o.per_doc)]
+                lines.append(f"| {task} | {ref} {st} {r.value:.3f} vs {o.method} {o.setting} {o.value:.3f} | "
+                             f"{accuracy_order(ref, a, o.method, b)} |")
+    out = lines if len(lines) > 2 else []
+    if ppl is not None and len(ppl):
+        worst = ppl.loc[ppl["ppl"].idxmax()]
+        floor = acc_all[(acc_all.method == worst["method"]) & (acc_all.setting == worst["setting"])]
+        if len(floor):
+            cells = ", ".join(f"{r.task} {r.value:.3f}" for r in floor.itertuples())
+            out += ["", f"Measured floor: the row with the highest perplexity ({worst['method']} {worst['setting']}, "
+                        f"perplexity {_fmt_ppl(float(worst['ppl']))}, a model that no longer models language) scores "
+                        f"acc {cells}."]
+    return "\n".join(out)
+
+
 def _qat_budget(config: str) -> dict:
     return json.loads(config)["qat"]
 
@@ -948,6 +986,9 @@ def results_markdown(profile: str = "cpu", results: Path | None = None, link_roo
         floor = ", ".join(f"{t} {c:g}" for t, c in chance.items() if c is not None) or "n/a"
         out += [f"Zero-shot accuracy (lm-evaluation-harness, 0-shot, acc ± stderr; random-guess accuracy: {floor}):", "",
                 zero_shot_markdown(zs), ""]
+        tests = zero_shot_tests_markdown(zs, ppl)
+        if tests:
+            out += [tests, ""]
     bench = benchmarks_markdown(d)
     if bench:
         out += ["Benchmarks (scripts; ratios measured side by side in one run; raw numbers with provenance in "

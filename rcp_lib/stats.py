@@ -6,6 +6,7 @@ two-sided 95 % t quantile is between 2.8 and 4.3, and the rule claims more than 
 * :func:`welch`: Welch's unequal-variance t-test of two independent samples;
 * :func:`paired`: the paired t-test of per-seed differences (use it where one seed sets the same R1 signs,
   calibration windows and data order for both rows);
+* :func:`mcnemar` / :func:`accuracy_order`: the exact McNemar test of two rows' per-document zero-shot outcomes;
 * :func:`order`: the sentence a table prints: ``"A < B (Welch p = 0.012, n = 3, 3)"`` or ``"not separable at this
   budget (p = 0.21)"``.
 
@@ -124,3 +125,47 @@ def order(name_a: str, a: Sequence[float], name_b: str, b: Sequence[float], kind
         return f"{NOT_SEPARABLE} ({stat})"
     lo, hi = (name_a, name_b) if r.diff < 0 else (name_b, name_a)
     return f"{lo} < {hi} ({stat})"
+
+
+@dataclass(frozen=True)
+class McNemar:
+    """Exact McNemar test of two classifiers scored on the same documents.
+
+    Attributes:
+        only_a: documents that ``a`` gets right and ``b`` wrong. only_b: the reverse (the discordant pairs).
+        n: documents. p: two-sided exact p-value (binomial, ``min(1, 2·P[X ≤ min(only_a, only_b)])`` with
+        X ~ Bin(only_a + only_b, 1/2); 1 when there is no discordant pair).
+    """
+
+    only_a: int
+    only_b: int
+    n: int
+    p: float
+
+
+def mcnemar(a: Sequence[bool | int], b: Sequence[bool | int]) -> McNemar:
+    """Exact two-sided McNemar test of per-document outcomes ``a`` and ``b`` (1 / True = correct), same length and
+    document order (ValueError otherwise). Exact: the discordant pairs are few at these sizes, where the chi-square
+    approximation is poor."""
+    if len(a) != len(b):
+        raise ValueError(f"McNemar needs the same documents for both rows, got {len(a)} and {len(b)} outcomes")
+    only_a = sum(1 for x, y in zip(a, b) if bool(x) and not bool(y))
+    only_b = sum(1 for x, y in zip(a, b) if bool(y) and not bool(x))
+    k, m = min(only_a, only_b), only_a + only_b
+    if m == 0:
+        return McNemar(only_a, only_b, len(a), 1.0)
+    tail = sum(math.comb(m, i) for i in range(k + 1)) / 2.0 ** m
+    return McNemar(only_a, only_b, len(a), min(1.0, 2.0 * tail))
+
+
+def accuracy_order(name_a: str, a: Sequence[bool | int], name_b: str, b: Sequence[bool | int],
+                   alpha: float = ALPHA) -> str:
+    """The order of two rows' accuracies on the same documents as one phrase: ``"A > B (McNemar p = 0.003,
+    discordant 14 / 3 of 878)"`` when the exact McNemar test gives ``p < alpha``, else ``"not separable at this budget
+    (McNemar p = 0.4, ...)"``."""
+    r = mcnemar(a, b)
+    stat = f"McNemar p = {r.p:.2g}, discordant {r.only_a} / {r.only_b} of {r.n}"
+    if r.p >= alpha:
+        return f"{NOT_SEPARABLE} ({stat})"
+    hi, lo = (name_a, name_b) if r.only_a > r.only_b else (name_b, name_a)
+    return f"{hi} > {lo} ({stat})"

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import hashlib
 import json
 import os
 import socket
@@ -183,6 +184,19 @@ def _n_examples(results: Mapping[str, Any], task: str) -> int | None:
     return int(n) if n is not None else None
 
 
+def per_document(samples: Sequence[Mapping[str, Any]], metric: str) -> tuple[str, str]:
+    """The per-document outcomes of one task and metric from lm_eval's logged samples: ``("0110...", sha256)``, one
+    character per document in ``doc_id`` order (``1``: correct), and the SHA-256 of the documents' hashes in that order
+    (two rows are paired only when it agrees). ``("", "")`` when the samples do not carry the metric (e.g.
+    ``perplexity``)."""
+    rows = sorted((s for s in samples if metric in s), key=lambda s: int(s["doc_id"]))
+    if not rows:
+        return "", ""
+    outcomes = "".join("1" if float(s[metric]) > 0.5 else "0" for s in rows)
+    h = hashlib.sha256("\n".join(str(s.get("doc_hash", s["doc_id"])) for s in rows).encode()).hexdigest()
+    return outcomes, h
+
+
 def zero_shot(
     model: Any,
     tokenizer: Any,
@@ -216,7 +230,8 @@ def zero_shot(
         ``pandas.DataFrame`` with one row per (task, metric) and columns ``task``, ``metric`` (``acc``,
         ``acc_norm``, ``perplexity``), ``value``, ``stderr``, ``n_examples``, ``used_in_average`` (see
         :data:`AVERAGE_METRIC`), ``num_fewshot``, ``limit``, ``lm_eval_version``, ``seconds`` (wall time of
-        the whole call) and ``config`` (JSON string of ``config``, keys sorted).
+        the whole call), ``config`` (JSON string of ``config``, keys sorted), ``per_doc`` and ``docs_sha256``
+        (:func:`per_document`: each document's 0/1 outcome, for paired tests between rows; empty for perplexity).
 
     Raises:
         ZeroShotDataUnavailableError: a standard task's data cannot be loaded offline (raised before any
@@ -246,7 +261,7 @@ def zero_shot(
                 limit=limit,
                 task_manager=tm,
                 bootstrap_iters=bootstrap_iters,
-                log_samples=False,
+                log_samples=True,  # per-document outcomes: paired (McNemar) tests between rows
             )
         except (ConnectionError, OSError) as e:
             if not (offline or isinstance(e, ConnectionError)):
@@ -264,6 +279,7 @@ def zero_shot(
             if key not in res:
                 continue
             stderr = res.get(f"{metric}_stderr,none")
+            outcomes, docs = per_document(out.get("samples", {}).get(task, []), metric)
             rows.append(
                 {
                     "task": task,
@@ -277,6 +293,8 @@ def zero_shot(
                     "lm_eval_version": version,
                     "seconds": round(seconds, 2),
                     "config": cfg_json,
+                    "per_doc": outcomes,
+                    "docs_sha256": docs,
                 }
             )
     return pd.DataFrame(rows)

@@ -218,6 +218,12 @@ def test_random_tiny_model_is_near_chance(embedded):
     assert 0.0 < ns.loc["acc", "stderr"] < 0.05
     assert df["config"].iloc[0] == '{"model": "tiny-random"}'
     assert df.loc[df.used_in_average, "metric"].tolist() == ["acc_norm"]
+    # per-document outcomes (for McNemar between rows): one 0/1 per document, their mean is the accuracy
+    for metric in ("acc", "acc_norm"):
+        per_doc = ns.loc[metric, "per_doc"]
+        assert len(per_doc) == 200 and set(per_doc) <= {"0", "1"}
+        assert per_doc.count("1") / 200 == pytest.approx(ns.loc[metric, "value"], abs=1e-12)
+    assert len(ns.loc["acc", "docs_sha256"]) == 64 and ns.loc["acc", "docs_sha256"] == ns.loc["acc_norm", "docs_sha256"]
 
     lw = zero_shot(model, tok, tasks=["wiki_lastword"], limit=50, batch_size=16).set_index("metric")
     assert set(lw.index) == {"acc", "perplexity"}
