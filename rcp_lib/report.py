@@ -96,7 +96,7 @@ def zero_shot_tests_markdown(zs: pd.DataFrame, ppl: pd.DataFrame | None = None, 
     other row of that setting and FP (exact McNemar, :func:`rcp_lib.stats.accuracy_order`; only rows scored on the
     same documents, ``docs_sha256``), and the accuracy of the row with the highest perplexity in ``ppl`` (a broken
     model: what a task gives without language modelling); the tests need per-document outcomes (rows of an older
-    code have none: then only the floor).
+    code have none: then only the floor)."""
     from .stats import accuracy_order
 
     acc_all = zs[zs.metric == "acc"]
