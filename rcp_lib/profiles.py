@@ -57,6 +57,12 @@ class Profile:
     qat_grad_accum: int = 1
     qat_val_every: int = 20
     ablation_seeds: list[int] = field(default_factory=lambda: [0])  # seeds of the ablation table (one run each)
+    # weight groups of the GSR decision's weight part (each smaller than the R1 block, rcp_lib.experiments.gsr);
+    # empty: the activation part only
+    gsr_weight_groups: list[int] = field(default_factory=lambda: [16, 32])
+    # the notebooks `reproduce` runs (rcp_lib.experiments.registry.profile_notebooks); None: every notebook but the
+    # seeded ablation's (06_ablation.ipynb), which the ``ablation`` profile runs
+    notebooks: list[str] | None = None
     # the one-seed QAT ablation rows (w/o Clip, Uniform-QAT = w/o Partition, w/o Rotate, the block-Hadamard control) in the tables;
     # False: left to the ``ablation`` profile, which has the seeds to order them (rcp_lib.experiments.SEEDED_ABLATIONS)
     qat_ablation_rows: bool = True
@@ -182,7 +188,7 @@ PROFILES: dict[str, Profile] = {
         name="smoke", seqlen=128, eval_windows=2, calib_windows=4, calib_seqlen=128, qat_steps=2, qat_seqlen=64,
         qat_val_every=2, full_eval_methods=[], analysis_layers=[0],
         analysis_rotations=["none", "gsr:64", "block_hadamard:64"], zero_shot_limit=8,
-        settings=["W2A4KV4"], methods=["FP", "QuaRot-GPTQ", "RCP"],
+        settings=["W2A4KV4"], methods=["FP", "QuaRot-GPTQ", "RCP"], gsr_weight_groups=[],
     ),
     # the seeded ablation rows run in the ``ablation`` profile (its seed 0 shares the cpu rows' cache keys)
     # budget (issue 15: a cold `make reproduce` within 75 minutes on 2 cores): the rotation analysis on every third
@@ -198,6 +204,7 @@ PROFILES: dict[str, Profile] = {
     ),
     "ablation": Profile(
         name="ablation", settings=["W2A4KV4"], full_eval_methods=[], ablation_seeds=[0, 1, 2],
+        notebooks=["06_ablation.ipynb"],
         # RCP against the fair rival (uniform-grid QAT, same start / budget / learning rates), the equal-bits rival
         # (Uniform-QAT g32: 3.0 bits per weight, as LDP at group 64), with each learnable part frozen at its start, and
         # the best PTQ rows, each once per seed (issue 35); the earlier ablations (w/o Clip, w/o Rotate, GSR,

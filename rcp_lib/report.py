@@ -201,8 +201,8 @@ def claims_markdown(d: Path, ppl: pd.DataFrame) -> str:
         else:
             abl = ("The Clip / Partition / Rotate ablations run with seeds in the `ablation` profile (below)."
                    if abl_p.exists() else
-                   "The Clip / Partition / Rotate ablations run with seeds in the `ablation` profile (`python -m "
-                   "rcp_lib table --profile ablation --table ablation_summary`); `results/ablation/` has none yet, so "
+                   "The Clip / Partition / Rotate ablations run with seeds in the `ablation` profile (notebook 06: "
+                   "`python -m rcp_lib reproduce --profile ablation`); `results/ablation/` has none yet, so "
                    "no order between them is stated.")
         if "RCP w/o Rotate" in at.index:
             rot = f" Inside QAT, rotation is worth {_fmt_x(float(at['RCP w/o Rotate']) / rcp)} (w/o Rotate {_fmt_ppl(float(at['RCP w/o Rotate']))})."
@@ -796,7 +796,7 @@ def code_versions_markdown(ppl: pd.DataFrame, summary: pd.DataFrame, seeds: pd.D
     diff = "; ".join(f"{m} {s} seed {sd}: {a:.2f} vs {b:.2f}" for m, s, sd, a, b in shared if a != b)
     why = f"the rows both compute differ ({diff})" if diff else "they share no row to check them against each other"
     return (f"**Not comparable row to row:** {codes}, and {why}; regenerate one at the other's code (the ablation: "
-            "`python -m rcp_lib table --profile ablation --table ablation`, then `--table ablation_summary`).")
+            "`python -m rcp_lib reproduce --profile ablation`, notebook 06).")
 
 
 def _read_ppl(d: Path, profile: str) -> pd.DataFrame:
@@ -924,8 +924,8 @@ def results_markdown(profile: str = "cpu", results: Path | None = None, link_roo
         abl = pd.read_csv(abl_p)
         start_p = abl_p.parent / _file("ablation_start")  # benchmarks/ablation_start.py
         commits = sorted(set(abl["git_commit"].astype(str))) if "git_commit" in abl else []
-        out += [f"Ablation with seeds (`ablation` profile: `python -m rcp_lib table --profile ablation --table "
-                f"ablation_summary`; W2A4KV4, the `cpu` profile's test windows and QAT budget, one run per seed, the seed "
+        out += [f"Ablation with seeds (`ablation` profile, notebook 06: `python -m rcp_lib reproduce --profile "
+                f"ablation`; W2A4KV4, the `cpu` profile's test windows and QAT budget, one run per seed, the seed "
                 f"setting the R1 signs and the data order; `results/ablation/`, git {', '.join(c[:8] for c in commits)}). "
                 "An order against RCP is stated only from a t-test on log perplexity over the seeds (paired by seed) "
                 "(two-sided p < 0.05, p shown).", "",
@@ -938,7 +938,7 @@ def results_markdown(profile: str = "cpu", results: Path | None = None, link_roo
             out += [line, ""]
     gsr_p = d.parent / "ablation" / _file("gsr_decision")
     if gsr_p.exists():
-        out += ["GSR decided (`python -m rcp_lib table --profile ablation --table gsr_decision`, "
+        out += ["GSR decided (notebook 06 of the `ablation` profile, "
                 "`results/ablation/gsr_decision.csv`): what a block-diagonal R1 does to 4-bit activations alone, and "
                 "GSR's sequency order where it can matter (weight groups smaller than the block).", "",
                 gsr_decision_markdown(pd.read_csv(gsr_p)), ""]

@@ -27,7 +27,7 @@ import threading
 import time
 from pathlib import Path
 
-from .experiments.registry import NOTEBOOKS, result_path
+from .experiments.registry import NOTEBOOKS, profile_notebooks, result_path
 from .paths import absolutize_env, notebooks_dir, runs_dir
 from .profiles import PROFILES, get_profile
 from .progress import PROGRESS_LOG_ENV
@@ -137,7 +137,8 @@ def reproduce(profile: str = "cpu", notebooks: list[str] | None = None, kernel: 
     if profile not in PROFILES:
         raise ValueError(f"unknown profile {profile!r}; choose one of {sorted(PROFILES)}")
     P = get_profile(profile, **(overrides or {}))
-    names = notebooks or list(NOTEBOOKS)
+    full = profile_notebooks(P)
+    names = notebooks or full
     unknown = [n for n in names if n not in NOTEBOOKS]
     if unknown:
         raise ValueError(f"unknown notebooks {unknown}; available: {NOTEBOOKS}")
@@ -189,7 +190,7 @@ def reproduce(profile: str = "cpu", notebooks: list[str] | None = None, kernel: 
             os.environ.pop(PROGRESS_LOG_ENV, None)
         else:
             os.environ[PROGRESS_LOG_ENV] = previous_log
-    if names == list(NOTEBOOKS):  # a full run: record how long it took (the README quotes it from this file)
+    if names == full:  # a full run of the profile: record how long it took (the README quotes it from this file)
         from .io import atomic_write_json, provenance
 
         commit = git_commit()
@@ -274,7 +275,7 @@ def dry_run(profile: str = "paper", notebooks: list[str] | None = None, kernel: 
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update({k: str(v) for k, v in env.items()})
     overrides = {**DRY_RUN_BUDGETS, "model": str(model_dir)}
-    names = notebooks or list(NOTEBOOKS)
+    names = notebooks or profile_notebooks(PROFILES[profile])
     try:
         print(f"[dry-run:{profile}] {work}: tiny random LLaMA {DRY_RUN_MODEL}, overrides {json.dumps(overrides)}",
               file=sys.stderr, flush=True)

@@ -40,13 +40,14 @@ def test_distributed_qat_eval_and_export_from_sharded_state(tmp_path):
 
 @pytest.mark.slow
 def test_reproduce_paper_dry_run(tmp_path):
-    from rcp_lib.experiments.registry import NOTEBOOKS
+    from rcp_lib.experiments.registry import profile_notebooks
+    from rcp_lib.profiles import PROFILES
     from rcp_lib.reproduce import dry_run
 
     results_before = sorted(p for p in (ROOT / "results").rglob("*") if p.is_file())
     work = dry_run("paper", workdir=tmp_path / "dry")
     assert work == (tmp_path / "dry").resolve()
-    for nb in NOTEBOOKS:
+    for nb in profile_notebooks(PROFILES["paper"]):
         assert (work / "runs" / "paper" / nb).exists()
     outs = list((work / "results").iterdir())  # the budgets are overrides: results/paper-<hash of them>/
     assert len(outs) == 1 and outs[0].name.startswith("paper-")

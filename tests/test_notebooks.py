@@ -9,7 +9,8 @@ import sys
 
 import pytest
 
-from rcp_lib.experiments.registry import NOTEBOOKS, TABLES, result_path
+from rcp_lib.experiments.registry import NOTEBOOKS, SEEDED_NOTEBOOK, TABLES, profile_notebooks, result_path
+from rcp_lib.profiles import PROFILES
 from rcp_lib.paths import cache_dir, figures_dir, notebooks_dir, results_dir, runs_dir
 
 NB_DIR = notebooks_dir()
@@ -42,12 +43,18 @@ def _text(o: dict) -> str:
 def test_all_notebooks_run_with_smoke_profile(tmp_path):
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
     env.pop("RCP_PROGRESS_LOG", None)
+    main = profile_notebooks(PROFILES["smoke"])  # the main run: every notebook but the seeded ablation's
+    assert SEEDED_NOTEBOOK not in main and set(main) | {SEEDED_NOTEBOOK} == set(NOTEBOOKS)
     r = subprocess.run([sys.executable, "-m", "rcp_lib", "reproduce", "--profile", "smoke"], env=env,
                        capture_output=True, text=True, timeout=1500)
     assert r.returncode == 0, r.stderr[-3000:]
-    for i, name in enumerate(NOTEBOOKS):  # per-notebook progress on the terminal, with the time left
-        assert f"({i + 1}/{len(NOTEBOOKS)}) {name} ..." in r.stderr and f"({i + 1}/{len(NOTEBOOKS)}) {name} done" in r.stderr
+    for i, name in enumerate(main):  # per-notebook progress on the terminal, with the time left
+        assert f"({i + 1}/{len(main)}) {name} ..." in r.stderr and f"({i + 1}/{len(main)}) {name} done" in r.stderr
     assert "[rcp_lib cache]" in r.stderr  # the kernels' log reaches the terminal
+    # the seeded ablation's notebook (the ablation profile's run) on the smoke budget: one seed, no GSR weight part
+    r6 = subprocess.run([sys.executable, "-m", "rcp_lib", "reproduce", "--profile", "smoke", "--notebooks",
+                         SEEDED_NOTEBOOK], env=env, capture_output=True, text=True, timeout=900)
+    assert r6.returncode == 0, r6.stderr[-3000:]
     for name in NOTEBOOKS:
         path = runs_dir("smoke") / name
         executed = json.loads(path.read_text())
@@ -63,8 +70,8 @@ def test_all_notebooks_run_with_smoke_profile(tmp_path):
         html = path.with_suffix(".html")
         assert html.exists() and "<html" in html.read_text()[:2000].lower(), name
     timing = json.loads(result_path("reproduce_timing", "smoke").read_text())
-    assert set(timing["notebooks"]) == set(NOTEBOOKS) and set(timing["rows"]) == set(NOTEBOOKS)
-    assert any(name in v for v in timing["measured"].values() for name in NOTEBOOKS)
+    assert set(timing["notebooks"]) == set(main) and set(timing["rows"]) == set(main)  # the 06 run alone: not a full run
+    assert any(name in v for v in timing["measured"].values() for name in main)
     smoke = [t for t in TABLES.values() if t.smoke]  # what a smoke run writes, from the table registry
     for t in smoke:
         assert result_path(t.name, "smoke").stat().st_size > 100, t.file

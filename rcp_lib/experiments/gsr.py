@@ -100,10 +100,12 @@ def weight_row(name: str, group: int, block: int, profile: Profile, progress: bo
 
 
 def gsr_decision(profile: Profile, progress: bool = True, parts: tuple[str, ...] = ("activations", "weights"),
-                 block: int | None = None, groups: tuple[int, ...] = (16, 32)) -> list[dict]:
+                 block: int | None = None, groups: tuple[int, ...] | None = None) -> list[dict]:
     """Both parts (module docstring) for every seed of ``profile.ablation_seeds``: one row per (part, R1, group,
-    seed) with ``ppl`` and provenance. ``block`` defaults to the profile's weight group (the tables' GSR block)."""
+    seed) with ``ppl`` and provenance. ``block`` defaults to the profile's weight group (the tables' GSR block),
+    ``groups`` to ``profile.gsr_weight_groups`` (none: no weight part)."""
     block = block or profile.w_group_size
+    groups = tuple(profile.gsr_weight_groups) if groups is None else tuple(groups)
     bad = [g for g in groups if g >= block or block % g]
     if bad:
         raise ValueError(f"weight groups {bad} must divide the R1 block {block} and be smaller than it")

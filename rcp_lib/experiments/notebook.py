@@ -51,6 +51,14 @@ def row_plan(profile: Profile, notebook: str) -> list[dict] | None:
         plan += [{"table": "whole split", "row": f"{m.name} {m.setting}", "cached": row_cached("ppl", _row_key(m, full))}
                  for m in methods]
         return plan
+    if stem.startswith("06_"):
+        from dataclasses import replace
+
+        from .ablation import ablation_methods
+
+        return [{"table": "ablation", "row": f"{m.name} seed {seed}",
+                 "cached": row_cached("ppl", _row_key(m, replace(profile, seed=int(seed))))}
+                for seed in profile.ablation_seeds for m in ablation_methods(profile)]
     if stem.startswith("03_"):
         return [{"table": "zero-shot", "row": f"{m.name} {m.setting}",
                  "cached": row_cached("zeroshot", zero_shot_key(m, profile))} for m in zero_shot_methods(profile)]

@@ -17,6 +17,11 @@ from ..paths import results_dir, results_root
 from ..profiles import Profile
 
 
+#: the notebook of the seeded ablation and the GSR decision: run by the profiles that name it in ``Profile.notebooks``
+#: (the ``ablation`` profile), not by the main run of the others (its rows need several seeds each)
+SEEDED_NOTEBOOK = "06_ablation.ipynb"
+
+
 @dataclass(frozen=True)
 class Table:
     """One result file (or a family of files, when :attr:`file` is a glob pattern).
@@ -99,19 +104,16 @@ _TABLES = (
     Table("qat_step", "qat_step.json", readme=True,
           command="python benchmarks/bench_qat_step.py --json results/<profile>/qat_step.json",
           description="one QAT step, fake-quantized student vs FP"),
-    Table("ablation", "ablation.csv", rows="ablation_table", readme=True,
-          command="python -m rcp_lib table --profile ablation --table ablation",
+    Table("ablation", "ablation.csv", notebook=SEEDED_NOTEBOOK, smoke=True, rows="ablation_table", readme=True, figures=("ablation",),
           description="RCP and its ablations at W2A4KV4, one row per seed (ppl, step-0 ppl, movement, tokens, seconds)"),
-    Table("ablation_summary", "ablation_summary.csv", rows="ablation_summary", readme=True,
-          command="python -m rcp_lib table --profile ablation --table ablation_summary",
+    Table("ablation_summary", "ablation_summary.csv", notebook=SEEDED_NOTEBOOK, smoke=True, rows="ablation_summary", readme=True,
           description="mean ± SE per ablation row, QAT against its own start (paired), an order vs RCP only from a "
                       "t-test (paired by seed, else Welch; p < 0.05)"),
     Table("ablation_start", "ablation_start.csv", readme=True,
           command="python benchmarks/ablation_start.py --profile ablation",
           description="the ablation rows' clip ratio against the rotated FP weights and level offset from the uniform "
                       "grid, at the start (before GPTQ) and after QAT"),
-    Table("gsr_decision", "gsr_decision.csv", rows="gsr_decision", readme=True,
-          command="python -m rcp_lib table --profile ablation --table gsr_decision",
+    Table("gsr_decision", "gsr_decision.csv", notebook=SEEDED_NOTEBOOK, smoke=True, rows="gsr_decision", readme=True,
           description="GSR decided: W16A4KV16 per R1 (the activation effect of a block-diagonal R1) and GSR vs its "
                       "control with weight groups smaller than the block (W2A16KV16 GPTQ), seeds of the profile"),
     Table("recipe_sweep", "recipe_sweep.csv", readme=True,
@@ -136,6 +138,16 @@ _TABLES = (
 TABLES: dict[str, Table] = {t.name: t for t in _TABLES}
 #: the notebooks that write tables, in run order (their number prefix)
 NOTEBOOKS: tuple[str, ...] = tuple(sorted({t.notebook for t in _TABLES if t.notebook}))
+
+
+def profile_notebooks(profile: Profile) -> list[str]:
+    """The notebooks ``reproduce`` runs for ``profile``, in order: ``profile.notebooks`` when set, else every notebook
+    but :data:`SEEDED_NOTEBOOK`. Unknown names raise ValueError."""
+    names = list(profile.notebooks) if profile.notebooks is not None else [n for n in NOTEBOOKS if n != SEEDED_NOTEBOOK]
+    unknown = [n for n in names if n not in NOTEBOOKS]
+    if unknown:
+        raise ValueError(f"Profile.notebooks: unknown notebooks {unknown}; available: {list(NOTEBOOKS)}")
+    return sorted(names)
 
 
 def result_path(name: str, profile: str | Profile | None = None) -> Path:
