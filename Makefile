@@ -4,6 +4,8 @@
 # torch comes from PyTorch's CPU index by default (the default index would give a multi-GB CUDA build on Linux);
 # GPU users: make test TORCH_SPEC="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128"
 # Needs Python >= 3.11 (the pinned packages do): make test PYTHON=python3.11 where python3 is older.
+# On a GPU machine (a copy of the tree, no network): make gpu-report [OUT=folder]  (<= 8 min; benchmarks/gpu_report.py)
+# Before, on a machine with network: make gpu-wheels  (the peers' wheels into .gpu-wheels/, carried with the tree)
 
 SHELL := /bin/bash
 PYTHON ?= python3
@@ -17,7 +19,7 @@ export HF_HUB_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: test reproduce install test-slow clean-cache gpu-check
+.PHONY: test reproduce install test-slow clean-cache gpu-check gpu-report gpu-wheels
 
 install: $(STAMP)
 
@@ -48,6 +50,27 @@ reproduce: $(STAMP)
 
 gpu-check: $(STAMP)
 	$(PY) benchmarks/gpu_check.py
+
+# No install step: the GPU machine has no network; its own Python (torch, triton, transformers) runs the copy of the
+# tree, .venv's where it exists. OUT (environment or make variable) is the output folder; default
+# results/gpu/report-<UTC timestamp>/. Without CUDA: one line, exit status 2, nothing written.
+GPU_PY ?= $(if $(wildcard $(PY)),$(PY),python3)
+gpu-report:
+	@$(GPU_PY) benchmarks/gpu_report.py $(if $(OUT),--out "$(OUT)")
+
+# The peers' wheels for the GPU machine (it has no network): gemlite is pure Python, built from its sdist. Without
+# network the wheel carried in ../shared/gpu-report/wheels/ is copied instead. .gpu-wheels/ is ignored by git: carry it.
+GPU_WHEELS := .gpu-wheels
+GEMLITE_SPEC ?= gemlite==0.6.0.post2
+GPU_WHEELS_FALLBACK ?= ../shared/gpu-report/wheels
+gpu-wheels:
+	@mkdir -p $(GPU_WHEELS)
+	@py=$(GPU_PY); if $$py -m pip wheel -q --no-deps --timeout 20 --retries 1 --wheel-dir $(GPU_WHEELS) "$(GEMLITE_SPEC)"; then \
+	  echo "gpu-wheels: built $(GEMLITE_SPEC) into $(GPU_WHEELS)/"; \
+	elif ls $(GPU_WHEELS_FALLBACK)/gemlite-*.whl >/dev/null 2>&1; then \
+	  cp $(GPU_WHEELS_FALLBACK)/gemlite-*.whl $(GPU_WHEELS)/ && echo "gpu-wheels: could not build it (no network?); copied $$(ls $(GPU_WHEELS_FALLBACK)/gemlite-*.whl) into $(GPU_WHEELS)/"; \
+	else echo "gpu-wheels: could not build $(GEMLITE_SPEC) and no fallback wheel in $(GPU_WHEELS_FALLBACK)/" >&2; exit 1; fi
+	@ls -l $(GPU_WHEELS)
 
 clean-cache:
 	rm -rf $${RCP_CACHE:-$${XDG_CACHE_HOME:-$$HOME/.cache}/rcp_lib}

@@ -14,7 +14,9 @@ before each replay and outside the timed interval; the median over ``--reps`` re
 * ``w2a4_bitplane_fused`` / ``w2a4_bitplane_matmul`` (decode batches, ``B <= GEMV_MAX_BATCH``): the bit-serial
   kernel (``PackedLinear(gemv_format="bitplane")``): one launch that quantizes the fp16 activations itself and runs
   the popcount GEMV on weight bit planes (derived once per layer), and the GEMV alone on pre-computed activation
-  planes.
+  planes; with ``measure(..., bitplane_two_launch=True)`` (``benchmarks/gpu_report.py``) also
+  ``w2a4_bitplane_two_launch``: the pre-kernel writing activation planes, then the bit-serial GEMV (the path of a layer
+  whose Hadamard runs in the pre-kernel).
 
 ``bytes_moved`` is the minimum traffic of the op (weights + LUT + row sums + activations + output); achieved
 bandwidth is ``bytes_moved / time`` and ``pct_of_peak_bw`` divides it by the peak measured in the same run: a
@@ -30,9 +32,14 @@ R4 Hadamard on down_proj's input: 11008 is not a power of two, so that transform
 pre-kernel); ``w2a4_bitplane`` is the same stack with the bit-serial decode kernel. One token step is captured in a
 CUDA graph; tokens/s = 1 / median step time (no L2 flush: the weights exceed L2).
 
-Rows carry provenance (:func:`rcp_lib.io.provenance`: git commit, device, torch version, date) plus the triton
-version and the measured copy bandwidth. Without a CUDA GPU the script prints one line and exits with status 2,
-writing nothing; a kernel that disagrees with the reference aborts without writing.
+Rows carry provenance (:func:`rcp_lib.io.provenance`: git commit, device, torch version, date), the tree that ran
+(:func:`tree_provenance`: ``tree_state`` clean / dirty / no-git and ``source_hash``, a content hash of the source
+files, which identifies a device copy without ``.git`` or a dirty checkout: such a tree is recorded, not refused)
+plus the triton version and the measured copy bandwidth. Without a CUDA GPU the script prints one line and exits with
+status 2, writing nothing; a kernel that disagrees with the reference aborts without writing. The output path and the
+tree are settled before the first measurement and the rows are written before anything else that can fail; another
+error during the measurements writes the rows measured until then beside the output (``<name>.partial.csv``, so
+that the registry's file is never replaced by a partial table; exit status 1).
 
 Usage: ``python benchmarks/bench_kernel.py [--batch 1 4 16] [--layers 32] [--no-tune] [--out PATH]``
 """
@@ -40,10 +47,14 @@ Usage: ``python benchmarks/bench_kernel.py [--batch 1 4 16] [--layers 32] [--no-
 from __future__ import annotations
 
 import argparse
+import contextlib
+import hashlib
+import os
 import statistics
+import subprocess
 import sys
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 SHAPES: list[tuple[str, int, int]] = [
     ("LLaMA-2-7B q/k/v/o", 4096, 4096),
@@ -53,6 +64,91 @@ SHAPES: list[tuple[str, int, int]] = [
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # run as a script from anywhere: import this checkout's rcp_lib
     sys.path.insert(0, str(REPO))
+
+
+# ------------------------------------------------------------------------------------------------- the tree that ran
+#: what :func:`source_hash` reads: the code and configs whose change could change a number (relative to the root)
+SOURCE_DIRS = ("rcp_lib", "kernels", "benchmarks", "configs")
+SOURCE_FILES = ("pyproject.toml", "requirements.txt", "Makefile")
+
+
+def source_files(root: str | os.PathLike) -> list[str]:
+    """Root-relative POSIX paths of the source files under ``root``: ``*.py`` under ``rcp_lib/``, ``kernels/`` and
+    ``benchmarks/``, every file under ``configs/``, and :data:`SOURCE_FILES`; byte caches skipped; sorted."""
+    root = Path(root)
+    out = [f for f in SOURCE_FILES if (root / f).is_file()]
+    for d in SOURCE_DIRS:
+        for f in (root / d).rglob("*") if (root / d).is_dir() else ():
+            if not f.is_file() or "__pycache__" in f.parts or f.suffix == ".pyc":
+                continue
+            if d != "configs" and f.suffix != ".py":
+                continue
+            out.append(f.relative_to(root).as_posix())
+    return sorted(out)
+
+
+def source_hash(root: str | os.PathLike) -> str:
+    """16-hex-digit SHA-256 of :func:`source_files` (names and bytes): the same tree gives the same hash on any
+    machine, with or without ``.git``."""
+    root = Path(root)
+    h = hashlib.sha256()
+    for rel in source_files(root):
+        data = (root / rel).read_bytes()
+        h.update(rel.encode() + b"\0" + str(len(data)).encode() + b"\0" + data)
+    return h.hexdigest()[:16]
+
+
+def tree_provenance(root: str | os.PathLike = REPO) -> dict[str, Any]:
+    """How the source tree that ran is identified: ``{"tree_state", "tree_commit", "source_hash", "tree_id"}``.
+
+    ``tree_state`` is ``"clean"`` (a git checkout without uncommitted changes to code or configs:
+    :func:`rcp_lib.io.dirty_files`), ``"dirty"``, or ``"no-git"`` (no ``.git`` in ``root``: the copy of a working
+    tree that a GPU machine receives). ``tree_id`` is ``git:<commit>`` for a clean tree and ``content:<source_hash>``
+    otherwise: a copied or dirty tree is recorded by its content, not refused (:func:`write_result`)."""
+    root = Path(root).resolve()
+    state, commit = "no-git", ""
+    if (root / ".git").exists():
+        try:
+            commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
+                                    timeout=10).stdout.strip()
+        except Exception:
+            commit = ""
+        if commit:
+            from rcp_lib.io import dirty_files  # the project's definition of "dirty" (outputs do not count)
+
+            state = "dirty" if dirty_files(root) else "clean"
+    digest = source_hash(root)
+    return {"tree_state": state, "tree_commit": commit, "source_hash": digest,
+            "tree_id": f"git:{commit}" if state == "clean" else f"content:{digest}"}
+
+
+@contextlib.contextmanager
+def _allow_dirty_writes(allow: bool):
+    from rcp_lib.io import ALLOW_DIRTY_ENV
+
+    old = os.environ.get(ALLOW_DIRTY_ENV)
+    if allow:
+        os.environ[ALLOW_DIRTY_ENV] = "1"
+    try:
+        yield
+    finally:
+        if allow:
+            if old is None:
+                os.environ.pop(ALLOW_DIRTY_ENV, None)
+            else:
+                os.environ[ALLOW_DIRTY_ENV] = old
+
+
+def write_result(data: list[dict] | dict, path: str | os.PathLike, tree: dict[str, Any]) -> Path:
+    """Write rows (CSV) or a dict (JSON) atomically with :mod:`rcp_lib.io`. A tree that :func:`tree_provenance`
+    recorded by content (dirty, or a copy without ``.git``) may write under ``results/``: the rows carry its
+    ``source_hash``, which is what the dirty-tree guard asks a commit for."""
+    from rcp_lib.io import atomic_write_csv, atomic_write_json
+
+    with _allow_dirty_writes(tree.get("tree_state") != "clean"):
+        if isinstance(data, dict):
+            return atomic_write_json(data, path)
+        return atomic_write_csv(data, path)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -170,8 +266,14 @@ def build_decoder(dev, packed: bool, layers: int, hidden: int, inter: int, heads
 
 
 def measure(dev, shapes, batches, G: int, copy_mib: int, bench, layers: int = 0, decode_dims=(4096, 11008, 32),
-            kv_len: int = 512) -> list[dict]:
+            kv_len: int = 512, on_rows: Callable[[list[dict]], object] | None = None,
+            bitplane_two_launch: bool = False, tree: dict[str, Any] | None = None) -> list[dict]:
     """Run every measurement; return the rows (nothing is written here). ``bench(fn) -> median ms``.
+
+    ``on_rows(rows)``, when given, receives a copy of the rows measured so far after each shape and after the decode
+    stack (a caller that writes them keeps what was measured if a later step fails). ``bitplane_two_launch`` adds the
+    ``w2a4_bitplane_two_launch`` rows (decode batches). ``tree``: :func:`tree_provenance` of the source tree (computed
+    when None).
 
     Raises:
         KernelMismatch: the fused kernel or the generic op disagrees with the float64 reference (rel. >= 1e-3).
@@ -195,7 +297,8 @@ def measure(dev, shapes, batches, G: int, copy_mib: int, bench, layers: int = 0,
     print(f"peak (device-to-device copy, {copy_mib} MiB, read + write): {peak_gbps:.0f} GB/s")
 
     prov = provenance()
-    common = {**prov, "triton": triton.__version__, "cuda": torch.version.cuda,
+    tree = tree if tree is not None else tree_provenance()
+    common = {**prov, **tree, "triton": triton.__version__, "cuda": torch.version.cuda,
               "gpu": torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"{dev.type} (smoke test)",
               "peak_copy_GBps": round(peak_gbps, 1), "group_size": G}
     rows: list[dict] = []
@@ -229,6 +332,9 @@ def measure(dev, shapes, batches, G: int, copy_mib: int, bench, layers: int = 0,
                 checks["w2a4_bitplane_fused"] = w2a4_linear_triton(x, packed, lut, wsum, K, G, out_dtype=torch.float32,
                                                                    wplanes=wplanes)
                 checks["w2a4_bitplane_matmul"] = w2a4_bitplane_matmul_triton(ac, as_, az, wplanes, lut, wsum, K, G)
+                if bitplane_two_launch:
+                    checks["w2a4_bitplane_two_launch"] = w2a4_bitplane_matmul_triton(
+                        *quantize_activations_triton(x, 4, 1.0, G, planes=True), wplanes, lut, wsum, K, G)
             rel = {k: float((v.double() - ref).norm() / ref.norm()) for k, v in checks.items()}
             code_diff = int((unpermute_activations(pc, G) != xc).sum())
             if code_diff:
@@ -258,6 +364,14 @@ def measure(dev, shapes, batches, G: int, copy_mib: int, bench, layers: int = 0,
                                                                                       None, torch.float16)),
                      wp_bytes + ac.nbytes + 8 * B, "bitplane", rel["w2a4_bitplane_matmul"]),
                 ]  # fmt: skip
+                if bitplane_two_launch:
+                    def two_launch():
+                        planes, ps_, pz_ = quantize_activations_triton(x, 4, 1.0, G, planes=True)
+                        return w2a4_bitplane_matmul_triton(planes, ps_, pz_, wplanes, lut, wsum, K, G, None,
+                                                           torch.float16)
+
+                    results.append(("w2a4_bitplane_two_launch", bench(two_launch), wp_bytes + x.nbytes,
+                                    "pre-kernel (planes) + bitplane", rel["w2a4_bitplane_two_launch"]))
             t_fp16 = results[0][1]
             for method, t_ms, moved, cfg, err in results:
                 gbps = moved / (t_ms * 1e-3) / 1e9
@@ -272,6 +386,8 @@ def measure(dev, shapes, batches, G: int, copy_mib: int, bench, layers: int = 0,
         del packed, lut, w16, w64, wsum, wplanes
         if dev.type == "cuda":
             torch.cuda.empty_cache()
+        if on_rows is not None:
+            on_rows(list(rows))
 
     if layers:
         hidden, inter, heads = decode_dims
@@ -293,10 +409,12 @@ def measure(dev, shapes, batches, G: int, copy_mib: int, bench, layers: int = 0,
             rows.append(row)
             print(f"decode {method:5s} {row['median_us']:10.1f} us/token  {row['tokens_per_s']:8.1f} tokens/s  "
                   f"x{row['speedup_vs_fp16']:.2f} vs fp16")
+        if on_rows is not None:
+            on_rows(list(rows))
     return rows
 
 
-def _import_checkout_kernels() -> None:
+def import_checkout_kernels() -> None:
     """``rcp_lib.kernels`` of this checkout's ``kernels/`` when the package is not installed (a bare copy of the
     repository on a GPU machine: ``PYTHONPATH=.``), as ``benchmarks/gpu_check.py`` does."""
     import rcp_lib
@@ -323,25 +441,46 @@ def main(argv: list[str] | None = None) -> int:
     except ImportError as e:
         print(f"bench_kernel: needs triton ({e}); no numbers written", file=sys.stderr)
         return 2
-    _import_checkout_kernels()
-    from rcp_lib.io import atomic_write_csv
+    import_checkout_kernels()
     from rcp_lib.kernels import triton_w2a4
     from rcp_lib.kernels.triton_gemv import interpret_mode
 
     if interpret_mode():
         print("bench_kernel: TRITON_INTERPRET is set; unset it to time the compiled kernels", file=sys.stderr)
         return 2
+    # settled before the first measurement: where the rows go and which tree they come from
+    if args.out is not None:
+        out = args.out
+    else:
+        from rcp_lib.experiments.registry import result_path
+
+        out = result_path("kernel_speed")
+    tree = tree_provenance()
+    if tree["tree_state"] != "clean":
+        print(f"bench_kernel: {tree['tree_state']} tree, recorded as {tree['tree_id']}")
     triton_w2a4.AUTOTUNE = not args.no_tune
     dev = torch.device("cuda")
     bench = cuda_graph_timer(dev, args.reps, args.flush_mib)
+    done: list[dict] = []
     try:
-        rows = measure(dev, SHAPES, args.batch, args.group_size, args.copy_mib, bench, args.layers, kv_len=args.kv_len)
+        rows = measure(dev, SHAPES, args.batch, args.group_size, args.copy_mib, bench, args.layers, kv_len=args.kv_len,
+                       on_rows=lambda r: done.__setitem__(slice(None), r), tree=tree)
     except KernelMismatch as e:
         print(f"bench_kernel: {e}; no numbers written", file=sys.stderr)
         return 1
-    from rcp_lib.experiments.registry import result_path
+    except Exception as e:  # not a wrong kernel: keep what was measured, beside the registry's file
+        import traceback
 
-    path = atomic_write_csv(rows, args.out or result_path("kernel_speed"))
+        traceback.print_exc()
+        if not done:
+            print(f"bench_kernel: {type(e).__name__}: {e}; nothing measured, no numbers written", file=sys.stderr)
+            return 1
+        partial = Path(out).with_name(Path(out).stem + ".partial" + Path(out).suffix)
+        path = write_result(done, partial, tree)
+        print(f"bench_kernel: {type(e).__name__}: {e}; wrote the {len(done)} rows measured before it to {path}",
+              file=sys.stderr)
+        return 1
+    path = write_result(rows, out, tree)
     print(f"wrote {path}")
     return 0
 

@@ -23,6 +23,13 @@ Sections (each records its own error instead of stopping the others; the exit st
   required 0; ``kernel_code_mismatches_hadamard`` behind the pre-kernel's own fp32 Hadamard, reported: a GPU may
   round that transform differently from torch).
 
+The report (``--out``, default ``results/gpu/check.json``: settled before the first section) is rewritten after every
+section, so a section that fails, hangs past a caller's time limit (SIGTERM is recorded as that section's error) or
+takes the process down leaves the finished ones on disk. It records the tree that ran
+(:func:`benchmarks.bench_kernel.tree_provenance`): a copy without ``.git`` or a dirty checkout is identified by a
+content hash of its sources and written, not refused. ``--no-tune`` runs every Triton launch with its fixed
+configuration (the ``kernel`` section always does): no autotuning, minutes of compilation fewer.
+
 ``--device cpu --tiny`` runs the same sections with tiny shapes on the CPU (kernel: the torch reference of the op,
 no timing; no memory comparison): a self-test of this script for the test suite (``tests/test_gpu_path.py``).
 Without CUDA and without ``--device cpu`` it prints one line and exits with status 2, writing nothing.
@@ -62,6 +69,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--qat-seqlen", type=int, default=2048)
     p.add_argument("--reps", type=int, default=50, help="timed CUDA-graph replays per kernel measurement")
     p.add_argument("--no-speed-csv", action="store_true", help="do not write results/gpu/kernel_speed.csv")
+    p.add_argument("--no-tune", action="store_true",
+                   help="fixed kernel configurations in every section (no autotuning)")
     p.add_argument("--out", type=Path, default=None, help="JSON to write (default results/gpu/check.json)")
     return p.parse_args(argv)
 
@@ -129,12 +138,12 @@ def section_kernel(args, dev) -> dict:
 
     triton_w2a4.AUTOTUNE = False  # a fixed configuration: the check stays within minutes
     bench = BK.cuda_graph_timer(dev, args.reps, 256)
-    rows = BK.measure(dev, BK.SHAPES, [1, 4, 16], 128, 512, bench, layers=0)  # raises KernelMismatch
+    tree = BK.tree_provenance()
+    rows = BK.measure(dev, BK.SHAPES, [1, 4, 16], 128, 512, bench, layers=0, tree=tree)  # raises KernelMismatch
     if not args.no_speed_csv:
         from rcp_lib.experiments.registry import result_path
-        from rcp_lib.io import atomic_write_csv
 
-        atomic_write_csv(rows, result_path("kernel_speed"))
+        BK.write_result(rows, result_path("kernel_speed"), tree)
     summary = [{k: r[k] for k in ("N_out", "K_in", "batch", "method", "median_us", "speedup_vs_fp16",
                                   "pct_of_peak_bw", "rel_err_vs_float64")} for r in rows]
     return {"rows": summary, "ok": True, "note": "bench_kernel.measure with --no-tune; fp16 = F.linear (cuBLAS)"}
@@ -375,6 +384,21 @@ def section_export(args, dev) -> dict:
 SECTIONS = {"kernel": section_kernel, "qat": section_qat, "export": section_export}
 
 
+def default_out() -> Path:
+    """``results/gpu/check.json`` of this checkout (or of ``$RCP_RESULTS_DIR``)."""
+    from rcp_lib.paths import results_root
+
+    return results_root() / "gpu" / "check.json"
+
+
+class _Terminated(BaseException):
+    """SIGTERM (a caller's time limit) while a section runs: recorded as that section's error."""
+
+
+def _on_sigterm(signum, frame):
+    raise _Terminated("terminated (SIGTERM; a caller's time limit?)")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     import torch
@@ -387,37 +411,66 @@ def main(argv: list[str] | None = None) -> int:
         print("gpu_check: --device cpu runs only with --tiny (the self-test)", file=sys.stderr)
         return 2
     _import_rcp()
-    from rcp_lib.io import atomic_write_json, provenance
+    import signal
 
-    report: dict = {"tiny": args.tiny, "device_type": dev.type, **provenance()}
-    if dev.type == "cuda":
-        import triton
+    import bench_kernel as BK
+    from rcp_lib.io import provenance
 
-        report.update({"gpu": torch.cuda.get_device_name(dev), "cuda": torch.version.cuda, "triton": triton.__version__,
-                       "gpu_memory_gb": round(torch.cuda.get_device_properties(dev).total_memory / GB, 1)})
+    path = args.out if args.out is not None else default_out()  # settled before anything runs
+    tree = BK.tree_provenance()
+    report: dict = {"tiny": args.tiny, "device_type": dev.type, "sections": list(args.sections)}
+
+    def write() -> None:
+        BK.write_result(report, path, tree)
+
+    failed: list[str] = []
     t_all = time.time()
-    failed = []
-    for name in args.sections:
-        t0 = time.time()
-        print(f"[gpu_check] {name} ...", flush=True)
-        try:
-            report[name] = SECTIONS[name](args, dev)
-        except Exception as e:  # record and go on: one broken section must not hide the others
-            report[name] = {"ok": False, "error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()[-3000:]}
-        report[name]["seconds"] = round(time.time() - t0, 1)
-        if not report[name].get("ok"):
-            failed.append(name)
-        shown = {k: v for k, v in report[name].items() if k not in ("rows", "traceback", "qat")}
-        print(f"[gpu_check] {name}: {json.dumps(shown, default=str)[:1500]}", flush=True)
-    report["total_seconds"] = round(time.time() - t_all, 1)
-    report["failed_sections"] = failed
-    if args.out is not None:
-        path = args.out
-    else:
-        from rcp_lib.paths import results_dir
+    try:
+        old_handler = signal.signal(signal.SIGTERM, _on_sigterm)
+    except ValueError:  # not the main thread: no handler
+        old_handler = None
+    try:
+        report.update({**provenance(), **tree})
+        if dev.type == "cuda":
+            import triton
 
-        path = results_dir("gpu") / "check.json"
-    atomic_write_json(report, path)
+            report.update({"gpu": torch.cuda.get_device_name(dev), "cuda": torch.version.cuda,
+                           "triton": triton.__version__,
+                           "gpu_memory_gb": round(torch.cuda.get_device_properties(dev).total_memory / GB, 1)})
+            if args.no_tune:
+                from rcp_lib.kernels import triton_w2a4
+
+                triton_w2a4.AUTOTUNE = False
+                report["autotune"] = False
+        write()
+        for name in args.sections:
+            t0 = time.time()
+            print(f"[gpu_check] {name} ...", flush=True)
+            try:
+                report[name] = SECTIONS[name](args, dev)
+            except (Exception, _Terminated) as e:  # record and go on: one broken section must not hide the others
+                report[name] = {"ok": False, "error": f"{type(e).__name__}: {e}",
+                                "traceback": traceback.format_exc()[-3000:]}
+            report[name]["seconds"] = round(time.time() - t0, 1)
+            if not report[name].get("ok"):
+                failed.append(name)
+            report["total_seconds"] = round(time.time() - t_all, 1)
+            report["failed_sections"] = failed
+            write()  # after every section: what finished stays on disk
+            shown = {k: v for k, v in report[name].items() if k not in ("rows", "traceback", "qat")}
+            print(f"[gpu_check] {name}: {json.dumps(shown, default=str)[:1500]}", flush=True)
+            if isinstance(report[name].get("error"), str) and report[name]["error"].startswith("_Terminated"):
+                break
+    except (Exception, _Terminated) as e:  # outside a section (provenance, device query): still write the report
+        report["error"] = f"{type(e).__name__}: {e}"
+        report["traceback"] = traceback.format_exc()[-3000:]
+        failed.append("setup")
+    finally:
+        if old_handler is not None:
+            signal.signal(signal.SIGTERM, old_handler)
+        report["total_seconds"] = round(time.time() - t_all, 1)
+        report["failed_sections"] = failed
+        write()
     print(f"[gpu_check] wrote {path}; failed sections: {failed or 'none'}", flush=True)
     return 1 if failed else 0
 
