@@ -1,6 +1,6 @@
 # Two commands do everything on a fresh machine (see README):
 #   make test        create .venv if missing, install, run the default (CPU, offline) test suite
-#   make reproduce   create .venv if missing, install, run the main job (all notebooks, embedded default)
+#   make reproduce   create .venv if missing, install, run the main job (the cpu profile's notebooks 00-05, embedded default; PROFILE=ablation: notebook 06)
 # torch comes from PyTorch's CPU index by default (the default index would give a multi-GB CUDA build on Linux);
 # GPU users: make test TORCH_SPEC="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128"
 # Needs Python >= 3.11 (the pinned packages do): make test PYTHON=python3.11 where python3 is older.
@@ -52,9 +52,9 @@ gpu-check: $(STAMP)
 	$(PY) benchmarks/gpu_check.py
 
 # No install step: the GPU machine has no network; its own Python (torch, triton, transformers) runs the copy of the
-# tree, .venv's where it exists. OUT (environment or make variable) is the output folder; default
+# tree, .venv's where its torch sees CUDA (a CPU build of torch there falls back to python3). OUT (environment or make variable) is the output folder; default
 # results/gpu/report-<UTC timestamp>/. Without CUDA: one line, exit status 2, nothing written.
-GPU_PY ?= $(if $(wildcard $(PY)),$(PY),python3)
+GPU_PY ?= $(shell test -x $(PY) && $(PY) -c 'import torch, sys; sys.exit(not torch.cuda.is_available())' 2>/dev/null && echo $(PY) || echo python3)
 gpu-report:
 	@$(GPU_PY) benchmarks/gpu_report.py $(if $(OUT),--out "$(OUT)")
 

@@ -147,7 +147,7 @@ def rows(profile, progress: bool = True) -> list[dict]:
     out = []
     for seed in profile.ablation_seeds:
         p = replace(profile, seed=int(seed))
-        for m in ablation_methods(profile):
+        for m in (m for m in ablation_methods(profile) if m.qat):  # the PTQ rows have no quantizer start
             out.append(row(m, p, progress))
             r = out[-1]
             print(f"{r['method']:<34} seed {seed}: clip ratio vs FP {r['clip_ratio_start']:.4f} -> "

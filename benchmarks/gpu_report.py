@@ -247,7 +247,10 @@ def _gemlite(env: dict, log: Log) -> str:
     cmd = [sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--no-compile", "--target",
            str(target), str(wheels[-1])]
     log(f"gemlite: $ {' '.join(cmd)}")
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    try:
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    except subprocess.TimeoutExpired:
+        return f"skipped: pip install of {wheels[-1].name} took more than 120 s"
     if r.returncode != 0:
         return f"skipped: pip install of {wheels[-1].name} failed: {(r.stderr or r.stdout).strip()[-300:]}"
     env["PYTHONPATH"] = os.pathsep.join(p for p in (env.get("PYTHONPATH"), str(target)) if p)
@@ -443,6 +446,7 @@ def _run(args: argparse.Namespace, sections: tuple[Section, ...]) -> int:
         log("interrupted: stopping the running sections")
         for j in list(Job.live):
             j.stop()
+        status.setdefault("interrupted", {"status": "interrupted (SIGTERM or Ctrl-C): later sections not run"})
     log(f"done in {log.elapsed():.0f} s of the {args.budget:.0f} s budget; files in {out}: "
         f"{', '.join(sorted(p.name for p in out.iterdir()))}")
     _summary(out, log)

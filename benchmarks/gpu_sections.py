@@ -100,12 +100,12 @@ def warm_tasks() -> list[tuple]:
 def run_warm(worker: int, workers: int) -> int:
     import torch
 
+    dev = _setup(autotune=False)  # first: it makes the checkout's kernels/ importable as rcp_lib.kernels
+
     from rcp_lib.kernels import w2a4_gemv
     from rcp_lib.kernels.triton_w2a4 import (quantize_activations_triton, w2a4_bitplane_linear_triton,
                                              w2a4_bitplane_matmul_triton, w2a4_matmul_triton)
     from rcp_lib.quant.activations import quantize_per_token
-
-    dev = _setup(autotune=False)
     mine = warm_tasks()[worker::workers]
     ops: dict = {}
     t0, ok = time.time(), 0

@@ -92,18 +92,19 @@ def zero_shot_markdown(df: pd.DataFrame) -> str:
 
 def zero_shot_tests_markdown(zs: pd.DataFrame, ppl: pd.DataFrame | None = None, ref: str = "RCP") -> str:
     """Paired tests between zero-shot rows and the measured floor, from the per-document outcomes (``per_doc``,
-    :func:`rcp_lib.evaluation.zero_shot.per_document`): for each task's ``acc``, ``ref`` at each setting against every
-    other row of that setting and FP (exact McNemar, :func:`rcp_lib.stats.accuracy_order`; only rows scored on the
-    same documents, ``docs_sha256``), and the accuracy of the row with the highest perplexity in ``ppl`` (a broken
-    model: what a task gives without language modelling); the tests need per-document outcomes (rows of an older
-    code have none: then only the floor)."""
+    :func:`rcp_lib.evaluation.zero_shot.per_document`): for each task's averaged metric (``used_in_average``: ``acc``,
+    ``acc_norm`` for wiki_nextsent), ``ref`` at each setting against every other row of that setting and FP (exact
+    McNemar, :func:`rcp_lib.stats.accuracy_order`, each test at alpha 0.05 without a multiple-test correction; only
+    rows scored on the same documents, ``docs_sha256``), and the accuracy of the zero-shot row whose perplexity in
+    ``ppl`` is the highest (what a task gives a model that barely predicts text). The tests need per-document outcomes
+    (rows of an older code have none: then only the floor)."""
     from .stats import accuracy_order
 
-    acc_all = zs[zs.metric == "acc"]
-    acc = (acc_all[acc_all["per_doc"].notna() & (acc_all["per_doc"].astype(str) != "")] if "per_doc" in zs
-           else acc_all.iloc[:0])
-    lines = ["| task | rows | paired test on the same documents |", "|---|---|---|"]
-    for task, t in acc.groupby("task", sort=False):
+    main = zs[zs["used_in_average"].astype(str) == "True"] if "used_in_average" in zs else zs[zs.metric == "acc"]
+    has = main["per_doc"].notna() & (main["per_doc"].astype(str) != "") if "per_doc" in zs else None
+    scored = main[has] if has is not None else main.iloc[:0]
+    lines = ["| task (metric) | rows | paired test on the same documents |", "|---|---|---|"]
+    for task, t in scored.groupby("task", sort=False):
         by = {(r.method, r.setting): r for r in t.itertuples()}
         fp = next((r for (m, _), r in by.items() if m == "FP"), None)
         for (m, st), r in by.items():
@@ -111,20 +112,24 @@ def zero_shot_tests_markdown(zs: pd.DataFrame, ppl: pd.DataFrame | None = None, 
                 continue
             others = [o for (m2, s2), o in by.items() if s2 == st and m2 != ref] + ([fp] if fp is not None else [])
             for o in others:
-                if o.docs_sha256 != r.docs_sha256:
+                if str(o.docs_sha256) != str(r.docs_sha256):
                     continue
-                a, b = [int(c) for c in str(r.per_doc)], [int(c) for c in str(o.per_doc)]
-                lines.append(f"| {task} | {ref} {st} {r.value:.3f} vs {o.method} {o.setting} {o.value:.3f} | "
-                             f"{accuracy_order(ref, a, o.method, b)} |")
+                a, b = [c == "c" for c in str(r.per_doc)], [c == "c" for c in str(o.per_doc)]
+                lines.append(f"| {task} ({r.metric}) | {ref} {st} {r.value:.3f} vs {o.method} {o.setting} "
+                             f"{o.value:.3f} | {accuracy_order(ref, a, o.method, b)} |")
     out = lines if len(lines) > 2 else []
+    if out:
+        out += ["", "Each line is its own exact McNemar test at p < 0.05, without a correction for the number of "
+                    "tests."]
     if ppl is not None and len(ppl):
-        worst = ppl.loc[ppl["ppl"].idxmax()]
-        floor = acc_all[(acc_all.method == worst["method"]) & (acc_all.setting == worst["setting"])]
-        if len(floor):
-            cells = ", ".join(f"{r.task} {r.value:.3f}" for r in floor.itertuples())
-            out += ["", f"Measured floor: the row with the highest perplexity ({worst['method']} {worst['setting']}, "
-                        f"perplexity {_fmt_ppl(float(worst['ppl']))}, a model that no longer models language) scores "
-                        f"acc {cells}."]
+        present = {(m, s) for m, s in zip(main["method"], main["setting"])}
+        cand = ppl[[(m, s) in present for m, s in zip(ppl["method"], ppl["setting"])]]
+        if len(cand):
+            worst = cand.loc[cand["ppl"].idxmax()]
+            floor = main[(main.method == worst["method"]) & (main.setting == worst["setting"])]
+            cells = ", ".join(f"{r.task} {r.metric} {r.value:.3f}" for r in floor.itertuples())
+            out += ["", f"Measured floor: the zero-shot row with the highest perplexity ({worst['method']} "
+                        f"{worst['setting']}, perplexity {_fmt_ppl(float(worst['ppl']))}) scores {cells}."]
     return "\n".join(out)
 
 
@@ -234,6 +239,16 @@ def claims_markdown(d: Path, ppl: pd.DataFrame) -> str:
     return "\n".join(rows)
 
 
+def _bits(name: str, setting: str = "W2A4KV4") -> str:
+    """``"3 bits per weight"``: what the named method's weight format stores per weight under the ``ablation``
+    profile (:func:`rcp_lib.experiments.tables.bits_per_weight`, from the recipe alone)."""
+    from .experiments.methods import method
+    from .experiments.tables import bits_per_weight
+    from .profiles import get_profile
+
+    return f"{bits_per_weight(method(name, setting), get_profile('ablation')):.3g} bits per weight"
+
+
 def seeded_claim_rows(abl_dir: Path, fp_ppl: float | None = None) -> list[str]:
     """Claim-table rows decided with seeds, from ``results/ablation/``: RCP (mean ± SE) against uniform-grid QAT at the
     same start, budget and learning rates (Partition), what learning the clip and the levels buys (the frozen-part
@@ -268,12 +283,15 @@ def seeded_claim_rows(abl_dir: Path, fp_ppl: float | None = None) -> list[str]:
                        f"LDP grid) {_fmt_ppl(r['step0_ppl_mean'])} | {r['vs_start'] or '–'} |")
         if {"RCP", "Uniform-QAT"} <= set(summ):
             out.append(f"| Partition: a learnable non-uniform grid beats a uniform one (same start, budget, learning "
-                       f"rates) | RCP {ms('RCP')} vs Uniform-QAT {ms('Uniform-QAT')} | "
-                       f"{fresh.get('Uniform-QAT', '–')} |")
+                       f"rates) | RCP {ms('RCP')}, {_bits('RCP')} vs Uniform-QAT {ms('Uniform-QAT')}, "
+                       f"{_bits('Uniform-QAT')} | {fresh.get('Uniform-QAT', '–')} |")
         if {"RCP", "Uniform-QAT g32"} <= set(summ):
-            out.append(f"| Partition at equal bits: LDP at group 64 against a uniform grid at group 32 (3.0 bits per "
-                       f"weight each: 2-bit codes + 4 fp16 levels / 64, or + fp16 scale and zero / 32) | RCP "
-                       f"{ms('RCP')} vs Uniform-QAT g32 {ms('Uniform-QAT g32')} | {fresh.get('Uniform-QAT g32', '–')} |")
+            same = _bits("RCP") == _bits("Uniform-QAT g32")
+            out.append(f"| Partition at {'equal' if same else 'unequal (!)'} bits: LDP against a uniform grid in smaller "
+                       f"groups | RCP {ms('RCP')}, {_bits('RCP')} vs Uniform-QAT g32 {ms('Uniform-QAT g32')}, "
+                       f"{_bits('Uniform-QAT g32')} (bits as `rcp_lib.memory` charges them: 2-bit codes + 4 fp16 "
+                       f"levels per group for LDP, + an fp16 scale and zero per group for a uniform grid) | "
+                       f"{fresh.get('Uniform-QAT g32', '–')} |")
         for name, part in (("RCP clip frozen", "the clip"), ("RCP levels frozen", "the levels")):
             if {"RCP", name} <= set(summ):
                 moved = summ["RCP"]["clip_shift_mean" if part == "the clip" else "level_shift_mean"]
@@ -981,7 +999,7 @@ def results_markdown(profile: str = "cpu", results: Path | None = None, link_roo
     if zs_path.exists():
         from .experiments import chance_level
 
-        zs = pd.read_csv(zs_path)
+        zs = pd.read_csv(zs_path, dtype={"per_doc": str, "docs_sha256": str})
         chance = {t: chance_level(t) for t in dict.fromkeys(zs["task"])}
         floor = ", ".join(f"{t} {c:g}" for t, c in chance.items() if c is not None) or "n/a"
         out += [f"Zero-shot accuracy (lm-evaluation-harness, 0-shot, acc ± stderr; random-guess accuracy: {floor}):", "",

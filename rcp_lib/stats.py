@@ -144,7 +144,7 @@ class McNemar:
 
 
 def mcnemar(a: Sequence[bool | int], b: Sequence[bool | int]) -> McNemar:
-    """Exact two-sided McNemar test of per-document outcomes ``a`` and ``b`` (1 / True = correct), same length and
+    """Exact two-sided McNemar test of per-document outcomes ``a`` and ``b`` (truthy = correct), same length and
     document order (ValueError otherwise). Exact: the discordant pairs are few at these sizes, where the chi-square
     approximation is poor."""
     if len(a) != len(b):
@@ -154,7 +154,7 @@ def mcnemar(a: Sequence[bool | int], b: Sequence[bool | int]) -> McNemar:
     k, m = min(only_a, only_b), only_a + only_b
     if m == 0:
         return McNemar(only_a, only_b, len(a), 1.0)
-    tail = sum(math.comb(m, i) for i in range(k + 1)) / 2.0 ** m
+    tail = sum(math.comb(m, i) for i in range(k + 1)) / 2 ** m  # exact integers: no overflow at any m
     return McNemar(only_a, only_b, len(a), min(1.0, 2.0 * tail))
 
 

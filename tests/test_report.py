@@ -502,7 +502,8 @@ def test_seeded_claim_rows(tmp_path):
     out = "\n".join(seeded_claim_rows(tmp_path, 22.13))
     assert "| QAT recovers W2A4KV4 (RCP) | RCP 98.67 ± 9.68 (3 seeds), 4.46× the FP perplexity" in out
     assert "| RCP < RCP start (paired p = " in out
-    assert "RCP 98.67 ± 9.68 (3 seeds) vs Uniform-QAT 137 ± 6.74 (3 seeds) | not separable at this budget (paired p = " in out
+    assert ("RCP 98.67 ± 9.68 (3 seeds), 3 bits per weight vs Uniform-QAT 137 ± 6.74 (3 seeds), 2.5 bits per weight | "
+            "not separable at this budget (paired p = ") in out
     assert "| learning the clip helps |" in out and "learning the levels" not in out
     assert "GSR" not in out  # no gsr_decision.csv
     pd.DataFrame([{"part": "activations", "method": m, "seed": s, "ppl": v}
@@ -529,4 +530,5 @@ def test_seeded_claim_rows_ptq_and_equal_bits(tmp_path):
         assert order("RCP", list(vals["RCP"]), m, list(vals[m]), kind="paired") in ptq
     assert "the best PTQ row by its mean (QuaRot-GPTQ static)" in ptq
     eq = next(line for line in out.splitlines() if line.startswith("| Partition at equal bits"))
+    assert "RCP 99.54" not in eq and eq.count("3 bits per weight") == 2  # from the accountant: 2 + 64/64 = 2 + 32/32
     assert eq.endswith(f"| {order('RCP', list(vals['RCP']), 'Uniform-QAT g32', list(vals['Uniform-QAT g32']), kind='paired')} |")

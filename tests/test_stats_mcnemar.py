@@ -31,18 +31,31 @@ def test_accuracy_order_phrase():
         mcnemar([1, 0], [1])
 
 
-def test_zero_shot_tests_markdown_pairs_same_documents_only():
+def test_mcnemar_has_no_overflow_at_many_discordant_pairs():
+    r = mcnemar([1] * 700 + [0] * 600, [0] * 700 + [1] * 600)  # 1300 discordant pairs (a float 2.0 ** m overflows)
+    assert r.only_a + r.only_b == 1300 and r.p == pytest.approx(binomtest(600, 1300, 0.5).pvalue, rel=1e-9)
+
+
+def test_zero_shot_tests_markdown_pairs_same_documents_only(tmp_path):
+    """Through a CSV, as the report reads it: outcome strings keep their length (letters, never parsed as numbers)."""
     import pandas as pd
 
     from rcp_lib.report import zero_shot_tests_markdown
 
     rows = []
-    for m, st, outcome, sha in (("FP", "FP", "1" * 60 + "0" * 40, "d"), ("RCP", "W2A4KV4", "1" * 30 + "0" * 70, "d"),
-                                ("QuaRot-GPTQ", "W2A4KV4", "1" * 5 + "0" * 95, "d"), ("RTN", "W2A4KV4", "0" * 100, "x")):
-        rows.append({"method": m, "setting": st, "task": "t", "metric": "acc", "value": outcome.count("1") / 100,
-                     "per_doc": outcome, "docs_sha256": sha})
-    md = zero_shot_tests_markdown(pd.DataFrame(rows), pd.DataFrame([{"method": "RTN", "setting": "W2A4KV4", "ppl": 8e5},
-                                                                    {"method": "RCP", "setting": "W2A4KV4", "ppl": 90.}]))
+    for m, st, outcome, sha in (("FP", "FP", "c" * 60 + "w" * 40, "d"), ("RCP", "W2A4KV4", "w" + "c" * 30 + "w" * 69, "d"),
+                                ("QuaRot-GPTQ", "W2A4KV4", "c" * 5 + "w" * 95, "d"), ("RTN", "W2A4KV4", "w" * 100, "x")):
+        for metric, avg in (("acc", False), ("acc_norm", True)):
+            rows.append({"method": m, "setting": st, "task": "t", "metric": metric, "used_in_average": avg,
+                         "value": outcome.count("c") / 100, "per_doc": outcome, "docs_sha256": sha})
+    pd.DataFrame(rows).to_csv(tmp_path / "zs.csv", index=False)
+    zs = pd.read_csv(tmp_path / "zs.csv", dtype={"per_doc": str, "docs_sha256": str})
+    assert zs["per_doc"].str.len().eq(100).all()
+    md = zero_shot_tests_markdown(zs, pd.DataFrame([{"method": "RTN", "setting": "W2A4KV4", "ppl": 8e5},
+                                                    {"method": "RCP", "setting": "W2A4KV4", "ppl": 90.},
+                                                    {"method": "RTN", "setting": "W2A16KV16", "ppl": 9e5}]))
     assert "RCP > QuaRot-GPTQ (McNemar p = " in md and "FP > RCP (McNemar p = " in md
+    assert "| t (acc_norm) |" in md and "| t (acc) |" not in md  # the metric the task averages
     assert "vs RTN" not in md  # other documents (docs_sha256): no pairing
-    assert "Measured floor: the row with the highest perplexity (RTN W2A4KV4" in md and "t 0.000" in md
+    # the floor: the highest perplexity among rows that have zero-shot scores (RTN W2A16KV16 has none)
+    assert "Measured floor: the zero-shot row with the highest perplexity (RTN W2A4KV4" in md and "t acc_norm 0.000" in md

@@ -184,15 +184,25 @@ def _n_examples(results: Mapping[str, Any], task: str) -> int | None:
     return int(n) if n is not None else None
 
 
+#: the metrics whose per-document value is a right / wrong outcome (McNemar pairs them between rows)
+OUTCOME_METRICS = ("acc", "acc_norm")
+
+
 def per_document(samples: Sequence[Mapping[str, Any]], metric: str) -> tuple[str, str]:
-    """The per-document outcomes of one task and metric from lm_eval's logged samples: ``("0110...", sha256)``, one
-    character per document in ``doc_id`` order (``1``: correct), and the SHA-256 of the documents' hashes in that order
-    (two rows are paired only when it agrees). ``("", "")`` when the samples do not carry the metric (e.g.
-    ``perplexity``)."""
-    rows = sorted((s for s in samples if metric in s), key=lambda s: int(s["doc_id"]))
+    """The per-document outcomes of one task and metric from lm_eval's logged samples: ``("wccw...", sha256)``, one
+    character per document in ``doc_id`` order (``c``: correct, ``w``: wrong; letters, so that a CSV reader never takes
+    the string for a number), and the SHA-256 of the documents' hashes in that order (two rows are paired only when it
+    agrees). ``("", "")`` for a metric that is not a per-document accuracy (:data:`OUTCOME_METRICS`) or that the
+    samples do not carry."""
+    if metric not in OUTCOME_METRICS:
+        return "", ""
+    rows = [s for s in samples if metric in s]
+    if any(s.get("filter") == "none" for s in rows):  # one logged sample per filter: keep the unfiltered one
+        rows = [s for s in rows if s.get("filter") == "none"]
+    rows = sorted(rows, key=lambda s: int(s["doc_id"]))
     if not rows:
         return "", ""
-    outcomes = "".join("1" if float(s[metric]) > 0.5 else "0" for s in rows)
+    outcomes = "".join("c" if float(s[metric]) > 0.5 else "w" for s in rows)
     h = hashlib.sha256("\n".join(str(s.get("doc_hash", s["doc_id"])) for s in rows).encode()).hexdigest()
     return outcomes, h
 

@@ -221,12 +221,13 @@ def test_random_tiny_model_is_near_chance(embedded):
     # per-document outcomes (for McNemar between rows): one 0/1 per document, their mean is the accuracy
     for metric in ("acc", "acc_norm"):
         per_doc = ns.loc[metric, "per_doc"]
-        assert len(per_doc) == 200 and set(per_doc) <= {"0", "1"}
-        assert per_doc.count("1") / 200 == pytest.approx(ns.loc[metric, "value"], abs=1e-12)
+        assert len(per_doc) == 200 and set(per_doc) <= {"c", "w"}
+        assert per_doc.count("c") / 200 == pytest.approx(ns.loc[metric, "value"], abs=1e-12)
     assert len(ns.loc["acc", "docs_sha256"]) == 64 and ns.loc["acc", "docs_sha256"] == ns.loc["acc_norm", "docs_sha256"]
 
     lw = zero_shot(model, tok, tasks=["wiki_lastword"], limit=50, batch_size=16).set_index("metric")
     assert set(lw.index) == {"acc", "perplexity"}
+    assert lw.loc["perplexity", "per_doc"] == "" and len(lw.loc["acc", "per_doc"]) == 50  # outcomes: accuracies only
     assert lw.loc["acc", "value"] < 0.05  # a random model does not predict the word
     assert lw.loc["perplexity", "value"] > 1000  # measured ~1.2e5: vocabulary-sized perplexity per word
     assert average_accuracy(pd.concat([df, lw.reset_index()])) == pytest.approx((ns.loc["acc_norm", "value"] + lw.loc["acc", "value"]) / 2)
