@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from .distributed import full_state_dict, is_sharded, run_device
 from .io import config_hash
 from .qat import QATConfig
 from .quant.apply import QuantConfig
@@ -113,40 +114,6 @@ class RunConfig:
         return config_hash(d, {"code": code_fingerprint()})
 
 
-def run_device(requested: str):
-    """The device of this process for a run that asks for ``requested``: under ``accelerate launch`` / ``torchrun`` a
-    CUDA run gets this process's GPU (``PartialState().device``; a bare ``"cuda"`` would be GPU 0 in every process).
-
-    Raises:
-        RuntimeError: ``requested`` is a CUDA device but this process sees none.
-    """
-    import torch
-    from accelerate import PartialState
-
-    if torch.device(requested).type != "cuda":
-        return torch.device(requested)
-    if not torch.cuda.is_available():
-        raise RuntimeError(f"the run config asks for device {requested!r} but no CUDA device is visible; "
-                           "use device: cpu (configs/cpu.yaml) or run on a GPU machine")
-    dev = PartialState().device
-    return dev if dev.type == "cuda" else torch.device(requested)
-
-
-def _is_sharded(model) -> bool:
-    """True when some parameter of ``model`` is a DTensor shard (FSDP2)."""
-    return any(type(p).__name__ == "DTensor" for p in model.parameters())
-
-
-def full_state_dict(model) -> dict:
-    """The full (unsharded) state dict of ``model`` on the CPU, gathered from every rank when it is sharded (FSDP):
-    a collective, so every process calls it. An unsharded model: its own state dict, moved to the CPU."""
-    if _is_sharded(model):
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-        return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    return {k: v.detach().cpu() for k, v in model.state_dict().items()}
-
-
 def export_run(student, cfg: RunConfig, export_dir: str | Path, is_main: bool, skeleton=None) -> None:
     """Save the trained ``student`` as a packed model (:func:`rcp_lib.packing.save_quantized`) from every rank:
     a sharded student's full state dict is gathered (all ranks), then rank 0 loads it into an unsharded skeleton of
@@ -158,7 +125,7 @@ def export_run(student, cfg: RunConfig, export_dir: str | Path, is_main: bool, s
         skeleton: ``() -> nn.Module``, the unrotated full-precision model to rebuild on (default: ``load(cfg.model)``
             on the CPU in the gathered dtype); only called on rank 0 for a sharded student.
     """
-    if not _is_sharded(student):
+    if not is_sharded(student):
         if is_main:
             from .packing import save_quantized
 

@@ -258,8 +258,8 @@ def test_code_versions_sentence_checks_the_rows_both_files_compute():
 def test_reconstruction_recipe_prose_matches_the_configs():
     """The QAT settings the prose of docs/reconstruction.md names are the cpu profile's defaults and the paper
     config's."""
-    from rcp_lib.experiments.methods import paper_qat_recipe
     from rcp_lib.paths import REPO_ROOT
+    from rcp_lib.run_config import RunConfig
     from rcp_lib.profiles import get_profile
 
     from rcp_lib.experiments.methods import profile_qat_recipe, qat_config
@@ -274,7 +274,7 @@ def test_reconstruction_recipe_prose_matches_the_configs():
     assert profile_qat_recipe(P).weight == {"clip_init": "mse", "ldp_init": "lloyd", "range_mode": "static",
                                             "range_param": "log"}
     assert q.gptq_start and "a GPTQ start on each QAT row's own grid" in text
-    paper = paper_qat_recipe("configs/paper-llama2-7b.yaml")
+    paper = RunConfig.load(REPO_ROOT / "configs" / "paper-llama2-7b.yaml").recipe.qat
     assert f"keeps {lr(paper.lr_weights)} / {lr(paper.lr_quant)} and the searched start without GPTQ for its " \
            f"{paper.steps} steps" in text
 

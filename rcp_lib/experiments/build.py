@@ -108,7 +108,7 @@ def _train_and_save(model: nn.Module, method: Method, profile: Profile, out: Pat
     :func:`build` loads; :func:`train_student`'s statistics and the number of ``processes``). Under a distributed launch every process trains, the full state dict is gathered (a
     collective: a sharded student's shards) and rank 0 writes."""
     from ..qat import resolve_mixed_precision, teacher_dtype
-    from ..run_config import full_state_dict
+    from ..distributed import full_state_dict
 
     recipe = method.recipe(profile)
     fp, _ = base_model(profile)
@@ -201,7 +201,7 @@ def train_rows(methods: list[Method], profile: Profile, progress: bool = True) -
     Raises:
         ValueError: a method without QAT.
     """
-    from ..run_config import run_device
+    from ..distributed import run_device
 
     bad = [f"{m.name} {m.setting}" for m in methods if not m.qat]
     if bad:

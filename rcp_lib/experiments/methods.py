@@ -132,11 +132,3 @@ def qat_config(profile: Profile) -> QATConfig:
     by the steps, :meth:`rcp_lib.recipe.QATRecipe.config`)."""
     return profile_qat_recipe(profile).config(profile.budget)
 
-
-def paper_qat_recipe(path: str) -> QATConfig:
-    """The ``qat`` section of a run config file (``path`` relative to the checkout, or absolute)."""
-    from ..paths import REPO_ROOT
-    from ..run_config import RunConfig
-
-    p = Path(path)
-    return RunConfig.load(p if p.is_absolute() else REPO_ROOT / p).recipe.qat
