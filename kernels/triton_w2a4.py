@@ -205,7 +205,8 @@ def _epilogue_fn(part, scale, zero, offs_b, offs_n, mask_b, mask_n, pid_b, pid_n
         last = ticket == SPLIT_K - 1
         ymask = ymask & ((tl.full((BLOCK_B, BLOCK_N), 0, tl.int32) + ticket) == SPLIT_K - 1)
         part = tl.load(wsp, mask=ymask, other=0.0, cache_modifier=".cg")
-        tl.store(wsp, part * 0.0, mask=ymask)
+        # a true 0.0, never part * 0.0: a non-finite partial sum (inf * 0 = nan) must not outlive its call
+        tl.store(wsp, tl.full((BLOCK_B, BLOCK_N), 0.0, tl.float32), mask=ymask)
         tl.store(cnt_ptr + tile, 0, mask=last)
     wsum = tl.load(wsum_ptr + offs_n, mask=mask_n, other=0.0)
     y = scale[:, None] * (part - zero[:, None] * wsum[None, :])

@@ -128,6 +128,30 @@ def test_bitplane_matmul_matches_float64(B, N, K, G, config):
 
 
 @needs_triton
+def test_split_k_workspace_is_reset_after_a_non_finite_partial_sum():
+    """A split-K call whose partial sums are inf puts the workspace back to exact zeros (``0.0``, not ``part * 0.0``,
+    which is nan), so the next call on the same workspace is unaffected."""
+    from rcp_lib.kernels.triton_w2a4 import _WORKSPACE, quantize_activations_triton, w2a4_bitplane_matmul_triton
+
+    B, N, K, G = 1, 40, 256, 32
+    config = dict(BLOCK_N=16, GPI=4, SPLIT_K=8, NUM_STAGES=1)
+    codes, lut, x = _problem(B, N, K, G, seed=7)
+    packed = pack_codes(codes)
+    planes, s, z = quantize_activations_triton(x, 4, 1.0, G, planes=True)
+    ws, wp = weight_row_sums(packed, lut, K, G), weight_bitplanes(packed, K)
+    bad = lut.float().clone()
+    bad[:, 0, :] = float("inf")  # every partial sum of the first K split: inf
+    y_bad = w2a4_bitplane_matmul_triton(planes, s, z, wp, bad, ws, K, G, None, torch.float32, config=config)
+    assert not torch.isfinite(y_bad).all()
+    assert all(bool((w_ == 0).all()) and int(n.abs().max()) == 0 for w_, n in _WORKSPACE.values())  # exact zeros
+    y = w2a4_bitplane_matmul_triton(planes, s, z, wp, lut, ws, K, G, None, torch.float32, config=config)
+    rc, rs, rz = quantize_per_token(x, 4)
+    w = dequantize(packed, lut, K, G, dtype=torch.float64)
+    ref = ((rc.double() - rz.double().reshape(-1, 1)) * rs.double().reshape(-1, 1)) @ w.T
+    assert torch.isfinite(y).all() and _rel(y, ref) < 1e-5
+
+
+@needs_triton
 def test_bitplane_matmul_rejects_bad_operands():
     from rcp_lib.kernels.triton_w2a4 import w2a4_bitplane_matmul_triton
 
