@@ -47,8 +47,8 @@ SIG = {
 # kernel at batch 1 and 4
 _BP = dict(G=128, ABITS=4, HAS_BIAS=False, QUANT_IN=False, RB=1024)
 CASES: list[tuple[str, dict, int]] = [
-    ("gemv", dict(G=128, HAS_BIAS=False, BLOCK_B=1, BLOCK_N=32, GPI=1, SPLIT_K=4, NUM_STAGES=2), 2),
-    ("gemv", dict(G=128, HAS_BIAS=False, BLOCK_B=4, BLOCK_N=32, GPI=1, SPLIT_K=4, NUM_STAGES=2), 2),
+    ("gemv", dict(G=128, HAS_BIAS=False, BLOCK_B=1, BLOCK_N=32, GPI=1, SPLIT_K=4, NUM_STAGES=2, CENTER=7.5), 2),
+    ("gemv", dict(G=128, HAS_BIAS=False, BLOCK_B=4, BLOCK_N=32, GPI=1, SPLIT_K=4, NUM_STAGES=2, CENTER=7.5), 2),
     ("bitplane", dict(_BP, BLOCK_B=1, BLOCK_N=32, GPI=1, SPLIT_K=4, NUM_STAGES=2), 2),
     ("bitplane", dict(_BP, BLOCK_B=1, BLOCK_N=64, GPI=2, SPLIT_K=4, NUM_STAGES=3), 4),
     ("bitplane", dict(_BP, BLOCK_B=1, BLOCK_N=128, GPI=1, SPLIT_K=4, NUM_STAGES=1), 4),

@@ -87,6 +87,10 @@ GEMV_MAX_BATCH = 4
 QUANT_LAUNCH_OPTIONS = {"enable_fp_fusion": False}
 MAX_ROW = 32768
 _SPLITK_MAX_BUCKET = 64  # split-K (and its workspace) only up to this many tokens
+#: what the select and GEMM kernels subtract from every 4-bit activation code before the product (and from the zero
+#: point in the epilogue): sum (c - 7.5) w - (z - 7.5) wsum equals sum c w - z wsum, but its two terms are small where
+#: those of the uncentred form are large and cancel (weights with a non-zero row mean); c - 7.5 is exact in fp16
+CODE_CENTER = 7.5
 
 
 def interpret_mode() -> bool:
@@ -191,10 +195,11 @@ def _split_range_fn(NG, pid_k, SPLIT_K: tl.constexpr, GPI: tl.constexpr):
 
 def _epilogue_fn(part, scale, zero, offs_b, offs_n, mask_b, mask_n, pid_b, pid_n, N, stride_yb, wsum_ptr, bias_ptr,
                  y_ptr, ws_ptr, cnt_ptr, HAS_BIAS: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr,
-                 SPLIT_K: tl.constexpr):
+                 SPLIT_K: tl.constexpr, CENTER: tl.constexpr):
     """The end of every launch-2 kernel: the split-K fix-up (module docstring) when ``SPLIT_K > 1``, then
-    ``y = scale * (part - zero * wsum) (+ bias)`` stored in the output dtype. ``part``: fp32 ``[BLOCK_B, BLOCK_N]``;
-    ``scale``, ``zero``: fp32 ``[BLOCK_B]``."""
+    ``y = scale * (part - (zero - CENTER) * wsum) (+ bias)`` stored in the output dtype. ``part``: fp32
+    ``[BLOCK_B, BLOCK_N]``, the sum of ``(code - CENTER) * w`` (:data:`CODE_CENTER` for 4-bit codes: the centred sum
+    is small where ``sum code * w`` and ``zero * wsum`` would cancel); ``scale``, ``zero``: fp32 ``[BLOCK_B]``."""
     ymask = mask_b[:, None] & mask_n[None, :]
     if SPLIT_K > 1:
         wsp = ws_ptr + offs_b[:, None] * N + offs_n[None, :]
@@ -209,7 +214,7 @@ def _epilogue_fn(part, scale, zero, offs_b, offs_n, mask_b, mask_n, pid_b, pid_n
         tl.store(wsp, tl.full((BLOCK_B, BLOCK_N), 0.0, tl.float32), mask=ymask)
         tl.store(cnt_ptr + tile, 0, mask=last)
     wsum = tl.load(wsum_ptr + offs_n, mask=mask_n, other=0.0)
-    y = scale[:, None] * (part - zero[:, None] * wsum[None, :])
+    y = scale[:, None] * (part - (zero[:, None] - CENTER) * wsum[None, :])
     if HAS_BIAS:
         y += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
     tl.store(y_ptr + offs_b[:, None] * stride_yb + offs_n[None, :], y.to(y_ptr.dtype.element_ty), mask=ymask)
@@ -220,7 +225,7 @@ def _w2a4_gemv_kernel(
     x_ptr, xs_ptr, xz_ptr, w_ptr, lut_ptr, wsum_ptr, bias_ptr, y_ptr, ws_ptr, cnt_ptr,
     B, N, K, stride_xb, stride_wn, stride_ln, stride_yb, B_KEY,
     G: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, GPI: tl.constexpr,
-    SPLIT_K: tl.constexpr, NUM_STAGES: tl.constexpr, INTERPRET: tl.constexpr,
+    SPLIT_K: tl.constexpr, NUM_STAGES: tl.constexpr, INTERPRET: tl.constexpr, CENTER: tl.constexpr,
 ):  # fmt: skip
     WPG: tl.constexpr = G // 16
     COLS: tl.constexpr = GPI * WPG
@@ -254,7 +259,7 @@ def _w2a4_gemv_kernel(
             c = (words >> (2 * i)) & 3
             b0 = (c & 1) != 0
             w = tl.where(c >= 2, tl.where(b0, l3, l2), tl.where(b0, l1, l0))  # [BLOCK_N, COLS]
-            xi = tl.load(xb + i * WPG, mask=xmask, other=0).to(tl.float32)  # [BLOCK_B, COLS]
+            xi = tl.load(xb + i * WPG, mask=xmask, other=0).to(tl.float32) - CENTER  # [BLOCK_B, COLS], exact
             acc += xi[:, None, :] * w[None, :, :]
     if INTERPRET:
         part = tl.reduce(acc, 2, tl.standard._sum_combine)
@@ -263,7 +268,7 @@ def _w2a4_gemv_kernel(
     scale = tl.load(xs_ptr + offs_b, mask=mask_b, other=0.0)
     zero = tl.load(xz_ptr + offs_b, mask=mask_b, other=0.0)
     _epilogue(part, scale, zero, offs_b, offs_n, mask_b, mask_n, pid_b, pid_n, N, stride_yb, wsum_ptr, bias_ptr, y_ptr,
-              ws_ptr, cnt_ptr, HAS_BIAS, BLOCK_B, BLOCK_N, SPLIT_K)
+              ws_ptr, cnt_ptr, HAS_BIAS, BLOCK_B, BLOCK_N, SPLIT_K, CENTER)
 
 
 def _w2a4_gemm_kernel(
@@ -271,6 +276,7 @@ def _w2a4_gemm_kernel(
     B, N, K, stride_xb, stride_wn, stride_ln, stride_yb, B_KEY,
     G: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, GPI: tl.constexpr,
     SPLIT_K: tl.constexpr, NUM_STAGES: tl.constexpr, DOT_F32: tl.constexpr, INTERPRET: tl.constexpr,
+    CENTER: tl.constexpr,
 ):  # fmt: skip
     WPG: tl.constexpr = G // 16
     COLS: tl.constexpr = GPI * WPG
@@ -312,14 +318,14 @@ def _w2a4_gemm_kernel(
             w = tl.where(c >= 2, tl.where(b0, l3, l2), tl.where(b0, l1, l0))  # [BLOCK_N, COLS] dequantized tile
             xi = tl.load(xb + i * WPG, mask=xmask, other=0)  # [BLOCK_B, COLS] codes
             if DOT_F32:
-                acc = tl.dot(xi.to(tl.float32), tl.trans(w), acc, input_precision="ieee")
-            else:
-                acc = tl.dot(xi.to(tl.float16), tl.trans(w), acc)
+                acc = tl.dot(xi.to(tl.float32) - CENTER, tl.trans(w), acc, input_precision="ieee")
+            else:  # code - 7.5 is a half-integer in [-7.5, 7.5]: exact in fp16
+                acc = tl.dot((xi.to(tl.float32) - CENTER).to(tl.float16), tl.trans(w), acc)
     part = acc
     scale = tl.load(xs_ptr + offs_b, mask=mask_b, other=0.0)
     zero = tl.load(xz_ptr + offs_b, mask=mask_b, other=0.0)
     _epilogue(part, scale, zero, offs_b, offs_n, mask_b, mask_n, pid_b, pid_n, N, stride_yb, wsum_ptr, bias_ptr, y_ptr,
-              ws_ptr, cnt_ptr, HAS_BIAS, BLOCK_B, BLOCK_N, SPLIT_K)
+              ws_ptr, cnt_ptr, HAS_BIAS, BLOCK_B, BLOCK_N, SPLIT_K, CENTER)
 
 
 def _popcount_fn(x, INTERPRET: tl.constexpr):
@@ -442,8 +448,9 @@ def _w2a4_bitplane_gemv_kernel(
     else:
         scale = tl.load(xs_ptr + offs_b, mask=mask_b, other=0.0)
         zero = tl.load(xz_ptr + offs_b, mask=mask_b, other=0.0)
+    # not centred: the popcount sums are of the codes themselves (centring them needs the weight planes' popcounts)
     _epilogue(part, scale, zero, offs_b, offs_n, mask_b, mask_n, pid_b, pid_n, N, stride_yb, wsum_ptr, bias_ptr, y_ptr,
-              ws_ptr, cnt_ptr, HAS_BIAS, BLOCK_B, BLOCK_N, SPLIT_K)
+              ws_ptr, cnt_ptr, HAS_BIAS, BLOCK_B, BLOCK_N, SPLIT_K, 0.0)
 
 
 # ----------------------------------------------------------------------------------------------- configurations
@@ -805,13 +812,16 @@ def _launch(path: str, x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
         args += (float(clip),)
         opts = QUANT_LAUNCH_OPTIONS
     interp = interpret_mode()
+    center = CODE_CENTER if x.dtype == torch.uint8 else 0.0  # float activations (scale 1, zero 0): not centred
     if path == "gemm":
-        consts = dict(G=G, HAS_BIAS=has_bias, DOT_F32=lut.dtype == torch.float32, INTERPRET=interp)
+        consts = dict(G=G, HAS_BIAS=has_bias, DOT_F32=lut.dtype == torch.float32, INTERPRET=interp, CENTER=center)
     else:
         block_b = min(triton.next_power_of_2(B), GEMV_MAX_BATCH)
         consts = dict(G=G, HAS_BIAS=has_bias, BLOCK_B=block_b, INTERPRET=interp)
         if path == "bitplane":
             consts.update(ABITS=abits, QUANT_IN=quant_in, RB=min(triton.next_power_of_2(K), 1024))
+        else:
+            consts.update(CENTER=center)
     if config is None and not interp and not AUTOTUNE:
         config = default_config(path, G)
         if not split_ok:
