@@ -55,17 +55,21 @@ def build(ablation: list[Path], perplexity: list[Path], methods: list[str]) -> t
     """(per-seed rows, summary rows) from the given files (module docstring)."""
     rows, prov, codes = [], {}, set()
     for p in ablation:
+        summ = p.parent / "ablation_summary.csv"  # an older ablation.csv has no code_fingerprint: its summary's
+        code_of = {r["method"]: r.get("code_fingerprint") for r in (_read(summ) if summ.exists() else [])}
         for r in _read(p):
-            rows.append({k: (_num(r.get(k)) if k not in ("method", "setting", "git_commit") else r.get(k))
-                         for k in ABLATION_COLUMNS})
+            rows.append({k: (_num(r.get(k)) if k not in ("method", "setting", "git_commit", "code_fingerprint")
+                             else r.get(k)) for k in ABLATION_COLUMNS})
             rows[-1]["seed"] = int(rows[-1]["seed"])
+            rows[-1]["code_fingerprint"] = rows[-1]["code_fingerprint"] or code_of.get(r["method"])
+            codes.add(rows[-1]["code_fingerprint"])
     for p in perplexity:
         for r in _read(p):
             if r["method"] in methods and r["setting"] == ABLATION_SETTING:
                 codes.add(r["code_fingerprint"])
                 prov.setdefault(r["method"], {k: r.get(k) for k in PROVENANCE})
-                rows.append(ablation_row({k: _num(v) if k not in ("method", "setting", "git_commit") else v
-                                          for k, v in r.items()}))
+                rows.append(ablation_row({k: _num(v) if k not in ("method", "setting", "git_commit",
+                                                                 "code_fingerprint") else v for k, v in r.items()}))
     seen = [(r["method"], r["seed"]) for r in rows]
     dup = {x for x in seen if seen.count(x) > 1}
     if dup:

@@ -27,7 +27,8 @@ from .rows import _cached, _code
 
 #: the columns of ``ablation.csv``, in order
 ABLATION_COLUMNS = ("method", "setting", "seed", "ppl", "step0_ppl", "clip_ratio_init", "clip_ratio_final",
-                    "clip_shift", "level_shift", "weight_shift", "code_flips", "tokens", "seconds", "git_commit")
+                    "clip_shift", "level_shift", "weight_shift", "code_flips", "tokens", "seconds", "git_commit",
+                    "code_fingerprint")
 ABLATION_SETTING = "W2A4KV4"
 
 
@@ -67,7 +68,8 @@ def ablation_row(r: dict) -> dict:
             "step0_ppl": get("step0_ppl"), "clip_ratio_init": get("clip_ratio_init"),
             "clip_ratio_final": get("clip_ratio_final"), "clip_shift": get("clip_shift"),
             "level_shift": get("level_shift"), "weight_shift": get("weight_shift"), "code_flips": get("code_flips"),
-            "tokens": get("qat_tokens"), "seconds": get("qat_seconds"), "git_commit": r.get("git_commit")}
+            "tokens": get("qat_tokens"), "seconds": get("qat_seconds"), "git_commit": r.get("git_commit"),
+            "code_fingerprint": r.get("code_fingerprint")}
 
 
 def _stats(values: list[float]) -> tuple[float, float, float]:
