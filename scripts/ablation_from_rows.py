@@ -70,6 +70,8 @@ def build(ablation: list[Path], perplexity: list[Path], methods: list[str]) -> t
                 prov.setdefault(r["method"], {k: r.get(k) for k in PROVENANCE})
                 rows.append(ablation_row({k: _num(v) if k not in ("method", "setting", "git_commit",
                                                                  "code_fingerprint") else v for k, v in r.items()}))
+    order_of = {m: i for i, m in enumerate(dict.fromkeys(r["method"] for r in rows))}
+    rows.sort(key=lambda r: (order_of[r["method"]], r["seed"]))  # seeds in order: rows of one seed pair up
     seen = [(r["method"], r["seed"]) for r in rows]
     dup = {x for x in seen if seen.count(x) > 1}
     if dup:
