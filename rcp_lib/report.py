@@ -267,7 +267,7 @@ def seeded_claim_rows(abl_dir: Path, fp_ppl: float | None = None) -> list[str]:
         def ms(name: str) -> str:
             r = summ[name]
             se = f" ± {_fmt_ppl(r['ppl_sem'])}" if math.isfinite(r["ppl_sem"]) else ""
-            return f"{_fmt_ppl(r['ppl_mean'])}{se} ({r['n']} seeds)"
+            return f"{_fmt_ppl(r['ppl_mean'])}{se} ({r['n']} seed{'s' if r['n'] != 1 else ''})"
 
         ptq = [n for n in SEEDED_PTQ if n in summ]
         if "RCP" in summ and ptq:
@@ -851,9 +851,8 @@ def readme_markdown(profile: str = "cpu", results: Path | None = None) -> str:
     the profile's ``SUMMARY.md`` (:func:`results_markdown`), which holds every table behind it."""
     d = Path(results) if results else results_dir(profile)
     ppl = _read_ppl(d, profile)
-    out = [f"# Results of the `{profile}` profile", "",
-           f"Generated from `results/{profile}/` (and `results/ablation/`) by `python -m rcp_lib readme --profile "
-           f"{profile}`; do not edit by hand.", ""]
+    out = [f"### Measured here: `{profile}` profile (regenerate with `python -m rcp_lib reproduce --profile {profile}` "
+           f"then `python -m rcp_lib readme --profile {profile}`)", ""]
     t = timing_markdown(d, profile)
     out += [t, ""] if t else []
     out += [claims_markdown(d, ppl), "",

@@ -54,6 +54,8 @@ def test_update_readme_replaces_block_idempotently(tmp_path):
     assert once.startswith("intro\n\n" + BEGIN) and once.count(END) == 1 and once.endswith("\n\n## next section\n")
     # the README holds the claim table and a link; SUMMARY.md every table with its protocol
     assert "| claim (the paper's numbers) |" in once and "(results/cpu/SUMMARY.md)" in once
+    assert "### Measured here: `cpu` profile" in once and "# Results of" not in once
+    assert summary.startswith("# Results of the `cpu` profile")
     assert "| RCP | qat | 30.25 | – |" not in once
     assert "| RCP | qat | 30.25 | – |" in summary and "3 steps" in summary and "loss `kl`" in summary
     assert "learning rates 0.0001 (weights) / 0.01 (quantizer), gradient clip 1" in summary
