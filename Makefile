@@ -19,7 +19,7 @@ export HF_HUB_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: test reproduce install test-slow clean-cache gpu-check gpu-report gpu-wheels
+.PHONY: test test-fast reproduce install test-slow clean-cache gpu-check gpu-report gpu-wheels
 
 install: $(STAMP)
 
@@ -40,6 +40,10 @@ $(STAMP): requirements.txt pyproject.toml
 
 test: $(STAMP)
 	$(PY) -m pytest -m "not slow" -q
+
+# the inner loop: the unit tier (no embedded model, no notebook, no command-line or multi-process run; tests/conftest.py)
+test-fast: $(STAMP)
+	$(PY) -m pytest -m "not slow and not integration" -q -x
 
 test-slow: $(STAMP)
 	$(PY) -m pytest -m slow -q

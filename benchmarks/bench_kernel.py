@@ -415,18 +415,9 @@ def measure(dev, shapes, batches, G: int, copy_mib: int, bench, layers: int = 0,
 
 
 def import_checkout_kernels() -> None:
-    """``rcp_lib.kernels`` of this checkout's ``kernels/`` when the package is not installed (a bare copy of the
-    repository on a GPU machine: ``PYTHONPATH=.``), as ``benchmarks/gpu_check.py`` does."""
-    import rcp_lib
-
-    try:
-        import rcp_lib.kernels  # noqa: F401
-    except ImportError:
-        sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-        from checkout_kernels import install
-
-        install()
-        import rcp_lib.kernels  # noqa: F401
+    """``rcp_lib.kernels`` of this checkout's ``kernels/``, installed or not (a bare copy of the repository on a GPU
+    machine: ``PYTHONPATH=.``; ``rcp_lib/__init__.py`` searches the checkout root for it)."""
+    import rcp_lib.kernels  # noqa: F401
 
 
 def main(argv: list[str] | None = None) -> int:

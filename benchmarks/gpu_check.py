@@ -48,7 +48,7 @@ import traceback
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-for p in (REPO, REPO / "benchmarks", REPO / "tests"):
+for p in (REPO, REPO / "benchmarks"):
     if str(p) not in sys.path:
         sys.path.insert(0, str(p))
 
@@ -76,16 +76,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def _import_rcp():
-    """``rcp_lib`` of this checkout, with ``rcp_lib.kernels`` mapped to ``kernels/`` when not installed."""
+    """``rcp_lib`` of this checkout, with its ``kernels/`` as ``rcp_lib.kernels`` (installed or not)."""
     import rcp_lib
+    import rcp_lib.kernels  # noqa: F401
 
-    try:
-        import rcp_lib.kernels  # noqa: F401
-    except ImportError:
-        from checkout_kernels import install
-
-        install()
-        import rcp_lib.kernels  # noqa: F401
     return rcp_lib
 
 

@@ -20,6 +20,18 @@ therefore imports transformers: set ``HF_HUB_OFFLINE`` / ``HF_DATASETS_OFFLINE``
 
 __version__ = "0.1.0"
 
+from pathlib import Path as _Path
+
+# ``rcp_lib.kernels`` is the top-level ``kernels/`` folder (the project's layout keeps it there). An install maps it
+# with setuptools' ``package-dir``; a source checkout run from its own folder (``PYTHONPATH=.``, a git worktree next to
+# an editable install of another checkout, a bare copy of the tree on a GPU machine) finds it here, explicitly: the
+# checkout root is searched for rcp_lib's subpackages after ``rcp_lib/`` itself, so the kernels imported are always
+# the ones beside this ``rcp_lib``. Only in a checkout (a ``pyproject.toml`` beside ``kernels/__init__.py``): an
+# installed package's parent is site-packages, which must never be searched.
+_CHECKOUT = _Path(__file__).resolve().parent.parent
+if (_CHECKOUT / "kernels" / "__init__.py").is_file() and (_CHECKOUT / "pyproject.toml").is_file():
+    __path__.append(str(_CHECKOUT))  # noqa: F821 (the package's own search path)
+
 from .data import calibration_windows, corpus_tokens, load_corpus, tokenize
 from .evaluation import perplexity, perplexity_details
 from .memory import footprint

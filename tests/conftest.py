@@ -10,10 +10,23 @@ os.environ["RCP_ALLOW_DIRTY"] = "1"
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
-from checkout_kernels import install as _install_checkout_kernels  # noqa: E402
 
-# `rcp_lib.kernels` from this checkout's kernels/ even when another checkout is installed (see checkout_kernels.py)
-_install_checkout_kernels()
+
+#: the tiers (``make test-fast`` runs the first): a test is ``integration`` when it loads the real embedded model
+#: (these fixtures), starts a Python process or runs a notebook (the modules below); everything else is a unit test of
+#: a pure function or a tiny synthetic model. ``slow`` (minutes; ``make test-slow``) is marked in the test itself.
+INTEGRATION_FIXTURES = frozenset({"embedded", "excerpt_test_ids", "real_text_ids"})
+INTEGRATION_MODULES = frozenset({
+    "test_notebooks", "test_cli", "test_cli_validation", "test_distributed", "test_dry_run", "test_hf", "test_compare",
+    "test_setup", "test_ablation_start", "test_zero_shot", "test_gpu_path",
+})
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        module = item.module.__name__.rpartition(".")[2] if item.module is not None else ""
+        if INTEGRATION_FIXTURES & set(item.fixturenames) or module in INTEGRATION_MODULES:
+            item.add_marker(pytest.mark.integration)
 
 
 @pytest.fixture(scope="session")

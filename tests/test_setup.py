@@ -79,3 +79,40 @@ def test_docs_hub_commands_exist_in_the_pinned_huggingface_hub():
         if p.returncode != 0 and len(words) > 1:  # "hf upload <repo>": the second word is an argument
             p = subprocess.run([str(hf), words[0], "--help"], capture_output=True, text=True, timeout=60)
         assert p.returncode == 0, (cmd, p.stderr[-500:])
+
+
+def test_a_bare_copy_of_the_checkout_imports_its_own_kernels(tmp_path):
+    """A copy of the tree run with ``PYTHONPATH`` (a worktree, the GPU machine's copy) imports the kernels beside its
+    own rcp_lib, never those of the checkout installed in this environment; an installed package's parent
+    (site-packages) is never searched."""
+    copy = tmp_path / "copy"
+    for name in ("rcp_lib", "kernels"):
+        shutil.copytree(ROOT / name, copy / name, ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(ROOT / "pyproject.toml", copy / "pyproject.toml")
+    code = "import rcp_lib, rcp_lib.kernels; print(rcp_lib.__file__); print(rcp_lib.kernels.__file__)"
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(copy)}
+    out = subprocess.run([sys.executable, "-c", code], env=env, cwd=tmp_path, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    pkg, kern = (Path(line) for line in out.stdout.split())
+    assert pkg == copy / "rcp_lib" / "__init__.py"
+    assert kern == copy / "kernels" / "__init__.py"
+    # without a pyproject.toml beside it (an installed layout) the folder above rcp_lib is not searched
+    (copy / "pyproject.toml").unlink()
+    out = subprocess.run([sys.executable, "-c", "import rcp_lib; print(rcp_lib.__path__)"], env=env, cwd=tmp_path,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert str(copy) + "'" not in out.stdout and str(copy / "rcp_lib") in out.stdout
+
+
+def test_every_integration_module_of_the_tiers_exists():
+    """A misspelt module in tests/conftest.py's tier list would silently put its tests in the fast tier."""
+    import importlib.util
+
+    # loaded from its file: pytest keeps several modules named "conftest" (tests/, tests/kernels/)
+    spec = importlib.util.spec_from_file_location("_tiers", ROOT / "tests" / "conftest.py")
+    tiers = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tiers)
+    assert tiers.INTEGRATION_MODULES
+    for name in tiers.INTEGRATION_MODULES:
+        assert list((ROOT / "tests").glob(f"**/{name}.py")), name

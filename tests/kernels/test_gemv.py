@@ -153,9 +153,10 @@ def test_env_forces_triton_and_cpu_without_interpreter_fails(monkeypatch):
 
 
 def _run_py(code: str, env_extra: dict) -> subprocess.CompletedProcess:
-    env = {**os.environ, **env_extra, "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "tests")])}
-    # this checkout's kernels/ even next to an editable install of another checkout (tests/checkout_kernels.py)
-    code = "import checkout_kernels; checkout_kernels.install()\n" + textwrap.dedent(code)
+    # PYTHONPATH first: this checkout's rcp_lib, and with it its kernels/ (rcp_lib/__init__.py), even next to an
+    # editable install of another checkout
+    env = {**os.environ, **env_extra, "PYTHONPATH": str(REPO)}
+    code = textwrap.dedent(code)
     return subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
 
 
