@@ -17,8 +17,13 @@ environment variable, else "auto"):
 * ``"triton"``: always the kernel; on CPU tensors this needs ``TRITON_INTERPRET=1`` (the triton interpreter, used by
   the tests for correctness; ~3000x slower than torch), otherwise a ``RuntimeError``.
 
-The op keeps natural-order codes and any group size; :class:`rcp_lib.packing.PackedLinear` on CUDA uses the fused
-two-launch path of :mod:`.triton_w2a4` instead where it applies (2-bit, ``G % 16 == 0``).
+The op keeps natural-order codes and any group size.
+
+The whole deployed linear is a second op, ``torch.ops.rcp.w2a4_linear`` (:func:`w2a4_linear`; a fake implementation
+for meta tensors and ``torch.compile``): the online Hadamard, the per-token activation quantizer and the product, on
+the path its caller chose (:meth:`rcp_lib.packing.PackedLinear.kernel_path`): the reference (its product through
+``w2a4_gemv`` above) or the fused two-launch path of :mod:`.triton_w2a4` (2-bit, ``G % 16 == 0``). Every forward of
+:class:`rcp_lib.packing.PackedLinear` but its CPU decode cache goes through it.
 
 The activation operands are the integer form of the per-token activation quantizer,
 :func:`rcp_lib.quant.activations.quantize_per_token` (``x_hat = (x_codes - x_zero) * x_scale``, float zero point).
@@ -26,12 +31,13 @@ The activation operands are the integer form of the per-token activation quantiz
 
 # no ``from __future__ import annotations``: custom_op reads the schema from the (evaluated) annotations
 import os
+from typing import Optional
 
 import torch
 
-from .reference import w2a4_gemv_reference
+from .reference import w2a4_gemv_reference, w2a4_linear_reference
 
-__all__ = ["w2a4_gemv", "triton_available", "BACKEND_ENV"]
+__all__ = ["w2a4_gemv", "w2a4_linear", "triton_available", "BACKEND_ENV", "LINEAR_PATHS"]
 
 BACKEND_ENV = "RCP_KERNEL_BACKEND"
 
@@ -78,6 +84,87 @@ def _w2a4_gemv_cuda(x_codes, x_scale, x_zero, packed_w, lut, K, G, bits=2):
 @_w2a4_gemv_op.register_fake
 def _w2a4_gemv_fake(x_codes, x_scale, x_zero, packed_w, lut, K, G, bits=2):
     return x_codes.new_empty((x_codes.shape[0], packed_w.shape[0]), dtype=torch.float32)
+
+
+#: the paths of ``torch.ops.rcp.w2a4_linear`` (its ``path`` argument; chosen by the caller,
+#: :meth:`rcp_lib.packing.PackedLinear.kernel_path`)
+LINEAR_PATHS = ("auto", "torch", "triton", "fused")
+
+
+@torch.library.custom_op("rcp::w2a4_linear", mutates_args=())
+def _w2a4_linear_op(
+    x: torch.Tensor,
+    packed_w: torch.Tensor,
+    lut: torch.Tensor,
+    wsum: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    wplanes: Optional[torch.Tensor],
+    K: int,
+    G: int,
+    bits: int,
+    act_bits: int,
+    act_clip_ratio: float,
+    hadamard_n: int,
+    hadamard_block: int,
+    path: str,
+) -> torch.Tensor:
+    """``torch.ops.rcp.w2a4_linear``: the whole deployed linear (arguments: :func:`w2a4_linear`)."""
+    if path == "fused":
+        from .triton_w2a4 import w2a4_linear_triton
+
+        return w2a4_linear_triton(x, packed_w, lut, wsum, K, G, act_bits, act_clip_ratio, bias,
+                                  hadamard_block=hadamard_block or None, apply_hadamard=bool(hadamard_n),
+                                  out_dtype=x.dtype, wplanes=wplanes)
+    return w2a4_linear_reference(x, packed_w, lut, bias, K, G, bits, act_bits, act_clip_ratio, hadamard_n,
+                                 hadamard_block, gemv_backend=path)
+
+
+@_w2a4_linear_op.register_fake
+def _w2a4_linear_fake(x, packed_w, lut, wsum, bias, wplanes, K, G, bits, act_bits, act_clip_ratio, hadamard_n,
+                      hadamard_block, path):
+    return x.new_empty((x.shape[0], packed_w.shape[0]))
+
+
+def w2a4_linear(
+    x: torch.Tensor,
+    packed_w: torch.Tensor,
+    lut: torch.Tensor,
+    K: int,
+    G: int,
+    bits: int = 2,
+    act_bits: "int | None" = 4,
+    act_clip_ratio: float = 1.0,
+    bias: "torch.Tensor | None" = None,
+    hadamard_n: int = 0,
+    hadamard_block: int = 0,
+    path: str = "auto",
+    wsum: "torch.Tensor | None" = None,
+    wplanes: "torch.Tensor | None" = None,
+) -> torch.Tensor:
+    """The deployed W2A4 (or W2A16) linear through the registered op ``torch.ops.rcp.w2a4_linear``.
+
+    Args:
+        x: ``[B, K]`` activations (float32 / bf16 / fp16); the output is ``[B, N]`` in ``x.dtype``.
+        packed_w, lut, K, G, bits: the stored weight (:func:`w2a4_gemv`).
+        act_bits, act_clip_ratio: the per-token activation quantizer (None or 0: A16, a dense product).
+        bias: ``[N]`` or None.
+        hadamard_n, hadamard_block: the online Hadamard applied to ``x`` first (0: none; block 0: the full ``H_n``).
+        path: "fused" (the two-launch Triton path of :mod:`.triton_w2a4`: 2-bit, ``G % 16 == 0``, act_bits set;
+            ``wsum`` required, ``wplanes`` selects the bit-serial decode kernel); else the reference
+            (:func:`.reference.w2a4_linear_reference`) with its product through :func:`w2a4_gemv` on that backend
+            ("auto", "torch", "triton").
+
+    No autograd: the op is for inference (a deployed layer); training runs on
+    :class:`rcp_lib.quant.linear.QuantLinear`.
+    """
+    if path not in LINEAR_PATHS:
+        raise ValueError(f"path must be one of {LINEAR_PATHS}, got {path!r}")
+    if path == "fused" and (wsum is None or not act_bits or bits != 2):
+        raise ValueError("path='fused' needs 2-bit weights, act_bits and wsum (rcp_lib.kernels.weight_row_sums)")
+    if wsum is None:
+        wsum = x.new_empty(0)
+    return torch.ops.rcp.w2a4_linear(x, packed_w, lut, wsum, bias, wplanes, K, G, bits, act_bits or 0,
+                                     float(act_clip_ratio), hadamard_n, hadamard_block, path)
 
 
 def _resolve_backend(backend: "str | None") -> str:

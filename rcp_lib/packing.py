@@ -61,8 +61,8 @@ from torch import nn
 
 from . import models as M
 from .io import atomic_save_safetensors
-from .kernels import SUPPORTED_BITS, dequantize, pack_codes, unpack_codes, w2a4_gemv
-from .quant.activations import fake_quant_per_token, quantize_per_token
+from .kernels import SUPPORTED_BITS, dequantize, pack_codes, unpack_codes
+from .quant.activations import fake_quant_per_token
 from .quant.linear import QuantLinear
 from .rotation.online import OnlineHadamard
 
@@ -512,9 +512,18 @@ def _release_decoded(budget: dict, nb: int) -> None:
         budget["bytes"] -= nb
 
 
+def _fusable_hadamard(t: OnlineHadamard) -> bool:
+    """Whether the fused path's pre-kernel builds this online Hadamard (a power-of-two order or block)."""
+    from .kernels.triton_w2a4 import hadamard_supported
+
+    return hadamard_supported(t.n, t.block)
+
+
 class PackedLinear(nn.Module):
-    """The deployed form of a :class:`~rcp_lib.quant.linear.QuantLinear`: packed codes + LUT, computed with the W2A4
-    op of :mod:`rcp_lib.kernels` (``torch.ops.rcp.w2a4_gemv``: torch reference on CPU, Triton on CUDA).
+    """The deployed form of a :class:`~rcp_lib.quant.linear.QuantLinear`: packed codes + LUT, computed by the registered
+    op ``torch.ops.rcp.w2a4_linear`` (:func:`rcp_lib.kernels.op.w2a4_linear`, with a fake for meta tensors and
+    ``torch.compile``) on the path :meth:`kernel_path` picks: its reference, whose product is ``torch.ops.rcp.w2a4_gemv``
+    (torch on CPU, Triton on CUDA), or the fused Triton path. Only the CPU decode cache (below) bypasses the op.
 
     Buffers: ``qweight`` int32 ``[N, ceil(K / (32 // bits))]`` (:func:`rcp_lib.kernels.bitpack.pack_codes`), ``lut``
     ``[N, K / G, 2**bits]`` (fp16 in the kernel format, float32 for exact round trips), ``bias`` ``[N]`` or None.
@@ -691,43 +700,37 @@ class PackedLinear(nn.Module):
         return self.gemv_format == "bitplane" and bitplane_layout_supported(self.in_features, self.group_size,
                                                                              self.bits)
 
-    def _forward_fused(self, x: torch.Tensor) -> torch.Tensor:
-        """Two launches (pre-kernel: R4 + A-quantization; GEMV / GEMM with scale, zero and bias in the epilogue).
-        A Hadamard order the pre-kernel does not build (not a power of two, e.g. 11008) runs in torch first."""
-        from .kernels.triton_w2a4 import hadamard_supported, w2a4_linear_triton
+    def kernel_path(self, x: torch.Tensor) -> str:
+        """The path of ``torch.ops.rcp.w2a4_linear`` this call takes (:data:`rcp_lib.kernels.op.LINEAR_PATHS`):
+        "fused" where :meth:`_use_fused` allows it, else the backend of the product (``self.backend``, else
+        ``RCP_KERNEL_BACKEND``, else "auto": the registered GEMV op's device dispatch)."""
+        from .kernels.op import _resolve_backend
 
-        lead = x.shape[:-1]
-        x2 = x.reshape(-1, self.in_features)
-        t = self.input_transform
-        fuse_had = t is not None and hadamard_supported(t.n, t.block)
-        if t is not None and not fuse_had:
-            x2 = t(x2)
-        y = w2a4_linear_triton(x2, self.qweight, self.lut, self.kernel_weights(), self.in_features, self.group_size,
-                               self.act_bits, self.act_clip_ratio, self.bias,
-                               hadamard_block=t.block if fuse_had else None, apply_hadamard=fuse_had,
-                               out_dtype=x.dtype, wplanes=self.kernel_planes() if self._bitplane() else None)
-        return y.reshape(*lead, self.out_features)
+        return "fused" if self._use_fused(x) else _resolve_backend(self.backend)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self._use_fused(x):
-            return self._forward_fused(x)
-        if self.input_transform is not None:
-            x = self.input_transform(x)
+        from .kernels.op import w2a4_linear
+
         lead = x.shape[:-1]
-        x2 = x.reshape(-1, self.in_features)
+        t = self.input_transform
         if self._use_decode_cache(x):  # QuantLinear.forward's own operations on the cached W_hat (class docstring)
+            if t is not None:
+                x = t(x)
             if self.act_bits is not None:
                 x = fake_quant_per_token(x, self.act_bits, self.act_clip_ratio)
             w = self._derived("decoded:" + str(x.dtype).replace("torch.", ""))
             return F.linear(x, w, None if self.bias is None else self.bias.to(x.dtype))
-        if self.act_bits is None:
-            y = F.linear(x2, self.dequantized_weight(x.dtype))
-        else:
-            codes, s, z = quantize_per_token(x2, self.act_bits, self.act_clip_ratio)
-            y = w2a4_gemv(codes, s, z, self.qweight, self.lut, self.in_features, self.group_size, self.bits,
-                          backend=self.backend).to(x.dtype)
-        if self.bias is not None:
-            y = y + self.bias.to(y.dtype)
+        path = self.kernel_path(x)
+        fused = path == "fused"
+        # the pre-kernel fuses a power-of-two Hadamard (block or full); any other input transform runs in torch first
+        from_op = fused and isinstance(t, OnlineHadamard) and _fusable_hadamard(t)
+        if t is not None and not from_op:
+            x = t(x)
+        y = w2a4_linear(x.reshape(-1, self.in_features), self.qweight, self.lut, self.in_features, self.group_size,
+                        self.bits, self.act_bits, self.act_clip_ratio, self.bias,
+                        hadamard_n=t.n if from_op else 0, hadamard_block=(t.block or 0) if from_op else 0, path=path,
+                        wsum=self.kernel_weights() if fused else None,
+                        wplanes=self.kernel_planes() if fused and self._bitplane() else None)
         return y.reshape(*lead, self.out_features)
 
     def extra_repr(self) -> str:
