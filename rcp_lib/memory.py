@@ -45,6 +45,10 @@ from typing import TYPE_CHECKING, Any, Mapping
 
 from .families import FAMILIES, PACKED_FAMILIES
 
+#: the paper's weight group (and LLaMA-2's head_dim): the one default weight group of the library (the quantizers,
+#: GPTQ, the accountant and its named presets); a profile's recipes set their own (``Profile.w_group_size``)
+PAPER_GROUP = 128
+
 if TYPE_CHECKING:
     from .quant.apply import QuantConfig
 
@@ -82,7 +86,7 @@ class Scheme:
     w_bits: int = 2
     a_bits: int = 4
     kv_bits: int = 4
-    group_size: int = 128
+    group_size: int = PAPER_GROUP
     lut_levels: bool = True
     kv_group_size: int = 128
     keep_fp16: tuple[str, ...] = ("embed", "lm_head", "norms")
@@ -139,9 +143,6 @@ class Scheme:
         return cls(w_bits=quant.w_bits, a_bits=quant.act.bits, kv_bits=quant.kv.bits,
                    group_size=-1 if w is None else w.group_size, lut_levels=lut_levels,
                    kv_group_size=quant.kv.group_size or head_dim or -1, keep_fp16=keep_fp16, name=name)
-
-
-PAPER_GROUP = 128  # the paper's weight group and LLaMA-2's head_dim: the group of the named presets
 
 
 def _preset_scheme(name: str) -> Scheme:

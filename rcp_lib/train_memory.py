@@ -19,12 +19,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from .memory import count_linear_weights, model_dims
+from .memory import PAPER_GROUP, count_linear_weights, model_dims
 
 GB = 1e9
 
 
-def qat_memory_per_gpu(config: Any, n_gpus: int = 1, strategy: str = "fsdp", w_bits: int = 2, group_size: int = 128,
+def qat_memory_per_gpu(config: Any, n_gpus: int = 1, strategy: str = "fsdp", w_bits: int = 2, group_size: int = PAPER_GROUP,
                        seq_len: int = 2048, micro_batch: int = 1, shard_teacher: bool = False) -> dict[str, float]:
     """Estimated bytes per GPU (in GB) of one QAT process; see the module docstring for what is counted.
 

@@ -1,6 +1,6 @@
 """Rotation impact (notebook 01): per-layer weight statistics of each analysis rotation, cached per rotation.
 
-The statistics themselves are :mod:`rcp_lib.rotation.analysis`; this module turns the profile's rotation specs
+The statistics themselves are :mod:`rcp_lib.experiments.rotation_stats`; this module turns the profile's rotation specs
 (``kind[:block][/g<group>]``) into its arguments and caches the rows.
 """
 
@@ -45,7 +45,7 @@ def _rotation_setting(name: str, profile: Profile) -> tuple[str, int | None, int
 
 def rotation_key(name: str, profile: Profile) -> dict:
     """Row-cache key (kind ``"rotation"``) of the analysis of the R1 spec ``name`` under ``profile``."""
-    from ..rotation.analysis import CLIP_RATIOS, SEARCH
+    from .rotation_stats import CLIP_RATIOS, SEARCH
 
     kind, block, group = _rotation_setting(name, profile)
     key = {"kind": "rotation-analysis", "model": profile.model, "rotation": name, "layers": profile.analysis_layers,
@@ -61,7 +61,7 @@ def rotation_analysis(profile: Profile, progress: bool = True) -> "pd.DataFrame"
     import pandas as pd
     from ..progress import bar as tqdm
 
-    from ..rotation.analysis import layer_statistics
+    from .rotation_stats import layer_statistics
 
     frames = []
     for name in tqdm(profile.analysis_rotations, desc="rotations", disable=not progress):
@@ -82,8 +82,8 @@ def rotation_analysis(profile: Profile, progress: bool = True) -> "pd.DataFrame"
 
 
 def summarize_rotation(df: "pd.DataFrame", by: tuple[str, ...] = ("rotation",)) -> "pd.DataFrame":
-    """Means per rotation (or per ``by``) with the range/shape ratios (see :func:`rcp_lib.rotation.analysis.summarize`)."""
-    from ..rotation.analysis import summarize
+    """Means per rotation (or per ``by``) with the range/shape ratios (see :func:`rcp_lib.experiments.rotation_stats.summarize`)."""
+    from .rotation_stats import summarize
 
     return summarize(df, by)
 
@@ -92,7 +92,7 @@ def rotation_example(profile: Profile, layer: int = 0, proj: str = "q_proj", gro
     """One weight group of a real layer before/after each rotation, with its 2-bit levels: uniform min-max,
     uniform with the MSE-optimal clip, pinned-end non-uniform (LDP-representable) and Lloyd-Max."""
     from ..models import dims, input_norm, layer_linears
-    from ..rotation import analysis as A
+    from . import rotation_stats as A
 
     model = base_model(profile)[0]
     lay = model.model.layers[layer]

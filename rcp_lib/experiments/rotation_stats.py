@@ -47,9 +47,10 @@ from __future__ import annotations
 import torch
 
 from .. import models as M
+from ..memory import PAPER_GROUP
 from ..quant.quantizers import group_view, minmax_range, quantize_uniform
-from .fuse import BLOCK_KINDS, r1_matrix
-from .hadamard import hadamard
+from ..rotation.fuse import BLOCK_KINDS, r1_matrix
+from ..rotation.hadamard import hadamard
 
 #: shrink ratios ``r`` of the per-group range ``[r·min, r·max]`` searched by the clipped quantizers
 CLIP_RATIOS: tuple[float, ...] = tuple(k / 100 for k in range(30, 101))
@@ -78,7 +79,7 @@ def _groups(w: torch.Tensor, group_size: int) -> torch.Tensor:
     return wg.reshape(-1, wg.shape[-1])
 
 
-def uniform_quant_error(w: torch.Tensor, bits: int = 2, group_size: int = 128) -> float:
+def uniform_quant_error(w: torch.Tensor, bits: int = 2, group_size: int = PAPER_GROUP) -> float:
     """Normalised MSE of asymmetric min-max RTN per group of ``group_size`` inputs of each row (-1: per row): the
     library's quantizer (:func:`~rcp_lib.quant.quantizers.quantize_uniform` on the min-max range)."""
     wg = _groups(w, group_size)
@@ -279,20 +280,20 @@ def _normalised(sse: torch.Tensor, wg: torch.Tensor) -> float:
     return float(sse.sum() / (wg.double() ** 2).sum())
 
 
-def uniform_clip_quant_error(w: torch.Tensor, bits: int = 2, group_size: int = 128, ratios=None, stride: int = 1) -> float:
+def uniform_clip_quant_error(w: torch.Tensor, bits: int = 2, group_size: int = PAPER_GROUP, ratios=None, stride: int = 1) -> float:
     """Normalised MSE of the uniform asymmetric grid with the MSE-optimal clip ratio per group."""
     wg = _groups(w, group_size)
     return _normalised(uniform_clip_group_errors(wg, bits, ratios, stride)[0], wg)
 
 
-def nonuniform_pinned_quant_error(w: torch.Tensor, bits: int = 2, group_size: int = 128, ratios=None,
+def nonuniform_pinned_quant_error(w: torch.Tensor, bits: int = 2, group_size: int = PAPER_GROUP, ratios=None,
                                   iters: int = 30, stride: int = 1, method: str = "candidates") -> float:
     """Normalised MSE of non-uniform levels with ends pinned inside the LWC range (LDP's representable set)."""
     wg = _groups(w, group_size)
     return _normalised(pinned_group_errors(wg, bits, ratios, iters, stride, method)[0], wg)
 
 
-def nonuniform_quant_error(w: torch.Tensor, bits: int = 2, group_size: int = 128, iters: int = 25) -> float:
+def nonuniform_quant_error(w: torch.Tensor, bits: int = 2, group_size: int = PAPER_GROUP, iters: int = 25) -> float:
     """Normalised MSE of the per-group Lloyd-Max ``2^bits``-level quantizer."""
     wg = _groups(w, group_size)
     return _normalised(torch.cat([sg.sse(_lloyd_max(sg, bits, iters))[:, 0] for sg in _chunks(wg)]), wg)
@@ -321,7 +322,7 @@ def _nested(sg: _Sorted, bits: int, r: torch.Tensor, iters: int, stride: int, pi
             "ratio_uniform_clip": rc, "ratio_pinned": rp}
 
 
-def quant_errors(w: torch.Tensor, bits: int = 2, group_size: int = 128, ratios=None, iters: int = 25,
+def quant_errors(w: torch.Tensor, bits: int = 2, group_size: int = PAPER_GROUP, ratios=None, iters: int = 25,
                  stride: int = 1, pinned_iters: int = 30, pinned_method: str = "candidates") -> dict:
     """All four normalised errors of ``w`` (:data:`ERROR_COLUMNS`) and the mean chosen clip ratios (one sort of
     each group serves all quantizers).
@@ -364,7 +365,7 @@ def rotated_weight(weight: torch.Tensor, rot_in: torch.Tensor | None = None, rot
     return W
 
 
-def analysis_r1(kind: str, n: int, block: int | None = None, group_size: int = 64, seed: int = 0
+def analysis_r1(kind: str, n: int, block: int | None = None, group_size: int = PAPER_GROUP, seed: int = 0
                 ) -> tuple[torch.Tensor | None, int | None]:
     """R1 of the analysis (:func:`~rcp_lib.rotation.fuse.r1_matrix`) and the block it used.
 
@@ -378,7 +379,7 @@ def analysis_r1(kind: str, n: int, block: int | None = None, group_size: int = 6
     return r1_matrix(kind, n, block, random_signs=False, seed=seed), block
 
 
-def layer_statistics(model, rotation: str = "none", block: int | None = None, seed: int = 0, group_size: int = 64,
+def layer_statistics(model, rotation: str = "none", block: int | None = None, seed: int = 0, group_size: int = PAPER_GROUP,
                      bits: int = 2, layers: list[int] | None = None, iters: int = SEARCH["lloyd_iters"], ratios=None,
                      stride: int = SEARCH["stride"], pinned_iters: int = SEARCH["pinned_iters"],
                      pinned_method: str = SEARCH["pinned_method"]):

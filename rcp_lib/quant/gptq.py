@@ -25,6 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..memory import PAPER_GROUP
 from .quantizers import (
     check_finite,
     check_weight_bits,
@@ -102,7 +103,7 @@ def gptq_quantize(
     W: torch.Tensor,
     H: torch.Tensor,
     bits: int | None = None,
-    group_size: int = 128,
+    group_size: int = PAPER_GROUP,
     levels: torch.Tensor | None = None,
     block_size: int = 128,
     percdamp: float = 0.01,

@@ -81,6 +81,7 @@ import torch
 from torch import nn
 
 from ..config import JsonConfig
+from ..memory import PAPER_GROUP
 
 METHODS = ("rtn", "lwc", "ldp")
 LDP_GRANULARITIES = ("group", "row")
@@ -234,7 +235,7 @@ def quantize_uniform(
 
 
 def fake_quant_uniform(
-    w: torch.Tensor, bits: int, group_size: int = 128, clip_ratio: float = 1.0, round_zero: bool = False,
+    w: torch.Tensor, bits: int, group_size: int = PAPER_GROUP, clip_ratio: float = 1.0, round_zero: bool = False,
     name: str = "weight",
 ) -> torch.Tensor:
     """Uniform asymmetric min-max round-to-nearest fake quantization of a weight, with STE gradients.
@@ -539,7 +540,7 @@ class WeightQuantConfig(JsonConfig):
     """
 
     bits: int = 2
-    group_size: int = 128
+    group_size: int = PAPER_GROUP
     method: str = "ldp"
     lwc: bool = True
     lwc_init: float = 4.0

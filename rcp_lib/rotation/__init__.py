@@ -1,4 +1,4 @@
-"""Rotations: Hadamard family matrices, sequency Walsh / GSR, fusion into a model (R1-R4), analysis."""
+"""Rotations: Hadamard family matrices, sequency Walsh / GSR, fusion into a model (R1-R4) (their statistics: rcp_lib.experiments.rotation_stats)."""
 
 from .fuse import R1_KINDS, RotationConfig, rotate_model
 from .hadamard import apply_hadamard, hadamard, random_hadamard, random_orthogonal

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from rcp_lib import models as M
-from rcp_lib.rotation import analysis as A
+from rcp_lib.experiments import rotation_stats as A
 
 # ---------------------------------------------------------------------------------------------------
 # independent references (brute force, written without the prefix-sum machinery of the module)
