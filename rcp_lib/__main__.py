@@ -242,6 +242,10 @@ def _parse_overrides(items: list[str] | None) -> dict:
             out[key] = json.loads(raw)
         except json.JSONDecodeError:
             out[key] = raw
+        from .profiles import NULL
+
+        if out[key] is None:  # KEY=null: the field set to None (rcp_lib.profiles.NULL; a plain None changes nothing)
+            out[key] = NULL
     return out
 
 

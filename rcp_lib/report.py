@@ -1006,6 +1006,13 @@ def results_markdown(profile: str = "cpu", results: Path | None = None, link_roo
         tests = zero_shot_tests_markdown(zs, ppl)
         if tests:
             out += [tests, ""]
+    abl_zs = d.parent / "ablation" / _file("zero_shot_all")
+    if profile != "ablation" and abl_zs.exists():  # every document, per-document outcomes (notebook 06)
+        zs = pd.read_csv(abl_zs, dtype={"per_doc": str, "docs_sha256": str})
+        n = ", ".join(f"{t} {int(k)}" for t, k in zs.groupby("task", sort=False)["n_examples"].max().items())
+        out += [f"Zero-shot on every document (`results/ablation/{abl_zs.name}`, notebook 06, seed 0; documents: {n}; "
+                f"the floor's perplexity from this profile's table):", "",
+                zero_shot_markdown(zs), "", zero_shot_tests_markdown(zs, ppl) or "no per-document outcomes", ""]
     bench = benchmarks_markdown(d)
     if bench:
         out += ["Benchmarks (scripts; ratios measured side by side in one run; raw numbers with provenance in "

@@ -1,6 +1,7 @@
 """The ablation profile and table: seeds, columns, the summary and the two-standard-error rule; the recipe fields of
 profiles; the tokens-vs-ppl figure."""
 
+import dataclasses
 import json
 import math
 import statistics
@@ -146,6 +147,12 @@ def test_cpu_tables_leave_the_seeded_ablations_to_the_ablation_profile():
     cpu = {(m.name, m.setting) for m in X.all_methods(get_profile("cpu"))}
     assert ("RCP", "W2A4KV4") in cpu and ("RCP+GSR", "W2A4KV4") in cpu
     assert not {n for n, _ in cpu} & set(X.SEEDED_ABLATIONS)
+    # the equal-bits rival, which the ablation profile runs with seeds, is left to it (the cpu budget); every other
+    # row stays, at every setting
+    assert ("Uniform-QAT g32", "W2A4KV4") not in cpu and "Uniform-QAT g32" in abl
+    assert cpu | {("Uniform-QAT g32", "W2A4KV4")} == {
+        (m.name, m.setting) for m in X.all_methods(dataclasses.replace(get_profile("cpu"), methods=None))}
+    assert {(n, s) for n in ("Uniform-QAT", "QuaRot-GPTQ static") for s in ("W2A4KV4", "W2A16KV16", "W4A4KV4")} <= cpu
     abl = {m.name for m in A.ablation_methods(get_profile("ablation"))}
     assert {"RCP", "Uniform-QAT"} <= abl  # the rest: --set methods=[...]
     every = {m.name for m in A.ablation_methods(get_profile("ablation", methods=sorted(X.methods.NAMED)))}

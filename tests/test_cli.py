@@ -15,6 +15,22 @@ def test_set_overrides_parse_json_values():
     assert P.qat_steps == 160 and P.methods == ["RCP", "RCP w/o Clip"] and P.name == "cpu"
 
 
+def test_set_null_sets_a_field_to_none():
+    """``--set zero_shot_limit=null`` (every document): JSON null reaches the profile as None, across papermill's JSON
+    too; a plain None keyword changes nothing; a field that cannot be None says so."""
+    from rcp_lib.experiments.notebook import parse_overrides
+
+    P = get_profile("cpu", **_parse_overrides(["zero_shot_limit=null", "methods=null"]))
+    assert P.zero_shot_limit is None and P.methods is None and P.run_name != "cpu"
+    # reproduce hands P.overrides to the notebooks as JSON; there they rebuild the same profile
+    for sent in (json.dumps(P.overrides), json.dumps({"zero_shot_limit": None, "methods": None})):
+        Q = get_profile("cpu", **parse_overrides(sent))
+        assert Q == P and Q.run_name == P.run_name
+    assert get_profile("cpu", zero_shot_limit=None).zero_shot_limit == get_profile("cpu").zero_shot_limit
+    with pytest.raises(ValueError, match="'qat_steps' cannot be null"):
+        get_profile("cpu", **_parse_overrides(["qat_steps=null"]))
+
+
 def test_set_overrides_reject_malformed_and_unknown_fields():
     with pytest.raises(CliError, match="KEY=VALUE"):
         _parse_overrides(["qat_steps"])

@@ -64,3 +64,24 @@ def test_gsr_decision_rows(tiny):
     assert [r["ppl"] for r in again] == [r["ppl"] for r in rows] and len(seen) == n  # every row from the cache
     with pytest.raises(ValueError, match="smaller than it"):
         G.gsr_decision(P, progress=False, groups=(32,))
+
+
+def test_decision_plan_is_what_the_decision_reads(tiny):
+    """``decision_plan`` (and so ``row_plan`` of notebook 06) names exactly the cache keys ``gsr_decision`` reads, in
+    its order, and reports them cached once computed."""
+    from rcp_lib.experiments import rows as R
+    from rcp_lib.experiments.notebook import row_plan
+
+    P, _ = tiny
+    P = get_profile("ablation", ablation_seeds=[0, 1], w_group_size=32, gsr_weight_groups=[8])
+    plan = G.decision_plan(P)
+    assert [p[:2] for p in plan] == [(part, s) for s in (0, 1) for part in
+                                     ["activations"] * sum(1 for *_, sd in G.ACTIVATION_R1 if sd or s == 0)
+                                     + ["weights"] * len(G.WEIGHT_METHODS)]
+    before = [r for r in row_plan(P, "06_ablation.ipynb") if r["table"].startswith("gsr")]
+    assert len(before) == len(plan) and not any(r["cached"] for r in before)
+    G.gsr_decision(P, progress=False)
+    assert all(R.row_cached("gsr", key) for *_, key in plan)
+    assert all(r["cached"] for r in row_plan(P, "06_ablation.ipynb") if r["table"].startswith("gsr"))
+    with pytest.raises(ValueError, match="must divide"):
+        G.decision_plan(P, groups=(48,))

@@ -56,15 +56,43 @@ def _key(part: str, rotation: RotationConfig, quant, profile: Profile, gptq: boo
     return key
 
 
+def _activation_setup(r1: str, signs: bool, block: int | None, profile: Profile):
+    rot = RotationConfig(r1=r1, r1_block=block if r1 in ("gsr", "block_hadamard") else None, r1_random_signs=signs,
+                         seed=profile.seed)
+    return rot, preset("W16A4KV16")
+
+
+def _weight_setup(name: str, group: int, block: int, profile: Profile):
+    r = method(name, "W2A16KV16").recipe(profile)
+    return replace(r.rotation, r1_block=block), r.quant.with_weight(group_size=group)
+
+
+def decision_plan(profile: Profile, block: int | None = None,
+                  groups: tuple[int, ...] | None = None) -> list[tuple[str, int, str, dict]]:
+    """The rows :func:`gsr_decision` reads or computes, in its order: ``(part, seed, label, cache key)`` each (the key
+    of :func:`rcp_lib.experiments.rows.row_cached` for kind "gsr"); nothing is computed."""
+    block = block or profile.w_group_size
+    groups = tuple(profile.gsr_weight_groups) if groups is None else tuple(groups)
+    bad = [g for g in groups if g >= block or block % g]
+    if bad:
+        raise ValueError(f"weight groups {bad} must divide the R1 block {block} and be smaller than it")
+    plan = []
+    for i, seed in enumerate(profile.ablation_seeds):
+        p = replace(profile, seed=int(seed))
+        plan += [("activations", int(seed), label, _key("activations", *_activation_setup(r1, signs, block, p), p, False))
+                 for label, r1, signs, seeded in ACTIVATION_R1 if seeded or i == 0]
+        plan += [("weights", int(seed), f"{n} g{g}", _key("weights", *_weight_setup(n, g, block, p), p, True))
+                 for g in groups for n in WEIGHT_METHODS]
+    return plan
+
+
 def activation_row(label: str, r1: str, signs: bool, block: int | None, profile: Profile,
                    progress: bool = True) -> dict:
     """Perplexity of the FP model rotated by one R1 (R2-R4 as in every row) with W16A4KV16 fake quantization, on the
     profile's test windows (cached)."""
     from .build import base_model
 
-    rot = RotationConfig(r1=r1, r1_block=block if r1 in ("gsr", "block_hadamard") else None, r1_random_signs=signs,
-                         seed=profile.seed)
-    quant = preset("W16A4KV16")
+    rot, quant = _activation_setup(r1, signs, block, profile)
 
     def compute() -> dict:
         model = copy.deepcopy(base_model(profile)[0]).float()
@@ -83,9 +111,7 @@ def weight_row(name: str, group: int, block: int, profile: Profile, progress: bo
     from ..quant.calibrate import gptq_model
     from .build import base_model, calibration
 
-    r = method(name, "W2A16KV16").recipe(profile)
-    rot = replace(r.rotation, r1_block=block)
-    quant = r.quant.with_weight(group_size=group)
+    rot, quant = _weight_setup(name, group, block, profile)
 
     def compute() -> dict:
         model = copy.deepcopy(base_model(profile)[0]).float()
@@ -104,11 +130,9 @@ def gsr_decision(profile: Profile, progress: bool = True, parts: tuple[str, ...]
     """Both parts (module docstring) for every seed of ``profile.ablation_seeds``: one row per (part, R1, group,
     seed) with ``ppl`` and provenance. ``block`` defaults to the profile's weight group (the tables' GSR block),
     ``groups`` to ``profile.gsr_weight_groups`` (none: no weight part)."""
+    decision_plan(profile, block, groups)  # validates block and groups before any model is touched
     block = block or profile.w_group_size
     groups = tuple(profile.gsr_weight_groups) if groups is None else tuple(groups)
-    bad = [g for g in groups if g >= block or block % g]
-    if bad:
-        raise ValueError(f"weight groups {bad} must divide the R1 block {block} and be smaller than it")
     rows = []
     for i, seed in enumerate(profile.ablation_seeds):
         p = replace(profile, seed=int(seed))

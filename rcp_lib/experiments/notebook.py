@@ -28,7 +28,9 @@ def parse_overrides(overrides: dict | str | None) -> dict:
                              f"{e}") from None
     if not isinstance(overrides, dict):
         raise ValueError(f"overrides must be a dict of profile fields, got {type(overrides).__name__}")
-    return overrides
+    from ..profiles import NULL
+
+    return {k: NULL if v is None else v for k, v in overrides.items()}  # JSON null: the field set to None
 
 
 def row_plan(profile: Profile, notebook: str) -> list[dict] | None:
@@ -56,9 +58,15 @@ def row_plan(profile: Profile, notebook: str) -> list[dict] | None:
 
         from .ablation import ablation_methods
 
+        from .gsr import decision_plan
+
         return [{"table": "ablation", "row": f"{m.name} seed {seed}",
                  "cached": row_cached("ppl", _row_key(m, replace(profile, seed=int(seed))))}
-                for seed in profile.ablation_seeds for m in ablation_methods(profile)]
+                for seed in profile.ablation_seeds for m in ablation_methods(profile)] + [
+                {"table": f"gsr {part}", "row": f"{label} seed {seed}", "cached": row_cached("gsr", key)}
+                for part, seed, label, key in decision_plan(profile)] + [
+                {"table": "zero-shot", "row": f"{m.name} {m.setting}",
+                 "cached": row_cached("zeroshot", zero_shot_key(m, profile))} for m in zero_shot_methods(profile)]
     if stem.startswith("03_"):
         return [{"table": "zero-shot", "row": f"{m.name} {m.setting}",
                  "cached": row_cached("zeroshot", zero_shot_key(m, profile))} for m in zero_shot_methods(profile)]

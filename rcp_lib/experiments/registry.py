@@ -80,6 +80,8 @@ _TABLES = (
           rows="full_split_table", description="profile.full_eval_methods scored on the whole test split"),
     Table("zero_shot", "zero_shot.csv", notebook="03_zero_shot.ipynb", smoke=True, readme=True, figures=("zero_shot",),
           rows="zero_shot_table", description="zero-shot accuracy (lm-evaluation-harness) of the main rows"),
+    Table("zero_shot_all", "zero_shot_all.csv", notebook="06_ablation.ipynb", readme=True, rows="zero_shot_table",
+          description="zero-shot on every document with per-document outcomes (the ablation profile's rows)"),
     Table("memory", "memory.csv", notebook="04_memory.ipynb", smoke=True, readme=True, figures=("memory",),
           rows="memory_table", description="footprints of the reference models and the profile's model per scheme"),
     Table("memory_vs_saved", "memory_vs_saved.csv", notebook="04_memory.ipynb", smoke=True, readme=True,

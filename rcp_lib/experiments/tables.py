@@ -10,7 +10,7 @@ from ..io import provenance
 from ..models import describe
 from ..profiles import Profile
 from .build import base_model, build, qat_history, qat_stats, step0_windows, tokens
-from .methods import Method, all_methods
+from .methods import Method, all_methods, method
 from .rows import _cached, _row_key, method_config
 
 
@@ -119,11 +119,17 @@ def qat_curves(profile: Profile) -> dict[str, list[dict]]:
     return {f"{m.name} {m.setting}": qat_history(m, profile) for m in all_methods(profile) if m.qat}
 
 
+#: the default rows of the zero-shot table (among the profile's methods)
+ZERO_SHOT_ROWS = ("FP", "RTN", "QuaRot-RTN", "QuaRot-GPTQ", "GSR-GPTQ", "RCP", "RCP+GSR")
+
+
 def zero_shot_methods(profile: Profile) -> list[Method]:
-    """The rows of the zero-shot table: FP, the PTQ baselines and RCP / RCP+GSR at the first setting."""
+    """The rows of the zero-shot table at the first setting: ``profile.zero_shot_methods`` in its order, else
+    :data:`ZERO_SHOT_ROWS` among the profile's methods."""
     s = profile.settings[0]
-    keep = {"FP", "RTN", "QuaRot-RTN", "QuaRot-GPTQ", "GSR-GPTQ", "RCP", "RCP+GSR"}
-    return [m for m in all_methods(profile) if m.name in keep and m.setting in (s, "FP")]
+    if profile.zero_shot_methods is not None:
+        return [method(n, s) for n in profile.zero_shot_methods]
+    return [m for m in all_methods(profile) if m.name in ZERO_SHOT_ROWS and m.setting in (s, "FP")]
 
 
 def zero_shot_key(method: Method, profile: Profile) -> dict:
