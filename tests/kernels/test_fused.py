@@ -281,3 +281,55 @@ def test_prekernel_lowers_to_sm90(tmp_path, monkeypatch, hadamard, planes):
                  KP=16 if hadamard else 4096, C=128 if hadamard else 16, RP=32 if hadamard else 16, PLANES=planes,
                  ABITS=4, INTERPRET=False)
     assert "cubin" in _compile("act", const, sig).asm
+
+
+@needs_triton
+def test_whole_model_with_reference_codes_forced_into_the_fused_gemm(monkeypatch):
+    """Localises a whole-model fused-vs-reference mismatch (issue 36): a tiny rotated W2A4KV4 model deployed on the
+    fused path, its activation pre-kernel replaced by the codes the reference path's quantizer produced for the same
+    layer of the same forward (teacher forcing: recorded from the reference model, then injected, permuted to the
+    kernel's order). With every activation code forced equal, what is left is the fused GEMM's accumulation order,
+    so the logits agree to float rounding; a larger gap on a GPU is then code flips in the pre-kernel, not the GEMM."""
+    import copy
+
+    from rcp_lib import models as M
+    from rcp_lib.kernels import reference as KR
+    from rcp_lib.kernels import triton_w2a4 as TW
+    from rcp_lib.packing import PackedLinear, deploy
+    from rcp_lib.quant.apply import preset, quantize_model
+    from rcp_lib.rotation.fuse import RotationConfig, rotate_model
+
+    m = M.tiny_llama(hidden=64, intermediate=128, heads=2, kv_heads=1, layers=2, vocab=96, seed=0)
+    rotate_model(m, RotationConfig(r1="random_hadamard", seed=0))
+    quantize_model(m, preset("W2A4KV4", w_group_size=32))
+    fused, ref = deploy(copy.deepcopy(m), torch.float32, "triton"), deploy(copy.deepcopy(m), torch.float32, "torch")
+    layers = [p for _, p in M.named_block_linears(fused)]
+    assert layers and all(isinstance(p, PackedLinear) and p.fused_supported() for p in layers)
+    for _, p in M.named_block_linears(ref):
+        p.decode_cache = False  # the W2A4 op's reference, the path the fused one is compared with on a GPU
+    ids = torch.randint(0, 96, (1, 6), generator=torch.Generator().manual_seed(1))
+    recorded = []
+
+    def record(x, bits, clip_ratio=1.0, *a, **k):
+        out = quantize_per_token(x, bits, clip_ratio, *a, **k)
+        recorded.append(out)
+        return out
+
+    with torch.no_grad(), monkeypatch.context() as mp:
+        mp.setattr(KR, "quantize_per_token", record)
+        want = ref(input_ids=ids).logits.double()
+    assert len(recorded) == len(layers)
+    forced = iter(recorded)
+
+    def reference_codes(x, bits, clip_ratio, G, hadamard_block=None, apply_hadamard=False, num_warps=None,
+                        planes=False):
+        assert not planes
+        c, s, z = next(forced)
+        assert c.shape == x.shape
+        return (permute_activations(c, G) if G is not None else c), s.reshape(-1).float(), z.reshape(-1).float()
+
+    monkeypatch.setattr(TW, "quantize_activations_triton", reference_codes)
+    with torch.no_grad():
+        got = fused(input_ids=ids).logits.double()
+    assert next(forced, None) is None  # every projection ran the fused GEMM on the forced codes
+    assert ((got - want).norm() / want.norm()).item() < 1e-5

@@ -1,6 +1,8 @@
 """Per-token activation and KV fake quantization: error bounds, idempotence, references, gradients; the integer form
 (codes, scale, zero) that the W2A4 op and the deployed layer consume."""
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -202,3 +204,28 @@ def test_integer_form_edge_cases_and_dtypes():
     for bits in (None, 16):
         with pytest.raises(ValueError, match="bits"):
             quantize_per_token(x, bits)
+
+
+def test_cuda_style_reciprocal_scale_is_one_ulp_off_the_division():
+    """Torch on CUDA divides a tensor by a Python scalar as a product with the scalar's reciprocal; torch on the CPU
+    and the kernels (``div_rn``) divide. Emulated here: ``(hi - lo) * float32(1/15)`` is one ULP off the correctly
+    rounded ``(hi - lo) / 15`` on most tokens, enough to move an activation code at a rounding tie. So a required-zero
+    code comparison against the kernel (``benchmarks/gpu_check.py``) must compute ``quantize_per_token`` on the CPU,
+    whose scale is the division, bit for bit."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(4096, 576, generator=g)
+    width = x.amax(-1) - x.amin(-1)
+    exact = (width.double() / 15).float()  # the correctly rounded float32 quotient
+    rcp = width * torch.tensor(1 / 15, dtype=torch.float32)
+    off = rcp != exact
+    assert off.float().mean() > 0.3  # 71 % of these tokens
+    ulp = torch.nextafter(exact, torch.full_like(exact, math.inf)) - exact
+    assert ((rcp - exact).abs() <= ulp).all()  # at most one ULP
+    _, s, _ = quantize_per_token(x, 4)
+    assert torch.equal(s, exact)  # the CPU quantizer divides
+    # under the emulated CUDA scale a code can move, by one step and only on a token whose scale moved
+    lo = x.amin(-1, keepdim=True)
+    codes_rcp = (x - lo).div(rcp[:, None]).round().clamp(0, 15)
+    codes_cpu = quantize_per_token(x, 4)[0].float()
+    moved = codes_rcp != codes_cpu
+    assert ((codes_rcp - codes_cpu).abs() <= 1).all() and not moved[~off].any()
