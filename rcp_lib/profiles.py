@@ -216,14 +216,14 @@ PROFILES: dict[str, Profile] = {
     # the seeded ablation rows run in the ``ablation`` profile (its seed 0 shares the cpu rows' cache keys)
     # budget (issue 15: a cold `make reproduce` within 75 minutes on 2 cores): the rotation analysis on every third
     # decoder layer of 30 (0, 3, ..., 27: the whole depth, a third of the single-threaded cost) and the whole test
-    # split for the FP row only (the sample / whole check of the spread windows; the gpu profile scores every row on
-    # the whole split)
+    # split for FP, RCP and the best PTQ row only (the sample / whole check of the spread windows, about 6 min a
+    # quantized row; the gpu profile scores every row on the whole split)
     # and (issue 35: the extra rows go to the ablation profile) the equal-bits rival (Uniform-QAT g32, W2A4KV4 only),
     # which the ``ablation`` profile runs with seeds, is left to it: about 13 of the 121 min measured at fb9e844.
     # QuaRot-GPTQ static and Uniform-QAT stay at every setting (their W2A16KV16 / W4A4KV4 rows are in no other
     # cpu-sized table); the seeded ablations stay out through qat_ablation_rows=False
-    "cpu": Profile(name="cpu", qat_ablation_rows=False, analysis_layers=list(range(0, 30, 3)), full_eval_methods=["FP"],
-                   methods=list(CPU_METHODS)),
+    "cpu": Profile(name="cpu", qat_ablation_rows=False, analysis_layers=list(range(0, 30, 3)),
+                   full_eval_methods=["FP", "RCP", "QuaRot-GPTQ"], methods=list(CPU_METHODS)),
     # one CUDA GPU: QAT 400 steps x 4 x 512 tokens = 819,200 (80x the cpu profile's 40 x 1 x 256 = 10,240), the whole
     # test split for perplexity, 64 calibration windows of 512; the models of the cpu profile otherwise, every method of
     # the tables (the seeded ablations and the equal-bits row included)
