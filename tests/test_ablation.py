@@ -149,12 +149,12 @@ def test_cpu_tables_leave_the_seeded_ablations_to_the_ablation_profile():
     assert not {n for n, _ in cpu} & set(X.SEEDED_ABLATIONS)
     # the equal-bits rival, which the ablation profile runs with seeds, is left to it (the cpu budget); every other
     # row stays, at every setting
-    assert ("Uniform-QAT g32", "W2A4KV4") not in cpu and "Uniform-QAT g32" in abl
+    assert ("Uniform-QAT g32", "W2A4KV4") not in cpu
     assert cpu | {("Uniform-QAT g32", "W2A4KV4")} == {
         (m.name, m.setting) for m in X.all_methods(dataclasses.replace(get_profile("cpu"), methods=None))}
     assert {(n, s) for n in ("Uniform-QAT", "QuaRot-GPTQ static") for s in ("W2A4KV4", "W2A16KV16", "W4A4KV4")} <= cpu
     abl = {m.name for m in A.ablation_methods(get_profile("ablation"))}
-    assert {"RCP", "Uniform-QAT"} <= abl  # the rest: --set methods=[...]
+    assert {"RCP", "Uniform-QAT", "Uniform-QAT g32"} <= abl  # the rest: --set methods=[...]
     every = {m.name for m in A.ablation_methods(get_profile("ablation", methods=sorted(X.methods.NAMED)))}
     assert set(X.SEEDED_ABLATIONS) <= every and "RCP+GSR" in every
     assert {m.name for m in X.all_methods(get_profile("gpu"))} >= set(X.SEEDED_ABLATIONS)  # default: in the table
