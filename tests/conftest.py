@@ -18,7 +18,7 @@ import torch  # noqa: E402
 INTEGRATION_FIXTURES = frozenset({"embedded", "excerpt_test_ids", "real_text_ids"})
 INTEGRATION_MODULES = frozenset({
     "test_notebooks", "test_cli", "test_cli_validation", "test_distributed", "test_dry_run", "test_hf", "test_compare",
-    "test_setup", "test_ablation_start", "test_zero_shot", "test_gpu_path",
+    "test_setup", "test_ablation_start", "test_zero_shot", "test_gpu_path", "test_train_rows",
 })
 
 
