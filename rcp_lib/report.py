@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 
 import pandas as pd
@@ -18,7 +19,7 @@ import pandas as pd
 from .experiments.methods import SEEDED_PTQ
 from .experiments.registry import TABLES
 from .io import atomic_write_text
-from .paths import readme_path, results_dir
+from .paths import figures_root, readme_path, results_dir
 from .profiles import PROFILES
 from .recipe import Recipe
 
@@ -729,7 +730,7 @@ def token_curve_file(d: Path) -> Path | None:
     return max(found)[1] if found else None
 
 
-def token_curve_markdown(curve: pd.DataFrame, profile: str = "cpu", link_root: str = "") -> str:
+def token_curve_markdown(curve: pd.DataFrame, profile: str = "cpu", link_root: str = "figures/") -> str:
     """One paragraph on ``qat_tokens.csv`` (:func:`rcp_lib.experiments.token_curve`, one row per validation point of
     one long RCP run): the command that wrote it, the validation perplexity at the first and the last point against
     FP on the same held-out windows, what the last doubling of tokens bought, and how far the whole run moved each
@@ -760,7 +761,7 @@ def token_curve_markdown(curve: pd.DataFrame, profile: str = "cpu", link_root: s
         cs, ls, ws = (float(v) for _, v in moved)
         txt += (f" Over the whole run the clip ratio moved by {cs:.4f} and the level fractions by {ls:.4f} on average "
                 f"(mean |Δ| over groups), the latent weights by {ws:.2g} (relative Frobenius change).")
-    return txt + f"\n\n![qat_tokens]({link_root}figures/{profile}/qat_tokens.png)"
+    return txt + f"\n\n![qat_tokens]({link_root}{profile}/qat_tokens.png)"
 
 
 def benchmarks_markdown(d: Path) -> str:
@@ -861,10 +862,11 @@ def readme_markdown(profile: str = "cpu", results: Path | None = None) -> str:
     return "\n".join(out)
 
 
-def results_markdown(profile: str = "cpu", results: Path | None = None, link_root: str = "") -> str:
+def results_markdown(profile: str = "cpu", results: Path | None = None, link_root: str = "figures/") -> str:
     """Every table of a profile's results with its protocol and provenance (the profile's ``SUMMARY.md``): the claim
-    table, perplexity, rotation impact, sweeps, ablation with seeds, GSR, zero-shot, benchmarks. ``link_root`` is put
-    before the figures' repository paths (``"../../"`` from ``results/<profile>/SUMMARY.md``)."""
+    table, perplexity, rotation impact, sweeps, ablation with seeds, GSR, zero-shot, benchmarks. ``link_root`` is the
+    figures root (the folder of ``<profile>/perplexity.png``) as a link prefix: ``"figures/"`` from the checkout;
+    :func:`update_readme` passes it relative to the folder ``SUMMARY.md`` is written to."""
     d = Path(results) if results else results_dir(profile)
     zs_path = d / _file("zero_shot")
     ppl = _read_ppl(d, profile)
@@ -909,7 +911,7 @@ def results_markdown(profile: str = "cpu", results: Path | None = None, link_roo
                 f"`{q.get('loss', 'kl')}` against the FP teacher, learning rates {q['lr_weights']:g} "
                 f"(weights) / {q['lr_quant']:g} (quantizer), gradient clip {q['grad_clip']:g}"
                 f"{start}.", ""]
-    out += [ppl_markdown(ppl), "", f"![perplexity]({link_root}figures/{profile}/perplexity.png)", ""]
+    out += [ppl_markdown(ppl), "", f"![perplexity]({link_root}{profile}/perplexity.png)", ""]
     rot_p = d / _file("rotation_impact_summary")
     if rot_p.exists():
         if profile not in PROFILES:  # e.g. "cpu-<hash>": the layers are in its rows, not in a named profile
@@ -1044,7 +1046,8 @@ def update_readme(profile: str = "cpu", readme: Path | None = None, results: Pat
     head, rest = text.split(BEGIN, 1)
     tail = rest.split(END, 1)[1] if END in rest else rest
     d = Path(results) if results else results_dir(profile)
-    summary = results_markdown(profile, d, link_root="../../")  # raises before anything is written
+    link = Path(os.path.relpath(figures_root().resolve(), d.resolve())).as_posix() + "/"  # wherever either lives
+    summary = results_markdown(profile, d, link_root=link)  # raises before anything is written
     block = f"{BEGIN}\n{readme_markdown(profile, d)}\n{END}"
     atomic_write_text(summary + "\n", d / SUMMARY)
     return atomic_write_text(head + block + tail, path)

@@ -43,7 +43,8 @@ def test_zero_shot_markdown_layout():
     assert md[2:] == ["| FP | FP | 0.500 ± 0.050 | 0.600 ± 0.050 |", "| RCP | W2A4KV4 | 0.250 ± 0.040 | – |"]
 
 
-def test_update_readme_replaces_block_idempotently(tmp_path):
+def test_update_readme_replaces_block_idempotently(tmp_path, monkeypatch):
+    monkeypatch.setenv("RCP_FIGURES_DIR", str(tmp_path / "figs"))
     res = tmp_path / "results"
     res.mkdir()
     _ppl_rows().to_csv(res / "perplexity.csv", index=False)
@@ -59,7 +60,7 @@ def test_update_readme_replaces_block_idempotently(tmp_path):
     assert "| RCP | qat | 30.25 | – |" not in once
     assert "| RCP | qat | 30.25 | – |" in summary and "3 steps" in summary and "loss `kl`" in summary
     assert "learning rates 0.0001 (weights) / 0.01 (quantizer), gradient clip 1" in summary
-    assert "](../../figures/cpu/perplexity.png)" in summary  # relative to results/cpu/
+    assert "](../figs/cpu/perplexity.png)" in summary  # the figures root relative to the folder of SUMMARY.md
     update_readme("cpu", readme=readme, results=res)
     assert readme.read_text() == once and (res / "SUMMARY.md").read_text() == summary
 
