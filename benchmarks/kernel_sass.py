@@ -45,7 +45,7 @@ SIG = {
 
 # (kernel, constexprs, num_warps): the select kernel at the configuration measured on the H100, the bit-serial
 # kernel at batch 1 and 4
-_BP = dict(G=128, ABITS=4, HAS_BIAS=False, QUANT_IN=False, RB=1024)
+_BP = dict(G=128, ABITS=4, HAS_BIAS=False, QUANT_IN=False, RB=1024, CENTER=7.5)
 CASES: list[tuple[str, dict, int]] = [
     ("gemv", dict(G=128, HAS_BIAS=False, BLOCK_B=1, BLOCK_N=32, GPI=1, SPLIT_K=4, NUM_STAGES=2, CENTER=7.5), 2),
     ("gemv", dict(G=128, HAS_BIAS=False, BLOCK_B=4, BLOCK_N=32, GPI=1, SPLIT_K=4, NUM_STAGES=2, CENTER=7.5), 2),

@@ -32,7 +32,9 @@ pre-kernel writes the activation codes as 4 planes of 32-bit words (``planes=Tru
 once per layer. Per 32 weights of a row and token: 12 ANDs and 12 hardware popcounts (``popc.b32``; SWAR arithmetic
 under the interpreter) give the exact integer sums ``Q0, Q1, Q01`` (and the token's own ``Qa``), summed over the
 group's chunks; the four levels enter once per (row, group): ``l0 Qa + (l1 - l0) Q0 + (l2 - l0) Q1 +
-(l3 - l2 - l1 + l0) Q01`` in fp32. No per-weight decode, select, conversion or float multiply; the weight tile, the
+(l3 - l2 - l1 + l0) Q01`` in fp32, each sum centred first as the select kernels' codes are (``Q - C n`` with
+``C = 7.5`` and ``n`` the count of the weight bit pattern, 3 more popcounts per row and 32 weights, shared by the
+tokens; exact half-integers), so the epilogue's ``(zero - C) wsum`` does not cancel a large ``zero wsum``. No per-weight decode, select, conversion or float multiply; the weight tile, the
 token planes and the levels are loaded in the 3-D layout they are used in, so the loop needs no layout conversion
 through shared memory (``benchmarks/kernel_sass.py`` counts it in the sm_90 code: no ``STS``, and a ``BAR`` only for
 the cp.async pipeline when ``NUM_STAGES > 1``). Numerics: the integer part is exact; the per-group combination rounds
@@ -346,8 +348,10 @@ def _w2a4_bitplane_gemv_kernel(
     B, N, K, stride_ab, stride_aj, stride_wn, stride_wp, stride_ln, stride_yb, B_KEY, clip,
     G: tl.constexpr, ABITS: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr,
     GPI: tl.constexpr, SPLIT_K: tl.constexpr, NUM_STAGES: tl.constexpr, QUANT_IN: tl.constexpr, RB: tl.constexpr,
-    INTERPRET: tl.constexpr,
+    INTERPRET: tl.constexpr, CENTER: tl.constexpr,
 ):  # fmt: skip
+    # CENTER: the sums are of (code - CENTER) * w (the middle of the code range; 0.0: of the codes themselves), from
+    # the exact integer sums and, per group, the weight planes' own popcounts (the bit patterns' counts)
     # a: int32 [B, ABITS, K/32] activation planes, or (QUANT_IN) the float activations [B, K], quantized here with
     # clip; w: int32 [N, 2, K/32] weight planes (.layout, "Bit planes"); the plane strides are arguments (not K // 32)
     # so that triton's divisibility specialisation keeps 128-bit loads
@@ -394,6 +398,10 @@ def _w2a4_bitplane_gemv_kernel(
         p0 = tl.load(wp, mask=wmask, other=0).to(tl.uint32, bitcast=True)
         p1 = tl.load(wp + stride_wp, mask=wmask, other=0).to(tl.uint32, bitcast=True)
         p01 = p0 & p1
+        if CENTER != 0.0:  # per (row, chunk): how many weights have bit 0, bit 1, both (3 popcounts, any batch)
+            n0 = _popcount(p0, INTERPRET)
+            n1 = _popcount(p1, INTERPRET)
+            n01 = _popcount(p01, INTERPRET)
         amask = (b3 < B) & cmask[None, None, :]  # [BLOCK_B, 1, COLS]
         ap = a_ptr + b3 * stride_ab + ch[None, None, :]
         qa = tl.full((BLOCK_B, 1, COLS), 0, tl.uint32)
@@ -424,11 +432,30 @@ def _w2a4_bitplane_gemv_kernel(
             q0 = tl.reduce(tl.reshape(q0, (BLOCK_B, BLOCK_N, GPI, CH)), 3, tl.standard._sum_combine)
             q1 = tl.reduce(tl.reshape(q1, (BLOCK_B, BLOCK_N, GPI, CH)), 3, tl.standard._sum_combine)
             q01 = tl.reduce(tl.reshape(q01, (BLOCK_B, BLOCK_N, GPI, CH)), 3, tl.standard._sum_combine)
+            if CENTER != 0.0:
+                n0 = tl.reduce(tl.reshape(n0, (1, BLOCK_N, GPI, CH)), 3, tl.standard._sum_combine)
+                n1 = tl.reduce(tl.reshape(n1, (1, BLOCK_N, GPI, CH)), 3, tl.standard._sum_combine)
+                n01 = tl.reduce(tl.reshape(n01, (1, BLOCK_N, GPI, CH)), 3, tl.standard._sum_combine)
         else:
             qa = tl.sum(tl.reshape(qa, (BLOCK_B, 1, GPI, CH)), axis=3)
             q0 = tl.sum(tl.reshape(q0, (BLOCK_B, BLOCK_N, GPI, CH)), axis=3)
             q1 = tl.sum(tl.reshape(q1, (BLOCK_B, BLOCK_N, GPI, CH)), axis=3)
             q01 = tl.sum(tl.reshape(q01, (BLOCK_B, BLOCK_N, GPI, CH)), axis=3)
+            if CENTER != 0.0:
+                n0 = tl.sum(tl.reshape(n0, (1, BLOCK_N, GPI, CH)), axis=3)
+                n1 = tl.sum(tl.reshape(n1, (1, BLOCK_N, GPI, CH)), axis=3)
+                n01 = tl.sum(tl.reshape(n01, (1, BLOCK_N, GPI, CH)), axis=3)
+        # centred sums, exact in fp32 (half-integers below 2**23): sum (c - C) w = l0 (qa - C G) + (l1 - l0)
+        # (q0 - C n0) + (l2 - l0) (q1 - C n1) + (l3 - l2 - l1 + l0) (q01 - C n01); a group past the end has levels 0
+        fa = qa.to(tl.float32)
+        f0 = q0.to(tl.float32)
+        f1 = q1.to(tl.float32)
+        f01 = q01.to(tl.float32)
+        if CENTER != 0.0:
+            fa = fa - CENTER * G
+            f0 = f0 - CENTER * n0.to(tl.float32)
+            f1 = f1 - CENTER * n1.to(tl.float32)
+            f01 = f01 - CENTER * n01.to(tl.float32)
         # the 4 levels of a (row, group) in one 8-byte load (fp16 LUT; 16 bytes for fp32), split in registers
         lev = tl.arange(0, 4)
         gmask = (n3[:, :, :, None] < N) & ((g0 + grp) < g_end)[None, None, :, None]  # [1, BLOCK_N, GPI, 1]
@@ -437,8 +464,7 @@ def _w2a4_bitplane_gemv_kernel(
         l02, l13 = tl.split(tl.reshape(lvals, (1, BLOCK_N, GPI, 2, 2)))
         l0, l2 = tl.split(l02)
         l1, l3 = tl.split(l13)
-        acc += (l0 * qa.to(tl.float32) + (l1 - l0) * q0.to(tl.float32) + (l2 - l0) * q1.to(tl.float32)
-                + ((l3 - l2) - (l1 - l0)) * q01.to(tl.float32))
+        acc += l0 * fa + (l1 - l0) * f0 + (l2 - l0) * f1 + ((l3 - l2) - (l1 - l0)) * f01
     if INTERPRET:
         part = tl.reduce(acc, 2, tl.standard._sum_combine)
     else:
@@ -448,9 +474,8 @@ def _w2a4_bitplane_gemv_kernel(
     else:
         scale = tl.load(xs_ptr + offs_b, mask=mask_b, other=0.0)
         zero = tl.load(xz_ptr + offs_b, mask=mask_b, other=0.0)
-    # not centred: the popcount sums are of the codes themselves (centring them needs the weight planes' popcounts)
     _epilogue(part, scale, zero, offs_b, offs_n, mask_b, mask_n, pid_b, pid_n, N, stride_yb, wsum_ptr, bias_ptr, y_ptr,
-              ws_ptr, cnt_ptr, HAS_BIAS, BLOCK_B, BLOCK_N, SPLIT_K, 0.0)
+              ws_ptr, cnt_ptr, HAS_BIAS, BLOCK_B, BLOCK_N, SPLIT_K, CENTER)
 
 
 # ----------------------------------------------------------------------------------------------- configurations
@@ -819,7 +844,9 @@ def _launch(path: str, x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
         block_b = min(triton.next_power_of_2(B), GEMV_MAX_BATCH)
         consts = dict(G=G, HAS_BIAS=has_bias, BLOCK_B=block_b, INTERPRET=interp)
         if path == "bitplane":
-            consts.update(ABITS=abits, QUANT_IN=quant_in, RB=min(triton.next_power_of_2(K), 1024))
+            # centred on the middle of the activation codes (7.5 at 4 bits), as the select kernels
+            consts.update(ABITS=abits, QUANT_IN=quant_in, RB=min(triton.next_power_of_2(K), 1024),
+                          CENTER=((1 << abits) - 1) / 2)
         else:
             consts.update(CENTER=center)
     if config is None and not interp and not AUTOTUNE:

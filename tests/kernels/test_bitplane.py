@@ -128,6 +128,33 @@ def test_bitplane_matmul_matches_float64(B, N, K, G, config):
 
 
 @needs_triton
+@pytest.mark.parametrize("one_launch", [False, True])
+def test_bitplane_error_within_3x_the_reference_on_weights_with_a_row_mean(one_launch):
+    """The error budget of the bit-serial product against float64, as for the select kernels: at most 3x the torch
+    reference's, on rows with a non-zero mean (levels near 0.05) and activations with a large zero point, where an
+    uncentred ``sum c w - z wsum`` cancels (the sums are centred on 7.5 in the kernel)."""
+    from rcp_lib.kernels.reference import w2a4_gemv_reference
+    from rcp_lib.kernels.triton_w2a4 import w2a4_bitplane_linear_triton, w2a4_bitplane_matmul_triton
+
+    N, K, G = 32, 2048, 128
+    for seed in range(2):
+        g = torch.Generator().manual_seed(seed)
+        packed = pack_codes(torch.randint(0, 4, (N, K), dtype=torch.uint8, generator=g))
+        lut = (0.05 + 0.02 * torch.randn(N, K // G, 4, generator=g)).sort(-1).values.to(torch.float16)
+        x = torch.randn(1, K, generator=g) * 3 + 1.0
+        rc, rs, rz = quantize_per_token(x, 4)
+        w = dequantize(packed, lut, K, G, dtype=torch.float64)
+        ref64 = ((rc.double() - rz.double().reshape(-1, 1)) * rs.double().reshape(-1, 1)) @ w.T
+        ref_err = _rel(w2a4_gemv_reference(rc, rs, rz, packed, lut, K, G), ref64)
+        ws, wp = weight_row_sums(packed, lut, K, G), weight_bitplanes(packed, K)
+        if one_launch:
+            y = w2a4_bitplane_linear_triton(x, wp, lut, ws, K, G, 4, 1.0, None, torch.float32)
+        else:
+            y = w2a4_bitplane_matmul_triton(activation_bitplanes(rc), rs, rz, wp, lut, ws, K, G, None, torch.float32)
+        assert _rel(y, ref64) <= 3 * ref_err, (seed, _rel(y, ref64), ref_err)
+
+
+@needs_triton
 def test_split_k_workspace_is_reset_after_a_non_finite_partial_sum():
     """A split-K call whose partial sums are inf puts the workspace back to exact zeros (``0.0``, not ``part * 0.0``,
     which is nan), so the next call on the same workspace is unaffected."""
