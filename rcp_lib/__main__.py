@@ -266,7 +266,11 @@ def _cmd_readme(args: argparse.Namespace) -> int:
     from .report import results_markdown, update_readme
 
     if args.print_only:
-        print(results_markdown(args.profile))
+        import os
+
+        from .paths import figures_root
+
+        print(results_markdown(args.profile, link_root=os.path.relpath(figures_root()) + "/"))
     else:
         print(update_readme(args.profile))
     return 0

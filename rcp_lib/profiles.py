@@ -216,7 +216,7 @@ PROFILES: dict[str, Profile] = {
     # the seeded ablation rows run in the ``ablation`` profile (its seed 0 shares the cpu rows' cache keys)
     # budget (issue 15: a cold `make reproduce` within 75 minutes on 2 cores): the rotation analysis on every third
     # decoder layer of 30 (0, 3, ..., 27: the whole depth, a third of the single-threaded cost) and the whole test
-    # split for FP, RCP and the best PTQ row only (the sample / whole check of the spread windows, about 6 min a
+    # split for FP, RCP and QuaRot-GPTQ only (the sample / whole check of the spread windows, about 6 min a
     # quantized row; the gpu profile scores every row on the whole split)
     # and (issue 35: the extra rows go to the ablation profile) the equal-bits rival (Uniform-QAT g32, W2A4KV4 only),
     # which the ``ablation`` profile runs with seeds, is left to it: about 13 of the 121 min measured at fb9e844.

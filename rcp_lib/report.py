@@ -1009,7 +1009,7 @@ def results_markdown(profile: str = "cpu", results: Path | None = None, link_roo
         if tests:
             out += [tests, ""]
     abl_zs = d.parent / "ablation" / _file("zero_shot_all")
-    if profile != "ablation" and abl_zs.exists():  # every document, per-document outcomes (notebook 06)
+    if profile == README_PROFILE and abl_zs.exists():  # every document, per-document outcomes (notebook 06)
         zs = pd.read_csv(abl_zs, dtype={"per_doc": str, "docs_sha256": str})
         n = ", ".join(f"{t} {int(k)}" for t, k in zs.groupby("task", sort=False)["n_examples"].max().items())
         out += [f"Zero-shot on every document (`results/ablation/{abl_zs.name}`, notebook 06, seed 0; documents: {n}; "

@@ -13,12 +13,13 @@ import torch  # noqa: E402
 
 
 #: the tiers (``make test-fast`` runs the first): a test is ``integration`` when it loads the real embedded model
-#: (these fixtures), starts a Python process or runs a notebook (the modules below); everything else is a unit test of
-#: a pure function or a tiny synthetic model. ``slow`` (minutes; ``make test-slow``) is marked in the test itself.
+#: (these fixtures), runs a notebook, the command line or several processes (the modules below, or
+#: ``@pytest.mark.integration`` on the test); everything else, short single-subprocess checks included, is a unit test
+#: of a pure function or a tiny synthetic model. ``slow`` (minutes; ``make test-slow``) is marked in the test itself.
 INTEGRATION_FIXTURES = frozenset({"embedded", "excerpt_test_ids", "real_text_ids"})
 INTEGRATION_MODULES = frozenset({
     "test_notebooks", "test_cli", "test_cli_validation", "test_distributed", "test_dry_run", "test_hf", "test_compare",
-    "test_setup", "test_ablation_start", "test_zero_shot", "test_gpu_path", "test_train_rows",
+    "test_setup", "test_ablation_start", "test_zero_shot", "test_gpu_path",
 })
 
 

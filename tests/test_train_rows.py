@@ -60,6 +60,7 @@ def test_train_rows_refuses_rows_without_qat():
     assert main(["train-rows", "--profile", "cpu", "--method", "QuaRot-GPTQ", "--setting", "W2A4KV4"]) == 2
 
 
+@pytest.mark.integration  # two processes (tests/conftest.py)
 def test_train_rows_under_two_processes_is_what_build_loads(tmp_path, monkeypatch):
     exe = Path(sys.executable).parent / "torchrun"
     if not exe.exists():

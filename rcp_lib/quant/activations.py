@@ -84,7 +84,9 @@ def _per_token_grid(
         if round_zero:
             lo, hi = lo.clamp(max=0), hi.clamp(min=0)
         lo, hi = lo * clip_ratio, hi * clip_ratio
-        s = ((hi - lo) / (L - 1)).clamp_min(_EPS)
+        # divided by a tensor on the device: CUDA torch computes ``t / 15`` (a Python number) as ``t * (1/15)``, one
+        # ULP off the division on most tokens, and the kernels divide (tests/quant/test_activations.py)
+        s = ((hi - lo) / hi.new_full((), L - 1)).clamp_min(_EPS)
         if round_zero:
             z = torch.round(-lo / s)
             q = torch.div(xd, s).round_().add_(z).clamp_(0, L - 1)
@@ -96,7 +98,7 @@ def _per_token_grid(
         qmax = 2 ** (b - 1) - 1
         hi = xd.abs().amax(-1, keepdim=True) * clip_ratio
         lo = -hi
-        s = (hi / qmax).clamp_min(_EPS)
+        s = (hi / hi.new_full((), qmax)).clamp_min(_EPS)
         q = torch.div(xd, s).round_().clamp_(-qmax - 1, qmax)
     return q, s, lo, hi, z
 

@@ -130,9 +130,10 @@ def test_bitplane_matmul_matches_float64(B, N, K, G, config):
 @needs_triton
 @pytest.mark.parametrize("one_launch", [False, True])
 def test_bitplane_error_within_3x_the_reference_on_weights_with_a_row_mean(one_launch):
-    """The error budget of the bit-serial product against float64, as for the select kernels: at most 3x the torch
-    reference's, on rows with a non-zero mean (levels near 0.05) and activations with a large zero point, where an
-    uncentred ``sum c w - z wsum`` cancels (the sums are centred on 7.5 in the kernel)."""
+    """The error budget of the bit-serial product against float64: at most the torch reference's own, on rows with a
+    non-zero mean (levels near 0.05) and activations with a large zero point, where an uncentred ``sum c w - z wsum``
+    cancels (measured under the interpreter: 3.17x and 1.44x the reference's before the sums were centred on 7.5,
+    0.19x and 0.11x after)."""
     from rcp_lib.kernels.reference import w2a4_gemv_reference
     from rcp_lib.kernels.triton_w2a4 import w2a4_bitplane_linear_triton, w2a4_bitplane_matmul_triton
 
@@ -151,7 +152,7 @@ def test_bitplane_error_within_3x_the_reference_on_weights_with_a_row_mean(one_l
             y = w2a4_bitplane_linear_triton(x, wp, lut, ws, K, G, 4, 1.0, None, torch.float32)
         else:
             y = w2a4_bitplane_matmul_triton(activation_bitplanes(rc), rs, rz, wp, lut, ws, K, G, None, torch.float32)
-        assert _rel(y, ref64) <= 3 * ref_err, (seed, _rel(y, ref64), ref_err)
+        assert _rel(y, ref64) <= ref_err, (seed, _rel(y, ref64), ref_err)
 
 
 @needs_triton

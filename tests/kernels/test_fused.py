@@ -289,7 +289,8 @@ def test_whole_model_with_reference_codes_forced_into_the_fused_gemm(monkeypatch
     fused path, its activation pre-kernel replaced by the codes the reference path's quantizer produced for the same
     layer of the same forward (teacher forcing: recorded from the reference model, then injected, permuted to the
     kernel's order). With every activation code forced equal, what is left is the fused GEMM's accumulation order,
-    so the logits agree to float rounding; a larger gap on a GPU is then code flips in the pre-kernel, not the GEMM."""
+    so the logits agree to float rounding. Here the GEMM runs under the interpreter; the same forcing on a GPU (the
+    compiled GEMM) is what tells code flips in the pre-kernel from an error in the GEMM."""
     import copy
 
     from rcp_lib import models as M

@@ -223,9 +223,16 @@ def test_cuda_style_reciprocal_scale_is_one_ulp_off_the_division():
     assert ((rcp - exact).abs() <= ulp).all()  # at most one ULP
     _, s, _ = quantize_per_token(x, 4)
     assert torch.equal(s, exact)  # the CPU quantizer divides
-    # under the emulated CUDA scale a code can move, by one step and only on a token whose scale moved
+    # under the emulated CUDA scale a code can move (by one step) only where (x - lo) / s sits within rounding of a
+    # half-integer: rare (none of these 2.4 M), but a required-zero count of mismatches must not depend on it
     lo = x.amin(-1, keepdim=True)
     codes_rcp = (x - lo).div(rcp[:, None]).round().clamp(0, 15)
-    codes_cpu = quantize_per_token(x, 4)[0].float()
-    moved = codes_rcp != codes_cpu
-    assert ((codes_rcp - codes_cpu).abs() <= 1).all() and not moved[~off].any()
+    assert ((codes_rcp - quantize_per_token(x, 4)[0].float()).abs() <= 1).all()
+    # the library's own quantizer divides by a tensor on the activations' device, never by a Python number (which
+    # CUDA torch would turn into the reciprocal product): on a GPU it then computes the kernel's scale
+    import inspect
+
+    from rcp_lib.quant import activations as A
+
+    src = inspect.getsource(A._per_token_grid)
+    assert "/ (L - 1)" not in src and "/ qmax" not in src
