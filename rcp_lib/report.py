@@ -300,8 +300,8 @@ def seeded_claim_rows(abl_dir: Path, fp_ppl: float | None = None) -> list[str]:
                            f"{moved:.3g} on average (mean \\|Δ\\|) | {fresh.get(name, '–')} |")
     gsr_p = abl_dir / _file("gsr_decision")
     if gsr_p.exists():
-        act = pd.read_csv(gsr_p)
-        act = act[act["part"] == "activations"]
+        rows = pd.read_csv(gsr_p)
+        act = rows[rows["part"] == "activations"]
         ref, gsr = "QuaRot (random Hadamard)", "GSR + random signs"
         if {ref, gsr} <= set(act["method"]):
             m = act.groupby("method")["ppl"].agg(["mean", "sem", "count"])
@@ -311,6 +311,18 @@ def seeded_claim_rows(abl_dir: Path, fp_ppl: float | None = None) -> list[str]:
                        f"(W16A4KV16): QuaRot's R1 {cell(ref)} vs GSR with random signs {cell(gsr)}; a block-diagonal "
                        f"R1 mixes an outlier channel within its block only, while the per-token scale spans the whole "
                        f"hidden size | {_orders_from_rows(act, 'method', 'ppl', ref).get(gsr, '–')} |")
+        wts = rows[rows["part"] == "weights"]
+        for grp, sub in (wts.groupby("w_group", sort=True) if len(wts) else []):
+            g, c = f"GSR-GPTQ g{int(grp)}", f"BlockHadamard-GPTQ g{int(grp)}"
+            if {g, c} <= set(sub["method"]):
+                m = sub.groupby("method")["ppl"].agg(["mean", "sem", "count"])
+                cell = lambda n: (f"{_fmt_ppl(m.loc[n, 'mean'])} ± {_fmt_ppl(m.loc[n, 'sem'])} "
+                                  f"({int(m.loc[n, 'count'])} seeds)")
+                block = int(sub["block"].iloc[0])
+                out.append(f"| GSR's sequency order at 2-bit weights (the one place it can act: weight groups smaller "
+                           f"than the R1 block) | W2A16KV16, GPTQ, R1 blocks of {block}, weight groups of {int(grp)}: "
+                           f"GSR {cell(g)} vs the same blocks in natural Hadamard order {cell(c)} | "
+                           f"{_orders_from_rows(sub, 'method', 'ppl', c).get(g, '–')} |")
     return out
 
 

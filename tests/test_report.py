@@ -514,6 +514,17 @@ def test_seeded_claim_rows(tmp_path):
                   for s, v in enumerate(vals)]).to_csv(tmp_path / "gsr_decision.csv", index=False)
     out = "\n".join(seeded_claim_rows(tmp_path, 22.13))
     assert "QuaRot (random Hadamard) < GSR + random signs (paired p = " in out
+    assert "sequency order at 2-bit weights" not in out  # no weight part yet
+    wrows = [{"part": "weights", "method": f"{m} g{grp}", "block": 64, "w_group": grp, "seed": s, "ppl": v}
+             for grp in (16, 32) for m, vals in (("GSR-GPTQ", (120.0, 121.0, 119.5)),
+                                                 ("BlockHadamard-GPTQ", (120.5, 118.0, 121.0)))
+             for s, v in enumerate(vals)]
+    pd.concat([pd.read_csv(tmp_path / "gsr_decision.csv"), pd.DataFrame(wrows)]).to_csv(
+        tmp_path / "gsr_decision.csv", index=False)
+    out = "\n".join(seeded_claim_rows(tmp_path, 22.13))
+    lines = [ln for ln in out.splitlines() if "sequency order at 2-bit weights" in ln]
+    assert len(lines) == 2 and "weight groups of 16: GSR 120 ± 0.44 (3 seeds)" in lines[0]
+    assert all("not separable at this budget (paired p = " in ln for ln in lines)
 
 
 def test_seeded_claim_rows_ptq_and_equal_bits(tmp_path):
