@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from ..quant.activations import dequantize_per_token, quantize_per_token
-from ..rotation.hadamard import apply_hadamard
+from ..rotation.online import online_hadamard
 from .bitpack import dequantize
 
 __all__ = ["w2a4_gemv_reference", "w2a4_linear_reference"]
@@ -48,17 +48,6 @@ def w2a4_gemv_reference(
     return xh @ w.t()
 
 
-def hadamard_input(x: torch.Tensor, n: int, block: int) -> torch.Tensor:
-    """``x [..., n]`` times the online Hadamard of the deployed layer (:class:`rcp_lib.rotation.online.OnlineHadamard`:
-    the full ``H_n`` with ``block == 0``, else ``kron(I, H_block)``); ``n == 0``: ``x`` unchanged."""
-    if not n:
-        return x
-    if not block:
-        return apply_hadamard(x, n)
-    lead = x.shape[:-1]
-    return apply_hadamard(x.reshape(*lead, n // block, block), block).reshape(*lead, n)
-
-
 def w2a4_linear_reference(
     x: torch.Tensor,
     packed_w: torch.Tensor,
@@ -76,12 +65,14 @@ def w2a4_linear_reference(
     """The deployed linear, operation for operation as fake quantization computes it (what the fused kernels
     reproduce): ``x [B, K]`` -> ``[B, N]`` in ``x.dtype``.
 
-    The online Hadamard (``hadamard_n``/``hadamard_block``, :func:`hadamard_input`), then with ``act_bits`` the
+    The online Hadamard (``hadamard_n``/``hadamard_block``: :func:`rcp_lib.rotation.online.online_hadamard`; 0: none),
+    then with ``act_bits`` the
     per-token quantizer (:func:`rcp_lib.quant.activations.quantize_per_token`) and the W2A4 product
     (:func:`.op.w2a4_gemv` with ``gemv_backend``, float32) cast to ``x.dtype``; with ``act_bits == 0`` (A16) the
     dequantized weight in ``x.dtype`` through ``F.linear``; then the bias in the output dtype.
     """
-    x = hadamard_input(x, hadamard_n, hadamard_block)
+    if hadamard_n:
+        x = online_hadamard(x, hadamard_n, hadamard_block)
     if not act_bits:
         y = F.linear(x, dequantize(packed_w, lut, K, G, bits, dtype=x.dtype))
     else:

@@ -304,8 +304,7 @@ def seeded_claim_rows(abl_dir: Path, fp_ppl: float | None = None) -> list[str]:
         act = rows[rows["part"] == "activations"]
         ref, gsr = "QuaRot (random Hadamard)", "GSR + random signs"
         if {ref, gsr} <= set(act["method"]):
-            m = act.groupby("method")["ppl"].agg(["mean", "sem", "count"])
-            cell = lambda n: f"{_fmt_ppl(m.loc[n, 'mean'])} ± {_fmt_ppl(m.loc[n, 'sem'])} ({int(m.loc[n, 'count'])} seeds)"
+            cell = _seed_cells(act)
             out.append(f"| GSR's R1 in place of a random Hadamard (GSR claims a gain at 2-bit weights) | what the "
                        f"R1 alone does to 4-bit activations, weights in full precision "
                        f"(W16A4KV16): QuaRot's R1 {cell(ref)} vs GSR with random signs {cell(gsr)}; a block-diagonal "
@@ -315,15 +314,19 @@ def seeded_claim_rows(abl_dir: Path, fp_ppl: float | None = None) -> list[str]:
         for grp, sub in (wts.groupby("w_group", sort=True) if len(wts) else []):
             g, c = f"GSR-GPTQ g{int(grp)}", f"BlockHadamard-GPTQ g{int(grp)}"
             if {g, c} <= set(sub["method"]):
-                m = sub.groupby("method")["ppl"].agg(["mean", "sem", "count"])
-                cell = lambda n: (f"{_fmt_ppl(m.loc[n, 'mean'])} ± {_fmt_ppl(m.loc[n, 'sem'])} "
-                                  f"({int(m.loc[n, 'count'])} seeds)")
+                cell = _seed_cells(sub)
                 block = int(sub["block"].iloc[0])
                 out.append(f"| GSR's sequency order at 2-bit weights (the one place it can act: weight groups smaller "
                            f"than the R1 block) | W2A16KV16, GPTQ, R1 blocks of {block}, weight groups of {int(grp)}: "
                            f"GSR {cell(g)} vs the same blocks in natural Hadamard order {cell(c)} | "
                            f"{_orders_from_rows(sub, 'method', 'ppl', c).get(g, '–')} |")
     return out
+
+
+def _seed_cells(rows: pd.DataFrame):
+    """``name -> "mean ± SE (n seeds)"`` of the ``ppl`` column of per-seed rows, by ``method``."""
+    m = rows.groupby("method")["ppl"].agg(["mean", "sem", "count"])
+    return lambda n: f"{_fmt_ppl(m.loc[n, 'mean'])} ± {_fmt_ppl(m.loc[n, 'sem'])} ({int(m.loc[n, 'count'])} seeds)"
 
 
 def rotation_claim_row(summary: pd.DataFrame) -> str:

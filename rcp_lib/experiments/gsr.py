@@ -67,15 +67,22 @@ def _weight_setup(name: str, group: int, block: int, profile: Profile):
     return replace(r.rotation, r1_block=block), r.quant.with_weight(group_size=group)
 
 
-def decision_plan(profile: Profile, block: int | None = None,
-                  groups: tuple[int, ...] | None = None) -> list[tuple[str, int, str, dict]]:
-    """The rows :func:`gsr_decision` reads or computes, in its order: ``(part, seed, label, cache key)`` each (the key
-    of :func:`rcp_lib.experiments.rows.row_cached` for kind "gsr"); nothing is computed."""
+def _block_groups(profile: Profile, block: int | None, groups: tuple[int, ...] | None) -> tuple[int, tuple[int, ...]]:
+    """The R1 block (default: the profile's weight group) and the weight part's groups (default:
+    ``profile.gsr_weight_groups``); ValueError unless each group divides the block and is smaller than it."""
     block = block or profile.w_group_size
     groups = tuple(profile.gsr_weight_groups) if groups is None else tuple(groups)
     bad = [g for g in groups if g >= block or block % g]
     if bad:
         raise ValueError(f"weight groups {bad} must divide the R1 block {block} and be smaller than it")
+    return block, groups
+
+
+def decision_plan(profile: Profile, block: int | None = None,
+                  groups: tuple[int, ...] | None = None) -> list[tuple[str, int, str, dict]]:
+    """The rows :func:`gsr_decision` reads or computes, in its order: ``(part, seed, label, cache key)`` each (the key
+    of :func:`rcp_lib.experiments.rows.row_cached` for kind "gsr"); nothing is computed."""
+    block, groups = _block_groups(profile, block, groups)
     plan = []
     for i, seed in enumerate(profile.ablation_seeds):
         p = replace(profile, seed=int(seed))
@@ -130,9 +137,7 @@ def gsr_decision(profile: Profile, progress: bool = True, parts: tuple[str, ...]
     """Both parts (module docstring) for every seed of ``profile.ablation_seeds``: one row per (part, R1, group,
     seed) with ``ppl`` and provenance. ``block`` defaults to the profile's weight group (the tables' GSR block),
     ``groups`` to ``profile.gsr_weight_groups`` (none: no weight part)."""
-    decision_plan(profile, block, groups)  # validates block and groups before any model is touched
-    block = block or profile.w_group_size
-    groups = tuple(profile.gsr_weight_groups) if groups is None else tuple(groups)
+    block, groups = _block_groups(profile, block, groups)  # validated before any model is touched
     rows = []
     for i, seed in enumerate(profile.ablation_seeds):
         p = replace(profile, seed=int(seed))

@@ -29,6 +29,15 @@ from .hadamard import apply_hadamard, hadamard
 RCP_ATTENTION = {"sdpa": "rcp_sdpa", "eager": "rcp_eager"}
 
 
+def online_hadamard(x: torch.Tensor, n: int, block: int | None = None) -> torch.Tensor:
+    """``x [..., n] @ H`` with the fast transform: the full ``H_n`` (``block`` None or 0), else
+    ``kron(I_{n/block}, H_block)``. What :class:`OnlineHadamard` computes (and the deployed op's reference)."""
+    if not block:
+        return apply_hadamard(x, n)
+    lead = x.shape[:-1]
+    return apply_hadamard(x.reshape(*lead, n // block, block), block).reshape(*lead, n)
+
+
 class OnlineHadamard(nn.Module):
     """``x [..., n] -> x @ H`` with the fast transform. No parameters.
 
@@ -46,10 +55,7 @@ class OnlineHadamard(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != self.n:
             raise ValueError(f"OnlineHadamard({self.n}) got an input with last dim {x.shape[-1]}")
-        if self.block is None:
-            return apply_hadamard(x, self.n)
-        lead = x.shape[:-1]
-        return apply_hadamard(x.reshape(*lead, self.n // self.block, self.block), self.block).reshape(*lead, self.n)
+        return online_hadamard(x, self.n, self.block)
 
     def matrix(self, dtype: torch.dtype = torch.float64) -> torch.Tensor:
         """The dense ``[n, n]`` matrix this module multiplies by."""
