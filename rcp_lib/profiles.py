@@ -201,9 +201,11 @@ def _check_names(profile: "Profile", changed: set[str]) -> None:
 
 
 #: the rows of the ``cpu`` profile's tables: every named method of the tables but the equal-bits rival
-#: (rcp_lib.experiments.methods.EQUAL_BITS, W2A4KV4 only), which the ``ablation`` profile runs with seeds
-CPU_METHODS = ("FP", "RTN", "QuaRot-RTN", "QuaRot-GPTQ", "QuaRot-GPTQ static", "GSR-GPTQ", "BlockHadamard-GPTQ",
-               "RCP", "Uniform-QAT", "RCP+GSR", "RCP w/o Clip", "RCP w/o Rotate", "RCP levels frozen",
+#: (rcp_lib.experiments.methods.EQUAL_BITS, W2A4KV4 only), which the ``ablation`` profile runs with seeds, and the
+#: GSR controls (BlockHadamard-GPTQ; RCP+GSR, whose control RCP+BlockHadamard is a seeded ablation), which the
+#: ``ablation`` profile's GSR decision and ``--set methods=[...]`` hold: one seed of a pair decides nothing
+CPU_METHODS = ("FP", "RTN", "QuaRot-RTN", "QuaRot-GPTQ", "QuaRot-GPTQ static", "GSR-GPTQ",
+               "RCP", "Uniform-QAT", "RCP w/o Clip", "RCP w/o Rotate", "RCP levels frozen",
                "RCP clip frozen", "RCP+BlockHadamard")
 
 PROFILES: dict[str, Profile] = {
@@ -219,7 +221,9 @@ PROFILES: dict[str, Profile] = {
     # split for FP, RCP and QuaRot-GPTQ only (the sample / whole check of the spread windows, about 6 min a
     # quantized row; the gpu profile scores every row on the whole split)
     # and (issue 35: the extra rows go to the ablation profile) the equal-bits rival (Uniform-QAT g32, W2A4KV4 only),
-    # which the ``ablation`` profile runs with seeds, is left to it: about 13 of the 121 min measured at fb9e844.
+    # which the ``ablation`` profile runs with seeds, is left to it: about 13 of the 121 min measured at fb9e844; so
+    # are the GSR controls (BlockHadamard-GPTQ at W2A4KV4 and W2A16KV16, RCP+GSR), about 19 min more, whose decision
+    # is the ablation profile's gsr_decision (three seeds, both parts).
     # QuaRot-GPTQ static and Uniform-QAT stay at every setting (their W2A16KV16 / W4A4KV4 rows are in no other
     # cpu-sized table); the seeded ablations stay out through qat_ablation_rows=False
     "cpu": Profile(name="cpu", qat_ablation_rows=False, analysis_layers=list(range(0, 30, 3)),

@@ -145,12 +145,14 @@ def test_plot_token_curve(tmp_path):
 
 def test_cpu_tables_leave_the_seeded_ablations_to_the_ablation_profile():
     cpu = {(m.name, m.setting) for m in X.all_methods(get_profile("cpu"))}
-    assert ("RCP", "W2A4KV4") in cpu and ("RCP+GSR", "W2A4KV4") in cpu
+    assert ("RCP", "W2A4KV4") in cpu and ("GSR-GPTQ", "W2A4KV4") in cpu
     assert not {n for n, _ in cpu} & set(X.SEEDED_ABLATIONS)
-    # the equal-bits rival, which the ablation profile runs with seeds, is left to it (the cpu budget); every other
-    # row stays, at every setting
-    assert ("Uniform-QAT g32", "W2A4KV4") not in cpu
-    assert cpu | {("Uniform-QAT g32", "W2A4KV4")} == {
+    # the equal-bits rival and the GSR controls, which the ablation profile runs with seeds, are left to it (the cpu
+    # budget); every other row stays, at every setting
+    left = {("Uniform-QAT g32", "W2A4KV4"), ("RCP+GSR", "W2A4KV4"), ("BlockHadamard-GPTQ", "W2A4KV4"),
+            ("BlockHadamard-GPTQ", "W2A16KV16")}
+    assert not cpu & left
+    assert cpu | left == {
         (m.name, m.setting) for m in X.all_methods(dataclasses.replace(get_profile("cpu"), methods=None))}
     assert {(n, s) for n in ("Uniform-QAT", "QuaRot-GPTQ static") for s in ("W2A4KV4", "W2A16KV16", "W4A4KV4")} <= cpu
     abl = {m.name for m in A.ablation_methods(get_profile("ablation"))}

@@ -1,6 +1,8 @@
 """The table's methods: rotation seeded by the profile, GSR blocks = the weight group, block-Hadamard controls,
 clip-searched uniform baselines."""
 
+import dataclasses
+
 import pytest
 
 from rcp_lib import experiments as X
@@ -10,7 +12,7 @@ from rcp_lib.rotation.fuse import RotationConfig
 
 def test_gsr_block_defaults_to_the_weight_group_and_is_recorded():
     for name, gs in (("cpu", 64), ("paper", 128)):
-        P = get_profile(name, qat_ablation_rows=True)
+        P = dataclasses.replace(get_profile(name, qat_ablation_rows=True), methods=None)
         ms = {(m.name, m.setting): m for m in X.all_methods(P)}
         for key in (("GSR-GPTQ", "W2A4KV4"), ("BlockHadamard-GPTQ", "W2A4KV4"), ("RCP+GSR", "W2A4KV4"),
                     ("RCP+BlockHadamard", "W2A4KV4")):
@@ -29,7 +31,7 @@ def test_gsr_without_block_is_refused():
 
 
 def test_uniform_baselines_use_the_clip_search():
-    P = get_profile("cpu")
+    P = dataclasses.replace(get_profile("cpu"), methods=None)
     for m in X.all_methods(P):
         if m.family == "ptq":
             assert m.recipe(P).quant.weight.clip_search == "mse", m.name

@@ -119,8 +119,8 @@ def qat_curves(profile: Profile) -> dict[str, list[dict]]:
     return {f"{m.name} {m.setting}": qat_history(m, profile) for m in all_methods(profile) if m.qat}
 
 
-#: the default rows of the zero-shot table (among the profile's methods)
-ZERO_SHOT_ROWS = ("FP", "RTN", "QuaRot-RTN", "QuaRot-GPTQ", "GSR-GPTQ", "RCP", "RCP+GSR")
+#: the default rows of the zero-shot table (among the profile's methods): RCP beside the PTQ rows and its fair QAT rival
+ZERO_SHOT_ROWS = ("FP", "RTN", "QuaRot-RTN", "QuaRot-GPTQ", "GSR-GPTQ", "RCP", "Uniform-QAT")
 
 
 def zero_shot_methods(profile: Profile) -> list[Method]:
