@@ -604,19 +604,6 @@ def variants_markdown(var: pd.DataFrame, table_config: dict | None = None) -> st
     return "\n".join(lines) + "\n\n" + " ".join(txt)
 
 
-def _removed_part(name: str) -> str | None:
-    """``"clip"`` or ``"partition"`` when the named method is RCP with only its learnable clip (LWC) or only its
-    non-uniform levels (LDP) removed (same rotation; read from the method definitions), else None."""
-    from .experiments.methods import NAMED
-
-    rcp, m = NAMED.get("RCP"), NAMED.get(name)
-    if rcp is None or m is None or m is rcp or m.r1 != rcp.r1:
-        return None
-    a, b = {"lwc": True, "method": "ldp", **rcp.weight}, {"lwc": True, "method": "ldp", **m.weight}
-    diff = {k for k in a.keys() | b.keys() if a.get(k) != b.get(k)}
-    return {"lwc": "clip", "method": "partition"}.get(diff.pop()) if len(diff) == 1 else None
-
-
 def _current_order(vs: object) -> str:
     """An order phrase of :mod:`rcp_lib.stats` (it names its test and p, or n), else "" (a phrase written by an older
     rule, e.g. "beyond two standard errors", is never shown)."""
@@ -649,9 +636,9 @@ def ablation_markdown(summary: pd.DataFrame, start: pd.DataFrame | None = None,
 
     ``start`` (``ablation_start.csv`` of ``benchmarks/ablation_start.py``, one row per method and seed), when given,
     adds where each row's quantizer starts and ends against the rotated FP weights (clip ratio) and the uniform grid
-    (level offset), means over seeds; the sentence on what a separated clip ablation changed then reads its start from
-    there (the movement columns divide by the latent weights of the QAT start, which a GPTQ start puts inside the
-    range). ``seeds`` (``ablation.csv``, one row per method and seed), when given, recomputes the orders from the
+    (level offset), means over seeds (the movement columns divide by the latent weights of the QAT start, which a GPTQ
+    start puts inside the range). What a difference comes from is a conclusion, written by people in notebook 06 from
+    these columns, not here. ``seeds`` (``ablation.csv``, one row per method and seed), when given, recomputes the orders from the
     values (:func:`rcp_lib.experiments.ablation.refresh_orders`); without it only orders in the current phrasing of
     :mod:`rcp_lib.stats` are shown."""
     def num(r, k, fmt):
@@ -697,31 +684,6 @@ def ablation_markdown(summary: pd.DataFrame, start: pd.DataFrame | None = None,
         vc = r.get("vs_control")
         if isinstance(vc, str) and vc:
             lines.append(f"\n{r['method']} against its control (same blocks, natural order): {vc}.")
-    rcp = next((r for r in summary.to_dict("records") if r["method"] == "RCP"), None)
-    for r in summary.to_dict("records"):  # what a separated ablation that removes one part changed: its start
-        vs, part = r.get("vs_RCP"), _removed_part(r["method"])
-        if rcp is None or part is None or not (isinstance(vs, str) and vs.startswith("RCP < ")):
-            continue
-        fr, fa = means.get("RCP"), means.get(r["method"])
-        if part == "clip":
-            if fr is not None and fa is not None:
-                a, b, moved, vs_what = fr["clip_ratio_start"], fa["clip_ratio_start"], fr["clip_shift"], " against the FP weights"
-            else:
-                a, b, moved = (float(x.get(k, float("nan"))) for x, k in ((rcp, "clip_ratio_init_mean"),
-                                                                          (r, "clip_ratio_init_mean"), (rcp, "clip_shift_mean")))
-                vs_what = ""
-            if abs(a - b) > 10 * moved:
-                lines.append(f"\n{r['method']}: its clip ratio{vs_what} starts at {b:.3f} instead of RCP's {a:.3f} (the "
-                             f"searched start), while training moves RCP's by {moved:.4f} on average: the gap comes from "
-                             f"the searched clip start, not from learning the clip.")
-        elif fr is not None and fa is not None:
-            a, b = fr["level_offset_start"], fa["level_offset_start"]
-            moved = float(rcp.get("level_shift_mean", float("nan")))  # per level and group: signed changes cannot cancel
-            why = ("the gap comes from the Lloyd-Max start of the levels, not from learning them" if abs(a - b) > 10 * moved
-                   else "start and learning both count here: this ablation does not separate them")
-            lines.append(f"\n{r['method']}: its levels start {b:.4f} off the uniform grid instead of RCP's {a:.4f} "
-                         f"(Lloyd-Max; mean |offset| of the interior levels), while training moves RCP's levels by "
-                         f"{moved:.4f} on average (the table's mean |Δ level|): {why}.")
     return "\n".join(lines)
 
 
