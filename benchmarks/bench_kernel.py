@@ -27,7 +27,7 @@ Decode (``--layers``, default 32): a LLaMA-2-7B-shaped stack of random weights, 
 RMSNorm, q/k/v/o (4096 x 4096), an attention stand-in (scaled-dot-product attention of the one new query over a
 fixed random fp16 KV cache of ``--kv-len`` tokens, no RoPE, cache not appended), residual, RMSNorm, gate/up
 (11008 x 4096), SiLU gating, down (4096 x 11008), residual; no embedding / lm_head. ``fp16`` uses ``nn.Linear``
-fp16 weights, ``w2a4`` uses :class:`rcp_lib.packing.PackedLinear` (random codes and LUTs, G = 128, A4, the online
+fp16 weights, ``w2a4`` uses :class:`rcp_lib.kernels.packed_linear.PackedLinear` (random codes and LUTs, G = 128, A4, the online
 R4 Hadamard on down_proj's input: 11008 is not a power of two, so that transform runs in torch before the fused
 pre-kernel); ``w2a4_bitplane`` is the same stack with the bit-serial decode kernel. One token step is captured in a
 CUDA graph; tokens/s = 1 / median step time (no L2 flush: the weights exceed L2).
@@ -219,7 +219,7 @@ def build_decoder(dev, packed: bool, layers: int, hidden: int, inter: int, heads
     import torch.nn.functional as F
     from torch import nn
 
-    from rcp_lib.packing import PackedLinear
+    from rcp_lib.deploy import PackedLinear
     from rcp_lib.rotation.online import OnlineHadamard
 
     gen = torch.Generator(device=dev).manual_seed(1)

@@ -13,7 +13,7 @@ Sections (each records its own error instead of stopping the others; the exit st
   intermediate 8192, 16 layers, 32 heads / 8 KV heads, vocab 32000) with the paper's W2A4KV4 RCP quantization
   (R1-R4, LDP + LWC, group 128), and its peak memory against :func:`rcp_lib.train_memory.qat_memory_per_gpu`.
 * ``export``: a small random LLaMA, rotated and quantized (LDP levels perturbed so that the LUT matters), saved with
-  :func:`rcp_lib.packing.save_quantized`, loaded with :func:`~rcp_lib.packing.load_quantized` on the device, logits
+  :func:`rcp_lib.deploy.save_quantized`, loaded with :func:`~rcp_lib.deploy.load_quantized` on the device, logits
   of the packed model against the fake-quant model, each packed linear against its fake-quant twin on the same input
   (teacher forced, on the 96-token prompt and on 3 of its tokens, the decode kernels; this decides ``fused_path_ok``
   and, for the bit-serial decode kernel, ``fused_bitplane_ok``), the fake-quant model's own sensitivity to a 1e-6
@@ -280,7 +280,7 @@ def section_export(args, dev) -> dict:
 
     import torch
 
-    from rcp_lib.packing import PackedLinear, load_quantized, save_quantized
+    from rcp_lib.deploy import PackedLinear, load_quantized, save_quantized
     from rcp_lib.quant.apply import quantize_model, quantized_linears
     from rcp_lib.rotation.fuse import rotate_model
 

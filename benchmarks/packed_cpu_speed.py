@@ -38,7 +38,7 @@ def _generate(model, prompt: torch.Tensor, tokens: int) -> tuple[float, torch.Te
 
 def _set_decode_cache(model, on: bool) -> None:
     """Switch the decode cache of every PackedLinear (a decoded weight already held is kept, unused while off)."""
-    from rcp_lib.packing import PackedLinear
+    from rcp_lib.deploy import PackedLinear
 
     for mod in model.modules():
         if isinstance(mod, PackedLinear):
@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from rcp_lib.experiments.build import base_model, build, tokens
     from rcp_lib.experiments.methods import method
-    from rcp_lib.packing import load_quantized, save_quantized
+    from rcp_lib.deploy import load_quantized, save_quantized
     from rcp_lib.profiles import get_profile
 
     P = get_profile(args.profile)

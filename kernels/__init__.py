@@ -7,7 +7,7 @@
   triton; imported on first use);
 * :mod:`.op`: the op registered with ``torch.library`` as ``torch.ops.rcp.w2a4_gemv`` (reference by default,
   the generic Triton kernel on CUDA) and :func:`w2a4_gemv`, which calls it or a forced backend;
-* :mod:`.triton_w2a4`: the fused path that :class:`rcp_lib.packing.PackedLinear` runs on CUDA (2-bit weights,
+* :mod:`.triton_w2a4`: the fused path that :class:`rcp_lib.kernels.packed_linear.PackedLinear` runs on CUDA (2-bit weights,
   ``G % 16 == 0``): launch 1, an activation pre-kernel (optional power-of-two online Hadamard + the per-token
   quantizer of ``quantize_per_token``, operation for operation); launch 2, a split-K GEMV (<= 4 tokens) or a
   ``tl.dot`` GEMM (prefill) with 128-bit weight loads, levels selected in registers, a pipelined K loop, fp32
@@ -16,12 +16,14 @@
   and popcounts per 32 weights, the four levels applied once per group, in one launch that quantizes its own
   activations (no pre-kernel) unless the layer's Hadamard runs in the pre-kernel. Speed: ``python benchmarks/bench_kernel.py``
   on a GPU (``results/gpu/kernel_speed.csv``; the bit-serial kernel not yet measured);
+* :mod:`.packed_linear`: the deployed layer :class:`~rcp_lib.kernels.packed_linear.PackedLinear` and the choice of the
+  path that computes it (not imported here: it imports ``rcp_lib.quant``);
 * :mod:`.layout`: what the fused path derives at deploy time: the activation order that matches the stored words
   (``activation_permutation``), the weight row sums that carry the float zero point (``weight_row_sums``) and the
   bit planes of the bit-serial kernel (``weight_bitplanes``, ``activation_bitplanes``).
 
 The activation operands come from :func:`rcp_lib.quant.activations.quantize_per_token`, the integer form of the
-activation fake quantizer; the deployed layer is :class:`rcp_lib.packing.PackedLinear`. Importing this package
+activation fake quantizer; the deployed layer is :class:`rcp_lib.kernels.packed_linear.PackedLinear`. Importing this package
 needs neither a GPU nor triton (without triton, everything but ``w2a4_gemv_triton`` works).
 
 The folder is installed as ``rcp_lib.kernels`` (setuptools ``package-dir``). With the repository root on

@@ -1,7 +1,7 @@
 """Bit-packing of low-bit weight codes and non-uniform (LUT) dequantization (the tensor format of the W2A4 op).
 
-Not to be confused with :mod:`rcp_lib.packing`, which saves and loads whole packed models (and holds the deployed
-layer, :class:`rcp_lib.packing.PackedLinear`). The codes and levels come from the weight quantizers of
+Not to be confused with :mod:`rcp_lib.deploy`, which saves and loads whole packed models (and holds the deployed
+layer, :class:`rcp_lib.kernels.packed_linear.PackedLinear`). The codes and levels come from the weight quantizers of
 :mod:`rcp_lib.quant.quantizers` (``WeightQuantizer.export``, ``nearest_level_codes``, ``uniform_levels``).
 
 Packed format
@@ -16,7 +16,7 @@ consecutive *input* elements per output row, is stored as two tensors:
       packed[n, j] = sum_i codes[n, j*CPW + i] << (bits * i)      (two's complement int32)
 
   When ``K`` is not a multiple of ``CPW`` the last word of each row is padded with code 0; ``K`` itself
-  is not stored in the tensor and must be passed along (:class:`rcp_lib.packing.PackedLinear` keeps it as
+  is not stored in the tensor and must be passed along (:class:`rcp_lib.kernels.packed_linear.PackedLinear` keeps it as
   ``in_features``).
 * ``lut``: ``fp16 [N, ceil(K / G), 2**bits]``: the (non-uniform, learnable) levels of each group.
   ``W_hat[n, k] = lut[n, k // G, code[n, k]]``. A ragged last group (``K % G != 0``) is allowed.

@@ -15,7 +15,7 @@ a new on-disk format), the fused activation pre-kernel writes its codes in the m
 
 so that the activations of slot ``i`` are the contiguous bytes ``x'[g G + i G/16 : g G + (i + 1) G/16]``. The dot
 product is invariant under a common permutation of ``k``; the 2-bit weights stay as stored (:func:`.bitpack.pack_codes`,
-saved by :func:`rcp_lib.packing.save_quantized`, format version unchanged). Requires ``G % 16 == 0`` and
+saved by :func:`rcp_lib.deploy.save_quantized`, format version unchanged). Requires ``G % 16 == 0`` and
 ``K % G == 0`` (every deployed W2 layer here: G = 128, or the test sizes).
 
 Zero point

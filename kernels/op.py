@@ -21,9 +21,9 @@ The op keeps natural-order codes and any group size.
 
 The whole deployed linear is a second op, ``torch.ops.rcp.w2a4_linear`` (:func:`w2a4_linear`; a fake implementation
 for meta tensors and ``torch.compile``): the online Hadamard, the per-token activation quantizer and the product, on
-the path its caller chose (:meth:`rcp_lib.packing.PackedLinear.kernel_path`): the reference (its product through
+the path its caller chose (:meth:`rcp_lib.kernels.packed_linear.PackedLinear.kernel_path`): the reference (its product through
 ``w2a4_gemv`` above) or the fused two-launch path of :mod:`.triton_w2a4` (2-bit, ``G % 16 == 0``). Every forward of
-:class:`rcp_lib.packing.PackedLinear` but its CPU decode cache goes through it.
+:class:`rcp_lib.kernels.packed_linear.PackedLinear` but its CPU decode cache goes through it.
 
 The activation operands are the integer form of the per-token activation quantizer,
 :func:`rcp_lib.quant.activations.quantize_per_token` (``x_hat = (x_codes - x_zero) * x_scale``, float zero point).
@@ -87,7 +87,7 @@ def _w2a4_gemv_fake(x_codes, x_scale, x_zero, packed_w, lut, K, G, bits=2):
 
 
 #: the paths of ``torch.ops.rcp.w2a4_linear`` (its ``path`` argument; chosen by the caller,
-#: :meth:`rcp_lib.packing.PackedLinear.kernel_path`)
+#: :meth:`rcp_lib.kernels.packed_linear.PackedLinear.kernel_path`)
 LINEAR_PATHS = ("auto", "torch", "triton", "fused")
 
 

@@ -9,10 +9,10 @@ Public API (re-exported here; see each module for details):
 * recipe:     ``Recipe`` (rotation + quant + PTQ + QAT: one setting, one object)          (rcp_lib.recipe)
 * train:      ``train``, ``QATConfig``                  (rcp_lib.qat)
 * evaluate:   ``perplexity``, ``zero_shot``             (rcp_lib.evaluation)
-* deploy:     ``save_quantized``, ``load_quantized``, ``footprint``   (rcp_lib.packing, rcp_lib.memory)
+* deploy:     ``save_quantized``, ``load_quantized``, ``footprint``   (rcp_lib.deploy, rcp_lib.memory)
 
 Importing rcp_lib registers, explicitly and once, the "rcp" quantization method and the ``rcp_<family>`` model types
-of packed folders with transformers (:func:`rcp_lib.hf.register`), so ``AutoModelForCausalLM.from_pretrained(DIR)``
+of packed folders with transformers (:func:`rcp_lib.deploy.hf.register`), so ``AutoModelForCausalLM.from_pretrained(DIR)``
 loads a folder written by ``save_quantized``; a process that has not imported rcp_lib refuses such a folder (unknown
 model type) unless ``trust_remote_code=True`` lets the folder's ``modeling_rcp.py`` import rcp_lib. Importing rcp_lib
 therefore imports transformers: set ``HF_HUB_OFFLINE`` / ``HF_DATASETS_OFFLINE`` before it where they matter.
@@ -42,7 +42,7 @@ from .quant.calibrate import gptq_model
 from .quant.linear import freeze_model
 from .recipe import Recipe
 from .rotation import RotationConfig, gsr, hadamard, rotate_model, walsh
-from .hf import register as _register_with_transformers
+from .deploy.hf import register as _register_with_transformers
 
 _register_with_transformers()  # transformers' "rcp" quantization method and the rcp_<family> model types
 
@@ -82,7 +82,7 @@ def __getattr__(name: str):
 
         return zero_shot
     if name in ("save_quantized", "load_quantized"):
-        from . import packing
+        from . import deploy
 
-        return getattr(packing, name)
+        return getattr(deploy, name)
     raise AttributeError(f"module 'rcp_lib' has no attribute {name!r}")

@@ -76,7 +76,7 @@ def _check_model_name(name: str, what: str = "--model") -> None:
     p = Path(name).expanduser()
     if p.is_dir() and (p / "quant_map.json").is_file():
         raise CliError(f"{what} {name}: this is a packed quantized folder (quant_map.json), not a full-precision "
-                       f"model: load it with rcp_lib.packing.load_quantized")
+                       f"model: load it with rcp_lib.deploy.load_quantized")
 
 
 def _cmd_ppl(args: argparse.Namespace) -> int:
@@ -344,9 +344,9 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 
 def _shard_size(text: str) -> int:
-    """argparse ``type`` of ``--max-shard-size``: :func:`rcp_lib.packing._max_shard_bytes` (one parser for the CLI and
+    """argparse ``type`` of ``--max-shard-size``: :func:`rcp_lib.deploy.format._max_shard_bytes` (one parser for the CLI and
     ``save_quantized``), its ValueError as a usage error (one line, exit 2, before anything is built)."""
-    from .packing import _max_shard_bytes
+    from .deploy.format import _max_shard_bytes
 
     try:
         return _max_shard_bytes(text)

@@ -1,12 +1,12 @@
 """Packed folders from trained runs and cached models, and their evaluation (``python -m rcp_lib export`` / ``eval``).
 
 * :func:`export_run`: a run of ``python -m rcp_lib qat`` (its ``summary.json`` holds the run config, its
-  ``checkpoint/`` the trained student) -> :func:`rcp_lib.packing.save_quantized`.
+  ``checkpoint/`` the trained student) -> :func:`rcp_lib.deploy.save_quantized`.
 * :func:`export_method`: a named method of a profile (:mod:`rcp_lib.experiments.methods`) built through
   :func:`rcp_lib.experiments.build.build`, i.e. from the PTQ cache or the cached QAT student (computed first when
-  it is not cached) -> :func:`rcp_lib.packing.save_quantized`.
+  it is not cached) -> :func:`rcp_lib.deploy.save_quantized`.
 * :func:`evaluate_folder`: perplexity (and optionally zero-shot accuracy) of a packed folder loaded with
-  :func:`rcp_lib.packing.load_quantized`.
+  :func:`rcp_lib.deploy.load_quantized`.
 """
 
 from __future__ import annotations
@@ -27,15 +27,15 @@ def export_run(run_dir: str | os.PathLike, out: str | os.PathLike, dtype: torch.
     """Rebuild the student of a finished QAT run (load the run's model, rotate + quantize with its recipe, load
     ``checkpoint/pytorch_model.bin``) and write it as a packed folder with the model's tokenizer.
 
-    ``dtype`` None: stored as evaluated (the student's compute dtype, see :func:`rcp_lib.packing.save_quantized`).
-    ``out`` is checked first (:func:`rcp_lib.packing.check_output_folder`), before anything is loaded.
+    ``dtype`` None: stored as evaluated (the student's compute dtype, see :func:`rcp_lib.deploy.save_quantized`).
+    ``out`` is checked first (:func:`rcp_lib.deploy.check_output_folder`), before anything is loaded.
 
     Raises:
         FileNotFoundError: no ``summary.json`` (run not finished) or no checkpoint.
         FileExistsError: ``out`` holds other files, or a packed folder without ``overwrite``.
     """
     from .models import load
-    from .packing import check_output_folder, save_quantized
+    from .deploy import check_output_folder, save_quantized
     from .quant.apply import check_packable, quantize_model
     from .rotation.fuse import rotate_model
     from .run_config import RunConfig
@@ -66,7 +66,7 @@ def export_method(name: "str | Method", setting: str, profile: str, out: str | o
 
     ``dtype`` None (default): stored as evaluated, i.e. in the built model's compute dtype (float32 for the CPU
     profiles), so the folder's perplexity is the table row's (the row's ``storage_dtype`` column).
-    ``out`` is checked first (:func:`rcp_lib.packing.check_output_folder`), before any model is built.
+    ``out`` is checked first (:func:`rcp_lib.deploy.check_output_folder`), before any model is built.
 
     Raises:
         ValueError: the method has no quantized weights (nothing to pack).
@@ -74,7 +74,7 @@ def export_method(name: "str | Method", setting: str, profile: str, out: str | o
     """
     from .experiments.build import base_model, build
     from .experiments.methods import Method, method
-    from .packing import check_output_folder, save_quantized
+    from .deploy import check_output_folder, save_quantized
     from .profiles import get_profile
     from .quant.apply import check_packable
 
@@ -106,7 +106,7 @@ def evaluate_folder(path: str | os.PathLike, corpus: str = "wiki-excerpt", seqle
     """
     from .data import corpus_tokens
     from .evaluation import perplexity_details
-    from .packing import load_quantized
+    from .deploy import load_quantized
 
     model, tok = load_quantized(path, device=device)
     if tok is None:

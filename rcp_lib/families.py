@@ -80,7 +80,7 @@ class Family:
 
     @property
     def packed_model_type(self) -> str:
-        """``config.model_type`` of this family's packed folders (:mod:`rcp_lib.hf`), e.g. ``"rcp_llama"``: a type
+        """``config.model_type`` of this family's packed folders (:mod:`rcp_lib.deploy.hf`), e.g. ``"rcp_llama"``: a type
         plain transformers does not know, so that a packed folder is refused, never loaded as random weights,
         by a process that has not imported rcp_lib."""
         return f"rcp_{self.model_type}"

@@ -115,11 +115,11 @@ class RunConfig:
 
 
 def export_run(student, cfg: RunConfig, export_dir: str | Path, is_main: bool, skeleton=None) -> None:
-    """Save the trained ``student`` as a packed model (:func:`rcp_lib.packing.save_quantized`) from every rank:
+    """Save the trained ``student`` as a packed model (:func:`rcp_lib.deploy.save_quantized`) from every rank:
     a sharded student's full state dict is gathered (all ranks), then rank 0 loads it into an unsharded skeleton of
     the same surgery on the CPU and writes; an unsharded student is written by rank 0 directly. A packed folder
     already at ``export_dir`` (the same run's earlier export) is replaced; a folder holding anything else is refused
-    (:func:`rcp_lib.packing.check_output_folder`, which :func:`run_qat` calls before training).
+    (:func:`rcp_lib.deploy.check_output_folder`, which :func:`run_qat` calls before training).
 
     Args:
         skeleton: ``() -> nn.Module``, the unrotated full-precision model to rebuild on (default: ``load(cfg.model)``
@@ -127,14 +127,14 @@ def export_run(student, cfg: RunConfig, export_dir: str | Path, is_main: bool, s
     """
     if not is_sharded(student):
         if is_main:
-            from .packing import save_quantized
+            from .deploy import save_quantized
 
             save_quantized(student, export_dir, overwrite=True)
         return
     sd = full_state_dict(student)
     if is_main:
         from .models import load
-        from .packing import save_quantized
+        from .deploy import save_quantized
         from .quant.apply import quantize_model
         from .rotation.fuse import rotate_model
 
@@ -179,7 +179,7 @@ def run_qat(cfg: RunConfig, progress: bool = True) -> dict:
 
     cfg.validate()
     if cfg.export_dir:  # a folder holding other files fails now, not after training
-        from .packing import check_output_folder
+        from .deploy import check_output_folder
 
         check_output_folder(cfg.export_dir, overwrite=True)
     recipe = cfg.recipe

@@ -58,7 +58,7 @@ def main():
     export_run(student, cfg, export_dir, state.is_main_process, skeleton=lambda: M.tiny_llama(**DIMS, seed=0))
     state.wait_for_everyone()
     if state.is_main_process:
-        from rcp_lib.packing import load_quantized
+        from rcp_lib.deploy import load_quantized
 
         packed, _ = load_quantized(export_dir)
         packed_ppl = perplexity_details(packed, test_ids, seqlen=64, progress=False).ppl

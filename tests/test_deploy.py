@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from rcp_lib.kernels import unpack_codes
-from rcp_lib.packing import PackedLinear
+from rcp_lib.deploy import PackedLinear
 from rcp_lib.quant import QuantLinear, WeightQuantConfig
 
 
@@ -132,7 +132,7 @@ def test_decode_cache_decodes_once_and_follows_the_buffers(monkeypatch):
     ``decode_cache = False`` (every call decodes)."""
     import rcp_lib.kernels.bitpack as bitpack
     import rcp_lib.kernels.reference as reference
-    import rcp_lib.packing as packing
+    import rcp_lib.kernels.packed_linear as packing
 
     calls = []
     real = bitpack.dequantize
@@ -168,7 +168,7 @@ def test_decode_cache_budget_and_identity(monkeypatch):
     import threading
     import warnings
 
-    from rcp_lib import packing as P
+    from rcp_lib.kernels import packed_linear as P
 
     torch.manual_seed(0)
     K, N, G = 64, 32, 32

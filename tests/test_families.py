@@ -214,7 +214,7 @@ def test_packed_round_trip(family, label, tmp_path):
     differs from the fake-quant model in the last ulp, which flips some 4-bit KV codes and moves those logits by
     percents (seen on qwen2: 3 of 48 positions); that is rounding, not a format error, so it is not asserted here.
     """
-    from rcp_lib.packing import load_quantized, save_quantized
+    from rcp_lib.deploy import load_quantized, save_quantized
 
     model = _tiny(family)
     d = M.dims(model)
@@ -235,7 +235,7 @@ def test_memory_accountant_matches_packed_bytes(family, tmp_path):
     from dataclasses import replace
 
     from rcp_lib.memory import W2A4KV4, footprint
-    from rcp_lib.packing import packed_model_bytes, save_quantized
+    from rcp_lib.deploy import packed_model_bytes, save_quantized
 
     model = _tiny(family)
     d = M.dims(model)

@@ -15,7 +15,7 @@ from transformers import AutoModelForCausalLM
 
 import rcp_lib  # noqa: F401  (registers the "rcp" quantizer)
 from rcp_lib import models as M
-from rcp_lib.packing import (FORMAT_VERSION, PackedFormatError, PackedLinear, check_folder, load_quantized,
+from rcp_lib.deploy import (FORMAT_VERSION, PackedFormatError, PackedLinear, check_folder, load_quantized,
                              packed_model_bytes, save_quantized)
 from rcp_lib.quant.apply import preset, quantize_model
 from rcp_lib.rotation.fuse import RotationConfig, rotate_model
@@ -371,3 +371,16 @@ def test_format_version_2_folders_still_load(tmp_path):
     loaded, _ = load_quantized(path)
     with torch.no_grad():
         assert _rel(ref, loaded(IDS).logits) < 1e-5
+
+
+def test_the_shim_of_folders_written_before_the_deploy_package_still_imports():
+    """Folders written before ``rcp_lib.deploy`` existed carry ``from rcp_lib.hf import Rcp<...>`` in their
+    ``modeling_rcp.py``: that name gives the same registered classes."""
+    import rcp_lib.deploy.hf as new
+    import rcp_lib.hf as old
+
+    assert old.__all__ and all(getattr(old, n) is getattr(new, n) for n in old.__all__)
+    cfg, lm = new.PACKED_CLASSES["rcp_llama"]
+    ns: dict = {}
+    exec(f"from rcp_lib.hf import {cfg.__name__}, {lm.__name__}", ns)
+    assert ns[cfg.__name__] is cfg and ns[lm.__name__] is lm

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from rcp_lib import models as M
-from rcp_lib.packing import PackedFormatError, PackedLinear, load_quantized, packed_model_bytes, save_quantized
+from rcp_lib.deploy import PackedFormatError, PackedLinear, load_quantized, packed_model_bytes, save_quantized
 from rcp_lib.quant.apply import ActQuantConfig, QuantConfig, preset, quantize_model
 from rcp_lib.quant.calibrate import gptq_model
 from rcp_lib.quant.quantizers import WeightQuantConfig
@@ -138,7 +138,7 @@ def _structure(model):
             bits = mod.bits if isinstance(mod, PackedLinear) else (None if wq is None else wq.config.bits)
             out[name] = ("quantized", bits, mod.act_bits, mod.act_clip_ratio, repr(mod.input_transform))
         elif "." not in name or not name.rsplit(".", 1)[-1].startswith(("weight_quantizer", "input_transform")):
-            # a loaded folder's top class is the packed model type's subclass (RcpLlamaForCausalLM of rcp_lib.hf)
+            # a loaded folder's top class is the packed model type's subclass (RcpLlamaForCausalLM of rcp_lib.deploy.hf)
             cls = type(mod).__name__
             out[name] = (cls[3:] if name == "" and cls.startswith("Rcp") else cls, mod.extra_repr())
     return out, model.config._attn_implementation, model.config.rcp_rotation, model.config.rcp_quant
@@ -213,7 +213,7 @@ def test_unknown_stored_config_field(saved):
 def test_quantized_state_file_round_trip(tmp_path, bits):
     """The PTQ cache's file (the projection part of the same tensor format) restores the frozen layers bit for bit,
     3-bit codes included (stored in 4-bit slots)."""
-    from rcp_lib.packing import load_quantized_state, save_quantized_state
+    from rcp_lib.deploy import load_quantized_state, save_quantized_state
     from rcp_lib.quant.apply import quantized_linears
 
     m = _model(preset(f"W{bits}A4KV4", w_group_size=32).with_weight(method="rtn", lwc=False, clip_search="mse"))
@@ -245,7 +245,7 @@ def _user_folder(tmp_path):
 
 @pytest.mark.parametrize("overwrite", [False, True])
 def test_save_refuses_a_folder_holding_other_files(tmp_path, overwrite):
-    from rcp_lib.packing import check_output_folder
+    from rcp_lib.deploy import check_output_folder
 
     d = _user_folder(tmp_path)
     before = _tree(d)

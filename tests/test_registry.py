@@ -112,7 +112,7 @@ def test_setup_does_what_the_first_cell_did(monkeypatch, tmp_path, capsys):
 
 
 def test_importing_experiments_imports_transformers_for_registration_only():
-    """Importing rcp_lib registers its transformers classes explicitly (rcp_lib.hf), so transformers is imported; the
+    """Importing rcp_lib registers its transformers classes explicitly (rcp_lib.deploy.hf), so transformers is imported; the
     data and plotting libraries are not (datasets reads its offline flag on import: reproduce sets it first)."""
     code = ("import sys, rcp_lib.experiments; "
             "print([m for m in ('transformers', 'datasets', 'matplotlib.pyplot') if m in sys.modules])")

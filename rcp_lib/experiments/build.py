@@ -334,10 +334,10 @@ def qat_stats(method: Method, profile: Profile) -> dict:
 def _ptq_cached(model: nn.Module, method: Method, profile: Profile, progress: bool) -> None:
     """Quantize the weights of a PTQ row once (GPTQ, or RTN with its clip search) and freeze them as codes + level
     tables, or restore that frozen state from the cache (``cache_dir()/ptq/``, keyed by :func:`ptq_key`), through
-    the same frozen-state functions as the packed export (:func:`rcp_lib.packing.save_quantized_state` /
-    :func:`~rcp_lib.packing.load_quantized_state`). Every later use of the same weights (another activation setting,
+    the same frozen-state functions as the packed export (:func:`rcp_lib.deploy.save_quantized_state` /
+    :func:`~rcp_lib.deploy.load_quantized_state`). Every later use of the same weights (another activation setting,
     the zero-shot table, the export of the memory check) loads them."""
-    from ..packing import load_quantized_state, save_quantized_state
+    from ..deploy import load_quantized_state, save_quantized_state
     from ..quant.calibrate import gptq_model
     from ..quant.linear import freeze_model
 

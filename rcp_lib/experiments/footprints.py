@@ -88,7 +88,7 @@ def memory_vs_saved(profile: Profile) -> dict:
 
     import torch
 
-    from ..packing import packed_model_bytes, save_quantized
+    from ..deploy import packed_model_bytes, save_quantized
 
     m = method("QuaRot-RTN", "W2A4KV4")  # the table row's recipe; the accountant reads the same object
     model = build(m, profile, progress=False)

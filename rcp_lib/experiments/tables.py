@@ -30,10 +30,10 @@ def _window_note(idx: list[int], n_total: int) -> str:
 
 def storage_dtype(model, method: Method, profile: Profile) -> str | None:
     """The ``storage_dtype`` column of a row: the dtype ``python -m rcp_lib export`` writes the row's packed folder in
-    by default (:func:`rcp_lib.packing.save_quantized` with ``dtype=None``: the built model's compute dtype, so the
+    by default (:func:`rcp_lib.deploy.save_quantized` with ``dtype=None``: the built model's compute dtype, so the
     folder holds the evaluated model); None for a full-precision row (nothing to pack). Provenance only: not part of
     the row's cache key."""
-    from ..packing import compute_dtype
+    from ..deploy import compute_dtype
 
     if method.recipe(profile).quant is None:
         return None

@@ -1,6 +1,6 @@
 """Dynamic activation and KV-cache quantization (per token, asymmetric by default): the one formula shared by fake
 quantization (training and evaluation, with STE gradients), the W2A4 kernel's torch reference and Triton path, and the
-deployed :class:`rcp_lib.packing.PackedLinear`.
+deployed :class:`rcp_lib.kernels.packed_linear.PackedLinear`.
 
 Per-token quantization computes the range of every token (vector along the last dimension) at run time:
 

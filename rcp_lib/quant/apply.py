@@ -157,7 +157,7 @@ def packable_weight_bits() -> tuple[int, ...]:
 
 def check_packable(cfg: QuantConfig) -> None:
     """ValueError unless a model quantized with ``cfg`` can be exported as a packed folder
-    (:func:`rcp_lib.packing.save_quantized`): weight bits in :func:`packable_weight_bits` (16 = full precision is
+    (:func:`rcp_lib.deploy.save_quantized`): weight bits in :func:`packable_weight_bits` (16 = full precision is
     fine). Activation and KV widths 1..8 are fake-quantized at run time in the packed model too, so
     :meth:`QuantConfig.validate` covers them. Other widths (e.g. 3-bit weights) still train and evaluate as fake
     quantization: a run config without ``export_dir`` may use them (research only; they cannot be deployed)."""
@@ -240,7 +240,7 @@ def quantize_model(model: nn.Module, config: QuantConfig | None = None,
         config: what to insert (default :class:`QuantConfig`).
         layer_factory: builds each block projection's replacement as ``layer_factory(linear, weight_config,
             act_bits=..., act_clip_ratio=..., name=...)``; default :meth:`QuantLinear.from_linear` (fake quantization,
-            weight quantizer initialised from the weight). The packed loader (:mod:`rcp_lib.packing`) passes a factory
+            weight quantizer initialised from the weight). The packed loader (:mod:`rcp_lib.deploy`) passes a factory
             that builds empty deployed layers, so loading re-runs this very surgery (which layers, activation
             settings, R4 kept on down_proj, KV quantizers, attention function, lm_head input, ``config.rcp_quant``).
 

@@ -8,8 +8,8 @@ reported separately by :meth:`QuantLinear.quant_parameters` so that the two get 
 Lifecycle of a quantized layer: train (QAT) or calibrate (GPTQ / RTN) with a learnable :class:`WeightQuantizer` ->
 :meth:`QuantLinear.freeze` (or :func:`freeze_model`): the quantizer becomes a :class:`FrozenLevelsQuantizer` (codes +
 level table, the same output) and the latent weight becomes the quantized weight -> saved with
-:func:`rcp_lib.packing.save_quantized` -> loaded by re-running the same surgery on a skeleton and loading the frozen
-tensors (:func:`rcp_lib.packing.load_quantized`) -> deployed as :class:`rcp_lib.packing.PackedLinear`.
+:func:`rcp_lib.deploy.save_quantized` -> loaded by re-running the same surgery on a skeleton and loading the frozen
+tensors (:func:`rcp_lib.deploy.load_quantized`) -> deployed as :class:`rcp_lib.kernels.packed_linear.PackedLinear`.
 """
 
 from __future__ import annotations

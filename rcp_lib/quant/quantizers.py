@@ -874,7 +874,7 @@ class WeightQuantizer(nn.Module):
 
 class FrozenLevelsQuantizer(nn.Module):
     """The frozen form of a weight quantizer (:meth:`rcp_lib.quant.linear.QuantLinear.freeze`, GPTQ, the PTQ cache,
-    :func:`rcp_lib.packing.load_quantized`): fixed codes and level table, no parameters.
+    :func:`rcp_lib.deploy.load_quantized`): fixed codes and level table, no parameters.
 
     Buffers:
         codes: uint8 ``[out, in]``, values ``0 .. L-1``.

@@ -194,7 +194,7 @@ def rotate_model(model: nn.Module, config: RotationConfig | None = None, fuse_we
 
     ``fuse_weights=False`` does only the structural part (untie the embeddings, install the online R3/R4 modules and
     the ``rcp_*`` attention function, set ``config.rcp_rotation``) on a skeleton whose rotated weights are loaded
-    afterwards (:func:`rcp_lib.packing.load_quantized`); no weight is read or changed.
+    afterwards (:func:`rcp_lib.deploy.load_quantized`); no weight is read or changed.
 
     Works for any hidden/intermediate/head size that :func:`~rcp_lib.rotation.hadamard.hadamard` can build
     (and any GSR block that divides the hidden size), any head count and GQA, tied or untied embeddings.

@@ -233,7 +233,7 @@ def test_one_launch_equals_prekernel_then_matmul(B, N, K, G, dtype, config):
 @pytest.mark.parametrize("tokens,transform", [((1, 1), None), ((1, 3), OnlineHadamard(128, 32)), ((2, 3), None)])
 def test_packed_linear_bitplane_matches_fake_quant(tokens, transform):
     """Decode batches (<= 4 tokens) run the bit-serial kernel, larger ones the GEMM; both equal fake quantization."""
-    from rcp_lib.packing import PackedLinear
+    from rcp_lib.deploy import PackedLinear
     from rcp_lib.quant import QuantLinear, WeightQuantConfig
 
     K, N, G = 128, 24, 32

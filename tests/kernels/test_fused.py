@@ -178,7 +178,7 @@ def _quant_linear(K, N, G, transform=None, seed=0):
     ((1, 1), OnlineHadamard(96)),  # 96 = 12 * 8, not a power of two: torch transform, then the fused kernels
 ])
 def test_packed_linear_triton_matches_fake_quant(tokens, transform):
-    from rcp_lib.packing import PackedLinear
+    from rcp_lib.deploy import PackedLinear
 
     K = transform.n if transform is not None else 128
     q = _quant_linear(K, 24, 32, transform)
@@ -196,7 +196,7 @@ def test_packed_linear_triton_matches_fake_quant(tokens, transform):
 
 
 def test_packed_linear_auto_on_cpu_stays_reference():
-    from rcp_lib.packing import PackedLinear
+    from rcp_lib.deploy import PackedLinear
 
     p = PackedLinear.from_quant_linear(_quant_linear(128, 8, 32))
     assert p.fused_supported() and not p._use_fused(torch.zeros(1, 128))
@@ -296,7 +296,7 @@ def test_whole_model_with_reference_codes_forced_into_the_fused_gemm(monkeypatch
     from rcp_lib import models as M
     from rcp_lib.kernels import reference as KR
     from rcp_lib.kernels import triton_w2a4 as TW
-    from rcp_lib.packing import PackedLinear, deploy
+    from rcp_lib.deploy import PackedLinear, deploy
     from rcp_lib.quant.apply import preset, quantize_model
     from rcp_lib.rotation.fuse import RotationConfig, rotate_model
 

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 import rcp_lib.kernels as rk
 from rcp_lib.kernels import pack_codes, unpack_codes, w2a4_gemv, w2a4_gemv_reference
-from rcp_lib.packing import PackedLinear
+from rcp_lib.deploy import PackedLinear
 from rcp_lib.quant.activations import quantize_per_token
 
 REPO = Path(__file__).resolve().parents[2]
@@ -186,7 +186,7 @@ def test_import_without_triton_falls_back():
         sys.modules["triton"] = None  # make `import triton` fail
         import torch
         import rcp_lib.kernels as rk
-        from rcp_lib.packing import PackedLinear
+        from rcp_lib.deploy import PackedLinear
         assert not rk.triton_available()
         packed = rk.pack_codes(torch.randint(0, 4, (4, 32), dtype=torch.uint8))
         m = PackedLinear(packed, torch.randn(4, 1, 4).half(), 32, 32, 2, None, 4, 1.0)

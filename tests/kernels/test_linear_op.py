@@ -1,7 +1,7 @@
 """``torch.ops.rcp.w2a4_linear`` (kernels/op.py): the deployed linear as one registered op with a fake. Its reference
 path is, operation for operation, what the layer computed before the op existed (online Hadamard, per-token
 quantizer, the GEMV op, bias); its fused path is the Triton two-launch function itself (under the interpreter here);
-:class:`rcp_lib.packing.PackedLinear` goes through it on every path but the CPU decode cache."""
+:class:`rcp_lib.kernels.packed_linear.PackedLinear` goes through it on every path but the CPU decode cache."""
 
 import pytest
 import torch
@@ -81,7 +81,7 @@ def test_fused_path_is_the_triton_function(B, planes):
 def test_packed_linear_calls_the_registered_op(monkeypatch):
     """Every path of PackedLinear but the CPU decode cache goes through ``torch.ops.rcp.w2a4_linear``."""
     from rcp_lib.kernels import op as O
-    from rcp_lib.packing import PackedLinear
+    from rcp_lib.deploy import PackedLinear
 
     K, G, N = 128, 64, 8
     packed, lut, x, bias = _problem(3, N, K, G)

@@ -50,25 +50,23 @@ import math
 import os
 import shutil
 import tempfile
-import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from . import models as M
-from .io import atomic_save_safetensors
-from .kernels import SUPPORTED_BITS, dequantize, pack_codes, unpack_codes
-from .quant.activations import fake_quant_per_token
-from .quant.linear import QuantLinear
-from .rotation.online import OnlineHadamard
+from .. import models as M
+from ..io import atomic_save_safetensors
+from ..kernels import SUPPORTED_BITS, pack_codes, unpack_codes
+from ..kernels.packed_linear import PackedLinear, check_gemv_format, deploy_bits
+from ..quant.linear import QuantLinear
+from ..rotation.online import OnlineHadamard
 
 if TYPE_CHECKING:
-    from .quant.apply import QuantConfig
-    from .rotation.fuse import RotationConfig
+    from ..quant.apply import QuantConfig
+    from ..rotation.fuse import RotationConfig
 
 # Version 1: model.safetensors + quant_map.json holding the configs and one checksum (no config.json).
 # Version 2: a Hugging Face model folder (config.json with quantization_config, sharded safetensors + index, tokenizer,
@@ -126,14 +124,6 @@ def _storage_bits(levels: int) -> int:
     if not fits:
         raise NotImplementedError(f"{levels} levels need {need} bits; packing supports {SUPPORTED_BITS}")
     return fits[0]
-
-
-def _deploy_bits(levels: int, name: str) -> int:
-    """``bits`` with ``2**bits == levels`` and ``bits`` in SUPPORTED_BITS (what :class:`PackedLinear` runs)."""
-    bits = int(round(math.log2(levels)))
-    if bits not in SUPPORTED_BITS or 2**bits != levels:
-        raise NotImplementedError(f"{name}: {levels} levels ({bits} bits) cannot be packed; supported bits: {SUPPORTED_BITS}")
-    return bits
 
 
 def _layer_entry(name: str, q: QuantLinear) -> dict:
@@ -288,7 +278,7 @@ def _shards(tensors: dict[str, torch.Tensor], max_bytes: int) -> list[list[str]]
 
 
 SHIM = "modeling_rcp.py"
-_SHIM_TEXT = '''"""Loader shim written by rcp_lib.packing.save_quantized: lets a process that has not imported rcp_lib (the lm_eval
+_SHIM_TEXT = '''"""Loader shim written by rcp_lib.deploy.save_quantized: lets a process that has not imported rcp_lib (the lm_eval
 command line, a server) load this folder with ``AutoModelForCausalLM.from_pretrained(DIR, trust_remote_code=True)``.
 
 config.json's model_type is {model_type!r}, which only rcp_lib defines: without rcp_lib (imported, or through this
@@ -297,14 +287,14 @@ quantizer (config.json's quantization_config) builds the model on the meta devic
 the packed tensors. rcp_lib must be importable (pip install the rcp-companion repository, or put it on PYTHONPATH).
 """
 
-from rcp_lib.hf import Rcp{config}, Rcp{base}  # noqa: F401  (importing rcp_lib registers them)
+from rcp_lib.deploy.hf import Rcp{config}, Rcp{base}  # noqa: F401  (importing rcp_lib registers them)
 '''
 
 
 def _hf_config_dict(model: nn.Module, qcfg: dict) -> dict:
     """The model's transformers config as written to ``config.json``: rcp_lib's own attributes replaced by
     ``quantization_config``, untied embeddings, the loader shim in ``auto_map``."""
-    from .families import family_of
+    from ..families import family_of
 
     cfg = model.config.to_dict()
     for k in ("rcp_quant", "rcp_rotation", "quantization_config", "_attn_implementation", "_attn_implementation_internal",
@@ -406,7 +396,7 @@ def save_quantized(model: nn.Module, path: str | os.PathLike, tokenizer=None, dt
     """
     from safetensors.torch import save_file
 
-    from .recipe import Recipe
+    from ..recipe import Recipe
 
     if not getattr(model.config, "rcp_quant", None):
         raise ValueError("save_quantized needs a model prepared with quantize_model (config.rcp_quant is missing)")
@@ -418,7 +408,7 @@ def save_quantized(model: nn.Module, path: str | os.PathLike, tokenizer=None, dt
     tensors = quantized_state_dict(model, dtype)
     for name, e in layers.items():
         if e["bits"] != 16:
-            _deploy_bits(tensors[f"{name}.lut"].shape[-1], name)
+            deploy_bits(tensors[f"{name}.lut"].shape[-1], name)
     storage = str(dtype).replace("torch.", "")
     qcfg = {"quant_method": QUANT_METHOD, "format_version": FORMAT_VERSION, "storage_dtype": storage,
             "rotation": recipe.to_dict()["rotation"], "quant": recipe.to_dict()["quant"]}
@@ -449,7 +439,7 @@ def save_quantized(model: nn.Module, path: str | os.PathLike, tokenizer=None, dt
         (tmp / MAP).write_text(json.dumps(qmap, indent=1, sort_keys=True, default=str))
         (tmp / "config.json").write_text(json.dumps(_hf_config_dict(model, qcfg), indent=2, sort_keys=True,
                                                     default=str) + "\n")
-        from .families import family_of
+        from ..families import family_of
 
         fam = family_of(model)
         (tmp / SHIM).write_text(_SHIM_TEXT.format(base=fam.causal_lm_class, config=fam.config_class,
@@ -468,274 +458,6 @@ def save_quantized(model: nn.Module, path: str | os.PathLike, tokenizer=None, dt
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return path
-
-
-def _check_gemv_format(fmt: str) -> str:
-    from .kernels.layout import GEMV_FORMATS
-
-    if fmt not in GEMV_FORMATS:
-        raise ValueError(f"gemv_format must be one of {GEMV_FORMATS}, got {fmt!r}")
-    return fmt
-
-
-#: the decode caches of every PackedLinear of the process: bytes held, whether the "full" warning was given, a lock
-#: (finalizers may run on any thread). Each reservation releases into the budget it was taken from.
-_DECODE_BUDGET: dict = {"bytes": 0, "warned": False, "lock": threading.Lock()}
-
-
-def _reserve_decoded(w: torch.Tensor, max_bytes: int) -> bool:
-    """Account a decoded weight ``w`` against the process-wide decode-cache budget: True (and counted until ``w`` is
-    freed) when it fits in ``max_bytes``; else False and, once per process, a warning that names the budget."""
-    import warnings
-    import weakref
-
-    budget = _DECODE_BUDGET
-    nb = w.numel() * w.element_size()
-    with budget["lock"]:
-        fits = budget["bytes"] + nb <= max_bytes
-        if fits:
-            budget["bytes"] += nb
-        warn, held = not fits and not budget["warned"], budget["bytes"]
-        if warn:
-            budget["warned"] = True
-    if fits:
-        weakref.finalize(w, _release_decoded, budget, nb)
-    elif warn:
-        warnings.warn(f"PackedLinear decode cache full ({held / 2**30:.2f} of {max_bytes / 2**30:.2f} GiB): the remaining "
-                      f"projections decode their codes on every call (the same numbers, slower). Raise "
-                      f"PackedLinear.decode_cache_max_bytes to keep more.", stacklevel=4)
-    return fits
-
-
-def _release_decoded(budget: dict, nb: int) -> None:
-    with budget["lock"]:
-        budget["bytes"] -= nb
-
-
-def _fusable_hadamard(t: OnlineHadamard) -> bool:
-    """Whether the fused path's pre-kernel builds this online Hadamard (a power-of-two order or block)."""
-    from .kernels.triton_w2a4 import hadamard_supported
-
-    return hadamard_supported(t.n, t.block)
-
-
-class PackedLinear(nn.Module):
-    """The deployed form of a :class:`~rcp_lib.quant.linear.QuantLinear`: packed codes + LUT, computed by the registered
-    op ``torch.ops.rcp.w2a4_linear`` (:func:`rcp_lib.kernels.op.w2a4_linear`, with a fake for meta tensors and
-    ``torch.compile``) on the path :meth:`kernel_path` picks: its reference, whose product is ``torch.ops.rcp.w2a4_gemv``
-    (torch on CPU, Triton on CUDA), or the fused Triton path. Only the CPU decode cache (below) bypasses the op.
-
-    Buffers: ``qweight`` int32 ``[N, ceil(K / (32 // bits))]`` (:func:`rcp_lib.kernels.bitpack.pack_codes`), ``lut``
-    ``[N, K / G, 2**bits]`` (fp16 in the kernel format, float32 for exact round trips), ``bias`` ``[N]`` or None.
-
-    ``forward(x [..., K]) -> [..., N]`` in ``x.dtype``: optional online rotation (R4), then the per-token activation
-    quantizer of fake quantization in its integer form (:func:`rcp_lib.quant.activations.quantize_per_token`, formula
-    and float zero point documented there), then ``x̂ Ŵᵀ`` with fp32 accumulation. With ``act_bits=None`` the input
-    stays in full precision and the weight is dequantized on the fly. On the CPU the decode cache (below) replaces
-    both by the fake quantizer's own operations on a cached ``Ŵ``.
-
-    Backends (``backend``, else ``$RCP_KERNEL_BACKEND``, else "auto"): on CUDA with triton, when
-    :meth:`fused_supported` (every W2 layer with G = 128), "triton" runs the fused two-launch path of
-    :mod:`rcp_lib.kernels.triton_w2a4` (pre-kernel: online R4 Hadamard of a power-of-two block + the same
-    per-token quantizer; then split-K GEMV for <= 4 tokens, ``tl.dot`` GEMM above; bias in the epilogue); other
-    layers call ``torch.ops.rcp.w2a4_gemv``. "auto" (the default) calls ``torch.ops.rcp.w2a4_gemv`` everywhere for
-    now: the fused path has not yet passed the whole-model check on a GPU (see :meth:`_use_fused`). "triton" forces
-    the fused path (CPU tensors need ``TRITON_INTERPRET=1``), "torch" the reference. The stored tensors are the same for every
-    backend; the fused path derives ``wsum`` (:meth:`kernel_weights`) once per device.
-
-    ``gemv_format`` picks the fused path's decode kernel (:data:`rcp_lib.kernels.layout.GEMV_FORMATS`): "select"
-    (default: the stored words, each weight's level selected in registers; the kernel measured on a GPU) or
-    "bitplane" (the bit-serial kernel on weight bit planes derived once per device, :meth:`kernel_planes`; fewer
-    instructions per weight in its sm_90 code, speed not yet measured).
-
-    Decode cache (``decode_cache``, default True; the class attribute, or per layer): on the CPU (where the torch
-    reference would compute the layer, i.e. not under the "triton" backend) the decoded weight ``W_hat [N, K]``
-    (:meth:`dequantized_weight`, in the input's dtype) is kept on the module after the first call (keyed like
-    :meth:`kernel_weights`: rebuilt when ``qweight`` or ``lut`` change), and each call runs the operations of the
-    fake-quantized :class:`~rcp_lib.quant.linear.QuantLinear` on it: input transform,
-    :func:`~rcp_lib.quant.activations.fake_quant_per_token` (the value ``lo + s * c`` of the same codes), then
-    ``F.linear(x_hat, W_hat, bias)``. So a packed folder stored as evaluated (``save_quantized``'s default) computes
-    the evaluated model bit for bit on a CPU, instead of the W2A4 op's integer form ``(c - zero) * s``, which agrees
-    only to float rounding: enough for an activation code to flip on a tie, and a 2-bit PTQ model (perplexity in
-    the millions) turns one flip into a different perplexity. Memory cost: a float32 copy of every packed
-    projection (4 bytes per weight, 8-13x the packed codes + LUT at 2 bits and G = 64..128; 0.42 GB for
-    SmolLM2-135M), the price of generating near FP speed on a CPU (``benchmarks/packed_cpu_speed.py``).
-    ``decode_cache = False`` keeps only the packed form and calls the W2A4 op (which decodes the codes on every call).
-    CUDA never uses the cache.
-    """
-
-    #: keep the decoded float32 weight on the CPU (class docstring); False: decode the packed codes on every call
-    decode_cache: bool = True
-    #: the most bytes the decode caches of all layers of the process hold together (8 GiB: SmolLM2-135M needs 0.42 GB,
-    #: LLaMA-2-7B 26 GB in float32); a layer that would exceed it decodes on every call instead, with one warning
-    decode_cache_max_bytes: int = 8 * 2**30
-
-    def __init__(self, qweight: torch.Tensor, lut: torch.Tensor, K: int, group_size: int, bits: int,
-                 bias: torch.Tensor | None, act_bits: int | None, act_clip_ratio: float,
-                 input_transform: nn.Module | None = None, backend: str | None = None, gemv_format: str = "select"):
-        super().__init__()
-        self.gemv_format = _check_gemv_format(gemv_format)
-        self.register_buffer("qweight", qweight)
-        self.register_buffer("lut", lut)
-        self.register_buffer("bias", bias)
-        self.in_features, self.out_features = K, lut.shape[0]
-        self.group_size, self.bits = group_size, bits
-        self.act_bits, self.act_clip_ratio = act_bits, act_clip_ratio
-        self.input_transform = input_transform
-        self.backend = backend
-
-    @classmethod
-    @torch.no_grad()
-    def from_quant_linear(cls, q: QuantLinear, lut_dtype: torch.dtype = torch.float16, backend: str | None = None,
-                          name: str = "layer") -> "PackedLinear":
-        """Deploy a fake-quantized layer: its exported codes packed, its levels as the LUT (in ``lut_dtype``), its
-        bias, activation quantizer settings and input transform (shared, not copied).
-
-        Raises:
-            ValueError: ``q`` has no weight quantizer. NotImplementedError: levels not ``2**bits`` for ``bits`` in
-                :data:`rcp_lib.kernels.bitpack.SUPPORTED_BITS`.
-        """
-        if q.weight_quantizer is None:
-            raise ValueError(f"{name}: a QuantLinear without weight quantizer has nothing to pack")
-        codes, levels = q.export()  # uint8 [N, K], float32 [N, K/G, L]
-        K = codes.shape[1]
-        bits = _deploy_bits(levels.shape[-1], name)
-        bias = None if q.bias is None else q.bias.detach().clone()
-        return cls(pack_codes(codes, bits), levels.to(lut_dtype).contiguous(), K, K // levels.shape[1], bits, bias,
-                   q.act_bits, q.act_clip_ratio, q.input_transform, backend)
-
-    @classmethod
-    def empty(cls, N: int, K: int, group_size: int, bits: int, bias: bool, act_bits: int | None,
-              act_clip_ratio: float, lut_dtype: torch.dtype = torch.float16, dtype: torch.dtype = torch.float32,
-              device: str | torch.device = "meta") -> "PackedLinear":
-        """A layer with uninitialised buffers of the stored shapes (``qweight`` int32 ``[N, ceil(K / (32 // bits))]``,
-        ``lut`` ``[N, K / G, 2**bits]`` in ``lut_dtype``, ``bias`` ``[N]`` in ``dtype``), on ``device`` (meta: a
-        skeleton that a checkpoint loader fills, see :func:`install_packed_layers`)."""
-        qweight = torch.empty(N, -(-K // (32 // bits)), dtype=torch.int32, device=device)
-        lut = torch.empty(N, K // group_size, 2**bits, dtype=lut_dtype, device=device)
-        b = torch.empty(N, dtype=dtype, device=device) if bias else None
-        return cls(qweight, lut, K, group_size, bits, b, act_bits, act_clip_ratio)
-
-    def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """``W_hat [N, K]`` in ``dtype`` (the LUT values converted, not re-rounded)."""
-        return dequantize(self.qweight, self.lut, self.in_features, self.group_size, self.bits, dtype=dtype)
-
-    def fused_supported(self) -> bool:
-        """Whether the fused two-launch Triton path (:mod:`rcp_lib.kernels.triton_w2a4`) can run this layer: 2-bit
-        weights, ``G % 16 == 0``, ``K % G == 0``, an fp16 / fp32 LUT, A-bits set, no input transform other than
-        :class:`~rcp_lib.rotation.online.OnlineHadamard`."""
-        from .kernels.layout import fused_layout_supported
-
-        t = self.input_transform
-        return (self.act_bits is not None and fused_layout_supported(self.in_features, self.group_size, self.bits)
-                and self.lut.dtype in (torch.float16, torch.float32) and self.in_features <= 32768
-                and (t is None or isinstance(t, OnlineHadamard)))
-
-    def _use_fused(self, x: torch.Tensor) -> bool:
-        from .kernels.op import _resolve_backend, triton_available
-
-        be = _resolve_backend(self.backend)
-        if be == "torch" or not self.fused_supported():
-            return False
-        if be == "auto":
-            # Not by default yet: on one H100 the fused path agreed with fake quantization layer by layer (<= 4e-6,
-            # up to 16 tokens) and in the GEMM alone (up to 200 tokens), but a whole 4-layer model loaded on CUDA did
-            # not (relative logits 0.24, against 5e-4 with the reference); until benchmarks/gpu_check.py's export
-            # section passes with it, "auto" keeps the reference op and the fused path is opt-in ("triton").
-            return False
-        return True  # "triton": on CPU tensors only under TRITON_INTERPRET=1 (the kernels raise otherwise)
-
-    @torch.no_grad()
-    def kernel_weights(self) -> torch.Tensor:
-        """The derived operand of the fused path: ``wsum [N]`` float32, the row sums of ``W_hat``
-        (:func:`rcp_lib.kernels.layout.weight_row_sums`), computed once per device and weight version and cached on
-        the module (not a buffer: not saved). Call it before capturing a CUDA graph."""
-        return self._derived("wsum")
-
-    @torch.no_grad()
-    def kernel_planes(self) -> torch.Tensor:
-        """The weight bit planes of the bit-serial decode kernel, int32 ``[N, 2, K / 32]``
-        (:func:`rcp_lib.kernels.layout.weight_bitplanes`), cached like :meth:`kernel_weights` (not saved)."""
-        return self._derived("planes")
-
-    def _derived(self, what: str) -> torch.Tensor:
-        from .kernels.layout import weight_bitplanes, weight_row_sums
-
-        # the tensors themselves (not their addresses, which a new tensor may reuse) and their in-place versions
-        key = (self.qweight, self.qweight._version, self.lut, self.lut._version)
-        cache = getattr(self, "_kernel_cache", None)
-        if cache is None or not (cache[0][0] is key[0] and cache[0][2] is key[2] and cache[0][1::2] == key[1::2]):
-            cache = (key, {})
-            self._kernel_cache = cache
-        if what not in cache[1]:
-            if what.startswith("decoded:"):  # "decoded:<dtype>": W_hat in that dtype (the decode cache)
-                w = self.dequantized_weight(getattr(torch, what.split(":", 1)[1]))
-                if not _reserve_decoded(w, self.decode_cache_max_bytes):
-                    return w  # over the budget: used for this call, not kept
-                cache[1][what] = w
-            elif what == "wsum":
-                cache[1][what] = weight_row_sums(self.qweight, self.lut, self.in_features, self.group_size, self.bits)
-            else:
-                cache[1][what] = weight_bitplanes(self.qweight, self.in_features)
-        return cache[1][what]
-
-    def __getstate__(self) -> dict:
-        """Copies and pickles leave the derived tensors (decode cache, kernel layouts) behind: rebuilt on first use,
-        so a deep copy never holds decoded weights outside the budget."""
-        state = super().__getstate__()
-        state.pop("_kernel_cache", None)
-        return state
-
-    def _use_decode_cache(self, x: torch.Tensor) -> bool:
-        """Whether this call runs on the cached ``W_hat`` (:attr:`decode_cache`, CPU tensors, a backend that would
-        run the torch reference)."""
-        from .kernels.op import _resolve_backend
-
-        return (self.decode_cache and x.device.type == "cpu" and self.qweight.device.type == "cpu"
-                and _resolve_backend(self.backend) != "triton")
-
-    def _bitplane(self) -> bool:
-        from .kernels.layout import bitplane_layout_supported
-
-        return self.gemv_format == "bitplane" and bitplane_layout_supported(self.in_features, self.group_size,
-                                                                             self.bits)
-
-    def kernel_path(self, x: torch.Tensor) -> str:
-        """The path of ``torch.ops.rcp.w2a4_linear`` this call takes (:data:`rcp_lib.kernels.op.LINEAR_PATHS`):
-        "fused" where :meth:`_use_fused` allows it, else the backend of the product (``self.backend``, else
-        ``RCP_KERNEL_BACKEND``, else "auto": the registered GEMV op's device dispatch)."""
-        from .kernels.op import _resolve_backend
-
-        return "fused" if self._use_fused(x) else _resolve_backend(self.backend)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        from .kernels.op import w2a4_linear
-
-        lead = x.shape[:-1]
-        t = self.input_transform
-        if self._use_decode_cache(x):  # QuantLinear.forward's own operations on the cached W_hat (class docstring)
-            if t is not None:
-                x = t(x)
-            if self.act_bits is not None:
-                x = fake_quant_per_token(x, self.act_bits, self.act_clip_ratio)
-            w = self._derived("decoded:" + str(x.dtype).replace("torch.", ""))
-            return F.linear(x, w, None if self.bias is None else self.bias.to(x.dtype))
-        path = self.kernel_path(x)
-        fused = path == "fused"
-        # the pre-kernel fuses a power-of-two Hadamard (block or full); any other input transform runs in torch first
-        from_op = fused and isinstance(t, OnlineHadamard) and _fusable_hadamard(t)
-        if t is not None and not from_op:
-            x = t(x)
-        y = w2a4_linear(x.reshape(-1, self.in_features), self.qweight, self.lut, self.in_features, self.group_size,
-                        self.bits, self.act_bits, self.act_clip_ratio, self.bias,
-                        hadamard_n=t.n if from_op else 0, hadamard_block=(t.block or 0) if from_op else 0, path=path,
-                        wsum=self.kernel_weights() if fused else None,
-                        wplanes=self.kernel_planes() if fused and self._bitplane() else None)
-        return y.reshape(*lead, self.out_features)
-
-    def extra_repr(self) -> str:
-        a = "a16" if self.act_bits is None else f"a{self.act_bits} clip {self.act_clip_ratio}"
-        return f"in={self.in_features}, out={self.out_features}, w{self.bits} group {self.group_size}, {a}"
 
 
 @dataclass
@@ -765,8 +487,8 @@ def check_folder(path: str | os.PathLike) -> PackedFolder:
     """
     from safetensors import safe_open
 
-    from .quant.apply import QuantConfig
-    from .rotation.fuse import RotationConfig
+    from ..quant.apply import QuantConfig
+    from ..rotation.fuse import RotationConfig
 
     path = Path(path)
     cp = path / "config.json"
@@ -830,14 +552,14 @@ def _packed_layer_factory(lut_dtype: torch.dtype):
     """The ``layer_factory`` of :func:`~rcp_lib.quant.apply.quantize_model` for loading: an empty
     :class:`PackedLinear` (buffers on the linear's device, usually meta) of the sizes the weight config gives, or a
     full-precision :class:`QuantLinear` when the weights are not quantized."""
-    from .quant.quantizers import resolve_group_size
+    from ..quant.quantizers import resolve_group_size
 
     def make(linear: nn.Module, wcfg, act_bits: int | None = None, act_clip_ratio: float = 1.0,
              name: str = "layer") -> nn.Module:
         if wcfg is None:
             return QuantLinear.from_linear(linear, None, act_bits=act_bits, act_clip_ratio=act_clip_ratio, name=name)
         N, K = linear.weight.shape
-        return PackedLinear.empty(N, K, resolve_group_size(K, wcfg.group_size, name), _deploy_bits(2**wcfg.bits, name),
+        return PackedLinear.empty(N, K, resolve_group_size(K, wcfg.group_size, name), deploy_bits(2**wcfg.bits, name),
                                   getattr(linear, "bias", None) is not None, act_bits, act_clip_ratio,
                                   lut_dtype=lut_dtype, dtype=linear.weight.dtype, device=linear.weight.device)
 
@@ -854,8 +576,8 @@ def install_packed_layers(model: nn.Module, folder: PackedFolder) -> nn.Module:
     Raises:
         PackedFormatError: rebuilt layers or state-dict entries that differ from the manifest.
     """
-    from .quant.apply import quantize_model
-    from .rotation.fuse import rotate_model
+    from ..quant.apply import quantize_model
+    from ..rotation.fuse import rotate_model
 
     for k in ("rcp_quant", "rcp_rotation"):  # a config read back from a folder never carries them; be safe
         if hasattr(model.config, k):
@@ -915,7 +637,7 @@ def load_quantized(path: str | os.PathLike, device: str | torch.device = "cpu", 
     """
     from transformers import AutoModelForCausalLM
 
-    _check_gemv_format(gemv_format)
+    check_gemv_format(gemv_format)
     path = Path(path)
     folder = check_folder(path)
     model = AutoModelForCausalLM.from_pretrained(
