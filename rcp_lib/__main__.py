@@ -163,10 +163,10 @@ def _cmd_reproduce(args: argparse.Namespace) -> int:
             return 1
         print(f"dry-run of profile {args.profile!r} passed; outputs in {work}")
         return 0
-    overrides = _parse_overrides(args.set)
-    if overrides:
-        from .profiles import get_profile
+    from .profiles import get_profile, parse_overrides
 
+    overrides = parse_overrides(args.set)
+    if overrides:
         # unknown fields / wrong types / method names, a group that does not fit the model: one line before any
         # notebook runs
         get_profile(args.profile, **overrides).check_model_sizes()
@@ -207,11 +207,11 @@ def _table_for(args: argparse.Namespace):
 def _cmd_table(args: argparse.Namespace) -> int:
     from . import experiments as X
     from .io import DirtyTreeError, require_clean_tree
-    from .profiles import get_profile
+    from .profiles import get_profile, parse_overrides
 
     _apply_allow_dirty(args)
     t, stem = _table_for(args)
-    P = get_profile(args.profile, **_parse_overrides(args.set))
+    P = get_profile(args.profile, **parse_overrides(args.set))
     P.check_model_sizes()
     try:
         require_clean_tree()  # fail before computing, not after
@@ -226,27 +226,6 @@ def _cmd_table(args: argparse.Namespace) -> int:
             print(f"{r['method']:34s} {r['setting']:10s} ppl {r['ppl']:.2f}")
     print(path)
     return 0
-
-
-def _parse_overrides(items: list[str] | None) -> dict:
-    """``["qat_steps=160", 'methods=["RCP"]']`` -> ``{"qat_steps": 160, "methods": ["RCP"]}`` (values parsed as
-    JSON where possible, else kept as strings)."""
-    import json
-
-    out: dict = {}
-    for item in items or []:
-        key, sep, raw = item.partition("=")
-        if not sep or not key:
-            raise CliError(f"--set expects KEY=VALUE, got {item!r}")
-        try:
-            out[key] = json.loads(raw)
-        except json.JSONDecodeError:
-            out[key] = raw
-        from .profiles import NULL
-
-        if out[key] is None:  # KEY=null: the field set to None (rcp_lib.profiles.NULL; a plain None changes nothing)
-            out[key] = NULL
-    return out
 
 
 def _cmd_compare(args: argparse.Namespace) -> int:
@@ -290,9 +269,9 @@ def _cmd_train_rows(args: argparse.Namespace) -> int:
 
     from . import experiments as X
     from .experiments.build import train_rows
-    from .profiles import get_profile
+    from .profiles import get_profile, parse_overrides
 
-    P = get_profile(args.profile, **_parse_overrides(args.set))
+    P = get_profile(args.profile, **parse_overrides(args.set))
     P.check_model_sizes()
     if args.method:
         rows = [X.method(args.method, s) for s in ([args.setting] if args.setting else P.settings)]

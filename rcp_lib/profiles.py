@@ -95,7 +95,7 @@ class Profile:
     # budget above sets steps, seqlen, batch, accumulation, validation. configs/recipes/qat/cpu.yaml says why its values
     qat_recipe: str = "configs/recipes/qat/cpu.yaml"
     # fields on top of that file, in its layout: {"qat": {QATConfig fields}, "quant": {"weight": {start fields}}}
-    # (e.g. a point of benchmarks/recipe_sweep.py: --set 'qat_overrides={"qat": {"lr_quant": 3e-3}}')
+    # (e.g. a point of rcp_lib/experiments/sweep.py: --set 'qat_overrides={"qat": {"lr_quant": 3e-3}}')
     qat_overrides: dict = field(default_factory=dict)
     # the fields changed from the named profile (set by with_overrides; not a setting: excluded from cache keys)
     overrides: dict = field(default_factory=dict)
@@ -266,3 +266,25 @@ def get_profile(name: str, **overrides) -> Profile:
     if name not in PROFILES:
         raise ValueError(f"unknown profile {name!r}; choose one of {sorted(PROFILES)}")
     return PROFILES[name].with_overrides(**overrides)
+
+
+def parse_overrides(items: list[str] | None) -> dict:
+    """``--set`` items of the command lines -> profile overrides for :func:`get_profile`:
+    ``["qat_steps=160", 'methods=["RCP"]', "zero_shot_limit=null"]`` -> ``{"qat_steps": 160, "methods": ["RCP"],
+    "zero_shot_limit": NULL}`` (values parsed as JSON where possible, else kept as strings; ``null`` becomes
+    :data:`NULL`, which sets the field to None, where a plain None changes nothing). ValueError for an item without
+    ``=``."""
+    import json
+
+    out: dict = {}
+    for item in items or []:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--set expects KEY=VALUE, got {item!r}")
+        try:
+            out[key] = json.loads(raw)
+        except json.JSONDecodeError:
+            out[key] = raw
+        if out[key] is None:
+            out[key] = NULL
+    return out

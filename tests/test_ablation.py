@@ -79,12 +79,12 @@ def test_ablation_profile_and_table_columns(monkeypatch):
 
 
 def test_ablation_rows_share_keys_with_cpu_at_seed_0_only():
-    from rcp_lib.experiments.rows import _row_key
+    from rcp_lib.experiments.rows import row_key
 
     m = X.method("RCP", "W2A4KV4")
     cpu, abl = get_profile("cpu"), get_profile("ablation")
-    assert _row_key(m, cpu) == _row_key(m, abl)  # seed 0 of the ablation reuses the cpu row
-    assert _row_key(m, cpu) != _row_key(m, get_profile("ablation", seed=1))
+    assert row_key(m, cpu) == row_key(m, abl)  # seed 0 of the ablation reuses the cpu row
+    assert row_key(m, cpu) != row_key(m, get_profile("ablation", seed=1))
 
 
 def test_qat_weight_fields_apply_only_where_they_mean_something():

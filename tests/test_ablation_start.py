@@ -1,10 +1,10 @@
-"""Where the ablation rows start (benchmarks/ablation_start.py): clip ratio against the rotated FP weights and level
+"""Where the ablation rows start (rcp_lib/experiments/ablation_start.py): clip ratio against the rotated FP weights and level
 offsets from the uniform grid, on hand-built quantizers."""
 
 import pytest
 import torch
 
-from benchmarks import ablation_start as C
+from rcp_lib.experiments import ablation_start as C
 from rcp_lib.quant.quantizers import WeightQuantConfig, WeightQuantizer
 
 

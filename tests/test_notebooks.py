@@ -82,11 +82,11 @@ def test_all_notebooks_run_with_smoke_profile(tmp_path):
             assert (figures_dir("smoke") / f"{stem}.png").exists(), stem
     # a finished QAT student keeps student.pt and drops its checkpoint (optimizer state, ~2.3x the student on disk)
     from rcp_lib.experiments import all_methods
-    from rcp_lib.experiments.rows import _qat_key
+    from rcp_lib.experiments.rows import qat_key
     from rcp_lib.profiles import get_profile
 
     smoke_p = get_profile("smoke")
-    dirs = [cache_dir() / "qat" / _qat_key(m, smoke_p) for m in all_methods(smoke_p) if m.recipe(smoke_p).qat]
+    dirs = [cache_dir() / "qat" / qat_key(m, smoke_p) for m in all_methods(smoke_p) if m.recipe(smoke_p).qat]
     assert dirs and all((d / "student.pt").exists() and not (d / "checkpoint").exists() for d in dirs), dirs
 
 

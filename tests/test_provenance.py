@@ -68,7 +68,7 @@ def test_profile_fields_reach_the_cache_keys():
     from dataclasses import fields
 
     from rcp_lib import experiments as X
-    from rcp_lib.experiments.rows import _qat_key, _row_key, ptq_key
+    from rcp_lib.experiments.rows import qat_key, row_key, ptq_key
     from rcp_lib.profiles import Profile, get_profile
 
     selections = {"name", "overrides", "analysis_layers", "analysis_rotations", "zero_shot_tasks", "zero_shot_limit",
@@ -76,12 +76,12 @@ def test_profile_fields_reach_the_cache_keys():
                   "qat_ablation_rows", "notebooks", "gsr_weight_groups", "zero_shot_methods"}  # which notebooks / GSR groups run
     P = get_profile("cpu")
     rcp, gptq = X.method("RCP", "W2A4KV4"), X.method("QuaRot-GPTQ", "W2A4KV4")
-    assert set(_row_key(rcp, P)["profile"]) == {f.name for f in fields(Profile)} - selections
+    assert set(row_key(rcp, P)["profile"]) == {f.name for f in fields(Profile)} - selections
     for field, value in (("qat_steps", 41), ("qat_overrides", {"qat": {"lr_quant": 3e-3}}), ("dtype", "bfloat16"),
                          ("seed", 1), ("qat_overrides", {"quant": {"weight": {"clip_init": "const"}}}),
                          ("qat_recipe", "configs/paper-llama2-7b.yaml"), ("calib_windows", 16)):
         Q = get_profile("cpu", **{field: value})
-        assert _row_key(rcp, Q) != _row_key(rcp, P) and _qat_key(rcp, Q) != _qat_key(rcp, P), field
+        assert row_key(rcp, Q) != row_key(rcp, P) and qat_key(rcp, Q) != qat_key(rcp, P), field
     for field, value in (("calib_windows", 16), ("dtype", "bfloat16"), ("seed", 1), ("w_group_size", 32)):
         Q = get_profile("cpu", **{field: value})
         assert ptq_key(gptq, Q) != ptq_key(gptq, P), field
@@ -110,11 +110,11 @@ def test_cache_keys_contain_the_fingerprint(monkeypatch):
     P = get_profile("smoke")
     m = X.method("RCP", "W2A4KV4")
     monkeypatch.setattr(rio, "code_fingerprint", lambda: "aaaaaaaaaaaa")
-    row_a, qat_a = X._row_key(m, P), X._qat_key(m, P)
+    row_a, qat_a = X.row_key(m, P), X.qat_key(m, P)
     assert "aaaaaaaaaaaa" in str(row_a)
     monkeypatch.setattr(rio, "code_fingerprint", lambda: "bbbbbbbbbbbb")
-    assert config_hash(X._row_key(m, P)) != config_hash(row_a)
-    assert X._qat_key(m, P) != qat_a
+    assert config_hash(X.row_key(m, P)) != config_hash(row_a)
+    assert X.qat_key(m, P) != qat_a
 
 
 def test_gptq_and_rotation_keys_contain_the_fingerprint(monkeypatch):
@@ -149,13 +149,13 @@ def test_row_cache_logs_hit_and_miss(monkeypatch, tmp_path, capsys):
     monkeypatch.setenv("RCP_CACHE", str(tmp_path))
     key = {"method": {"name": "RCP", "setting": "W2A4KV4"}, "code": "x"}
     calls = []
-    row = X._cached("ppl", key, lambda: calls.append(1) or {"ppl": 1.0})
-    assert X._cached("ppl", key, lambda: calls.append(1) or {"ppl": 2.0}) == row and calls == [1]
+    row = X.cached_row("ppl", key, lambda: calls.append(1) or {"ppl": 1.0})
+    assert X.cached_row("ppl", key, lambda: calls.append(1) or {"ppl": 2.0}) == row and calls == [1]
     err = capsys.readouterr().err.splitlines()
     assert len(err) == 2
     # a computed row is what a later cached read gives: same values, types and key order (tuple -> list, NaN kept)
-    computed = X._cached("ppl", {**key, "code": "y"}, lambda: {"z": 1, "a": (1, 2), "n": float("nan")})
-    again = X._cached("ppl", {**key, "code": "y"}, lambda: {})
+    computed = X.cached_row("ppl", {**key, "code": "y"}, lambda: {"z": 1, "a": (1, 2), "n": float("nan")})
+    again = X.cached_row("ppl", {**key, "code": "y"}, lambda: {})
     assert list(computed) == list(again) == ["a", "n", "z"] and computed["a"] == again["a"] == [1, 2]
     assert computed["n"] != computed["n"]
     assert err[0].startswith("[rcp_lib cache] miss ppl-") and "(RCP W2A4KV4)" in err[0]

@@ -57,7 +57,7 @@ def test_recipes_of_named_methods():
     ms = X.all_methods(P)
     configs = [json.dumps(X.method_config(m, P), sort_keys=True) for m in ms]
     assert len(set(configs)) == len(configs)  # two rows never share a config (nor a cache key)
-    assert len({json.dumps(X._row_key(m, P), sort_keys=True) for m in ms}) == len(ms)
+    assert len({json.dumps(X.row_key(m, P), sort_keys=True) for m in ms}) == len(ms)
     for m in ms:
         r = Recipe.of_row(X.method_config(m, P))
         assert r == m.recipe(P)

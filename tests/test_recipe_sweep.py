@@ -2,7 +2,7 @@
 
 import pytest
 
-from benchmarks import recipe_sweep as S
+from rcp_lib.experiments import sweep as S
 
 
 def test_sweep_refuses_to_drop_points_of_other_code(tmp_path):

@@ -4,8 +4,8 @@ import math
 
 import pytest
 
-from benchmarks import recipe_sweep as S
-from benchmarks import recipe_variants as V
+from rcp_lib.experiments import sweep as S
+from rcp_lib.experiments import variants as V
 
 
 def _key(name, seed=0, profile="cpu"):

@@ -171,7 +171,7 @@ def test_rotation_markdown_pairs_gsr_with_its_control():
 def test_sweep_markdown_states_best_point_seeds_and_init_ratios():
     from rcp_lib.report import sweep_markdown
 
-    from benchmarks.recipe_sweep import select
+    from rcp_lib.experiments.sweep import select
 
     base = {"steps": 40, "tokens": 10240, "val_split": "train tail", "step0_val_ppl": 5e4}
     grid = [(1e-2, 1e-4, "search", [400.0, 420.0, 410.0]), (1e-2, 1e-4, "const", [1200.0]),
@@ -313,7 +313,7 @@ def test_committed_rotation_rows_cover_the_layers_the_readme_names():
 
 
 def test_variants_markdown_states_orders_from_the_rows():
-    from benchmarks.recipe_variants import summarize
+    from rcp_lib.experiments.variants import summarize
     from rcp_lib.report import variants_markdown
 
     def rows(name, vals, secs, **kw):
@@ -403,7 +403,7 @@ def test_token_curve_paragraph_reads_the_curve(tmp_path):
         curve.assign(overrides=json.dumps({"qat_steps": steps, "qat_val_every": 40}), date_utc=date).to_csv(
             tmp_path / name / "qat_tokens.csv", index=False)
     md = results_markdown("cpu", res)
-    assert ("(`python benchmarks/token_curve.py --profile cpu --steps 160 --val-every 40`; "
+    assert ("(`python -m rcp_lib.experiments.curve --profile cpu --steps 160 --val-every 40`; "
             "`results/cpu-cccc/qat_tokens.csv`") in md and "![qat_tokens](figures/cpu-cccc/qat_tokens.png)" in md
     curve.to_csv(res / "qat_tokens.csv", index=False)  # in the profile's own folder: that one
     assert "`results/cpu/qat_tokens.csv`" in results_markdown("cpu", res)

@@ -40,7 +40,7 @@ def test_a_row_too_large_for_one_gpu_is_refused_with_the_launch_command():
     assert "\n" not in msg and f"{want['total_gb']:.1f} GB" in msg and "80.0 GB" in msg
     assert ("accelerate launch --config_file configs/accelerate/8gpu-fsdp.yaml -m rcp_lib train-rows --profile paper "
             "--method RCP --setting W2A4KV4") in msg
-    assert B._qat_key(m, P) in msg  # the cache folder that build() reads afterwards
+    assert B.qat_key(m, P) in msg  # the cache folder that build() reads afterwards
     B.check_qat_fits(m, P, cfg, device_bytes=200 * 10**9)  # fits: no error
     B.check_qat_fits(method("RCP"), get_profile("cpu"), cfg)  # off CUDA nothing is checked
 
@@ -82,7 +82,7 @@ def test_train_rows_under_two_processes_is_what_build_loads(tmp_path, monkeypatc
     monkeypatch.setenv("RCP_CACHE", str(cache))
     P = get_profile("paper", **overrides)
     m = method("RCP", "W2A4KV4")
-    out = cache / "qat" / B._qat_key(m, P)
+    out = cache / "qat" / B.qat_key(m, P)
     assert str(out / "student.pt") in r.stdout
     assert not (out / "checkpoint").exists()  # finished: the checkpoints are dropped
     stats = json.loads((out / "qat_stats.json").read_text())

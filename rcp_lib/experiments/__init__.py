@@ -14,7 +14,12 @@ One module per concern:
 * :mod:`~rcp_lib.experiments.tables` (perplexity, zero-shot), :mod:`~rcp_lib.experiments.rotation`,
   :mod:`~rcp_lib.experiments.footprints` (memory), :mod:`~rcp_lib.experiments.kernel`: the tables of the notebooks;
 * :mod:`~rcp_lib.experiments.registry`: :data:`TABLES`, the one list of result files;
-* :mod:`~rcp_lib.experiments.notebook`: :func:`setup`, the first cell of every notebook.
+* :mod:`~rcp_lib.experiments.notebook`: :func:`setup`, the first cell of every notebook;
+* the recipe search and the checks behind the recipe, each a resumable command on the same row cache
+  (``python -m rcp_lib.experiments.<name> --help``): :mod:`~rcp_lib.experiments.sweep` (the QAT learning-rate / clip /
+  start grid), :mod:`~rcp_lib.experiments.variants` (recipe variants at equal budget),
+  :mod:`~rcp_lib.experiments.curve` (validation perplexity vs training tokens) and
+  :mod:`~rcp_lib.experiments.ablation_start` (where each ablation row's quantizer starts and ends).
 
 Rows are cached as JSON under ``cache_dir()/rows/<kind>-<hash>.json`` (outside the repo) keyed by the hash of
 everything that determines them plus a fingerprint of the code (:func:`rcp_lib.io.code_fingerprint`), so re-running
@@ -63,7 +68,7 @@ from .methods import (
 from .notebook import setup
 from .registry import NOTEBOOKS, TABLES, Table, result_path
 from .rotation import _parse_rotation, _rotation_setting, rotation_analysis, rotation_example, summarize_rotation
-from .rows import _cached, _qat_key, _row_key, method_config, ptq_key, write_rows
+from .rows import cached_row, qat_key, row_key, method_config, ptq_key, write_rows
 from .tables import (
     chance_level,
     full_split_table,

@@ -23,7 +23,7 @@ from ..io import provenance
 from ..profiles import Profile
 from ..stats import NOT_SEPARABLE, order  # noqa: F401 (NOT_SEPARABLE: re-exported)
 from .methods import ABLATIONS, EQUAL_BITS, QAT_BASELINES, SEEDED_PTQ, Method, method
-from .rows import _cached, _code
+from .rows import cached_row, code_key
 
 #: the columns of ``ablation.csv``, in order
 ABLATION_COLUMNS = ("method", "setting", "seed", "ppl", "step0_ppl", "clip_ratio_init", "clip_ratio_final",
@@ -184,13 +184,13 @@ def _fp_val_ppl(profile: Profile, seqlen: int, windows: int, holdout: float, pro
     from .build import base_model, tokens
 
     key = {"kind": "fp-val", "model": profile.model, "corpus": profile.corpus, "seqlen": seqlen, "windows": windows,
-           "holdout_fraction": holdout, "code": _code()}
+           "holdout_fraction": holdout, "code": code_key()}
 
     def compute():
         _, val = split_holdout(tokens(profile, "train"), holdout)
         return {"ppl": perplexity(base_model(profile)[0], val, seqlen=seqlen, max_windows=windows, progress=progress)}
 
-    return _cached("fpval", key, compute)["ppl"]
+    return cached_row("fpval", key, compute)["ppl"]
 
 
 def token_curve(profile: Profile, progress: bool = True) -> list[dict]:

@@ -22,7 +22,7 @@ from ..qat import QATConfig, train
 from ..quant.apply import quantize_model
 from ..rotation.fuse import rotate_model
 from .methods import Method
-from .rows import _code, _log_cache, _qat_key, cache_name, ptq_key
+from .rows import code_key, _log_cache, qat_key, cache_name, ptq_key
 
 _BASE: dict[tuple[str, str], tuple[nn.Module, object]] = {}
 
@@ -92,7 +92,7 @@ def build(method: Method, profile: Profile, progress: bool = True, check_memory:
     if recipe.ptq in ("rtn", "gptq"):
         _ptq_cached(model, method, profile, progress)
     if recipe.qat is not None:
-        out = cache_dir() / "qat" / _qat_key(method, profile)
+        out = cache_dir() / "qat" / qat_key(method, profile)
         done = out / "student.pt"
         if done.exists():  # (a GPTQ start needs no GPTQ here: the static quantizers take the trained state)
             model.load_state_dict(torch.load(done, map_location=profile.device), strict=True)
@@ -188,7 +188,7 @@ def check_qat_fits(method: Method, profile: Profile, config, device_bytes: int |
             f"{method.name} {method.setting} of profile {profile.name!r} is not trained yet, and its QAT needs about "
             f"{need:.1f} GB on one GPU (estimate, rcp_lib.train_memory) while {profile.device} has {have:.1f} GB: "
             f"train it on several GPUs with `{launch_command(method, profile)}` (it writes "
-            f"{cache_dir() / 'qat' / _qat_key(method, profile) / 'student.pt'}), then run this again")
+            f"{cache_dir() / 'qat' / qat_key(method, profile) / 'student.pt'}), then run this again")
 
 
 def train_rows(methods: list[Method], profile: Profile, progress: bool = True) -> list[Path]:
@@ -211,7 +211,7 @@ def train_rows(methods: list[Method], profile: Profile, progress: bool = True) -
         profile = profile.with_overrides(device=dev)  # the device is no part of the cache keys
     paths = []
     for m in methods:
-        done = cache_dir() / "qat" / _qat_key(m, profile) / "student.pt"
+        done = cache_dir() / "qat" / qat_key(m, profile) / "student.pt"
         _log_cache(done.exists(), done.parent.name, f"{m.name} {m.setting} student")
         if not done.exists():
             build(m, profile, progress=progress, check_memory=False)
@@ -256,7 +256,7 @@ def gptq_start(model: nn.Module, calib: torch.Tensor, progress: bool = True, key
 
     path = None
     if key is not None:
-        key = {**key, "calib": _tensor_digest(calib), "code": _code()}
+        key = {**key, "calib": _tensor_digest(calib), "code": code_key()}
         name = cache_name("gptq-start", key)
         path = cache_dir() / "start" / f"{name}.pt"
         _log_cache(path.exists(), name, "GPTQ start")
@@ -327,7 +327,7 @@ def train_student(model: nn.Module, fp: nn.Module, profile: Profile, qat: QATCon
 
 def qat_stats(method: Method, profile: Profile) -> dict:
     """The run statistics of a cached QAT student (:func:`train_student`'s dict; ``{}`` before it is trained)."""
-    p = cache_dir() / "qat" / _qat_key(method, profile) / "qat_stats.json"
+    p = cache_dir() / "qat" / qat_key(method, profile) / "qat_stats.json"
     return json.loads(p.read_text()) if p.exists() else {}
 
 
@@ -357,5 +357,5 @@ def _ptq_cached(model: nn.Module, method: Method, profile: Profile, progress: bo
 
 def qat_history(method: Method, profile: Profile) -> list[dict]:
     """The training history of a cached QAT student (``[]`` before it is trained)."""
-    p = cache_dir() / "qat" / _qat_key(method, profile) / "history.json"
+    p = cache_dir() / "qat" / qat_key(method, profile) / "history.json"
     return json.loads(p.read_text()) if p.exists() else []

@@ -26,7 +26,7 @@ from ..profiles import Profile
 from ..quant.apply import preset, quantize_model
 from ..rotation.fuse import RotationConfig, rotate_model
 from .methods import method
-from .rows import _cached, _code
+from .rows import cached_row, code_key
 
 #: the activation part's R1s: (label, r1 kind, random signs, seeded). The block kinds use ``block``. GSR's blocks in
 #: natural order (block-Hadamard) are left out: they permute the coordinates inside each block, which a per-token
@@ -50,7 +50,7 @@ def _eval(model, profile: Profile, progress: bool) -> float:
 def _key(part: str, rotation: RotationConfig, quant, profile: Profile, gptq: bool) -> dict:
     key = {"kind": f"gsr-{part}", "model": profile.model, "corpus": profile.corpus, "dtype": profile.dtype,
            "rotation": rotation.to_dict(), "quant": quant.to_dict(), "seqlen": profile.seqlen,
-           "eval_windows": profile.eval_windows, "eval_spread": profile.eval_spread, "code": _code()}
+           "eval_windows": profile.eval_windows, "eval_spread": profile.eval_spread, "code": code_key()}
     if gptq:
         key["calib"] = [profile.calib_windows, profile.calib_seqlen, profile.seed]
     return key
@@ -107,7 +107,7 @@ def activation_row(label: str, r1: str, signs: bool, block: int | None, profile:
         quantize_model(model, quant)
         return {"ppl": _eval(model, profile, progress)}
 
-    row = _cached("gsr", _key("activations", rot, quant, profile, False), compute)
+    row = cached_row("gsr", _key("activations", rot, quant, profile, False), compute)
     return {"method": label, "part": "activations", "r1": r1, "setting": "W16A4KV16", "block": rot.r1_block, "w_group": None,
             "seed": profile.seed, "ppl": row["ppl"], "rotation": rot.to_dict()}
 
@@ -127,7 +127,7 @@ def weight_row(name: str, group: int, block: int, profile: Profile, progress: bo
         gptq_model(model, calibration(profile), progress=progress)
         return {"ppl": _eval(model, profile, progress)}
 
-    row = _cached("gsr", _key("weights", rot, quant, profile, True), compute)
+    row = cached_row("gsr", _key("weights", rot, quant, profile, True), compute)
     return {"method": f"{name} g{group}", "part": "weights", "r1": rot.r1, "setting": "W2A16KV16", "block": block, "w_group": group,
             "seed": profile.seed, "ppl": row["ppl"], "rotation": rot.to_dict()}
 

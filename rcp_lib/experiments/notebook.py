@@ -39,7 +39,7 @@ def row_plan(profile: Profile, notebook: str) -> list[dict] | None:
     everything on each run). Nothing is computed or logged."""
     from .methods import all_methods
     from .rotation import rotation_key
-    from .rows import _row_key, row_cached
+    from .rows import row_key, row_cached
     from .tables import full_split_methods, zero_shot_key, zero_shot_methods
 
     stem = Path(notebook).stem
@@ -48,9 +48,9 @@ def row_plan(profile: Profile, notebook: str) -> list[dict] | None:
                 for name in profile.analysis_rotations]
     if stem.startswith("02_"):
         plan = [{"table": "perplexity", "row": f"{m.name} {m.setting}",
-                 "cached": row_cached("ppl", _row_key(m, profile))} for m in all_methods(profile)]
+                 "cached": row_cached("ppl", row_key(m, profile))} for m in all_methods(profile)]
         full, methods = full_split_methods(profile)
-        plan += [{"table": "whole split", "row": f"{m.name} {m.setting}", "cached": row_cached("ppl", _row_key(m, full))}
+        plan += [{"table": "whole split", "row": f"{m.name} {m.setting}", "cached": row_cached("ppl", row_key(m, full))}
                  for m in methods]
         return plan
     if stem.startswith("06_"):
@@ -61,7 +61,7 @@ def row_plan(profile: Profile, notebook: str) -> list[dict] | None:
         from .gsr import decision_plan
 
         return [{"table": "ablation", "row": f"{m.name} seed {seed}",
-                 "cached": row_cached("ppl", _row_key(m, replace(profile, seed=int(seed))))}
+                 "cached": row_cached("ppl", row_key(m, replace(profile, seed=int(seed))))}
                 for seed in profile.ablation_seeds for m in ablation_methods(profile)] + [
                 {"table": f"gsr {part}", "row": f"{label} seed {seed}", "cached": row_cached("gsr", key)}
                 for part, seed, label, key in decision_plan(profile)] + [

@@ -112,25 +112,25 @@ _TABLES = (
           description="mean ± SE per ablation row, QAT against its own start (paired), an order vs RCP only from a "
                       "t-test (paired by seed, else Welch; p < 0.05)"),
     Table("ablation_start", "ablation_start.csv", readme=True,
-          command="python benchmarks/ablation_start.py --profile ablation",
+          command="python -m rcp_lib.experiments.ablation_start --profile ablation",
           description="the ablation rows' clip ratio against the rotated FP weights and level offset from the uniform "
                       "grid, at the start (before GPTQ) and after QAT"),
     Table("gsr_decision", "gsr_decision.csv", notebook=SEEDED_NOTEBOOK, smoke=True, rows="gsr_decision", readme=True,
           description="GSR decided: W16A4KV16 per R1 (the activation effect of a block-diagonal R1) and GSR vs its "
                       "control with weight groups smaller than the block (W2A16KV16 GPTQ), seeds of the profile"),
     Table("recipe_sweep", "recipe_sweep.csv", readme=True,
-          command="python benchmarks/recipe_sweep.py --profile <profile>",
+          command="python -m rcp_lib.experiments.sweep --profile <profile>",
           description="QAT recipe grid (lr_quant, lr_weights, grad_clip, clip init) selected by held-out train-tail ppl"),
     Table("recipe_sweep_gptq", "recipe_sweep_gptq.csv", readme=True,
-          command="python benchmarks/recipe_sweep.py --profile <profile> --name recipe_sweep_gptq --grid lr_quant=1e-2 "
+          command="python -m rcp_lib.experiments.sweep --profile <profile> --name recipe_sweep_gptq --grid lr_quant=1e-2 "
                   "grad_clip=0.3 init=search lr_weights=2e-5,2e-4,1e-3 lr_range=1e-3,1e-2 --only 0,2,4 --seeds 0,1,2",
           description="the learning rates under the GPTQ start (weights, so that codes can flip; the scale-free range), "
                       "selected by held-out train-tail ppl over 3 seeds"),
     Table("recipe_variants", "recipe_variants.csv", readme=True,
-          command="python benchmarks/recipe_variants.py --profile <profile> --seeds 0,1,2",
+          command="python -m rcp_lib.experiments.variants --profile <profile> --seeds 0,1,2",
           description="the selected QAT recipe vs Block-AP, a GPTQ start with a static range and QAT at seqlen 512"),
     Table("qat_tokens", "qat_tokens.csv", rows="token_curve", figures=("qat_tokens",), readme=True,
-          command="python benchmarks/token_curve.py --profile <profile> --steps <steps> --val-every <k>",
+          command="python -m rcp_lib.experiments.curve --profile <profile> --steps <steps> --val-every <k>",
           description="RCP W2A4KV4 validation ppl vs training tokens, FP as a line"),
     Table("zero_shot_fp_embedded", "zero_shot_fp_embedded.csv", per_profile=False,
           command="python scripts/zero_shot_fp_embedded.py",

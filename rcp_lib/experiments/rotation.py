@@ -12,7 +12,7 @@ from ..io import provenance
 from ..profiles import Profile
 from ..rotation.fuse import BLOCK_KINDS
 from .build import base_model
-from .rows import _cached, _code
+from .rows import cached_row, code_key
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -49,7 +49,7 @@ def rotation_key(name: str, profile: Profile) -> dict:
 
     kind, block, group = _rotation_setting(name, profile)
     key = {"kind": "rotation-analysis", "model": profile.model, "rotation": name, "layers": profile.analysis_layers,
-           "group_size": profile.w_group_size, "seed": profile.seed, "code": _code()}
+           "group_size": profile.w_group_size, "seed": profile.seed, "code": code_key()}
     # what determines a row beyond the spec string: the block and group it resolves to, the search settings
     key["setting"] = {"kind": kind, "block": block, "group_size": group, "search": SEARCH,
                       "ratios": [CLIP_RATIOS[0], CLIP_RATIOS[-1], len(CLIP_RATIOS)]}
@@ -75,7 +75,7 @@ def rotation_analysis(profile: Profile, progress: bool = True) -> "pd.DataFrame"
             prov = provenance()  # cached with the rows: the commit that computed them
             return {"rows": [{**r, **prov} for r in df.to_dict("records")]}
 
-        frames.append(pd.DataFrame(_cached("rotation", key, compute)["rows"]))
+        frames.append(pd.DataFrame(cached_row("rotation", key, compute)["rows"]))
     df = pd.concat(frames, ignore_index=True)
     df["model"] = profile.model
     return df

@@ -2,8 +2,8 @@
 
 Every cached object is named ``<kind>-<config_hash(key)>`` (:func:`cache_name`), where the key holds everything that
 determines it plus the code fingerprint (:func:`rcp_lib.io.code_fingerprint`), so a code or config change
-recomputes it: result rows as JSON under ``cache_dir()/rows/`` (:func:`_cached`), trained QAT students under
-``cache_dir()/qat/<hash>/`` (:func:`_qat_key`) and frozen PTQ weights under ``cache_dir()/ptq/`` (:func:`ptq_key`).
+recomputes it: result rows as JSON under ``cache_dir()/rows/`` (:func:`cached_row`), trained QAT students under
+``cache_dir()/qat/<hash>/`` (:func:`qat_key`) and frozen PTQ weights under ``cache_dir()/ptq/`` (:func:`ptq_key`).
 Finished tables go to ``results/<profile>/<name>.csv`` (:func:`write_rows`).
 """
 
@@ -21,7 +21,7 @@ from ..profiles import Profile
 from .methods import Method
 
 
-def _code() -> str:
+def code_key() -> str:
     """The code fingerprint that every cache key carries (a code or config change invalidates the caches)."""
     from ..io import code_fingerprint  # looked up at call time (the tests replace it)
 
@@ -33,7 +33,7 @@ def cache_name(kind: str, key: dict) -> str:
     return f"{kind}-{config_hash(key)}"
 
 
-def _row_key(method: Method, profile: Profile) -> dict:
+def row_key(method: Method, profile: Profile) -> dict:
     """What determines a result row of ``method``: its name and recipe (:func:`method_config`), the profile fields
     that change its number (not names, device, table selections or, for non-QAT rows, the QAT budget) and the code."""
     p = profile.to_dict()
@@ -45,15 +45,15 @@ def _row_key(method: Method, profile: Profile) -> dict:
         for k in list(p):
             if k.startswith("qat_"):
                 p.pop(k)
-    return {"method": method_config(method, profile), "profile": p, "code": _code()}
+    return {"method": method_config(method, profile), "profile": p, "code": code_key()}
 
 
-def _qat_key(method: Method, profile: Profile) -> str:
+def qat_key(method: Method, profile: Profile) -> str:
     """Cache key of a trained student: what determines the weights (the method's name and recipe, which holds the
     weight group and the QAT budget; the model, its parameter dtype and the corpus; with a GPTQ start the calibration
     windows), not the evaluation settings."""
     config = method_config(method, profile)
-    key = {"method": config, "model": profile.model, "corpus": profile.corpus, "dtype": profile.dtype, "code": _code(),
+    key = {"method": config, "model": profile.model, "corpus": profile.corpus, "dtype": profile.dtype, "code": code_key(),
            "kind": "qat-student"}
     if (config.get("qat") or {}).get("gptq_start"):
         key["calib"] = [profile.calib_windows, profile.calib_seqlen]
@@ -69,7 +69,7 @@ def ptq_key(method: Method, profile: Profile) -> dict:
     weight = r.quant.weight if r.quant is not None else None
     key = {"kind": f"ptq-{r.ptq}", "model": profile.model, "dtype": profile.dtype,
            "rotation": r.rotation.to_dict() if r.rotation else None,
-           "weights": weight.to_dict() if weight is not None else None, "code": _code()}
+           "weights": weight.to_dict() if weight is not None else None, "code": code_key()}
     if r.ptq == "gptq":
         key.update({"corpus": profile.corpus, "calib_windows": profile.calib_windows,
                     "calib_seqlen": profile.calib_seqlen, "seed": profile.seed, "gptq_activations": "16-bit"})
@@ -91,12 +91,12 @@ def _log_cache(hit: bool, name: str, label: str) -> None:
 
 
 def row_cached(kind: str, key: dict) -> bool:
-    """True when :func:`_cached` would read the row ``(kind, key)`` from the cache instead of computing it (no side
+    """True when :func:`cached_row` would read the row ``(kind, key)`` from the cache instead of computing it (no side
     effect: nothing is logged, read or written)."""
     return (cache_dir() / "rows" / f"{cache_name(kind, key)}.json").exists()
 
 
-def _cached(kind: str, key: dict, compute: Callable[[], dict]) -> dict:
+def cached_row(kind: str, key: dict, compute: Callable[[], dict]) -> dict:
     """Row cache: ``cache_dir()/rows/<kind>-<hash of key>.json``; ``compute()`` runs on a miss. A computed row is
     returned as read back from its file, so a cold and a cached run give the same row (values, types, key order)."""
     name = cache_name(kind, key)

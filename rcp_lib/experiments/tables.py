@@ -11,7 +11,7 @@ from ..models import describe
 from ..profiles import Profile
 from .build import base_model, build, qat_history, qat_stats, step0_windows, tokens
 from .methods import Method, all_methods, method
-from .rows import _cached, _row_key, method_config
+from .rows import cached_row, row_key, method_config
 
 
 #: movement / start columns of every perplexity row (None for rows without QAT); see :mod:`rcp_lib.movement`
@@ -80,7 +80,7 @@ def ppl_row(method: Method, profile: Profile, progress: bool = True) -> dict:
                 "bits_per_weight": bits_per_weight(method, profile),
                 **provenance()}
 
-    return _cached("ppl", _row_key(method, profile), compute)
+    return cached_row("ppl", row_key(method, profile), compute)
 
 
 def ppl_table(profile: Profile, progress: bool = True, families: tuple[str, ...] = ("baseline", "ptq", "qat")) -> list[dict]:
@@ -134,7 +134,7 @@ def zero_shot_methods(profile: Profile) -> list[Method]:
 
 def zero_shot_key(method: Method, profile: Profile) -> dict:
     """Row-cache key (kind ``"zeroshot"``) of the zero-shot rows of ``method``."""
-    return {**_row_key(method, profile), "tasks": profile.zero_shot_tasks, "limit": profile.zero_shot_limit}
+    return {**row_key(method, profile), "tasks": profile.zero_shot_tasks, "limit": profile.zero_shot_limit}
 
 
 def zero_shot_table(profile: Profile, progress: bool = True) -> list[dict]:
@@ -153,7 +153,7 @@ def zero_shot_table(profile: Profile, progress: bool = True) -> list[dict]:
             prov = {"storage_dtype": storage_dtype(model, m, profile), **provenance()}
             return {"rows": [{"method": m.name, "setting": m.setting, "model": profile.model, **r, **prov} for r in recs]}
 
-        rows += _cached("zeroshot", key, compute)["rows"]
+        rows += cached_row("zeroshot", key, compute)["rows"]
     return rows
 
 

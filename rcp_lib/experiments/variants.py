@@ -1,11 +1,11 @@
 """Variants of the selected QAT recipe at (about) equal CPU time, each against the default at the same seeds.
 
-    python benchmarks/recipe_variants.py --profile cpu --seeds 0,1,2                 # every variant
-    python benchmarks/recipe_variants.py --profile cpu --only default,block-ap --seeds 0,1,2
-    python benchmarks/recipe_variants.py --list
+    python -m rcp_lib.experiments.variants --profile cpu --seeds 0,1,2                 # every variant
+    python -m rcp_lib.experiments.variants --profile cpu --only default,block-ap --seeds 0,1,2
+    python -m rcp_lib.experiments.variants --list
 
 The questions of the issue "a recipe under which Clip and Partition actually learn" that the sweep's grid
-(``benchmarks/recipe_sweep.py``) does not ask: does a Block-AP pre-stage beat plain end-to-end QAT at equal CPU time
+(``rcp_lib/experiments/sweep.py``) does not ask: does a Block-AP pre-stage beat plain end-to-end QAT at equal CPU time
 (item 5), does a GPTQ start on the quantizer's grid with a static range help (item 2), does training at the evaluation
 length help at equal tokens (item 6). Every variant is the sweep's selected point (:data:`POINT`: its learning rates
 and gradient clip are the ``cpu`` profile's) with the profile overrides and step count of :data:`VARIANTS`, trained and
@@ -36,11 +36,8 @@ import json
 import os
 import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script: the checkout's root
-
-from benchmarks.recipe_sweep import (  # noqa: E402
+from .sweep import (
     GRID,
     SEEDS_SCANNED,
     check_same_code,
@@ -107,7 +104,7 @@ def summarize(rows: list[dict]) -> list[dict]:
     """Per-variant statistics over seeds on rows with ``variant``, ``seed`` and ``val_ppl``: adds ``n_seeds``,
     ``val_ppl_mean``, ``val_ppl_sem`` (NaN for one seed), ``seconds_mean`` and ``vs_default`` (the separation from
     the ``default`` rows; empty on them, and when no default row exists). Returns the rows (modified in place)."""
-    from rcp_lib.experiments.ablation import separation
+    from .ablation import separation
 
     stats = group_stats(rows, "variant")
     secs: dict[str, list[float]] = {}
@@ -123,7 +120,8 @@ def summarize(rows: list[dict]) -> list[dict]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(prog="python -m rcp_lib.experiments.variants", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--profile", default="cpu")
     ap.add_argument("--only", help="comma-separated variant names (default: all; see --list)")
     ap.add_argument("--seeds", help="seeds, e.g. 0,1,2 (default: the profile's seed)")
@@ -133,11 +131,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.allow_dirty:
         os.environ["RCP_ALLOW_DIRTY"] = "1"
 
-    from rcp_lib.experiments import base_model, tokens, write_rows
-    from rcp_lib.experiments.rows import _cached, _code
-    from rcp_lib.io import require_clean_tree
-    from rcp_lib.paths import results_dir
-    from rcp_lib.profiles import get_profile
+    from . import base_model, tokens, write_rows
+    from .rows import cached_row, code_key
+    from ..io import require_clean_tree
+    from ..paths import results_dir
+    from ..profiles import get_profile
 
     P = get_profile(args.profile)
     pt = points(GRID)[POINT]
@@ -156,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     require_clean_tree()  # fail before hours of training, not after
     out_csv = results_dir(P) / "recipe_variants.csv"
-    check_same_code(out_csv, _code())
+    check_same_code(out_csv, code_key())
     fp = base_model(P)[0]
     train_ids = tokens(P, "train")
 
@@ -183,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
     for i, (name, seed) in enumerate(runs):
         Pp, key, steps = key_of(name, seed)
         t0 = time.perf_counter()
-        row = _cached("sweep", key, lambda: score_point(fp, train_ids, pt, Pp, steps))
+        row = cached_row("sweep", key, lambda: score_point(fp, train_ids, pt, Pp, steps))
         print(f"[variants {i + 1}/{len(runs)}] {name} seed {seed}: val ppl {row['val_ppl']:.2f} (step 0 "
               f"{row['step0_val_ppl']:.1f}), {row['seconds']:.0f} s of training [{time.perf_counter() - t0:.0f} s, "
               f"total {time.perf_counter() - t_all:.0f} s]", flush=True)

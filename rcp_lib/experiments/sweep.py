@@ -1,11 +1,11 @@
 """QAT recipe sweep: RCP W2A4KV4 over a grid of learning rates, gradient clip and clip initialisation at a fixed token
 budget, selected by validation perplexity on the held-out tail of the TRAIN split (never the test split).
 
-    python benchmarks/recipe_sweep.py --profile cpu                      # the whole grid (48 points)
-    python benchmarks/recipe_sweep.py --profile cpu --list               # print the grid with indices
-    python benchmarks/recipe_sweep.py --profile cpu --only 0-5,12        # a part of it (indices of --list)
-    python benchmarks/recipe_sweep.py --profile cpu --grid lr_quant=1e-2,3e-3 init=search --steps 80
-    python benchmarks/recipe_sweep.py --profile cpu --only 35,41,43 --seeds 0,1,2   # the same points at 3 seeds
+    python -m rcp_lib.experiments.sweep --profile cpu                      # the whole grid (48 points)
+    python -m rcp_lib.experiments.sweep --profile cpu --list               # print the grid with indices
+    python -m rcp_lib.experiments.sweep --profile cpu --only 0-5,12        # a part of it (indices of --list)
+    python -m rcp_lib.experiments.sweep --profile cpu --grid lr_quant=1e-2,3e-3 init=search --steps 80
+    python -m rcp_lib.experiments.sweep --profile cpu --only 35,41,43 --seeds 0,1,2   # the same points at 3 seeds
 
 Grid (issue "a recipe under which Clip and Partition actually learn", item 3): ``lr_quant`` in {1e-3, 3e-3, 1e-2},
 ``lr_weights`` in {2e-5, 5e-5, 1e-4, 2e-4}, ``grad_clip`` in {1.0, 0.3}, ``lr_range`` in {None} (the learnable range's
@@ -15,7 +15,7 @@ constant start, ``{"clip_init": "const", "ldp_init": "uniform"}``: the clip logi
 either merged over the other start fields of the profile's QAT recipe). A point is the profile with these fields in
 ``qat_overrides`` (on top of its QAT recipe file, ``Profile.qat_recipe``); everything else is the profile's recipe
 (``--set`` overrides profile fields, e.g. ``--set qat_seqlen=512``), its start included: since
-``benchmarks/recipe_variants.py`` that is a GPTQ start with a static range, while the committed
+``rcp_lib/experiments/variants.py`` that is a GPTQ start with a static range, while the committed
 ``results/cpu/recipe_sweep.csv`` ran before, under the searched start without GPTQ (each row's ``config`` says which);
 ``--set 'qat_overrides={"qat": {"gptq_start": false}, "quant": {"weight": {"range_mode": "relative", "range_param":
 "absolute"}}}'`` trains that start again (``lr_range`` then has nothing to train, but stays in the config: such rows get
@@ -149,7 +149,7 @@ def select(rows: list[dict]) -> list[dict]:
     ``n_seeds``, ``val_ppl_mean``, ``val_ppl_sem`` (NaN for one seed), ``best`` (the lowest mean among the points
     with the most seeds) and ``vs_best`` (:func:`rcp_lib.experiments.ablation.separation` against the best point;
     empty on the best point's rows). Returns the rows (modified in place)."""
-    from rcp_lib.experiments.ablation import separation
+    from .ablation import separation
 
     stats = group_stats(rows, "point", lambda p: f"point {p}")
     most = max(s["n"] for s in stats.values())
@@ -187,13 +187,13 @@ def sweep_key(P, pt: dict, seed: int, steps: int):
     """``(profile of the point at this seed, cache key of its row)``: the recipe (which holds every QAT field, Block-AP
     and GPTQ start included), the model, corpus, validation windows and code; with a GPTQ start also the calibration
     windows (so a point without one has the key it always had)."""
-    from rcp_lib.experiments import method, method_config
-    from rcp_lib.experiments.rows import _code
+    from . import method, method_config
+    from .rows import code_key
 
     Pp = point_profile(P.with_overrides(seed=seed), pt, steps)
     config = method_config(method(*METHOD), Pp)
     key = {"method": config, "model": Pp.model, "corpus": Pp.corpus,
-           "val_seqlen": Pp.seqlen, "val_windows": Pp.sweep_val_windows, "code": _code()}
+           "val_seqlen": Pp.seqlen, "val_windows": Pp.sweep_val_windows, "code": code_key()}
     if config["qat"]["gptq_start"]:
         key["calib"] = [Pp.calib_windows, Pp.calib_seqlen]
     return Pp, key
@@ -201,8 +201,8 @@ def sweep_key(P, pt: dict, seed: int, steps: int):
 
 def sweep_row_path(key: dict):
     """Where the row of ``key`` (:func:`sweep_key`) is cached."""
-    from rcp_lib.experiments.rows import cache_name
-    from rcp_lib.paths import cache_dir
+    from .rows import cache_name
+    from ..paths import cache_dir
 
     return cache_dir() / "rows" / f"{cache_name('sweep', key)}.json"
 
@@ -216,12 +216,12 @@ def score_point(fp, train_ids, pt: dict, Pp, steps: int) -> dict:
     config and provenance."""
     import math
 
-    from rcp_lib.data import calibration_windows, split_holdout
-    from rcp_lib.evaluation import perplexity
-    from rcp_lib.experiments import gptq_start, method, method_config, start_key, train_student
-    from rcp_lib.io import provenance
-    from rcp_lib.quant.apply import quantize_model
-    from rcp_lib.rotation.fuse import rotate_model
+    from ..data import calibration_windows, split_holdout
+    from ..evaluation import perplexity
+    from . import gptq_start, method, method_config, start_key, train_student
+    from ..io import provenance
+    from ..quant.apply import quantize_model
+    from ..rotation.fuse import rotate_model
 
     m = method(*METHOD)
     recipe = m.recipe(Pp)
@@ -252,7 +252,8 @@ def score_point(fp, train_ids, pt: dict, Pp, steps: int) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(prog="python -m rcp_lib.experiments.sweep", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--profile", default="cpu")
     ap.add_argument("--steps", type=int, default=None, help="QAT steps per point (default: the profile's qat_steps)")
     ap.add_argument("--grid", nargs="*", help="replace grid axes: AXIS=v1,v2 (lr_quant, lr_weights, grad_clip, init, "
@@ -267,14 +268,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.allow_dirty:
         os.environ["RCP_ALLOW_DIRTY"] = "1"
 
-    from rcp_lib.__main__ import _parse_overrides
-    from rcp_lib.experiments import base_model, tokens, write_rows
-    from rcp_lib.experiments.rows import _cached, _code
-    from rcp_lib.io import require_clean_tree
-    from rcp_lib.paths import results_dir
-    from rcp_lib.profiles import get_profile
+    from ..profiles import parse_overrides
+    from . import base_model, tokens, write_rows
+    from .rows import cached_row, code_key
+    from ..io import require_clean_tree
+    from ..paths import results_dir
+    from ..profiles import get_profile
 
-    P = get_profile(args.profile, **_parse_overrides(args.set))
+    P = get_profile(args.profile, **parse_overrides(args.set))
     steps = args.steps or P.qat_steps
     grid = parse_grid(args.grid)
     pts = points(grid)
@@ -296,7 +297,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{i:3d} {pt} {'cached at seeds ' + ','.join(map(str, have)) if have else ''}")
         return 0
     require_clean_tree()  # fail before hours of training, not after
-    check_same_code(results_dir(P) / f"{args.name}.csv", _code())
+    check_same_code(results_dir(P) / f"{args.name}.csv", code_key())
 
     fp = base_model(P)[0]
     train_ids = tokens(P, "train")
@@ -322,7 +323,7 @@ def main(argv: list[str] | None = None) -> int:
         pt = pts[i]
         Pp, key = key_of(pt, seed)
         t0 = time.perf_counter()
-        row = _cached("sweep", key, lambda: score_point(fp, train_ids, pt, Pp, steps))
+        row = cached_row("sweep", key, lambda: score_point(fp, train_ids, pt, Pp, steps))
         print(f"[sweep {n + 1}/{len(runs)}] point {i} seed {seed} {pt}: val ppl {row['val_ppl']:.2f} (step 0 "
               f"{row['step0_val_ppl']:.1f}), clip {row['clip_ratio_init']:.3f}->{row['clip_ratio_final']:.3f} "
               f"(mean |change| {row.get('clip_shift', float('nan')):.4f}), "

@@ -1,6 +1,6 @@
 """Where each ablation row's quantizer starts and ends, measured against the rotated FP weights and the uniform grid.
 
-    python benchmarks/ablation_start.py --profile ablation
+    python -m rcp_lib.experiments.ablation_start --profile ablation
 
 Why: a QAT row's ``clip_ratio_init`` / ``clip_ratio_final`` (:mod:`rcp_lib.movement`) divide the quantizer's range by
 the min-max of the *latent* weight of that moment. With the GPTQ start, the latent weights are GPTQ's output, rounded
@@ -31,12 +31,9 @@ import os
 import statistics
 import sys
 from dataclasses import replace
-from pathlib import Path
 
 import torch
 from torch import nn
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script: the checkout's root
 
 
 def clip_ratios(model: nn.Module, weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -46,7 +43,7 @@ def clip_ratios(model: nn.Module, weights: dict[str, torch.Tensor]) -> dict[str,
     Raises:
         KeyError: a quantized layer of ``model`` has no entry in ``weights``.
     """
-    from rcp_lib.quant.quantizers import WeightQuantizer
+    from ..quant.quantizers import WeightQuantizer
 
     out = {}
     for name, mod in model.named_modules():
@@ -61,7 +58,7 @@ def clip_ratios(model: nn.Module, weights: dict[str, torch.Tensor]) -> dict[str,
 def level_offsets(model: nn.Module) -> dict[str, torch.Tensor]:
     """Per learnable weight quantizer of ``model`` (module name -> float64 ``[out, n_groups or 1, L - 2]``): the
     interior normalised level positions minus the uniform grid's (``k / (L - 1)``); empty last dim for 2 levels."""
-    from rcp_lib.quant.quantizers import WeightQuantizer
+    from ..quant.quantizers import WeightQuantizer
 
     out = {}
     for name, mod in model.named_modules():
@@ -99,9 +96,9 @@ def compare(start: dict[str, torch.Tensor], trained: dict[str, torch.Tensor]) ->
 def start_model(method, profile) -> nn.Module:
     """The row's quantized model before GPTQ and QAT: a float32 copy of the FP model, rotated and quantized by the
     method's recipe (what :func:`rcp_lib.experiments.build.build` does before its GPTQ / QAT stage)."""
-    from rcp_lib.experiments.build import base_model
-    from rcp_lib.quant.apply import quantize_model
-    from rcp_lib.rotation.fuse import rotate_model
+    from .build import base_model
+    from ..quant.apply import quantize_model
+    from ..rotation.fuse import rotate_model
 
     recipe = method.recipe(profile)
     if recipe.quant is None or recipe.qat is None:
@@ -117,14 +114,14 @@ def row(method, profile, progress: bool = True) -> dict:
     """One row: :func:`compare` of the start model's ratios and the trained student's, both against the start model's
     (rotated FP) weights. The student is loaded from the QAT cache into the start model (strict, as ``build`` does),
     or trained by ``build`` first."""
-    from rcp_lib.experiments.build import build
-    from rcp_lib.experiments.rows import _qat_key
-    from rcp_lib.paths import cache_dir
+    from .build import build
+    from .rows import qat_key
+    from ..paths import cache_dir
 
     model = start_model(method, profile)
     fp_w = {n: m.weight.detach().clone() for n, m in model.named_modules() if hasattr(m, "weight_quantizer")}
     start, lv0 = clip_ratios(model, fp_w), mean_abs(level_offsets(model))
-    path = cache_dir() / "qat" / _qat_key(method, profile) / "student.pt"
+    path = cache_dir() / "qat" / qat_key(method, profile) / "student.pt"
     cached = path.exists()
     if cached:
         print(f"[ablation_start] student of {method.name} seed {profile.seed}: cached", file=sys.stderr, flush=True)
@@ -140,7 +137,7 @@ def row(method, profile, progress: bool = True) -> dict:
 
 def rows(profile, progress: bool = True) -> list[dict]:
     """:func:`row` for every seed of ``profile.ablation_seeds`` and every ablation method."""
-    from rcp_lib.experiments.ablation import ablation_methods
+    from .ablation import ablation_methods
 
     if not profile.ablation_seeds:
         raise ValueError("profile.ablation_seeds is empty")
@@ -157,19 +154,20 @@ def rows(profile, progress: bool = True) -> list[dict]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(prog="python -m rcp_lib.experiments.ablation_start", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--profile", default="ablation")
     ap.add_argument("--set", nargs="*", default=[], help="profile overrides KEY=VALUE (JSON values)")
     ap.add_argument("--allow-dirty", action="store_true")
     args = ap.parse_args(argv)
     if args.allow_dirty:
         os.environ["RCP_ALLOW_DIRTY"] = "1"
-    from rcp_lib.__main__ import _parse_overrides
-    from rcp_lib.experiments import write_rows
-    from rcp_lib.io import require_clean_tree
-    from rcp_lib.profiles import get_profile
+    from ..profiles import parse_overrides
+    from . import write_rows
+    from ..io import require_clean_tree
+    from ..profiles import get_profile
 
-    P = get_profile(args.profile, **_parse_overrides(args.set))
+    P = get_profile(args.profile, **parse_overrides(args.set))
     require_clean_tree()  # before computing, not after
     out = rows(P)
     for name in dict.fromkeys(r["method"] for r in out):

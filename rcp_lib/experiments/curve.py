@@ -1,6 +1,6 @@
 """How far would more tokens go: RCP W2A4KV4 validation perplexity vs training tokens, with FP as a line.
 
-    python benchmarks/token_curve.py --profile cpu --steps 640 --val-every 40 [--set 'qat_overrides={"qat": {"lr_quant": 1e-2}}' ...]
+    python -m rcp_lib.experiments.curve --profile cpu --steps 640 --val-every 40 [--set 'qat_overrides={"qat": {"lr_quant": 1e-2}}' ...]
 
 Trains (or loads from the QAT cache) the RCP W2A4KV4 student of the profile with ``qat_steps = --steps`` and a
 validation point every ``--val-every`` steps (the QAT loop's validation: ``val_windows`` windows of ``qat_seqlen``
@@ -18,7 +18,8 @@ import sys
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(prog="python -m rcp_lib.experiments.curve", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--profile", default="cpu")
     ap.add_argument("--steps", type=int, default=None, help="QAT steps (default: the profile's qat_steps)")
     ap.add_argument("--val-every", type=int, default=None, help="steps between validation points")
@@ -27,13 +28,13 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.allow_dirty:
         os.environ["RCP_ALLOW_DIRTY"] = "1"
-    from rcp_lib.__main__ import _parse_overrides
-    from rcp_lib.experiments import plot_token_curve, token_curve, write_rows
-    from rcp_lib.io import require_clean_tree, save_figure
-    from rcp_lib.paths import figures_dir
-    from rcp_lib.profiles import get_profile
+    from ..profiles import parse_overrides
+    from . import plot_token_curve, token_curve, write_rows
+    from ..io import require_clean_tree, save_figure
+    from ..paths import figures_dir
+    from ..profiles import get_profile
 
-    P = get_profile(args.profile, **_parse_overrides(args.set), qat_steps=args.steps, qat_val_every=args.val_every)
+    P = get_profile(args.profile, **parse_overrides(args.set), qat_steps=args.steps, qat_val_every=args.val_every)
     require_clean_tree()
     rows = token_curve(P)
     path = write_rows(rows, P, "qat_tokens")
