@@ -45,13 +45,24 @@ def test_ratio_is_taken_against_the_reference_weight_not_the_latent_one():
         C.compare(start, {})
 
 
-def test_start_model_of_rcp_and_without_clip():
+def test_start_model_of_rcp_and_without_clip(monkeypatch):
     """The start of the ablation's RCP has the searched clip (ratio < 1 against its own FP weights) and "w/o Clip"
-    min-max (ratio 1), on the smoke profile's embedded model (no GPTQ, no training)."""
+    min-max (ratio 1), on the first two decoder layers of the smoke profile's embedded model (no GPTQ, no training;
+    the clip search of all 30 layers took a minute and shows nothing more)."""
+    import copy
+    import importlib
+
     from rcp_lib.experiments import method
     from rcp_lib.profiles import get_profile
 
+    build = importlib.import_module("rcp_lib.experiments.build")  # the module (the package exports its build())
+
     P = get_profile("smoke")
+    fp, tok = build.base_model(P)
+    small = copy.deepcopy(fp)
+    small.model.layers = small.model.layers[:2]
+    small.config.num_hidden_layers = 2
+    monkeypatch.setattr(build, "base_model", lambda profile: (small, tok))
     ratios = {}
     for name in ("RCP", "RCP w/o Clip"):
         model = C.start_model(method(name, "W2A4KV4"), P)
