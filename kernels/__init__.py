@@ -17,7 +17,7 @@
   activations (no pre-kernel) unless the layer's Hadamard runs in the pre-kernel. Speed: ``python benchmarks/bench_kernel.py``
   on a GPU (``results/gpu/kernel_speed.csv``; the bit-serial kernel not yet measured);
 * :mod:`.packed_linear`: the deployed layer :class:`~rcp_lib.kernels.packed_linear.PackedLinear` and the choice of the
-  path that computes it (not imported here: it imports ``rcp_lib.quant``);
+  path that computes it (import it from there, or from :mod:`rcp_lib.deploy`);
 * :mod:`.layout`: what the fused path derives at deploy time: the activation order that matches the stored words
   (``activation_permutation``), the weight row sums that carry the float zero point (``weight_row_sums``) and the
   bit planes of the bit-serial kernel (``weight_bitplanes``, ``activation_bitplanes``).

@@ -171,7 +171,7 @@ class PackedLinear(nn.Module):
               device: str | torch.device = "meta") -> "PackedLinear":
         """A layer with uninitialised buffers of the stored shapes (``qweight`` int32 ``[N, ceil(K / (32 // bits))]``,
         ``lut`` ``[N, K / G, 2**bits]`` in ``lut_dtype``, ``bias`` ``[N]`` in ``dtype``), on ``device`` (meta: a
-        skeleton that a checkpoint loader fills, see :func:`install_packed_layers`)."""
+        skeleton that a checkpoint loader fills, see :func:`rcp_lib.deploy.install_packed_layers`)."""
         qweight = torch.empty(N, -(-K // (32 // bits)), dtype=torch.int32, device=device)
         lut = torch.empty(N, K // group_size, 2**bits, dtype=lut_dtype, device=device)
         b = torch.empty(N, dtype=dtype, device=device) if bias else None
@@ -193,7 +193,7 @@ class PackedLinear(nn.Module):
                 and (t is None or isinstance(t, OnlineHadamard)))
 
     def _use_fused(self, x: torch.Tensor) -> bool:
-        from .op import _resolve_backend, triton_available
+        from .op import _resolve_backend
 
         be = _resolve_backend(self.backend)
         if be == "torch" or not self.fused_supported():

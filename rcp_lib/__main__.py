@@ -163,9 +163,9 @@ def _cmd_reproduce(args: argparse.Namespace) -> int:
             return 1
         print(f"dry-run of profile {args.profile!r} passed; outputs in {work}")
         return 0
-    from .profiles import get_profile, parse_overrides
+    from .profiles import get_profile, parse_set_items
 
-    overrides = parse_overrides(args.set)
+    overrides = parse_set_items(args.set)
     if overrides:
         # unknown fields / wrong types / method names, a group that does not fit the model: one line before any
         # notebook runs
@@ -207,11 +207,11 @@ def _table_for(args: argparse.Namespace):
 def _cmd_table(args: argparse.Namespace) -> int:
     from . import experiments as X
     from .io import DirtyTreeError, require_clean_tree
-    from .profiles import get_profile, parse_overrides
+    from .profiles import get_profile, parse_set_items
 
     _apply_allow_dirty(args)
     t, stem = _table_for(args)
-    P = get_profile(args.profile, **parse_overrides(args.set))
+    P = get_profile(args.profile, **parse_set_items(args.set))
     P.check_model_sizes()
     try:
         require_clean_tree()  # fail before computing, not after
@@ -269,9 +269,9 @@ def _cmd_train_rows(args: argparse.Namespace) -> int:
 
     from . import experiments as X
     from .experiments.build import train_rows
-    from .profiles import get_profile, parse_overrides
+    from .profiles import get_profile, parse_set_items
 
-    P = get_profile(args.profile, **parse_overrides(args.set))
+    P = get_profile(args.profile, **parse_set_items(args.set))
     P.check_model_sizes()
     if args.method:
         rows = [X.method(args.method, s) for s in ([args.setting] if args.setting else P.settings)]

@@ -1,6 +1,6 @@
-"""The name that the loader shim (``modeling_rcp.py``) of folders written before the deploy package imports
-(``from rcp_lib.hf import Rcp<Family>Config, Rcp<Family>ForCausalLM``): the same classes as :mod:`rcp_lib.deploy.hf`,
-so those folders keep loading with ``trust_remote_code=True``. New code imports :mod:`rcp_lib.deploy.hf`."""
+"""The stable name the loader shim (``modeling_rcp.py``) of every packed folder imports
+(``from rcp_lib.hf import Rcp<Family>Config, Rcp<Family>ForCausalLM``): the classes of :mod:`rcp_lib.deploy.hf`, where
+the quantizer lives. A folder thus loads with ``trust_remote_code=True`` whichever rcp_lib version wrote it."""
 
 from .deploy.hf import PACKED_CLASSES
 

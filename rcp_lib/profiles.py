@@ -83,8 +83,8 @@ class Profile:
         "block_hadamard:64/g32", "gsr:64/g32"])
     zero_shot_tasks: list[str] = field(default_factory=lambda: ["wiki_lastword", "wiki_nextsent"])
     zero_shot_limit: int | None = 100  # documents per task (None: every document)
-    # the rows of the zero-shot table at the first setting (None: FP, the PTQ baselines and RCP / RCP+GSR among the
-    # profile's methods, rcp_lib.experiments.tables.zero_shot_methods)
+    # the rows of the zero-shot table at the first setting (None: FP, the PTQ baselines, RCP and Uniform-QAT among the
+    # profile's methods, rcp_lib.experiments.tables.ZERO_SHOT_ROWS)
     zero_shot_methods: list[str] | None = None
     settings: list[str] = field(default_factory=lambda: ["W2A4KV4", "W2A16KV16", "W4A4KV4"])
     methods: list[str] | None = None  # None: every method of the tables; else only these names
@@ -95,7 +95,7 @@ class Profile:
     # budget above sets steps, seqlen, batch, accumulation, validation. configs/recipes/qat/cpu.yaml says why its values
     qat_recipe: str = "configs/recipes/qat/cpu.yaml"
     # fields on top of that file, in its layout: {"qat": {QATConfig fields}, "quant": {"weight": {start fields}}}
-    # (e.g. a point of rcp_lib/experiments/sweep.py: --set 'qat_overrides={"qat": {"lr_quant": 3e-3}}')
+    # (e.g. a point of python -m rcp_lib.experiments.sweep: --set 'qat_overrides={"qat": {"lr_quant": 3e-3}}')
     qat_overrides: dict = field(default_factory=dict)
     # the fields changed from the named profile (set by with_overrides; not a setting: excluded from cache keys)
     overrides: dict = field(default_factory=dict)
@@ -221,9 +221,11 @@ PROFILES: dict[str, Profile] = {
     # split for FP, RCP and QuaRot-GPTQ only (the sample / whole check of the spread windows, about 6 min a
     # quantized row; the gpu profile scores every row on the whole split)
     # and (issue 35: the extra rows go to the ablation profile) the equal-bits rival (Uniform-QAT g32, W2A4KV4 only),
-    # which the ``ablation`` profile runs with seeds, is left to it: about 13 of the 121 min measured at fb9e844; so
-    # are the GSR controls (BlockHadamard-GPTQ at W2A4KV4 and W2A16KV16, RCP+GSR), about 19 min more, whose decision
-    # is the ablation profile's gsr_decision (three seeds, both parts).
+    # which the ``ablation`` profile runs with seeds, is left to it: about 13 of the 121 min measured at fb9e844; and
+    # (about 19 min more) the GSR pairs, one seed of which decides nothing: BlockHadamard-GPTQ (W2A4KV4, W2A16KV16)
+    # and RCP+GSR. GSR is decided by the ablation profile's gsr_decision (three seeds: GSR's R1 on 4-bit activations,
+    # and GSR-GPTQ against BlockHadamard-GPTQ at W2A16KV16 with groups smaller than the block); the pairs at W2A4KV4,
+    # GSR-GPTQ / BlockHadamard-GPTQ and RCP+GSR / RCP+BlockHadamard, run with --set 'methods=[...]' in either profile.
     # QuaRot-GPTQ static and Uniform-QAT stay at every setting (their W2A16KV16 / W4A4KV4 rows are in no other
     # cpu-sized table); the seeded ablations stay out through qat_ablation_rows=False
     "cpu": Profile(name="cpu", qat_ablation_rows=False, analysis_layers=list(range(0, 30, 3)),
@@ -268,7 +270,7 @@ def get_profile(name: str, **overrides) -> Profile:
     return PROFILES[name].with_overrides(**overrides)
 
 
-def parse_overrides(items: list[str] | None) -> dict:
+def parse_set_items(items: list[str] | None) -> dict:
     """``--set`` items of the command lines -> profile overrides for :func:`get_profile`:
     ``["qat_steps=160", 'methods=["RCP"]', "zero_shot_limit=null"]`` -> ``{"qat_steps": 160, "methods": ["RCP"],
     "zero_shot_limit": NULL}`` (values parsed as JSON where possible, else kept as strings; ``null`` becomes

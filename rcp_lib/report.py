@@ -428,7 +428,7 @@ def sweep_markdown(sweep: pd.DataFrame) -> str:
     ratios = (pairs["const"] / pairs["search"]).dropna() if {"const", "search"} <= set(pairs.columns) else pd.Series([], dtype=float)
     sem = float(best["val_ppl_sem"])
     spread = f" ± {_fmt_ppl(sem)} (standard error)" if math.isfinite(sem) else ""
-    txt = (f"QAT recipe sweep (`rcp_lib/experiments/sweep.py`, `results/cpu/recipe_sweep.csv`): {len(per_point)} points "
+    txt = (f"QAT recipe sweep (`python -m rcp_lib.experiments.sweep`, `results/cpu/recipe_sweep.csv`): {len(per_point)} points "
            f"({len(sweep)} runs; {int((n_seeds > 1).sum())} points at {int(n_seeds.max())} seeds), "
            f"{int(r0['steps'])} steps × {int(r0['tokens']) // int(r0['steps'])} tokens each, scored on "
            f"{r0['val_split']} (never the test split). Selected (lowest mean among the points run at the most seeds): "
@@ -453,7 +453,7 @@ def sweep_markdown(sweep: pd.DataFrame) -> str:
 
 
 def sweep_table_markdown(sweep: pd.DataFrame, name: str = "recipe_sweep_gptq", profile: str = "cpu") -> str:
-    """The learning-rate sweep under the GPTQ start (``results/cpu/<name>.csv`` of ``rcp_lib/experiments/sweep.py
+    """The learning-rate sweep under the GPTQ start (``results/cpu/<name>.csv`` of ``python -m rcp_lib.experiments.sweep
     --name <name>``, one row per point and seed) as a table: per point its learning rates, validation perplexity on the
     held-out train tail (mean ± standard error over seeds), the start's perplexity, how far each part moved (means
     over seeds: clip ratio, levels, share of weights whose code changed, relative latent-weight change) and its order
@@ -465,7 +465,7 @@ def sweep_table_markdown(sweep: pd.DataFrame, name: str = "recipe_sweep_gptq", p
     best = chosen.iloc[0]
     fresh = _orders_from_rows(sweep, "point", "val_ppl", best, lambda p: f"point {p}")
     r0 = sweep.iloc[0]
-    lines = [f"Learning-rate sweep under the GPTQ start (`rcp_lib/experiments/sweep.py --name {name}`, "
+    lines = [f"Learning-rate sweep under the GPTQ start (`python -m rcp_lib.experiments.sweep --name {name}`, "
              f"`results/{profile}/{name}.csv`): RCP W2A4KV4, {int(r0['steps'])} steps × "
              f"{int(r0['tokens']) // int(r0['steps'])} tokens, validation perplexity on {r0['val_split']} (never the "
              f"test split); selected: the lowest mean among the points run at the most seeds.", "",
@@ -553,7 +553,7 @@ def _variant_what(config: dict) -> str:
 
 
 def variants_markdown(var: pd.DataFrame, table_config: dict | None = None) -> str:
-    """The recipe variants (``recipe_variants.csv``, one row per variant and seed; ``rcp_lib/experiments/variants.py``):
+    """The recipe variants (``recipe_variants.csv``, one row per variant and seed; ``python -m rcp_lib.experiments.variants``):
     a table of validation perplexity (mean ± standard error over seeds), step-0 perplexity, training seconds, tokens,
     Block-AP's MSE ratio and the movement, each variant's order against ``default`` (only from a t-test, :mod:`rcp_lib.stats`),
     one sentence on what that means for the default recipe and, given the ``config`` of the perplexity table's RCP
@@ -562,7 +562,7 @@ def variants_markdown(var: pd.DataFrame, table_config: dict | None = None) -> st
         return "–" if v is None or pd.isna(v) else fmt(float(v))
 
     r0 = var.iloc[0]
-    lines = [f"QAT recipe variants (`rcp_lib/experiments/variants.py`, `results/cpu/recipe_variants.csv`): the sweep's "
+    lines = [f"QAT recipe variants (`python -m rcp_lib.experiments.variants`, `results/cpu/recipe_variants.csv`): the sweep's "
              f"selected recipe (`default`: its searched start, no GPTQ) against each variant at the same seeds, scored like the sweep on {r0['val_split']}; `seconds` is "
              f"GPTQ + Block-AP + training, without evaluations. An order against the default is stated only from "
              f"a t-test on log perplexity over the seeds (paired by seed, else Welch's; two-sided p < 0.05, p shown).", "",
@@ -634,11 +634,10 @@ def ablation_markdown(summary: pd.DataFrame, start: pd.DataFrame | None = None,
     each part moved (means over seeds; code flips: the share of weights whose code changed), and the order against RCP that
     :func:`rcp_lib.experiments.ablation.separation` states (only from a t-test, :mod:`rcp_lib.stats`).
 
-    ``start`` (``ablation_start.csv`` of ``rcp_lib/experiments/ablation_start.py``, one row per method and seed), when given,
+    ``start`` (``ablation_start.csv`` of ``python -m rcp_lib.experiments.ablation_start``, one row per method and seed), when given,
     adds where each row's quantizer starts and ends against the rotated FP weights (clip ratio) and the uniform grid
     (level offset), means over seeds (the movement columns divide by the latent weights of the QAT start, which a GPTQ
-    start puts inside the range). What a difference comes from is a conclusion, written by people in notebook 06 from
-    these columns, not here. ``seeds`` (``ablation.csv``, one row per method and seed), when given, recomputes the orders from the
+    start puts inside the range). The report prints these columns and the tests; it states no cause for a difference. ``seeds`` (``ablation.csv``, one row per method and seed), when given, recomputes the orders from the
     values (:func:`rcp_lib.experiments.ablation.refresh_orders`); without it only orders in the current phrasing of
     :mod:`rcp_lib.stats` are shown."""
     def num(r, k, fmt):
@@ -687,7 +686,7 @@ def ablation_markdown(summary: pd.DataFrame, start: pd.DataFrame | None = None,
     return "\n".join(lines)
 
 
-#: the overrides a token curve of a profile may carry (``rcp_lib/experiments/curve.py --steps/--val-every``): its length
+#: the overrides a token curve of a profile may carry (``python -m rcp_lib.experiments.curve --steps/--val-every``): its length
 TOKEN_CURVE_OVERRIDES = frozenset({"qat_steps", "qat_val_every"})
 
 
@@ -918,7 +917,7 @@ def results_markdown(profile: str = "cpu", results: Path | None = None, link_roo
     abl_p = d.parent / "ablation" / _file("ablation_summary")
     if abl_p.exists():
         abl = pd.read_csv(abl_p)
-        start_p = abl_p.parent / _file("ablation_start")  # rcp_lib/experiments/ablation_start.py
+        start_p = abl_p.parent / _file("ablation_start")  # python -m rcp_lib.experiments.ablation_start
         commits = sorted(set(abl["git_commit"].astype(str))) if "git_commit" in abl else []
         out += [f"Ablation with seeds (`ablation` profile, notebook 06: `python -m rcp_lib reproduce --profile "
                 f"ablation`; W2A4KV4, the `cpu` profile's test windows and QAT budget, one run per seed, the seed "

@@ -5,12 +5,11 @@ import json
 import pytest
 
 from rcp_lib.__main__ import CliError, build_parser, main
-from rcp_lib.profiles import parse_overrides
-from rcp_lib.profiles import get_profile
+from rcp_lib.profiles import get_profile, parse_set_items
 
 
 def test_set_overrides_parse_json_values():
-    o = parse_overrides(["qat_steps=160", 'methods=["RCP", "RCP w/o Clip"]', "corpus=wiki-excerpt"])
+    o = parse_set_items(["qat_steps=160", 'methods=["RCP", "RCP w/o Clip"]', "corpus=wiki-excerpt"])
     assert o == {"qat_steps": 160, "methods": ["RCP", "RCP w/o Clip"], "corpus": "wiki-excerpt"}
     P = get_profile("cpu", **o)
     assert P.qat_steps == 160 and P.methods == ["RCP", "RCP w/o Clip"] and P.name == "cpu"
@@ -19,9 +18,9 @@ def test_set_overrides_parse_json_values():
 def test_set_null_sets_a_field_to_none():
     """``--set zero_shot_limit=null`` (every document): JSON null reaches the profile as None, across papermill's JSON
     too; a plain None keyword changes nothing; a field that cannot be None says so."""
-    from rcp_lib.experiments.notebook import parse_overrides
+    from rcp_lib.experiments.notebook import parse_overrides  # the notebooks' side: a dict or its JSON
 
-    P = get_profile("cpu", **parse_overrides(["zero_shot_limit=null", "methods=null"]))
+    P = get_profile("cpu", **parse_set_items(["zero_shot_limit=null", "methods=null"]))
     assert P.zero_shot_limit is None and P.methods is None and P.run_name != "cpu"
     # reproduce hands P.overrides to the notebooks as JSON; there they rebuild the same profile
     for sent in (json.dumps(P.overrides), json.dumps({"zero_shot_limit": None, "methods": None})):
@@ -29,14 +28,14 @@ def test_set_null_sets_a_field_to_none():
         assert Q == P and Q.run_name == P.run_name
     assert get_profile("cpu", zero_shot_limit=None).zero_shot_limit == get_profile("cpu").zero_shot_limit
     with pytest.raises(ValueError, match="'qat_steps' cannot be null"):
-        get_profile("cpu", **parse_overrides(["qat_steps=null"]))
+        get_profile("cpu", **parse_set_items(["qat_steps=null"]))
 
 
 def test_set_overrides_reject_malformed_and_unknown_fields():
     with pytest.raises(ValueError, match="KEY=VALUE"):
-        parse_overrides(["qat_steps"])
+        parse_set_items(["qat_steps"])
     with pytest.raises(ValueError, match="unknown profile fields"):
-        get_profile("cpu", **parse_overrides(["qat_stepz=3"]))
+        get_profile("cpu", **parse_set_items(["qat_stepz=3"]))
 
 
 def test_profile_overrides_coerce_numeric_strings_and_name_a_wrong_type():
@@ -60,7 +59,7 @@ def test_table_and_reproduce_parsers_accept_repeated_set():
     a = build_parser().parse_args(["table", "--families", "qat", "--set", "qat_steps=8", "--set", 'settings=["W2A4KV4"]'])
     assert a.families == ["qat"] and a.set == ["qat_steps=8", 'settings=["W2A4KV4"]']
     r = build_parser().parse_args(["reproduce", "--profile", "smoke", "--set", "qat_steps=3"])
-    assert r.set == ["qat_steps=3"] and parse_overrides(r.set) == {"qat_steps": 3}
+    assert r.set == ["qat_steps=3"] and parse_set_items(r.set) == {"qat_steps": 3}
 
 
 def test_table_command_resolves_registered_tables():

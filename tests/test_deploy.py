@@ -132,7 +132,7 @@ def test_decode_cache_decodes_once_and_follows_the_buffers(monkeypatch):
     ``decode_cache = False`` (every call decodes)."""
     import rcp_lib.kernels.bitpack as bitpack
     import rcp_lib.kernels.reference as reference
-    import rcp_lib.kernels.packed_linear as packing
+    import rcp_lib.kernels.packed_linear as packed_linear
 
     calls = []
     real = bitpack.dequantize
@@ -141,7 +141,7 @@ def test_decode_cache_decodes_once_and_follows_the_buffers(monkeypatch):
         calls.append(1)
         return real(*a, **k)
 
-    monkeypatch.setattr(packing, "dequantize", counting)
+    monkeypatch.setattr(packed_linear, "dequantize", counting)
     monkeypatch.setattr(reference, "dequantize", counting)
     p = _random_packed()
     x = torch.randn(1, 192)

@@ -16,7 +16,7 @@ from transformers import AutoModelForCausalLM
 import rcp_lib  # noqa: F401  (registers the "rcp" quantizer)
 from rcp_lib import models as M
 from rcp_lib.deploy import (FORMAT_VERSION, PackedFormatError, PackedLinear, check_folder, load_quantized,
-                             packed_model_bytes, save_quantized)
+                            packed_model_bytes, save_quantized)
 from rcp_lib.quant.apply import preset, quantize_model
 from rcp_lib.rotation.fuse import RotationConfig, rotate_model
 
@@ -373,14 +373,16 @@ def test_format_version_2_folders_still_load(tmp_path):
         assert _rel(ref, loaded(IDS).logits) < 1e-5
 
 
-def test_the_shim_of_folders_written_before_the_deploy_package_still_imports():
-    """Folders written before ``rcp_lib.deploy`` existed carry ``from rcp_lib.hf import Rcp<...>`` in their
-    ``modeling_rcp.py``: that name gives the same registered classes."""
+def test_the_shim_imports_the_quantizer_classes_by_their_stable_name():
+    """Every folder's ``modeling_rcp.py`` imports ``from rcp_lib.hf import Rcp<...>`` (folders written before
+    ``rcp_lib.deploy`` existed did too): that name gives the registered classes of :mod:`rcp_lib.deploy.hf`."""
     import rcp_lib.deploy.hf as new
-    import rcp_lib.hf as old
+    import rcp_lib.hf as stable
+    from rcp_lib.deploy.format import _SHIM_TEXT
 
-    assert old.__all__ and all(getattr(old, n) is getattr(new, n) for n in old.__all__)
+    assert stable.__all__ and all(getattr(stable, n) is getattr(new, n) for n in stable.__all__)
     cfg, lm = new.PACKED_CLASSES["rcp_llama"]
+    line = next(l for l in _SHIM_TEXT.splitlines() if l.startswith("from "))
     ns: dict = {}
-    exec(f"from rcp_lib.hf import {cfg.__name__}, {lm.__name__}", ns)
+    exec(line.split("#")[0].format(config=cfg.__name__[3:], base=lm.__name__[3:]), ns)
     assert ns[cfg.__name__] is cfg and ns[lm.__name__] is lm

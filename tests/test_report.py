@@ -218,7 +218,6 @@ def test_ablation_block_in_readme(tmp_path):
     assert "| RCP | 3 | 400 ± 5.77 | 50000 | – | 0.672 → 0.671 | 0.0120 | 0.0130 | – | 0.0034 | – |" in md
     assert "| RCP w/o Clip | 3 | 410 ± 17.30 |" in md and "not separable at this budget (Welch p = 0.5, n = 3, 3) |" in md
     assert "Not comparable row to row" not in md  # no fingerprints recorded on either side: nothing to compare
-    assert "the gap comes from the searched clip start" not in md  # nothing separated from RCP here
     abl = pd.read_csv(tmp_path / "ablation" / "ablation_summary.csv")
     extra = {**abl.iloc[1].to_dict(), "method": "RCP w/o Rotate", "ppl_mean": 4000.0, "vs_RCP": "RCP < RCP w/o Rotate (Welch p = 0.01, n = 3, 3)"}
     abl = pd.concat([abl, pd.DataFrame([extra])], ignore_index=True)
@@ -229,9 +228,9 @@ def test_ablation_block_in_readme(tmp_path):
     rows["code_fingerprint"] = "old"
     rows.to_csv(res / "perplexity.csv", index=False)
     md = results_markdown("cpu", res)
-    # the report prints the rows and their tests; what a gap comes from is written by people (notebook 06)
+    # the report prints the rows and their tests, and states no cause for a gap
     assert "| RCP w/o Clip | 3 | 410 ± 17.30 |" in md and "RCP < RCP w/o Clip (Welch p = 0.01, n = 3, 3) |" in md
-    assert "comes from" not in md
+    assert "the gap comes from the searched clip start" not in md and "its clip ratio starts at" not in md
     assert "rotation is worth 10× in the ablation with seeds (means over 3 seeds: w/o Rotate 4000 vs RCP 400; " \
            "RCP < RCP w/o Rotate (Welch p = 0.01, n = 3, 3) — from the ablation's own code, not comparable row to row with this table" in md
     assert "**Not comparable row to row:** the ablation ran with code new and the perplexity table above with code old" in md
@@ -433,7 +432,8 @@ def test_ablation_start_columns():
     assert "| 0.670 → 0.673 | 0.0500 → 0.0510 | – |" in md  # RCP, means over its two seeds
     assert "| 1.000 → 1.003 | 0.0600 → 0.0610 | RCP < RCP w/o Clip (Welch p = 0.01, n = 3, 3) |" in md
     assert "| 0.500 → 0.503 | 0.0400 → 0.0410 |" in md  # w/o Rotate, means over its two seeds
-    assert "which neither GPTQ nor QAT touched" in md and "comes from" not in md  # no verdict written by the report
+    assert "which neither GPTQ nor QAT touched" in md  # the columns, and no cause written by the report:
+    assert "the gap comes from" not in md and "off the uniform grid instead of RCP's" not in md
     plain = ablation_markdown(summary)  # without the file: no such columns
     assert "vs FP weights" not in plain
     assert "| – | – |" in ablation_markdown(summary, start[start.method != "RCP w/o Rotate"])

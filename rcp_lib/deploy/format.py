@@ -1,5 +1,6 @@
-"""The saved and deployed forms of a quantized model: the frozen-state tensors, ``save_quantized`` /
-``load_quantized``, and the deployed layer :class:`PackedLinear`.
+"""The saved form of a quantized model: the frozen-state tensors, ``save_quantized`` / ``check_folder`` /
+``load_quantized``, and :func:`deploy`, which turns a fake-quant model into the deployed layers in memory. The deployed
+layer itself, :class:`~rcp_lib.kernels.packed_linear.PackedLinear`, lives beside the kernels.
 
 Lifecycle (one path for QAT students, GPTQ and RTN): a model prepared by ``rotate_model`` + ``quantize_model`` is
 trained or calibrated, its layers end frozen (:meth:`rcp_lib.quant.linear.QuantLinear.freeze`: codes + level
@@ -20,7 +21,7 @@ Folder layout (format version :data:`FORMAT_VERSION`), a Hugging Face model fold
   fp16) and ``<name>.bias`` if any; projections kept in full precision as ``<name>.weight``; every other tensor
   (embedding, lm_head, norms) in ``dtype`` (by default the model's compute dtype: the folder holds what was
   evaluated; ``dtype=torch.float16`` is the smaller opt-in). The names are the state dict of the deployed model.
-* ``config.json`` — the transformers config (``model_type`` ``rcp_<family>`` of :mod:`rcp_lib.hf`, untied embeddings, ``dtype`` = the model's compute dtype) with
+* ``config.json`` — the transformers config (``model_type`` ``rcp_<family>`` of :mod:`rcp_lib.deploy.hf`, untied embeddings, ``dtype`` = the model's compute dtype) with
   ``quantization_config = {"quant_method": "rcp", "format_version", "storage_dtype", "rotation", "quant"}`` (the
   :class:`~rcp_lib.recipe.Recipe`'s rotation and quant dicts: what the loader re-runs) and ``auto_map`` to the shim.
 * ``quant_map.json`` — the manifest: the format version, one entry per projection (bits, group size, N, K,
@@ -31,7 +32,7 @@ Folder layout (format version :data:`FORMAT_VERSION`), a Hugging Face model fold
 
 :func:`check_folder` checks the format version, the checksums, every shard's presence and that the tensors match the
 manifest; :func:`install_packed_layers` re-runs the surgery on a meta skeleton and checks it against the manifest
-(anything else raises :class:`PackedFormatError`); the "rcp" transformers quantizer (:mod:`rcp_lib.hf`) runs both
+(anything else raises :class:`PackedFormatError`); the "rcp" transformers quantizer (:mod:`rcp_lib.deploy.hf`) runs both
 inside ``AutoModelForCausalLM.from_pretrained``, and :func:`load_quantized` calls that.
 
 :class:`PackedLinear` is the one deployed form of a :class:`rcp_lib.quant.linear.QuantLinear`
@@ -71,7 +72,7 @@ if TYPE_CHECKING:
 # Version 1: model.safetensors + quant_map.json holding the configs and one checksum (no config.json).
 # Version 2: a Hugging Face model folder (config.json with quantization_config, sharded safetensors + index, tokenizer,
 # generation config, loader shim); quant_map.json is the manifest (layers, tensors, one checksum per file).
-# Version 3: version 2 with config.json's model_type "rcp_<family>" (rcp_lib.hf), so that transformers without rcp_lib
+# Version 3: version 2 with config.json's model_type "rcp_<family>" (rcp_lib.deploy.hf), so that transformers without rcp_lib
 # refuses the folder instead of loading random weights. Version 2 folders are still read (same tensors).
 FORMAT_VERSION = 3
 READ_VERSIONS = (2, 3)
@@ -287,7 +288,7 @@ quantizer (config.json's quantization_config) builds the model on the meta devic
 the packed tensors. rcp_lib must be importable (pip install the rcp-companion repository, or put it on PYTHONPATH).
 """
 
-from rcp_lib.deploy.hf import Rcp{config}, Rcp{base}  # noqa: F401  (importing rcp_lib registers them)
+from rcp_lib.hf import Rcp{config}, Rcp{base}  # noqa: F401  (importing rcp_lib registers them)
 '''
 
 
@@ -499,7 +500,7 @@ def check_folder(path: str | os.PathLike) -> PackedFolder:
     if not isinstance(qcfg, dict) or qcfg.get("quant_method") != QUANT_METHOD or not (path / MAP).is_file():
         raise PackedFormatError(f"{path} is not an rcp_lib packed model folder (needs config.json with "
                                 f"quantization_config.quant_method = {QUANT_METHOD!r} and {MAP}; "
-                                f"write one with rcp_lib.packing.save_quantized)")
+                                f"write one with rcp_lib.deploy.save_quantized)")
     try:
         qmap = json.loads((path / MAP).read_text())
     except json.JSONDecodeError as e:
@@ -626,7 +627,7 @@ def load_quantized(path: str | os.PathLike, device: str | torch.device = "cpu", 
     """Load a folder written by :func:`save_quantized`. Returns ``(model, tokenizer or None)``.
 
     The folder is checked first (:func:`check_folder`: nothing is built from a bad folder), then loaded with
-    ``AutoModelForCausalLM.from_pretrained``: the "rcp" quantizer (:mod:`rcp_lib.hf`) builds the model on the meta
+    ``AutoModelForCausalLM.from_pretrained``: the "rcp" quantizer (:mod:`rcp_lib.deploy.hf`) builds the model on the meta
     device, re-runs the stored rotation and quantization surgery with empty packed layers
     (:func:`install_packed_layers`) and transformers loads the stored tensors into them; no full-precision weight of a
     quantized projection is ever built. LUTs keep the stored dtype; the other float tensors are cast to ``dtype``.

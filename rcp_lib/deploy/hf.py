@@ -17,18 +17,19 @@ Loading (``AutoModelForCausalLM.from_pretrained(DIR)`` after ``import rcp_lib``)
 
 1. the model is built from the config on the meta device (transformers' own init context);
 2. :meth:`RcpHfQuantizer.validate_environment` checks the format version, then
-   ``_process_model_before_weight_loading`` checks the folder (:func:`rcp_lib.packing.check_folder`: checksums,
+   ``_process_model_before_weight_loading`` checks the folder (:func:`rcp_lib.deploy.check_folder`: checksums,
    manifest, safetensors headers) and re-runs rcp_lib's surgery on the skeleton
-   (:func:`rcp_lib.packing.install_packed_layers`), then checks that the skeleton's state dict is exactly the
+   (:func:`rcp_lib.deploy.install_packed_layers`), then checks that the skeleton's state dict is exactly the
    stored tensors;
 3. transformers loads the packed tensors (int32 codes, LUTs in their stored dtype, the rest cast to the requested
    dtype) straight into those buffers: no full-precision copy of a quantized projection is built.
 
 ``model.save_pretrained`` of a loaded model is refused (``is_serializable`` is False: transformers would write no
-manifest); write folders with :func:`rcp_lib.packing.save_quantized`, which also takes a loaded model.
+manifest); write folders with :func:`rcp_lib.deploy.save_quantized`, which also takes a loaded model.
 
-Imports: this module imports transformers and :mod:`rcp_lib.families` at import time and :mod:`rcp_lib.packing`
-only inside the quantizer's methods; :mod:`rcp_lib.packing` never imports this module (no cycle).
+Imports: this module imports transformers, :mod:`rcp_lib.families` and :mod:`rcp_lib.deploy.format` at import time;
+nothing it imports imports it back (no cycle). The loader shim of a folder imports these classes by the stable name
+:mod:`rcp_lib.hf`.
 """
 
 from __future__ import annotations
@@ -53,7 +54,7 @@ class RcpConfig(QuantizationConfigMixin):
     """``config.json``'s ``quantization_config`` of an rcp_lib packed folder.
 
     Attributes:
-        format_version: :data:`rcp_lib.packing.FORMAT_VERSION` of the writer.
+        format_version: :data:`rcp_lib.deploy.FORMAT_VERSION` of the writer.
         rotation: :meth:`RotationConfig.to_dict` (R1 kind, block, seed, R2/R3/R4 flags), or None.
         quant: :meth:`QuantConfig.to_dict` (weight bits, group size, method; activation and KV bits and clip ratios).
         storage_dtype: "float16" or "float32" (the LUTs and the full-precision tensors as stored).
@@ -81,7 +82,7 @@ class RcpHfQuantizer(HfQuantizer):
     def validate_environment(self, *args: Any, **kwargs: Any) -> None:
         check_format_version(self.quantization_config.format_version, "config.json")
         if not self.pre_quantized:
-            raise ValueError("the rcp quantization method loads folders written by rcp_lib.packing.save_quantized; "
+            raise ValueError("the rcp quantization method loads folders written by rcp_lib.deploy.save_quantized; "
                              "to quantize a model use rcp_lib.rotate_model + rcp_lib.quantize_model")
 
     def _process_model_before_weight_loading(self, model: Any, checkpoint_files: list[str] | None = None,

@@ -162,12 +162,12 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.allow_dirty:
         os.environ["RCP_ALLOW_DIRTY"] = "1"
-    from ..profiles import parse_overrides
+    from ..profiles import parse_set_items
     from . import write_rows
     from ..io import require_clean_tree
     from ..profiles import get_profile
 
-    P = get_profile(args.profile, **parse_overrides(args.set))
+    P = get_profile(args.profile, **parse_set_items(args.set))
     require_clean_tree()  # before computing, not after
     out = rows(P)
     for name in dict.fromkeys(r["method"] for r in out):

@@ -28,13 +28,13 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.allow_dirty:
         os.environ["RCP_ALLOW_DIRTY"] = "1"
-    from ..profiles import parse_overrides
+    from ..profiles import parse_set_items
     from . import plot_token_curve, token_curve, write_rows
     from ..io import require_clean_tree, save_figure
     from ..paths import figures_dir
     from ..profiles import get_profile
 
-    P = get_profile(args.profile, **parse_overrides(args.set), qat_steps=args.steps, qat_val_every=args.val_every)
+    P = get_profile(args.profile, **parse_set_items(args.set), qat_steps=args.steps, qat_val_every=args.val_every)
     require_clean_tree()
     rows = token_curve(P)
     path = write_rows(rows, P, "qat_tokens")

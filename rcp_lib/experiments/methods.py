@@ -99,7 +99,8 @@ def ptq_methods(settings: list[str]) -> list[Method]:
 
 
 #: ablation rows whose order needs seeds: with ``Profile.qat_ablation_rows=False`` (the ``cpu`` profile) the tables
-#: leave them to the ``ablation`` profile, which runs each with several seeds (RCP+GSR stays: a method of its own)
+#: leave them to the ``ablation`` profile, which runs each with several seeds (RCP+GSR is not one: a method of its own,
+#: which the cpu profile leaves out by name, rcp_lib.profiles.CPU_METHODS)
 SEEDED_ABLATIONS = ("RCP levels frozen", "RCP clip frozen", "RCP w/o Rotate", "RCP w/o Clip", "RCP+BlockHadamard")
 
 

@@ -268,14 +268,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.allow_dirty:
         os.environ["RCP_ALLOW_DIRTY"] = "1"
 
-    from ..profiles import parse_overrides
+    from ..profiles import parse_set_items
     from . import base_model, tokens, write_rows
     from .rows import cached_row, code_key
     from ..io import require_clean_tree
     from ..paths import results_dir
     from ..profiles import get_profile
 
-    P = get_profile(args.profile, **parse_overrides(args.set))
+    P = get_profile(args.profile, **parse_set_items(args.set))
     steps = args.steps or P.qat_steps
     grid = parse_grid(args.grid)
     pts = points(grid)

@@ -9,7 +9,7 @@ The questions of the issue "a recipe under which Clip and Partition actually lea
 (item 5), does a GPTQ start on the quantizer's grid with a static range help (item 2), does training at the evaluation
 length help at equal tokens (item 6). Every variant is the sweep's selected point (:data:`POINT`: its learning rates
 and gradient clip are the ``cpu`` profile's) with the profile overrides and step count of :data:`VARIANTS`, trained and
-scored exactly as a sweep point (:func:`recipe_sweep.score_point`: validation perplexity on the held-out tail of the
+scored exactly as a sweep point (:func:`~rcp_lib.experiments.sweep.score_point`: validation perplexity on the held-out tail of the
 TRAIN split, never the test split). ``default`` is the point with the start the sweep selected it with
 (:data:`SEARCHED_START`; same key as the sweep's rows of that code). ``gptq-static`` beat it (Welch p < 0.05 over 3 seeds)
 and has been the profile's start since, so every variant pins its start explicitly.
@@ -50,7 +50,7 @@ from .sweep import (
     with_recipe,
 )
 
-#: the sweep's selected point (its index in ``recipe_sweep.py --list``): its learning rates and gradient clip are the
+#: the sweep's selected point (its index in ``python -m rcp_lib.experiments.sweep --list``): its learning rates and gradient clip are the
 #: cpu profile's
 POINT = 35
 
