@@ -4,6 +4,7 @@ PTQ weights and the trained QAT students cached (keys: :mod:`rcp_lib.experiments
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import shutil
 import time
@@ -20,6 +21,7 @@ from ..paths import cache_dir
 from ..profiles import Profile
 from ..qat import QATConfig, train
 from ..quant.apply import quantize_model
+from ..quant.linear import QuantLinear
 from ..rotation.fuse import rotate_model
 from .methods import Method
 from .rows import code_key, _log_cache, qat_key, cache_name, ptq_key
@@ -88,13 +90,17 @@ def build(method: Method, profile: Profile, progress: bool = True, check_memory:
         rotate_model(model, recipe.rotation)
     if recipe.quant is None:
         return model
-    quantize_model(model, recipe.quant)
+    out = cache_dir() / "qat" / qat_key(method, profile) if recipe.qat is not None else None
+    trained = out is not None and (out / "student.pt").exists()
+    # a trained student's state replaces every quantizer value the start would set (strict load): no clip search or
+    # Lloyd fit for it (the same model, bit for bit; tests/quant/test_linear.py)
+    quantize_model(model, recipe.quant,
+                   layer_factory=functools.partial(QuantLinear.from_linear, init=False) if trained else None)
     if recipe.ptq in ("rtn", "gptq"):
         _ptq_cached(model, method, profile, progress)
     if recipe.qat is not None:
-        out = cache_dir() / "qat" / qat_key(method, profile)
         done = out / "student.pt"
-        if done.exists():  # (a GPTQ start needs no GPTQ here: the static quantizers take the trained state)
+        if trained:  # (a GPTQ start needs no GPTQ here: the static quantizers take the trained state)
             model.load_state_dict(torch.load(done, map_location=profile.device), strict=True)
         else:
             if check_memory:

@@ -82,9 +82,10 @@ class QuantLinear(nn.Module):
         act_clip_ratio: float = 1.0,
         input_transform: nn.Module | None = None,
         name: str = "weight",
+        init: bool = True,
     ) -> "QuantLinear":
         """Wrap ``linear`` (sharing its weight and bias parameters) and initialise the weight quantizer from its
-        weight (:meth:`WeightQuantizer.init_from`, e.g. the Lloyd fit).
+        weight (:meth:`WeightQuantizer.init_from`, e.g. the clip search and the Lloyd fit).
 
         Args:
             linear: any module with ``weight [out, in]`` and ``bias`` (``nn.Linear``).
@@ -93,13 +94,16 @@ class QuantLinear(nn.Module):
             act_clip_ratio: clip ratio of the input quantizer.
             input_transform: optional module applied to the input first.
             name: layer name used in error messages (e.g. a group size that does not divide).
+            init: False leaves the quantizer at its constructor values, for a layer whose whole state is loaded next
+                (``load_state_dict``: every value ``init_from`` sets is a parameter or a persistent buffer, a test
+                checks it), which skips the start's clip search and Lloyd fit.
         """
         out_f, in_f = linear.weight.shape
         bias = getattr(linear, "bias", None)
         q = cls(in_f, out_f, bias=bias is not None, weight_config=wcfg, act_bits=act_bits,
                 act_clip_ratio=act_clip_ratio, input_transform=input_transform, name=name,
                 weight=linear.weight, bias_param=bias)
-        if q.weight_quantizer is not None:
+        if q.weight_quantizer is not None and init:
             q.weight_quantizer.init_from(linear.weight.detach())
         return q
 

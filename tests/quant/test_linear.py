@@ -79,3 +79,35 @@ def test_state_dict_roundtrip():
     q2.load_state_dict(q.state_dict())
     x = torch.randn(3, 32)
     assert torch.equal(q(x), q2(x))
+
+
+_START_CONFIGS = {  # every kind of state init_from writes: LWC logits, static lo / hi (learned or fixed), log-multipliers,
+    # LDP theta (per group or per row), with the searched clip and the Lloyd fit
+    "ldp-lwc-mse-lloyd": WeightQuantConfig(bits=2, group_size=16, method="ldp", lwc=True, clip_init="mse",
+                                           ldp_init="lloyd"),
+    "ldp-static-log": WeightQuantConfig(bits=2, group_size=16, method="ldp", lwc=True, clip_init="mse", ldp_init="lloyd",
+                                        range_mode="static", range_param="log"),
+    "ldp-static-abs": WeightQuantConfig(bits=2, group_size=16, method="ldp", lwc=True, clip_init="mse",
+                                        ldp_init="lloyd", range_mode="static"),
+    "ldp-fixed-row": WeightQuantConfig(bits=2, group_size=-1, method="ldp", lwc=False, ldp_init="lloyd",
+                                       ldp_granularity="row", range_mode="static"),
+    "rtn-lwc-static": WeightQuantConfig(bits=2, group_size=16, method="rtn", lwc=True, clip_init="mse",
+                                        range_mode="static", range_param="log"),
+}
+
+
+@pytest.mark.parametrize("name", list(_START_CONFIGS))
+def test_a_loaded_state_needs_no_initialisation(name):
+    """``from_linear(init=False)`` + ``load_state_dict`` gives the initialised layer bit for bit (what ``build`` does for
+    a cached QAT student): every value ``init_from`` sets is in the state dict."""
+    torch.manual_seed(0)
+    lin = nn.Linear(64, 24)
+    wcfg = _START_CONFIGS[name]
+    q = QuantLinear.from_linear(lin, wcfg, act_bits=4, act_clip_ratio=0.9)
+    blank = QuantLinear.from_linear(nn.Linear(64, 24), wcfg, act_bits=4, act_clip_ratio=0.9, init=False)
+    state = q.state_dict()
+    assert any(not torch.equal(v, blank.state_dict()[k]) for k, v in state.items() if "quantizer" in k)  # init did work
+    blank.load_state_dict(state, strict=True)
+    x = torch.randn(5, 64)
+    assert torch.equal(blank.quantized_weight(), q.quantized_weight())
+    assert torch.equal(blank(x), q(x))
