@@ -121,7 +121,9 @@ def _packed_classes(fam: Family) -> tuple[type, type]:
 PACKED_CLASSES: dict[str, tuple[type, type]] = {fam.packed_model_type: _packed_classes(fam) for fam in FAMILIES.values()}
 """``rcp_<family>`` -> ``(config class, causal-LM class)``; each class is also a name of this module (the folder's
 ``modeling_rcp.py`` imports them from here)."""
-globals().update({c.__name__: c for pair in PACKED_CLASSES.values() for c in pair})
+#: every packed class by its name: names of this module and of :mod:`rcp_lib.hf`, the name the folders' shim imports
+CLASSES: dict[str, type] = {c.__name__: c for pair in PACKED_CLASSES.values() for c in pair}
+globals().update(CLASSES)
 
 
 def register() -> None:
