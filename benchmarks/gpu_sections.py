@@ -77,16 +77,16 @@ def warm_tasks() -> list[tuple]:
     """Every launch the later sections compile: ``(N, K, kind, batch, config or None, out dtype name or None)``;
     ``kind`` in select (pre-kernel + select GEMV), gemm, bitplane_one (one-launch bit-serial), bitplane_two (planes
     pre-kernel + bit-serial GEMV), generic (the generic op)."""
-    from rcp_lib.kernels.triton_w2a4 import bitplane_configs, default_config, gemv_configs
+    from rcp_lib.kernels.triton_w2a4 import bitplane_configs, default_config, gemv_configs, prune_split_k
 
-    def tuned(cfgs):  # as the autotuner launches them (triton.Config(..., num_stages=1))
-        return [dict(c, num_stages=1) for c in cfgs]
+    def tuned(cfgs, K):  # as the autotuner launches them (triton.Config(..., num_stages=1)), pruned as it prunes
+        return [dict(c, num_stages=1) for c in prune_split_k(cfgs, K, G)]
 
     tasks = []
     for N, K in WARM_SHAPES:
         for od in ("float16", "float32"):  # timed in fp16, checked in fp32
-            tasks += [(N, K, "select", 1, c, od) for c in tuned(gemv_configs(G))]
-            for c in tuned(bitplane_configs(G)):
+            tasks += [(N, K, "select", 1, c, od) for c in tuned(gemv_configs(G), K)]
+            for c in tuned(bitplane_configs(G), K):
                 tasks += [(N, K, "bitplane_one", 1, c, od), (N, K, "bitplane_two", 1, c, od)]
             for B in (1, 4):  # gpu_check's fixed configurations (decode batches)
                 tasks += [(N, K, "select", B, default_config("gemv", G), od),

@@ -510,12 +510,42 @@ AUTOTUNE = True
 
 def bitplane_configs(G: int) -> list[dict]:
     """Bit-serial GEMV candidates (``BLOCK_N``, ``GPI``, ``SPLIT_K``, warps, stages). With ``G = 128`` a (row, group)
-    is 32 bytes of planes + 8 of levels; the candidates keep >= 2 such per thread and span 1..8-fold split-K, with and
+    is 32 bytes of planes + 8 of levels; the candidates keep >= 2 such per thread and span 1..64-fold split-K, with and
     without the cp.async pipeline (``NUM_STAGES = 1``: plain loads, no shared memory, no barrier in the loop)."""
     cands = [(32, 1, 4, 1, 1), (32, 1, 4, 2, 2), (64, 1, 4, 2, 2), (64, 2, 4, 4, 3), (64, 2, 2, 4, 2),
              (128, 1, 2, 4, 2), (128, 2, 1, 4, 3), (32, 2, 8, 2, 2), (64, 1, 8, 2, 1), (128, 1, 4, 4, 1),
-             (64, 4, 2, 4, 2), (256, 1, 1, 8, 2)]  # fmt: skip
+             (64, 4, 2, 4, 2), (256, 1, 1, 8, 2),
+             # deep split-K (issue 36): at batch 1 and N = 4096, BLOCK_N 64 x SPLIT_K 4 is 256 programs, about two
+             # per SM of an H100; 16-64 splits fill the 132 SMs several times over (gemlite's split-K, the stream-K
+             # of FLUTE / Marlin). Candidates that would leave whole splits empty are pruned per K (prune_split_k)
+             (64, 1, 16, 1, 1), (128, 1, 16, 2, 1), (64, 1, 32, 1, 1), (64, 1, 64, 1, 1)]  # fmt: skip
     return [dict(BLOCK_N=bn, GPI=gpi, SPLIT_K=sk, num_warps=nw, NUM_STAGES=ns) for bn, gpi, sk, nw, ns in cands]
+
+
+def split_k_fits(config: dict, K: int, G: int) -> bool:
+    """Whether every one of the ``SPLIT_K`` splits of ``config`` gets at least one iteration of ``GPI`` groups of
+    ``G`` in a reduction of length ``K`` (``ceil(K / G / GPI) >= SPLIT_K``); otherwise the trailing splits are empty
+    (correct, :func:`_split_range_fn`, but they only add zeros and draw tickets)."""
+    iters = -(-(K // G) // config.get("GPI", 1))
+    return config.get("SPLIT_K", 1) <= max(iters, 1)
+
+
+def prune_split_k(configs: list, K: int, G: int) -> list:
+    """The candidates of ``configs`` (dicts or ``triton.Config``) whose split-K fits ``K`` (:func:`split_k_fits`);
+    never empty: with none fitting, those of the smallest ``SPLIT_K``. Used by the autotuner
+    (``early_config_prune``) and by the GPU report's compile warm-up, so that both compile the same set."""
+    kw = [c.kwargs if isinstance(c, triton.Config) else c for c in configs]
+    keep = [c for c, k in zip(configs, kw) if split_k_fits(k, K, G)]
+    if keep:
+        return keep
+    least = min(k.get("SPLIT_K", 1) for k in kw)
+    return [c for c, k in zip(configs, kw) if k.get("SPLIT_K", 1) == least]
+
+
+def _early_prune(configs, named_args, **kwargs):
+    """``triton.autotune``'s ``early_config_prune``: :func:`prune_split_k` at the call's ``K`` and ``G``."""
+    args = {**named_args, **kwargs}
+    return prune_split_k(configs, int(args["K"]), int(args["G"]))
 
 
 def default_config(path: str, G: int) -> dict:
@@ -574,7 +604,8 @@ def _tuned(kind: str, G: int, split_k: bool):
             configs.append(triton.Config(c, num_warps=nw, num_stages=1))
         _set_helpers(False)
         fn = globals()[_KERNELS[kind]]
-        _TUNED[key] = triton.autotune(configs=configs, key=["N", "K", "B_KEY"], cache_results=True)(triton.jit(fn))
+        _TUNED[key] = triton.autotune(configs=configs, key=["N", "K", "B_KEY"], cache_results=True,
+                                      prune_configs_by={"early_config_prune": _early_prune})(triton.jit(fn))
     return _TUNED[key]
 
 

@@ -102,6 +102,7 @@ CASES = [  # B, N, K, G, config (None: the interpreter's default)
     (1, 40, 256, 32, dict(BLOCK_N=16, GPI=4, SPLIT_K=8, NUM_STAGES=1)),  # empty splits
     (6, 9, 256, 64, dict(BLOCK_N=8, GPI=1, SPLIT_K=2, NUM_STAGES=2)),  # two token tiles
     (4, 24, 512, 128, dict(BLOCK_N=16, GPI=2, SPLIT_K=1, NUM_STAGES=3)),
+    (1, 24, 1024, 32, dict(BLOCK_N=16, GPI=1, SPLIT_K=32, NUM_STAGES=1)),  # deep split-K: one group per split
 ]
 
 
@@ -153,6 +154,29 @@ def test_bitplane_error_within_3x_the_reference_on_weights_with_a_row_mean(one_l
         else:
             y = w2a4_bitplane_matmul_triton(activation_bitplanes(rc), rs, rz, wp, lut, ws, K, G, None, torch.float32)
         assert _rel(y, ref64) <= ref_err, (seed, _rel(y, ref64), ref_err)
+
+
+@needs_triton
+def test_deep_split_k_candidates_are_pruned_where_splits_would_be_empty():
+    """The deep split-K candidates (16-64 splits) reach the autotuner only where every split gets work: at K = 4096 and
+    G = 128 (32 groups) 64 splits would leave 32 empty, at K = 11008 (86 groups) they do not."""
+    import triton
+
+    from rcp_lib.kernels.triton_w2a4 import _early_prune, _tuned, bitplane_configs, prune_split_k
+
+    cands = bitplane_configs(128)
+    assert {c["SPLIT_K"] for c in cands} >= {16, 32, 64}
+    k4096 = prune_split_k(cands, 4096, 128)
+    assert max(c["SPLIT_K"] for c in k4096) == 32 and all(-(-32 // c["GPI"]) >= c["SPLIT_K"] for c in k4096)
+    assert max(c["SPLIT_K"] for c in prune_split_k(cands, 11008, 128)) == 64
+    assert len(prune_split_k(cands, 11008, 128)) == len(cands)
+    # never empty: with no candidate fitting, those of the smallest split-K stay
+    assert {c["SPLIT_K"] for c in prune_split_k(cands, 128, 128)} == {1}
+    # the autotuner prunes with the call's K (positional) and G (a constexpr keyword), on triton.Config objects
+    kern = _tuned("bitplane", 128, True)
+    assert kern.early_config_prune is _early_prune
+    pruned = _early_prune(kern.configs, {"K": 4096, "N": 4096}, G=128)
+    assert all(isinstance(c, triton.Config) for c in pruned) and len(pruned) == len(k4096)
 
 
 @needs_triton
