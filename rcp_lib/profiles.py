@@ -209,8 +209,10 @@ CPU_METHODS = ("FP", "RTN", "QuaRot-RTN", "QuaRot-GPTQ", "QuaRot-GPTQ static", "
                "RCP clip frozen", "RCP+BlockHadamard")
 
 PROFILES: dict[str, Profile] = {
+    # the pipeline check (make test runs every notebook with it): the first 4 of the embedded model's 30 decoder
+    # layers (real weights, rcp_lib.models.split_model_name), tiny windows and budgets; a number of it means nothing
     "smoke": Profile(
-        name="smoke", seqlen=128, eval_windows=2, calib_windows=4, calib_seqlen=128, qat_steps=2, qat_seqlen=64,
+        name="smoke", model="smollm2-135m@layers=4", seqlen=128, eval_windows=2, calib_windows=4, calib_seqlen=128, qat_steps=2, qat_seqlen=64,
         qat_val_every=2, full_eval_methods=[], analysis_layers=[0],
         analysis_rotations=["none", "gsr:64", "block_hadamard:64"], zero_shot_limit=8,
         settings=["W2A4KV4"], methods=["FP", "QuaRot-GPTQ", "RCP"], gsr_weight_groups=[],

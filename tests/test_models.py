@@ -50,3 +50,42 @@ def test_untie_embeddings_copies():
     with torch.no_grad():
         m.lm_head.weight.mul_(2)
     assert not torch.equal(m.lm_head.weight, m.model.embed_tokens.weight)
+
+
+def test_model_name_with_first_layers_is_parsed_and_checked():
+    assert models.split_model_name("smollm2-135m") == ("smollm2-135m", None)
+    assert models.split_model_name("smollm2-135m@layers=4") == ("smollm2-135m", 4)
+    assert models.split_model_name("org/model@layers=12") == ("org/model", 12)
+    for bad in ("smollm2-135m@layers=0", "smollm2-135m@layers=x", "smollm2-135m@layers=", "@layers=3"):
+        with pytest.raises(ValueError, match="bad model name"):
+            models.split_model_name(bad)
+    d = models.model_dims("smollm2-135m@layers=4")
+    assert d.n_layers == 4 and d == models.EMBEDDED_DIMS.__class__(**{**models.EMBEDDED_DIMS.__dict__, "n_layers": 4})
+    with pytest.raises(ValueError, match="first 31 decoder layers"):
+        models.model_dims("smollm2-135m@layers=31")
+    assert models.describe("smollm2-135m@layers=4").startswith("the first 4 decoder layers of SmolLM2-135M")
+    m = models.tiny_llama()
+    n = len(models.decoder_layers(m))
+    with pytest.raises(ValueError, match=f"first {n + 1} decoder layers"):
+        models.keep_first_layers(m, n + 1)
+    assert len(models.decoder_layers(m)) == n == m.config.num_hidden_layers  # untouched
+
+
+def test_first_layers_of_the_embedded_model_are_its_own(embedded):
+    """``"smollm2-135m@layers=4"`` (the smoke profile's model) is the embedded model cut after its 4th decoder layer:
+    the same weights, the tied head, and the logits of the full model's first 4 layers, norm and head."""
+    import copy
+
+    full, tok = embedded
+    small, tok4 = models.load("smollm2-135m@layers=4")
+    assert len(models.decoder_layers(small)) == 4 == small.config.num_hidden_layers
+    assert small.lm_head.weight is small.model.embed_tokens.weight
+    ref = copy.deepcopy(full)
+    ref.model.layers = ref.model.layers[:4]
+    ref.config.num_hidden_layers = 4
+    sd, rd = small.state_dict(), ref.state_dict()
+    assert sd.keys() == rd.keys() and all(torch.equal(sd[k], rd[k]) for k in sd)
+    ids = tok("The capital of France is", return_tensors="pt").input_ids
+    with torch.no_grad():
+        assert torch.equal(small(ids).logits, ref(ids).logits)
+    assert tok4("The capital").input_ids == tok("The capital").input_ids
