@@ -74,6 +74,9 @@ class Profile:
     # False: left to the ``ablation`` profile, which has the seeds to order them (rcp_lib.experiments.SEEDED_ABLATIONS)
     qat_ablation_rows: bool = True
     sweep_val_windows: int = 16  # held-out train-tail windows (at seqlen) that select a recipe in the sweep
+    # seeds of the recipe search (07_recipe_search.ipynb, rcp_lib.experiments.search): each point and variant once per seed
+    search_seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    search_points: int | None = None  # only the first n points of each search (sweep points, variants); None: all
     analysis_layers: list[int] | None = None  # None: all
     # R1 specs "kind[:block][/g<group>]" (block kinds default to block = group; group defaults to w_group_size):
     # each "gsr:<b>" has its "block_hadamard:<b>" control; "/g32" quantizes Walsh blocks of 64 in groups of 32, the
@@ -215,7 +218,8 @@ PROFILES: dict[str, Profile] = {
         name="smoke", model="smollm2-135m@layers=4", seqlen=128, eval_windows=2, calib_windows=4, calib_seqlen=128, qat_steps=2, qat_seqlen=64,
         qat_val_every=2, full_eval_methods=[], analysis_layers=[0],
         analysis_rotations=["none", "gsr:64", "block_hadamard:64"], zero_shot_limit=8,
-        settings=["W2A4KV4"], methods=["FP", "QuaRot-GPTQ", "RCP"], gsr_weight_groups=[],
+        settings=["W2A4KV4"], methods=["FP", "QuaRot-GPTQ", "RCP"], gsr_weight_groups=[], search_seeds=[0],
+        search_points=1,
     ),
     # the seeded ablation rows run in the ``ablation`` profile (its seed 0 shares the cpu rows' cache keys)
     # budget (issue 15: a cold `make reproduce` within 75 minutes on 2 cores): the rotation analysis on every third

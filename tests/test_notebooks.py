@@ -9,7 +9,8 @@ import sys
 
 import pytest
 
-from rcp_lib.experiments.registry import NOTEBOOKS, SEEDED_NOTEBOOK, TABLES, profile_notebooks, result_path
+from rcp_lib.experiments.registry import (NOTEBOOKS, SEARCH_NOTEBOOK, SEEDED_NOTEBOOK, TABLES, profile_notebooks,
+                                         result_path)
 from rcp_lib.profiles import PROFILES
 from rcp_lib.paths import cache_dir, figures_dir, notebooks_dir, results_dir, runs_dir
 
@@ -44,17 +45,19 @@ def test_all_notebooks_run_with_smoke_profile(tmp_path):
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
     env.pop("RCP_PROGRESS_LOG", None)
     main = profile_notebooks(PROFILES["smoke"])  # the main run: every notebook but the seeded ablation's
-    assert SEEDED_NOTEBOOK not in main and set(main) | {SEEDED_NOTEBOOK} == set(NOTEBOOKS)
+    assert not {SEEDED_NOTEBOOK, SEARCH_NOTEBOOK} & set(main) and set(main) | {SEEDED_NOTEBOOK, SEARCH_NOTEBOOK} == set(NOTEBOOKS)
     r = subprocess.run([sys.executable, "-m", "rcp_lib", "reproduce", "--profile", "smoke"], env=env,
                        capture_output=True, text=True, timeout=1500)
     assert r.returncode == 0, r.stderr[-3000:]
     for i, name in enumerate(main):  # per-notebook progress on the terminal, with the time left
         assert f"({i + 1}/{len(main)}) {name} ..." in r.stderr and f"({i + 1}/{len(main)}) {name} done" in r.stderr
     assert "[rcp_lib cache]" in r.stderr  # the kernels' log reaches the terminal
-    # the seeded ablation's notebook (the ablation profile's run) on the smoke budget: one seed, no GSR weight part
+    # the notebooks run only when named: the seeded ablation (the ablation profile's run) on the smoke budget, one
+    # seed, no GSR weight part; the recipe search (hours on the cpu profile) at one seed
     r6 = subprocess.run([sys.executable, "-m", "rcp_lib", "reproduce", "--profile", "smoke", "--notebooks",
-                         SEEDED_NOTEBOOK], env=env, capture_output=True, text=True, timeout=900)
+                         SEEDED_NOTEBOOK, SEARCH_NOTEBOOK], env=env, capture_output=True, text=True, timeout=900)
     assert r6.returncode == 0, r6.stderr[-3000:]
+    assert "[search 3/3] qat_tokens" in (runs_dir("smoke") / SEARCH_NOTEBOOK).read_text()  # every search ran
     for name in NOTEBOOKS:
         path = runs_dir("smoke") / name
         executed = json.loads(path.read_text())
@@ -65,6 +68,8 @@ def test_all_notebooks_run_with_smoke_profile(tmp_path):
         assert not [o for o in streams if o.get("name") == "stderr"], f"{name}: stderr in the executed copy"
         text = "".join(_text(o) for o in streams)
         assert "\r" not in text and "it/s]" not in text and "[rcp_lib cache]" not in text, name  # no bar redraws
+        shown = "".join("".join(o.get("data", {}).get("text/plain", "")) for o in outs)
+        assert "it/s]" not in shown, f"{name}: a progress bar displayed as output"  # transformers' "Loading weights"
         assert "expected run time" in text, name  # the first cell says what to expect
         assert path.stat().st_size < 2_000_000, f"{name}: {path.stat().st_size} bytes"
         html = path.with_suffix(".html")

@@ -218,15 +218,14 @@ def token_curve(profile: Profile, progress: bool = True) -> list[dict]:
 
 def plot_token_curve(rows: list[dict]):
     """Figure: validation perplexity vs training tokens (log x, log y), FP as a horizontal line. Returns the
-    matplotlib figure."""
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
+    matplotlib figure (a bare :class:`matplotlib.figure.Figure`: no pyplot state and no backend chosen, so a command
+    line draws it headless and a notebook shows it inline with ``display(fig)``)."""
+    from matplotlib.figure import Figure
 
     if not rows:
         raise ValueError("no rows to plot")
-    fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    fig = Figure(figsize=(5.5, 3.8))
+    ax = fig.subplots()
     xs = [r["tokens"] for r in rows]
     ax.plot(xs, [r["val_ppl"] for r in rows], "o-", label=f"{rows[0]['method']} {rows[0]['setting']}")
     ax.axhline(rows[0]["fp_val_ppl"], color="k", ls="--", label="FP")

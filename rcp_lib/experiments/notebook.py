@@ -120,7 +120,7 @@ def setup(profile: str, overrides: dict | str | None = None, show: bool = True,
       (:attr:`Profile.run_name`), never to the unmodified profile's;
     * the global torch seed set to the profile's seed, and the figure folder (created; see :mod:`rcp_lib.paths`);
     * in a batch run (``$RCP_PROGRESS_LOG`` set by ``reproduce``) the kernel's stderr (progress bars, cache log
-      lines, warnings) goes to that log, not into the executed notebook.
+      lines, warnings) goes to that log, not into the executed notebook, and transformers' progress bars are off.
 
     When ``show``, prints the profile, its output folders, the expected run time of ``notebook`` (measured, cold
     and cached: :func:`expected_time`) and for each row whether it comes from the cache or will be computed
@@ -136,6 +136,10 @@ def setup(profile: str, overrides: dict | str | None = None, show: bool = True,
     log = log_stream()
     if log is not None:
         sys.stderr = log
+        # transformers' own bars (e.g. "Loading weights") render as notebook widgets, not on stderr: off in a batch run
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
     if _in_kernel():
         sys.modules["IPython"].get_ipython().run_line_magic("matplotlib", "inline")
     p = get_profile(profile, **parse_overrides(overrides))

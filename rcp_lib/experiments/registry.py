@@ -20,6 +20,9 @@ from ..profiles import Profile
 #: the notebook of the seeded ablation and the GSR decision: run by the profiles that name it in ``Profile.notebooks``
 #: (the ``ablation`` profile), not by the main run of the others (its rows need several seeds each)
 SEEDED_NOTEBOOK = "06_ablation.ipynb"
+#: the notebook of the recipe search (rcp_lib.experiments.search: hours on the cpu profile), run only when named
+#: (``reproduce --notebooks 07_recipe_search.ipynb``), never by a profile's main run
+SEARCH_NOTEBOOK = "07_recipe_search.ipynb"
 
 
 @dataclass(frozen=True)
@@ -121,16 +124,15 @@ _TABLES = (
     Table("recipe_sweep", "recipe_sweep.csv", readme=True,
           command="python -m rcp_lib.experiments.sweep --profile <profile>",
           description="QAT recipe grid (lr_quant, lr_weights, grad_clip, clip init) selected by held-out train-tail ppl"),
-    Table("recipe_sweep_gptq", "recipe_sweep_gptq.csv", readme=True,
-          command="python -m rcp_lib.experiments.sweep --profile <profile> --name recipe_sweep_gptq --grid lr_quant=1e-2 "
-                  "grad_clip=0.3 init=search lr_weights=2e-5,2e-4,1e-3 lr_range=1e-3,1e-2 --only 0,2,4 --seeds 0,1,2",
+    Table("recipe_sweep_gptq", "recipe_sweep_gptq.csv", notebook=SEARCH_NOTEBOOK, smoke=True, readme=True,
+          figures=("recipe_sweep_gptq",),
           description="the learning rates under the GPTQ start (weights, so that codes can flip; the scale-free range), "
                       "selected by held-out train-tail ppl over 3 seeds"),
-    Table("recipe_variants", "recipe_variants.csv", readme=True,
-          command="python -m rcp_lib.experiments.variants --profile <profile> --seeds 0,1,2",
+    Table("recipe_variants", "recipe_variants.csv", notebook=SEARCH_NOTEBOOK, smoke=True, readme=True,
+          figures=("recipe_variants",),
           description="the selected QAT recipe vs Block-AP, a GPTQ start with a static range and QAT at seqlen 512"),
-    Table("qat_tokens", "qat_tokens.csv", rows="token_curve", figures=("qat_tokens",), readme=True,
-          command="python -m rcp_lib.experiments.curve --profile <profile> --steps <steps> --val-every <k>",
+    Table("qat_tokens", "qat_tokens.csv", notebook=SEARCH_NOTEBOOK, rows="token_curve", figures=("qat_tokens",),
+          readme=True,
           description="RCP W2A4KV4 validation ppl vs training tokens, FP as a line"),
     Table("zero_shot_fp_embedded", "zero_shot_fp_embedded.csv", per_profile=False,
           command="python scripts/zero_shot_fp_embedded.py",
@@ -144,8 +146,9 @@ NOTEBOOKS: tuple[str, ...] = tuple(sorted({t.notebook for t in _TABLES if t.note
 
 def profile_notebooks(profile: Profile) -> list[str]:
     """The notebooks ``reproduce`` runs for ``profile``, in order: ``profile.notebooks`` when set, else every notebook
-    but :data:`SEEDED_NOTEBOOK`. Unknown names raise ValueError."""
-    names = list(profile.notebooks) if profile.notebooks is not None else [n for n in NOTEBOOKS if n != SEEDED_NOTEBOOK]
+    but :data:`SEEDED_NOTEBOOK` and :data:`SEARCH_NOTEBOOK`. Unknown names raise ValueError."""
+    names = (list(profile.notebooks) if profile.notebooks is not None
+             else [n for n in NOTEBOOKS if n not in (SEEDED_NOTEBOOK, SEARCH_NOTEBOOK)])
     unknown = [n for n in names if n not in NOTEBOOKS]
     if unknown:
         raise ValueError(f"Profile.notebooks: unknown notebooks {unknown}; available: {list(NOTEBOOKS)}")

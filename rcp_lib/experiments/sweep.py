@@ -264,6 +264,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seeds", help="run each point at these seeds, e.g. 0,1,2 (default: the profile's seed)")
     ap.add_argument("--name", default="recipe_sweep", help="results/<profile>/<name>.csv")
     ap.add_argument("--allow-dirty", action="store_true", help="write results from a tree with uncommitted changes")
+    ap.add_argument("--replace", action="store_true",
+                    help="start results/<profile>/<name>.csv over at this code (it is rewritten from the points cached "
+                         "at this code; points of other code in it are dropped): the regeneration of "
+                         "07_recipe_search.ipynb")
     args = ap.parse_args(argv)
     if args.allow_dirty:
         os.environ["RCP_ALLOW_DIRTY"] = "1"
@@ -297,7 +301,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{i:3d} {pt} {'cached at seeds ' + ','.join(map(str, have)) if have else ''}")
         return 0
     require_clean_tree()  # fail before hours of training, not after
-    check_same_code(results_dir(P) / f"{args.name}.csv", code_key())
+    if not args.replace:
+        check_same_code(results_dir(P) / f"{args.name}.csv", code_key())
 
     fp = base_model(P)[0]
     train_ids = tokens(P, "train")

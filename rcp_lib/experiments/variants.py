@@ -127,6 +127,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seeds", help="seeds, e.g. 0,1,2 (default: the profile's seed)")
     ap.add_argument("--list", action="store_true", help="print the variants and the seeds cached for each")
     ap.add_argument("--allow-dirty", action="store_true", help="write results from a tree with uncommitted changes")
+    ap.add_argument("--set", nargs="*", default=[], help="profile overrides KEY=VALUE (JSON values)")
+    ap.add_argument("--replace", action="store_true",
+                    help="start results/<profile>/recipe_variants.csv over at this code (rows of other code in it are "
+                         "dropped): the regeneration of 07_recipe_search.ipynb")
     args = ap.parse_args(argv)
     if args.allow_dirty:
         os.environ["RCP_ALLOW_DIRTY"] = "1"
@@ -135,9 +139,9 @@ def main(argv: list[str] | None = None) -> int:
     from .rows import cached_row, code_key
     from ..io import require_clean_tree
     from ..paths import results_dir
-    from ..profiles import get_profile
+    from ..profiles import get_profile, parse_set_items
 
-    P = get_profile(args.profile)
+    P = get_profile(args.profile, **parse_set_items(args.set))
     pt = points(GRID)[POINT]
     todo = parse_variants(args.only)
     seeds = parse_seeds(args.seeds, P.seed)
@@ -154,7 +158,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     require_clean_tree()  # fail before hours of training, not after
     out_csv = results_dir(P) / "recipe_variants.csv"
-    check_same_code(out_csv, code_key())
+    if not args.replace:
+        check_same_code(out_csv, code_key())
     fp = base_model(P)[0]
     train_ids = tokens(P, "train")
 
