@@ -188,11 +188,15 @@ def _act_quant_kernel(
 
 
 def _split_range_fn(NG, pid_k, SPLIT_K: tl.constexpr, GPI: tl.constexpr):
-    """Groups ``[g_start, g_end)`` of split ``pid_k``: ``NG`` groups in ``SPLIT_K`` contiguous ranges, each a multiple
-    of ``GPI`` (the last one ragged, trailing ones possibly empty)."""
-    per_split = ((NG + SPLIT_K - 1) // SPLIT_K + GPI - 1) // GPI * GPI  # tl.cdiv is a jit helper
-    g_start = pid_k * per_split
-    return g_start, tl.minimum(g_start + per_split, NG)
+    """Groups ``[g_start, g_end)`` of split ``pid_k``: the ``U = ceil(NG / GPI)`` loop iterations of ``GPI`` groups
+    dealt out over ``SPLIT_K`` contiguous ranges as evenly as possible (split ``s`` takes iterations
+    ``[s U // SPLIT_K, (s + 1) U // SPLIT_K)``), so every range starts at a multiple of ``GPI`` (the last one ends at
+    ``NG``, ragged) and a split is empty only when ``SPLIT_K > U`` (:func:`split_k_fits`). An earlier version gave
+    every split ``ceil(ceil(NG / SPLIT_K) / GPI) * GPI`` groups, which left trailing splits empty well below that
+    (at ``NG`` = 86, 64 splits: 21 empty)."""
+    U = (NG + GPI - 1) // GPI  # tl.cdiv is a jit helper
+    g_start = (pid_k * U) // SPLIT_K * GPI
+    return g_start, tl.minimum(((pid_k + 1) * U) // SPLIT_K * GPI, NG)
 
 
 def _epilogue_fn(part, scale, zero, offs_b, offs_n, mask_b, mask_n, pid_b, pid_n, N, stride_yb, wsum_ptr, bias_ptr,
@@ -524,8 +528,9 @@ def bitplane_configs(G: int) -> list[dict]:
 
 def split_k_fits(config: dict, K: int, G: int) -> bool:
     """Whether every one of the ``SPLIT_K`` splits of ``config`` gets at least one iteration of ``GPI`` groups of
-    ``G`` in a reduction of length ``K`` (``ceil(K / G / GPI) >= SPLIT_K``); otherwise the trailing splits are empty
-    (correct, :func:`_split_range_fn`, but they only add zeros and draw tickets)."""
+    ``G`` in a reduction of length ``K``: with the even deal of :func:`_split_range_fn`, exactly when
+    ``ceil(K / G / GPI) >= SPLIT_K``; otherwise some splits are empty (correct, but they only add zeros and draw
+    tickets)."""
     iters = -(-(K // G) // config.get("GPI", 1))
     return config.get("SPLIT_K", 1) <= max(iters, 1)
 

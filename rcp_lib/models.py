@@ -24,6 +24,7 @@ import hashlib
 import importlib.util
 import json
 import os
+import re
 import shutil
 import tempfile
 from dataclasses import dataclass, replace
@@ -59,12 +60,12 @@ def split_model_name(name: str) -> tuple[str, int | None]:
     Raises:
         ValueError: the suffix is not followed by a positive integer.
     """
-    base, sep, n = name.partition(LAYERS_SUFFIX)
-    if not sep:
+    if LAYERS_SUFFIX not in name or Path(name).exists():  # a local folder is taken as it is, whatever its name
         return name, None
-    if not n.isdigit() or int(n) < 1 or not base:
+    m = re.fullmatch(rf"(.+){re.escape(LAYERS_SUFFIX)}([1-9][0-9]*)", name)
+    if m is None:
         raise ValueError(f"bad model name {name!r}: expected '<model>{LAYERS_SUFFIX}<positive integer>'")
-    return base, int(n)
+    return m.group(1), int(m.group(2))
 
 
 def keep_first_layers(model: nn.Module, n: int) -> None:
@@ -78,6 +79,8 @@ def keep_first_layers(model: nn.Module, n: int) -> None:
         raise ValueError(f"cannot keep the first {n} decoder layers of a model with {len(layers)}")
     model.model.layers = layers[:n]
     model.config.num_hidden_layers = n
+    if getattr(model.config, "layer_types", None):  # per-layer attention kinds (e.g. Qwen2): one per kept layer
+        model.config.layer_types = list(model.config.layer_types)[:n]
 
 
 class ModelNotFoundError(OSError):
@@ -173,6 +176,9 @@ def load(
         dtype = default_dtype(device)
     name_or_path, n_layers = split_model_name(name_or_path)
     if name_or_path == EMBEDDED_ALIAS:
+        if n_layers is not None and n_layers > EMBEDDED_DIMS.n_layers:  # before loading any weight
+            raise ValueError(f"cannot keep the first {n_layers} decoder layers of {name_or_path} "
+                             f"({EMBEDDED_DIMS.n_layers} layers)")
         model, tok = _load_embedded_float32()
     else:
         from transformers import AutoModelForCausalLM, AutoTokenizer

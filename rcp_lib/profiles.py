@@ -68,7 +68,8 @@ class Profile:
     # empty: the activation part only
     gsr_weight_groups: list[int] = field(default_factory=lambda: [16, 32])
     # the notebooks `reproduce` runs (rcp_lib.experiments.registry.profile_notebooks); None: every notebook but the
-    # seeded ablation's (06_ablation.ipynb), which the ``ablation`` profile runs
+    # seeded ablation's (06_ablation.ipynb), which the ``ablation`` profile runs, and the recipe search's
+    # (07_recipe_search.ipynb), run only when named
     notebooks: list[str] | None = None
     # the one-seed QAT ablation rows (w/o Clip, Uniform-QAT = w/o Partition, w/o Rotate, the block-Hadamard control) in the tables;
     # False: left to the ``ablation`` profile, which has the seeds to order them (rcp_lib.experiments.SEEDED_ABLATIONS)

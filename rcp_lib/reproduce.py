@@ -190,13 +190,15 @@ def reproduce(profile: str = "cpu", notebooks: list[str] | None = None, kernel: 
             os.environ.pop(PROGRESS_LOG_ENV, None)
         else:
             os.environ[PROGRESS_LOG_ENV] = previous_log
-    if names == full:  # a full run of the profile: record how long it took (the README quotes it from this file)
-        from .io import atomic_write_json, provenance
+    from .io import atomic_write_json, provenance
 
-        commit = git_commit()
-        measured = {k: dict(v) for k, v in last.get("measured", {}).items()}
-        for name, r in rows.items():
-            measured.setdefault(r["kind"], {})[name] = {"seconds": seconds[name], "git_commit": commit}
+    commit = git_commit()
+    measured = {k: dict(v) for k, v in last.get("measured", {}).items()}
+    for name, r in rows.items():
+        measured.setdefault(r["kind"], {})[name] = {"seconds": seconds[name], "git_commit": commit}
+    if names != full and last:  # named notebooks: their times join the last full run's file (what setup() quotes)
+        atomic_write_json({**last, "measured": measured}, timing_path)
+    if names == full:  # a full run of the profile: record how long it took (the README quotes it from this file)
         atomic_write_json({"profile": P.name, "run_name": P.run_name, "overrides": P.overrides,
                            "total_seconds": round(time.time() - start, 1), "notebooks": seconds,
                            "rows": rows, "measured": measured, "cached_rows_at_start": cached_at_start,

@@ -56,7 +56,8 @@ def test_model_name_with_first_layers_is_parsed_and_checked():
     assert models.split_model_name("smollm2-135m") == ("smollm2-135m", None)
     assert models.split_model_name("smollm2-135m@layers=4") == ("smollm2-135m", 4)
     assert models.split_model_name("org/model@layers=12") == ("org/model", 12)
-    for bad in ("smollm2-135m@layers=0", "smollm2-135m@layers=x", "smollm2-135m@layers=", "@layers=3"):
+    for bad in ("smollm2-135m@layers=0", "smollm2-135m@layers=x", "smollm2-135m@layers=", "@layers=3",
+                "smollm2-135m@layers=04", "smollm2-135m@layers=\u00b2", "smollm2-135m@layers=-1"):
         with pytest.raises(ValueError, match="bad model name"):
             models.split_model_name(bad)
     d = models.model_dims("smollm2-135m@layers=4")
@@ -64,6 +65,8 @@ def test_model_name_with_first_layers_is_parsed_and_checked():
     with pytest.raises(ValueError, match="first 31 decoder layers"):
         models.model_dims("smollm2-135m@layers=31")
     assert models.describe("smollm2-135m@layers=4").startswith("the first 4 decoder layers of SmolLM2-135M")
+    with pytest.raises(ValueError, match="first 31 decoder layers"):  # before any weight is read
+        models.load("smollm2-135m@layers=31")
     m = models.tiny_llama()
     n = len(models.decoder_layers(m))
     with pytest.raises(ValueError, match=f"first {n + 1} decoder layers"):
@@ -89,3 +92,21 @@ def test_first_layers_of_the_embedded_model_are_its_own(embedded):
     with torch.no_grad():
         assert torch.equal(small(ids).logits, ref(ids).logits)
     assert tok4("The capital").input_ids == tok("The capital").input_ids
+
+
+def test_first_layers_of_a_local_folder_and_of_a_family_with_layer_types(tmp_path):
+    """A local folder whose name happens to contain the suffix is taken as it is; a family whose config lists one
+    attention kind per layer (Qwen2's ``layer_types``) keeps the kinds of the kept layers, so it saves and reloads."""
+    odd = tmp_path / "run@layers=2"
+    odd.mkdir()
+    assert models.split_model_name(str(odd)) == (str(odd), None)
+    m = models.tiny_model("qwen2", layers=3)
+    if getattr(m.config, "layer_types", None) is None:
+        pytest.skip("this transformers version keeps no layer_types")
+    models.keep_first_layers(m, 2)
+    assert len(m.config.layer_types) == 2 == m.config.num_hidden_layers
+    m.save_pretrained(tmp_path / "q2")
+    from transformers import AutoModelForCausalLM
+
+    back = AutoModelForCausalLM.from_pretrained(tmp_path / "q2")
+    assert len(models.decoder_layers(back)) == 2

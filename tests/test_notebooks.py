@@ -44,7 +44,7 @@ def _text(o: dict) -> str:
 def test_all_notebooks_run_with_smoke_profile(tmp_path):
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
     env.pop("RCP_PROGRESS_LOG", None)
-    main = profile_notebooks(PROFILES["smoke"])  # the main run: every notebook but the seeded ablation's
+    main = profile_notebooks(PROFILES["smoke"])  # the main run: every notebook but the seeded ablation's and the search's
     assert not {SEEDED_NOTEBOOK, SEARCH_NOTEBOOK} & set(main) and set(main) | {SEEDED_NOTEBOOK, SEARCH_NOTEBOOK} == set(NOTEBOOKS)
     r = subprocess.run([sys.executable, "-m", "rcp_lib", "reproduce", "--profile", "smoke"], env=env,
                        capture_output=True, text=True, timeout=1500)

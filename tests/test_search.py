@@ -57,3 +57,87 @@ def test_a_failing_search_stops_the_job(monkeypatch, capsys):
     with pytest.raises(RuntimeError, match="recipe_sweep_gptq: `python -m rcp_lib.experiments.sweep"):
         search.run(get_profile("smoke"))
     assert len(calls) == 1 and "refused: a one-line reason" in capsys.readouterr().out
+
+
+class _Captured(Exception):
+    pass
+
+
+def _capture(monkeypatch, target: str):
+    """Make ``rcp_lib.experiments.<target>`` raise with the profile it is called with (the commands' first use of the
+    profile after parsing their arguments)."""
+    import rcp_lib.experiments as X
+
+    def grab(P, *a, **k):
+        raise _Captured(P)
+
+    monkeypatch.setattr(X, target, grab)
+
+
+@pytest.mark.parametrize("overrides", [{}, {"qat_steps": 3, "search_seeds": [1, 2]}])
+def test_each_command_writes_into_the_folder_the_notebook_reads(monkeypatch, overrides):
+    """The profile each command builds from its command line is the notebook's profile (the curve's with its length),
+    overrides included (qat_steps in --set no longer clashes with the curve's --steps)."""
+    import importlib
+
+    P = get_profile("smoke", **overrides)
+    want = {"sweep": P, "variants": P, "curve": search.curve_profile(P)}
+    for s in search.SEARCHES:
+        _capture(monkeypatch, "token_curve" if s.module == "curve" else "base_model")
+        with pytest.raises(_Captured) as e:
+            importlib.import_module(f"rcp_lib.experiments.{s.module}").main(s.argv(P))
+        got = e.value.args[0]
+        assert got.run_name == want[s.module].run_name and got.overrides == want[s.module].overrides, s.module
+        assert (got.qat_steps, got.qat_val_every) == (want[s.module].qat_steps, want[s.module].qat_val_every)
+    assert search.curve_profile(P).qat_steps == 16 * P.qat_steps
+
+
+def test_bad_search_sizes_are_refused():
+    with pytest.raises(ValueError, match="search_points must be at least 1"):
+        search.SEARCHES[0].argv(get_profile("smoke", search_points=0))
+    with pytest.raises(ValueError, match="search_seeds must name at least one seed"):
+        search.SEARCHES[0].argv(get_profile("smoke", search_seeds=[]))
+
+
+def test_a_variant_keeps_the_runs_own_qat_overrides_where_it_pins_nothing():
+    from rcp_lib.experiments.variants import VARIANTS, variant_profile
+
+    P = get_profile("cpu", qat_overrides={"qat": {"lr_quant": 3e-3}})
+    Pv = variant_profile(P, VARIANTS["gptq-static"][0])
+    assert Pv.qat_overrides["qat"]["lr_quant"] == 3e-3  # the run's
+    assert Pv.qat_overrides["qat"]["gptq_start"] is True and Pv.qat_overrides["qat"]["lr_range"] == 1e-4  # pinned
+    assert Pv.qat_overrides["quant"]["weight"]["range_mode"] == "static"
+    # without overrides of its own the variant's profile is exactly its pinned start (the committed rows' keys)
+    P0 = get_profile("cpu")
+    assert variant_profile(P0, VARIANTS["gptq-static"][0]).qat_overrides == VARIANTS["gptq-static"][0]["qat_overrides"]
+
+
+def test_replace_writes_exactly_the_runs_points_and_seeds(monkeypatch, tmp_path):
+    """Without --replace the sweep's CSV collects every point and seed cached at this code (sub-grids add up); with
+    it, exactly the points and seeds of this run."""
+    import csv
+
+    import rcp_lib.experiments as X
+    import rcp_lib.experiments.sweep as S
+
+    monkeypatch.setenv("RCP_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("RCP_RESULTS_DIR", str(tmp_path / "results"))
+    monkeypatch.setattr(X, "base_model", lambda P: (None, None))
+    monkeypatch.setattr(X, "tokens", lambda P, split: None)
+
+    def fake_point(fp, train_ids, pt, Pp, steps):
+        return {**pt, "seed": Pp.seed, "val_ppl": 100.0 + Pp.seed + 10 * pt["lr_weights"], "step0_val_ppl": 200.0,
+                "clip_ratio_init": 1.0, "clip_ratio_final": 1.0, "clip_shift": 0.0, "level_shift": 0.0}
+
+    monkeypatch.setattr(S, "score_point", fake_point)
+    grid = ["--grid", *search.SWEEP_GPTQ_GRID]
+    out = tmp_path / "results" / "smoke" / "t.csv"
+
+    def points_seeds():
+        return sorted({(int(r["point"]), int(r["seed"])) for r in csv.DictReader(out.open())})
+
+    assert S.main(["--profile", "smoke", "--name", "t", *grid, "--only", "0,2", "--seeds", "0,1"]) == 0
+    assert S.main(["--profile", "smoke", "--name", "t", *grid, "--only", "4", "--seeds", "2"]) == 0
+    assert points_seeds() == [(0, 0), (0, 1), (2, 0), (2, 1), (4, 2)]  # sub-grids add up
+    assert S.main(["--profile", "smoke", "--name", "t", *grid, "--only", "0", "--seeds", "1", "--replace"]) == 0
+    assert points_seeds() == [(0, 1)]

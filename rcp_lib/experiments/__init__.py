@@ -19,7 +19,8 @@ One module per concern:
   (``python -m rcp_lib.experiments.<name> --help``): :mod:`~rcp_lib.experiments.sweep` (the QAT learning-rate / clip /
   start grid), :mod:`~rcp_lib.experiments.variants` (recipe variants at equal budget),
   :mod:`~rcp_lib.experiments.curve` (validation perplexity vs training tokens) and
-  :mod:`~rcp_lib.experiments.ablation_start` (where each ablation row's quantizer starts and ends).
+  :mod:`~rcp_lib.experiments.ablation_start` (where each ablation row's quantizer starts and ends);
+  :mod:`~rcp_lib.experiments.search` runs the first three as one job (``07_recipe_search.ipynb``).
 
 Rows are cached as JSON under ``cache_dir()/rows/<kind>-<hash>.json`` (outside the repo) keyed by the hash of
 everything that determines them plus a fingerprint of the code (:func:`rcp_lib.io.code_fingerprint`), so re-running

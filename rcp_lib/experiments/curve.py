@@ -34,7 +34,10 @@ def main(argv: list[str] | None = None) -> int:
     from ..paths import figures_dir
     from ..profiles import get_profile
 
-    P = get_profile(args.profile, **parse_set_items(args.set), qat_steps=args.steps, qat_val_every=args.val_every)
+    # --steps / --val-every win over the same fields in --set (None: the --set or profile value)
+    P = get_profile(args.profile, **{**parse_set_items(args.set),
+                                     **{k: v for k, v in (("qat_steps", args.steps), ("qat_val_every", args.val_every))
+                                        if v is not None}})
     require_clean_tree()
     rows = token_curve(P)
     path = write_rows(rows, P, "qat_tokens")

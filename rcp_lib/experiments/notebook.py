@@ -67,6 +67,10 @@ def row_plan(profile: Profile, notebook: str) -> list[dict] | None:
                 for part, seed, label, key in decision_plan(profile)] + [
                 {"table": "zero-shot", "row": f"{m.name} {m.setting}",
                  "cached": row_cached("zeroshot", zero_shot_key(m, profile))} for m in zero_shot_methods(profile)]
+    if stem.startswith("07_"):
+        from .search import row_plan as search_plan
+
+        return search_plan(profile)
     if stem.startswith("03_"):
         return [{"table": "zero-shot", "row": f"{m.name} {m.setting}",
                  "cached": row_cached("zeroshot", zero_shot_key(m, profile))} for m in zero_shot_methods(profile)]

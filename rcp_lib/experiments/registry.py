@@ -2,7 +2,8 @@
 smoke run must produce, and which the ``table`` command can compute.
 
 Everything that names result files derives from :data:`TABLES`: :data:`NOTEBOOKS` (the notebooks that
-``python -m rcp_lib reproduce`` runs, in the order of their number prefix), the file look-ups of
+``python -m rcp_lib reproduce`` can run, in the order of their number prefix; which ones a profile runs:
+:func:`profile_notebooks`), the file look-ups of
 :mod:`rcp_lib.report`, the choices of ``python -m rcp_lib table`` and the smoke-run checks of
 ``tests/test_notebooks.py``. A notebook writes its table with ``write_rows(rows, P, "<name>")``.
 """

@@ -48,12 +48,22 @@ class Search:
     replace: bool = True
 
     def argv(self, profile: Profile) -> list[str]:
-        """The command line of this search for ``profile``: its name, points, overrides (``--set``) and seeds."""
+        """The command line of this search for ``profile``: its name, points, overrides (``--set``: every field the
+        profile overrides, so that each command writes into the profile's own folder) and seeds.
+
+        Raises:
+            ValueError: ``search_points`` below 1, or ``search_seeds`` empty.
+        """
+        if profile.search_points is not None and profile.search_points < 1:
+            raise ValueError(f"Profile.search_points must be at least 1 (None: every point), got {profile.search_points}")
+        if not profile.search_seeds:
+            raise ValueError("Profile.search_seeds must name at least one seed")
         out = ["--profile", profile.name, *self.args]
         if self.only:
             out += ["--only", ",".join(self.only[:profile.search_points])]
         if self.module == "curve":
-            out += ["--steps", str(CURVE_LENGTH * profile.qat_steps), "--val-every", str(profile.qat_steps)]
+            c = curve_profile(profile)
+            out += ["--steps", str(c.qat_steps), "--val-every", str(c.qat_val_every)]
         if self.seeded:
             out += ["--seeds", ",".join(str(s) for s in profile.search_seeds)]
         if self.replace:
@@ -70,20 +80,52 @@ class Search:
                          *(shlex.quote(a) for a in self.argv(profile))])
 
 
+def curve_profile(profile: Profile) -> Profile:
+    """The profile the token curve trains and writes under (``results/<its run name>/qat_tokens.csv``): ``profile``
+    with :data:`CURVE_LENGTH` times its QAT steps, validated after every ``qat_steps``."""
+    return profile.with_overrides(qat_steps=CURVE_LENGTH * profile.qat_steps, qat_val_every=profile.qat_steps)
+
+
 def _variant_names() -> tuple[str, ...]:
     from .variants import VARIANTS
 
     return tuple(VARIANTS)
 
 
+#: the grid of the learning-rate sweep under the GPTQ start (its points 0, 2, 4 run: the weights at 2e-5, 2e-4 and
+#: 1e-3, the range at 1e-3; ``python -m rcp_lib.experiments.sweep --grid ... --list`` prints the grid)
+SWEEP_GPTQ_GRID = ("lr_quant=1e-2", "grad_clip=0.3", "init=search", "lr_weights=2e-5,2e-4,1e-3", "lr_range=1e-3,1e-2")
+
 SEARCHES: tuple[Search, ...] = (
-    # the grid's points 0, 2, 4: weights at 2e-5, 2e-4 and 1e-3, the range at 1e-3 (--list prints the grid)
-    Search("recipe_sweep_gptq", "sweep", ("--name", "recipe_sweep_gptq", "--grid", "lr_quant=1e-2", "grad_clip=0.3",
-                                          "init=search", "lr_weights=2e-5,2e-4,1e-3", "lr_range=1e-3,1e-2"),
+    Search("recipe_sweep_gptq", "sweep", ("--name", "recipe_sweep_gptq", "--grid", *SWEEP_GPTQ_GRID),
            only=("0", "2", "4")),
     Search("recipe_variants", "variants", only=_variant_names()),
     Search("qat_tokens", "curve", seeded=False, replace=False),
 )
+
+
+def row_plan(profile: Profile) -> list[dict]:
+    """The cached runs the searches read or compute, each ``{"table", "row", "cached"}`` (as
+    :func:`rcp_lib.experiments.notebook.row_plan`): every sweep point and variant at every seed, and the token
+    curve's trained student. Nothing is computed or logged."""
+    from .methods import method
+    from .rows import qat_key
+    from .sweep import parse_grid, points, sweep_key, sweep_row_path
+    from .variants import variant_key
+    from ..paths import cache_dir
+
+    sweep, variants, _ = SEARCHES
+    pts = points(parse_grid(list(SWEEP_GPTQ_GRID)))
+    plan = [{"table": sweep.table, "row": f"point {i} seed {seed}",
+             "cached": sweep_row_path(sweep_key(profile, pts[int(i)], seed, profile.qat_steps)[1]).exists()}
+            for i in sweep.only[:profile.search_points] for seed in profile.search_seeds]
+    plan += [{"table": variants.table, "row": f"{name} seed {seed}",
+              "cached": sweep_row_path(variant_key(profile, name, seed)[1]).exists()}
+             for name in variants.only[:profile.search_points] for seed in profile.search_seeds]
+    c = curve_profile(profile)
+    student = cache_dir() / "qat" / qat_key(method("RCP", "W2A4KV4"), c) / "student.pt"
+    plan.append({"table": "qat_tokens", "row": f"RCP W2A4KV4, {c.qat_steps} steps", "cached": student.exists()})
+    return plan
 
 
 def run(profile: Profile, searches: tuple[Search, ...] = SEARCHES) -> None:
@@ -98,9 +140,9 @@ def run(profile: Profile, searches: tuple[Search, ...] = SEARCHES) -> None:
         main = importlib.import_module(f"{__package__}.{s.module}").main
         try:
             rc = main(s.argv(profile))
-        except SystemExit as e:  # the commands' one-line refusals
-            rc = e.code if isinstance(e.code, int) else 1
-            if not isinstance(e.code, int):
+        except SystemExit as e:  # the commands' one-line refusals (SystemExit() / SystemExit(0): success)
+            rc = e.code if isinstance(e.code, int) or e.code is None else 1
+            if not (isinstance(e.code, int) or e.code is None):
                 print(e.code, flush=True)
         if rc:
             raise RuntimeError(f"{s.table}: `{s.command(profile)}` exited with status {rc}")

@@ -265,9 +265,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--name", default="recipe_sweep", help="results/<profile>/<name>.csv")
     ap.add_argument("--allow-dirty", action="store_true", help="write results from a tree with uncommitted changes")
     ap.add_argument("--replace", action="store_true",
-                    help="start results/<profile>/<name>.csv over at this code (it is rewritten from the points cached "
-                         "at this code; points of other code in it are dropped): the regeneration of "
-                         "07_recipe_search.ipynb")
+                    help="write results/<profile>/<name>.csv with exactly this run's points and seeds (points of other "
+                         "code in it are dropped): the regeneration of 07_recipe_search.ipynb")
     args = ap.parse_args(argv)
     if args.allow_dirty:
         os.environ["RCP_ALLOW_DIRTY"] = "1"
@@ -309,8 +308,11 @@ def main(argv: list[str] | None = None) -> int:
 
     def write():
         rows = []
+        # --replace: exactly this run's points and seeds; else every point and seed cached at this code
         for i, pt in enumerate(pts):
-            for s in SEEDS_SCANNED:
+            if args.replace and i not in todo:
+                continue
+            for s in (seeds if args.replace else SEEDS_SCANNED):
                 if cached(pt, s):
                     rows.append({"point": i, **json.loads(row_path(pt, s).read_text())})
         if not rows:

@@ -85,8 +85,22 @@ VARIANTS: dict[str, tuple[dict, int | None, str]] = {
 
 
 def variant_profile(P, over: dict):
-    """``P`` with a variant's overrides."""
+    """``P`` with a variant's overrides; its ``qat_overrides`` (the pinned start) go on top of ``P``'s own, in their
+    layout (:func:`~rcp_lib.experiments.sweep.with_recipe`), so that a ``--set qat_overrides=...`` of the run is kept
+    where the variant does not pin the field."""
+    over = dict(over)
+    if "qat_overrides" in over and P.qat_overrides:
+        v = over["qat_overrides"]
+        over["qat_overrides"] = with_recipe(P.qat_overrides, v.get("qat"), (v.get("quant") or {}).get("weight"))
     return P.with_overrides(**over)
+
+
+def variant_key(P, name: str, seed: int):
+    """``(profile of the variant at this seed, cache key of its row, its QAT steps)`` (:func:`~.sweep.sweep_key` of the
+    selected point under the variant's overrides)."""
+    over, steps, _ = VARIANTS[name]
+    Pv = variant_profile(P, over)
+    return sweep_key(Pv, points(GRID)[POINT], seed, steps or P.qat_steps) + (steps or P.qat_steps,)
 
 
 def parse_variants(spec: str | None) -> list[str]:
@@ -129,8 +143,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--allow-dirty", action="store_true", help="write results from a tree with uncommitted changes")
     ap.add_argument("--set", nargs="*", default=[], help="profile overrides KEY=VALUE (JSON values)")
     ap.add_argument("--replace", action="store_true",
-                    help="start results/<profile>/recipe_variants.csv over at this code (rows of other code in it are "
-                         "dropped): the regeneration of 07_recipe_search.ipynb")
+                    help="write results/<profile>/recipe_variants.csv with exactly this run's variants and seeds "
+                         "(rows of other code in it are dropped): the regeneration of 07_recipe_search.ipynb")
     args = ap.parse_args(argv)
     if args.allow_dirty:
         os.environ["RCP_ALLOW_DIRTY"] = "1"
@@ -147,9 +161,7 @@ def main(argv: list[str] | None = None) -> int:
     seeds = parse_seeds(args.seeds, P.seed)
 
     def key_of(name: str, seed: int):
-        over, steps, _ = VARIANTS[name]
-        Pv = variant_profile(P, over)
-        return sweep_key(Pv, pt, seed, steps or P.qat_steps) + (steps or P.qat_steps,)
+        return variant_key(P, name, seed)
 
     if args.list:
         for name, (over, steps, what) in VARIANTS.items():
@@ -165,8 +177,9 @@ def main(argv: list[str] | None = None) -> int:
 
     def write():
         rows = []
-        for name in VARIANTS:
-            for s in SEEDS_SCANNED:
+        # --replace: exactly this run's variants and seeds; else every variant and seed cached at this code
+        for name in (todo if args.replace else VARIANTS):
+            for s in (seeds if args.replace else SEEDS_SCANNED):
                 path = sweep_row_path(key_of(name, s)[1])
                 if path.exists():
                     rows.append({"variant": name, "point": POINT, "overrides_variant": json.dumps(VARIANTS[name][0]),

@@ -156,20 +156,38 @@ def test_bitplane_error_within_3x_the_reference_on_weights_with_a_row_mean(one_l
         assert _rel(y, ref64) <= ref_err, (seed, _rel(y, ref64), ref_err)
 
 
+def _split_ranges(NG, SK, GPI):
+    """The kernel's _split_range_fn in plain Python (the even deal of ceil(NG / GPI) iterations over SK splits)."""
+    U = -(-NG // GPI)
+    return [((s * U) // SK * GPI, min(((s + 1) * U) // SK * GPI, NG)) for s in range(SK)]
+
+
 @needs_triton
-def test_deep_split_k_candidates_are_pruned_where_splits_would_be_empty():
+def test_deep_split_k_candidates_are_pruned_exactly_where_a_split_would_be_empty():
     """The deep split-K candidates (16-64 splits) reach the autotuner only where every split gets work: at K = 4096 and
-    G = 128 (32 groups) 64 splits would leave 32 empty, at K = 11008 (86 groups) they do not."""
+    G = 128 (32 groups) 64 splits would leave 32 empty, at K = 11008 (86 groups) none is empty; over many K the prune
+    keeps a candidate exactly when the kernel's split of the groups leaves no split empty, and the splits tile the
+    groups once, each starting at a multiple of GPI."""
     import triton
 
-    from rcp_lib.kernels.triton_w2a4 import _early_prune, _tuned, bitplane_configs, prune_split_k
+    from rcp_lib.kernels.triton_w2a4 import _early_prune, _tuned, bitplane_configs, gemv_configs, prune_split_k
 
     cands = bitplane_configs(128)
     assert {c["SPLIT_K"] for c in cands} >= {16, 32, 64}
     k4096 = prune_split_k(cands, 4096, 128)
-    assert max(c["SPLIT_K"] for c in k4096) == 32 and all(-(-32 // c["GPI"]) >= c["SPLIT_K"] for c in k4096)
-    assert max(c["SPLIT_K"] for c in prune_split_k(cands, 11008, 128)) == 64
+    assert max(c["SPLIT_K"] for c in k4096) == 32
     assert len(prune_split_k(cands, 11008, 128)) == len(cands)
+    for G in (64, 128):
+        for K in (G, 3 * G, 2048, 4096, 5632, 11008, 14336):
+            NG = K // G
+            for c in cands + gemv_configs(G):
+                ranges = _split_ranges(NG, c["SPLIT_K"], c["GPI"])
+                covered = [g for a, b in ranges for g in range(a, b)]
+                assert covered == list(range(NG)) and all(a % c["GPI"] == 0 for a, _ in ranges), (K, G, c)
+                kept = c in prune_split_k(cands + gemv_configs(G), K, G)
+                assert kept == all(b > a for a, b in ranges) or not any(
+                    all(b > a for a, b in _split_ranges(NG, d["SPLIT_K"], d["GPI"])) for d in cands + gemv_configs(G)
+                ), (K, G, c)
     # never empty: with no candidate fitting, those of the smallest split-K stay
     assert {c["SPLIT_K"] for c in prune_split_k(cands, 128, 128)} == {1}
     # the autotuner prunes with the call's K (positional) and G (a constexpr keyword), on triton.Config objects
