@@ -98,18 +98,18 @@ def test_all_notebooks_run_with_smoke_profile(tmp_path):
 def test_papermill_overrides_json_string_write_to_their_own_folder(tmp_path):
     """The papermill convention of docs/reproducing.md: ``-p overrides '<JSON>'``; the run writes to
     ``<profile>-<hash>/`` and leaves the unmodified profile's results untouched."""
-    cpu = results_dir("cpu")
+    cpu = results_dir("smoke")  # the unmodified profile's folder (smoke: the 4-layer model, seconds, not a minute)
     before = {p.name: p.stat().st_mtime_ns for p in cpu.iterdir()} if cpu.exists() else {}
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", RCP_ALLOW_DIRTY="1",
                RCP_RESULTS_DIR=str(tmp_path / "results"), RCP_FIGURES_DIR=str(tmp_path / "figures"))
     env.pop("RCP_PROGRESS_LOG", None)
     out = tmp_path / "out.ipynb"
     r = subprocess.run([sys.executable, "-m", "papermill", str(NB_DIR / "04_memory.ipynb"), str(out),
-                        "-p", "profile", "cpu", "-p", "overrides", '{"qat_steps": 80}', "--cwd", str(NB_DIR)],
+                        "-p", "profile", "smoke", "-p", "overrides", '{"qat_steps": 80}', "--cwd", str(NB_DIR)],
                        env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     written = [p for p in (tmp_path / "results").iterdir()]
-    assert [p.name for p in written] != ["cpu"] and len(written) == 1 and written[0].name.startswith("cpu-")
+    assert [p.name for p in written] != ["smoke"] and len(written) == 1 and written[0].name.startswith("smoke-")
     import pandas as pd
 
     rows = pd.read_csv(written[0] / "memory.csv")
