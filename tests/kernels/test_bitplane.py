@@ -163,7 +163,7 @@ def _split_ranges(NG, SK, GPI):
 
 
 @needs_triton
-def test_deep_split_k_candidates_are_pruned_exactly_where_a_split_would_be_empty():
+def test_deep_split_k_candidates_are_pruned_exactly_where_a_split_would_be_empty(monkeypatch):
     """The deep split-K candidates (16-64 splits) reach the autotuner only where every split gets work: at K = 4096 and
     G = 128 (32 groups) 64 splits would leave 32 empty, at K = 11008 (86 groups) none is empty; over many K the prune
     keeps a candidate exactly when the kernel's split of the groups leaves no split empty, and the splits tile the
@@ -190,7 +190,10 @@ def test_deep_split_k_candidates_are_pruned_exactly_where_a_split_would_be_empty
                 ), (K, G, c)
     # never empty: with no candidate fitting, those of the smallest split-K stay
     assert {c["SPLIT_K"] for c in prune_split_k(cands, 128, 128)} == {1}
-    # the autotuner prunes with the call's K (positional) and G (a constexpr keyword), on triton.Config objects
+    # the autotuner prunes with the call's K (positional) and G (a constexpr keyword), on triton.Config objects;
+    # built in compiled mode, as on a GPU (_tuned binds the compiled-mode helpers: under the interpreter's env it
+    # would bind interpreted ones for every later compile in this process)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
     kern = _tuned("bitplane", 128, True)
     assert kern.early_config_prune is _early_prune
     pruned = _early_prune(kern.configs, {"K": 4096, "N": 4096}, G=128)
