@@ -60,6 +60,7 @@ def split_model_name(name: str) -> tuple[str, int | None]:
     Raises:
         ValueError: the suffix is not followed by a positive integer.
     """
+    name = os.fspath(name)  # a pathlib.Path of a local folder, as load() has always accepted
     if LAYERS_SUFFIX not in name or Path(name).exists():  # a local folder is taken as it is, whatever its name
         return name, None
     m = re.fullmatch(rf"(.+){re.escape(LAYERS_SUFFIX)}([1-9][0-9]*)", name)

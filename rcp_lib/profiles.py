@@ -137,7 +137,11 @@ class Profile:
         from .quant.apply import check_model_sizes, preset
 
         try:
-            check_model_sizes(preset("W2A4KV4", w_group_size=self.w_group_size), model_dims(self.model), self.model)
+            dims = model_dims(self.model)
+        except ValueError as e:
+            raise ValueError(f"Profile.model: {e}") from e
+        try:
+            check_model_sizes(preset("W2A4KV4", w_group_size=self.w_group_size), dims, self.model)
         except ValueError as e:
             raise ValueError(f"Profile.w_group_size: {e}") from e
 

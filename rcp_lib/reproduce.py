@@ -127,7 +127,8 @@ def reproduce(profile: str = "cpu", notebooks: list[str] | None = None, kernel: 
     ``overrides`` (profile fields) are passed to every notebook as its ``overrides`` parameter; outputs then go to
     the ``<profile>-<hash>`` folders. ``html`` writes an HTML copy of each executed notebook. A full run records
     its wall time per notebook, with how each notebook used the row cache, in ``reproduce_timing.json``
-    (``measured``: the last ``cold`` / ``cached`` / ``mixed`` / ``none`` time of each notebook, kept across runs).
+    (``measured``: the last ``cold`` / ``cached`` / ``mixed`` / ``none`` time of each notebook, kept across runs); a
+    run of named notebooks adds their times to ``measured`` of that file when it exists.
 
     Raises :class:`rcp_lib.io.DirtyTreeError` up front when code or configs have uncommitted changes, unless
     ``allow_dirty`` (or ``RCP_ALLOW_DIRTY=1``); ``allow_dirty=True`` sets that variable for the notebook kernels.

@@ -99,7 +99,7 @@ def test_first_layers_of_a_local_folder_and_of_a_family_with_layer_types(tmp_pat
     attention kind per layer (Qwen2's ``layer_types``) keeps the kinds of the kept layers, so it saves and reloads."""
     odd = tmp_path / "run@layers=2"
     odd.mkdir()
-    assert models.split_model_name(str(odd)) == (str(odd), None)
+    assert models.split_model_name(str(odd)) == models.split_model_name(odd) == (str(odd), None)  # a Path too
     m = models.tiny_model("qwen2", layers=3)
     if getattr(m.config, "layer_types", None) is None:
         pytest.skip("this transformers version keeps no layer_types")

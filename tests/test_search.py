@@ -141,3 +141,9 @@ def test_replace_writes_exactly_the_runs_points_and_seeds(monkeypatch, tmp_path)
     assert points_seeds() == [(0, 0), (0, 1), (2, 0), (2, 1), (4, 2)]  # sub-grids add up
     assert S.main(["--profile", "smoke", "--name", "t", *grid, "--only", "0", "--seeds", "1", "--replace"]) == 0
     assert points_seeds() == [(0, 1)]
+
+
+def test_a_variant_named_twice_runs_once():
+    from rcp_lib.experiments.variants import parse_variants
+
+    assert parse_variants("default,default,block-ap") == ["default", "block-ap"]

@@ -97,6 +97,8 @@ def expected_time(profile: Profile, notebook: str) -> str:
     parts = [f"{label} {_minutes(m['seconds'])} (git {str(m.get('git_commit', '?'))[:8]})"
              for kind, label in labels.items() if (m := measured.get(kind, {}).get(notebook))]
     if not parts:
+        if measured:
+            return f"not measured yet for {notebook} (`reproduce --notebooks {notebook}` records it)"
         return f"not measured for {notebook} (the {profile.name!r} timing file predates per-notebook measurements)"
     missing = [k for k in ("cold", "cached") if notebook not in measured.get(k, {})]
     if missing and notebook not in measured.get("none", {}):

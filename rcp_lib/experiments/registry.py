@@ -103,7 +103,8 @@ _TABLES = (
           command="python -m rcp_lib table --families qat --name perplexity_qat_<steps> --set qat_steps=<steps>",
           description="QAT rows re-trained with a longer budget"),
     Table("reproduce_timing", "reproduce_timing.json", command="python -m rcp_lib reproduce --profile <profile>",
-          readme=True, description="wall time of the last full reproduce run, per notebook"),
+          readme=True, description="wall time of the last full reproduce run, per notebook (and in `measured` the "
+                                   "last time of every notebook, named runs included)"),
     Table("hadamard_speed", "hadamard_speed.json", readme=True,
           command="python benchmarks/bench_hadamard.py --json results/<profile>/hadamard_speed.json",
           description="fast Hadamard transform vs the dense product"),

@@ -16,8 +16,8 @@ the GPTQ start became the recipe), which chose ``lr_quant`` 1e-2, gradient clip 
 points need that start back (``python -m rcp_lib.experiments.sweep --set 'qat_overrides=...'``, its rows' ``config``
 says which), which writes to another folder; the file stays the record, at its commit, of how those three were chosen.
 
-Sweeps and variants write their CSV with exactly this run's points and seeds (``--replace``): a regeneration, not a
-sub-grid added to an older one. On the ``cpu`` profile the three take about 4.5 hours on 2 cores (about 7 minutes a QAT run: 9 sweep
+Sweeps and variants write their CSV with exactly this run's points and seeds (``--replace``), once every run is
+done: a regeneration, not a sub-grid added to an older one, and a stopped run leaves the committed table as it was. On the ``cpu`` profile the three take about 4.5 hours on 2 cores (about 7 minutes a QAT run: 9 sweep
 rows, 15 variant rows, a 640-step curve); every finished run is cached, so a stopped job resumes where it stopped.
 """
 

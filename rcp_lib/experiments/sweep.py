@@ -28,7 +28,8 @@ last on ``sweep_val_windows`` windows of ``seqlen`` tokens, evenly spread over t
 Resumable: each point's row is cached (``cache_dir()/rows/sweep-<hash>.json``, keyed by the recipe, budget, validation
 windows and code), and after every point ``results/<profile>/recipe_sweep.csv`` is rewritten atomically with every
 point of the grid that has a cached row (so sub-grids run in several sessions add up), its provenance, and
-``best = True`` on the rows of the selected point.
+``best = True`` on the rows of the selected point. With ``--replace`` (a regeneration, ``07_recipe_search.ipynb``) it
+is written once, when every run is done, with exactly this run's points and seeds.
 
 Seeds (``--seeds``; default: the profile's ``seed``) set the R1 signs and the QAT data order of a point. One row per
 (point, seed); every row carries its point's ``n_seeds``, ``val_ppl_mean`` and ``val_ppl_sem`` (standard error of the
@@ -336,7 +337,8 @@ def main(argv: list[str] | None = None) -> int:
               f"(mean |change| {row.get('clip_shift', float('nan')):.4f}), "
               f"level shift {row['level_shift']:.4f} [{time.perf_counter() - t0:.0f} s, total "
               f"{time.perf_counter() - t_all:.0f} s]", flush=True)
-        written = write()
+        if not args.replace:  # a sub-grid adds up after every point; a regeneration replaces the table once, at the end
+            written = write()
     written = write()
     if written:
         path, best = written

@@ -107,7 +107,7 @@ def parse_variants(spec: str | None) -> list[str]:
     """``"default,block-ap"`` -> those names (validated); None -> every variant."""
     if not spec:
         return list(VARIANTS)
-    names = [s.strip() for s in spec.split(",") if s.strip()]
+    names = list(dict.fromkeys(s.strip() for s in spec.split(",") if s.strip()))  # each once: rows are per (name, seed)
     bad = [n for n in names if n not in VARIANTS]
     if bad:
         raise SystemExit(f"unknown variant(s) {bad}; known: {', '.join(VARIANTS)}")
@@ -203,7 +203,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[variants {i + 1}/{len(runs)}] {name} seed {seed}: val ppl {row['val_ppl']:.2f} (step 0 "
               f"{row['step0_val_ppl']:.1f}), {row['seconds']:.0f} s of training [{time.perf_counter() - t0:.0f} s, "
               f"total {time.perf_counter() - t_all:.0f} s]", flush=True)
-        write()
+        if not args.replace:  # rows add up after every run; a regeneration replaces the table once, at the end
+            write()
     path = write()
     if path:
         print(path)
