@@ -157,7 +157,11 @@ def reproduce(profile: str = "cpu", notebooks: list[str] | None = None, kernel: 
 
     timing_path = result_path("reproduce_timing", P)
     last = json.loads(timing_path.read_text()) if timing_path.exists() else {}
-    last_s = last.get("notebooks", {})
+    # a notebook's time in the last full run, else its last measured one (named runs, e.g. 06 / 07, are only there),
+    # a cold measurement preferred
+    measured_s = {n: m.get("seconds") for kind in ("none", "cached", "mixed", "cold")
+                  for n, m in last.get("measured", {}).get(kind, {}).items()}
+    last_s = {**measured_s, **last.get("notebooks", {})}
     rows_dir = cache_dir() / "rows"
     cached_at_start = len(list(rows_dir.glob("*.json"))) if rows_dir.exists() else 0
     out_dir = runs_dir(P)
@@ -172,7 +176,7 @@ def reproduce(profile: str = "cpu", notebooks: list[str] | None = None, kernel: 
     try:
         for i, name in enumerate(names):
             left = [last_s.get(n) for n in names[i:]]
-            eta = (f"about {_fmt_s(sum(left))} left (times of the last full run)" if all(x is not None for x in left)
+            eta = (f"about {_fmt_s(sum(left))} left (measured times)" if all(x is not None for x in left)
                    else "time left not measured")
             print(f"{tag} ({i + 1}/{len(names)}) {name} ... {eta}", file=sys.stderr, flush=True)
             t0 = time.time()
