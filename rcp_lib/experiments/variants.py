@@ -160,12 +160,9 @@ def main(argv: list[str] | None = None) -> int:
     todo = parse_variants(args.only)
     seeds = parse_seeds(args.seeds, P.seed)
 
-    def key_of(name: str, seed: int):
-        return variant_key(P, name, seed)
-
     if args.list:
         for name, (over, steps, what) in VARIANTS.items():
-            have = [s for s in SEEDS_SCANNED if sweep_row_path(key_of(name, s)[1]).exists()]
+            have = [s for s in SEEDS_SCANNED if sweep_row_path(variant_key(P, name, s)[1]).exists()]
             print(f"{name:20s} {what}; cached at seeds {','.join(map(str, have)) or '-'}")
         return 0
     require_clean_tree()  # fail before hours of training, not after
@@ -180,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
         # --replace: exactly this run's variants and seeds; else every variant and seed cached at this code
         for name in (todo if args.replace else VARIANTS):
             for s in (seeds if args.replace else SEEDS_SCANNED):
-                path = sweep_row_path(key_of(name, s)[1])
+                path = sweep_row_path(variant_key(P, name, s)[1])
                 if path.exists():
                     rows.append({"variant": name, "point": POINT, "overrides_variant": json.dumps(VARIANTS[name][0]),
                                  **json.loads(path.read_text())})
@@ -197,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
     t_all = time.perf_counter()
     runs = [(n, s) for n in todo for s in seeds]
     for i, (name, seed) in enumerate(runs):
-        Pp, key, steps = key_of(name, seed)
+        Pp, key, steps = variant_key(P, name, seed)
         t0 = time.perf_counter()
         row = cached_row("sweep", key, lambda: score_point(fp, train_ids, pt, Pp, steps))
         print(f"[variants {i + 1}/{len(runs)}] {name} seed {seed}: val ppl {row['val_ppl']:.2f} (step 0 "
