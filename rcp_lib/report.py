@@ -4,7 +4,8 @@
 notebooks 02 and 03), plus any ``perplexity_qat_*.csv`` (QAT rows re-trained longer with ``python -m rcp_lib table
 --families qat --set qat_steps=N``), and rewrites the part of README.md between ``<!-- RESULTS-TABLE -->`` and
 ``<!-- /RESULTS-TABLE -->``. Nothing here computes a number: it only formats rows that the notebooks measured.
-The files it reads are the ``readme=True`` entries of :data:`rcp_lib.experiments.registry.TABLES`.
+The files it reads are the ``readme=True`` entries of :data:`rcp_lib.experiments.registry.TABLES`. The claim table's
+words are people's, in ``configs/claims.yaml`` (:data:`CLAIMS_FILE`); this module only fills in their numbers and tests.
 """
 
 from __future__ import annotations
@@ -16,10 +17,9 @@ from pathlib import Path
 
 import pandas as pd
 
-from .experiments.methods import SEEDED_PTQ
 from .experiments.registry import TABLES
 from .io import atomic_write_text
-from .paths import figures_root, readme_path, results_dir
+from .paths import REPO_ROOT, figures_root, readme_path, results_dir
 from .profiles import PROFILES
 from .recipe import Recipe
 
@@ -156,203 +156,116 @@ def _fmt_x(x: float) -> str:
     return f"{x:.3g}×" if x < 1000 else f"{x:.3g}×".replace("e+0", "e")
 
 
-def claims_markdown(d: Path, ppl: pd.DataFrame) -> str:
-    """The claim table: each paper claim (quoted as the paper's) next to what ``results/`` shows. Every number
-    here is read from the CSVs of ``d`` (memory.csv, memory_vs_saved.csv, perplexity.csv,
-    rotation_impact_summary.csv); a claim whose file is missing says so instead of a number."""
-    rows = ["| claim (the paper's numbers) | measured here (from `results/`) | status |", "|---|---|---|"]
-    mem_p = d / _file("memory")
-    if mem_p.exists():
-        mem = pd.read_csv(mem_p)
-        r = mem[(mem.model == "LLaMA-2-7B") & (mem.scheme == "W2A4KV4")].iloc[0]
-        saved = ""
-        if (d / _file("memory_vs_saved")).exists():
-            mv = pd.read_csv(d / _file("memory_vs_saved")).iloc[0]
-            saved = (f" For the embedded model the accountant's block-linear bytes differ from the bytes "
-                     f"`save_quantized` writes by {100 * float(mv['block_rel_diff']):.2g} %.")
-        rows.append(f"| 5.29× smaller (LLaMA-2-7B W2A4KV4) | memory accountant from the config alone: "
-                    f"**{r['weight_ratio_vs_fp16']:.3f}×** for the weights (2-bit codes + four fp16 levels per "
-                    f"{int(r['group_size'])}-weight group; embedding, lm_head and norms fp16); "
-                    f"{r['total_ratio_vs_fp16']:.3f}× with a {int(r['kv_seq_len'])}-token KV4 cache.{saved} | "
-                    f"consistent with the paper's figure under our accounting (any 2.5-bit-per-weight scheme gives "
-                    f"this ratio; the paper's own accounting is not stated) |")
-    rows.append("| −2.84 WikiText-2 ppl (LLaMA-2-7B W2A4KV4) | needs a GPU, the weights and WikiText-2: the `paper` "
-                "profile | not reproduced here |")
-    rot_p = d / _file("rotation_impact_summary")
-    if rot_p.exists():
-        rows.append(rotation_claim_row(pd.read_csv(rot_p)))
-    s = "W2A4KV4"
-    at = ppl[ppl.setting == s].set_index("method")["ppl"]
-    fp = ppl[ppl.method == "FP"]["ppl"]
-    ptq = ppl[(ppl.setting == s) & (ppl.family == "ptq")].set_index("method")["ppl"]
-    if "RCP" in at.index and len(ptq) and len(fp):
-        rcp, best = float(at["RCP"]), ptq.idxmin()
-        quant = Recipe.of_row(json.loads(ppl[(ppl.setting == s) & (ppl.method == best)].iloc[0]["config"] or "{}")).quant
-        searched = quant is not None and quant.weight is not None and quant.weight.clip_search != "none"
-        clip = "with QuaRot's clip search" if searched else "min–max ranges, no clip search"
-        # an order needs seeds on both sides (a t-test); the table's rows are one seed each
-        seeded = (d.parent / "ablation" / _file("ablation")).exists() and bool(
-            set(SEEDED_PTQ) & set(pd.read_csv(d.parent / "ablation" / _file("ablation"))["method"]))
-        order = (("RCP below the best PTQ row in this table (single runs: " +
-                  ("the test with seeds is the row below)" if seeded else "not separable by a test at this budget)"))
-                 if rcp < float(ptq.min()) else "not reproduced")
-        rot = ""
-        abl_p = d.parent / "ablation" / _file("ablation_summary")
-        in_table = bool({"RCP w/o Clip", "Uniform-QAT", "RCP w/o Rotate"} & set(at.index))
-        if in_table:
-            abl = ("The Clip / Partition / GSR ablations are one seed each in this table: their order is stated only "
-                   "in the ablation with seeds below." if abl_p.exists() else
-                   "The Clip / Partition / GSR ablations are one seed each: not separable at this budget (no ablation "
-                   "with seeds in `results/ablation/` yet).")
-        else:
-            abl = ("The Clip / Partition / Rotate ablations run with seeds in the `ablation` profile (below)."
-                   if abl_p.exists() else
-                   "The Clip / Partition / Rotate ablations run with seeds in the `ablation` profile (notebook 06: "
-                   "`python -m rcp_lib reproduce --profile ablation`); `results/ablation/` has none yet, so "
-                   "no order between them is stated.")
-        if "RCP w/o Rotate" in at.index:
-            rot = f" Inside QAT, rotation is worth {_fmt_x(float(at['RCP w/o Rotate']) / rcp)} (w/o Rotate {_fmt_ppl(float(at['RCP w/o Rotate']))})."
-        elif abl_p.exists():
-            a = pd.read_csv(abl_p)
-            seeds_p = abl_p.parent / _file("ablation")
-            if seeds_p.exists():
-                from .experiments.ablation import refresh_orders
-
-                a = pd.DataFrame(refresh_orders(a.to_dict("records"), pd.read_csv(seeds_p).to_dict("records")))
-            a = a.set_index("method")
-            if {"RCP", "RCP w/o Rotate"} <= set(a.index):
-                r, w = a.loc["RCP"], a.loc["RCP w/o Rotate"]
-                versions = code_versions_markdown(ppl, a.reset_index(),
-                                                  pd.read_csv(seeds_p) if seeds_p.exists() else None)
-                other = (" — from the ablation's own code, not comparable row to row with this table (see the code "
-                         "versions below)" if versions.startswith("**Not comparable") else "")
-                rot = (f" Inside QAT, rotation is worth {_fmt_x(float(w['ppl_mean']) / float(r['ppl_mean']))} in the "
-                       f"ablation with seeds (means over {int(r['n'])} seeds: w/o Rotate {_fmt_ppl(float(w['ppl_mean']))}"
-                       f" vs RCP {_fmt_ppl(float(r['ppl_mean']))}; {_current_order(w['vs_RCP']) or '–'}{other}).")
-        rows.append(f"| RCP ≫ PTQ baselines at W2A4KV4 | embedded model: RCP {_fmt_ppl(rcp)} vs the best PTQ row "
-                    f"({best}, {clip}) {_fmt_ppl(float(ptq.min()))}, i.e. "
-                    + (f"{_fmt_x(float(ptq.min()) / rcp)} lower" if rcp < float(ptq.min()) else
-                       f"{_fmt_x(rcp / float(ptq.min()))} higher than that baseline") + "; still"
-                    f" {_fmt_x(rcp / float(fp.iloc[0]))} the FP perplexity "
-                    f"({_fmt_ppl(float(fp.iloc[0]))}) after our short QAT.{rot} {abl} | {order}; far from "
-                    f"the paper's gap to FP |")
-    rows += seeded_claim_rows(d.parent / "ablation", float(fp.iloc[0]) if len(fp) else None)
-    return "\n".join(rows)
+#: the README's claim table, written by people (:func:`claims_markdown` fills its numbers from ``results/``)
+CLAIMS_FILE = REPO_ROOT / "configs" / "claims.yaml"
 
 
-def _bits(name: str, setting: str = "W2A4KV4") -> str:
-    """``"3 bits per weight"``: what the named method's weight format stores per weight under the ``ablation``
-    profile (:func:`rcp_lib.experiments.tables.bits_per_weight`, from the recipe alone)."""
+class _Pairs:
+    """``pairs["A/B"]``: ``fn(A, B)`` for a template field such as ``{order[RCP/Uniform-QAT]}``; KeyError when
+    ``fn`` has no value (a missing method), so the row that asks for it is left out."""
+
+    def __init__(self, fn):
+        self.fn = fn
+
+    def __getitem__(self, key: str) -> str:
+        a, sep, b = key.partition("/")
+        out = self.fn(a, b) if sep else None
+        if out is None:
+            raise KeyError(key)
+        return out
+
+
+def _cells(rows: pd.DataFrame) -> dict[str, str]:
+    """``{method: "mean ± SE (n seeds)"}`` of the ``ppl`` column of per-seed rows."""
+    out = {}
+    for name, v in rows.groupby("method", sort=False)["ppl"]:
+        se = f" ± {_fmt_ppl(float(v.sem()))}" if len(v) > 1 else ""
+        out[str(name)] = f"{_fmt_ppl(float(v.mean()))}{se} ({len(v)} seed{'s' if len(v) != 1 else ''})"
+    return out
+
+
+def claim_values(d: Path, ppl: pd.DataFrame) -> dict:
+    """The names a claim template (:data:`CLAIMS_FILE`) can use, read from the results folder ``d`` (its
+    ``perplexity.csv`` is ``ppl``) and ``results/ablation/``; the file's header lists them. A file that is missing
+    leaves its names out. Numbers only: no sentence here says what they mean."""
     from .experiments.methods import method
     from .experiments.tables import bits_per_weight
     from .profiles import get_profile
 
-    return f"{bits_per_weight(method(name, setting), get_profile('ablation')):.3g} bits per weight"
+    v: dict = {}
+    if (d / _file("memory")).exists():
+        mem = pd.read_csv(d / _file("memory"))
+        r = mem[(mem.model == "LLaMA-2-7B") & (mem.scheme == "W2A4KV4")]
+        if len(r):
+            v["mem"] = r.iloc[0].to_dict()
+    if (d / _file("memory_vs_saved")).exists():
+        v["saved"] = pd.read_csv(d / _file("memory_vs_saved")).iloc[0].to_dict()
+    if (d / _file("rotation_impact_summary")).exists():
+        v["rot"] = pd.read_csv(d / _file("rotation_impact_summary")).set_index("rotation").to_dict("index")
+    at = ppl[(ppl.setting == "W2A4KV4") | (ppl.method == "FP")].drop_duplicates("method").set_index("method")["ppl"]
+    v["table"] = {m: _fmt_ppl(float(x)) for m, x in at.items()}
+    v["table_x"] = _Pairs(lambda a, b: _fmt_x(float(at[a]) / float(at[b])) if {a, b} <= set(at.index) else None)
+    ptq = ppl[(ppl.setting == "W2A4KV4") & (ppl.family == "ptq")].set_index("method")["ppl"]
+    if len(ptq):
+        v["best_ptq"] = f"{ptq.idxmin()} {_fmt_ppl(float(ptq.min()))}"
+    abl = d.parent / "ablation"
+    if (abl / _file("ablation")).exists():
+        from .experiments.ablation import summarize_ablation
 
-
-def seeded_claim_rows(abl_dir: Path, fp_ppl: float | None = None) -> list[str]:
-    """Claim-table rows decided with seeds, from ``results/ablation/``: RCP (mean ± SE) against uniform-grid QAT at the
-    same start, budget and learning rates (Partition), what learning the clip and the levels buys (the frozen-part
-    rows), what QAT buys over its start, and GSR against QuaRot's R1 (``gsr_decision.csv``). Each status is an order
-    phrase of a t-test on the per-seed values (p shown) or "not separable at this budget"; rows whose files or
-    methods are missing are left out."""
-    from .experiments.ablation import summarize_ablation
-
-    out: list[str] = []
-    seeds_p = abl_dir / _file("ablation")
-    if seeds_p.exists():
-        per_seed = pd.read_csv(seeds_p)
+        per_seed = pd.read_csv(abl / _file("ablation"))
         summ = {r["method"]: r for r in summarize_ablation(per_seed.to_dict("records"))}
-        fresh = _orders_from_rows(per_seed, "method", "ppl", "RCP")
-
-        def ms(name: str) -> str:
-            r = summ[name]
-            se = f" ± {_fmt_ppl(r['ppl_sem'])}" if math.isfinite(r["ppl_sem"]) else ""
-            return f"{_fmt_ppl(r['ppl_mean'])}{se} ({r['n']} seed{'s' if r['n'] != 1 else ''})"
-
-        ptq = [n for n in SEEDED_PTQ if n in summ]
-        if "RCP" in summ and ptq:
-            best = min(ptq, key=lambda n: summ[n]["ppl_mean"])
-            out.append(f"| RCP ≫ PTQ baselines at W2A4KV4, with seeds | RCP {ms('RCP')} vs "
-                       + "; ".join(f"{n} {ms(n)}" for n in ptq)
-                       + f"; the best PTQ row by its mean ({best}) is {_fmt_x(summ[best]['ppl_mean'] / summ['RCP']['ppl_mean'])}"
-                       f" RCP's mean | " + "; ".join(fresh.get(n, "–") for n in ptq) + " |")
-        if "RCP" in summ:
-            r = summ["RCP"]
-            vs_fp = f", {_fmt_x(r['ppl_mean'] / fp_ppl)} the FP perplexity" if fp_ppl else ""
-            out.append(f"| QAT recovers W2A4KV4 (RCP) | RCP {ms('RCP')}{vs_fp}; its start before QAT (GPTQ on the "
-                       f"LDP grid) {_fmt_ppl(r['step0_ppl_mean'])} | {r['vs_start'] or '–'} |")
-        if {"RCP", "Uniform-QAT"} <= set(summ):
-            out.append(f"| Partition: a learnable non-uniform grid beats a uniform one (same start, budget, learning "
-                       f"rates) | RCP {ms('RCP')}, {_bits('RCP')} vs Uniform-QAT {ms('Uniform-QAT')}, "
-                       f"{_bits('Uniform-QAT')} | {fresh.get('Uniform-QAT', '–')} |")
-        if {"RCP", "Uniform-QAT g32"} <= set(summ):
-            same = _bits("RCP") == _bits("Uniform-QAT g32")
-            out.append(f"| Partition at {'equal' if same else 'unequal (!)'} bits: LDP against a uniform grid in smaller "
-                       f"groups | RCP {ms('RCP')}, {_bits('RCP')} vs Uniform-QAT g32 {ms('Uniform-QAT g32')}, "
-                       f"{_bits('Uniform-QAT g32')} (bits as `rcp_lib.memory` charges them: 2-bit codes + 4 fp16 "
-                       f"levels per group for LDP, + an fp16 scale and zero per group for a uniform grid) | "
-                       f"{fresh.get('Uniform-QAT g32', '–')} |")
-        for name, part in (("RCP clip frozen", "the clip"), ("RCP levels frozen", "the levels")):
-            if {"RCP", name} <= set(summ):
-                moved = summ["RCP"]["clip_shift_mean" if part == "the clip" else "level_shift_mean"]
-                out.append(f"| learning {part} helps | RCP {ms('RCP')} vs {name} {ms(name)}; RCP moves {part} by "
-                           f"{moved:.3g} on average (mean \\|Δ\\|) | {fresh.get(name, '–')} |")
-    gsr_p = abl_dir / _file("gsr_decision")
-    if gsr_p.exists():
-        rows = pd.read_csv(gsr_p)
-        act = rows[rows["part"] == "activations"]
-        ref, gsr = "QuaRot (random Hadamard)", "GSR + random signs"
-        if {ref, gsr} <= set(act["method"]):
-            cell = _seed_cells(act)
-            out.append(f"| GSR's R1 in place of a random Hadamard (GSR claims a gain at 2-bit weights) | what the "
-                       f"R1 alone does to 4-bit activations, weights in full precision "
-                       f"(W16A4KV16): QuaRot's R1 {cell(ref)} vs GSR with random signs {cell(gsr)}; a block-diagonal "
-                       f"R1 mixes an outlier channel within its block only, while the per-token scale spans the whole "
-                       f"hidden size | {_orders_from_rows(act, 'method', 'ppl', ref).get(gsr, '–')} |")
-        wts = rows[rows["part"] == "weights"]
-        for grp, sub in (wts.groupby("w_group", sort=True) if len(wts) else []):
-            g, c = f"GSR-GPTQ g{int(grp)}", f"BlockHadamard-GPTQ g{int(grp)}"
-            if {g, c} <= set(sub["method"]):
-                cell = _seed_cells(sub)
-                block = int(sub["block"].iloc[0])
-                out.append(f"| GSR's sequency order at 2-bit weights (the one place it can act: weight groups smaller "
-                           f"than the R1 block) | W2A16KV16, GPTQ, R1 blocks of {block}, weight groups of {int(grp)}: "
-                           f"GSR {cell(g)} vs the same blocks in natural Hadamard order {cell(c)} | "
-                           f"{_orders_from_rows(sub, 'method', 'ppl', c).get(g, '–')} |")
-    return out
+        means = {m: float(r["ppl_mean"]) for m, r in summ.items()}
+        fp = float(at["FP"]) if "FP" in at.index else None
+        v.update(ms=_cells(per_seed), mean={m: _fmt_ppl(x) for m, x in means.items()},
+                 start={m: _fmt_ppl(float(r["step0_ppl_mean"])) for m, r in summ.items()
+                        if pd.notna(r.get("step0_ppl_mean"))},
+                 ms_x=_Pairs(lambda a, b: _fmt_x(means[a] / means[b]) if {a, b} <= set(means) else None),
+                 fp_x={m: _fmt_x(x / fp) for m, x in means.items()} if fp else {},
+                 order=_Pairs(lambda a, b: _orders_from_rows(per_seed[per_seed.method.isin([a, b])], "method", "ppl",
+                                                             a).get(b)),
+                 vs_start={m: r["vs_start"] for m, r in summ.items() if r.get("vs_start")},
+                 bits={m: f"{bits_per_weight(method(m, 'W2A4KV4'), get_profile('ablation')):.3g} bits per weight"
+                       for m in summ},
+                 clip_shift={m: f"{r['clip_shift_mean']:.3g}" for m, r in summ.items()
+                             if pd.notna(r.get("clip_shift_mean"))},
+                 level_shift={m: f"{r['level_shift_mean']:.3g}" for m, r in summ.items()
+                              if pd.notna(r.get("level_shift_mean"))})
+    if (abl / _file("gsr_decision")).exists():
+        gsr = pd.read_csv(abl / _file("gsr_decision"))
+        v["gsr"] = _cells(gsr)
+        v["gsr_order"] = _Pairs(lambda a, b: _orders_from_rows(gsr[gsr.method.isin([a, b])], "method", "ppl", a).get(b))
+        if "block" in gsr:
+            v["gsr_block"] = {str(m): str(int(b)) for m, b in gsr.dropna(subset=["block"]).groupby("method")["block"].first().items()}
+    return v
 
 
-def _seed_cells(rows: pd.DataFrame):
-    """``name -> "mean ± SE (n seeds)"`` of the ``ppl`` column of per-seed rows, by ``method``."""
-    m = rows.groupby("method")["ppl"].agg(["mean", "sem", "count"])
-    return lambda n: f"{_fmt_ppl(m.loc[n, 'mean'])} ± {_fmt_ppl(m.loc[n, 'sem'])} ({int(m.loc[n, 'count'])} seeds)"
+def render_claims(claims: list[dict], values: dict) -> tuple[list[str], list[str]]:
+    """The claim table's rows (``| claim | measured | status |``) of the people-written ``claims`` with their fields
+    filled from ``values`` (:func:`claim_values`), and one line per claim left out for a missing number."""
+    rows, left_out = ["| claim (the paper's numbers) | measured here (from `results/`) | status |", "|---|---|---|"], []
+    for c in claims:
+        try:
+            cells = [c["claim"], c["measured"].format_map(values), c["status"].format_map(values)]
+        except KeyError as e:
+            left_out.append(f"{c['claim']!r}: no value for {e.args[0]!r}")
+            continue
+        rows.append("| " + " | ".join(" ".join(x.split()) for x in cells) + " |")
+    return rows, left_out
 
 
-def rotation_claim_row(summary: pd.DataFrame) -> str:
-    """Claim-table row for "rotation makes weights bell-shaped, so a non-uniform grid is needed", from the
-    per-rotation means of notebook 01 (columns rotation, kurtosis, err_uniform, err_uniform_clip, err_ldp)."""
-    sm = summary.set_index("rotation")
-    base = "random_hadamard" if "random_hadamard" in sm.index else sm.index[-1]
-    r = sm.loc[base]
-    parts = [f"kurtosis {sm.loc['none', 'kurtosis']:.3g} → {r['kurtosis']:.3g} ({base})" if "none" in sm.index else ""]
-    if {"err_uniform_clip", "err_nonuniform_pinned"} <= set(sm.columns):
-        parts.append(f"2-bit weight error (relative MSE, groups of the profile) after {base}: min–max uniform "
-                     f"{r['err_uniform']:.3f}, uniform with MSE-optimal clip {r['err_uniform_clip']:.3f}, non-uniform "
-                     f"with pinned ends (what LDP represents) {r['err_nonuniform_pinned']:.3f}, unconstrained Lloyd–Max "
-                     f"{r['err_nonuniform']:.3f}: the range accounts for {_fmt_x(r['err_uniform'] / r['err_uniform_clip'])}, "
-                     f"the non-uniform levels for a further {_fmt_x(r['err_uniform_clip'] / r['err_nonuniform_pinned'])}")
-    status = "see notebook 01"
-    if {"err_uniform_clip", "err_nonuniform_pinned"} <= set(sm.columns):
-        range_gain = r["err_uniform"] / r["err_uniform_clip"]
-        shape_gain = r["err_uniform_clip"] / r["err_nonuniform_pinned"]
-        status = ("most of the gain of a non-uniform grid over min–max uniform is the clipping range, not the shape"
-                  if range_gain > shape_gain else "the non-uniform shape gains more than the clipping range")
-    if "none" in sm.index:
-        status = ("rotation lowers the kurtosis; " if r["kurtosis"] < sm.loc["none", "kurtosis"] else
-                  "rotation does not lower the kurtosis; ") + status
-    return ("| rotation makes weights bell-shaped → uniform 2-bit fits badly → non-uniform LDP | "
-            + "; ".join(p for p in parts if p) + f" | {status} |")
+def claims_markdown(d: Path, ppl: pd.DataFrame, claims: Path | None = None) -> str:
+    """The claim table: each claim of :data:`CLAIMS_FILE` (written by people; ``claims`` for another file) with the
+    numbers of the results folder ``d`` (:func:`claim_values`). A claim whose numbers are missing is left out, and
+    named on stderr."""
+    import sys
+
+    import yaml
+
+    entries = yaml.safe_load(Path(claims or CLAIMS_FILE).read_text())["claims"]
+    rows, left_out = render_claims(entries, claim_values(d, ppl))
+    for line in left_out:
+        print(f"[rcp_lib readme] claim left out of {d.name}'s table: {line}", file=sys.stderr)
+    return "\n".join(rows)
 
 
 ROTATION_COLUMNS = ("kurtosis", "err_uniform", "err_uniform_clip", "err_nonuniform_pinned", "err_nonuniform",

@@ -1,9 +1,13 @@
 """The README results block is formatted from result rows, and replacing it is idempotent."""
 
 import json
+import math
+import statistics
+from pathlib import Path
 
 import pandas as pd
 import pytest
+import yaml
 
 from rcp_lib.report import BEGIN, END, longer_qat_markdown, ppl_markdown, update_readme, zero_shot_markdown
 
@@ -150,7 +154,7 @@ def test_docs_gpu_memory_table_matches_the_estimator():
 
 
 def test_rotation_markdown_pairs_gsr_with_its_control():
-    from rcp_lib.report import rotation_claim_row, rotation_markdown
+    from rcp_lib.report import rotation_markdown
 
     base = {"kurtosis": 3.0, "err_uniform": 0.2, "err_uniform_clip": 0.1, "err_nonuniform_pinned": 0.09,
             "err_nonuniform": 0.085, "range_gain": 2.0, "shape_gain": 1.1}
@@ -164,9 +168,13 @@ def test_rotation_markdown_pairs_gsr_with_its_control():
     assert "| gsr:64/g32 | 64 | 32 | 3.00 | 0.200 |" in md and "| none | – | 64 | 12.00 |" in md
     assert "`gsr:64/g32` vs `block_hadamard:64/g32` (block 64, groups of 32): largest relative difference of the " \
            "mean errors 4.8 %" in md
-    row = rotation_claim_row(df)
-    assert "kurtosis 12 → 3 (random_hadamard)" in row and "the range accounts for 2×" in row
-    assert "most of the gain" in row  # 2.0 (range) > 0.1 / 0.09 (shape)
+    from rcp_lib.report import CLAIMS_FILE, claim_values, render_claims
+
+    claims = [c for c in yaml.safe_load(CLAIMS_FILE.read_text())["claims"] if "rot[" in c["measured"]]
+    rows, left_out = render_claims(claims, claim_values(Path("/nonexistent"), _ppl_rows()) | {
+        "rot": df.set_index("rotation").to_dict("index")})
+    assert len(claims) == 1 and not left_out
+    assert "kurtosis 12 → 3 (random Hadamard)" in rows[2] and "the range accounts for 2×" in rows[2]
 
 
 def test_sweep_markdown_states_best_point_seeds_and_init_ratios():
@@ -192,18 +200,14 @@ def test_sweep_markdown_states_best_point_seeds_and_init_ratios():
 
 
 def test_ablation_block_in_readme(tmp_path):
-    """results/ablation/ablation_summary.csv next to the profile's folder adds the seeded table; the claim row
-    then defers the ablation order to it."""
+    """results/ablation/ablation_summary.csv next to the profile's folder adds the seeded table, with the orders of
+    its rows and no cause for a gap."""
     from rcp_lib.report import results_markdown
 
     res = tmp_path / "cpu"
     res.mkdir()
     _ppl_rows().to_csv(res / "perplexity.csv", index=False)
-    assert "`results/ablation/` has none yet, so no order between them is stated" in results_markdown("cpu", res)
-    with_rows = pd.concat([_ppl_rows(), _ppl_rows().iloc[[3]].assign(method="RCP w/o Clip")], ignore_index=True)
-    with_rows.to_csv(res / "perplexity.csv", index=False)  # one-seed ablation rows in the table itself
-    assert "one seed each: not separable at this budget" in results_markdown("cpu", res)
-    _ppl_rows().to_csv(res / "perplexity.csv", index=False)
+    assert "Ablation with seeds" not in results_markdown("cpu", res)
     (tmp_path / "ablation").mkdir()
     pd.DataFrame([
         {"method": "RCP", "setting": "W2A4KV4", "n": 3, "ppl_mean": 400.0, "ppl_std": 10.0, "ppl_sem": 5.77,
@@ -215,7 +219,6 @@ def test_ablation_block_in_readme(tmp_path):
          "git_commit": "abc"},
     ]).to_csv(tmp_path / "ablation" / "ablation_summary.csv", index=False)
     md = results_markdown("cpu", res)
-    assert "ablations run with seeds in the `ablation` profile (below)" in md
     assert "| RCP | 3 | 400 ± 5.77 | 50000 | – | 0.672 → 0.671 | 0.0120 | 0.0130 | – | 0.0034 | – |" in md
     assert "| RCP w/o Clip | 3 | 410 ± 17.30 |" in md and "not separable at this budget (Welch p = 0.5, n = 3, 3) |" in md
     assert "Not comparable row to row" not in md  # no fingerprints recorded on either side: nothing to compare
@@ -232,8 +235,6 @@ def test_ablation_block_in_readme(tmp_path):
     # the report prints the rows and their tests, and states no cause for a gap
     assert "| RCP w/o Clip | 3 | 410 ± 17.30 |" in md and "RCP < RCP w/o Clip (Welch p = 0.01, n = 3, 3) |" in md
     assert "the gap comes from the searched clip start" not in md and "its clip ratio starts at" not in md
-    assert "rotation is worth 10× in the ablation with seeds (means over 3 seeds: w/o Rotate 4000 vs RCP 400; " \
-           "RCP < RCP w/o Rotate (Welch p = 0.01, n = 3, 3) — from the ablation's own code, not comparable row to row with this table" in md
     assert "**Not comparable row to row:** the ablation ran with code new and the perplexity table above with code old" in md
 
 
@@ -295,8 +296,6 @@ def test_readme_names_the_analysed_layers(tmp_path):
     layers = get_profile("cpu").analysis_layers
     text = (res / "SUMMARY.md").read_text()
     assert layers and f"mean over the decoder layers {', '.join(map(str, layers))} (`analysis_layers`" in text
-    # no ablation rows in the table and no results/ablation/: the claim row says where the ablations run
-    assert "ablations run with seeds in the `ablation` profile" in text and "one seed each" not in text
 
 
 def test_committed_rotation_rows_cover_the_layers_the_readme_names():
@@ -483,58 +482,86 @@ def test_gsr_decision_markdown():
     assert "| 16 (64) | 301 ± 0.58 | 311 ± 0.58 | GSR < control (paired p = " in md
 
 
-def test_seeded_claim_rows(tmp_path):
-    """The claim rows decided with seeds: each status is a t-test's phrase recomputed from the per-seed rows."""
-    from rcp_lib.report import seeded_claim_rows
+def _claim_table(tmp_path, fp: float = 22.13) -> str:
+    """The claim table of a results folder ``tmp_path/cpu`` whose FP row is ``fp``, with ``tmp_path/ablation``."""
+    from rcp_lib.report import claims_markdown
 
-    rows = []
-    for name, vals, start in (("RCP", (90.0, 118.0, 88.0), (190.0, 205.0, 188.0)),
-                              ("Uniform-QAT", (150.0, 127.0, 135.0), (210.0, 211.0, 212.0)),
-                              ("RCP clip frozen", (91.0, 119.0, 88.5), (190.0, 205.0, 188.0))):
-        rows += [{"method": name, "setting": "W2A4KV4", "seed": s, "ppl": v, "step0_ppl": st, "clip_shift": 0.002,
-                  "level_shift": 0.012} for s, (v, st) in enumerate(zip(vals, start))]
-    pd.DataFrame(rows).to_csv(tmp_path / "ablation.csv", index=False)
-    out = "\n".join(seeded_claim_rows(tmp_path, 22.13))
+    res = tmp_path / "cpu"
+    res.mkdir(exist_ok=True)
+    ppl = _ppl_rows()
+    ppl.loc[ppl.method == "FP", "ppl"] = fp
+    return claims_markdown(res, ppl)
+
+
+def test_seeded_claims(tmp_path, capsys):
+    """The claims decided with seeds: each status is a t-test's phrase recomputed from the per-seed rows; a claim
+    whose methods or file are missing is left out, and named on stderr."""
+    from rcp_lib.stats import order
+
+    (tmp_path / "ablation").mkdir()
+    vals = {"RCP": ((90.0, 118.0, 88.0), (190.0, 205.0, 188.0)), "Uniform-QAT": ((150.0, 127.0, 135.0), (210.0, 211.0, 212.0)),
+            "RCP clip frozen": ((91.0, 119.0, 88.5), (190.0, 205.0, 188.0))}
+    rows = [{"method": name, "setting": "W2A4KV4", "seed": s, "ppl": v, "step0_ppl": st, "clip_shift": 0.002,
+             "level_shift": 0.012} for name, (vs, starts) in vals.items() for s, (v, st) in enumerate(zip(vs, starts))]
+    pd.DataFrame(rows).to_csv(tmp_path / "ablation" / "ablation.csv", index=False)
+    out = _claim_table(tmp_path)
     assert "| QAT recovers W2A4KV4 (RCP) | RCP 98.67 ± 9.68 (3 seeds), 4.46× the FP perplexity" in out
     assert "| RCP < RCP start (paired p = " in out
     assert ("RCP 98.67 ± 9.68 (3 seeds), 3 bits per weight vs Uniform-QAT 137 ± 6.74 (3 seeds), 2.5 bits per weight | "
-            "not separable at this budget (paired p = ") in out
+            f"{order('RCP', list(vals['RCP'][0]), 'Uniform-QAT', list(vals['Uniform-QAT'][0]), kind='paired')} |") in out
     assert "| learning the clip helps |" in out and "learning the levels" not in out
     assert "GSR" not in out  # no gsr_decision.csv
+    err = capsys.readouterr().err
+    assert "claim left out of cpu's table: 'learning the levels helps': no value for 'RCP levels frozen'" in err
     pd.DataFrame([{"part": "activations", "method": m, "seed": s, "ppl": v}
-                  for m, vals in (("QuaRot (random Hadamard)", (33.2, 33.4, 32.9)), ("GSR + random signs", (49.0, 48.3, 46.4)))
-                  for s, v in enumerate(vals)]).to_csv(tmp_path / "gsr_decision.csv", index=False)
-    out = "\n".join(seeded_claim_rows(tmp_path, 22.13))
+                  for m, vs in (("QuaRot (random Hadamard)", (33.2, 33.4, 32.9)), ("GSR + random signs", (49.0, 48.3, 46.4)))
+                  for s, v in enumerate(vs)]).to_csv(tmp_path / "ablation" / "gsr_decision.csv", index=False)
+    out = _claim_table(tmp_path)
     assert "QuaRot (random Hadamard) < GSR + random signs (paired p = " in out
     assert "sequency order at 2-bit weights" not in out  # no weight part yet
     wrows = [{"part": "weights", "method": f"{m} g{grp}", "block": 64, "w_group": grp, "seed": s, "ppl": v}
-             for grp in (16, 32) for m, vals in (("GSR-GPTQ", (120.0, 121.0, 119.5)),
-                                                 ("BlockHadamard-GPTQ", (120.5, 118.0, 121.0)))
-             for s, v in enumerate(vals)]
-    pd.concat([pd.read_csv(tmp_path / "gsr_decision.csv"), pd.DataFrame(wrows)]).to_csv(
-        tmp_path / "gsr_decision.csv", index=False)
-    out = "\n".join(seeded_claim_rows(tmp_path, 22.13))
-    lines = [ln for ln in out.splitlines() if "sequency order at 2-bit weights" in ln]
-    assert len(lines) == 2 and "weight groups of 16: GSR 120 ± 0.44 (3 seeds)" in lines[0]
+             for grp in (16, 32) for m, vs in (("GSR-GPTQ", (120.0, 121.0, 119.5)),
+                                               ("BlockHadamard-GPTQ", (120.5, 118.0, 121.0)))
+             for s, v in enumerate(vs)]
+    pd.concat([pd.read_csv(tmp_path / "ablation" / "gsr_decision.csv"), pd.DataFrame(wrows)]).to_csv(
+        tmp_path / "ablation" / "gsr_decision.csv", index=False)
+    lines = [ln for ln in _claim_table(tmp_path).splitlines() if "sequency order at 2-bit weights" in ln]
+    assert len(lines) == 2 and "R1 blocks of 64, weight groups of 16: GSR 120 ± 0.44 (3 seeds)" in lines[0]
     assert all("not separable at this budget (paired p = " in ln for ln in lines)
 
 
-def test_seeded_claim_rows_ptq_and_equal_bits(tmp_path):
+def test_seeded_claims_ptq_and_equal_bits(tmp_path):
     """RCP against the seeded PTQ rows and the equal-bits uniform rival: each status is recomputed from the per-seed
-    values (a paired test: the seeds agree); PTQ rows without a start have no 'QAT vs start' phrase of their own."""
+    values (a paired test: the seeds agree); the bits come from the accountant."""
     from rcp_lib.stats import order
-    from rcp_lib.report import seeded_claim_rows
 
     vals = {"RCP": (92.0, 118.7, 87.9), "QuaRot-GPTQ": (221.0, 240.0, 215.0), "QuaRot-GPTQ static": (195.0, 214.0, 190.0),
             "Uniform-QAT g32": (120.0, 119.0, 100.0)}
     rows = [{"method": m, "setting": "W2A4KV4", "seed": s, "ppl": v, "step0_ppl": 190.0 if "GPTQ" not in m else None}
             for m, vs in vals.items() for s, v in enumerate(vs)]
-    pd.DataFrame(rows).to_csv(tmp_path / "ablation.csv", index=False)
-    out = "\n".join(seeded_claim_rows(tmp_path, 22.13))
+    (tmp_path / "ablation").mkdir()
+    pd.DataFrame(rows).to_csv(tmp_path / "ablation" / "ablation.csv", index=False)
+    out = _claim_table(tmp_path)
     ptq = next(line for line in out.splitlines() if line.startswith("| RCP ≫ PTQ baselines at W2A4KV4, with seeds"))
     for m in ("QuaRot-GPTQ", "QuaRot-GPTQ static"):
         assert order("RCP", list(vals["RCP"]), m, list(vals[m]), kind="paired") in ptq
-    assert "the best PTQ row by its mean (QuaRot-GPTQ static)" in ptq
+    q, r = vals["QuaRot-GPTQ"], vals["RCP"]
+    se = statistics.stdev(q) / math.sqrt(3)
+    assert f"QuaRot-GPTQ {statistics.mean(q):.0f} ± {se:.2f} (3 seeds) ({statistics.mean(q) / statistics.mean(r):.3g}× " \
+           "RCP's mean)" in ptq
     eq = next(line for line in out.splitlines() if line.startswith("| Partition at equal bits"))
-    assert "RCP 99.54" not in eq and eq.count("3 bits per weight") == 2  # from the accountant: 2 + 64/64 = 2 + 32/32
+    assert eq.count("3 bits per weight") == 2  # from the accountant: 2 + 64/64 = 2 + 32/32
     assert eq.endswith(f"| {order('RCP', list(vals['RCP']), 'Uniform-QAT g32', list(vals['Uniform-QAT g32']), kind='paired')} |")
+
+
+def test_every_claim_renders_from_the_committed_results():
+    """Every people-written claim of configs/claims.yaml finds its numbers in the checkout's results/cpu and
+    results/ablation: a misspelt name would leave its row out of the README."""
+    from rcp_lib.paths import results_dir
+    from rcp_lib.report import CLAIMS_FILE, claim_values, render_claims
+
+    d = results_dir("cpu")
+    claims = yaml.safe_load(CLAIMS_FILE.read_text())["claims"]
+    rows, left_out = render_claims(claims, claim_values(d, pd.read_csv(d / "perplexity.csv")))
+    assert not left_out and len(rows) == len(claims) + 2
+    assert all(ln.count(" | ") == 2 and "{" not in ln for ln in rows[2:])
