@@ -508,7 +508,7 @@ def variants_markdown(var: pd.DataFrame, table_config: dict | None = None) -> st
     if same:
         txt.append(f"Not separable from the default at this budget: {', '.join(same)}.")
     if not better:
-        txt.append("No variant beats the default beyond noise, so the default recipe is kept.")
+        txt.append("No variant is lower than the default at p < 0.05.")
     if table_config is not None and "config" in var:
         same = [n for n, r in first.iterrows()
                 if _trained_recipe(json.loads(r["config"])) == _trained_recipe(table_config)]
