@@ -41,7 +41,7 @@ $(STAMP): requirements.txt pyproject.toml
 test: $(STAMP)
 	$(PY) -m pytest -m "not slow" -q
 
-# the inner loop, about 3 min on 2 cores: the unit tier (no embedded model, no notebook, no command-line or multi-process run; tests/conftest.py)
+# the inner loop, about 3 min on 2 cores: the unit tier (outside tests/integration/, no embedded model; tests/conftest.py)
 test-fast: $(STAMP)
 	$(PY) -m pytest -m "not slow and not integration" -q -x
 

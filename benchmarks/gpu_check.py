@@ -31,7 +31,7 @@ content hash of its sources and written, not refused. ``--no-tune`` runs every T
 configuration (the ``kernel`` section always does): no autotuning, minutes of compilation fewer.
 
 ``--device cpu --tiny`` runs the same sections with tiny shapes on the CPU (kernel: the torch reference of the op,
-no timing; no memory comparison): a self-test of this script for the test suite (``tests/test_gpu_path.py``).
+no timing; no memory comparison): a self-test of this script for the test suite (``tests/integration/test_gpu_path.py``).
 Without CUDA and without ``--device cpu`` it prints one line and exits with status 2, writing nothing.
 """
 

@@ -1,4 +1,5 @@
 import os
+from pathlib import Path
 
 # Hub and dataset look-ups must fail fast in tests (offline by design).
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -12,21 +13,18 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 
-#: the tiers (``make test-fast`` runs the first): a test is ``integration`` when it loads the real embedded model
-#: (these fixtures), runs a notebook, the command line or several processes (the modules below, or
-#: ``@pytest.mark.integration`` on the test); everything else, short single-subprocess checks included, is a unit test
-#: of a pure function or a tiny synthetic model. ``slow`` (minutes; ``make test-slow``) is marked in the test itself.
+#: the tiers (``make test-fast`` runs the first): a test is ``integration`` when its file is under
+#: ``tests/integration/`` (notebooks, the command line, several processes, the embedded model throughout), when it uses
+#: one of these fixtures (it loads the real embedded model) or when it carries ``@pytest.mark.integration``;
+#: everything else, short single-subprocess checks included, is a unit test of a pure function or a tiny synthetic
+#: model. ``slow`` (minutes; ``make test-slow``) is marked in the test itself.
 INTEGRATION_FIXTURES = frozenset({"embedded", "excerpt_test_ids", "real_text_ids"})
-INTEGRATION_MODULES = frozenset({
-    "test_notebooks", "test_cli", "test_cli_validation", "test_distributed", "test_dry_run", "test_hf", "test_compare",
-    "test_setup", "test_ablation_start", "test_zero_shot", "test_gpu_path",
-})
+INTEGRATION_DIR = Path(__file__).resolve().parent / "integration"
 
 
 def pytest_collection_modifyitems(config, items):
     for item in items:
-        module = item.module.__name__.rpartition(".")[2] if item.module is not None else ""
-        if INTEGRATION_FIXTURES & set(item.fixturenames) or module in INTEGRATION_MODULES:
+        if INTEGRATION_FIXTURES & set(item.fixturenames) or INTEGRATION_DIR in Path(str(item.path)).resolve().parents:
             item.add_marker(pytest.mark.integration)
 
 

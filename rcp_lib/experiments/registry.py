@@ -5,7 +5,7 @@ Everything that names result files derives from :data:`TABLES`: :data:`NOTEBOOKS
 ``python -m rcp_lib reproduce`` can run, in the order of their number prefix; which ones a profile runs:
 :func:`profile_notebooks`), the file look-ups of
 :mod:`rcp_lib.report`, the choices of ``python -m rcp_lib table`` and the smoke-run checks of
-``tests/test_notebooks.py``. A notebook writes its table with ``write_rows(rows, P, "<name>")``.
+``tests/integration/test_notebooks.py``. A notebook writes its table with ``write_rows(rows, P, "<name>")``.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ class Table:
         notebook: the notebook that writes it, or None when a command does (:attr:`command`).
         command: how to write it when no notebook does (a CLI call, a benchmark or a script).
         per_profile: False for files of one machine rather than of a profile (``results/gpu/kernel_speed.csv``).
-        smoke: the ``smoke`` run of the notebooks writes it (checked by ``tests/test_notebooks.py``).
+        smoke: the ``smoke`` run of the notebooks writes it (checked by ``tests/integration/test_notebooks.py``).
         readme: the README generator (:mod:`rcp_lib.report`) reads it.
         figures: stems of the figures (``figures/<profile>/<stem>.png`` and ``.pdf``) drawn from it.
         rows: name of the :mod:`rcp_lib.experiments` function ``f(profile, **kw) -> list[dict]`` that computes it

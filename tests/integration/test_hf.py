@@ -20,7 +20,7 @@ from rcp_lib.deploy import (FORMAT_VERSION, PackedFormatError, PackedLinear, che
 from rcp_lib.quant.apply import preset, quantize_model
 from rcp_lib.rotation.fuse import RotationConfig, rotate_model
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 IDS = torch.randint(0, 96, (2, 20), generator=torch.Generator().manual_seed(1))
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 needs_make = pytest.mark.skipif(shutil.which("make") is None, reason="needs GNU make")
 
 
@@ -105,14 +105,12 @@ def test_a_bare_copy_of_the_checkout_imports_its_own_kernels(tmp_path):
     assert str(copy) + "'" not in out.stdout and str(copy / "rcp_lib") in out.stdout
 
 
-def test_every_integration_module_of_the_tiers_exists():
-    """A misspelt module in tests/conftest.py's tier list would silently put its tests in the fast tier."""
-    import importlib.util
-
-    # loaded from its file: pytest keeps several modules named "conftest" (tests/, tests/kernels/)
-    spec = importlib.util.spec_from_file_location("_tiers", ROOT / "tests" / "conftest.py")
-    tiers = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tiers)
-    assert tiers.INTEGRATION_MODULES
-    for name in tiers.INTEGRATION_MODULES:
-        assert list((ROOT / "tests").glob(f"**/{name}.py")), name
+def test_the_integration_folder_is_the_integration_tier():
+    """Every test under tests/integration/ is marked ``integration`` (make test-fast leaves it out), and a test
+    elsewhere only when it asks for the embedded model or is marked itself: the tiers are folders."""
+    out = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-m", "not integration",
+                          "-p", "no:cacheprovider", str(ROOT / "tests")], cwd=ROOT, capture_output=True, text=True,
+                         timeout=600)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    fast = [ln for ln in out.stdout.splitlines() if "::" in ln]
+    assert fast and not [ln for ln in fast if ln.startswith("tests/integration/")]

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_distributed_qat_eval_and_export_from_sharded_state(tmp_path):
@@ -26,7 +26,7 @@ def test_distributed_qat_eval_and_export_from_sharded_state(tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), ACCELERATE_USE_CPU="1")
     out = tmp_path / "dist.json"
     r = subprocess.run([str(exe), "--nproc_per_node", "2", "--master_port", "29531",
-                        str(ROOT / "tests" / "dist_export_script.py"), str(out), str(tmp_path / "packed")],
+                        str(ROOT / "tests" / "integration" / "dist_export_script.py"), str(out), str(tmp_path / "packed")],
                        env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-4000:]
     d = json.loads(out.read_text())

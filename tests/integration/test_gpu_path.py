@@ -17,7 +17,7 @@ from rcp_lib.quant.apply import preset, quantize_model
 from rcp_lib.quant.linear import cached_weight_bytes
 from rcp_lib.rotation.fuse import RotationConfig, rotate_model
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")

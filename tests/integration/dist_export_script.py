@@ -5,7 +5,7 @@ budgets cut) through Accelerate (MULTI_CPU: DDP), shards the trained student wit
 (Accelerate builds FSDP only on GPU-type states), then evaluates on every rank and exports from the sharded state
 (:func:`rcp_lib.run_config.export_run`: full state dict gathered, rank 0 writes). Writes OUT_JSON on rank 0.
 
-Usage: torchrun --nproc_per_node 2 tests/dist_export_script.py OUT_JSON EXPORT_DIR
+Usage: torchrun --nproc_per_node 2 tests/integration/dist_export_script.py OUT_JSON EXPORT_DIR
 """
 
 import copy
@@ -23,7 +23,7 @@ from rcp_lib.quant.apply import quantize_model
 from rcp_lib.rotation.fuse import rotate_model
 from rcp_lib.run_config import RunConfig, export_run
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 DIMS = dict(hidden=256, intermediate=512, layers=2, heads=4, kv_heads=2, vocab=128)
 
 

@@ -12,7 +12,7 @@ import pytest
 from rcp_lib.compare import SKIPPED_COLUMNS, cells_equal, compare_folders
 from rcp_lib.io import PROVENANCE_KEYS
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 HEADER = ["method", "setting", "ppl", "config", "seconds", "git_commit", "cpu_model", "date_utc"]
 
 

@@ -189,7 +189,7 @@ def _export_cli(*argv, cache, timeout=120):
     import sys
     from pathlib import Path
 
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "RCP_CACHE": str(cache),
            "PYTHONPATH": f"{root}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     r = subprocess.run([sys.executable, "-m", "rcp_lib", "export", *argv], cwd=root, env=env, capture_output=True,
