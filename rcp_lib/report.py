@@ -158,36 +158,55 @@ def _fmt_x(x: float) -> str:
 
 #: the README's claim table, written by people (:func:`claims_markdown` fills its numbers from ``results/``)
 CLAIMS_FILE = REPO_ROOT / "configs" / "claims.yaml"
+#: the setting of the claims decided with seeds (the ``ablation`` profile's only setting)
+CLAIM_SETTING = "W2A4KV4"
+#: the names a claim may use (:func:`claim_values`; the header of :data:`CLAIMS_FILE` says what each holds)
+CLAIM_NAMES = frozenset({"mem", "saved", "rot", "table", "table_x", "best_ptq", "ms", "ms_x", "fp_x", "start", "order",
+                         "vs_start", "bits", "clip_shift", "level_shift", "gsr", "gsr_order", "gsr_block"})
 
 
-class _Pairs:
-    """``pairs["A/B"]``: ``fn(A, B)`` for a template field such as ``{order[RCP/Uniform-QAT]}``; KeyError when
-    ``fn`` has no value (a missing method), so the row that asks for it is left out."""
+class _Lookup:
+    """``lookup[key]``: ``fn(key)``, or ``fn(A, B)`` for a pair key ``"A/B"`` (``pair=True``), as a template field such
+    as ``{bits[RCP]}`` or ``{order[RCP/Uniform-QAT]}``; KeyError when ``fn`` returns None (a missing method), so the
+    claim that asks for it is left out."""
 
-    def __init__(self, fn):
-        self.fn = fn
+    def __init__(self, fn, pair: bool = False):
+        self.fn, self.pair = fn, pair
 
     def __getitem__(self, key: str) -> str:
-        a, sep, b = key.partition("/")
-        out = self.fn(a, b) if sep else None
+        if self.pair:
+            a, sep, b = key.partition("/")
+            out = self.fn(a, b) if sep else None
+        else:
+            out = self.fn(key)
         if out is None:
             raise KeyError(key)
         return out
 
 
-def _cells(rows: pd.DataFrame) -> dict[str, str]:
-    """``{method: "mean ± SE (n seeds)"}`` of the ``ppl`` column of per-seed rows."""
-    out = {}
+def _seeded(rows: pd.DataFrame) -> tuple[dict[str, str], dict[str, float], _Lookup]:
+    """Per-seed rows (``method``, ``ppl``, ``seed``) of one setting -> ``{method: "mean ± SE (n seeds)"}``,
+    ``{method: mean}`` and ``order["A/B"]``: A against B, the t-test of :func:`_orders_from_rows` on their values."""
+    cells, means = {}, {}
     for name, v in rows.groupby("method", sort=False)["ppl"]:
         se = f" ± {_fmt_ppl(float(v.sem()))}" if len(v) > 1 else ""
-        out[str(name)] = f"{_fmt_ppl(float(v.mean()))}{se} ({len(v)} seed{'s' if len(v) != 1 else ''})"
-    return out
+        cells[str(name)] = f"{_fmt_ppl(float(v.mean()))}{se} ({len(v)} seed{'s' if len(v) != 1 else ''})"
+        means[str(name)] = float(v.mean())
+    order = _Lookup(lambda a, b: _orders_from_rows(rows[rows.method.isin([a, b])], "method", "ppl", a).get(b), pair=True)
+    return cells, means, order
+
+
+def _x(a: float | None, b: float | None) -> str | None:
+    """``"2.42×"`` for ``a / b``; None when either is missing or not finite."""
+    ok = a is not None and b is not None and math.isfinite(a) and math.isfinite(b) and b != 0
+    return _fmt_x(a / b) if ok else None
 
 
 def claim_values(d: Path, ppl: pd.DataFrame) -> dict:
-    """The names a claim template (:data:`CLAIMS_FILE`) can use, read from the results folder ``d`` (its
-    ``perplexity.csv`` is ``ppl``) and ``results/ablation/``; the file's header lists them. A file that is missing
-    leaves its names out. Numbers only: no sentence here says what they mean."""
+    """The names a claim template (:data:`CLAIMS_FILE`) can use (:data:`CLAIM_NAMES`), read from the results folder
+    ``d`` (its ``perplexity.csv`` is ``ppl``) and ``results/ablation/`` (the rows of :data:`CLAIM_SETTING`); the file's
+    header lists them. A missing file leaves its names out; a missing or non-finite number is a missing key. Numbers
+    and test phrases only: no sentence here says what they mean."""
     from .experiments.methods import method
     from .experiments.tables import bits_per_weight
     from .profiles import get_profile
@@ -202,54 +221,76 @@ def claim_values(d: Path, ppl: pd.DataFrame) -> dict:
         v["saved"] = pd.read_csv(d / _file("memory_vs_saved")).iloc[0].to_dict()
     if (d / _file("rotation_impact_summary")).exists():
         v["rot"] = pd.read_csv(d / _file("rotation_impact_summary")).set_index("rotation").to_dict("index")
-    at = ppl[(ppl.setting == "W2A4KV4") | (ppl.method == "FP")].drop_duplicates("method").set_index("method")["ppl"]
-    v["table"] = {m: _fmt_ppl(float(x)) for m, x in at.items()}
-    v["table_x"] = _Pairs(lambda a, b: _fmt_x(float(at[a]) / float(at[b])) if {a, b} <= set(at.index) else None)
-    ptq = ppl[(ppl.setting == "W2A4KV4") & (ppl.family == "ptq")].set_index("method")["ppl"]
+    at = ppl[((ppl.setting == CLAIM_SETTING) | (ppl.method == "FP")) & ppl["ppl"].map(math.isfinite)]
+    at = at.drop_duplicates("method").set_index("method")["ppl"].astype(float)
+    v["table"] = {m: _fmt_ppl(x) for m, x in at.items()}
+    v["table_x"] = _Lookup(lambda a, b: _x(at.get(a), at.get(b)), pair=True)
+    ptq = at[ppl.drop_duplicates("method").set_index("method")["family"].reindex(at.index).eq("ptq")]
     if len(ptq):
         v["best_ptq"] = f"{ptq.idxmin()} {_fmt_ppl(float(ptq.min()))}"
+    fp = float(at["FP"]) if "FP" in at.index else None
     abl = d.parent / "ablation"
     if (abl / _file("ablation")).exists():
         from .experiments.ablation import summarize_ablation
 
         per_seed = pd.read_csv(abl / _file("ablation"))
+        per_seed = per_seed[per_seed["setting"] == CLAIM_SETTING] if "setting" in per_seed else per_seed
         summ = {r["method"]: r for r in summarize_ablation(per_seed.to_dict("records"))}
-        means = {m: float(r["ppl_mean"]) for m, r in summ.items()}
-        fp = float(at["FP"]) if "FP" in at.index else None
-        v.update(ms=_cells(per_seed), mean={m: _fmt_ppl(x) for m, x in means.items()},
+        cells, means, order = _seeded(per_seed)
+
+        def bits(m: str) -> str | None:
+            try:
+                return f"{bits_per_weight(method(m, CLAIM_SETTING), get_profile('ablation')):.3g} bits per weight"
+            except ValueError:  # not a method of the tables (a renamed or retired row): its claim is left out
+                return None
+
+        def moved(col: str) -> dict[str, str]:
+            return {m: f"{r[col]:.3g}" for m, r in summ.items() if pd.notna(r.get(col))}
+
+        v.update(ms=cells, order=order, ms_x=_Lookup(lambda a, b: _x(means.get(a), means.get(b)), pair=True),
+                 fp_x=_Lookup(lambda m: _x(means.get(m), fp)), bits=_Lookup(bits),
                  start={m: _fmt_ppl(float(r["step0_ppl_mean"])) for m, r in summ.items()
                         if pd.notna(r.get("step0_ppl_mean"))},
-                 ms_x=_Pairs(lambda a, b: _fmt_x(means[a] / means[b]) if {a, b} <= set(means) else None),
-                 fp_x={m: _fmt_x(x / fp) for m, x in means.items()} if fp else {},
-                 order=_Pairs(lambda a, b: _orders_from_rows(per_seed[per_seed.method.isin([a, b])], "method", "ppl",
-                                                             a).get(b)),
                  vs_start={m: r["vs_start"] for m, r in summ.items() if r.get("vs_start")},
-                 bits={m: f"{bits_per_weight(method(m, 'W2A4KV4'), get_profile('ablation')):.3g} bits per weight"
-                       for m in summ},
-                 clip_shift={m: f"{r['clip_shift_mean']:.3g}" for m, r in summ.items()
-                             if pd.notna(r.get("clip_shift_mean"))},
-                 level_shift={m: f"{r['level_shift_mean']:.3g}" for m, r in summ.items()
-                              if pd.notna(r.get("level_shift_mean"))})
-    if (abl / _file("gsr_decision")).exists():
+                 clip_shift=moved("clip_shift_mean"), level_shift=moved("level_shift_mean"))
+    if (abl / _file("gsr_decision")).exists():  # method names are unique across its two parts
         gsr = pd.read_csv(abl / _file("gsr_decision"))
-        v["gsr"] = _cells(gsr)
-        v["gsr_order"] = _Pairs(lambda a, b: _orders_from_rows(gsr[gsr.method.isin([a, b])], "method", "ppl", a).get(b))
+        v["gsr"], _, v["gsr_order"] = _seeded(gsr)
         if "block" in gsr:
-            v["gsr_block"] = {str(m): str(int(b)) for m, b in gsr.dropna(subset=["block"]).groupby("method")["block"].first().items()}
+            v["gsr_block"] = {str(m): str(int(b)) for m, b in
+                              gsr.dropna(subset=["block"]).groupby("method")["block"].first().items()}
     return v
+
+
+def _claim_fields(text: str) -> set[str]:
+    """The names a template uses: ``"{ms[RCP]} vs {order[RCP/X]}"`` -> ``{"ms", "order"}``."""
+    import string
+
+    return {f.split("[", 1)[0].split(".", 1)[0] for _, f, _, _ in string.Formatter().parse(text) if f is not None}
 
 
 def render_claims(claims: list[dict], values: dict) -> tuple[list[str], list[str]]:
     """The claim table's rows (``| claim | measured | status |``) of the people-written ``claims`` with their fields
-    filled from ``values`` (:func:`claim_values`), and one line per claim left out for a missing number."""
+    filled from ``values`` (:func:`claim_values`), and one line per claim left out for a missing number.
+
+    A claim without its three keys, a name outside :data:`CLAIM_NAMES` (a typo) or a malformed field raises
+    ValueError naming the claim: only missing data leaves a row out."""
     rows, left_out = ["| claim (the paper's numbers) | measured here (from `results/`) | status |", "|---|---|---|"], []
-    for c in claims:
+    for i, c in enumerate(claims):
+        what = repr(c.get("claim", f"entry {i}")) if isinstance(c, dict) else f"entry {i}"
+        if not isinstance(c, dict) or not {"claim", "measured", "status"} <= set(c):
+            raise ValueError(f"claim {what} of {CLAIMS_FILE.name} needs the keys claim, measured and status")
         try:
+            unknown = (_claim_fields(c["measured"]) | _claim_fields(c["status"])) - CLAIM_NAMES
+            if unknown:
+                raise ValueError(f"unknown name(s) {sorted(unknown)}; the names are {sorted(CLAIM_NAMES)}")
             cells = [c["claim"], c["measured"].format_map(values), c["status"].format_map(values)]
         except KeyError as e:
-            left_out.append(f"{c['claim']!r}: no value for {e.args[0]!r}")
+            left_out.append(f"{what}: no value for {e.args[0]!r}")
             continue
-        rows.append("| " + " | ".join(" ".join(x.split()) for x in cells) + " |")
+        except (ValueError, AttributeError, IndexError) as e:
+            raise ValueError(f"claim {what} of {CLAIMS_FILE.name}: {e}") from None
+        rows.append("| " + " | ".join(" ".join(str(x).split()) for x in cells) + " |")
     return rows, left_out
 
 

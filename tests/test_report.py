@@ -549,7 +549,7 @@ def test_seeded_claims_ptq_and_equal_bits(tmp_path):
     se = statistics.stdev(q) / math.sqrt(3)
     assert f"QuaRot-GPTQ {statistics.mean(q):.0f} ± {se:.2f} (3 seeds) ({statistics.mean(q) / statistics.mean(r):.3g}× " \
            "RCP's mean)" in ptq
-    eq = next(line for line in out.splitlines() if line.startswith("| Partition at equal bits"))
+    eq = next(line for line in out.splitlines() if line.startswith("| Partition, with the bits each format stores"))
     assert eq.count("3 bits per weight") == 2  # from the accountant: 2 + 64/64 = 2 + 32/32
     assert eq.endswith(f"| {order('RCP', list(vals['RCP']), 'Uniform-QAT g32', list(vals['Uniform-QAT g32']), kind='paired')} |")
 
@@ -565,3 +565,57 @@ def test_every_claim_renders_from_the_committed_results():
     rows, left_out = render_claims(claims, claim_values(d, pd.read_csv(d / "perplexity.csv")))
     assert not left_out and len(rows) == len(claims) + 2
     assert all(ln.count(" | ") == 2 and "{" not in ln for ln in rows[2:])
+
+
+def test_claims_keep_settings_apart_and_fail_loudly_on_a_template_error(tmp_path, capsys):
+    """The seeded claims read the W2A4KV4 rows only (rows of another setting never pool into a mean or a test); a
+    method the tables do not know leaves only its claim out; a name outside CLAIM_NAMES or a bad format spec is an
+    error naming the claim, never a silently missing row."""
+    from rcp_lib.report import claim_values, render_claims
+    from rcp_lib.stats import order
+
+    vals = {("RCP", "W2A4KV4"): (90.0, 118.0, 88.0), ("Uniform-QAT", "W2A4KV4"): (150.0, 127.0, 135.0),
+            ("RCP", "W4A4KV4"): (40.0, 41.0, 39.0), ("Retired row", "W2A4KV4"): (100.0, 101.0, 102.0)}
+    (tmp_path / "ablation").mkdir()
+    pd.DataFrame([{"method": m, "setting": s, "seed": i, "ppl": v} for (m, s), vs in vals.items()
+                  for i, v in enumerate(vs)]).to_csv(tmp_path / "ablation" / "ablation.csv", index=False)
+    (tmp_path / "cpu").mkdir()
+    values = claim_values(tmp_path / "cpu", _ppl_rows())
+    rcp, uni = vals[("RCP", "W2A4KV4")], vals[("Uniform-QAT", "W2A4KV4")]
+    assert values["ms"]["RCP"].endswith("(3 seeds)") and values["ms"]["RCP"].startswith(f"{statistics.mean(rcp):.2f} ± ")
+    assert values["order"]["RCP/Uniform-QAT"] == order("RCP", list(rcp), "Uniform-QAT", list(uni), kind="paired")
+    assert values["fp_x"]["RCP"] == f"{statistics.mean(rcp) / 10.0:.3g}×"  # the FP row of _ppl_rows: 10
+    rows, left_out = render_claims([{"claim": "a", "measured": "{bits[Retired row]}", "status": "-"},
+                                    {"claim": "b", "measured": "{bits[RCP]}", "status": "{order[RCP/Uniform-QAT]}"}],
+                                   values)
+    assert left_out == ["'a': no value for 'Retired row'"] and rows[2].startswith("| b | 3 bits per weight | ")
+    with pytest.raises(ValueError, match="claim 'c' of claims.yaml: unknown name"):
+        render_claims([{"claim": "c", "measured": "{msx[RCP]}", "status": "-"}], values)
+    with pytest.raises(ValueError, match="claim 'd' of claims.yaml: "):
+        render_claims([{"claim": "d", "measured": "{ms[RCP]:.2f}", "status": "-"}], values)  # a spec on a string
+    with pytest.raises(ValueError, match="needs the keys claim, measured and status"):
+        render_claims([{"claim": "e", "measured": "x"}], values)
+
+
+def test_single_run_claim_reads_the_table(tmp_path):
+    """The one-run claim: RCP against QuaRot-GPTQ and the table's lowest PTQ row, ratios recomputed here."""
+    from rcp_lib.report import claim_values
+
+    rows = pd.concat([_ppl_rows(), _ppl_rows().iloc[[1]].assign(method="QuaRot-GPTQ", ppl=223.18)], ignore_index=True)
+    v = claim_values(tmp_path, rows)
+    assert v["table"]["QuaRot-GPTQ"] == "223" and v["table"]["RCP"] == "30.25" and v["table"]["FP"] == "10.00"
+    assert v["table_x"]["QuaRot-GPTQ/RCP"] == f"{223.18 / 30.25:.3g}×" and v["table_x"]["RCP/FP"] == "3.02×"
+    assert v["best_ptq"] == "QuaRot-GPTQ 223"  # RTN's 12345 is higher; RTN W4A4KV4 (20.5) is another setting
+    with pytest.raises(KeyError):
+        v["table_x"]["RCP/Uniform-QAT"]
+
+
+def test_readme_block_is_the_committed_results_rendered():
+    """The README's generated block is what `python -m rcp_lib readme --profile cpu` writes from the committed
+    results with this code: a change to the claims or the report without a regeneration fails here."""
+    from rcp_lib.report import readme_markdown
+    from rcp_lib.paths import readme_path
+
+    text = readme_path().read_text()
+    block = text.split(BEGIN, 1)[1].split(END, 1)[0].strip("\n")
+    assert block == readme_markdown("cpu")
