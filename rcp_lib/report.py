@@ -161,7 +161,7 @@ CLAIMS_FILE = REPO_ROOT / "configs" / "claims.yaml"
 #: the setting of the claims decided with seeds (the ``ablation`` profile's only setting)
 CLAIM_SETTING = "W2A4KV4"
 #: the names a claim may use (:func:`claim_values`; the header of :data:`CLAIMS_FILE` says what each holds)
-CLAIM_NAMES = frozenset({"mem", "saved", "rot", "table", "table_x", "best_ptq", "ms", "ms_x", "fp_x", "start", "order",
+CLAIM_NAMES = frozenset({"mem", "saved", "rot", "table", "table_x", "table_d", "best_ptq", "ms", "ms_x", "fp_x", "start", "order",
                          "vs_start", "bits", "clip_shift", "level_shift", "gsr", "gsr_order", "gsr_block"})
 
 
@@ -202,6 +202,15 @@ def _x(a: float | None, b: float | None) -> str | None:
     return _fmt_x(a / b) if ok else None
 
 
+#: the profiles whose claims read ``results/ablation/`` (the ``ablation`` profile runs the ``cpu`` profile's setting)
+SEEDED_CLAIM_PROFILES = frozenset({"cpu", "ablation"})
+
+
+def _profile_of(d: Path) -> str:
+    """The named profile of a results folder: ``results/cpu`` and ``results/cpu-<hash>`` -> ``"cpu"``."""
+    return d.name.split("-", 1)[0]
+
+
 def claim_values(d: Path, ppl: pd.DataFrame) -> dict:
     """The names a claim template (:data:`CLAIMS_FILE`) can use (:data:`CLAIM_NAMES`), read from the results folder
     ``d`` (its ``perplexity.csv`` is ``ppl``) and ``results/ablation/`` (the rows of :data:`CLAIM_SETTING`); the file's
@@ -225,12 +234,13 @@ def claim_values(d: Path, ppl: pd.DataFrame) -> dict:
     at = at.drop_duplicates("method").set_index("method")["ppl"].astype(float)
     v["table"] = {m: _fmt_ppl(x) for m, x in at.items()}
     v["table_x"] = _Lookup(lambda a, b: _x(at.get(a), at.get(b)), pair=True)
+    v["table_d"] = _Lookup(lambda a, b: f"{at[a] - at[b]:.2f}" if {a, b} <= set(at.index) else None, pair=True)
     ptq = at[ppl.drop_duplicates("method").set_index("method")["family"].reindex(at.index).eq("ptq")]
     if len(ptq):
         v["best_ptq"] = f"{ptq.idxmin()} {_fmt_ppl(float(ptq.min()))}"
     fp = float(at["FP"]) if "FP" in at.index else None
-    abl = d.parent / "ablation"
-    if (abl / _file("ablation")).exists():
+    abl = d.parent / "ablation"  # the seeded rows run on the cpu profile's setting: no other profile's claims
+    if _profile_of(d) in SEEDED_CLAIM_PROFILES and (abl / _file("ablation")).exists():
         from .experiments.ablation import summarize_ablation
 
         per_seed = pd.read_csv(abl / _file("ablation"))
@@ -253,7 +263,7 @@ def claim_values(d: Path, ppl: pd.DataFrame) -> dict:
                         if pd.notna(r.get("step0_ppl_mean"))},
                  vs_start={m: r["vs_start"] for m, r in summ.items() if r.get("vs_start")},
                  clip_shift=moved("clip_shift_mean"), level_shift=moved("level_shift_mean"))
-    if (abl / _file("gsr_decision")).exists():  # method names are unique across its two parts
+    if _profile_of(d) in SEEDED_CLAIM_PROFILES and (abl / _file("gsr_decision")).exists():  # method names are unique across its two parts
         gsr = pd.read_csv(abl / _file("gsr_decision"))
         v["gsr"], _, v["gsr_order"] = _seeded(gsr)
         if "block" in gsr:
@@ -278,8 +288,8 @@ def render_claims(claims: list[dict], values: dict) -> tuple[list[str], list[str
     rows, left_out = ["| claim (the paper's numbers) | measured here (from `results/`) | status |", "|---|---|---|"], []
     for i, c in enumerate(claims):
         what = repr(c.get("claim", f"entry {i}")) if isinstance(c, dict) else f"entry {i}"
-        if not isinstance(c, dict) or not {"claim", "measured", "status"} <= set(c):
-            raise ValueError(f"claim {what} of {CLAIMS_FILE.name} needs the keys claim, measured and status")
+        if not isinstance(c, dict) or not {"claim", "measured", "status"} <= set(c) <= {"claim", "measured", "status", "profiles"}:
+            raise ValueError(f"claim {what} of {CLAIMS_FILE.name} needs the keys claim, measured and status (and optionally profiles)")
         try:
             unknown = (_claim_fields(c["measured"]) | _claim_fields(c["status"])) - CLAIM_NAMES
             if unknown:
@@ -296,13 +306,14 @@ def render_claims(claims: list[dict], values: dict) -> tuple[list[str], list[str
 
 def claims_markdown(d: Path, ppl: pd.DataFrame, claims: Path | None = None) -> str:
     """The claim table: each claim of :data:`CLAIMS_FILE` (written by people; ``claims`` for another file) with the
-    numbers of the results folder ``d`` (:func:`claim_values`). A claim whose numbers are missing is left out, and
-    named on stderr."""
+    numbers of the results folder ``d`` (:func:`claim_values`). A claim with a ``profiles`` list is shown only for the
+    results of those profiles. A claim whose numbers are missing is left out, and named on stderr."""
     import sys
 
     import yaml
 
-    entries = yaml.safe_load(Path(claims or CLAIMS_FILE).read_text())["claims"]
+    entries = [c for c in yaml.safe_load(Path(claims or CLAIMS_FILE).read_text())["claims"]
+               if not isinstance(c, dict) or "profiles" not in c or _profile_of(d) in c["profiles"]]
     rows, left_out = render_claims(entries, claim_values(d, ppl))
     for line in left_out:
         print(f"[rcp_lib readme] claim left out of {d.name}'s table: {line}", file=sys.stderr)
@@ -868,8 +879,9 @@ def results_markdown(profile: str = "cpu", results: Path | None = None, link_roo
     if var_p.exists():
         rcp = ppl[(ppl.method == "RCP") & (ppl.setting == "W2A4KV4")]
         out += [variants_markdown(pd.read_csv(var_p), json.loads(rcp.iloc[0]["config"]) if len(rcp) else None), ""]
+    seeded = _profile_of(d) in SEEDED_CLAIM_PROFILES  # results/ablation/ runs the cpu profile's setting
     abl_p = d.parent / "ablation" / _file("ablation_summary")
-    if abl_p.exists():
+    if seeded and abl_p.exists():
         abl = pd.read_csv(abl_p)
         start_p = abl_p.parent / _file("ablation_start")  # python -m rcp_lib.experiments.ablation_start
         commits = sorted(set(abl["git_commit"].astype(str))) if "git_commit" in abl else []
@@ -886,7 +898,7 @@ def results_markdown(profile: str = "cpu", results: Path | None = None, link_roo
         if line:
             out += [line, ""]
     gsr_p = d.parent / "ablation" / _file("gsr_decision")
-    if gsr_p.exists():
+    if seeded and gsr_p.exists():
         out += ["GSR decided (notebook 06 of the `ablation` profile, "
                 "`results/ablation/gsr_decision.csv`): what a block-diagonal R1 does to 4-bit activations alone, and "
                 "GSR's sequency order where it can matter (weight groups smaller than the block).", "",

@@ -619,3 +619,20 @@ def test_readme_block_is_the_committed_results_rendered():
     text = readme_path().read_text()
     block = text.split(BEGIN, 1)[1].split(END, 1)[0].strip("\n")
     assert block == readme_markdown("cpu")
+
+
+def test_paper_profile_claims_show_its_own_gap_and_no_cpu_seeds(tmp_path):
+    """A `paper` results folder gets the −2.84 claim filled from its own table (difference and ratio recomputed here)
+    and none of the claims decided with the cpu profile's seeds, even when results/ablation/ sits beside it."""
+    from rcp_lib.report import claims_markdown
+
+    (tmp_path / "ablation").mkdir()
+    pd.DataFrame([{"method": m, "setting": "W2A4KV4", "seed": i, "ppl": v} for m in ("RCP", "Uniform-QAT")
+                  for i, v in enumerate((90.0, 118.0, 88.0))]).to_csv(tmp_path / "ablation" / "ablation.csv", index=False)
+    (tmp_path / "paper").mkdir()
+    md = claims_markdown(tmp_path / "paper", _ppl_rows())
+    assert f"RCP 30.25 vs FP 10.00, a gap of {30.25 - 10.0:.2f} ({30.25 / 10.0:.3g}× FP)" in md
+    assert "not reproduced here" not in md and "seeds" not in md and "Uniform-QAT" not in md
+    (tmp_path / "cpu").mkdir()
+    md = claims_markdown(tmp_path / "cpu", _ppl_rows())
+    assert "not reproduced here" in md and "a gap of" not in md and "Uniform-QAT" in md
