@@ -105,12 +105,10 @@ def test_a_bare_copy_of_the_checkout_imports_its_own_kernels(tmp_path):
     assert str(copy) + "'" not in out.stdout and str(copy / "rcp_lib") in out.stdout
 
 
-def test_the_integration_folder_is_the_integration_tier():
-    """Every test under tests/integration/ is marked ``integration`` (make test-fast leaves it out), and a test
-    elsewhere only when it asks for the embedded model or is marked itself: the tiers are folders."""
-    out = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-m", "not integration",
-                          "-p", "no:cacheprovider", str(ROOT / "tests")], cwd=ROOT, capture_output=True, text=True,
-                         timeout=600)
-    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
-    fast = [ln for ln in out.stdout.splitlines() if "::" in ln]
-    assert fast and not [ln for ln in fast if ln.startswith("tests/integration/")]
+def test_the_integration_folder_is_the_integration_tier(request):
+    """Every collected test under tests/integration/ carries the ``integration`` marker (make test-fast leaves it
+    out): the tiers are folders (tests/conftest.py), checked on this session's own collection."""
+    integration = ROOT / "tests" / "integration"
+    mine = [it for it in request.session.items if integration in Path(str(it.path)).resolve().parents]
+    assert request.node in mine
+    assert not [it.nodeid for it in mine if it.get_closest_marker("integration") is None]
