@@ -78,6 +78,7 @@ class Profile:
     # seeds of the recipe search (07_recipe_search.ipynb, rcp_lib.experiments.search): each point and variant once per seed
     search_seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
     search_points: int | None = None  # only the first n points of each search (sweep points, variants); None: all
+    search_curve_length: int = 16  # the recipe search's token curve trains this many times qat_steps
     analysis_layers: list[int] | None = None  # None: all
     # R1 specs "kind[:block][/g<group>]" (block kinds default to block = group; group defaults to w_group_size):
     # each "gsr:<b>" has its "block_hadamard:<b>" control; "/g32" quantizes Walsh blocks of 64 in groups of 32, the
@@ -224,7 +225,7 @@ PROFILES: dict[str, Profile] = {
         qat_val_every=2, full_eval_methods=[], analysis_layers=[0],
         analysis_rotations=["none", "gsr:64", "block_hadamard:64"], zero_shot_limit=8,
         settings=["W2A4KV4"], methods=["FP", "QuaRot-GPTQ", "RCP"], gsr_weight_groups=[], search_seeds=[0],
-        search_points=1,
+        search_points=1, search_curve_length=4,
     ),
     # the seeded ablation rows run in the ``ablation`` profile (its seed 0 shares the cpu rows' cache keys)
     # budget (issue 15: a cold `make reproduce` within 75 minutes on 2 cores): the rotation analysis on every third

@@ -73,7 +73,8 @@ def test_profile_fields_reach_the_cache_keys():
 
     selections = {"name", "overrides", "analysis_layers", "analysis_rotations", "zero_shot_tasks", "zero_shot_limit",
                   "settings", "device", "methods", "full_eval_methods", "ablation_seeds", "sweep_val_windows",
-                  "qat_ablation_rows", "notebooks", "gsr_weight_groups", "zero_shot_methods", "search_seeds", "search_points"}  # which notebooks / GSR groups run
+                  "qat_ablation_rows", "notebooks", "gsr_weight_groups", "zero_shot_methods", "search_seeds", "search_points",
+                  "search_curve_length"}  # which notebooks / GSR groups run
     P = get_profile("cpu")
     rcp, gptq = X.method("RCP", "W2A4KV4"), X.method("QuaRot-GPTQ", "W2A4KV4")
     assert set(row_key(rcp, P)["profile"]) == {f.name for f in fields(Profile)} - selections

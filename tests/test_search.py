@@ -89,7 +89,8 @@ def test_each_command_writes_into_the_folder_the_notebook_reads(monkeypatch, ove
         got = e.value.args[0]
         assert got.run_name == want[s.module].run_name and got.overrides == want[s.module].overrides, s.module
         assert (got.qat_steps, got.qat_val_every) == (want[s.module].qat_steps, want[s.module].qat_val_every)
-    assert search.curve_profile(P).qat_steps == 16 * P.qat_steps
+    assert search.curve_profile(P).qat_steps == P.search_curve_length * P.qat_steps
+    assert get_profile("cpu").search_curve_length == 16  # the curve the cpu recipe's README names
 
 
 def test_bad_search_sizes_are_refused():
@@ -97,6 +98,8 @@ def test_bad_search_sizes_are_refused():
         search.SEARCHES[0].argv(get_profile("smoke", search_points=0))
     with pytest.raises(ValueError, match="search_seeds must name at least one seed"):
         search.SEARCHES[0].argv(get_profile("smoke", search_seeds=[]))
+    with pytest.raises(ValueError, match="search_curve_length must be at least 1"):
+        search.SEARCHES[2].argv(get_profile("smoke", search_curve_length=0))
 
 
 def test_a_variant_keeps_the_runs_own_qat_overrides_where_it_pins_nothing():

@@ -39,7 +39,8 @@ def row_key(method: Method, profile: Profile) -> dict:
     p = profile.to_dict()
     for k in ("name", "overrides", "analysis_layers", "analysis_rotations", "zero_shot_tasks", "zero_shot_limit", "settings", "device",
               "methods", "full_eval_methods", "ablation_seeds", "sweep_val_windows", "qat_ablation_rows",
-              "gsr_weight_groups", "notebooks", "zero_shot_methods", "search_seeds", "search_points"):
+              "gsr_weight_groups", "notebooks", "zero_shot_methods", "search_seeds", "search_points",
+              "search_curve_length"):
         p.pop(k, None)
     if not method.qat:
         for k in list(p):

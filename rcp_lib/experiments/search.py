@@ -7,7 +7,7 @@ package, called with the profile (and its overrides) and the profile's ``search_
    codes can flip) and the scale-free range's, at the learning rate, gradient clip and start the first sweep chose;
 2. ``recipe_variants`` (:mod:`.variants`): that point against Block-AP, a GPTQ start with a static range and QAT at
    the evaluation length, at (about) equal CPU time;
-3. ``qat_tokens`` (:mod:`.curve`): the profile's RCP W2A4KV4 recipe trained :data:`CURVE_LENGTH` times its QAT budget,
+3. ``qat_tokens`` (:mod:`.curve`): the profile's RCP W2A4KV4 recipe trained ``search_curve_length`` times its QAT budget,
    validated after every budget's worth of steps (written to the profile's folder with those two overrides,
    ``results/<profile>-<hash>/``, where :func:`rcp_lib.report.token_curve_file` finds it).
 
@@ -28,10 +28,6 @@ import json
 from dataclasses import dataclass
 
 from ..profiles import Profile
-
-#: the token curve trains this many times the profile's QAT steps, validated after every ``qat_steps``
-CURVE_LENGTH = 16
-
 
 @dataclass(frozen=True)
 class Search:
@@ -82,8 +78,14 @@ class Search:
 
 def curve_profile(profile: Profile) -> Profile:
     """The profile the token curve trains and writes under (``results/<its run name>/qat_tokens.csv``): ``profile``
-    with :data:`CURVE_LENGTH` times its QAT steps, validated after every ``qat_steps``."""
-    return profile.with_overrides(qat_steps=CURVE_LENGTH * profile.qat_steps, qat_val_every=profile.qat_steps)
+    with ``search_curve_length`` times its QAT steps, validated after every ``qat_steps``.
+
+    Raises:
+        ValueError: ``search_curve_length`` below 1."""
+    if profile.search_curve_length < 1:
+        raise ValueError(f"Profile.search_curve_length must be at least 1, got {profile.search_curve_length}")
+    return profile.with_overrides(qat_steps=profile.search_curve_length * profile.qat_steps,
+                                  qat_val_every=profile.qat_steps)
 
 
 def _variant_names() -> tuple[str, ...]:
