@@ -1,27 +1,28 @@
-"""A lower bound on each W2A4 GEMV candidate's time on a GPU, from bytes and issue slots (no GPU needed; a bound, not
-a measurement and not a prediction of what the kernel will reach).
+"""A floor under each W2A4 GEMV candidate's own GPU time, from its bytes and static issue slots (no GPU needed; a
+bound, not a measurement and not a forecast of what the kernel will reach).
 
 For every kernel configuration of ``results/kernel/kernel_sass.csv`` (static sm_90 counts: ``instr_per_weight``, the
 issue slots one weight costs per program's tokens) and every linear shape that ``results/gpu/kernel_speed.csv``
-measured at that batch, the bound is
+measured at that batch:
 
-    bound_us = fixed_us + max(bytes / copy_bandwidth, warp_instructions / (SMs x 4 schedulers x boost clock))
+    floor_us = max(bytes / copy_peak, warp_instructions / (SMs x 4 schedulers x boost clock))
 
 * ``bytes``: what one call reads and writes (:func:`call_bytes`): the 2-bit weights, the fp16 LUT (four levels per row
-  and group), the row sums, the activations in the kernel's own form (uint8 codes, or 4 bit planes of int32 words), their
-  per-token scale and zero, the fp16 output. For the select kernel this is the ``bytes_moved`` that
-  ``bench_kernel.py`` recorded in the measured run (a test holds the two to each other).
-* ``fixed_us`` and ``copy_bandwidth``: the straight line ``t = fixed + bytes / bandwidth`` through the measured run's
-  fp16 cuBLAS rows (:func:`fit_fixed_and_bandwidth`): what one timed call costs on that device and harness before a
-  byte moves, and the bandwidth a tuned kernel reaches there.
+  and group), the row sums, the activations as the kernel reads them (uint8 codes, 4 bit planes of int32 words, or
+  fp16 for the kernels that quantize their input), their per-token scale and zero, the fp16 output. For the select
+  kernel this is the ``bytes_moved`` that ``bench_kernel.py`` recorded (a test holds the two to each other).
+* ``copy_peak``: the copy bandwidth the measured run measured on its device (``peak_copy_GBps``), the fastest any
+  kernel there moved bytes.
 * issue: ``instr_per_weight`` x N x K / 32 warp instructions at most 4 per SM and cycle at the boost clock
-  (:data:`DEVICES`, the vendor's figures); latency, occupancy, the split-K epilogue and the Triton version's own
-  code are not in it (the counts are for the Triton that ``kernel_sass.py`` ran, ``sass_triton``; the measured run
-  used its own, ``measured_triton``).
+  (:data:`DEVICES`, the vendor's figures).
 
-The select kernel's row at the configuration the H100 ran is set beside that measurement (``measured_us``): the gap
-to its bound is what latency and occupancy cost it. Usage: ``python benchmarks/kernel_bound.py [--print-only]``
-writes ``results/kernel/kernel_bound.csv`` (the registry's ``kernel_bound``).
+Nothing else is in the floor: no launch or fixed cost, latency, occupancy, split-K epilogue or pre-kernel, and the
+counts are the Triton version's that ``kernel_sass.py`` ran (``sass_triton``), not necessarily the device's. So the
+floor is below any time the kernel can take on that device. ``ceiling_speedup_vs_fp16`` is fp16's measured time over
+(the floor + ``fp16_fixed_us``, the intercept of the line through the run's fp16 rows): an estimate of the most this
+GEMV alone could gain over a whole fp16 linear if it paid the same fixed cost, never a measured speed-up.
+Usage: ``python benchmarks/kernel_bound.py [--print-only]`` writes ``results/kernel/kernel_bound.csv`` (the registry's
+``kernel_bound``).
 """
 
 from __future__ import annotations
@@ -40,15 +41,14 @@ if str(REPO) not in sys.path:
 DEVICES = {"NVIDIA H100 80GB HBM3": {"sms": 132, "schedulers": 4, "boost_ghz": 1.98}}
 #: weight bits, activation bits and the LUT entries per row and group of the kernels
 W_BITS, A_BITS, LEVELS = 2, 4, 4
-#: the configuration of the select kernel in the measured H100 run (BLOCK_N, GPI, NUM_STAGES, num_warps)
-MEASURED_SELECT = {"BLOCK_N": 32, "GPI": 1, "NUM_STAGES": 2, "num_warps": 2}
 
 
-def call_bytes(kernel: str, N: int, K: int, B: int, G: int) -> int:
+def call_bytes(kernel: str, N: int, K: int, B: int, G: int, quant_in: bool = False) -> int:
     """Bytes one GEMV call reads and writes: weights ``N·K·2/8``, LUT ``N·(K/G)·4`` fp16, row sums ``N`` fp32,
-    activations ``B·K`` uint8 codes (select) or ``B·4`` bit planes of ``K/32`` int32 words (bitplane), a scale and a
-    zero per token (fp32), the output ``B·N`` fp16."""
-    acts = B * K if kernel == "gemv" else B * A_BITS * (K // 32) * 4
+    activations ``B·K`` fp16 when the kernel quantizes them itself (``quant_in``), else ``B·K`` uint8 codes (select)
+    or ``B·4`` bit planes of ``K/32`` int32 words (bitplane), then a scale and a zero per token (fp32), the output
+    ``B·N`` fp16."""
+    acts = 2 * B * K if quant_in else (B * K if kernel == "gemv" else B * A_BITS * (K // 32) * 4)
     return N * K * W_BITS // 8 + N * (K // G) * LEVELS * 2 + 4 * N + acts + 8 * B + 2 * B * N
 
 
@@ -66,12 +66,11 @@ def fit_fixed_and_bandwidth(points: list[tuple[float, float]]) -> tuple[float, f
 
 
 def bound_rows(sass: list[dict], speed: list[dict]) -> list[dict]:
-    """One row per (kernel configuration of ``sass``, linear shape of ``speed`` at that configuration's BLOCK_B): the
-    bound and its parts (module docstring), fp16's measured time and the bound's ratio to it, and ``measured_us``
-    where ``speed`` measured this configuration."""
-    lin = [r for r in speed if r["bench"] == "linear"]
-    fp16 = [r for r in lin if r["method"] == "fp16_cublas"]
-    fixed, bw = fit_fixed_and_bandwidth([(float(r["bytes_moved"]), float(r["median_us"])) for r in fp16])
+    """One row per (kernel configuration of ``sass``, linear shape of ``speed``'s fp16 rows at that configuration's
+    BLOCK_B): the floor and its parts, fp16's measured time and fixed cost, and the ceiling estimate (module
+    docstring)."""
+    fp16 = [r for r in speed if r["bench"] == "linear" and r["method"] == "fp16_cublas"]
+    fixed, _ = fit_fixed_and_bandwidth([(float(r["bytes_moved"]), float(r["median_us"])) for r in fp16])
     device = fp16[0]["gpu"]
     if device not in DEVICES:
         raise ValueError(f"no issue figures for {device!r}: add it to DEVICES")
@@ -79,27 +78,23 @@ def bound_rows(sass: list[dict], speed: list[dict]) -> list[dict]:
     slots_per_us = d["sms"] * d["schedulers"] * d["boost_ghz"] * 1e3  # warp instructions per µs
     out = []
     for s in sass:
-        B, G = int(s["BLOCK_B"]), int(s["G"])
+        B, G, q = int(s["BLOCK_B"]), int(s["G"]), s["quant_in"] == "True"
         for f in (r for r in fp16 if int(r["batch"]) == B):
             N, K = int(f["N_out"]), int(f["K_in"])
-            nbytes = call_bytes(s["kernel"], N, K, B, G)
-            t_mem, t_issue = nbytes / bw, N * K * float(s["instr_per_weight"]) / 32 / slots_per_us
-            bound = fixed + max(t_mem, t_issue)
-            same = (s["kernel"] == "gemv" and s["quant_in"] == "False"
-                    and all(int(s[k]) == v for k, v in MEASURED_SELECT.items()))
-            meas = next((float(r["median_us"]) for r in lin if same and r["method"] == "w2a4_matmul"
-                         and (int(r["N_out"]), int(r["K_in"]), int(r["batch"])) == (N, K, B)), None)
+            peak = float(f["peak_copy_GBps"]) * 1e3  # bytes per µs
+            nbytes = call_bytes(s["kernel"], N, K, B, G, q)
+            t_mem, t_issue = nbytes / peak, N * K * float(s["instr_per_weight"]) / 32 / slots_per_us
+            floor = max(t_mem, t_issue)
             out.append({
-                "kernel": s["kernel"], "quant_in": s["quant_in"], "G": G, "BLOCK_B": B, "BLOCK_N": int(s["BLOCK_N"]),
-                "GPI": int(s["GPI"]), "NUM_STAGES": int(s["NUM_STAGES"]), "num_warps": int(s["num_warps"]),
-                "N": N, "K": K, "batch": B, "bytes": nbytes, "instr_per_weight": float(s["instr_per_weight"]),
-                "fixed_us": round(fixed, 3), "copy_GBps": round(bw * 1e-3, 1), "mem_us": round(t_mem, 3),
-                "issue_us": round(t_issue, 3), "bound_us": round(bound, 3),
+                "kind": "bound (not a measurement)", "kernel": s["kernel"], "quant_in": q, "G": G, "BLOCK_B": B,
+                "BLOCK_N": int(s["BLOCK_N"]), "GPI": int(s["GPI"]), "NUM_STAGES": int(s["NUM_STAGES"]),
+                "num_warps": int(s["num_warps"]), "N": N, "K": K, "batch": B, "bytes": nbytes,
+                "instr_per_weight": float(s["instr_per_weight"]), "copy_peak_GBps": float(f["peak_copy_GBps"]),
+                "mem_us": round(t_mem, 3), "issue_us": round(t_issue, 3), "floor_us": round(floor, 3),
                 "limited_by": "memory" if t_mem >= t_issue else "issue",
-                "fp16_measured_us": float(f["median_us"]),
-                "bound_speedup_vs_fp16": round(float(f["median_us"]) / bound, 3),
-                "measured_us": meas, "measured_over_bound": None if meas is None else round(meas / bound, 3),
-                "device": device, "sass_triton": s.get("triton", ""), "measured_triton": f.get("triton", ""),
+                "fp16_measured_us": float(f["median_us"]), "fp16_fixed_us": round(fixed, 3),
+                "ceiling_speedup_vs_fp16": round(float(f["median_us"]) / (fixed + floor), 3),
+                "bound_device": device, "sass_triton": s.get("triton", ""), "measured_triton": f.get("triton", ""),
                 "sass_commit": s.get("git_commit", ""), "measured_commit": f.get("git_commit", ""),
             })
     return out
@@ -119,14 +114,14 @@ def main(argv: list[str] | None = None) -> int:
             return 2
     rows = bound_rows(list(csv.DictReader(sass_p.open())), list(csv.DictReader(speed_p.open())))
     for r in rows:
-        m = "" if r["measured_us"] is None else f"  measured {r['measured_us']:.1f} µs ({r['measured_over_bound']:.2f}× the bound)"
-        print(f"{r['kernel'] + (' +q' if r['quant_in'] == 'True' else ''):11s} B{r['batch']} N{r['BLOCK_N']:<3d} "
-              f"GPI{r['GPI']} S{r['NUM_STAGES']} w{r['num_warps']}  {r['N']:>5d}x{r['K']:<5d}: bound {r['bound_us']:6.2f} µs "
-              f"({r['limited_by']}; memory {r['mem_us']:.2f}, issue {r['issue_us']:.2f}, fixed {r['fixed_us']:.2f}) = "
-              f"{r['bound_speedup_vs_fp16']:.2f}× fp16's measured {r['fp16_measured_us']:.1f} µs{m}")
+        print(f"{r['kernel'] + (' +q' if r['quant_in'] else ''):11s} B{r['batch']} N{r['BLOCK_N']:<3d} GPI{r['GPI']} "
+              f"S{r['NUM_STAGES']} w{r['num_warps']}  {r['N']:>5d}x{r['K']:<5d}: floor {r['floor_us']:6.2f} µs "
+              f"({r['limited_by']}; memory {r['mem_us']:.2f}, issue {r['issue_us']:.2f}); ceiling estimate "
+              f"{r['ceiling_speedup_vs_fp16']:.2f}× fp16's measured {r['fp16_measured_us']:.1f} µs if it paid fp16's "
+              f"fixed {r['fp16_fixed_us']:.2f} µs")
     if not args.print_only:
         prov = provenance()
-        print(f"wrote {atomic_write_csv([{**r, **{k: v for k, v in prov.items() if k not in r}} for r in rows], result_path('kernel_bound'))}")
+        print(f"wrote {atomic_write_csv([{**r, **prov} for r in rows], result_path('kernel_bound'))}")
     return 0
 
 

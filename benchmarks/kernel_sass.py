@@ -11,7 +11,8 @@ copies.
 
 Speed comes only from a GPU (``benchmarks/bench_kernel.py``); this script is how a kernel change is checked on a
 machine without one: fewer issue slots per weight and no barrier in the loop is necessary for the memory roofline
-at batch 1 (the measured select kernel spends 8.4 slots per weight and 32 barriers per iteration), not sufficient.
+at batch 1 (the select kernel spends several slots per weight and 32 barriers per iteration: results/kernel/kernel_sass.csv),
+not sufficient; `benchmarks/kernel_bound.py` turns the counts into a floor on a given GPU.
 
 Usage: ``python benchmarks/kernel_sass.py [--out PATH] [--print-only]``: prints the table and writes it, with
 provenance, to ``results/kernel/kernel_sass.csv`` (the registry's ``kernel_sass``); about a minute on 2 cores.

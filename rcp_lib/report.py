@@ -652,7 +652,7 @@ def ablation_markdown(summary: pd.DataFrame, start: pd.DataFrame | None = None,
 
 
 #: the overrides a token curve of a profile may carry (``python -m rcp_lib.experiments.curve --steps/--val-every``): its length
-TOKEN_CURVE_OVERRIDES = frozenset({"qat_steps", "qat_val_every"})
+TOKEN_CURVE_OVERRIDES = frozenset({"qat_steps", "qat_val_every", "search_curve_length"})
 
 
 def token_curve_file(d: Path) -> Path | None:

@@ -98,7 +98,7 @@ _TABLES = (
           description="static sm_90 instruction counts of the W2A4 GEMV loops (per weight, barriers, popcounts, "
                       "load widths): no GPU needed, not a speed"),
     Table("kernel_bound", "kernel/kernel_bound.csv", command="python benchmarks/kernel_bound.py", per_profile=False,
-          description="a lower bound on each GEMV candidate's GPU time from its bytes and static issue slots "
+          description="a floor under each GEMV candidate's own GPU time from its bytes and static issue slots "
                       "(kernel_sass) against the measured fp16 rows (kernel_speed): not a measurement"),
     Table("perplexity_ptq", "perplexity_ptq.csv", command="python -m rcp_lib table --profile <profile>",
           rows="ppl_table", families=("baseline", "ptq"), description="the PTQ part of the perplexity table alone"),

@@ -1,4 +1,4 @@
-"""Helper for tests/test_dry_run.py: the distributed QAT path on 2 CPU processes (gloo), launched by torchrun.
+"""Helper for tests/integration/test_dry_run.py: the distributed QAT path on 2 CPU processes (gloo), launched by torchrun.
 
 Trains a tiny random LLaMA (hidden 256, the paper's group 128) with the paper's QAT recipe (configs/paper-llama2-7b.yaml,
 budgets cut) through Accelerate (MULTI_CPU: DDP), shards the trained student with torch's FSDP2 ``fully_shard``

@@ -1,4 +1,4 @@
-"""Helper for tests/test_distributed.py: a short QAT run on a tiny random LLaMA, launched by accelerate.
+"""Helper for tests/integration/test_distributed.py: a short QAT run on a tiny random LLaMA, launched by accelerate.
 
 Usage: torchrun --nproc_per_node N tests/integration/dist_qat_script.py OUT_JSON GRAD_ACCUM STEPS [OUT_DIR STOP_AFTER]
 """
