@@ -285,8 +285,8 @@ def measure(dev, shapes, batches, G: int, copy_mib: int, bench, layers: int = 0,
     from rcp_lib.io import provenance
     from rcp_lib.kernels import dequantize, pack_codes, w2a4_gemv
     from rcp_lib.kernels.layout import activation_bitplanes, unpermute_activations, weight_bitplanes, weight_row_sums
-    from rcp_lib.kernels.triton_w2a4 import (GEMV_MAX_BATCH, quantize_activations_triton, w2a4_bitplane_matmul_triton,
-                                             w2a4_linear_triton, w2a4_matmul_triton)
+    from rcp_lib.kernels.triton_w2a4 import (GEMV_MAX_BATCH, pop_launch_config, quantize_activations_triton,
+                                             w2a4_bitplane_matmul_triton, w2a4_linear_triton, w2a4_matmul_triton)
     from rcp_lib.quant.activations import quantize_per_token
 
     nbytes = copy_mib * 2**20
@@ -295,6 +295,15 @@ def measure(dev, shapes, batches, G: int, copy_mib: int, bench, layers: int = 0,
     peak_gbps = 2 * nbytes / (bench(lambda: dst.copy_(src)) * 1e-3) / 1e9
     del src, dst
     print(f"peak (device-to-device copy, {copy_mib} MiB, read + write): {peak_gbps:.0f} GB/s")
+    launched: list[str] = []
+
+    def timed(fn) -> float:
+        """``bench(fn)``, and the configuration of the last GEMV / GEMM launch in it (the CUDA-graph capture comes
+        after the warm-up and its autotuning; replays run no Python) appended to ``launched`` ("" for none)."""
+        pop_launch_config()
+        t = bench(fn)
+        launched.append(pop_launch_config())
+        return t
 
     prov = provenance()
     tree = tree if tree is not None else tree_provenance()
@@ -347,20 +356,20 @@ def measure(dev, shapes, batches, G: int, copy_mib: int, bench, layers: int = 0,
             act = B * K + 8 * B  # codes + scale/zero
             w2_bytes = packed.nbytes + lut.nbytes + wsum.nbytes + act + B * N * 2
             results = [
-                ("fp16_cublas", bench(lambda: F.linear(x, w16)), w16.nbytes + x.nbytes + B * N * 2, "", float("nan")),
-                ("w2a4_fused", bench(lambda: w2a4_linear_triton(x, packed, lut, wsum, K, G)), w2_bytes + x.nbytes,
+                ("fp16_cublas", timed(lambda: F.linear(x, w16)), w16.nbytes + x.nbytes + B * N * 2, "", float("nan")),
+                ("w2a4_fused", timed(lambda: w2a4_linear_triton(x, packed, lut, wsum, K, G)), w2_bytes + x.nbytes,
                  f"pre-kernel + {path}", rel["w2a4_fused"]),
-                ("w2a4_matmul", bench(lambda: w2a4_matmul_triton(pc, ps, pz, packed, lut, wsum, K, G, None, torch.float16)),
+                ("w2a4_matmul", timed(lambda: w2a4_matmul_triton(pc, ps, pz, packed, lut, wsum, K, G, None, torch.float16)),
                  w2_bytes, path, rel["w2a4_matmul"]),
-                ("w2a4_generic_op", bench(lambda: w2a4_gemv(xc, xs, xz, packed, lut, K, G)),
+                ("w2a4_generic_op", timed(lambda: w2a4_gemv(xc, xs, xz, packed, lut, K, G)),
                  packed.nbytes + lut.nbytes + act + B * N * 4, "torch.ops.rcp.w2a4_gemv", rel["w2a4_generic_op"]),
             ]  # fmt: skip
             if decode:
                 wp_bytes = wplanes.nbytes + lut.nbytes + wsum.nbytes + B * N * 2  # weights + output
                 results += [
-                    ("w2a4_bitplane_fused", bench(lambda: w2a4_linear_triton(x, packed, lut, wsum, K, G, wplanes=wplanes)),
+                    ("w2a4_bitplane_fused", timed(lambda: w2a4_linear_triton(x, packed, lut, wsum, K, G, wplanes=wplanes)),
                      wp_bytes + x.nbytes, "one launch (quantize + bitplane)", rel["w2a4_bitplane_fused"]),
-                    ("w2a4_bitplane_matmul", bench(lambda: w2a4_bitplane_matmul_triton(ac, as_, az, wplanes, lut, wsum, K, G,
+                    ("w2a4_bitplane_matmul", timed(lambda: w2a4_bitplane_matmul_triton(ac, as_, az, wplanes, lut, wsum, K, G,
                                                                                       None, torch.float16)),
                      wp_bytes + ac.nbytes + 8 * B, "bitplane", rel["w2a4_bitplane_matmul"]),
                 ]  # fmt: skip
@@ -370,13 +379,15 @@ def measure(dev, shapes, batches, G: int, copy_mib: int, bench, layers: int = 0,
                         return w2a4_bitplane_matmul_triton(planes, ps_, pz_, wplanes, lut, wsum, K, G, None,
                                                            torch.float16)
 
-                    results.append(("w2a4_bitplane_two_launch", bench(two_launch), wp_bytes + x.nbytes,
+                    results.append(("w2a4_bitplane_two_launch", timed(two_launch), wp_bytes + x.nbytes,
                                     "pre-kernel (planes) + bitplane", rel["w2a4_bitplane_two_launch"]))
             t_fp16 = results[0][1]
-            for method, t_ms, moved, cfg, err in results:
+            configs = list(launched)  # one per result, in order
+            launched.clear()
+            for (method, t_ms, moved, cfg, err), kcfg in zip(results, configs):
                 gbps = moved / (t_ms * 1e-3) / 1e9
                 row = {"bench": "linear", "model": model, "N_out": N, "K_in": K, "batch": B, "method": method,
-                       "config": cfg, "median_us": round(t_ms * 1e3, 2), "speedup_vs_fp16": round(t_fp16 / t_ms, 3),
+                       "config": cfg, "kernel_config": kcfg, "median_us": round(t_ms * 1e3, 2), "speedup_vs_fp16": round(t_fp16 / t_ms, 3),
                        "bytes_moved": moved, "achieved_GBps": round(gbps, 1),
                        "pct_of_peak_bw": round(100 * gbps / peak_gbps, 1), "tokens_per_s": "",
                        "rel_err_vs_float64": f"{err:.2e}", **common}  # fmt: skip

@@ -255,6 +255,11 @@ def test_benchmark_measurement_logic_smoke(tmp_path):
                                              "w2a4_bitplane_fused", "w2a4_bitplane_matmul"]
     assert all(r["gpu"] == "cpu (smoke test)" and "git_commit" in r and "triton" in r for r in rows)
     assert all(float(r["rel_err_vs_float64"]) < 1e-3 for r in linear[1:])
+    # each time names the GEMV configuration that produced it (the interpreter's fixed one here; autotuned on a GPU)
+    kc = {r["method"]: r["kernel_config"] for r in linear}
+    assert kc["fp16_cublas"] == "" and kc["w2a4_generic_op"] == ""
+    assert kc["w2a4_matmul"].startswith("gemv ") and "BLOCK_N=" in kc["w2a4_matmul"] and kc["w2a4_matmul"].endswith("(fixed)")
+    assert kc["w2a4_bitplane_matmul"].startswith("bitplane ") and "SPLIT_K=" in kc["w2a4_bitplane_matmul"]
     assert [(r["bench"], r["method"]) for r in rows[len(linear):]] == [("decode", "fp16"), ("decode", "w2a4"),
                                                                        ("decode", "w2a4_bitplane")]
 
