@@ -604,11 +604,13 @@ def pop_launch_config() -> str:
     """``"gemv BLOCK_N=32 GPI=1 NUM_STAGES=1 SPLIT_K=4 num_warps=2 (autotuned)"``: the path and configuration of the
     last GEMV / GEMM launch of this module since the previous call, "" when there was none; cleared. The benchmark
     records it beside each measured time, so that a time names the configuration that produced it."""
-    return _LAST_LAUNCH.pop("config", "")
-
-
-def _describe(path: str, config: dict, how: str) -> str:
-    return f"{path} " + " ".join(f"{k}={v}" for k, v in sorted(config.items())) + f" ({how})"
+    last = _LAST_LAUNCH.pop("config", None)
+    if last is None:
+        return ""
+    path, config, nw, how = last  # formatted here, not on every launch (an eager decode step launches per linear)
+    if how == "autotuned":
+        config, nw = config.kwargs, config.num_warps
+    return f"{path} " + " ".join(f"{k}={v}" for k, v in sorted({**config, "num_warps": nw}.items())) + f" ({how})"
 
 
 def _tuned(kind: str, G: int, split_k: bool):
@@ -920,7 +922,7 @@ def _launch(path: str, x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
         bb = consts.get("BLOCK_B", cfg.get("BLOCK_B"))
         grid = (triton.cdiv(N, cfg["BLOCK_N"]), cfg["SPLIT_K"], triton.cdiv(B, bb))
         _jitted(path)[grid](*args, **consts, **cfg, num_warps=nw, **opts)
-        _LAST_LAUNCH["config"] = _describe(path, {**cfg, "num_warps": nw}, "fixed")
+        _LAST_LAUNCH["config"] = (path, cfg, nw, "fixed")
     else:
         kern = _tuned(path, G, split_ok)
 
@@ -930,8 +932,8 @@ def _launch(path: str, x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
 
         kern[grid](*args, **consts, **opts)
         best = getattr(kern, "best_config", None)  # the autotuner's choice for this call's key
-        _LAST_LAUNCH["config"] = ("" if best is None else
-                                  _describe(path, {**best.kwargs, "num_warps": best.num_warps}, "autotuned"))
+        if best is not None:
+            _LAST_LAUNCH["config"] = (path, best, None, "autotuned")
     return y
 
 

@@ -288,3 +288,16 @@ def test_kernel_compiles_for_cuda_target(tmp_path, monkeypatch, block_b, word_lo
             pytest.skip(f"no CUDA compiler backend: {e}")
         raise
     assert "cubin" in out.asm and "ld.global" in out.asm["ptx"]
+
+
+def test_launch_config_of_an_autotuned_launch_is_formatted_when_read():
+    """The autotuned branch stores the autotuner's Config as it is (no formatting per launch); reading formats and
+    clears it."""
+    from types import SimpleNamespace
+
+    from rcp_lib.kernels import triton_w2a4 as T
+
+    T._LAST_LAUNCH["config"] = ("bitplane", SimpleNamespace(kwargs={"SPLIT_K": 16, "BLOCK_N": 64}, num_warps=1), None,
+                                "autotuned")
+    assert T.pop_launch_config() == "bitplane BLOCK_N=64 SPLIT_K=16 num_warps=1 (autotuned)"
+    assert T.pop_launch_config() == ""
