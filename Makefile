@@ -41,9 +41,10 @@ $(STAMP): requirements.txt pyproject.toml
 test: $(STAMP)
 	$(PY) -m pytest -m "not slow" -q
 
-# the inner loop, about 3 min on 2 cores: the unit tier (outside tests/integration/, no embedded model; tests/conftest.py)
+# the inner loop, about 1-2 min on 2 cores: the unit tier (outside tests/integration/, no embedded model) less the
+# tests marked heavy (seconds each); the five slowest are listed, so a test that grows shows (tests/conftest.py)
 test-fast: $(STAMP)
-	$(PY) -m pytest -m "not slow and not integration" -q -x
+	$(PY) -m pytest -m "not slow and not integration and not heavy" -q -x --durations=5
 
 test-slow: $(STAMP)
 	$(PY) -m pytest -m slow -q

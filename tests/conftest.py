@@ -17,7 +17,9 @@ import torch  # noqa: E402
 #: ``tests/integration/`` (notebooks, the command line, several processes, the embedded model throughout), when it uses
 #: one of these fixtures (it loads the real embedded model) or when it carries ``@pytest.mark.integration``;
 #: everything else, short single-subprocess checks included, is a unit test of a pure function or a tiny synthetic
-#: model. ``slow`` (minutes; ``make test-slow``) is marked in the test itself.
+#: model. ``heavy`` (a unit test that takes seconds: a tiny model trained end to end, a kernel under the interpreter
+#: at a realistic shape, a compile for sm_90, a subprocess; ``make test`` runs it, ``make test-fast`` does not) and
+#: ``slow`` (minutes; ``make test-slow``) are marked in the test itself.
 INTEGRATION_FIXTURES = frozenset({"embedded", "excerpt_test_ids", "real_text_ids"})
 INTEGRATION_DIR = Path(__file__).resolve().parent / "integration"
 

@@ -4,6 +4,7 @@ trains only the block's latent weights and quantizer parameters."""
 import copy
 import math
 
+import pytest
 import torch
 
 from rcp_lib import models as M
@@ -21,6 +22,7 @@ def _student(seed=0):
     return fp, st
 
 
+@pytest.mark.heavy
 def test_block_ap_lowers_block_mse_on_tiny_llama():
     torch.manual_seed(0)
     fp, st = _student()

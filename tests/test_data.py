@@ -4,6 +4,7 @@ import torch
 from rcp_lib import data
 
 
+@pytest.mark.heavy
 def test_splits_are_disjoint_and_deterministic():
     train = data.wiki_excerpt_split("train")
     test = data.wiki_excerpt_split("test")

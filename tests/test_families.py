@@ -205,6 +205,7 @@ def test_apply_hadamard_18944_matches_dense_columns():
         assert torch.allclose(y[:, a * 128 : (a + 1) * 128], x @ cols, atol=1e-10, rtol=0)
 
 
+@pytest.mark.heavy
 @pytest.mark.parametrize("label", ["W2A16KV16", "W2A4KV16"])
 @pytest.mark.parametrize("family", F.SUPPORTED)
 def test_packed_round_trip(family, label, tmp_path):

@@ -35,6 +35,7 @@ def bk():
     return _load("bench_kernel")
 
 
+@pytest.mark.heavy
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU behaviour")
 def test_refuses_without_cuda_and_writes_nothing(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "OUT": str(tmp_path / "from_env")}

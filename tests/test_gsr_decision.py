@@ -35,6 +35,7 @@ def tiny(monkeypatch, tmp_path):
     return get_profile("ablation", ablation_seeds=[0, 1], w_group_size=32), seen
 
 
+@pytest.mark.heavy
 def test_gsr_decision_rows(tiny):
     from rcp_lib.quant.linear import QuantLinear
 
@@ -66,6 +67,7 @@ def test_gsr_decision_rows(tiny):
         G.gsr_decision(P, progress=False, groups=(32,))
 
 
+@pytest.mark.heavy
 def test_decision_plan_is_what_the_decision_reads(tiny):
     """``decision_plan`` (and so ``row_plan`` of notebook 06) names exactly the cache keys ``gsr_decision`` reads, in
     its order, and reports them cached once computed."""

@@ -55,6 +55,7 @@ def test_ptq_weights_are_keyed_by_what_determines_them():
     assert k("QuaRot-RTN", "W2A4KV4") == k("QuaRot-RTN", "W2A4KV4", get_profile("cpu", calib_windows=8))
 
 
+@pytest.mark.heavy
 def test_ptq_cache_freezes_rtn_weights_bit_for_bit(monkeypatch, tmp_path, capsys):
     """A clip-searched RTN model is frozen to codes + levels equal to its quantizer's output; the second
     setting loads them (cache hit) instead of searching again."""

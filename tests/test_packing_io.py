@@ -144,6 +144,7 @@ def _structure(model):
     return out, model.config._attn_implementation, model.config.rcp_rotation, model.config.rcp_quant
 
 
+@pytest.mark.heavy
 def test_frozen_round_trip_re_runs_the_surgery(tmp_path):
     """A frozen, rotated W2A4KV4 model: the loaded model is the same surgery (module for module) as a freshly
     rotated + quantized one, and its logits equal the in-memory frozen model's."""
@@ -209,6 +210,7 @@ def test_unknown_stored_config_field(saved):
         load_quantized(saved)
 
 
+@pytest.mark.heavy
 @pytest.mark.parametrize("bits", [2, 3, 4])
 def test_quantized_state_file_round_trip(tmp_path, bits):
     """The PTQ cache's file (the projection part of the same tensor format) restores the frozen layers bit for bit,
@@ -284,6 +286,7 @@ def test_save_writes_an_empty_or_new_folder_and_replaces_a_packed_one_only_with_
 
 # -- the exported folder is the evaluated model (issue item 4) --------------------------------------------------------
 
+@pytest.mark.heavy
 def test_default_storage_reloads_the_evaluated_model_fp16_does_not(tmp_path):
     """Tiny LLaMA (hidden 128), R1 random Hadamard, W2A4KV4 with LDP levels in groups of 64: the default storage (the
     model's compute dtype) reloads to the evaluated fake-quant logits; fp16 storage (the old default) moves them by

@@ -39,6 +39,7 @@ def _cfg(**kw):
     return QATConfig(**base)
 
 
+@pytest.mark.heavy
 def test_few_steps_lower_the_loss_and_levels_stay_ordered():
     fp, student = _pair()
     res = train(student, fp, _data(), _cfg(), progress=False)
@@ -53,6 +54,7 @@ def test_few_steps_lower_the_loss_and_levels_stay_ordered():
     assert "val_ppl" in res.history[-1]
 
 
+@pytest.mark.heavy
 @pytest.mark.parametrize("loss", ["ce", "mix"])
 def test_other_losses_run(loss):
     fp, student = _pair()
@@ -60,6 +62,7 @@ def test_other_losses_run(loss):
     assert res.steps == 3 and math.isfinite(res.final_loss)
 
 
+@pytest.mark.heavy
 def test_resume_equals_uninterrupted(tmp_path):
     cfg = _cfg(steps=6, checkpoint_every=2, val_every=3)
     fp, a = _pair()
@@ -170,6 +173,7 @@ def test_two_trainings_with_different_precision_in_one_process():
         assert res.tokens == 32
 
 
+@pytest.mark.heavy
 def test_resume_after_a_crash_between_the_checkpoint_renames(tmp_path):
     """_atomic_save_state moves checkpoint -> .checkpoint-old, then the new one in: a crash in between leaves only
     .checkpoint-old. A resume puts it back and ends where an uninterrupted run ends."""
@@ -206,6 +210,7 @@ def test_a_finished_student_drops_every_checkpoint_folder(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["keep", "student.pt"]
 
 
+@pytest.mark.heavy
 @pytest.mark.parametrize("freeze", [["levels"], ["clip"], ["levels", "weights"]])
 def test_frozen_parts_stay_at_their_start_and_the_rest_moves(freeze):
     """QATConfig.freeze: the named parts keep their start bit for bit; the others move (static log range, LDP)."""

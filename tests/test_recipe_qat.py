@@ -30,6 +30,7 @@ def _student(seed=0, **w):
 @pytest.mark.parametrize("w", [dict(ldp_init="lloyd", range_mode="static", clip_init="mse"),
                                dict(method="rtn", lwc=True, range_mode="static", clip_init="mse")],
                          ids=["ldp", "uniform"])
+@pytest.mark.heavy
 def test_gptq_then_qat_starts_at_the_gptq_model(w):
     fp, st, _ = _student(**w)
     calib = torch.randint(0, 128, (4, 32), generator=torch.Generator().manual_seed(0))
@@ -62,6 +63,7 @@ def test_gptq_start_recipe_needs_static_range():
     Recipe(quant=qc.with_weight(range_mode="static"), qat=QATConfig(gptq_start=True)).validate()
 
 
+@pytest.mark.heavy
 def test_train_student_reports_step0_and_movement():
     fp, st, _ = _student(seed=1, ldp_init="lloyd", clip_init="mse")
     data = torch.randint(0, 128, (1, 2000), generator=torch.Generator().manual_seed(2))
@@ -121,6 +123,7 @@ def test_gptq_start_of_a_row_without_clip_keeps_its_min_max_grid():
     assert any(not torch.equal(w.theta.detach(), a) for w, a in zip(wqs, th0))
 
 
+@pytest.mark.heavy
 def test_cached_gptq_start_trains_like_the_computed_one(tmp_path, monkeypatch):
     """gptq_start with a key computes the start once (cache miss), then loads it into a freshly quantized model (hit):
     the loaded start has the same state, the same recorded seconds, and QAT from it gives bit-identical weights."""

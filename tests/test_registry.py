@@ -111,6 +111,7 @@ def test_setup_does_what_the_first_cell_did(monkeypatch, tmp_path, capsys):
         X.setup("smoke", "{qat_steps: 3", show=False)
 
 
+@pytest.mark.heavy
 def test_importing_experiments_imports_transformers_for_registration_only():
     """Importing rcp_lib registers its transformers classes explicitly (rcp_lib.deploy.hf), so transformers is imported; the
     data and plotting libraries are not (datasets reads its offline flag on import: reproduce sets it first)."""

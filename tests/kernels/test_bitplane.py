@@ -106,6 +106,7 @@ CASES = [  # B, N, K, G, config (None: the interpreter's default)
 ]
 
 
+@pytest.mark.heavy
 @needs_triton
 @pytest.mark.parametrize("B,N,K,G,config", CASES)
 def test_bitplane_matmul_matches_float64(B, N, K, G, config):
@@ -128,6 +129,7 @@ def test_bitplane_matmul_matches_float64(B, N, K, G, config):
     assert y16.dtype == torch.float16 and _rel(y16, ref - bias.double()) < 2e-3
 
 
+@pytest.mark.heavy
 @needs_triton
 @pytest.mark.parametrize("one_launch", [False, True])
 def test_bitplane_error_within_3x_the_reference_on_weights_with_a_row_mean(one_launch):
@@ -248,6 +250,7 @@ def test_bitplane_matmul_rejects_bad_operands():
     (3, 17, 320, 64, torch.bfloat16, dict(BLOCK_N=8, GPI=2, SPLIT_K=3, NUM_STAGES=2)),
     (6, 9, 1152, 64, torch.float32, dict(BLOCK_N=8, GPI=1, SPLIT_K=2, NUM_STAGES=1)),  # rows > RB, 2 token tiles
 ])
+@pytest.mark.heavy
 def test_one_launch_equals_prekernel_then_matmul(B, N, K, G, dtype, config):
     """The kernel that quantizes its own chunks gives bit for bit what the pre-kernel's planes give (same codes,
     same integer sums, same epilogue), and that is the float64 product of quantize_per_token's operands."""
@@ -308,6 +311,7 @@ def _sass_tool():
     return mod
 
 
+@pytest.mark.heavy
 @needs_triton
 def test_bitplane_sm90_code_has_popc_wide_loads_and_fewer_instructions(tmp_path, monkeypatch):
     """Static: the loop uses the hardware POPC, loads its weight planes 128 bits at a time, needs no more than the

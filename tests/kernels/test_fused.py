@@ -228,6 +228,7 @@ _MM_SIG = {"x_ptr": "*u8", "xs_ptr": "*fp32", "xz_ptr": "*fp32", "w_ptr": "*i32"
            **{k: "i32" for k in ["B", "N", "K", "stride_xb", "stride_wn", "stride_ln", "stride_yb", "B_KEY"]}}
 
 
+@pytest.mark.heavy
 @needs_triton
 @pytest.mark.parametrize("B", [1, 16])  # the select GEMV (fp32 products) and the GEMM (tl.dot on fp16 tiles)
 def test_fused_error_within_3x_the_reference_on_weights_with_a_row_mean(B):
@@ -258,6 +259,7 @@ def test_fused_error_within_3x_the_reference_on_weights_with_a_row_mean(B):
     ("gemm", dict(G=128, HAS_BIAS=True, BLOCK_B=16, BLOCK_N=64, GPI=2, SPLIT_K=4, NUM_STAGES=2, DOT_F32=False,
                   CENTER=7.5)),
 ])
+@pytest.mark.heavy
 def test_matmul_kernels_lower_to_sm90(tmp_path, monkeypatch, name, const):
     """No GPU here, but the compiled path goes down to a cubin: wide weight loads (128-bit ld.global.v4 or 16-byte
     cp.async when pipelined), atomics only with split-K, mma only in the GEMM."""
@@ -269,6 +271,7 @@ def test_matmul_kernels_lower_to_sm90(tmp_path, monkeypatch, name, const):
     assert ("mma" in ptx) == (name == "gemm")
 
 
+@pytest.mark.heavy
 @needs_triton
 @pytest.mark.parametrize("hadamard,planes", [(False, False), (True, False), (False, True), (True, True)])
 def test_prekernel_lowers_to_sm90(tmp_path, monkeypatch, hadamard, planes):
@@ -283,6 +286,7 @@ def test_prekernel_lowers_to_sm90(tmp_path, monkeypatch, hadamard, planes):
     assert "cubin" in _compile("act", const, sig).asm
 
 
+@pytest.mark.heavy
 @needs_triton
 def test_whole_model_with_reference_codes_forced_into_the_fused_gemm(monkeypatch):
     """Localises a whole-model fused-vs-reference mismatch (issue 36): a tiny rotated W2A4KV4 model deployed on the

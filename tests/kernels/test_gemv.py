@@ -160,6 +160,7 @@ def _run_py(code: str, env_extra: dict) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
 
 
+@pytest.mark.heavy
 @needs_triton
 def test_triton_in_subprocess_with_env_set_before_import():
     code = """
@@ -180,6 +181,7 @@ def test_triton_in_subprocess_with_env_set_before_import():
     assert rel < 1e-5
 
 
+@pytest.mark.heavy
 def test_import_without_triton_falls_back():
     code = """
         import sys
@@ -239,6 +241,7 @@ def test_benchmark_refuses_without_gpu(tmp_path, capsys):
     assert not out.exists()
 
 
+@pytest.mark.heavy
 @needs_triton
 def test_benchmark_measurement_logic_smoke(tmp_path):
     """The measurement code runs end to end on CPU (interpreter, one tiny shape, a tiny decoder, a fake timer); rows
@@ -264,6 +267,7 @@ def test_benchmark_measurement_logic_smoke(tmp_path):
                                                                        ("decode", "w2a4_bitplane")]
 
 
+@pytest.mark.heavy
 @needs_triton
 @pytest.mark.parametrize("block_b,word_loads", [(1, False), (8, True)])
 def test_kernel_compiles_for_cuda_target(tmp_path, monkeypatch, block_b, word_loads):

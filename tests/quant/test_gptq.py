@@ -256,6 +256,7 @@ def test_gptq_clip_search_lowers_heldout_error_at_2_bits():
         gptq_quantize(W, acc.H, bits=2, group_size=32, clip_search="grid")
 
 
+@pytest.mark.heavy
 def test_gptq_model_hessians_from_16bit_activations():
     """QuaRot runs GPTQ before its activation quantizers exist: the A4 and A16 models get the same GPTQ codes,
     and the activation/KV quantizers are back in place afterwards."""
@@ -284,6 +285,7 @@ def test_gptq_model_hessians_from_16bit_activations():
     assert any(not torch.equal(q.weight_quantizer.codes, codes[4][n]) for n, q in quantized_linears(m))
 
 
+@pytest.mark.heavy
 def test_gptq_model_shared_hessians_equal_separate(monkeypatch):
     """q/k/v and gate/up share one accumulated Hessian: the codes equal those of one accumulator per projection."""
     import copy

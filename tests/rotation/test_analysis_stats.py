@@ -191,6 +191,7 @@ def test_pinned_and_lloyd_close_to_the_exact_optimum(group):
     assert (exact_pin >= exact_lm - 1e-12).all()  # pinned ends are a constraint
 
 
+@pytest.mark.heavy
 def test_gaussian_reference_values():
     """MSE / E[w²] of 2-bit quantizers of Gaussian weights. Groups of 64: min-max RTN 0.203 (known value). Very
     large groups approach the population optima: uniform grid with the MSE-optimal range 0.1188 (Max 1960: step
@@ -208,6 +209,7 @@ def test_gaussian_reference_values():
     assert 0.1175 - 0.002 < pin <= A.uniform_clip_quant_error(big, 2, -1, stride=1) + 1e-12
 
 
+@pytest.mark.heavy
 def test_quantizers_are_nested_per_group():
     g = torch.Generator().manual_seed(7)
     for x in (torch.randn(256, 64, generator=g, dtype=torch.float64),

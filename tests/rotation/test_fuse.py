@@ -35,7 +35,7 @@ TINY = {
 
 @pytest.mark.parametrize("shape", list(TINY))
 @pytest.mark.parametrize("r1", [k for k in R1_KINDS if k != "walsh"])
-@pytest.mark.parametrize("online", [True, False])
+@pytest.mark.parametrize("online", [pytest.param(True, marks=pytest.mark.heavy), False])  # online: the slower half
 def test_tiny_rotated_logits_float64(shape, r1, online):
     model = M.tiny_llama(layers=2, vocab=300, **TINY[shape]).double()
     ids = torch.randint(0, 300, (2, 24), generator=torch.Generator().manual_seed(1))
@@ -98,6 +98,7 @@ def test_bad_config_leaves_model_untouched(cfg, err):
     assert model.config._attn_implementation == "sdpa"
 
 
+@pytest.mark.heavy
 def test_unbuildable_intermediate_size_leaves_model_untouched():
     # 10944 = 171 * 64 has no Hadamard construction (a real size; QuaRot issue #44)
     from transformers import LlamaConfig, LlamaForCausalLM

@@ -8,7 +8,8 @@ from rcp_lib.rotation.walsh import block_hadamard, gsr, largest_pow2_divisor, se
 BUILDABLE_BASES = [b for b in BASE_ORDERS if is_hadamard_order(b)]
 
 
-@pytest.mark.parametrize("n", [1, 2, 4, 64, 576, 1536, 3072, 4096] + BUILDABLE_BASES)
+@pytest.mark.parametrize("n", [1, 2, 4, 64, 576] + [pytest.param(n, marks=pytest.mark.heavy) for n in (1536, 3072, 4096)]
+                         + BUILDABLE_BASES)
 def test_hadamard_exact(n):
     H = hadamard_int(n)
     assert set(H.unique().tolist()) <= {-1, 1}
@@ -161,6 +162,7 @@ def test_williamson_search_finds_order_43():
     assert rows is not None and ws.verify(rows)
 
 
+@pytest.mark.heavy
 @pytest.mark.parametrize("n", [156, 172, 156 * 32, 11008])
 def test_williamson_fast_transform(n):
     assert is_hadamard_order(n)
