@@ -127,8 +127,11 @@ sys.exit(M.main(["readme", "--profile", "cpu"]))
 
 
 def test_ctrl_c_is_one_line_and_exit_130(tmp_path):
+    # a suite started in the background (`make test &`, nohup) inherits SIGINT ignored, and Python keeps an ignored
+    # SIGINT ignored: the child gets the default disposition back, as an interactive command line has it
     p = subprocess.Popen([sys.executable, "-c", _SLEEP], cwd=ROOT, env=_env(tmp_path),
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         assert p.stdout.readline().strip() == "ready"
         time.sleep(0.2)
