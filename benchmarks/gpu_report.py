@@ -10,8 +10,10 @@ gets more time than is left, so the report ends within the budget plus a few sec
 CSV into the output folder as soon as it has it:
 
 ====== ===================================================================================== ====================
-warmup parallel Triton compile warm-up into Triton's disk cache (``gpu_sections.py warm``,    warmup.json
-       several workers, in the background while ``export`` runs: export times nothing)
+warmup parallel Triton compile warm-up into Triton's disk cache (``gpu_sections.py warm``,    warmup.json,
+       several workers, in the background while ``export`` runs: export times nothing), and     kernel_sass.csv
+       the static sm_90 counts of ``kernel_sass.py`` with the device's Triton (the counts
+       ``kernel_bound.py --sass`` sets beside this run's times)
 export whole-model fused-vs-reference localisation: ``gpu_check.py --sections export          check_export.json
        --no-tune`` (teacher-forced per-linear error, first code flip, kernel_code_mismatches)
 kernel kernel correctness vs float64 and a fixed-configuration table at batch 1 / 4 / 16:      check_kernel.json
@@ -85,8 +87,9 @@ class Section:
 
 #: in order of value; the later ones are the first to be skipped
 SECTIONS: tuple[Section, ...] = (
-    Section("warmup", 150, 120, ("warmup.json",),
-            "parallel Triton compile warm-up into Triton's cache (in the background, beside export)",
+    Section("warmup", 150, 120, ("warmup.json", "kernel_sass.csv"),
+            "parallel Triton compile warm-up into Triton's cache, and the static sm_90 counts with the device's Triton "
+            "(kernel_sass.py; in the background, beside export)",
             beside=("export",)),
     Section("export", 170, 60, ("check_export.json",),
             "whole-model fused-vs-reference localisation (gpu_check.py --sections export --no-tune)"),
@@ -145,8 +148,9 @@ def peers_rotating(left_s: float) -> bool:
 
 
 def warm_workers(cpus: int | None) -> int:
-    """Compile workers: the CPUs less two (one for the export section beside them), between 1 and 12."""
-    return max(1, min(12, (cpus or 1) - 2))
+    """Compile workers: the CPUs less three (one for the export section beside them, one for ``kernel_sass.py``),
+    between 1 and 12."""
+    return max(1, min(12, (cpus or 1) - 3))
 
 
 def default_out(now: _dt.datetime | None = None) -> Path:
@@ -306,7 +310,8 @@ def _commands(name: str, out: Path, left_s: float, env: dict) -> list[tuple[str,
     py, check, sections = sys.executable, str(BENCH / "gpu_check.py"), str(BENCH / "gpu_sections.py")
     if name == "warmup":
         n = warm_workers(os.cpu_count())
-        return [(f"warm{i}", [py, sections, "warm", "--worker", str(i), "--workers", str(n)]) for i in range(n)]
+        return [(f"warm{i}", [py, sections, "warm", "--worker", str(i), "--workers", str(n)]) for i in range(n)] + [
+            ("sass", [py, str(BENCH / "kernel_sass.py"), "--out", str(out / "kernel_sass.csv")])]
     if name == "export":
         return [(name, [py, check, "--sections", "export", "--no-tune", "--out", str(out / "check_export.json")])]
     if name == "kernel":

@@ -21,8 +21,11 @@ counts are the Triton version's that ``kernel_sass.py`` ran (``sass_triton``), n
 floor is below any time the kernel can take on that device. ``ceiling_speedup_vs_fp16`` is fp16's measured time over
 (the floor + ``fp16_fixed_us``, the intercept of the line through the run's fp16 rows): an estimate of the most this
 GEMV alone could gain over a whole fp16 linear if it paid the same fixed cost, never a measured speed-up.
-Usage: ``python benchmarks/kernel_bound.py [--print-only]`` writes ``results/kernel/kernel_bound.csv`` (the registry's
-``kernel_bound``).
+Usage: ``python benchmarks/kernel_bound.py [--sass CSV] [--speed CSV] [--print-only]`` writes
+``results/kernel/kernel_bound.csv`` (the registry's ``kernel_bound``). The inputs default to the registry's
+``kernel_sass`` and ``kernel_speed`` files; a ``make gpu-report`` folder holds both from one visit, its
+``kernel_sass.csv`` counted with the device's own Triton (``--sass <report>/kernel_sass.csv --speed
+<report>/kernel_speed.csv``), so that ``sass_triton`` equals ``measured_triton``.
 """
 
 from __future__ import annotations
@@ -102,12 +105,16 @@ def bound_rows(sass: list[dict], speed: list[dict]) -> list[dict]:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--sass", type=Path, default=None,
+                   help="static counts (default: the registry's kernel_sass, results/kernel/kernel_sass.csv)")
+    p.add_argument("--speed", type=Path, default=None,
+                   help="measured times (default: the registry's kernel_speed, results/gpu/kernel_speed.csv)")
     p.add_argument("--print-only", action="store_true", help="print the table, write nothing")
     args = p.parse_args(argv)
     from rcp_lib.experiments.registry import result_path
     from rcp_lib.io import atomic_write_csv, provenance
 
-    sass_p, speed_p = result_path("kernel_sass"), result_path("kernel_speed")
+    sass_p, speed_p = args.sass or result_path("kernel_sass"), args.speed or result_path("kernel_speed")
     for path, cmd in ((sass_p, "python benchmarks/kernel_sass.py"), (speed_p, "make gpu-report on a GPU")):
         if not path.exists():
             print(f"kernel_bound: {path} is missing ({cmd} writes it); nothing written", file=sys.stderr)

@@ -89,7 +89,8 @@ def test_budget_decides_what_fits(gr):
     # what is cut inside sections when time is short
     assert gr.bench_layers(300) == 8 and gr.bench_layers(200) == 4
     assert gr.peers_rotating(250) and not gr.peers_rotating(150)
-    assert gr.warm_workers(16) == 12 and gr.warm_workers(2) == 1 and gr.warm_workers(None) == 1
+    assert gr.warm_workers(16) == 12 and gr.warm_workers(15) == 12 and gr.warm_workers(2) == 1
+    assert gr.warm_workers(None) == 1
     assert gr.default_out().parent == REPO / "results" / "gpu" and gr.default_out().name.startswith("report-")
 
 
@@ -173,3 +174,12 @@ def test_content_recorded_tree_writes_under_results(bk, tmp_path, monkeypatch):
     assert bk.write_result([{"a": 1}], path, {"tree_state": "dirty"}) == path and path.read_text() == "a\n1\n"
     assert bk.write_result({"b": 2}, path.with_suffix(".json"), {"tree_state": "no-git"}).exists()
     assert rio.ALLOW_DIRTY_ENV not in os.environ
+
+
+def test_warmup_counts_sass_with_the_devices_triton(gr, tmp_path):
+    """Beside the compile workers, the warm-up runs kernel_sass.py into the report folder, so that the static counts
+    of a visit are its device's Triton's (kernel_bound.py --sass takes them)."""
+    cmds = dict(gr._commands("warmup", tmp_path, 480.0, {}))
+    assert cmds["sass"][1:] == [str(REPO / "benchmarks" / "kernel_sass.py"), "--out", str(tmp_path / "kernel_sass.csv")]
+    assert len([t for t in cmds if t.startswith("warm")]) == gr.warm_workers(os.cpu_count())
+    assert "kernel_sass.csv" in {s.name: s for s in gr.SECTIONS}["warmup"].outputs

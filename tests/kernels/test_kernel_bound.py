@@ -56,3 +56,15 @@ def test_floor_of_a_worked_example():
     assert r["floor_us"] == r["issue_us"] and r["limited_by"] == "issue" and r["kind"].startswith("bound")
     assert r["fp16_fixed_us"] == pytest.approx(10.0, abs=1e-6)
     assert r["ceiling_speedup_vs_fp16"] == pytest.approx(26.5 / (10.0 + 32.096), abs=1e-3)
+
+
+def test_inputs_from_a_report_folder(tmp_path, capsys):
+    """--sass / --speed read a gpu-report folder's two files instead of the registry's; a missing one is named, and
+    nothing is written."""
+    kb = _kb()
+    missing = tmp_path / "kernel_sass.csv"
+    assert kb.main(["--sass", str(missing), "--print-only"]) == 2
+    assert str(missing) in capsys.readouterr().err
+    sass, speed = REPO / "results" / "kernel" / "kernel_sass.csv", REPO / "results" / "gpu" / "kernel_speed.csv"
+    assert kb.main(["--sass", str(sass), "--speed", str(speed), "--print-only"]) == 0
+    assert "floor" in capsys.readouterr().out
