@@ -932,7 +932,9 @@ def _launch(path: str, x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
 
         kern[grid](*args, **consts, **opts)
         best = getattr(kern, "best_config", None)  # the autotuner's choice for this call's key
-        if best is not None:
+        if best is None:  # no choice to name: an earlier launch's configuration must not stand for this one
+            _LAST_LAUNCH.pop("config", None)
+        else:
             _LAST_LAUNCH["config"] = (path, best, None, "autotuned")
     return y
 
