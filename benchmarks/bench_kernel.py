@@ -29,8 +29,10 @@ fixed random fp16 KV cache of ``--kv-len`` tokens, no RoPE, cache not appended),
 (11008 x 4096), SiLU gating, down (4096 x 11008), residual; no embedding / lm_head. ``fp16`` uses ``nn.Linear``
 fp16 weights, ``w2a4`` uses :class:`rcp_lib.kernels.packed_linear.PackedLinear` (random codes and LUTs, G = 128, A4, the online
 R4 Hadamard on down_proj's input: 11008 is not a power of two, so that transform runs in torch before the fused
-pre-kernel); ``w2a4_bitplane`` is the same stack with the bit-serial decode kernel. One token step is captured in a
-CUDA graph; tokens/s = 1 / median step time (no L2 flush: the weights exceed L2).
+pre-kernel); ``w2a4_bitplane`` is the same stack with the bit-serial decode kernel. The ``*_merged`` stacks
+(:data:`DECODE_VARIANTS`) compute q | k | v and gate | up as one linear each (for W2A4 the layout of
+``rcp_lib.deploy.merge_shared_inputs``); their ``speedup_vs_fp16`` is against ``fp16_merged``. One token step is
+captured in a CUDA graph; tokens/s = 1 / median step time (no L2 flush: the weights exceed L2).
 
 Rows carry provenance (:func:`rcp_lib.io.provenance`: git commit, device, torch version, date), the tree that ran
 (:func:`tree_provenance`: ``tree_state`` clean / dirty / no-git and ``source_hash``, a content hash of the source
@@ -213,8 +215,11 @@ def _rmsnorm(x, w, eps=1e-5):
 
 
 def build_decoder(dev, packed: bool, layers: int, hidden: int, inter: int, heads: int, kv_len: int, G: int,
-                  gemv_format: str = "select"):
-    """The decode stand-in of the module docstring: returns ``step(x [1, hidden]) -> [1, hidden]``."""
+                  gemv_format: str = "select", merged: bool = False):
+    """The decode stand-in of the module docstring: returns ``step(x [1, hidden]) -> [1, hidden]``. ``merged``: q | k | v
+    and gate | up as one linear each (``3 hidden x hidden``, ``2 inter x hidden``; for W2A4 the layout of
+    :func:`rcp_lib.deploy.merge_shared_inputs`: one activation quantization and one launch per group), their outputs
+    split as the separate projections' would be."""
     import torch
     import torch.nn.functional as F
     from torch import nn
@@ -233,36 +238,61 @@ def build_decoder(dev, packed: bool, layers: int, hidden: int, inter: int, heads
             return m
         q = torch.randint(-(2**31), 2**31 - 1, (N, K // 16), dtype=torch.int32, device=dev, generator=gen)
         lut = torch.randn(N, K // G, 4, device=dev, generator=gen).sort(-1).values.mul_(K**-0.5).half()
-        m = PackedLinear(q, lut, K, G, 2, None, 4, 1.0, OnlineHadamard(K) if r4 else None, backend="triton",
-                         gemv_format=gemv_format)  # the fused path ("auto" keeps the reference op for now)
-        m.kernel_weights()
-        if gemv_format == "bitplane":
-            m.kernel_planes()
-        return m
+        return PackedLinear(q, lut, K, G, 2, None, 4, 1.0, OnlineHadamard(K) if r4 else None, backend="triton",
+                            gemv_format=gemv_format)  # the fused path ("auto" keeps the reference op for now)
+
+    def group(*parts):  # the separate projections, or (merged) the same weights stacked into one linear
+        if not merged:
+            return parts
+        if packed:
+            return (PackedLinear.concat(parts),)
+        m = nn.Linear(parts[0].in_features, sum(p.out_features for p in parts), bias=False, device=dev,
+                      dtype=torch.float16)
+        with torch.no_grad():
+            m.weight.copy_(torch.cat([p.weight for p in parts]))
+        return (m,)
 
     blocks = []
-    for _ in range(layers):
+    for _ in range(layers):  # the same draws in the same order with and without merging: the same weights
+        attn = group(linear(hidden, hidden), linear(hidden, hidden), linear(hidden, hidden))
+        o = linear(hidden, hidden)
+        mlp = group(linear(inter, hidden), linear(inter, hidden))
         blocks.append(dict(
-            q=linear(hidden, hidden), k=linear(hidden, hidden), v=linear(hidden, hidden), o=linear(hidden, hidden),
-            gate=linear(inter, hidden), up=linear(inter, hidden), down=linear(hidden, inter, r4=True),
+            attn=attn, o=o, mlp=mlp, down=linear(hidden, inter, r4=True),
             kc=torch.randn(1, heads, kv_len, hd, device=dev, dtype=torch.float16, generator=gen),
             vc=torch.randn(1, heads, kv_len, hd, device=dev, dtype=torch.float16, generator=gen),
             n1=torch.ones(hidden, device=dev, dtype=torch.float16), n2=torch.ones(hidden, device=dev, dtype=torch.float16),
         ))  # fmt: skip
+    if packed:  # the derived operands, once per layer, before any capture
+        for m in (m for b in blocks for m in (*b["attn"], b["o"], *b["mlp"], b["down"])):
+            m.kernel_weights()
+            if gemv_format == "bitplane":
+                m.kernel_planes()
+
+    def run(mods, h, sizes):  # the outputs of a group (the new key / value are computed, as in decode; the stand-in
+        return [m(h) for m in mods] if len(mods) > 1 else list(mods[0](h).split(sizes, dim=-1))  # cache is fixed)
 
     @torch.no_grad()
     def step(x):
         for b in blocks:
             h = _rmsnorm(x, b["n1"])
-            q = b["q"](h).view(1, heads, 1, hd)
-            _ = b["k"](h), b["v"](h)  # the new key / value (computed, as in decode; the stand-in cache is fixed)
-            a = F.scaled_dot_product_attention(q, b["kc"], b["vc"]).reshape(1, hidden)
+            q, _, _ = run(b["attn"], h, hidden)
+            a = F.scaled_dot_product_attention(q.reshape(1, heads, 1, hd), b["kc"], b["vc"]).reshape(1, hidden)
             x = x + b["o"](a)
             h = _rmsnorm(x, b["n2"])
-            x = x + b["down"](F.silu(b["gate"](h)) * b["up"](h))
+            gate, up = run(b["mlp"], h, inter)
+            x = x + b["down"](F.silu(gate) * up)
         return x
 
     return step
+
+
+#: the decode stacks (method, packed, gemv_format, merged): each separate and with q | k | v and gate | up merged
+#: (``build_decoder(merged=True)``), fp16 merged too so that the merged W2A4 stacks meet a merged fp16 peer
+DECODE_VARIANTS: tuple[tuple[str, bool, str, bool], ...] = (
+    ("fp16", False, "select", False), ("w2a4", True, "select", False), ("w2a4_bitplane", True, "bitplane", False),
+    ("fp16_merged", False, "select", True), ("w2a4_merged", True, "select", True),
+    ("w2a4_bitplane_merged", True, "bitplane", True))
 
 
 def measure(dev, shapes, batches, G: int, copy_mib: int, bench, layers: int = 0, decode_dims=(4096, 11008, 32),
@@ -404,24 +434,24 @@ def measure(dev, shapes, batches, G: int, copy_mib: int, bench, layers: int = 0,
         hidden, inter, heads = decode_dims
         x = torch.randn(1, hidden, device=dev, dtype=torch.float16, generator=gen)
         t = {}
-        variants = (("fp16", False, "select"), ("w2a4", True, "select"), ("w2a4_bitplane", True, "bitplane"))
-        for method, packed_model, fmt in variants:
-            step = build_decoder(dev, packed_model, layers, hidden, inter, heads, kv_len, G, fmt)
+        for method, packed_model, fmt, merged in DECODE_VARIANTS:  # each row written as soon as it is measured
+            step = build_decoder(dev, packed_model, layers, hidden, inter, heads, kv_len, G, fmt, merged)
             t[method] = bench(lambda: step(x))
             del step
             if dev.type == "cuda":
                 torch.cuda.empty_cache()
-        for method, _, _ in variants:
+            ref = "fp16_merged" if merged else "fp16"  # against the fp16 stack of the same layout, measured before
             row = {"bench": "decode", "model": f"LLaMA-2-7B-shaped stack, {layers} layers, attention stand-in "
-                   f"(kv {kv_len})", "N_out": hidden, "K_in": inter, "batch": 1, "method": method, "config": "",
-                   "median_us": round(t[method] * 1e3, 2), "speedup_vs_fp16": round(t["fp16"] / t[method], 3),
+                   f"(kv {kv_len})", "N_out": hidden, "K_in": inter, "batch": 1, "method": method,
+                   "config": "q|k|v and gate|up merged; vs fp16_merged" if merged else "",
+                   "median_us": round(t[method] * 1e3, 2), "speedup_vs_fp16": round(t[ref] / t[method], 3),
                    "bytes_moved": "", "achieved_GBps": "", "pct_of_peak_bw": "",
                    "tokens_per_s": round(1e3 / t[method], 1), "rel_err_vs_float64": "", **common}  # fmt: skip
             rows.append(row)
             print(f"decode {method:5s} {row['median_us']:10.1f} us/token  {row['tokens_per_s']:8.1f} tokens/s  "
-                  f"x{row['speedup_vs_fp16']:.2f} vs fp16")
-        if on_rows is not None:
-            on_rows(list(rows))
+                  f"x{row['speedup_vs_fp16']:.2f} vs {ref}")
+            if on_rows is not None:
+                on_rows(list(rows))
     return rows
 
 

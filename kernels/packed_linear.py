@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import threading
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -20,7 +21,7 @@ from ..quant.linear import QuantLinear
 from ..rotation.online import OnlineHadamard
 from .bitpack import SUPPORTED_BITS, dequantize, pack_codes
 
-__all__ = ["PackedLinear", "deploy_bits", "check_gemv_format"]
+__all__ = ["PackedLinear", "SharedInputLinear", "SharedInputSlice", "deploy_bits", "check_gemv_format"]
 
 
 def deploy_bits(levels: int, name: str) -> int:
@@ -177,6 +178,48 @@ class PackedLinear(nn.Module):
         b = torch.empty(N, dtype=dtype, device=device) if bias else None
         return cls(qweight, lut, K, group_size, bits, b, act_bits, act_clip_ratio)
 
+    #: the attributes that the layers merged by :meth:`concat` must share (compared with ``!=``)
+    _CONCAT_SAME = ("in_features", "group_size", "bits", "act_bits", "act_clip_ratio", "backend", "gemv_format")
+
+    @classmethod
+    @torch.no_grad()
+    def concat(cls, layers: Sequence["PackedLinear"], names: Sequence[str] | None = None) -> "PackedLinear":
+        """One layer that computes ``layers`` side by side on an input they share: its rows are theirs, stacked
+        (``qweight [sum N, words]``, ``lut [sum N, K / G, 2**bits]``, ``bias [sum N]``), so ``y[..., a:b]`` of the
+        merged layer is the product of the layer whose rows are ``a:b``, computed from one activation quantization
+        and (on the fused path) one launch instead of one per layer. Every row reads only its own codes and levels
+        and the shared activation codes, so a slice differs from its layer's own output only where the product's
+        summation order depends on N (BLAS blocking on the CPU, a tuned configuration on a GPU).
+
+        Raises:
+            ValueError: fewer than two layers, or layers that differ in input size, group size, bits, activation
+                bits or clip, backend, ``gemv_format``, LUT dtype, device, input transform (the same module or none)
+                or bias presence: the message names the first such pair (``names``: how to call them).
+        """
+        names = list(names) if names is not None else [f"layer {i}" for i in range(len(layers))]
+        if len(layers) < 2:
+            raise ValueError(f"concat needs at least two layers, got {len(layers)}")
+        first = layers[0]
+        for name, m in zip(names[1:], layers[1:]):
+            if not isinstance(m, PackedLinear):
+                raise ValueError(f"{name} is a {type(m).__name__}, not a PackedLinear")
+            pairs = [(a, getattr(first, a), getattr(m, a)) for a in cls._CONCAT_SAME]
+            pairs += [("lut dtype", first.lut.dtype, m.lut.dtype), ("device", first.qweight.device, m.qweight.device),
+                      ("bias", first.bias is not None, m.bias is not None)]
+            diff = [d for d in pairs if d[1] != d[2]]
+            if m.input_transform is not first.input_transform:  # the same module (or none), not an equal one
+                diff.append(("input transform", first.input_transform, m.input_transform))
+            if diff:
+                what, a, b = diff[0]
+                raise ValueError(f"cannot merge {names[0]} and {name}: {what} {a!r} vs {b!r} (merged layers share "
+                                 f"their input, its quantizer and their kernel)")
+        bias = None if first.bias is None else torch.cat([m.bias for m in layers])
+        out = cls(torch.cat([m.qweight for m in layers]), torch.cat([m.lut for m in layers]), first.in_features,
+                  first.group_size, first.bits, bias, first.act_bits, first.act_clip_ratio, first.input_transform,
+                  first.backend, first.gemv_format)
+        out.decode_cache = first.decode_cache
+        return out
+
     def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """``W_hat [N, K]`` in ``dtype`` (the LUT values converted, not re-rounded)."""
         return dequantize(self.qweight, self.lut, self.in_features, self.group_size, self.bits, dtype=dtype)
@@ -297,3 +340,68 @@ class PackedLinear(nn.Module):
     def extra_repr(self) -> str:
         a = "a16" if self.act_bits is None else f"a{self.act_bits} clip {self.act_clip_ratio}"
         return f"in={self.in_features}, out={self.out_features}, w{self.bits} group {self.group_size}, {a}"
+
+
+class SharedInputLinear(nn.Module):
+    """Projections that read one input tensor (a block's q / k / v, or gate / up: :func:`rcp_lib.models.
+    shared_input_groups`), computed together by one merged :class:`PackedLinear` (:meth:`PackedLinear.concat`).
+
+    The model keeps calling its projections one by one (``q_proj(h)``, ``k_proj(h)``, ``v_proj(h)``); each is a
+    :class:`SharedInputSlice` whose call :meth:`take` answers from one product per input tensor: the first call on
+    ``x`` runs ``linear(x)`` (``[..., sum N]``) and keeps its slices, the later calls on the same tensor object (same
+    in-place version) take theirs, and the last one taken drops them. A call on another tensor, or a slice taken a
+    second time, computes anew, so the outputs are always those of ``linear`` on the argument. The slices are views
+    (``torch.split``) of the merged output: contiguous in their last dimension, not as a whole.
+
+    Eager mode and CUDA-graph capture (the capture records the merged launch once); not meant for ``torch.compile``,
+    whose tracing would guard on tensor identity. Not saved: :func:`rcp_lib.deploy.save_quantized` refuses a merged
+    model (merging is a deploy-time layout, :func:`rcp_lib.deploy.merge_shared_inputs`).
+    """
+
+    def __init__(self, linear: PackedLinear, sizes: Sequence[int], names: Sequence[str]):
+        super().__init__()
+        if sum(sizes) != linear.out_features or len(sizes) != len(names):
+            raise ValueError(f"sizes {list(sizes)} for {list(names)} do not split {linear.out_features} outputs")
+        self.linear = linear
+        self.sizes, self.names = tuple(int(n) for n in sizes), tuple(names)
+        self._pending: tuple | None = None  # (x, its version, outputs, indices not yet taken)
+
+    @staticmethod
+    def _version(x: torch.Tensor) -> int | None:
+        try:
+            return x._version
+        except RuntimeError:  # an inference-mode tensor keeps no version counter (identity alone is checked)
+            return None
+
+    def take(self, x: torch.Tensor, index: int) -> torch.Tensor:
+        """Output ``index`` (``[..., sizes[index]]``) of the merged product on ``x [..., K]``."""
+        p = self._pending
+        if p is None or p[0] is not x or p[1] != self._version(x) or index not in p[3]:
+            p = (x, self._version(x), self.linear(x).split(self.sizes, dim=-1), set(range(len(self.sizes))))
+        p[3].discard(index)
+        self._pending = p if p[3] else None
+        return p[2][index]
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{n}: {k}" for n, k in zip(self.names, self.sizes))
+
+
+class SharedInputSlice(nn.Module):
+    """One projection of a :class:`SharedInputLinear`, in the place of the :class:`PackedLinear` it replaces:
+    ``forward(x [..., K]) -> [..., N_i]``. The first slice of a group holds the group as a submodule (``shared``:
+    moved by ``.to()``, listed once in ``state_dict``); the others refer to it without registering it."""
+
+    def __init__(self, shared: SharedInputLinear, index: int):
+        super().__init__()
+        if index == 0:
+            self.shared = shared
+        else:
+            self.__dict__["shared"] = shared  # not a submodule: the group is registered once, under slice 0
+        self.index = index
+        self.in_features, self.out_features = shared.linear.in_features, shared.sizes[index]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.shared.take(x, self.index)
+
+    def extra_repr(self) -> str:
+        return f"{self.shared.names[self.index]} of {len(self.shared.sizes)} merged, out={self.out_features}"

@@ -61,7 +61,8 @@ from torch import nn
 from .. import models as M
 from ..io import atomic_save_safetensors
 from ..kernels import SUPPORTED_BITS, pack_codes, unpack_codes
-from ..kernels.packed_linear import PackedLinear, check_gemv_format, deploy_bits
+from ..kernels.packed_linear import (PackedLinear, SharedInputLinear, SharedInputSlice, check_gemv_format,
+                                     deploy_bits)
 from ..quant.linear import QuantLinear
 from ..rotation.online import OnlineHadamard
 
@@ -110,6 +111,9 @@ def _sha256(path: Path) -> str:
 def _quantized_projections(model: nn.Module) -> dict[str, "QuantLinear | PackedLinear"]:
     out = {}
     for name, mod in M.named_block_linears(model):
+        if isinstance(mod, SharedInputSlice):
+            raise ValueError(f"{name} is merged with the projections that share its input (merge_shared_inputs): a "
+                             f"deploy-time layout that is not saved; save the model before merging it")
         if not isinstance(mod, (QuantLinear, PackedLinear)):
             raise ValueError(f"{name} is not a QuantLinear: save_quantized needs a model prepared by quantize_model")
         out[name] = mod
@@ -622,8 +626,41 @@ def deploy(model: nn.Module, lut_dtype: torch.dtype = torch.float16, backend: st
     return model
 
 
+def merge_shared_inputs(model: nn.Module) -> int:
+    """Merge, in every decoder block, the packed projections that read the same input (q / k / v and gate / up,
+    :func:`rcp_lib.models.shared_input_groups`) into one :class:`PackedLinear` each (:meth:`PackedLinear.concat`),
+    in place: each projection becomes a :class:`~rcp_lib.kernels.packed_linear.SharedInputSlice` of the group, so a
+    block quantizes each input once and runs two products where it ran five, with the model's own forward unchanged.
+    Every group is checked before any is replaced. Returns the number of groups merged.
+
+    A deploy-time layout, like ``backend`` and ``gemv_format``: not saved (:func:`save_quantized` refuses a merged
+    model); for eager decoding and CUDA graphs, not ``torch.compile``.
+
+    Raises:
+        ValueError: a projection of a group that is not a :class:`PackedLinear` (not deployed, full precision, or
+            already merged), or projections that :meth:`PackedLinear.concat` cannot merge; nothing is changed.
+    """
+    plan = []
+    for i, layer in enumerate(M.decoder_layers(model)):
+        linears = M.layer_linears(layer)
+        for group in M.shared_input_groups(layer):
+            names = [f"model.layers.{i}.{n}" for n in group]
+            mods = [linears[n] for n in group]
+            for name, m in zip(names, mods):
+                if not isinstance(m, PackedLinear):
+                    what = "already merged" if isinstance(m, SharedInputSlice) else f"a {type(m).__name__}"
+                    raise ValueError(f"{name} is {what}: merge_shared_inputs merges packed projections (load_quantized "
+                                     f"or deploy first, and merge once)")
+            plan.append((names, mods, PackedLinear.concat(mods, names)))
+    for names, mods, merged in plan:
+        shared = SharedInputLinear(merged, [m.out_features for m in mods], [n.rsplit(".", 1)[1] for n in names])
+        for j, name in enumerate(names):
+            M.set_submodule(model, name, SharedInputSlice(shared, j))
+    return len(plan)
+
+
 def load_quantized(path: str | os.PathLike, device: str | torch.device = "cpu", backend: str | None = None,
-                   dtype: torch.dtype = torch.float32, gemv_format: str = "select"):
+                   dtype: torch.dtype = torch.float32, gemv_format: str = "select", merge_projections: bool = False):
     """Load a folder written by :func:`save_quantized`. Returns ``(model, tokenizer or None)``.
 
     The folder is checked first (:func:`check_folder`: nothing is built from a bad folder), then loaded with
@@ -631,7 +668,8 @@ def load_quantized(path: str | os.PathLike, device: str | torch.device = "cpu", 
     device, re-runs the stored rotation and quantization surgery with empty packed layers
     (:func:`install_packed_layers`) and transformers loads the stored tensors into them; no full-precision weight of a
     quantized projection is ever built. LUTs keep the stored dtype; the other float tensors are cast to ``dtype``.
-    ``backend`` and ``gemv_format`` are set on every :class:`PackedLinear` (deploy-time choices, not stored).
+    ``backend`` and ``gemv_format`` are set on every :class:`PackedLinear` (deploy-time choices, not stored);
+    ``merge_projections=True`` then merges the projections of a block that share an input (:func:`merge_shared_inputs`).
 
     Raises:
         PackedFormatError: see :func:`check_folder` and :func:`install_packed_layers`.
@@ -648,6 +686,8 @@ def load_quantized(path: str | os.PathLike, device: str | torch.device = "cpu", 
         if isinstance(mod, PackedLinear):
             mod.backend = backend
             mod.gemv_format = gemv_format
+    if merge_projections:
+        merge_shared_inputs(model)
     model.to(device).eval()
     tok = None
     if (path / "tokenizer_config.json").exists():

@@ -159,6 +159,19 @@ def _edit_json(path, fn):
     path.write_text(json.dumps(d))
 
 
+def test_load_quantized_merges_projections_on_request(saved):
+    """``load_quantized(..., merge_projections=True)``: q / k / v and gate / up merged per block (a deploy-time
+    layout), the same logits as the folder loaded as stored."""
+    from rcp_lib.kernels.packed_linear import SharedInputSlice
+
+    plain, _ = load_quantized(saved)
+    merged, _ = load_quantized(saved, merge_projections=True)
+    assert sum(isinstance(m, SharedInputSlice) for m in merged.modules()) == 2 * 5
+    assert sum(isinstance(m, PackedLinear) for m in merged.modules()) == 2 * 4
+    with torch.no_grad():
+        assert _rel(plain(IDS).logits, merged(IDS).logits) < 1e-6
+
+
 def _refused(path, match):
     """One clear PackedFormatError from both loaders, before any model is built or loaded."""
     with pytest.raises(PackedFormatError, match=match):

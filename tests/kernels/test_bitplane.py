@@ -402,3 +402,31 @@ def test_every_bitplane_candidate_lowers_to_sm90(tmp_path, monkeypatch):
                 nw = cfg.pop("num_warps")
                 r = ks.stats("bitplane", dict(ks._BP, QUANT_IN=quant_in, BLOCK_B=block_b, **cfg), nw)
                 assert r["popc"] > 0, (quant_in, block_b, cfg)
+
+
+# --------------------------------------------------------------------------------------------- merged projections
+@needs_triton
+@pytest.mark.heavy
+@pytest.mark.parametrize("fmt", ["select", "bitplane"])
+@pytest.mark.parametrize("tokens", [(1, 1), (2, 5)])
+def test_merged_layer_on_the_fused_path_computes_each_layer(fmt, tokens):
+    """q | k | v merged (:meth:`PackedLinear.concat`) on the fused path (decode: the select or bit-serial GEMV; 10
+    tokens: the GEMM): each slice equals its own layer's fused output, which uses the same activation codes and the
+    same rows."""
+    from rcp_lib.deploy import PackedLinear
+
+    K, G = 128, 32
+    g = torch.Generator().manual_seed(3)
+    layers = []
+    for N in (32, 16, 16):
+        codes = torch.randint(0, 4, (N, K), generator=g, dtype=torch.uint8)
+        lut = torch.randn(N, K // G, 4, generator=g).sort(-1).values.add(0.3)  # rows with a non-zero mean
+        layers.append(PackedLinear(pack_codes(codes, 2), lut, K, G, 2, torch.randn(N, generator=g), 4, 0.9,
+                                   backend="triton", gemv_format=fmt))
+    merged = PackedLinear.concat(layers)
+    x = torch.randn(*tokens, K, generator=g) * 2
+    with torch.no_grad():
+        want = torch.cat([m(x) for m in layers], -1)
+        got = merged(x)
+    assert merged.kernel_path(x) == "fused" and (fmt == "select" or merged._bitplane())
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6 * float(want.abs().max()))

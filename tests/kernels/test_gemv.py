@@ -263,8 +263,28 @@ def test_benchmark_measurement_logic_smoke(tmp_path):
     assert kc["fp16_cublas"] == "" and kc["w2a4_generic_op"] == ""
     assert kc["w2a4_matmul"].startswith("gemv ") and "BLOCK_N=" in kc["w2a4_matmul"] and kc["w2a4_matmul"].endswith("(fixed)")
     assert kc["w2a4_bitplane_matmul"].startswith("bitplane ") and "SPLIT_K=" in kc["w2a4_bitplane_matmul"]
-    assert [(r["bench"], r["method"]) for r in rows[len(linear):]] == [("decode", "fp16"), ("decode", "w2a4"),
-                                                                       ("decode", "w2a4_bitplane")]
+    decode = rows[len(linear):]
+    assert [(r["bench"], r["method"]) for r in decode] == [("decode", m[0]) for m in mod.DECODE_VARIANTS]
+    merged = [r for r in decode if r["method"].endswith("_merged")]
+    assert len(merged) == 3 and all(r["config"].endswith("vs fp16_merged") for r in merged)
+
+
+@pytest.mark.heavy
+@needs_triton
+@pytest.mark.parametrize("packed,fmt", [(False, "select"), (True, "select"), (True, "bitplane")])
+def test_benchmark_merged_decode_stack_is_the_same_model(packed, fmt):
+    """The merged decode stack stacks the separate stack's own weights (the same draws in the same order): one token
+    step gives the same output (fp16 on the CPU; W2A4 on the fused path under the interpreter)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_kernel_merged", REPO / "benchmarks" / "bench_kernel.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    x = torch.randn(1, 64, generator=torch.Generator().manual_seed(0)).half()
+    sep, mer = (mod.build_decoder(torch.device("cpu"), packed, 2, 64, 128, 2, 4, 32, fmt, merged=m)(x).float()
+                for m in (False, True))
+    assert sep.abs().max() > 0
+    torch.testing.assert_close(mer, sep, rtol=1e-3, atol=1e-3 * float(sep.abs().max()))
 
 
 @pytest.mark.heavy
