@@ -98,8 +98,8 @@ class PackedLinear(nn.Module):
 
     Backends (``backend``, else ``$RCP_KERNEL_BACKEND``, else "auto"): on CUDA with triton, when
     :meth:`fused_supported` (every W2 layer with G = 128), "triton" runs the fused two-launch path of
-    :mod:`rcp_lib.kernels.triton_w2a4` (pre-kernel: online R4 Hadamard of a power-of-two block + the same
-    per-token quantizer; then split-K GEMV for <= 4 tokens, ``tl.dot`` GEMM above; bias in the epilogue); other
+    :mod:`rcp_lib.kernels.triton_w2a4` (pre-kernel: the online R4 Hadamard where
+    :func:`~.triton_w2a4.hadamard_supported` + the same per-token quantizer; then split-K GEMV for <= 4 tokens, ``tl.dot`` GEMM above; bias in the epilogue); other
     layers call ``torch.ops.rcp.w2a4_gemv``. "auto" (the default) calls ``torch.ops.rcp.w2a4_gemv`` everywhere for
     now: the fused path has not yet passed the whole-model check on a GPU (see :meth:`_use_fused`). "triton" forces
     the fused path (CPU tensors need ``TRITON_INTERPRET=1``), "torch" the reference. The stored tensors are the same for every
@@ -326,7 +326,7 @@ class PackedLinear(nn.Module):
             return F.linear(x, w, None if self.bias is None else self.bias.to(x.dtype))
         path = self.kernel_path(x)
         fused = path == "fused"
-        # the pre-kernel fuses a power-of-two Hadamard (block or full); any other input transform runs in torch first
+        # the pre-kernel fuses a supported Hadamard (block or full); any other input transform runs in torch first
         from_op = fused and isinstance(t, OnlineHadamard) and _fusable_hadamard(t)
         if t is not None and not from_op:
             x = t(x)

@@ -1,15 +1,16 @@
 """The fused W2A4 linear in two Triton launches: an activation pre-kernel, then a split-K GEMV (batch <= 4; the select
 kernel, or the bit-serial one) or a ``tl.dot`` GEMM (batch > 4), all autotuned per shape.
 
-Launch 1, :func:`quantize_activations_triton` (one program per token): optional online Hadamard (R4) of a
-power-of-two block ``HB >= 16`` in fp32, then the per-token asymmetric quantizer of
+Launch 1, :func:`quantize_activations_triton` (one program per token): optional online Hadamard (R4) of a block
+``HB`` (a power of two ``>= 16``, or a small built order ``base · P``, :func:`hadamard_supported`: e.g. 1536 = 12 · 128)
+in fp32, then the per-token asymmetric quantizer of
 :func:`rcp_lib.quant.activations.quantize_per_token` with the same operations (``lo = clip * min``,
 ``s = max((hi - lo) / (L - 1), 1e-10)``, ``c = clamp(round_half_even((x - lo) / s), 0, L - 1)``,
 ``zero = -lo / s``, a float; IEEE divisions through ``div_rn``; launched without FMA contraction,
 :data:`QUANT_LAUNCH_OPTIONS`): codes (uint8, written in the order of
 :func:`.layout.activation_permutation`), scale and zero (float32 ``[B]``). The Hadamard is computed as
-``Y = L (X H_C) / sqrt(HB)`` on the row viewed as ``X [K / C, C]`` with ``C = min(HB, 128)`` and
-``L = kron(I, H_{HB / C})`` (Sylvester: ``H_HB = kron(H_{HB/C}, H_C)``): two small ``tl.dot`` in full fp32
+``Y = L (X H_C) / sqrt(HB)`` on the row viewed as ``X [K / C, C]`` with ``C = min(P, 128)`` and
+``L = kron(I, H_{HB / C})ᵀ`` (``H_HB = kron(H_base, H_P) = kron(H_{HB/C}, H_C)``): two small ``tl.dot`` in full fp32
 (``input_precision="ieee"``); the ±1 matrices are built once per device (:func:`_hadamard_operands`). Rows up to
 ``K = 32768`` (the whole row is in registers: min / max need it).
 
@@ -646,29 +647,62 @@ def _workspace(device: torch.device, N: int, bucket: int) -> tuple[torch.Tensor,
     return _WORKSPACE[key]
 
 
+def _hadamard_split(hb: int) -> tuple[int, int] | None:
+    """``(C, m)`` of the pre-kernel's transform of order ``hb`` (module docstring): ``H_hb = kron(H_m', H_C)`` with
+    ``C = min(P, 128)`` for ``hb = base · P`` (:func:`rcp_lib.rotation.hadamard.hadamard_factors`, ``P`` a power of
+    two) and ``m = hb / C`` rows mixed by ``H_m = hadamard_int(m)``; None when no such order is built or ``P < 16``."""
+    from ..rotation.hadamard import hadamard_factors
+
+    try:
+        _, P = hadamard_factors(hb)
+    except ValueError:
+        return None
+    if P < 16:
+        return None
+    C = min(P, 128)
+    return C, hb // C
+
+
+#: the most rows (padded to a power of two) that the pre-kernel's row mixing takes for an order ``base · P``: its
+#: operand is ``[RP, RP]`` fp32. 32 lowers to sm_90 in seconds (tests/kernels/test_fused.py); LLaMA-2-7B's
+#: 11008 = 172 · 64 would need 256 (``H_172`` on rows of 64), and ptxas had not finished that kernel after 7 minutes
+#: and 4.5 GB on this project's CPU, so such orders keep the torch transform (or a power-of-two ``r4_block``)
+MAX_MIX_ROWS = 32
+
+
 def hadamard_supported(K: int, block: int | None) -> bool:
-    """Whether the pre-kernel applies ``OnlineHadamard(K, block)`` itself: a power-of-two Hadamard block
-    ``HB = block or K`` with ``16 <= HB`` and ``K <= MAX_ROW``. Other orders (e.g. 11008 = 172 * 64, LLaMA-2-7B's
-    MLP width) keep the torch transform (:func:`rcp_lib.rotation.hadamard.apply_hadamard`) before the pre-kernel."""
+    """Whether the pre-kernel applies ``OnlineHadamard(K, block)`` itself: a Hadamard block ``HB = block or K`` that
+    divides ``K <= MAX_ROW`` and is a power of two ``>= 16``, or a built order ``base · P`` with a power of two
+    ``P >= 16`` whose ``K / C`` rows fit :data:`MAX_MIX_ROWS` (e.g. SmolLM2's MLP width 1536 = 12 · 128: its 12 rows
+    of ``C = 128`` columns are mixed by ``H_12`` in the pre-kernel's second ``tl.dot``). Other orders, LLaMA-2-7B's
+    11008 = 172 · 64 among them, keep the torch transform (:func:`rcp_lib.rotation.hadamard.apply_hadamard`) before
+    the pre-kernel."""
     hb = block or K
-    return K <= MAX_ROW and hb >= 16 and hb & (hb - 1) == 0 and K % hb == 0
+    split = _hadamard_split(hb) if K <= MAX_ROW and K % hb == 0 else None
+    if split is None:
+        return False
+    pow2 = hb & (hb - 1) == 0
+    return pow2 or triton.next_power_of_2(K // split[0]) <= MAX_MIX_ROWS
 
 
 def _hadamard_operands(K: int, hb: int, device: torch.device):
-    """(``H_C`` ±1 fp32 ``[C, C]``, ``L`` ±1/0 fp32 ``[RP, RP]`` or None, C, RP), built once per device."""
+    """(``H_C`` ±1 fp32 ``[C, C]``, ``L`` ±1/0 fp32 ``[RP, RP]`` or None, C, RP), built once per device.
+
+    The row ``x [K]`` viewed as ``X [K / C, C]`` (row-major) gives ``x @ kron(I, H_hb) = L (X H_C)`` with
+    ``L = kron(I_{K / hb}, H_m)ᵀ`` (``H_hb = kron(H_m, H_C)``, :func:`_hadamard_split`), zero-padded to ``RP``: the
+    transpose matters for the non-symmetric base orders (Sylvester's are symmetric)."""
     key = (str(device), K, hb)
     if key not in _HADAMARD:
         from ..rotation.hadamard import hadamard_int
 
-        C = min(hb, 128)
+        C, m = _hadamard_split(hb)
         R = K // C
         RP = max(16, triton.next_power_of_2(R))
         hc = hadamard_int(C).to(torch.float32)
-        m = hb // C
         hl = None
         if m > 1:
             full = torch.zeros(RP, RP, dtype=torch.float32)
-            full[:R, :R] = torch.kron(torch.eye(R // m), hadamard_int(m).to(torch.float32))
+            full[:R, :R] = torch.kron(torch.eye(R // m), hadamard_int(m).to(torch.float32)).T
             hl = full.to(device)
         _HADAMARD[key] = (hc.to(device).contiguous(), hl, C, RP)
     return _HADAMARD[key]
@@ -730,7 +764,8 @@ def quantize_activations_triton(x: torch.Tensor, bits: int, clip_ratio: float, G
     hb = (hadamard_block or K) if apply_hadamard else None
     if hb is not None:
         if not hadamard_supported(K, hadamard_block):
-            raise ValueError(f"the pre-kernel's Hadamard needs a power-of-two block >= 16 dividing K, got {hb} (K={K})")
+            raise ValueError(f"the pre-kernel's Hadamard needs a block dividing K of order 2^k or base * 2^k with "
+                             f"2^k >= 16, got {hb} (K={K})")
         hc, hl, C, RP = _hadamard_operands(K, hb, dev)
         KP = 16
     else:

@@ -875,6 +875,9 @@ def results_markdown(profile: str = "cpu", results: Path | None = None, link_roo
     gsweep_p = d / _file("recipe_sweep_gptq")
     if gsweep_p.exists():
         out += [sweep_table_markdown(pd.read_csv(gsweep_p), profile=profile), ""]
+    lrq_p = d / _file("recipe_sweep_lrq")
+    if lrq_p.exists():
+        out += [sweep_table_markdown(pd.read_csv(lrq_p), name="recipe_sweep_lrq", profile=profile), ""]
     var_p = d / _file("recipe_variants")
     if var_p.exists():
         rcp = ppl[(ppl.method == "RCP") & (ppl.setting == "W2A4KV4")]

@@ -133,6 +133,12 @@ _TABLES = (
           figures=("recipe_sweep_gptq",),
           description="the learning rates under the GPTQ start (weights, so that codes can flip; the scale-free range), "
                       "selected by held-out train-tail ppl over 3 seeds"),
+    Table("recipe_sweep_lrq", "recipe_sweep_lrq.csv", readme=True,
+          command="python -m rcp_lib.experiments.sweep --profile cpu --name recipe_sweep_lrq --grid lr_quant=1e-3,3e-3,1e-2 "
+                  "grad_clip=0.3 init=search lr_weights=2e-5,2e-4,1e-3 lr_range=1e-3,1e-2 --only 12,6 --seeds <s> "
+                  "(s = 0..7, one call each; then --only 13 at seeds 0..2)",
+          description="the levels' learning rate under the GPTQ start: the table's recipe (lr_quant 1e-2, point 12) "
+                      "against 3e-3 (point 6) at 8 seeds, a close call at 3; the range at 1e-2 (point 13)"),
     Table("recipe_variants", "recipe_variants.csv", notebook=SEARCH_NOTEBOOK, smoke=True, readme=True,
           figures=("recipe_variants",),
           description="the selected QAT recipe vs Block-AP, a GPTQ start with a static range and QAT at seqlen 512"),

@@ -188,6 +188,16 @@ def _decompose(n: int) -> tuple[int, int]:
         f"block-diagonal rotation instead (r1='gsr' with a power-of-two block, e.g. {n & -n}).")
 
 
+def hadamard_factors(n: int) -> tuple[int, int]:
+    """``(base, power)`` with ``n = base · power``, ``power`` a power of two and :func:`hadamard_int` ``(n) =
+    kron(H_base, H_power)`` (base 1 for a power of two; e.g. 11008 -> (172, 64), 1536 -> (12, 128)).
+
+    Raises:
+        ValueError: no Hadamard matrix of order ``n`` is built here (the message names the supported orders).
+    """
+    return _decompose(n)
+
+
 def is_hadamard_order(n: int) -> bool:
     try:
         _decompose(n)

@@ -79,8 +79,12 @@ def test_prekernel_equals_quantize_per_token(K, clip, bits, dtype):
 
 
 @needs_triton
-@pytest.mark.parametrize("K,block", [(256, None), (256, 16), (512, 128), (512, 64)])
+@pytest.mark.parametrize("K,block", [(256, None), (256, 16), (512, 128), (512, 64),
+                                     (192, None), (320, None), (1536, None), (384, 192), (896, None)])
 def test_prekernel_hadamard_equals_online_hadamard_then_quantize(K, block):
+    """Power-of-two blocks and the orders base · P (12 · 16 and 20 · 16, whose Paley bases are not symmetric, so the
+    row mixing's transpose matters; SmolLM2's 12 · 128, blocks of 12 · 16, 28 · 32): the pre-kernel's transform is
+    OnlineHadamard's."""
     from rcp_lib.kernels.triton_w2a4 import hadamard_supported, quantize_activations_triton
 
     assert hadamard_supported(K, block)
@@ -98,8 +102,16 @@ def test_hadamard_support_rule():
     from rcp_lib.kernels.triton_w2a4 import hadamard_supported
 
     assert hadamard_supported(4096, None) and hadamard_supported(11008, 64)
-    assert not hadamard_supported(11008, None)  # 172 * 64: the torch transform runs first
-    assert not hadamard_supported(256, 8)
+    assert hadamard_supported(1536, None) and hadamard_supported(192, None)  # 12 * 128, 12 * 16: H_12 on 12 rows
+    assert not hadamard_supported(11008, None)  # 172 * 64: 172 rows to mix (> MAX_MIX_ROWS), the torch transform
+    assert not hadamard_supported(256, 8)  # a power of two below 16
+    assert not hadamard_supported(24, None)  # 12 * 2: P < 16
+    assert not hadamard_supported(11008, 512)  # does not divide
+    from rcp_lib.rotation.hadamard import hadamard_factors, is_hadamard_order
+    assert hadamard_factors(11008) == (172, 64) and hadamard_factors(1536) == (12, 128)
+    for n in (1536, 1792, 2816, 5632, 8960, 13824, 14336, 18944, 7 * 64, 20 * 16, 28 * 32):
+        P = hadamard_factors(n)[1] if is_hadamard_order(n) else 0  # the built orders, P >= 16, <= 32 rows to mix
+        assert hadamard_supported(n, None) == (P >= 16 and n // min(P, 128) <= 32), n
 
 
 # --------------------------------------------------------------------------------------------- GEMV / GEMM
@@ -175,7 +187,8 @@ def _quant_linear(K, N, G, transform=None, seed=0):
     ((1, 1), None),  # decode: GEMV
     ((2, 3), OnlineHadamard(128)),  # GEMM + the Hadamard in the pre-kernel
     ((1, 2), OnlineHadamard(128, 32)),  # block-diagonal R4
-    ((1, 1), OnlineHadamard(96)),  # 96 = 12 * 8, not a power of two: torch transform, then the fused kernels
+    ((1, 1), OnlineHadamard(96)),  # 96 = 12 * 8, P = 8 < 16: torch transform, then the fused kernels
+    ((1, 2), OnlineHadamard(192)),  # 192 = 12 * 16: H_12 mixes the rows in the pre-kernel
 ])
 def test_packed_linear_triton_matches_fake_quant(tokens, transform):
     from rcp_lib.deploy import PackedLinear
@@ -273,15 +286,16 @@ def test_matmul_kernels_lower_to_sm90(tmp_path, monkeypatch, name, const):
 
 @pytest.mark.heavy
 @needs_triton
-@pytest.mark.parametrize("hadamard,planes", [(False, False), (True, False), (False, True), (True, True)])
-def test_prekernel_lowers_to_sm90(tmp_path, monkeypatch, hadamard, planes):
+@pytest.mark.parametrize("hadamard,planes,C,RP", [(False, False, 16, 16), (True, False, 128, 32), (False, True, 16, 16),
+                                                  (True, True, 128, 32)])  # RP = 32: MAX_MIX_ROWS
+def test_prekernel_lowers_to_sm90(tmp_path, monkeypatch, hadamard, planes, C, RP):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))
     sig = {"x_ptr": "*fp16", "c_ptr": "*i32" if planes else "*u8", "s_ptr": "*fp32", "z_ptr": "*fp32",
            "hc_ptr": "*fp32", "hl_ptr": "*fp32", "K": "i32", "stride_xb": "i32", "stride_cb": "i32", "stride_cj": "i32",
            "clip": "fp32", "inv_sqrt": "fp32"}
     const = dict(LEVELS=16, G=128, PERMUTE=not planes, HADAMARD=hadamard, MIX_ROWS=hadamard,
-                 KP=16 if hadamard else 4096, C=128 if hadamard else 16, RP=32 if hadamard else 16, PLANES=planes,
+                 KP=16 if hadamard else 4096, C=C, RP=RP, PLANES=planes,
                  ABITS=4, INTERPRET=False)
     assert "cubin" in _compile("act", const, sig).asm
 
