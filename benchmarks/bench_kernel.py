@@ -28,7 +28,8 @@ RMSNorm, q/k/v/o (4096 x 4096), an attention stand-in (scaled-dot-product attent
 fixed random fp16 KV cache of ``--kv-len`` tokens, no RoPE, cache not appended), residual, RMSNorm, gate/up
 (11008 x 4096), SiLU gating, down (4096 x 11008), residual; no embedding / lm_head. ``fp16`` uses ``nn.Linear``
 fp16 weights, ``w2a4`` uses :class:`rcp_lib.kernels.packed_linear.PackedLinear` (random codes and LUTs, G = 128, A4, the online
-R4 Hadamard on down_proj's input, 11008 = 172 · 64, in the fused pre-kernel: ``hadamard_supported``); ``w2a4_bitplane`` is the same stack with the bit-serial decode kernel. The ``*_merged`` stacks
+R4 Hadamard on down_proj's input: 11008 = 172 · 64 is beyond the pre-kernel's row mixing (``hadamard_supported``),
+so that transform runs in torch before the fused pre-kernel); ``w2a4_bitplane`` is the same stack with the bit-serial decode kernel. The ``*_merged`` stacks
 (:data:`DECODE_VARIANTS`) compute q | k | v and gate | up as one linear each (for W2A4 the layout of
 ``rcp_lib.deploy.merge_shared_inputs``); their ``speedup_vs_fp16`` is against ``fp16_merged``. One token step is
 captured in a CUDA graph; tokens/s = 1 / median step time (no L2 flush: the weights exceed L2).

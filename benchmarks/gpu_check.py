@@ -232,8 +232,9 @@ def _kernel_code_mismatches(model, fq_io: dict) -> tuple[int, int]:
     ``quantize_per_token`` on the inputs the fake-quant model saw, summed over its quantized linears. A free-running
     comparison cannot see this (both sides would be quantized by the reference), so it is checked on its own.
     Returns ``(mismatches where the kernel quantizes the same input, mismatches behind the pre-kernel's own
-    Hadamard)``: the first must be 0; the second compares an fp32 ``tl.dot`` transform with torch's, equal under the
-    interpreter and equal up to rounding on a GPU."""
+    Hadamard)``: the first must be 0; the second compares an fp32 ``tl.dot`` transform with torch's, equal up to
+    rounding (under the interpreter exactly for a power-of-two order; a code may sit at a tie for a ``base · P``
+    order such as SmolLM2's 1536, whose layers now count here instead of in the first number)."""
     import torch
 
     from rcp_lib.kernels.triton_w2a4 import hadamard_supported, quantize_activations_triton

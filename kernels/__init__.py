@@ -8,7 +8,7 @@
 * :mod:`.op`: the op registered with ``torch.library`` as ``torch.ops.rcp.w2a4_gemv`` (reference by default,
   the generic Triton kernel on CUDA) and :func:`w2a4_gemv`, which calls it or a forced backend;
 * :mod:`.triton_w2a4`: the fused path that :class:`rcp_lib.kernels.packed_linear.PackedLinear` runs on CUDA (2-bit weights,
-  ``G % 16 == 0``): launch 1, an activation pre-kernel (optional power-of-two online Hadamard + the per-token
+  ``G % 16 == 0``): launch 1, an activation pre-kernel (optional online Hadamard, :func:`.triton_w2a4.hadamard_supported`, + the per-token
   quantizer of ``quantize_per_token``, operation for operation); launch 2, a split-K GEMV (<= 4 tokens) or a
   ``tl.dot`` GEMM (prefill) with 128-bit weight loads, levels selected in registers, a pipelined K loop, fp32
   accumulation and an epilogue that applies scale, float zero point and bias; autotuned per (N, K, batch). A second

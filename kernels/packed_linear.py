@@ -21,7 +21,8 @@ from ..quant.linear import QuantLinear
 from ..rotation.online import OnlineHadamard
 from .bitpack import SUPPORTED_BITS, dequantize, pack_codes
 
-__all__ = ["PackedLinear", "SharedInputLinear", "SharedInputSlice", "deploy_bits", "check_gemv_format"]
+__all__ = ["PackedLinear", "SharedInputLinear", "SharedInputSlice", "clear_shared_inputs", "deploy_bits",
+           "check_gemv_format"]
 
 
 def deploy_bits(levels: int, name: str) -> int:
@@ -75,7 +76,7 @@ def _release_decoded(budget: dict, nb: int) -> None:
 
 
 def _fusable_hadamard(t: OnlineHadamard) -> bool:
-    """Whether the fused path's pre-kernel builds this online Hadamard (a power-of-two order or block)."""
+    """Whether the fused path's pre-kernel builds this online Hadamard (:func:`.triton_w2a4.hadamard_supported`)."""
     from .triton_w2a4 import hadamard_supported
 
     return hadamard_supported(t.n, t.block)
@@ -197,12 +198,13 @@ class PackedLinear(nn.Module):
                 or bias presence: the message names the first such pair (``names``: how to call them).
         """
         names = list(names) if names is not None else [f"layer {i}" for i in range(len(layers))]
-        if len(layers) < 2:
-            raise ValueError(f"concat needs at least two layers, got {len(layers)}")
-        first = layers[0]
-        for name, m in zip(names[1:], layers[1:]):
+        if len(layers) < 2 or len(names) != len(layers):
+            raise ValueError(f"concat needs at least two layers and one name each, got {len(layers)} and {len(names)}")
+        for name, m in zip(names, layers):
             if not isinstance(m, PackedLinear):
                 raise ValueError(f"{name} is a {type(m).__name__}, not a PackedLinear")
+        first = layers[0]
+        for name, m in zip(names[1:], layers[1:]):
             pairs = [(a, getattr(first, a), getattr(m, a)) for a in cls._CONCAT_SAME]
             pairs += [("lut dtype", first.lut.dtype, m.lut.dtype), ("device", first.qweight.device, m.qweight.device),
                       ("bias", first.bias is not None, m.bias is not None)]
@@ -217,7 +219,8 @@ class PackedLinear(nn.Module):
         out = cls(torch.cat([m.qweight for m in layers]), torch.cat([m.lut for m in layers]), first.in_features,
                   first.group_size, first.bits, bias, first.act_bits, first.act_clip_ratio, first.input_transform,
                   first.backend, first.gemv_format)
-        out.decode_cache = first.decode_cache
+        if "decode_cache" in first.__dict__:  # set on the layer, not the class default
+            out.decode_cache = first.decode_cache
         return out
 
     def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -350,12 +353,16 @@ class SharedInputLinear(nn.Module):
     :class:`SharedInputSlice` whose call :meth:`take` answers from one product per input tensor: the first call on
     ``x`` runs ``linear(x)`` (``[..., sum N]``) and keeps its slices, the later calls on the same tensor object (same
     in-place version) take theirs, and the last one taken drops them. A call on another tensor, or a slice taken a
-    second time, computes anew, so the outputs are always those of ``linear`` on the argument. The slices are views
-    (``torch.split``) of the merged output: contiguous in their last dimension, not as a whole.
+    second time, computes anew. What identity and version cannot see, an in-place change that bumps no version
+    (``x.data``, or any change of an inference-mode tensor) between the slices of one input, is ruled out by
+    :func:`rcp_lib.deploy.merge_shared_inputs`, which registers the group on the module that calls its projections
+    (a block's attention or MLP) and drops any kept product at every call of that module (:func:`clear_shared_inputs`):
+    a product lives for one call of the module that owns it. The slices are views (``torch.split``) of the merged
+    output: contiguous in their last dimension, not as a whole.
 
     Eager mode and CUDA-graph capture (the capture records the merged launch once); not meant for ``torch.compile``,
     whose tracing would guard on tensor identity. Not saved: :func:`rcp_lib.deploy.save_quantized` refuses a merged
-    model (merging is a deploy-time layout, :func:`rcp_lib.deploy.merge_shared_inputs`).
+    model (merging is a deploy-time layout).
     """
 
     def __init__(self, linear: PackedLinear, sizes: Sequence[int], names: Sequence[str]):
@@ -365,6 +372,10 @@ class SharedInputLinear(nn.Module):
         self.linear = linear
         self.sizes, self.names = tuple(int(n) for n in sizes), tuple(names)
         self._pending: tuple | None = None  # (x, its version, outputs, indices not yet taken)
+
+    def clear(self) -> None:
+        """Drop a kept product (the next slice computes anew)."""
+        self._pending = None
 
     @staticmethod
     def _version(x: torch.Tensor) -> int | None:
@@ -386,17 +397,24 @@ class SharedInputLinear(nn.Module):
         return ", ".join(f"{n}: {k}" for n, k in zip(self.names, self.sizes))
 
 
+def clear_shared_inputs(module: nn.Module, args: tuple) -> None:
+    """Forward pre-hook of a module that owns :class:`SharedInputLinear` children (registered by
+    :func:`rcp_lib.deploy.merge_shared_inputs`): drops their kept products, so none outlives one call of the module.
+    A module-level function (no closure), so a deep copy of the model clears its own groups."""
+    for child in module.children():
+        if isinstance(child, SharedInputLinear):
+            child.clear()
+
+
 class SharedInputSlice(nn.Module):
     """One projection of a :class:`SharedInputLinear`, in the place of the :class:`PackedLinear` it replaces:
-    ``forward(x [..., K]) -> [..., N_i]``. The first slice of a group holds the group as a submodule (``shared``:
-    moved by ``.to()``, listed once in ``state_dict``); the others refer to it without registering it."""
+    ``forward(x [..., K]) -> [..., N_i]``. It refers to the group without registering it: the module that calls the
+    projections holds the group once (:func:`rcp_lib.deploy.merge_shared_inputs`), so ``.to()`` moves it and
+    ``state_dict`` lists its tensors once, whichever slices are replaced later."""
 
     def __init__(self, shared: SharedInputLinear, index: int):
         super().__init__()
-        if index == 0:
-            self.shared = shared
-        else:
-            self.__dict__["shared"] = shared  # not a submodule: the group is registered once, under slice 0
+        self.__dict__["shared"] = shared  # not a submodule (class docstring)
         self.index = index
         self.in_features, self.out_features = shared.linear.in_features, shared.sizes[index]
 

@@ -70,6 +70,7 @@ and reductions use ``tl.reduce`` with the standard combine functions under the i
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -647,6 +648,7 @@ def _workspace(device: torch.device, N: int, bucket: int) -> tuple[torch.Tensor,
     return _WORKSPACE[key]
 
 
+@functools.lru_cache(maxsize=128)
 def _hadamard_split(hb: int) -> tuple[int, int] | None:
     """``(C, m)`` of the pre-kernel's transform of order ``hb`` (module docstring): ``H_hb = kron(H_m', H_C)`` with
     ``C = min(P, 128)`` for ``hb = base · P`` (:func:`rcp_lib.rotation.hadamard.hadamard_factors`, ``P`` a power of
@@ -663,26 +665,27 @@ def _hadamard_split(hb: int) -> tuple[int, int] | None:
     return C, hb // C
 
 
-#: the most rows (padded to a power of two) that the pre-kernel's row mixing takes for an order ``base · P``: its
-#: operand is ``[RP, RP]`` fp32. 32 lowers to sm_90 in seconds (tests/kernels/test_fused.py); LLaMA-2-7B's
-#: 11008 = 172 · 64 would need 256 (``H_172`` on rows of 64), and ptxas had not finished that kernel after 7 minutes
-#: and 4.5 GB on this project's CPU, so such orders keep the torch transform (or a power-of-two ``r4_block``)
+#: the most rows (padded to a power of two, ``RP``) that the pre-kernel's row mixing takes: its operand is
+#: ``[RP, RP]`` fp32. 32 lowers to sm_90 (tests/kernels/test_fused.py); LLaMA-2-7B's 11008 = 172 · 64 would need 256
+#: (``H_172`` on rows of 64), and ptxas had not finished that kernel after 7 minutes and 4.5 GB on this project's CPU;
+#: 64 to 256 are untested. Such orders and blocks keep the torch transform (or a power-of-two ``r4_block`` <= 128,
+#: which mixes no rows)
 MAX_MIX_ROWS = 32
 
 
 def hadamard_supported(K: int, block: int | None) -> bool:
     """Whether the pre-kernel applies ``OnlineHadamard(K, block)`` itself: a Hadamard block ``HB = block or K`` that
-    divides ``K <= MAX_ROW`` and is a power of two ``>= 16``, or a built order ``base · P`` with a power of two
-    ``P >= 16`` whose ``K / C`` rows fit :data:`MAX_MIX_ROWS` (e.g. SmolLM2's MLP width 1536 = 12 · 128: its 12 rows
-    of ``C = 128`` columns are mixed by ``H_12`` in the pre-kernel's second ``tl.dot``). Other orders, LLaMA-2-7B's
-    11008 = 172 · 64 among them, keep the torch transform (:func:`rcp_lib.rotation.hadamard.apply_hadamard`) before
-    the pre-kernel."""
+    divides ``K <= MAX_ROW``, of order ``base · P`` with a power of two ``P >= 16`` (``base`` 1: a power of two), whose
+    ``K / C`` rows of ``C = min(P, 128)`` columns fit :data:`MAX_MIX_ROWS` when rows are mixed at all (``HB > C``;
+    e.g. SmolLM2's MLP width 1536 = 12 · 128: its 12 rows are mixed by ``H_12`` in the pre-kernel's second
+    ``tl.dot``; a full 4096 mixes 32 rows). Other orders and blocks, LLaMA-2-7B's 11008 = 172 · 64 among them, keep
+    the torch transform (:func:`rcp_lib.rotation.hadamard.apply_hadamard`) before the pre-kernel."""
     hb = block or K
     split = _hadamard_split(hb) if K <= MAX_ROW and K % hb == 0 else None
     if split is None:
         return False
-    pow2 = hb & (hb - 1) == 0
-    return pow2 or triton.next_power_of_2(K // split[0]) <= MAX_MIX_ROWS
+    C, m = split
+    return m == 1 or triton.next_power_of_2(K // C) <= MAX_MIX_ROWS
 
 
 def _hadamard_operands(K: int, hb: int, device: torch.device):

@@ -112,8 +112,9 @@ def test_merged_model_computes_the_deployed_model(family):
     assert len(slices) == 10
     assert sum(isinstance(m, PackedLinear) for m in merged.modules()) == 2 * 4  # per block: 2 merged, o, down
     keys = [k for k in merged.state_dict() if "qweight" in k]
-    assert len(keys) == 2 * 4 and sum(".q_proj.shared.linear." in k for k in keys) == 2
-    assert not any(".k_proj." in k or ".up_proj." in k for k in keys)
+    assert len(keys) == 2 * 4 and sum(".self_attn.merged_q_proj_k_proj_v_proj.linear." in k for k in keys) == 2
+    assert sum(".mlp.merged_gate_proj_up_proj.linear." in k for k in keys) == 2
+    assert not any(".q_proj." in k or ".k_proj." in k or ".up_proj." in k for k in keys)
     with torch.no_grad():
         got = merged(input_ids=ids).logits
         assert ((got - want).abs().max() / want.abs().max()).item() < 1e-5
@@ -140,3 +141,44 @@ def test_merge_refuses_what_it_cannot_merge_and_changes_nothing(tmp_path):
     with pytest.raises(ValueError, match="save the model before merging"):
         save_quantized(packed, tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_a_kept_product_lives_for_one_call_of_its_owner():
+    """What identity and version cannot see (an inference-mode tensor changed in place, or a change through
+    ``.data``, between two slices) cannot reach a later call of the block: merge_shared_inputs registers the group on
+    the module that calls its projections, whose forward pre-hook (a module-level function: a deep copy's hook
+    clears the copy's own group) drops a kept product."""
+    from rcp_lib.kernels.packed_linear import clear_shared_inputs
+
+    _, packed = _deployed(layers=1)
+    merge_shared_inputs(packed)
+    attn = M.attention(M.decoder_layers(packed)[0])
+    shared = attn.merged_q_proj_k_proj_v_proj
+    assert list(attn._forward_pre_hooks.values()) == [clear_shared_inputs]
+    assert list(M.mlp(M.decoder_layers(packed)[0])._forward_pre_hooks.values()) == [clear_shared_inputs]
+    with torch.inference_mode():
+        xi = torch.randn(1, 3, 64)
+        attn.q_proj(xi)  # a product kept for k and v
+        assert shared._pending is not None
+        xi.mul_(3)  # no version counter: identity alone would serve the stale product to k_proj
+        for hook in attn._forward_pre_hooks.values():  # what the next call of the attention runs first
+            hook(attn, (xi,))
+        assert shared._pending is None
+        assert torch.equal(attn.k_proj(xi), shared.linear(xi)[..., 64:96])
+    copied = M.attention(M.decoder_layers(copy.deepcopy(packed))[0])
+    assert copied.q_proj.shared is copied.merged_q_proj_k_proj_v_proj is not shared
+    assert list(copied._forward_pre_hooks.values()) == [clear_shared_inputs]
+
+
+def test_concat_checks_every_layer_and_name():
+    a, b, c = _packed(16), _packed(8, seed=1), _packed(8, seed=2)
+    with pytest.raises(ValueError, match="one name each"):
+        PackedLinear.concat([a, b, c], ["q", "k"])
+    with pytest.raises(ValueError, match="q is a Linear"):
+        PackedLinear.concat([torch.nn.Linear(128, 4), b], ["q", "k"])
+    for change, what in ((dict(backend="torch"), "backend"), (dict(gemv_format="bitplane"), "gemv_format")):
+        d = _packed(8, seed=3)
+        for k, v in change.items():
+            setattr(d, k, v)
+        with pytest.raises(ValueError, match=f"cannot merge q and v: {what}"):
+            PackedLinear.concat([a, d], ["q", "v"])

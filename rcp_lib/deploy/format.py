@@ -62,7 +62,7 @@ from .. import models as M
 from ..io import atomic_save_safetensors
 from ..kernels import SUPPORTED_BITS, pack_codes, unpack_codes
 from ..kernels.packed_linear import (PackedLinear, SharedInputLinear, SharedInputSlice, check_gemv_format,
-                                     deploy_bits)
+                                     clear_shared_inputs, deploy_bits)
 from ..quant.linear import QuantLinear
 from ..rotation.online import OnlineHadamard
 
@@ -631,7 +631,9 @@ def merge_shared_inputs(model: nn.Module) -> int:
     :func:`rcp_lib.models.shared_input_groups`) into one :class:`PackedLinear` each (:meth:`PackedLinear.concat`),
     in place: each projection becomes a :class:`~rcp_lib.kernels.packed_linear.SharedInputSlice` of the group, so a
     block quantizes each input once and runs two products where it ran five, with the model's own forward unchanged.
-    Every group is checked before any is replaced. Returns the number of groups merged.
+    The group is registered on the module that calls its projections (``self_attn.merged_q_proj_k_proj_v_proj``,
+    ``mlp.merged_gate_proj_up_proj``), whose forward pre-hook drops a kept product at each of its calls. Every group
+    is checked before any is replaced. Returns the number of groups merged.
 
     A deploy-time layout, like ``backend`` and ``gemv_format``: not saved (:func:`save_quantized` refuses a merged
     model); for eager decoding and CUDA graphs, not ``torch.compile``.
@@ -652,8 +654,15 @@ def merge_shared_inputs(model: nn.Module) -> int:
                     raise ValueError(f"{name} is {what}: merge_shared_inputs merges packed projections (load_quantized "
                                      f"or deploy first, and merge once)")
             plan.append((names, mods, PackedLinear.concat(mods, names)))
+    hooked = set()
     for names, mods, merged in plan:
-        shared = SharedInputLinear(merged, [m.out_features for m in mods], [n.rsplit(".", 1)[1] for n in names])
+        short = [n.rsplit(".", 1)[1] for n in names]
+        shared = SharedInputLinear(merged, [m.out_features for m in mods], short)
+        parent = model.get_submodule(names[0].rsplit(".", 1)[0])  # the block's attention or MLP: it calls them
+        parent.add_module("merged_" + "_".join(short), shared)
+        if id(parent) not in hooked:  # a kept product lives for one call of its owner (SharedInputLinear)
+            parent.register_forward_pre_hook(clear_shared_inputs)
+            hooked.add(id(parent))
         for j, name in enumerate(names):
             M.set_submodule(model, name, SharedInputSlice(shared, j))
     return len(plan)

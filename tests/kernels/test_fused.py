@@ -101,7 +101,8 @@ def test_prekernel_hadamard_equals_online_hadamard_then_quantize(K, block):
 def test_hadamard_support_rule():
     from rcp_lib.kernels.triton_w2a4 import hadamard_supported
 
-    assert hadamard_supported(4096, None) and hadamard_supported(11008, 64)
+    assert hadamard_supported(4096, None) and hadamard_supported(11008, 64)  # 32 rows of 128; no rows mixed
+    assert not hadamard_supported(8192, None) and hadamard_supported(8192, 128)  # 64 rows to mix: untested on sm_90
     assert hadamard_supported(1536, None) and hadamard_supported(192, None)  # 12 * 128, 12 * 16: H_12 on 12 rows
     assert not hadamard_supported(11008, None)  # 172 * 64: 172 rows to mix (> MAX_MIX_ROWS), the torch transform
     assert not hadamard_supported(256, 8)  # a power of two below 16
