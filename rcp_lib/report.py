@@ -492,6 +492,28 @@ def gsr_decision_markdown(df: pd.DataFrame) -> str:
     return "\n".join(out)
 
 
+def r4_blocks_markdown(df: pd.DataFrame) -> str:
+    """The R4 blocks (``r4_blocks.csv``, :mod:`rcp_lib.experiments.r4`) as a table: W16A4KV16 perplexity per R4 (mean ±
+    SE over seeds) and its order against the full Hadamard from a seed-paired t-test on the per-seed values, p shown;
+    the CPU the rows ran on (another CPU type rounds differently: compare within one)."""
+    from .experiments.r4 import FULL
+
+    orders = _orders_from_rows(df, "method", "ppl", FULL)
+    cpus = sorted({f"{r.get('cpu_model', '?')} ({r.get('torch_cpu_capability', '?')})" for r in df.to_dict("records")})
+    out = ["R4 blocks (notebook 06 of the `ablation` profile, `results/ablation/r4_blocks.csv`, "
+           f"ran on {', '.join(cpus)}): the fused W2A4 pre-kernel runs R4 only for some orders "
+           "(`hadamard_supported`), so a deployment of a model whose MLP width it cannot run (LLaMA-2-7B's 11008) "
+           "keeps a torch transform or trains with a block-diagonal R4 of power-of-two blocks. What the blocks cost on "
+           "4-bit activations, weights in full precision (W16A4KV16), QuaRot's R1:", "",
+           "| R4 | seeds | ppl (mean ± SE) | vs the full Hadamard |", "|---|---|---|---|"]
+    for name, g in df.groupby("method", sort=False):
+        v = g["ppl"].astype(float)
+        sem = f" ± {_fmt_ppl(float(v.std(ddof=1) / math.sqrt(len(v))))}" if len(v) > 1 else " (one seed)"
+        out.append(f"| {name} | {len(v)} | {_fmt_ppl(float(v.mean()))}{sem} | "
+                   f"{'–' if name == FULL else orders.get(name, '–')} |")
+    return "\n".join(out)
+
+
 def _trained_recipe(config: dict) -> dict:
     """A row's ``config`` read back as a :class:`Recipe` (so a field added after the row was written takes its
     default), without what does not change the trained weights of one seed (validation and checkpoint intervals, the
@@ -906,6 +928,9 @@ def results_markdown(profile: str = "cpu", results: Path | None = None, link_roo
                 "`results/ablation/gsr_decision.csv`): what a block-diagonal R1 does to 4-bit activations alone, and "
                 "GSR's sequency order where it can matter (weight groups smaller than the block).", "",
                 gsr_decision_markdown(pd.read_csv(gsr_p)), ""]
+    r4_p = d.parent / "ablation" / _file("r4_blocks")
+    if seeded and r4_p.exists():
+        out += [r4_blocks_markdown(pd.read_csv(r4_p)), ""]
     tok_p = token_curve_file(d)
     if tok_p is not None:
         out += [token_curve_markdown(pd.read_csv(tok_p), tok_p.parent.name, link_root), ""]

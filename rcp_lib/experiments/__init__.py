@@ -53,6 +53,7 @@ from .build import (
 )
 from .footprints import REFERENCE_CONFIGS, kv_curve, memory_table, memory_vs_saved
 from .gsr import gsr_decision
+from .r4 import r4_blocks
 from .kernel import kernel_correctness, kernel_speed_table
 from .methods import (
     CONTROL_SETTINGS,
@@ -86,7 +87,7 @@ __all__ = [
     "CONTROL_SETTINGS", "NAMED", "NOTEBOOKS", "REFERENCE_CONFIGS", "TABLES", "Method",
     "Table", "SEEDED_ABLATIONS", "SEEDED_PTQ", "all_methods", "method", "base_model", "build", "calibration", "chance_level", "figures_dir", "full_split_table",
     "gptq_start",
-    "gsr_decision", "cached_row", "row_key", "qat_key",
+    "gsr_decision", "r4_blocks", "cached_row", "row_key", "qat_key",
     "start_key",
     "kernel_correctness", "kernel_speed_table", "kv_curve", "memory_table", "memory_vs_saved", "method_config",
     "ppl_row", "ppl_table", "ptq_key", "ptq_methods", "qat_config", "qat_curves", "qat_history", "qat_methods",

@@ -126,6 +126,9 @@ _TABLES = (
     Table("gsr_decision", "gsr_decision.csv", notebook=SEEDED_NOTEBOOK, smoke=True, rows="gsr_decision", readme=True,
           description="GSR decided: W16A4KV16 per R1 (the activation effect of a block-diagonal R1) and GSR vs its "
                       "control with weight groups smaller than the block (W2A16KV16 GPTQ), seeds of the profile"),
+    Table("r4_blocks", "r4_blocks.csv", notebook=SEEDED_NOTEBOOK, smoke=True, rows="r4_blocks", readme=True,
+          description="what a power-of-two R4 block (the fused pre-kernel's) costs against the full R4: W16A4KV16 "
+                      "perplexity per R4, seeds of the profile, orders from seed-paired t-tests"),
     Table("recipe_sweep", "recipe_sweep.csv", readme=True,
           command="python -m rcp_lib.experiments.sweep --profile <profile>",
           description="QAT recipe grid (lr_quant, lr_weights, grad_clip, clip init) selected by held-out train-tail ppl"),
