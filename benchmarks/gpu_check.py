@@ -21,7 +21,9 @@ Sections (each records its own error instead of stopping the others; the exit st
   the input difference there: an end-to-end gap that starts at a rounding-level input is sensitivity, not a bug), and
   the fused quantizer's codes against ``quantize_per_token`` on the fake-quant inputs (``kernel_code_mismatches``,
   required 0; ``kernel_code_mismatches_hadamard`` behind the pre-kernel's own fp32 Hadamard, reported: a GPU may
-  round that transform differently from torch).
+  round that transform differently from torch), and the same folder loaded with q|k|v and gate|up merged
+  (``merge_projections=True``) on the fused select path against it unmerged (``merged_ok``: within the fake-quant
+  model's own sensitivity).
 
 The report (``--out``, default ``results/gpu/check.json``: settled before the first section) is rewritten after every
 section, so a section that fails, hangs past a caller's time limit (SIGTERM is recorded as that section's error) or
@@ -321,6 +323,7 @@ def section_export(args, dev) -> dict:
             pass
     if fused:
         out["kernel_code_mismatches"], out["kernel_code_mismatches_hadamard"] = _kernel_code_mismatches(m, fq_io)
+    logits = {}
     with tempfile.TemporaryDirectory() as d:
         save_quantized(m, d, dtype=torch.float32)
         # the default backend ("auto": the reference op), then the fused Triton path (opt-in until this passes),
@@ -351,6 +354,17 @@ def section_export(args, dev) -> dict:
             out[f"teacher_forced_max_rel{key}"] = per[worst]
             out[f"teacher_forced_worst_linear{key}"] = worst
             out[f"teacher_forced_decode_max_rel{key}"] = max(dec.values(), key=lambda v: (not math.isfinite(v), v))
+            logits[key] = got
+            del pk
+        if fused:  # q|k|v and gate|up merged (merge_shared_inputs) on the fused select path, against it unmerged
+            from rcp_lib.kernels.packed_linear import SharedInputLinear
+
+            pk, _ = load_quantized(d, device=dev, backend="triton", merge_projections=True)
+            with torch.no_grad():
+                got = pk(input_ids=ids, use_cache=False).logits.double()
+            out["merged_groups_triton"] = sum(isinstance(x, SharedInputLinear) for x in pk.modules())
+            out["rel_logits_merged_vs_unmerged_triton"] = _rel(got, logits["_triton"])
+            out["rel_logits_vs_fakequant_triton_merged"] = _rel(got, ref)
             del pk
     # Every layer right on the same input (teacher forced), and end to end either no further from the fake-quant
     # model than that model moves under a 1e-6 perturbation of its own embeddings (3x margin; 1 % when it hardly
@@ -372,6 +386,10 @@ def section_export(args, dev) -> dict:
                                 < 1e-4 and end_to_end_ok("_triton") and out["kernel_code_mismatches"] == 0
                                 and out["packed_linears_triton"] == out["packed_linears"]
                                 and not out["tensors_not_on_device_triton"])
+        # merged: the same rows from one launch per group; a tuned configuration of another N may round differently,
+        # which end to end is bounded like any rounding difference (the model's own sensitivity)
+        out["merged_ok"] = (out["merged_groups_triton"] == 2 * dims["num_hidden_layers"]
+                            and out["rel_logits_merged_vs_unmerged_triton"] <= floor)
         out["fused_bitplane_ok"] = (max(out["teacher_forced_max_rel_triton_bitplane"],
                                         out["teacher_forced_decode_max_rel_triton_bitplane"]) < 1e-4
                                     and end_to_end_ok("_triton_bitplane") and out["kernel_code_mismatches"] == 0)
