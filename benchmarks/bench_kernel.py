@@ -11,6 +11,8 @@ before each replay and outside the timed interval; the median over ``--reps`` re
 * ``w2a4_matmul``: launch 2 alone, on pre-quantized codes (the weight-streaming kernel);
 * ``w2a4_generic_op``: the generic ``torch.ops.rcp.w2a4_gemv`` kernel (``kernels/triton_gemv.py``) on the same
   weights, natural-order codes (the previous path of PackedLinear on CUDA);
+* ``w2a4_bitplane_tiled_fused`` (decode batches): the one-launch bit-serial kernel on tiles, the planes and levels
+  interleaved per row and pair of groups (``PackedLinear(gemv_format="bitplane_tiled")``, ``.layout`` "Tiles");
 * ``w2a4_bitplane_fused`` / ``w2a4_bitplane_matmul`` (decode batches, ``B <= GEMV_MAX_BATCH``): the bit-serial
   kernel (``PackedLinear(gemv_format="bitplane")``): one launch that quantizes the fp16 activations itself and runs
   the popcount GEMV on weight bit planes (derived once per layer), and the GEMV alone on pre-computed activation
@@ -314,7 +316,8 @@ def measure(dev, shapes, batches, G: int, copy_mib: int, bench, layers: int = 0,
 
     from rcp_lib.io import provenance
     from rcp_lib.kernels import dequantize, pack_codes, w2a4_gemv
-    from rcp_lib.kernels.layout import activation_bitplanes, unpermute_activations, weight_bitplanes, weight_row_sums
+    from rcp_lib.kernels.layout import (activation_bitplanes, unpermute_activations, weight_bitplanes, weight_row_sums,
+                                        weight_tiles)
     from rcp_lib.kernels.triton_w2a4 import (GEMV_MAX_BATCH, pop_launch_config, quantize_activations_triton,
                                              w2a4_bitplane_matmul_triton, w2a4_linear_triton, w2a4_matmul_triton)
     from rcp_lib.quant.activations import quantize_per_token
@@ -349,6 +352,7 @@ def measure(dev, shapes, batches, G: int, copy_mib: int, bench, layers: int = 0,
         del codes
         wsum = weight_row_sums(packed, lut, K, G)
         wplanes = weight_bitplanes(packed, K)
+        wtiles = weight_tiles(wplanes, lut, G)  # the same planes and levels, interleaved per row (.layout "Tiles")
         w16 = dequantize(packed, lut, K, G, 2, dtype=torch.float16)
         w64 = None
         for B in batches:
@@ -371,6 +375,8 @@ def measure(dev, shapes, batches, G: int, copy_mib: int, bench, layers: int = 0,
                 checks["w2a4_bitplane_fused"] = w2a4_linear_triton(x, packed, lut, wsum, K, G, out_dtype=torch.float32,
                                                                    wplanes=wplanes)
                 checks["w2a4_bitplane_matmul"] = w2a4_bitplane_matmul_triton(ac, as_, az, wplanes, lut, wsum, K, G)
+                checks["w2a4_bitplane_tiled_fused"] = w2a4_linear_triton(x, packed, lut, wsum, K, G,
+                                                                         out_dtype=torch.float32, wplanes=wtiles)
                 if bitplane_two_launch:
                     checks["w2a4_bitplane_two_launch"] = w2a4_bitplane_matmul_triton(
                         *quantize_activations_triton(x, 4, 1.0, G, planes=True), wplanes, lut, wsum, K, G)
@@ -402,6 +408,10 @@ def measure(dev, shapes, batches, G: int, copy_mib: int, bench, layers: int = 0,
                     ("w2a4_bitplane_matmul", timed(lambda: w2a4_bitplane_matmul_triton(ac, as_, az, wplanes, lut, wsum, K, G,
                                                                                       None, torch.float16)),
                      wp_bytes + ac.nbytes + 8 * B, "bitplane", rel["w2a4_bitplane_matmul"]),
+                    ("w2a4_bitplane_tiled_fused",
+                     timed(lambda: w2a4_linear_triton(x, packed, lut, wsum, K, G, wplanes=wtiles)),
+                     wtiles.nbytes + wsum.nbytes + B * N * 2 + x.nbytes, "one launch (quantize + bitplane), tiles",
+                     rel["w2a4_bitplane_tiled_fused"]),
                 ]  # fmt: skip
                 if bitplane_two_launch:
                     def two_launch():
@@ -424,7 +434,7 @@ def measure(dev, shapes, batches, G: int, copy_mib: int, bench, layers: int = 0,
                 rows.append(row)
                 print(f"{N:6d}x{K:<6d} B={B:<3d} {method:16s} {row['median_us']:9.1f} us  x{row['speedup_vs_fp16']:.2f} "
                       f"vs fp16  {gbps:7.1f} GB/s ({row['pct_of_peak_bw']:.0f}% of peak)  {cfg}")  # fmt: skip
-        del packed, lut, w16, w64, wsum, wplanes
+        del packed, lut, w16, w64, wsum, wplanes, wtiles
         if dev.type == "cuda":
             torch.cuda.empty_cache()
         if on_rows is not None:

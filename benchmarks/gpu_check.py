@@ -328,7 +328,8 @@ def section_export(args, dev) -> dict:
         save_quantized(m, d, dtype=torch.float32)
         # the default backend ("auto": the reference op), then the fused Triton path (opt-in until this passes),
         # with its select and its bit-serial decode kernel
-        variants = ((None, "select"), ("triton", "select"), ("triton", "bitplane")) if fused else ((None, "select"),)
+        variants = (((None, "select"), ("triton", "select"), ("triton", "bitplane"), ("triton", "bitplane_tiled"))
+                    if fused else ((None, "select"),))
         for backend, fmt in variants:
             pk, _ = load_quantized(d, device=dev, backend=backend, gemv_format=fmt)
             key = "" if backend is None else f"_{backend}" + ("" if fmt == "select" else f"_{fmt}")
@@ -393,6 +394,10 @@ def section_export(args, dev) -> dict:
         out["fused_bitplane_ok"] = (max(out["teacher_forced_max_rel_triton_bitplane"],
                                         out["teacher_forced_decode_max_rel_triton_bitplane"]) < 1e-4
                                     and end_to_end_ok("_triton_bitplane") and out["kernel_code_mismatches"] == 0)
+        out["fused_bitplane_tiled_ok"] = (max(out["teacher_forced_max_rel_triton_bitplane_tiled"],
+                                              out["teacher_forced_decode_max_rel_triton_bitplane_tiled"]) < 1e-4
+                                          and end_to_end_ok("_triton_bitplane_tiled")
+                                          and out["kernel_code_mismatches"] == 0)
     return out
 
 

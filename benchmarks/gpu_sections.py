@@ -75,8 +75,8 @@ def operands(N: int, K: int, dev, seed: int = 0):
 # ------------------------------------------------------------------------------------------------------ warm-up
 def warm_tasks() -> list[tuple]:
     """Every launch the later sections compile: ``(N, K, kind, batch, config or None, out dtype name or None)``;
-    ``kind`` in select (pre-kernel + select GEMV), gemm, bitplane_one (one-launch bit-serial), bitplane_two (planes
-    pre-kernel + bit-serial GEMV), generic (the generic op)."""
+    ``kind`` in select (pre-kernel + select GEMV), gemm, bitplane_one (one-launch bit-serial), bitplane_tiled_one (the
+    same on tiles, fp16 out), bitplane_two (planes pre-kernel + bit-serial GEMV), generic (the generic op)."""
     from rcp_lib.kernels.triton_w2a4 import bitplane_configs, default_config, gemv_configs, prune_split_k
 
     def tuned(cfgs, K):  # as the autotuner launches them (triton.Config(..., num_stages=1)), pruned as it prunes
@@ -88,6 +88,8 @@ def warm_tasks() -> list[tuple]:
             tasks += [(N, K, "select", 1, c, od) for c in tuned(gemv_configs(G), K)]
             for c in tuned(bitplane_configs(G), K):
                 tasks += [(N, K, "bitplane_one", 1, c, od), (N, K, "bitplane_two", 1, c, od)]
+                if od == "float16":  # the tiled kernel: timed in fp16 by the bench section only
+                    tasks.append((N, K, "bitplane_tiled_one", 1, c, od))
             for B in (1, 4):  # gpu_check's fixed configurations (decode batches)
                 tasks += [(N, K, "select", B, default_config("gemv", G), od),
                           (N, K, "bitplane_one", B, default_config("bitplane", G), od),
@@ -121,6 +123,13 @@ def run_warm(worker: int, workers: int) -> int:
                 w2a4_matmul_triton(c, s, z, packed, lut, wsum, K, G, None, out_dtype, config=cfg)
             elif kind == "bitplane_one":
                 w2a4_bitplane_linear_triton(x, wplanes, lut, wsum, K, G, 4, 1.0, None, out_dtype, config=cfg)
+            elif kind == "bitplane_tiled_one":
+                from rcp_lib.kernels.layout import weight_tiles
+
+                if ("tiles", N, K) not in ops:
+                    ops[("tiles", N, K)] = weight_tiles(wplanes, lut, G)
+                w2a4_bitplane_linear_triton(x, ops[("tiles", N, K)], lut, wsum, K, G, 4, 1.0, None, out_dtype,
+                                            config=cfg)
             elif kind == "bitplane_two":
                 a, s, z = quantize_activations_triton(x, 4, 1.0, G, planes=True)
                 w2a4_bitplane_matmul_triton(a, s, z, wplanes, lut, wsum, K, G, None, out_dtype, config=cfg)

@@ -89,7 +89,9 @@ def bound_rows(sass: list[dict], speed: list[dict]) -> list[dict]:
             t_mem, t_issue = nbytes / peak, N * K * float(s["instr_per_weight"]) / 32 / slots_per_us
             floor = max(t_mem, t_issue)
             out.append({
-                "kind": "bound (not a measurement)", "kernel": s["kernel"], "quant_in": q, "G": G, "BLOCK_B": B,
+                "kind": "bound (not a measurement)", "kernel": s["kernel"],
+                "gemv_format": s.get("gemv_format") or ("select" if s["kernel"] == "gemv" else "bitplane"),
+                "quant_in": q, "G": G, "BLOCK_B": B,
                 "BLOCK_N": int(s["BLOCK_N"]), "GPI": int(s["GPI"]), "NUM_STAGES": int(s["NUM_STAGES"]),
                 "num_warps": int(s["num_warps"]), "N": N, "K": K, "batch": B, "bytes": nbytes,
                 "instr_per_weight": float(s["instr_per_weight"]), "copy_peak_GBps": float(f["peak_copy_GBps"]),

@@ -46,7 +46,11 @@ SIG = {
 
 # (kernel, constexprs, num_warps): the select kernel at the configuration measured on the H100, the bit-serial
 # kernel at batch 1 and 4
-_BP = dict(G=128, ABITS=4, HAS_BIAS=False, QUANT_IN=False, RB=1024, CENTER=7.5)
+_BP = dict(G=128, ABITS=4, HAS_BIAS=False, QUANT_IN=False, RB=1024, CENTER=7.5, TILED=False, REC=0, LREC=0, LOFF=0,
+           ALIGN=1)
+#: the bit-serial kernel on tiles (planes and fp16 levels interleaved per row and pair of groups, .layout "Tiles"),
+#: G = 128: records of 20 words (rcp_lib.kernels.triton_w2a4._tile_operands)
+_TILED = dict(TILED=True, REC=20, LREC=40, LOFF=32, ALIGN=4)
 CASES: list[tuple[str, dict, int]] = [
     ("gemv", dict(G=128, HAS_BIAS=False, BLOCK_B=1, BLOCK_N=32, GPI=1, SPLIT_K=4, NUM_STAGES=2, CENTER=7.5), 2),
     ("gemv", dict(G=128, HAS_BIAS=False, BLOCK_B=4, BLOCK_N=32, GPI=1, SPLIT_K=4, NUM_STAGES=2, CENTER=7.5), 2),
@@ -59,6 +63,8 @@ CASES: list[tuple[str, dict, int]] = [
     ("bitplane", dict(_BP, QUANT_IN=True, BLOCK_B=1, BLOCK_N=128, GPI=1, SPLIT_K=4, NUM_STAGES=1), 4),
     ("bitplane", dict(_BP, QUANT_IN=True, BLOCK_B=1, BLOCK_N=64, GPI=2, SPLIT_K=4, NUM_STAGES=3), 4),
     ("bitplane", dict(_BP, QUANT_IN=True, BLOCK_B=4, BLOCK_N=32, GPI=1, SPLIT_K=4, NUM_STAGES=2), 2),
+    ("bitplane", dict(_BP, **_TILED, BLOCK_B=1, BLOCK_N=64, GPI=2, SPLIT_K=4, NUM_STAGES=3), 4),
+    ("bitplane", dict(_BP, **_TILED, QUANT_IN=True, BLOCK_B=1, BLOCK_N=64, GPI=2, SPLIT_K=4, NUM_STAGES=3), 4),
 ]
 
 
@@ -139,7 +145,8 @@ def stats(name: str, const: dict, num_warps: int) -> dict:
     total = sum(c.values())
     threads = 32 * num_warps
     w = weights_per_iteration(name, const)
-    return {"kernel": name, "gemv_format": "bitplane" if name == "bitplane" else "select",
+    fmt = ("bitplane_tiled" if const.get("TILED") else "bitplane") if name == "bitplane" else "select"
+    return {"kernel": name, "gemv_format": fmt,
             "quant_in": bool(const.get("QUANT_IN", False)), "G": const["G"], "BLOCK_B": const["BLOCK_B"], "BLOCK_N": const["BLOCK_N"],
             "GPI": const["GPI"], "NUM_STAGES": const["NUM_STAGES"], "num_warps": num_warps,
             "loop_instr_per_thread": total, "weights_per_iter": w,
@@ -169,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
     for name, const, nw in CASES:
         r = stats(name, const, nw)
         rows.append({**r, **prov})
-        print(f"{name + (' +q' if r['quant_in'] else ''):11s} B{r['BLOCK_B']} N{r['BLOCK_N']:<3d} GPI{r['GPI']} S{r['NUM_STAGES']} w{nw}: "
+        print(f"{r['gemv_format'] + (' +q' if r['quant_in'] else ''):17s} B{r['BLOCK_B']} N{r['BLOCK_N']:<3d} GPI{r['GPI']} S{r['NUM_STAGES']} w{nw}: "
               f"{r['loop_instr_per_thread']:4d} instr/thread/iter, {r['instr_per_weight']:5.2f} per weight "
               f"({r['instr_per_weight_token']:.2f} per weight x token), BAR {r['bar']}, STS {r['sts']}, LDS {r['lds']}, "
               f"POPC {r['popc']}, LDG {r['ldg']} (128-bit {r['ldg_128']}), LDGSTS {r['ldgsts']}  | {r['top_ops']}")

@@ -46,6 +46,18 @@ four levels::
 (``c = 1``: ``l0 + (l1 - l0)``; ``c = 2``: ``l0 + (l2 - l0)``; ``c = 3``: all four terms, ``l3``.) 12 AND + 12
 popcounts give 32 products of one row; no per-weight decode, select or float multiply. Requires ``K % 32 == 0`` and
 ``G % 32 == 0`` (:func:`bitplane_layout_supported`).
+
+Tiles (the bit-serial GEMV on one stream per row, ``gemv_format="bitplane_tiled"``)
+------------------------------------------------------------------------------------
+The bit planes and the level table are two arrays: a program that reads group ``g`` of a row reads ``G / 32`` words of
+``P0``, ``G / 32`` of ``P1`` (``K / 32`` words further) and the group's 4 levels from the LUT, three places in
+memory. :func:`weight_tiles` interleaves them per row and pair of groups into one record of
+:func:`tile_record_words` int32 words: ``P0`` and ``P1`` chunks of the first group, of the second, then the two
+groups' four levels each (2 words per group in fp16, 4 in fp32): a multiple of 4 words, so every record starts
+16-byte aligned (128-bit loads) with no padding, and the tiles hold exactly the bytes of the planes and the LUT (an odd
+last group excepted). A row is one contiguous run of records, and the groups a program takes in one iteration one
+contiguous block. Derived at deploy time like the planes (not saved).
+Whether one stream beats three on a GPU is for a GPU to measure.
 """
 
 from __future__ import annotations
@@ -56,7 +68,8 @@ from .bitpack import codes_per_word, dequantize, pack_codes, unpack_codes
 
 __all__ = ["activation_permutation", "permute_activations", "unpermute_activations", "weight_row_sums",
            "fused_layout_supported", "bitplane_layout_supported", "weight_bitplanes", "weight_bitplanes_to_packed",
-           "activation_bitplanes", "bitplanes_to_codes", "GEMV_FORMATS"]
+           "activation_bitplanes", "bitplanes_to_codes", "GEMV_FORMATS", "tile_record_words", "weight_tiles",
+           "tiles_to_planes"]
 
 
 def fused_layout_supported(K: int, G: int, bits: int = 2) -> bool:
@@ -103,10 +116,11 @@ def weight_row_sums(packed: torch.Tensor, lut: torch.Tensor, K: int, G: int, bit
 
 
 # ------------------------------------------------------------------------------------------------------ bit planes
-GEMV_FORMATS = ("select", "bitplane")
+GEMV_FORMATS = ("select", "bitplane", "bitplane_tiled")
 """Launch-2 kernels of the fused decode path (``B <= GEMV_MAX_BATCH``, :mod:`.triton_w2a4`): "select" reads the stored
 words and selects each weight's level (``w2a4_matmul_triton``), "bitplane" the bit planes
-(``w2a4_bitplane_matmul_triton`` / ``w2a4_bitplane_linear_triton``)."""
+(``w2a4_bitplane_matmul_triton`` / ``w2a4_bitplane_linear_triton``), "bitplane_tiled" the same kernel on the planes
+and levels interleaved per (row, group) (:func:`weight_tiles`)."""
 
 
 def bitplane_layout_supported(K: int, G: int, bits: int = 2) -> bool:
@@ -164,3 +178,48 @@ def activation_bitplanes(codes: torch.Tensor, bits: int = 4) -> torch.Tensor:
     if codes.dim() != 2 or codes.shape[1] % 32:
         raise ValueError(f"activation planes need codes [B, K] with K % 32 == 0, got {tuple(codes.shape)}")
     return _planes(codes, bits)
+
+
+# ------------------------------------------------------------------------------------------------------ tiles
+def tile_record_words(G: int, lut_dtype: torch.dtype) -> int:
+    """int32 words of one record of :func:`weight_tiles`: two groups of a row, each ``2 G / 32`` plane words and four
+    levels (2 words in fp16, 4 in fp32): a multiple of 4 words, so every record starts 16-byte aligned without
+    padding."""
+    if lut_dtype not in (torch.float16, torch.float32):
+        raise ValueError(f"tiles hold fp16 or fp32 levels, got {lut_dtype}")
+    return 2 * (2 * (G // 32) + (2 if lut_dtype == torch.float16 else 4))
+
+
+@torch.no_grad()
+def weight_tiles(planes: torch.Tensor, lut: torch.Tensor, G: int) -> torch.Tensor:
+    """Weight planes ``int32 [N, 2, K / 32]`` (:func:`weight_bitplanes`) and levels ``[N, K / G, 4]`` (fp16 / fp32) as
+    one ``int32 [N, ceil(K / G / 2) * R]`` array (module docstring, "Tiles"; ``R`` = :func:`tile_record_words`):
+    record ``r`` of row ``n`` holds groups ``g = 2 r, 2 r + 1``: ``P0`` then ``P1`` of group ``2 r``'s chunks, the
+    same for ``2 r + 1``, then the four levels' bits of ``2 r`` and of ``2 r + 1`` (an odd last group: zeros)."""
+    N, two, KC = planes.shape
+    if two != 2 or planes.dtype != torch.int32 or G % 32 or (KC * 32) % G:
+        raise ValueError(f"weight planes must be int32 [N, 2, K/32] with G % 32 == 0 dividing K, got "
+                         f"{planes.dtype} {tuple(planes.shape)}, G={G}")
+    NG, CH = KC * 32 // G, G // 32
+    if tuple(lut.shape) != (N, NG, 4):
+        raise ValueError(f"lut must be [N={N}, {NG}, 4], got {tuple(lut.shape)}")
+    lw = 2 if lut.dtype == torch.float16 else 4
+    NP = -(-NG // 2)
+    p = torch.zeros(N, 2 * NP, 2, CH, dtype=torch.int32, device=planes.device)  # [row, group, plane, chunk]
+    p[:, :NG] = planes.reshape(N, 2, NG, CH).transpose(1, 2)
+    lv = torch.zeros(N, 2 * NP, lw, dtype=torch.int32, device=planes.device)
+    lv[:, :NG] = lut.contiguous().view(torch.int32).reshape(N, NG, lw)
+    rec = torch.cat([p.reshape(N, NP, 4 * CH), lv.reshape(N, NP, 2 * lw)], dim=2)
+    return rec.reshape(N, NP * tile_record_words(G, lut.dtype))
+
+
+def tiles_to_planes(tiles: torch.Tensor, K: int, G: int, lut_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inverse of :func:`weight_tiles`: ``(planes int32 [N, 2, K / 32], lut [N, K / G, 4])``."""
+    N, NG, CH = tiles.shape[0], K // G, G // 32
+    lw = 2 if lut_dtype == torch.float16 else 4
+    NP = -(-NG // 2)
+    t = tiles.reshape(N, NP, tile_record_words(G, lut_dtype))
+    p = t[:, :, :4 * CH].reshape(N, 2 * NP, 2, CH)[:, :NG]
+    planes = p.transpose(1, 2).reshape(N, 2, K // 32).contiguous()
+    lut = t[:, :, 4 * CH:].reshape(N, 2 * NP, lw)[:, :NG].contiguous().view(lut_dtype).reshape(N, NG, 4)
+    return planes, lut

@@ -107,9 +107,10 @@ class PackedLinear(nn.Module):
     backend; the fused path derives ``wsum`` (:meth:`kernel_weights`) once per device.
 
     ``gemv_format`` picks the fused path's decode kernel (:data:`rcp_lib.kernels.layout.GEMV_FORMATS`): "select"
-    (default: the stored words, each weight's level selected in registers; the kernel measured on a GPU) or
+    (default: the stored words, each weight's level selected in registers; the kernel measured on a GPU),
     "bitplane" (the bit-serial kernel on weight bit planes derived once per device, :meth:`kernel_planes`; fewer
-    instructions per weight in its sm_90 code, speed not yet measured).
+    instructions per weight in its sm_90 code, speed not yet measured) or "bitplane_tiled" (the same kernel on the
+    planes and levels interleaved per row and group, :meth:`kernel_tiles`: one stream per row; not measured).
 
     Decode cache (``decode_cache``, default True; the class attribute, or per layer): on the CPU (where the torch
     reference would compute the layer, i.e. not under the "triton" backend) the decoded weight ``W_hat [N, K]``
@@ -260,13 +261,20 @@ class PackedLinear(nn.Module):
         return self._derived("wsum")
 
     @torch.no_grad()
+    def kernel_tiles(self) -> torch.Tensor:
+        """The bit-serial kernel's planes and levels interleaved per (row, group), int32 ``[N, K / G * R]``
+        (:func:`rcp_lib.kernels.layout.weight_tiles`, ``gemv_format="bitplane_tiled"``), cached like
+        :meth:`kernel_weights` (not saved)."""
+        return self._derived("tiles")
+
+    @torch.no_grad()
     def kernel_planes(self) -> torch.Tensor:
         """The weight bit planes of the bit-serial decode kernel, int32 ``[N, 2, K / 32]``
         (:func:`rcp_lib.kernels.layout.weight_bitplanes`), cached like :meth:`kernel_weights` (not saved)."""
         return self._derived("planes")
 
     def _derived(self, what: str) -> torch.Tensor:
-        from .layout import weight_bitplanes, weight_row_sums
+        from .layout import weight_bitplanes, weight_row_sums, weight_tiles
 
         # the tensors themselves (not their addresses, which a new tensor may reuse) and their in-place versions
         key = (self.qweight, self.qweight._version, self.lut, self.lut._version)
@@ -282,6 +290,8 @@ class PackedLinear(nn.Module):
                 cache[1][what] = w
             elif what == "wsum":
                 cache[1][what] = weight_row_sums(self.qweight, self.lut, self.in_features, self.group_size, self.bits)
+            elif what == "tiles":
+                cache[1][what] = weight_tiles(self._derived("planes"), self.lut, self.group_size)
             else:
                 cache[1][what] = weight_bitplanes(self.qweight, self.in_features)
         return cache[1][what]
@@ -304,7 +314,7 @@ class PackedLinear(nn.Module):
     def _bitplane(self) -> bool:
         from .layout import bitplane_layout_supported
 
-        return self.gemv_format == "bitplane" and bitplane_layout_supported(self.in_features, self.group_size,
+        return self.gemv_format != "select" and bitplane_layout_supported(self.in_features, self.group_size,
                                                                              self.bits)
 
     def kernel_path(self, x: torch.Tensor) -> str:
@@ -337,7 +347,8 @@ class PackedLinear(nn.Module):
                         self.bits, self.act_bits, self.act_clip_ratio, self.bias,
                         hadamard_n=t.n if from_op else 0, hadamard_block=(t.block or 0) if from_op else 0, path=path,
                         wsum=self.kernel_weights() if fused else None,
-                        wplanes=self.kernel_planes() if fused and self._bitplane() else None)
+                        wplanes=((self.kernel_tiles() if self.gemv_format == "bitplane_tiled" else self.kernel_planes())
+                                 if fused and self._bitplane() else None))
         return y.reshape(*lead, self.out_features)
 
     def extra_repr(self) -> str:

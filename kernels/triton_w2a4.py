@@ -354,8 +354,12 @@ def _w2a4_bitplane_gemv_kernel(
     B, N, K, stride_ab, stride_aj, stride_wn, stride_wp, stride_ln, stride_yb, B_KEY, clip,
     G: tl.constexpr, ABITS: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr,
     GPI: tl.constexpr, SPLIT_K: tl.constexpr, NUM_STAGES: tl.constexpr, QUANT_IN: tl.constexpr, RB: tl.constexpr,
-    INTERPRET: tl.constexpr, CENTER: tl.constexpr,
+    INTERPRET: tl.constexpr, CENTER: tl.constexpr, TILED: tl.constexpr, REC: tl.constexpr, LREC: tl.constexpr,
+    LOFF: tl.constexpr, ALIGN: tl.constexpr,
 ):  # fmt: skip
+    # TILED: w holds one record of REC int32 words per row and pair of groups (.layout, "Tiles": P0 and P1 chunks of
+    # each group, then the two groups' levels), and lut_ptr is the same memory in the levels' dtype: LREC elements
+    # per record, the levels at LOFF; a group's chunks start at a multiple of ALIGN words
     # CENTER: the sums are of (code - CENTER) * w (the middle of the code range; 0.0: of the codes themselves), from
     # the exact integer sums and, per group, the weight planes' own popcounts (the bit patterns' counts)
     # a: int32 [B, ABITS, K/32] activation planes, or (QUANT_IN) the float activations [B, K], quantized here with
@@ -399,10 +403,19 @@ def _w2a4_bitplane_gemv_kernel(
     for g0 in tl.range(g_start, g_end, GPI, num_stages=NUM_STAGES):
         cmask = (g0 + col // CH) < g_end
         ch = tl.multiple_of(g0 * CH, CH) + tl.max_contiguous(col, COLS)  # hints: 128-bit loads / cp.async
-        wmask = (n3 < N) & cmask[None, None, :]  # [1, BLOCK_N, COLS]
-        wp = w_ptr + n3 * stride_wn + ch[None, None, :]
-        p0 = tl.load(wp, mask=wmask, other=0).to(tl.uint32, bitcast=True)
-        p1 = tl.load(wp + stride_wp, mask=wmask, other=0).to(tl.uint32, bitcast=True)
+        if TILED:  # the iteration's groups of each row: one contiguous block of records per row
+            ci = tl.arange(0, CH)
+            gg = g0 + grp
+            rec = tl.multiple_of((gg // 2) * REC + (gg % 2) * (2 * CH), ALIGN)[:, None] + ci[None, :]  # [GPI, CH]
+            tmask = (offs_n < N)[:, None, None] & ((g0 + grp) < g_end)[None, :, None]  # [BLOCK_N, GPI, 1]
+            wp = w_ptr + offs_n[:, None, None] * stride_wn + rec[None, :, :]
+            p0 = tl.reshape(tl.load(wp, mask=tmask, other=0), (1, BLOCK_N, COLS)).to(tl.uint32, bitcast=True)
+            p1 = tl.reshape(tl.load(wp + CH, mask=tmask, other=0), (1, BLOCK_N, COLS)).to(tl.uint32, bitcast=True)
+        else:
+            wmask = (n3 < N) & cmask[None, None, :]  # [1, BLOCK_N, COLS]
+            wp = w_ptr + n3 * stride_wn + ch[None, None, :]
+            p0 = tl.load(wp, mask=wmask, other=0).to(tl.uint32, bitcast=True)
+            p1 = tl.load(wp + stride_wp, mask=wmask, other=0).to(tl.uint32, bitcast=True)
         p01 = p0 & p1
         if CENTER != 0.0:  # per (row, chunk): how many weights have bit 0, bit 1, both (3 popcounts, any batch)
             n0 = _popcount(p0, INTERPRET)
@@ -465,7 +478,12 @@ def _w2a4_bitplane_gemv_kernel(
         # the 4 levels of a (row, group) in one 8-byte load (fp16 LUT; 16 bytes for fp32), split in registers
         lev = tl.arange(0, 4)
         gmask = (n3[:, :, :, None] < N) & ((g0 + grp) < g_end)[None, None, :, None]  # [1, BLOCK_N, GPI, 1]
-        lvals = tl.load(lut_ptr + n3[:, :, :, None] * stride_ln + (g0 * 4 + grp[:, None] * 4 + lev[None, :])[None, None],
+        if TILED:
+            gl = g0 + grp[:, None]
+            loff = (gl // 2) * LREC + LOFF + (gl % 2) * 4 + lev[None, :]  # [GPI, 4], inside each row's records
+        else:
+            loff = g0 * 4 + grp[:, None] * 4 + lev[None, :]
+        lvals = tl.load(lut_ptr + n3[:, :, :, None] * stride_ln + loff[None, None],
                         mask=gmask, other=0.0).to(tl.float32)  # [1, BLOCK_N, GPI, 4]
         l02, l13 = tl.split(tl.reshape(lvals, (1, BLOCK_N, GPI, 2, 2)))
         l0, l2 = tl.split(l02)
@@ -619,7 +637,8 @@ def _tuned(kind: str, G: int, split_k: bool):
     """``triton.autotune``-wrapped kernel, one per (kind, G, split-K allowed); compiled mode only."""
     key = (kind, G, split_k)
     if key not in _TUNED:
-        cfgs = {"gemv": gemv_configs, "bitplane": bitplane_configs}.get(kind, lambda g: gemm_configs(g, split_k))(G)
+        cfgs = {"gemv": gemv_configs, "bitplane": bitplane_configs,
+                "bitplane_tiled": bitplane_configs}.get(kind, lambda g: gemm_configs(g, split_k))(G)
         cfgs = [c for c in cfgs if split_k or c["SPLIT_K"] == 1]  # no workspace: no split-K
         configs = []
         for c in cfgs:
@@ -627,7 +646,7 @@ def _tuned(kind: str, G: int, split_k: bool):
             nw = c.pop("num_warps")
             configs.append(triton.Config(c, num_warps=nw, num_stages=1))
         _set_helpers(False)
-        fn = globals()[_KERNELS[kind]]
+        fn = globals()[_KERNELS[kind.removesuffix("_tiled")]]
         _TUNED[key] = triton.autotune(configs=configs, key=["N", "K", "B_KEY"], cache_results=True,
                                       prune_configs_by={"early_config_prune": _early_prune})(triton.jit(fn))
     return _TUNED[key]
@@ -834,7 +853,9 @@ def w2a4_bitplane_matmul_triton(aplanes: torch.Tensor, scale: torch.Tensor, zero
     Args:
         aplanes: int32 ``[B, A, K / 32]`` activation planes (:func:`quantize_activations_triton` with ``planes=True``,
             or :func:`.layout.activation_bitplanes`), ``A`` = activation bits.
-        scale, zero: float32 ``[B]``. wplanes: int32 ``[N, 2, K / 32]`` (:func:`.layout.weight_bitplanes`).
+        scale, zero: float32 ``[B]``. wplanes: int32 ``[N, 2, K / 32]`` (:func:`.layout.weight_bitplanes`), or the
+            planes and levels as tiles, int32 ``[N, K / G * R]`` (:func:`.layout.weight_tiles` of these planes and
+            ``lut``; the kernel then reads the levels from the tiles).
         lut: ``[N, K / G, 4]`` fp16 or fp32. wsum: float32 ``[N]``. K, G: :func:`.layout.bitplane_layout_supported`.
         bias: ``[N]`` or None. config: keys of :func:`bitplane_configs` instead of autotuning (the interpreter
             always runs a fixed one).
@@ -842,14 +863,15 @@ def w2a4_bitplane_matmul_triton(aplanes: torch.Tensor, scale: torch.Tensor, zero
         ``[B, N]`` in ``out_dtype``. Any batch is accepted; it is meant for decode (a few tokens): each token costs
         the 12 popcounts per 32 weights again, where the GEMM path shares its dequantized tile.
     """
-    N = _check_wplanes(wplanes, K, G)
+    N = _check_wplanes(wplanes, K, G, lut.dtype)
     if aplanes.dim() != 3 or aplanes.shape[2] != K // 32 or aplanes.dtype != torch.int32 or not 1 <= aplanes.shape[1] <= 8:
         raise ValueError(f"aplanes must be int32 [B, bits (1..8), {K // 32}], got {aplanes.dtype} {tuple(aplanes.shape)}")
     _check_operands(aplanes.shape[0], N, K, G, lut, wsum)
     aplanes, wplanes = aplanes.contiguous(), wplanes.contiguous()
+    lut, tiled = _tile_operands(wplanes, lut, G)
     return _launch("bitplane", aplanes, scale, zero, wplanes, lut, wsum, bias, out_dtype, G, config,
-                   (aplanes.stride(0), aplanes.stride(1), wplanes.stride(0), wplanes.stride(1)),
-                   abits=aplanes.shape[1])
+                   (aplanes.stride(0), aplanes.stride(1), wplanes.stride(0), wplanes.stride(-2) if not tiled else 0),
+                   abits=aplanes.shape[1], tiled=tiled)
 
 
 def w2a4_bitplane_linear_triton(x: torch.Tensor, wplanes: torch.Tensor, lut: torch.Tensor, wsum: torch.Tensor, K: int,
@@ -864,7 +886,7 @@ def w2a4_bitplane_linear_triton(x: torch.Tensor, wplanes: torch.Tensor, lut: tor
     Args: as :func:`w2a4_bitplane_matmul_triton`, with ``x`` fp16 / bf16 / fp32 activations instead of the planes
     and ``act_bits`` in 1..8, ``act_clip_ratio`` in ``(0, 1]``.
     """
-    N = _check_wplanes(wplanes, K, G)
+    N = _check_wplanes(wplanes, K, G, lut.dtype)
     if x.dim() != 2 or x.shape[1] != K or x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         raise ValueError(f"x must be fp16 / bf16 / fp32 [B, K={K}], got {x.dtype} {tuple(x.shape)}")
     if not 1 <= act_bits <= 8:
@@ -874,21 +896,39 @@ def w2a4_bitplane_linear_triton(x: torch.Tensor, wplanes: torch.Tensor, lut: tor
     _check_operands(x.shape[0], N, K, G, lut, wsum)
     x = x if x.stride(-1) == 1 else x.contiguous()
     wplanes = wplanes.contiguous()
+    lut, tiled = _tile_operands(wplanes, lut, G)
     return _launch("bitplane", x, wsum, wsum, wplanes, lut, wsum, bias, out_dtype or x.dtype, G, config,
-                   (x.stride(0), 0, wplanes.stride(0), wplanes.stride(1)), abits=act_bits, clip=act_clip_ratio,
-                   quant_in=True)
+                   (x.stride(0), 0, wplanes.stride(0), wplanes.stride(-2) if not tiled else 0), abits=act_bits,
+                   clip=act_clip_ratio, quant_in=True, tiled=tiled)
 
 
-def _check_wplanes(wplanes: torch.Tensor, K: int, G: int) -> int:
-    """Validate the bit-serial kernel's shape and weight planes; returns ``N``."""
-    from .layout import bitplane_layout_supported
+def _check_wplanes(wplanes: torch.Tensor, K: int, G: int, lut_dtype: torch.dtype = torch.float16) -> int:
+    """Validate the bit-serial kernel's shape and weight operand (planes ``[N, 2, K / 32]`` or tiles
+    ``[N, K / G * R]``, :func:`.layout.weight_tiles`); returns ``N``."""
+    from .layout import bitplane_layout_supported, tile_record_words
 
     if not bitplane_layout_supported(K, G):
         raise ValueError(f"the bit-serial kernel needs G % 32 == 0 and K % G == 0, got K={K}, G={G}")
     N = wplanes.shape[0]
-    if wplanes.dtype != torch.int32 or tuple(wplanes.shape) != (N, 2, K // 32):
+    if wplanes.dim() == 2:
+        want = (N, -(-(K // G) // 2) * tile_record_words(G, lut_dtype))
+        if wplanes.dtype != torch.int32 or tuple(wplanes.shape) != want:
+            raise ValueError(f"weight tiles must be int32 [N, {want[1]}], got {wplanes.dtype} {tuple(wplanes.shape)}")
+    elif wplanes.dtype != torch.int32 or tuple(wplanes.shape) != (N, 2, K // 32):
         raise ValueError(f"wplanes must be int32 [N, 2, {K // 32}], got {wplanes.dtype} {tuple(wplanes.shape)}")
     return N
+
+
+def _tile_operands(w: torch.Tensor, lut: torch.Tensor, G: int) -> tuple[torch.Tensor, tuple[int, ...] | None]:
+    """For tiles (a 2-D ``w``): the levels operand the kernel reads (``w`` viewed in the LUT's dtype) and
+    ``(REC, LREC, LOFF, ALIGN)``: words per record (two groups), elements of that view per record, the levels' offset
+    in a record in elements, and the words every group's chunks start at a multiple of; for planes: ``(lut, None)``."""
+    if w.dim() != 2:
+        return lut, None
+    from .layout import tile_record_words
+
+    rec, per_word, ch = tile_record_words(G, lut.dtype), 4 // lut.element_size(), G // 32
+    return w.view(lut.dtype), (rec, rec * per_word, 4 * ch * per_word, math.gcd(rec, 2 * ch))
 
 
 def _check_operands(B: int, N: int, K: int, G: int, lut: torch.Tensor, wsum: torch.Tensor) -> None:
@@ -900,9 +940,11 @@ def _check_operands(B: int, N: int, K: int, G: int, lut: torch.Tensor, wsum: tor
 
 def _launch(path: str, x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, w: torch.Tensor, lut: torch.Tensor,
             wsum: torch.Tensor, bias: torch.Tensor | None, out_dtype: torch.dtype, G: int, config: dict | None,
-            strides: tuple[int, ...], abits: int = 4, clip: float = 1.0, quant_in: bool = False) -> torch.Tensor:
+            strides: tuple[int, ...], abits: int = 4, clip: float = 1.0, quant_in: bool = False,
+            tiled: tuple[int, int, int] | None = None) -> torch.Tensor:
     """The launch shared by the three launch-2 kernels: operands to the device layout, the split-K workspace, a fixed
-    configuration (interpreter, ``AUTOTUNE`` off, or given) or the autotuned kernel."""
+    configuration (interpreter, ``AUTOTUNE`` off, or given) or the autotuned kernel. ``tiled``: the bit-serial
+    kernel on tiles, ``(REC, LREC, LOFF)`` of :func:`_tile_operands` (autotuned on its own)."""
     _check_device(x)
     _set_helpers(interpret_mode())
     dev = x.device
@@ -938,6 +980,8 @@ def _launch(path: str, x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
             # centred on the middle of the activation codes (7.5 at 4 bits), as the select kernels
             consts.update(ABITS=abits, QUANT_IN=quant_in, RB=min(triton.next_power_of_2(K), 1024),
                           CENTER=((1 << abits) - 1) / 2)
+            rec, lrec, loff, align = tiled or (0, 0, 0, 1)
+            consts.update(TILED=tiled is not None, REC=rec, LREC=lrec, LOFF=loff, ALIGN=align)
         else:
             consts.update(CENTER=center)
     if config is None and not interp and not AUTOTUNE:
@@ -960,9 +1004,9 @@ def _launch(path: str, x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
         bb = consts.get("BLOCK_B", cfg.get("BLOCK_B"))
         grid = (triton.cdiv(N, cfg["BLOCK_N"]), cfg["SPLIT_K"], triton.cdiv(B, bb))
         _jitted(path)[grid](*args, **consts, **cfg, num_warps=nw, **opts)
-        _LAST_LAUNCH["config"] = (path, cfg, nw, "fixed")
+        _LAST_LAUNCH["config"] = (path + ("_tiled" if tiled else ""), cfg, nw, "fixed")
     else:
-        kern = _tuned(path, G, split_ok)
+        kern = _tuned(path + ("_tiled" if tiled else ""), G, split_ok)
 
         def grid(meta):
             bb = meta["BLOCK_B"]
@@ -973,7 +1017,7 @@ def _launch(path: str, x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
         if best is None:  # no choice to name: an earlier launch's configuration must not stand for this one
             _LAST_LAUNCH.pop("config", None)
         else:
-            _LAST_LAUNCH["config"] = (path, best, None, "autotuned")
+            _LAST_LAUNCH["config"] = (path + ("_tiled" if tiled else ""), best, None, "autotuned")
     return y
 
 

@@ -284,8 +284,9 @@ def test_one_launch_equals_prekernel_then_matmul(B, N, K, G, dtype, config):
 
 # --------------------------------------------------------------------------------------------- deployed layer
 @needs_triton
+@pytest.mark.parametrize("fmt", ["bitplane", "bitplane_tiled"])
 @pytest.mark.parametrize("tokens,transform", [((1, 1), None), ((1, 3), OnlineHadamard(128, 32)), ((2, 3), None)])
-def test_packed_linear_bitplane_matches_fake_quant(tokens, transform):
+def test_packed_linear_bitplane_matches_fake_quant(tokens, transform, fmt):
     """Decode batches (<= 4 tokens) run the bit-serial kernel, larger ones the GEMM; both equal fake quantization."""
     from rcp_lib.deploy import PackedLinear
     from rcp_lib.quant import QuantLinear, WeightQuantConfig
@@ -298,8 +299,9 @@ def test_packed_linear_bitplane_matches_fake_quant(tokens, transform):
     wcfg = WeightQuantConfig(bits=2, group_size=G, method="ldp", lwc=True, ldp_init="lloyd")
     q = QuantLinear.from_linear(lin, wcfg, act_bits=4, act_clip_ratio=0.9, input_transform=transform)
     p = PackedLinear.from_quant_linear(q, lut_dtype=torch.float32, backend="triton")
-    p.gemv_format = "bitplane"
+    p.gemv_format = fmt
     assert p._bitplane() and p.kernel_planes().shape == (N, 2, K // 32)
+    assert p.kernel_tiles().shape == (N, K // G // 2 * 12)  # records of two groups: 2 x (2 + 2 + 2 words), fp32 LUT
     x = torch.randn(*tokens, K) * 2
     with torch.no_grad():
         ref = q(x)
@@ -332,6 +334,7 @@ def test_bitplane_sm90_code_has_popc_wide_loads_and_fewer_instructions(tmp_path,
         plain = ks.stats("bitplane", dict(ks._BP, BLOCK_B=4, BLOCK_N=32, GPI=1, SPLIT_K=1, NUM_STAGES=1), 2)
         one = ks.stats("bitplane", dict(ks._BP, QUANT_IN=True, BLOCK_B=1, BLOCK_N=128, GPI=1, SPLIT_K=4,
                                         NUM_STAGES=1), 4)
+        tiled = ks.stats("bitplane", dict(ks._BP, **ks._TILED, BLOCK_B=1, BLOCK_N=64, GPI=2, SPLIT_K=4, NUM_STAGES=3), 4)
     except RuntimeError as e:  # a triton build without the CUDA backend / ptxas
         if "ptxas" in str(e).lower() or "backend" in str(e).lower():
             pytest.skip(f"no CUDA compiler backend: {e}")
@@ -344,6 +347,9 @@ def test_bitplane_sm90_code_has_popc_wide_loads_and_fewer_instructions(tmp_path,
     # 128 rows x 128 weights instead of per 16 weights of 32 rows), still well under the select kernel
     assert one["popc"] >= 48 and one["instr_per_weight"] < 0.5 * sel["instr_per_weight"]
     assert sel["bar"] >= 16  # the select kernel's per-slot layout conversions (what the bit planes remove)
+    # tiles: the same loop on one stream per row, still wide (asynchronous) loads and about the planes' instructions
+    assert tiled["gemv_format"] == "bitplane_tiled" and tiled["popc"] == bp["popc"]
+    assert tiled["ldgsts"] + tiled["ldg_128"] > 0 and tiled["instr_per_weight"] < 1.1 * bp["instr_per_weight"]
 
 
 @needs_triton
@@ -436,3 +442,58 @@ def test_merged_layer_on_the_fused_path_computes_each_layer(fmt, tokens):
         got = merged(x)
     assert merged.kernel_path(x) == "fused" and (fmt == "select" or merged._bitplane())
     torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6 * float(want.abs().max()))
+
+
+# --------------------------------------------------------------------------------------------- tiles
+def test_weight_tiles_round_trip_and_record_layout():
+    """Each record holds two groups of a row: P0 and P1 chunks of the first, of the second, then both groups'
+    levels; a multiple of 4 words (16-byte aligned records, no padding); an odd last group is zeros."""
+    from rcp_lib.kernels.layout import tile_record_words, tiles_to_planes, weight_tiles
+
+    N, K, G = 3, 384, 128  # 3 groups: one full record and one with an empty second group
+    codes = torch.randint(0, 4, (N, K), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+    planes = weight_bitplanes(pack_codes(codes), K)
+    for dt, rec, lw in ((torch.float16, 20, 2), (torch.float32, 24, 4)):
+        lut = torch.randn(N, K // G, 4).to(dt)
+        assert tile_record_words(G, dt) == rec and rec % 4 == 0
+        t = weight_tiles(planes, lut, G)
+        assert t.shape == (N, 2 * rec) and t.dtype == torch.int32
+        r = t.reshape(N, 2, rec)
+        assert torch.equal(r[1, 0, 8:12], planes[1, 0, 4:8]) and torch.equal(r[1, 0, 12:16], planes[1, 1, 4:8])
+        assert torch.equal(r[2, 1, :4], planes[2, 0, 8:12])  # group 2: the second record's first group
+        assert torch.equal(r[2, 0, 16 + lw:16 + 2 * lw].contiguous().view(dt), lut[2, 1])
+        assert int(r[:, 1, 8:16].abs().sum()) == 0 and int(r[:, 1, 16 + lw:].abs().sum()) == 0  # no group 3
+        p2, l2 = tiles_to_planes(t, K, G, dt)
+        assert torch.equal(p2, planes) and torch.equal(l2, lut)
+    assert tile_record_words(64, torch.float16) == 12 and tile_record_words(32, torch.float32) == 12
+    with pytest.raises(ValueError, match="fp16 or fp32"):
+        tile_record_words(128, torch.bfloat16)
+
+
+@pytest.mark.heavy
+@needs_triton
+@pytest.mark.parametrize("B,N,K,G,config", CASES)
+@pytest.mark.parametrize("lut_dtype", [torch.float16, torch.float32])
+def test_bitplane_tiles_compute_what_the_planes_compute(B, N, K, G, config, lut_dtype):
+    """The bit-serial kernel on tiles (planes and levels in one array) gives the planar kernel's output bit for bit
+    (the same integer sums and levels, in the same order), in two launches and in one."""
+    from rcp_lib.kernels.layout import weight_tiles
+    from rcp_lib.kernels.triton_w2a4 import (pop_launch_config, quantize_activations_triton,
+                                             w2a4_bitplane_linear_triton, w2a4_bitplane_matmul_triton)
+
+    codes, lut, x = _problem(B, N, K, G, seed=B + N)
+    lut = lut.to(lut_dtype)
+    packed = pack_codes(codes)
+    bias = torch.randn(N)
+    planes, s, z = quantize_activations_triton(x, 4, 1.0, G, planes=True)
+    ws = weight_row_sums(packed, lut, K, G)
+    wp = weight_bitplanes(packed, K)
+    tiles = weight_tiles(wp, lut, G)
+    want = w2a4_bitplane_matmul_triton(planes, s, z, wp, lut, ws, K, G, bias, torch.float32, config=config)
+    got = w2a4_bitplane_matmul_triton(planes, s, z, tiles, lut, ws, K, G, bias, torch.float32, config=config)
+    assert torch.equal(got, want) and pop_launch_config().startswith("bitplane_tiled ")
+    want1 = w2a4_bitplane_linear_triton(x, wp, lut, ws, K, G, 4, 0.9, bias, torch.float32, config=config)
+    got1 = w2a4_bitplane_linear_triton(x, tiles, lut, ws, K, G, 4, 0.9, bias, torch.float32, config=config)
+    assert torch.equal(got1, want1)
+    with pytest.raises(ValueError, match="weight tiles must be int32"):
+        w2a4_bitplane_matmul_triton(planes, s, z, tiles[:, :-4], lut, ws, K, G)

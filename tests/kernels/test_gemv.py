@@ -255,7 +255,7 @@ def test_benchmark_measurement_logic_smoke(tmp_path):
                        layers=1, decode_dims=(32, 64, 2), kv_len=4)
     linear = [r for r in rows if r["bench"] == "linear"]
     assert [r["method"] for r in linear] == ["fp16_cublas", "w2a4_fused", "w2a4_matmul", "w2a4_generic_op",
-                                             "w2a4_bitplane_fused", "w2a4_bitplane_matmul"]
+                                             "w2a4_bitplane_fused", "w2a4_bitplane_matmul", "w2a4_bitplane_tiled_fused"]
     assert all(r["gpu"] == "cpu (smoke test)" and "git_commit" in r and "triton" in r for r in rows)
     assert all(float(r["rel_err_vs_float64"]) < 1e-3 for r in linear[1:])
     # each time names the GEMV configuration that produced it (the interpreter's fixed one here; autotuned on a GPU)
@@ -263,6 +263,7 @@ def test_benchmark_measurement_logic_smoke(tmp_path):
     assert kc["fp16_cublas"] == "" and kc["w2a4_generic_op"] == ""
     assert kc["w2a4_matmul"].startswith("gemv ") and "BLOCK_N=" in kc["w2a4_matmul"] and kc["w2a4_matmul"].endswith("(fixed)")
     assert kc["w2a4_bitplane_matmul"].startswith("bitplane ") and "SPLIT_K=" in kc["w2a4_bitplane_matmul"]
+    assert kc["w2a4_bitplane_tiled_fused"].startswith("bitplane_tiled ")
     decode = rows[len(linear):]
     assert [(r["bench"], r["method"]) for r in decode] == [("decode", m[0]) for m in mod.DECODE_VARIANTS]
     merged = [r for r in decode if r["method"].endswith("_merged")]
