@@ -472,7 +472,7 @@ def test_weight_tiles_round_trip_and_record_layout():
 
 @pytest.mark.heavy
 @needs_triton
-@pytest.mark.parametrize("B,N,K,G,config", CASES)
+@pytest.mark.parametrize("B,N,K,G,config", [CASES[0], CASES[1], CASES[-1]])  # odd group counts, ragged / deep split-K
 @pytest.mark.parametrize("lut_dtype", [torch.float16, torch.float32])
 def test_bitplane_tiles_compute_what_the_planes_compute(B, N, K, G, config, lut_dtype):
     """The bit-serial kernel on tiles (planes and levels in one array) gives the planar kernel's output bit for bit
