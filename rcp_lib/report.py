@@ -417,6 +417,17 @@ def sweep_markdown(sweep: pd.DataFrame) -> str:
     return txt
 
 
+def _ran_on(rows: pd.DataFrame) -> str:
+    """``", git 0a0b51ce, AMD EPYC (AVX512)"``: the commits and CPUs of a table's rows (another CPU type rounds
+    differently: a table is compared with others of its CPU only), "" without provenance columns."""
+    parts = []
+    if "git_commit" in rows:
+        parts.append("git " + ", ".join(sorted({str(c)[:8] for c in rows["git_commit"]})))
+    if "cpu_model" in rows and "torch_cpu_capability" in rows:
+        parts.append(", ".join(sorted({f"{m} ({c})" for m, c in zip(rows["cpu_model"], rows["torch_cpu_capability"])})))
+    return "".join(f", {p}" for p in parts)
+
+
 def sweep_table_markdown(sweep: pd.DataFrame, name: str = "recipe_sweep_gptq", profile: str = "cpu") -> str:
     """The learning-rate sweep under the GPTQ start (``results/cpu/<name>.csv`` of ``python -m rcp_lib.experiments.sweep
     --name <name>``, one row per point and seed) as a table: per point its learning rates, validation perplexity on the
@@ -431,7 +442,7 @@ def sweep_table_markdown(sweep: pd.DataFrame, name: str = "recipe_sweep_gptq", p
     fresh = _orders_from_rows(sweep, "point", "val_ppl", best, lambda p: f"point {p}")
     r0 = sweep.iloc[0]
     lines = [f"Learning-rate sweep under the GPTQ start (`python -m rcp_lib.experiments.sweep --name {name}`, "
-             f"`results/{profile}/{name}.csv`): RCP W2A4KV4, {int(r0['steps'])} steps × "
+             f"`results/{profile}/{name}.csv`{_ran_on(sweep)}): RCP W2A4KV4, {int(r0['steps'])} steps × "
              f"{int(r0['tokens']) // int(r0['steps'])} tokens, validation perplexity on {r0['val_split']} (never the "
              f"test split); selected: the lowest mean among the points run at the most seeds.", "",
              "| point | lr weights | lr quantizer | lr range | seeds | val ppl (mean ± SE) | start ppl | mean \\|Δ clip "
@@ -499,9 +510,8 @@ def r4_blocks_markdown(df: pd.DataFrame) -> str:
     from .experiments.r4 import FULL
 
     orders = _orders_from_rows(df, "method", "ppl", FULL)
-    cpus = sorted({f"{r.get('cpu_model', '?')} ({r.get('torch_cpu_capability', '?')})" for r in df.to_dict("records")})
-    out = ["R4 blocks (notebook 06 of the `ablation` profile, `results/ablation/r4_blocks.csv`, "
-           f"ran on {', '.join(cpus)}): the fused W2A4 pre-kernel runs R4 only for some orders "
+    out = ["R4 blocks (notebook 06 of the `ablation` profile, `results/ablation/r4_blocks.csv`"
+           f"{_ran_on(df)}): the fused W2A4 pre-kernel runs R4 only for some orders "
            "(`hadamard_supported`), so a deployment of a model whose MLP width it cannot run (LLaMA-2-7B's 11008) "
            "keeps a torch transform or trains with a block-diagonal R4 of power-of-two blocks. What the blocks cost on "
            "4-bit activations, weights in full precision (W16A4KV16), QuaRot's R1:", "",

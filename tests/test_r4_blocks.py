@@ -70,7 +70,7 @@ def test_r4_blocks_markdown_orders_from_paired_tests():
                             ("blocks of 128", (30.1, 30.9, 32.2)))
             for s, p in enumerate(vals)]
     text = r4_blocks_markdown(pd.DataFrame(rows))
-    assert "ran on X (AVX2)" in text
+    assert "r4_blocks.csv`, X (AVX2))" in text
     line = {ln.split(" | ")[0].lstrip("| "): ln for ln in text.splitlines() if ln.startswith("| ")}
     assert "full Hadamard < blocks of 64 (paired p = " in line["blocks of 64"]
     assert "not separable at this budget (paired p = " in line["blocks of 128"]
