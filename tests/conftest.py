@@ -48,3 +48,36 @@ def excerpt_test_ids(embedded):
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture
+def tiny_experiment(monkeypatch, tmp_path):
+    """The experiments' model and scores on a tiny random LLaMA (hidden 64, MLP 128, 2 layers; tests only): the
+    profile's base model, its test perplexity (the loss on 128 fixed tokens, each scored model appended to the
+    returned list), its calibration windows and its model sizes are patched in :mod:`rcp_lib.experiments.build`
+    and :mod:`rcp_lib.models`, and the cache is a fresh folder. Returns ``(fp model, scored models)``."""
+    import importlib
+    import math
+
+    import torch
+
+    from rcp_lib import models as M
+
+    B = importlib.import_module("rcp_lib.experiments.build")  # the module (the package exports a function "build")
+    monkeypatch.setenv("RCP_CACHE", str(tmp_path))
+    fp = M.tiny_llama(hidden=64, intermediate=128, heads=2, kv_heads=1, layers=2, vocab=128, seed=0)
+    data = torch.randint(0, 128, (1, 512), generator=torch.Generator().manual_seed(3))
+    seen = []
+
+    def ppl(model, profile, progress):
+        seen.append(model)
+        with torch.no_grad():
+            out = model(input_ids=data[:, :128], labels=data[:, :128])
+        return float(math.exp(out.loss))
+
+    monkeypatch.setattr(B, "base_model", lambda profile: (fp, None))
+    monkeypatch.setattr(B, "_test_ppl", ppl)
+    monkeypatch.setattr(B, "calibration", lambda profile: torch.randint(
+        0, 128, (4, 32), generator=torch.Generator().manual_seed(profile.seed)))
+    monkeypatch.setattr(M, "model_dims", lambda name: M.dims(fp))
+    return fp, seen

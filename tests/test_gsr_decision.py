@@ -13,26 +13,8 @@ from rcp_lib.profiles import get_profile
 
 
 @pytest.fixture
-def tiny(monkeypatch, tmp_path):
-    import importlib
-
-    B = importlib.import_module("rcp_lib.experiments.build")  # the module (the package exports a function "build")
-    monkeypatch.setenv("RCP_CACHE", str(tmp_path))
-    fp = M.tiny_llama(hidden=64, intermediate=128, heads=2, kv_heads=1, layers=2, vocab=128, seed=0)
-    data = torch.randint(0, 128, (1, 512), generator=torch.Generator().manual_seed(3))
-    seen = []
-
-    def ppl(model, profile, progress):
-        seen.append(model)
-        with torch.no_grad():
-            out = model(input_ids=data[:, :128], labels=data[:, :128])
-        return float(math.exp(out.loss))
-
-    monkeypatch.setattr(B, "base_model", lambda profile: (fp, None))
-    monkeypatch.setattr(B, "_test_ppl", ppl)
-    monkeypatch.setattr(B, "calibration", lambda profile: torch.randint(
-        0, 128, (4, 32), generator=torch.Generator().manual_seed(profile.seed)))
-    return get_profile("ablation", ablation_seeds=[0, 1], w_group_size=32), seen
+def tiny(tiny_experiment):
+    return get_profile("ablation", ablation_seeds=[0, 1], w_group_size=32), tiny_experiment[1]
 
 
 @pytest.mark.heavy

@@ -14,25 +14,8 @@ from rcp_lib.profiles import get_profile
 
 
 @pytest.fixture
-def tiny(monkeypatch, tmp_path):
-    import importlib
-
-    B = importlib.import_module("rcp_lib.experiments.build")
-    monkeypatch.setenv("RCP_CACHE", str(tmp_path))
-    fp = M.tiny_llama(hidden=64, intermediate=128, heads=2, kv_heads=1, layers=2, vocab=128, seed=0)
-    data = torch.randint(0, 128, (1, 256), generator=torch.Generator().manual_seed(3))
-    seen = []
-
-    def ppl(model, profile, progress):
-        seen.append(model)
-        with torch.no_grad():
-            out = model(input_ids=data[:, :128], labels=data[:, :128])
-        return float(math.exp(out.loss))
-
-    monkeypatch.setattr(B, "base_model", lambda profile: (fp, None))
-    monkeypatch.setattr(B, "_test_ppl", ppl)
-    monkeypatch.setattr(M, "model_dims", lambda name: M.dims(fp))
-    return get_profile("ablation", ablation_seeds=[0, 1]), seen
+def tiny(tiny_experiment):
+    return get_profile("ablation", ablation_seeds=[0, 1]), tiny_experiment[1]
 
 
 @pytest.mark.heavy

@@ -472,15 +472,17 @@ def test_weight_tiles_round_trip_and_record_layout():
 
 @pytest.mark.heavy
 @needs_triton
-@pytest.mark.parametrize("B,N,K,G,config", [CASES[0], CASES[1], CASES[-1]])  # odd group counts, ragged / deep split-K
-@pytest.mark.parametrize("lut_dtype", [torch.float16, torch.float32])
-def test_bitplane_tiles_compute_what_the_planes_compute(B, N, K, G, config, lut_dtype):
+@pytest.mark.parametrize("case,lut_dtype", [(CASES[0], torch.float16), (CASES[0], torch.float32),
+                                            (CASES[1], torch.float32), (CASES[-1], torch.float16)])
+def test_bitplane_tiles_compute_what_the_planes_compute(case, lut_dtype):
     """The bit-serial kernel on tiles (planes and levels in one array) gives the planar kernel's output bit for bit
-    (the same integer sums and levels, in the same order), in two launches and in one."""
+    (the same integer sums and levels, in the same order), in two launches and in one: odd group counts, a ragged and
+    a deep split-K, fp16 and fp32 levels."""
     from rcp_lib.kernels.layout import weight_tiles
     from rcp_lib.kernels.triton_w2a4 import (pop_launch_config, quantize_activations_triton,
                                              w2a4_bitplane_linear_triton, w2a4_bitplane_matmul_triton)
 
+    B, N, K, G, config = case
     codes, lut, x = _problem(B, N, K, G, seed=B + N)
     lut = lut.to(lut_dtype)
     packed = pack_codes(codes)
