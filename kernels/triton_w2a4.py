@@ -854,8 +854,9 @@ def w2a4_bitplane_matmul_triton(aplanes: torch.Tensor, scale: torch.Tensor, zero
         aplanes: int32 ``[B, A, K / 32]`` activation planes (:func:`quantize_activations_triton` with ``planes=True``,
             or :func:`.layout.activation_bitplanes`), ``A`` = activation bits.
         scale, zero: float32 ``[B]``. wplanes: int32 ``[N, 2, K / 32]`` (:func:`.layout.weight_bitplanes`), or the
-            planes and levels as tiles, int32 ``[N, K / G * R]`` (:func:`.layout.weight_tiles` of these planes and
-            ``lut``; the kernel then reads the levels from the tiles).
+            planes and levels as tiles, int32 ``[N, ceil(K / G / 2) * R]`` (:func:`.layout.weight_tiles` of these
+            planes and ``lut``, ``R`` words per record of two groups; the kernel then reads the levels from the
+            tiles).
         lut: ``[N, K / G, 4]`` fp16 or fp32. wsum: float32 ``[N]``. K, G: :func:`.layout.bitplane_layout_supported`.
         bias: ``[N]`` or None. config: keys of :func:`bitplane_configs` instead of autotuning (the interpreter
             always runs a fixed one).
@@ -904,7 +905,7 @@ def w2a4_bitplane_linear_triton(x: torch.Tensor, wplanes: torch.Tensor, lut: tor
 
 def _check_wplanes(wplanes: torch.Tensor, K: int, G: int, lut_dtype: torch.dtype = torch.float16) -> int:
     """Validate the bit-serial kernel's shape and weight operand (planes ``[N, 2, K / 32]`` or tiles
-    ``[N, K / G * R]``, :func:`.layout.weight_tiles`); returns ``N``."""
+    ``[N, ceil(K / G / 2) * R]``, :func:`.layout.weight_tiles`); returns ``N``."""
     from .layout import bitplane_layout_supported, tile_record_words
 
     if not bitplane_layout_supported(K, G):
@@ -1027,7 +1028,7 @@ def w2a4_linear_triton(x: torch.Tensor, packed_w: torch.Tensor, lut: torch.Tenso
                        out_dtype: torch.dtype | None = None, config: dict | None = None,
                        wplanes: torch.Tensor | None = None) -> torch.Tensor:
     """The whole W2A4 linear in two launches: :func:`quantize_activations_triton` then :func:`w2a4_matmul_triton`.
-    ``x [B, K]`` -> ``[B, N]`` in ``out_dtype`` (default ``x.dtype``). With ``wplanes`` (int32 ``[N, 2, K / 32]``,
+    ``x [B, K]`` -> ``[B, N]`` in ``out_dtype`` (default ``x.dtype``). With ``wplanes`` (int32 ``[N, 2, K / 32]`` or tiles,
     :func:`.layout.weight_bitplanes` of ``packed_w``), a decode batch (``B <= GEMV_MAX_BATCH``) runs the bit-serial
     kernel instead, in one launch (:func:`w2a4_bitplane_linear_triton`) unless the pre-kernel applies a Hadamard
     (then pre-kernel planes + :func:`w2a4_bitplane_matmul_triton`); larger batches the GEMM on ``packed_w`` either
