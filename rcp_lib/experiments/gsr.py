@@ -26,7 +26,7 @@ from ..profiles import Profile
 from ..quant.apply import preset, quantize_model
 from ..rotation.fuse import RotationConfig, rotate_model
 from .methods import method
-from .rows import cached_row, code_key
+from .rows import cached_row, eval_key
 
 #: the activation part's R1s: (label, r1 kind, random signs, seeded). The block kinds use ``block``. GSR's blocks in
 #: natural order (block-Hadamard) are left out: they permute the coordinates inside each block, which a per-token
@@ -48,12 +48,7 @@ def _eval(model, profile: Profile, progress: bool) -> float:
 
 
 def _key(part: str, rotation: RotationConfig, quant, profile: Profile, gptq: bool) -> dict:
-    key = {"kind": f"gsr-{part}", "model": profile.model, "corpus": profile.corpus, "dtype": profile.dtype,
-           "rotation": rotation.to_dict(), "quant": quant.to_dict(), "seqlen": profile.seqlen,
-           "eval_windows": profile.eval_windows, "eval_spread": profile.eval_spread, "code": code_key()}
-    if gptq:
-        key["calib"] = [profile.calib_windows, profile.calib_seqlen, profile.seed]
-    return key
+    return eval_key(f"gsr-{part}", rotation, quant, profile, calib=gptq)
 
 
 def _activation_setup(r1: str, signs: bool, block: int | None, profile: Profile):

@@ -22,7 +22,7 @@ from ..io import provenance
 from ..profiles import Profile
 from ..quant.apply import preset, quantize_model
 from ..rotation.fuse import RotationConfig, rotate_model
-from .rows import cached_row, code_key
+from .rows import cached_row, eval_key
 
 #: the R4 blocks compared with the full Hadamard (None): the powers of two the pre-kernel runs without mixing rows
 #: (<= 128) and one that mixes rows (512); a block that does not divide the MLP width is skipped
@@ -40,9 +40,7 @@ def _setup(block: int | None, profile: Profile) -> tuple[RotationConfig, object]
 
 
 def _key(rotation: RotationConfig, quant, profile: Profile) -> dict:
-    return {"kind": "r4-blocks", "model": profile.model, "corpus": profile.corpus, "dtype": profile.dtype,
-            "rotation": rotation.to_dict(), "quant": quant.to_dict(), "seqlen": profile.seqlen,
-            "eval_windows": profile.eval_windows, "eval_spread": profile.eval_spread, "code": code_key()}
+    return eval_key("r4-blocks", rotation, quant, profile)
 
 
 def r4_block_sizes(profile: Profile, blocks: tuple[int | None, ...] = R4_BLOCKS) -> list[int | None]:
@@ -56,8 +54,8 @@ def r4_block_sizes(profile: Profile, blocks: tuple[int | None, ...] = R4_BLOCKS)
 def r4_plan(profile: Profile, blocks: tuple[int | None, ...] = R4_BLOCKS) -> list[tuple[int, str, dict]]:
     """The rows :func:`r4_blocks` reads or computes, in its order: ``(seed, label, cache key)``; nothing computed."""
     sizes = r4_block_sizes(profile, blocks)
-    return [(int(s), _label(b), _key(*_setup(b, replace(profile, seed=int(s))), replace(profile, seed=int(s))))
-            for s in profile.ablation_seeds for b in sizes]
+    seeded = [replace(profile, seed=int(s)) for s in profile.ablation_seeds]
+    return [(p.seed, _label(b), _key(*_setup(b, p), p)) for p in seeded for b in sizes]
 
 
 def r4_blocks(profile: Profile, progress: bool = True, blocks: tuple[int | None, ...] = R4_BLOCKS) -> list[dict]:

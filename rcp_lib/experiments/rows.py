@@ -28,6 +28,18 @@ def code_key() -> str:
     return code_fingerprint()
 
 
+def eval_key(kind: str, rotation, quant, profile, calib: bool = False) -> dict:
+    """Cache key of a row that rotates and quantizes the profile's base model and scores it on the profile's test
+    windows (the GSR decision, the R4 blocks): what made it (``rotation``, ``quant``: configs with ``to_dict``), the
+    model, corpus, windows and code; with ``calib``, the calibration windows (a GPTQ row)."""
+    key = {"kind": kind, "model": profile.model, "corpus": profile.corpus, "dtype": profile.dtype,
+           "rotation": rotation.to_dict(), "quant": quant.to_dict(), "seqlen": profile.seqlen,
+           "eval_windows": profile.eval_windows, "eval_spread": profile.eval_spread, "code": code_key()}
+    if calib:
+        key["calib"] = [profile.calib_windows, profile.calib_seqlen, profile.seed]
+    return key
+
+
 def cache_name(kind: str, key: dict) -> str:
     """File stem of a cached object: ``<kind>-<16 hex digits of config_hash(key)>``."""
     return f"{kind}-{config_hash(key)}"
