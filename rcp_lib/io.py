@@ -300,6 +300,21 @@ def cpu_info() -> dict[str, Any]:
             "blas": ", ".join(blas) or "unknown"}
 
 
+def platform_key() -> str:
+    """What a float result depends on besides the code, as one cache-key string: torch's CPU kernel level, the
+    :data:`VECTOR_FLAGS`, the intra-op thread count and, where CUDA is present, the first GPU's name
+    (e.g. ``"AVX512 avx avx2 ... x2"``). Every cache key carries it (:func:`rcp_lib.experiments.rows.code_key`), so a
+    cache copied to, or a disk kept on, a machine that rounds differently recomputes instead of mixing CPU types in one
+    table (the CPU type acts like a seed: docs/reproducing.md)."""
+    import torch
+
+    info = cpu_info()
+    parts = [info["torch_cpu_capability"] or "?", info["cpu_flags"], f"x{torch.get_num_threads()}"]
+    if torch.cuda.is_available():
+        parts.append(torch.cuda.get_device_name(0))
+    return " ".join(p for p in parts if p)
+
+
 #: the keys of :func:`provenance`: the columns that say where and when a row was computed, not what it measured
 #: (``python -m rcp_lib compare`` skips them)
 PROVENANCE_KEYS = ("rcp_lib", "torch", "transformers", "python", "machine", "device", "cpu_model", "cpu_flags",

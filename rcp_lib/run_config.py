@@ -105,13 +105,13 @@ class RunConfig:
         return {**d.pop("recipe"), **d}
 
     def key(self) -> str:
-        from .io import code_fingerprint
+        from .io import code_fingerprint, platform_key
 
         d = self.to_dict()
         d.pop("out_dir", None)
         d.pop("export_dir", None)
         d.pop("eval", None)
-        return config_hash(d, {"code": code_fingerprint()})
+        return config_hash(d, {"code": code_fingerprint(), "platform": platform_key()})
 
 
 def export_run(student, cfg: RunConfig, export_dir: str | Path, is_main: bool, skeleton=None) -> None:

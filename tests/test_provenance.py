@@ -120,6 +120,30 @@ def test_cache_keys_contain_the_fingerprint(monkeypatch):
     assert X.qat_key(m, P) != qat_a
 
 
+def test_cache_keys_contain_the_cpu_type(monkeypatch):
+    """A row, a student and a CLI run computed on one CPU type are not read back on another (the CPU type rounds like a
+    seed): the same code on an AVX2 and an AVX-512 machine, or with another thread count, gives other cache names."""
+    import torch
+
+    from rcp_lib import experiments as X
+    from rcp_lib.io import config_hash, cpu_info, platform_key
+    from rcp_lib.profiles import get_profile
+    from rcp_lib.run_config import RunConfig
+
+    key = platform_key()
+    assert key.split()[0] == (cpu_info()["torch_cpu_capability"] or "?")
+    assert key.endswith(f"x{torch.get_num_threads()}") or torch.cuda.is_available()
+    P = get_profile("smoke")
+    m = X.method("RCP", "W2A4KV4")
+    monkeypatch.setattr(rio, "code_fingerprint", lambda: "aaaaaaaaaaaa")
+    monkeypatch.setattr(rio, "platform_key", lambda: "AVX2 avx avx2 fma x2")
+    row_a, qat_a, run_a = config_hash(X.row_key(m, P)), X.qat_key(m, P), RunConfig().key()
+    monkeypatch.setattr(rio, "platform_key", lambda: "AVX512 avx avx2 fma avx512f x2")
+    assert config_hash(X.row_key(m, P)) != row_a
+    assert X.qat_key(m, P) != qat_a
+    assert RunConfig().key() != run_a
+
+
 def test_gptq_and_rotation_keys_contain_the_fingerprint(monkeypatch):
     """The GPTQ and rotation-analysis caches (keys built inline) are keyed by the fingerprint too."""
     from rcp_lib import experiments as X
@@ -142,7 +166,7 @@ def test_gptq_and_rotation_keys_contain_the_fingerprint(monkeypatch):
         X._ptq_cached(None, X.method("QuaRot-GPTQ", "W2A4KV4"), P, False)
     with pytest.raises(Stop):
         X.rotation_analysis(P, progress=False)
-    assert [k.get("code") for k in seen] == ["cccccccccccc"] * 2
+    assert [k.get("code").split()[0] for k in seen] == ["cccccccccccc"] * 2
     assert not any("rcp_lib" in k for k in seen)  # no longer keyed by the never-changing __version__
 
 

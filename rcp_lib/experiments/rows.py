@@ -1,8 +1,8 @@
 """Cache keys, the row cache and result files.
 
 Every cached object is named ``<kind>-<config_hash(key)>`` (:func:`cache_name`), where the key holds everything that
-determines it plus the code fingerprint (:func:`rcp_lib.io.code_fingerprint`), so a code or config change
-recomputes it: result rows as JSON under ``cache_dir()/rows/`` (:func:`cached_row`), trained QAT students under
+determines it plus the code fingerprint and the CPU type (:func:`code_key`), so a code or config change, or another
+CPU type, recomputes it: result rows as JSON under ``cache_dir()/rows/`` (:func:`cached_row`), trained QAT students under
 ``cache_dir()/qat/<hash>/`` (:func:`qat_key`) and frozen PTQ weights under ``cache_dir()/ptq/`` (:func:`ptq_key`).
 Finished tables go to ``results/<profile>/<name>.csv`` (:func:`write_rows`).
 """
@@ -22,10 +22,12 @@ from .methods import Method
 
 
 def code_key() -> str:
-    """The code fingerprint that every cache key carries (a code or config change invalidates the caches)."""
-    from ..io import code_fingerprint  # looked up at call time (the tests replace it)
+    """What every cache key carries besides its own settings: the code fingerprint and the machine's rounding
+    (:func:`rcp_lib.io.platform_key`), ``"<fingerprint> <platform>"``. A code or config change, or a run on another
+    CPU type, recomputes instead of reading the cache (a table is never resumed on a CPU that rounds differently)."""
+    from ..io import code_fingerprint, platform_key  # looked up at call time (the tests replace them)
 
-    return code_fingerprint()
+    return f"{code_fingerprint()} {platform_key()}"
 
 
 def eval_key(kind: str, rotation, quant, profile, calib: bool = False) -> dict:

@@ -274,8 +274,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from ..profiles import parse_set_items
     from . import base_model, tokens, write_rows
-    from .rows import cached_row, code_key
-    from ..io import require_clean_tree
+    from .rows import cached_row
+    from ..io import code_fingerprint, require_clean_tree
     from ..paths import results_dir
     from ..profiles import get_profile
 
@@ -302,7 +302,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     require_clean_tree()  # fail before hours of training, not after
     if not args.replace:
-        check_same_code(results_dir(P) / f"{args.name}.csv", code_key())
+        check_same_code(results_dir(P) / f"{args.name}.csv", code_fingerprint())
 
     fp = base_model(P)[0]
     train_ids = tokens(P, "train")

@@ -150,8 +150,8 @@ def main(argv: list[str] | None = None) -> int:
         os.environ["RCP_ALLOW_DIRTY"] = "1"
 
     from . import base_model, tokens, write_rows
-    from .rows import cached_row, code_key
-    from ..io import require_clean_tree
+    from .rows import cached_row
+    from ..io import code_fingerprint, require_clean_tree
     from ..paths import results_dir
     from ..profiles import get_profile, parse_set_items
 
@@ -168,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
     require_clean_tree()  # fail before hours of training, not after
     out_csv = results_dir(P) / "recipe_variants.csv"
     if not args.replace:
-        check_same_code(out_csv, code_key())
+        check_same_code(out_csv, code_fingerprint())
     fp = base_model(P)[0]
     train_ids = tokens(P, "train")
 
