@@ -33,7 +33,10 @@ fp16 weights, ``w2a4`` uses :class:`rcp_lib.kernels.packed_linear.PackedLinear` 
 R4 Hadamard on down_proj's input: 11008 = 172 · 64 is beyond the pre-kernel's row mixing (``hadamard_supported``),
 so that transform runs in torch before the fused pre-kernel); ``w2a4_bitplane`` is the same stack with the bit-serial decode kernel. The ``*_merged`` stacks
 (:data:`DECODE_VARIANTS`) compute q | k | v and gate | up as one linear each (for W2A4 the layout of
-``rcp_lib.deploy.merge_shared_inputs``); their ``speedup_vs_fp16`` is against ``fp16_merged``. One token step is
+``rcp_lib.deploy.merge_shared_inputs``); their ``speedup_vs_fp16`` is against ``fp16_merged``. ``w2a4_bitplane_glu``
+is the merged bit-serial stack with each MLP as ``rcp_lib.deploy.fuse_gated_mlps`` builds it (``down.forward_glu``:
+the SiLU and product inside the kernel that quantizes down_proj's input, where that kernel applies the R4 itself; at
+11008 the R4 stays in torch, and so do the SiLU and product). One token step is
 captured in a CUDA graph; tokens/s = 1 / median step time (no L2 flush: the weights exceed L2).
 
 Rows carry provenance (:func:`rcp_lib.io.provenance`: git commit, device, torch version, date), the tree that ran
@@ -217,11 +220,14 @@ def _rmsnorm(x, w, eps=1e-5):
 
 
 def build_decoder(dev, packed: bool, layers: int, hidden: int, inter: int, heads: int, kv_len: int, G: int,
-                  gemv_format: str = "select", merged: bool = False):
+                  gemv_format: str = "select", merged: bool = False, glu: bool = False):
     """The decode stand-in of the module docstring: returns ``step(x [1, hidden]) -> [1, hidden]``. ``merged``: q | k | v
     and gate | up as one linear each (``3 hidden x hidden``, ``2 inter x hidden``; for W2A4 the layout of
     :func:`rcp_lib.deploy.merge_shared_inputs`: one activation quantization and one launch per group), their outputs
-    split as the separate projections' would be."""
+    split as the separate projections' would be. ``glu`` (W2A4, merged): down_proj takes the merged ``[gate | up]``
+    (:meth:`rcp_lib.deploy.PackedLinear.forward_glu`, the MLP of :func:`rcp_lib.deploy.fuse_gated_mlps`)."""
+    if glu and not (packed and merged):
+        raise ValueError("glu needs a merged W2A4 stack")
     import torch
     import torch.nn.functional as F
     from torch import nn
@@ -282,6 +288,9 @@ def build_decoder(dev, packed: bool, layers: int, hidden: int, inter: int, heads
             a = F.scaled_dot_product_attention(q.reshape(1, heads, 1, hd), b["kc"], b["vc"]).reshape(1, hidden)
             x = x + b["o"](a)
             h = _rmsnorm(x, b["n2"])
+            if glu:
+                x = x + b["down"].forward_glu(b["mlp"][0](h))
+                continue
             gate, up = run(b["mlp"], h, inter)
             x = x + b["down"](F.silu(gate) * up)
         return x
@@ -289,12 +298,14 @@ def build_decoder(dev, packed: bool, layers: int, hidden: int, inter: int, heads
     return step
 
 
-#: the decode stacks (method, packed, gemv_format, merged): each separate and with q | k | v and gate | up merged
-#: (``build_decoder(merged=True)``), fp16 merged too so that the merged W2A4 stacks meet a merged fp16 peer
-DECODE_VARIANTS: tuple[tuple[str, bool, str, bool], ...] = (
-    ("fp16", False, "select", False), ("w2a4", True, "select", False), ("w2a4_bitplane", True, "bitplane", False),
-    ("fp16_merged", False, "select", True), ("w2a4_merged", True, "select", True),
-    ("w2a4_bitplane_merged", True, "bitplane", True))
+#: the decode stacks (method, packed, gemv_format, merged, glu): each separate and with q | k | v and gate | up merged
+#: (``build_decoder(merged=True)``), fp16 merged too so that the merged W2A4 stacks meet a merged fp16 peer; the last
+#: with the gated MLP fused (``glu``)
+DECODE_VARIANTS: tuple[tuple[str, bool, str, bool, bool], ...] = (
+    ("fp16", False, "select", False, False), ("w2a4", True, "select", False, False),
+    ("w2a4_bitplane", True, "bitplane", False, False), ("fp16_merged", False, "select", True, False),
+    ("w2a4_merged", True, "select", True, False), ("w2a4_bitplane_merged", True, "bitplane", True, False),
+    ("w2a4_bitplane_glu", True, "bitplane", True, True))
 
 
 def measure(dev, shapes, batches, G: int, copy_mib: int, bench, layers: int = 0, decode_dims=(4096, 11008, 32),
@@ -444,8 +455,8 @@ def measure(dev, shapes, batches, G: int, copy_mib: int, bench, layers: int = 0,
         hidden, inter, heads = decode_dims
         x = torch.randn(1, hidden, device=dev, dtype=torch.float16, generator=gen)
         t = {}
-        for method, packed_model, fmt, merged in DECODE_VARIANTS:  # each row written as soon as it is measured
-            step = build_decoder(dev, packed_model, layers, hidden, inter, heads, kv_len, G, fmt, merged)
+        for method, packed_model, fmt, merged, glu in DECODE_VARIANTS:  # each row written as soon as it is measured
+            step = build_decoder(dev, packed_model, layers, hidden, inter, heads, kv_len, G, fmt, merged, glu)
             t[method] = bench(lambda: step(x))
             del step
             if dev.type == "cuda":
@@ -453,7 +464,8 @@ def measure(dev, shapes, batches, G: int, copy_mib: int, bench, layers: int = 0,
             ref = "fp16_merged" if merged else "fp16"  # against the fp16 stack of the same layout, measured before
             row = {"bench": "decode", "model": f"LLaMA-2-7B-shaped stack, {layers} layers, attention stand-in "
                    f"(kv {kv_len})", "N_out": hidden, "K_in": inter, "batch": 1, "method": method,
-                   "config": "q|k|v and gate|up merged; vs fp16_merged" if merged else "",
+                   "config": ("q|k|v and gate|up merged" + ("; SiLU and product in down_proj's quantizer" if glu else "")
+                              + "; vs fp16_merged") if merged else "",
                    "median_us": round(t[method] * 1e3, 2), "speedup_vs_fp16": round(t[ref] / t[method], 3),
                    "bytes_moved": "", "achieved_GBps": "", "pct_of_peak_bw": "",
                    "tokens_per_s": round(1e3 / t[method], 1), "rel_err_vs_float64": "", **common}  # fmt: skip

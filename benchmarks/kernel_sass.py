@@ -47,7 +47,7 @@ SIG = {
 # (kernel, constexprs, num_warps): the select kernel at the configuration measured on the H100, the bit-serial
 # kernel at batch 1 and 4
 _BP = dict(G=128, ABITS=4, HAS_BIAS=False, QUANT_IN=False, RB=1024, CENTER=7.5, TILED=False, REC=0, LREC=0, LOFF=0,
-           ALIGN=1)
+           ALIGN=1, GLU=False, ROUND=0)
 #: the bit-serial kernel on tiles (planes and fp16 levels interleaved per row and pair of groups, .layout "Tiles"),
 #: G = 128: records of 20 words (rcp_lib.kernels.triton_w2a4._tile_operands)
 _TILED = dict(TILED=True, REC=20, LREC=40, LOFF=32, ALIGN=4)

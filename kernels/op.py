@@ -107,6 +107,7 @@ def _w2a4_linear_op(
     hadamard_n: int,
     hadamard_block: int,
     path: str,
+    glu: bool,
 ) -> torch.Tensor:
     """``torch.ops.rcp.w2a4_linear``: the whole deployed linear (arguments: :func:`w2a4_linear`)."""
     if path == "fused":
@@ -114,14 +115,14 @@ def _w2a4_linear_op(
 
         return w2a4_linear_triton(x, packed_w, lut, wsum, K, G, act_bits, act_clip_ratio, bias,
                                   hadamard_block=hadamard_block or None, apply_hadamard=bool(hadamard_n),
-                                  out_dtype=x.dtype, wplanes=wplanes)
+                                  out_dtype=x.dtype, wplanes=wplanes, glu=glu)
     return w2a4_linear_reference(x, packed_w, lut, bias, K, G, bits, act_bits, act_clip_ratio, hadamard_n,
-                                 hadamard_block, gemv_backend=path)
+                                 hadamard_block, gemv_backend=path, glu=glu)
 
 
 @_w2a4_linear_op.register_fake
 def _w2a4_linear_fake(x, packed_w, lut, wsum, bias, wplanes, K, G, bits, act_bits, act_clip_ratio, hadamard_n,
-                      hadamard_block, path):
+                      hadamard_block, path, glu):
     return x.new_empty((x.shape[0], packed_w.shape[0]))
 
 
@@ -140,11 +141,15 @@ def w2a4_linear(
     path: str = "auto",
     wsum: "torch.Tensor | None" = None,
     wplanes: "torch.Tensor | None" = None,
+    glu: bool = False,
 ) -> torch.Tensor:
     """The deployed W2A4 (or W2A16) linear through the registered op ``torch.ops.rcp.w2a4_linear``.
 
     Args:
-        x: ``[B, K]`` activations (float32 / bf16 / fp16); the output is ``[B, N]`` in ``x.dtype``.
+        x: ``[B, K]`` activations (float32 / bf16 / fp16); the output is ``[B, N]`` in ``x.dtype``. With ``glu``,
+            ``[B, 2K]`` = ``[gate | up]`` (a merged gate / up projection's output) and the layer's input is
+            ``F.silu(gate) * up`` (:func:`.reference.glu_input`), computed by the op: on the fused path inside the
+            kernel that quantizes the activations, so a gated MLP's SiLU and product cost no launch of their own.
         packed_w, lut, K, G, bits: the stored weight (:func:`w2a4_gemv`).
         act_bits, act_clip_ratio: the per-token activation quantizer (None or 0: A16, a dense product).
         bias: ``[N]`` or None.
@@ -163,8 +168,10 @@ def w2a4_linear(
         raise ValueError("path='fused' needs 2-bit weights, act_bits and wsum (rcp_lib.kernels.weight_row_sums)")
     if wsum is None:
         wsum = x.new_empty(0)
+    if x.shape[-1] != (2 * K if glu else K):
+        raise ValueError(f"x must be [B, {'2K' if glu else 'K'}={2 * K if glu else K}], got {tuple(x.shape)}")
     return torch.ops.rcp.w2a4_linear(x, packed_w, lut, wsum, bias, wplanes, K, G, bits, act_bits or 0,
-                                     float(act_clip_ratio), hadamard_n, hadamard_block, path)
+                                     float(act_clip_ratio), hadamard_n, hadamard_block, path, bool(glu))
 
 
 def _resolve_backend(backend: "str | None") -> str:

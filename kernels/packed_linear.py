@@ -21,7 +21,7 @@ from ..quant.linear import QuantLinear
 from ..rotation.online import OnlineHadamard
 from .bitpack import SUPPORTED_BITS, dequantize, pack_codes
 
-__all__ = ["PackedLinear", "SharedInputLinear", "SharedInputSlice", "clear_shared_inputs", "deploy_bits",
+__all__ = ["PackedLinear", "SharedInputLinear", "SharedInputSlice", "GatedMLP", "clear_shared_inputs", "deploy_bits",
            "check_gemv_format"]
 
 
@@ -326,11 +326,28 @@ class PackedLinear(nn.Module):
         return "fused" if self._use_fused(x) else _resolve_backend(self.backend)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``x [..., K]`` -> ``[..., N]`` in ``x.dtype``."""
+        return self._forward(x, glu=False)
+
+    def forward_glu(self, gu: torch.Tensor) -> torch.Tensor:
+        """``forward(F.silu(gate) * up)`` for ``gu [..., 2K]`` = ``[gate | up]``, a merged gate / up projection's
+        output: the down projection of a gated MLP (:class:`GatedMLP`). On the fused path the SiLU and the product run
+        inside the kernel that quantizes the activations (``glu`` of :func:`rcp_lib.kernels.op.w2a4_linear`); on every
+        other path they are the MLP's own two torch ops (:func:`rcp_lib.kernels.reference.glu_input`), so the output
+        equals ``forward(F.silu(gate) * up)`` bit for bit."""
+        if gu.shape[-1] != 2 * self.in_features:
+            raise ValueError(f"forward_glu takes [..., 2K={2 * self.in_features}] = [gate | up], got {tuple(gu.shape)}")
+        return self._forward(gu, glu=True)
+
+    def _forward(self, x: torch.Tensor, glu: bool) -> torch.Tensor:
         from .op import w2a4_linear
+        from .reference import glu_input
 
         lead = x.shape[:-1]
         t = self.input_transform
         if self._use_decode_cache(x):  # QuantLinear.forward's own operations on the cached W_hat (class docstring)
+            if glu:
+                x = glu_input(x)
             if t is not None:
                 x = t(x)
             if self.act_bits is not None:
@@ -342,13 +359,15 @@ class PackedLinear(nn.Module):
         # the pre-kernel fuses a supported Hadamard (block or full); any other input transform runs in torch first
         from_op = fused and isinstance(t, OnlineHadamard) and _fusable_hadamard(t)
         if t is not None and not from_op:
+            if glu:  # the product comes before a transform that runs in torch
+                x, glu = glu_input(x), False
             x = t(x)
-        y = w2a4_linear(x.reshape(-1, self.in_features), self.qweight, self.lut, self.in_features, self.group_size,
+        y = w2a4_linear(x.reshape(-1, x.shape[-1]), self.qweight, self.lut, self.in_features, self.group_size,
                         self.bits, self.act_bits, self.act_clip_ratio, self.bias,
                         hadamard_n=t.n if from_op else 0, hadamard_block=(t.block or 0) if from_op else 0, path=path,
                         wsum=self.kernel_weights() if fused else None,
                         wplanes=((self.kernel_tiles() if self.gemv_format == "bitplane_tiled" else self.kernel_planes())
-                                 if fused and self._bitplane() else None))
+                                 if fused and self._bitplane() else None), glu=glu)
         return y.reshape(*lead, self.out_features)
 
     def extra_repr(self) -> str:
@@ -434,3 +453,24 @@ class SharedInputSlice(nn.Module):
 
     def extra_repr(self) -> str:
         return f"{self.shared.names[self.index]} of {len(self.shared.sizes)} merged, out={self.out_features}"
+
+
+class GatedMLP(nn.Module):
+    """A gated MLP, ``down_proj(silu(gate_proj(h)) * up_proj(h))`` (LLaMA, Qwen2), in two packed products:
+    ``gate_up_proj``, the merged gate / up projection (:meth:`PackedLinear.concat`: ``[..., 2K]`` = ``[gate | up]``),
+    and ``down_proj``, called with :meth:`PackedLinear.forward_glu`, so that on the fused path the SiLU, the product
+    and the online Hadamard of R4 all run in the kernel that quantizes ``down_proj``'s input (no torch launch and no
+    ``[..., K]`` round trip between the two products). Every other path computes what the MLP it replaces computes,
+    bit for bit. Built by :func:`rcp_lib.deploy.fuse_gated_mlps` in the place of a block's MLP; a deploy-time layout,
+    not saved (:func:`rcp_lib.deploy.save_quantized` refuses it)."""
+
+    def __init__(self, gate_up_proj: PackedLinear, down_proj: PackedLinear):
+        super().__init__()
+        if gate_up_proj.out_features != 2 * down_proj.in_features:
+            raise ValueError(f"gate_up_proj has {gate_up_proj.out_features} outputs; down_proj reads "
+                             f"{down_proj.in_features}: a gated MLP needs twice as many")
+        self.gate_up_proj = gate_up_proj
+        self.down_proj = down_proj
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return self.down_proj.forward_glu(self.gate_up_proj(h))

@@ -18,7 +18,7 @@ from ..quant.activations import dequantize_per_token, quantize_per_token
 from ..rotation.online import online_hadamard
 from .bitpack import dequantize
 
-__all__ = ["w2a4_gemv_reference", "w2a4_linear_reference"]
+__all__ = ["w2a4_gemv_reference", "w2a4_linear_reference", "glu_input"]
 
 
 def w2a4_gemv_reference(
@@ -48,6 +48,13 @@ def w2a4_gemv_reference(
     return xh @ w.t()
 
 
+def glu_input(gu: torch.Tensor) -> torch.Tensor:
+    """``F.silu(gate) * up`` of ``gu [..., 2K]`` = ``[gate | up]``: the input of a gated MLP's down projection, with
+    the two operations of the MLP's own forward (``act_fn(gate_proj(h)) * up_proj(h)``, SiLU) in ``gu.dtype``."""
+    gate, up = gu.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
 def w2a4_linear_reference(
     x: torch.Tensor,
     packed_w: torch.Tensor,
@@ -61,9 +68,13 @@ def w2a4_linear_reference(
     hadamard_n: int = 0,
     hadamard_block: int = 0,
     gemv_backend: "str | None" = None,
+    glu: bool = False,
 ) -> torch.Tensor:
     """The deployed linear, operation for operation as fake quantization computes it (what the fused kernels
     reproduce): ``x [B, K]`` -> ``[B, N]`` in ``x.dtype``.
+
+    ``glu``: ``x`` is ``[B, 2K]`` = ``[gate | up]`` and the layer's input is ``F.silu(gate) * up`` (a gated MLP's
+    ``act_fn(gate_proj(h)) * up_proj(h)``, the same two torch ops), computed first.
 
     The online Hadamard (``hadamard_n``/``hadamard_block``: :func:`rcp_lib.rotation.online.online_hadamard`; 0: none),
     then with ``act_bits`` the
@@ -71,6 +82,8 @@ def w2a4_linear_reference(
     (:func:`.op.w2a4_gemv` with ``gemv_backend``, float32) cast to ``x.dtype``; with ``act_bits == 0`` (A16) the
     dequantized weight in ``x.dtype`` through ``F.linear``; then the bias in the output dtype.
     """
+    if glu:
+        x = glu_input(x)
     if hadamard_n:
         x = online_hadamard(x, hadamard_n, hadamard_block)
     if not act_bits:

@@ -12,7 +12,10 @@ in fp32, then the per-token asymmetric quantizer of
 ``Y = L (X H_C) / sqrt(HB)`` on the row viewed as ``X [K / C, C]`` with ``C = min(P, 128)`` and
 ``L = kron(I, H_{HB / C})ᵀ`` (``H_HB = kron(H_base, H_P) = kron(H_{HB/C}, H_C)``): two small ``tl.dot`` in full fp32
 (``input_precision="ieee"``); the ±1 matrices are built once per device (:func:`_hadamard_operands`). Rows up to
-``K = 32768`` (the whole row is in registers: min / max need it).
+``K = 32768`` (the whole row is in registers: min / max need it). With ``glu`` the row read is a gated MLP's
+``[gate | up]`` (``2K``) and the quantized input is ``silu(gate) * up``, computed as torch computes it in the
+activations' dtype (:func:`_glu_fn`): the MLP's SiLU and product run in this launch instead of two torch launches
+before it (:class:`rcp_lib.kernels.packed_linear.GatedMLP`; the one-launch bit-serial kernel below does the same).
 
 Launch 2, :func:`w2a4_matmul_triton`: ``y [B, N] = scale * (sum_k c_k W_hat[n, k] - zero * wsum[n]) (+ bias)`` in
 the output dtype, fp32 accumulation (:mod:`.layout` for why ``zero`` factors out). The weights are the stored
@@ -76,6 +79,7 @@ import math
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra import libdevice
 
 from .layout import GEMV_FORMATS, fused_layout_supported  # noqa: F401  (GEMV_FORMATS re-exported)
 
@@ -124,13 +128,38 @@ def _act_codes_fn(v, lo, s, LEVELS: tl.constexpr):
     return tl.minimum(tl.maximum(q, 0.0), LEVELS - 1.0)
 
 
+def _glu_fn(g, u, ROUND: tl.constexpr, INTERPRET: tl.constexpr):
+    """``silu(g) * u``, the gated MLP's ``act_fn(gate_proj(x)) * up_proj(x)``, as torch computes it in the
+    activations' dtype: each of the two ops in fp32 and rounded to that dtype (``ROUND`` 0: fp32, 1: fp16, 2: bf16),
+    the SiLU as ``g / (1 + exp(-g))`` with libdevice's ``exp`` (CUDA's ``expf``; numpy's under the interpreter, which
+    has no libdevice) and an IEEE division. Our reading of ATen's CUDA SiLU (opmath fp32); on the CPU, torch's
+    vectorised ``exp`` may differ from numpy's in the last bit."""
+    g = g.to(tl.float32)
+    if INTERPRET:
+        e = tl.exp(-g)
+    else:
+        e = libdevice.exp(-g)
+    a = tl.math.div_rn(g, 1.0 + e)
+    if ROUND == 1:
+        a = a.to(tl.float16).to(tl.float32)
+    elif ROUND == 2:
+        a = a.to(tl.bfloat16).to(tl.float32)
+    v = a * u.to(tl.float32)
+    if ROUND == 1:
+        v = v.to(tl.float16).to(tl.float32)
+    elif ROUND == 2:
+        v = v.to(tl.bfloat16).to(tl.float32)
+    return v
+
+
 def _act_quant_kernel(
     x_ptr, c_ptr, s_ptr, z_ptr, hc_ptr, hl_ptr,
     K, stride_xb, stride_cb, stride_cj, clip, inv_sqrt,
     LEVELS: tl.constexpr, G: tl.constexpr, PERMUTE: tl.constexpr, HADAMARD: tl.constexpr, MIX_ROWS: tl.constexpr,
     KP: tl.constexpr, C: tl.constexpr, RP: tl.constexpr, PLANES: tl.constexpr, ABITS: tl.constexpr,
-    INTERPRET: tl.constexpr,
+    INTERPRET: tl.constexpr, GLU: tl.constexpr, ROUND: tl.constexpr,
 ):  # fmt: skip
+    # GLU: a row of x is [gate (K) | up (K)]: the quantized input is _glu(gate, up) (the MLP's product before down_proj)
     pid = tl.program_id(0)
     if HADAMARD:
         r = tl.arange(0, RP)
@@ -138,6 +167,8 @@ def _act_quant_kernel(
         k = r[:, None] * C + cc[None, :]  # [RP, C], row-major view of the row
         mask = k < K
         x = tl.load(x_ptr + pid * stride_xb + k, mask=mask, other=0.0).to(tl.float32)
+        if GLU:
+            x = _glu(x, tl.load(x_ptr + pid * stride_xb + K + k, mask=mask, other=0.0), ROUND, INTERPRET)
         hc = tl.load(hc_ptr + cc[:, None] * C + cc[None, :])  # ±1, [C, C]
         v = tl.dot(x, hc, input_precision="ieee")  # within-C mixing
         if MIX_ROWS:
@@ -148,6 +179,8 @@ def _act_quant_kernel(
         k = tl.arange(0, KP)
         mask = k < K
         v = tl.load(x_ptr + pid * stride_xb + k, mask=mask, other=0.0).to(tl.float32)
+        if GLU:
+            v = _glu(v, tl.load(x_ptr + pid * stride_xb + K + k, mask=mask, other=0.0), ROUND, INTERPRET)
     vmin = tl.where(mask, v, float("inf"))
     vmax = tl.where(mask, v, float("-inf"))
     if HADAMARD:
@@ -355,8 +388,9 @@ def _w2a4_bitplane_gemv_kernel(
     G: tl.constexpr, ABITS: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr,
     GPI: tl.constexpr, SPLIT_K: tl.constexpr, NUM_STAGES: tl.constexpr, QUANT_IN: tl.constexpr, RB: tl.constexpr,
     INTERPRET: tl.constexpr, CENTER: tl.constexpr, TILED: tl.constexpr, REC: tl.constexpr, LREC: tl.constexpr,
-    LOFF: tl.constexpr, ALIGN: tl.constexpr,
+    LOFF: tl.constexpr, ALIGN: tl.constexpr, GLU: tl.constexpr, ROUND: tl.constexpr,
 ):  # fmt: skip
+    # GLU (with QUANT_IN): a row of the activations is [gate (K) | up (K)], quantized as _glu(gate, up)
     # TILED: w holds one record of REC int32 words per row and pair of groups (.layout, "Tiles": P0 and P1 chunks of
     # each group, then the two groups' levels), and lut_ptr is the same memory in the levels' dtype: LREC elements
     # per record, the levels at LOFF; a group's chunks start at a multiple of ALIGN words
@@ -389,6 +423,9 @@ def _w2a4_bitplane_gemv_kernel(
         for k0 in range(0, K, RB):
             m = mask_b[:, None] & ((k0 + r) < K)[None, :]
             v = tl.load(a_ptr + offs_b[:, None] * stride_ab + (k0 + r)[None, :], mask=m, other=0.0).to(tl.float32)
+            if GLU:
+                v = _glu(v, tl.load(a_ptr + offs_b[:, None] * stride_ab + K + (k0 + r)[None, :], mask=m, other=0.0),
+                         ROUND, INTERPRET)
             if INTERPRET:
                 mn = tl.minimum(mn, tl.reduce(tl.where(m, v, float("inf")), 1, tl.standard._elementwise_min))
                 mx = tl.maximum(mx, tl.reduce(tl.where(m, v, float("-inf")), 1, tl.standard._elementwise_max))
@@ -430,6 +467,9 @@ def _w2a4_bitplane_gemv_kernel(
         if QUANT_IN:  # this iteration's codes [BLOCK_B, COLS, 32] (k = 32 chunk + lane)
             xk = ch[None, :, None] * 32 + lane[None, None, :]
             xv = tl.load(a_ptr + b3 * stride_ab + xk, mask=(b3 < B) & cmask[None, :, None], other=0.0).to(tl.float32)
+            if GLU:
+                xv = _glu(xv, tl.load(a_ptr + b3 * stride_ab + K + xk, mask=(b3 < B) & cmask[None, :, None], other=0.0),
+                          ROUND, INTERPRET)
             qc = _act_codes(xv, lo_t[:, None, None], s_t[:, None, None], 1 << ABITS).to(tl.int32)
         for j in tl.static_range(ABITS):
             if QUANT_IN:
@@ -588,7 +628,7 @@ _DEFAULT_INTERP = {"gemv": dict(BLOCK_N=16, GPI=1, SPLIT_K=1, num_warps=4, NUM_S
 
 _JIT: dict = {}
 _TUNED: dict = {}
-_popcount = _epilogue = _act_range = _act_codes = _split_range = None  # the jit helpers, bound per mode by _set_helpers before a kernel is decorated or launched
+_popcount = _epilogue = _act_range = _act_codes = _split_range = _glu = None  # the jit helpers, bound per mode by _set_helpers before a kernel is decorated or launched
 
 
 _KERNELS = {"act": "_act_quant_kernel", "gemv": "_w2a4_gemv_kernel", "gemm": "_w2a4_gemm_kernel",
@@ -600,7 +640,7 @@ def _set_helpers(interp: bool) -> None:
     kernels, and rebound before every decoration or launch (the interpreter and the compiler need different
     objects)."""
     for name, fn in (("_popcount", _popcount_fn), ("_epilogue", _epilogue_fn), ("_act_range", _act_range_fn),
-                     ("_act_codes", _act_codes_fn), ("_split_range", _split_range_fn)):
+                     ("_act_codes", _act_codes_fn), ("_split_range", _split_range_fn), ("_glu", _glu_fn)):
         key = (name, interp)
         if key not in _JIT:
             _JIT[key] = triton.jit(fn)
@@ -730,6 +770,11 @@ def _hadamard_operands(K: int, hb: int, device: torch.device):
     return _HADAMARD[key]
 
 
+def _round_code(dtype: torch.dtype) -> int:
+    """:func:`_glu_fn`'s ``ROUND`` for activations of ``dtype`` (what torch rounds each op of the product to)."""
+    return {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}[dtype]
+
+
 def _check_device(t: torch.Tensor) -> None:
     if t.device.type == "cpu" and not interpret_mode():
         raise RuntimeError("Triton kernels need CUDA tensors (or TRITON_INTERPRET=1 for the CPU interpreter)")
@@ -738,12 +783,15 @@ def _check_device(t: torch.Tensor) -> None:
 # ----------------------------------------------------------------------------------------------- launchers
 def quantize_activations_triton(x: torch.Tensor, bits: int, clip_ratio: float, G: int | None,
                                 hadamard_block: int | None = None, apply_hadamard: bool = False,
-                                num_warps: int | None = None, planes: bool = False,
+                                num_warps: int | None = None, planes: bool = False, glu: bool = False,
                                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Launch 1: (optional Hadamard +) per-token asymmetric quantization of ``x [B, K]``.
 
     Args:
-        x: ``[B, K]`` fp16 / bf16 / fp32 activations.
+        x: ``[B, K]`` fp16 / bf16 / fp32 activations; with ``glu``, ``[B, 2K]`` = ``[gate | up]`` (a merged gate / up
+            projection's output), and the quantized input is ``silu(gate) * up`` computed here as torch computes
+            the MLP's product in ``x.dtype`` (:func:`_glu_fn`): the SiLU and the product of a gated MLP fused into
+            ``down_proj``'s activation quantizer (no torch launch, no ``[B, K]`` round trip).
         bits: activation bits (1..8). clip_ratio: in ``(0, 1]``.
         G: weight group size: codes are written in the order of :func:`.layout.activation_permutation` for it
             (None: natural order, what :func:`rcp_lib.quant.activations.quantize_per_token` returns).
@@ -764,6 +812,10 @@ def quantize_activations_triton(x: torch.Tensor, bits: int, clip_ratio: float, G
         raise ValueError(f"clip_ratio must be in (0, 1], got {clip_ratio}")
     _check_device(x)
     B, K = x.shape
+    if glu:
+        if K % 2:
+            raise ValueError(f"glu needs x = [gate | up] of an even width, got {K}")
+        K //= 2
     if K > MAX_ROW:
         raise ValueError(f"the pre-kernel holds one row in registers: K <= {MAX_ROW}, got {K}")
     if planes:
@@ -801,7 +853,7 @@ def quantize_activations_triton(x: torch.Tensor, bits: int, clip_ratio: float, G
         K, x.stride(0), codes.stride(0), codes.stride(1) if planes else 0, float(clip_ratio),
         1.0 / math.sqrt(hb) if hb else 1.0,
         LEVELS=1 << bits, G=G or 16, PERMUTE=G is not None, HADAMARD=hb is not None, MIX_ROWS=hl is not None,
-        KP=KP, C=C, RP=RP, PLANES=planes, ABITS=bits, INTERPRET=interp,
+        KP=KP, C=C, RP=RP, PLANES=planes, ABITS=bits, INTERPRET=interp, GLU=glu, ROUND=_round_code(x.dtype),
         num_warps=num_warps, **QUANT_LAUNCH_OPTIONS,
     )  # fmt: skip
     return codes, s, z
@@ -878,18 +930,21 @@ def w2a4_bitplane_matmul_triton(aplanes: torch.Tensor, scale: torch.Tensor, zero
 def w2a4_bitplane_linear_triton(x: torch.Tensor, wplanes: torch.Tensor, lut: torch.Tensor, wsum: torch.Tensor, K: int,
                                 G: int, act_bits: int = 4, act_clip_ratio: float = 1.0,
                                 bias: torch.Tensor | None = None, out_dtype: torch.dtype | None = None,
-                                config: dict | None = None) -> torch.Tensor:
+                                config: dict | None = None, glu: bool = False) -> torch.Tensor:
     """The whole W2A4 linear in **one** launch for decode: the bit-serial kernel quantizes ``x [B, K]`` itself
     (``quantize_per_token``'s formula with ``act_clip_ratio``, the same helpers as the pre-kernel: bit-identical
     codes), each program its own chunks after reading its tokens' rows for min / max. No online Hadamard (a layer with
     one uses the pre-kernel, :func:`w2a4_linear_triton`). ``-> [B, N]`` in ``out_dtype`` (default ``x.dtype``).
 
     Args: as :func:`w2a4_bitplane_matmul_triton`, with ``x`` fp16 / bf16 / fp32 activations instead of the planes
-    and ``act_bits`` in 1..8, ``act_clip_ratio`` in ``(0, 1]``.
+    and ``act_bits`` in 1..8, ``act_clip_ratio`` in ``(0, 1]``; with ``glu``, ``x`` is ``[B, 2K]`` = ``[gate | up]``
+    and the layer's input is ``silu(gate) * up`` (:func:`quantize_activations_triton`'s ``glu``).
     """
     N = _check_wplanes(wplanes, K, G, lut.dtype)
-    if x.dim() != 2 or x.shape[1] != K or x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
-        raise ValueError(f"x must be fp16 / bf16 / fp32 [B, K={K}], got {x.dtype} {tuple(x.shape)}")
+    width = 2 * K if glu else K
+    if x.dim() != 2 or x.shape[1] != width or x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise ValueError(f"x must be fp16 / bf16 / fp32 [B, {'2K=' if glu else 'K='}{width}], got {x.dtype} "
+                         f"{tuple(x.shape)}")
     if not 1 <= act_bits <= 8:
         raise ValueError(f"act_bits must be in 1..8, got {act_bits}")
     if not 0 < act_clip_ratio <= 1:
@@ -900,7 +955,7 @@ def w2a4_bitplane_linear_triton(x: torch.Tensor, wplanes: torch.Tensor, lut: tor
     lut, tiled = _tile_operands(wplanes, lut, G)
     return _launch("bitplane", x, wsum, wsum, wplanes, lut, wsum, bias, out_dtype or x.dtype, G, config,
                    (x.stride(0), 0, wplanes.stride(0), wplanes.stride(-2) if not tiled else 0), abits=act_bits,
-                   clip=act_clip_ratio, quant_in=True, tiled=tiled)
+                   clip=act_clip_ratio, quant_in=True, tiled=tiled, glu=glu)
 
 
 def _check_wplanes(wplanes: torch.Tensor, K: int, G: int, lut_dtype: torch.dtype = torch.float16) -> int:
@@ -942,14 +997,17 @@ def _check_operands(B: int, N: int, K: int, G: int, lut: torch.Tensor, wsum: tor
 def _launch(path: str, x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, w: torch.Tensor, lut: torch.Tensor,
             wsum: torch.Tensor, bias: torch.Tensor | None, out_dtype: torch.dtype, G: int, config: dict | None,
             strides: tuple[int, ...], abits: int = 4, clip: float = 1.0, quant_in: bool = False,
-            tiled: tuple[int, int, int] | None = None) -> torch.Tensor:
+            tiled: tuple[int, int, int] | None = None, glu: bool = False) -> torch.Tensor:
     """The launch shared by the three launch-2 kernels: operands to the device layout, the split-K workspace, a fixed
     configuration (interpreter, ``AUTOTUNE`` off, or given) or the autotuned kernel. ``tiled``: the bit-serial
-    kernel on tiles, ``(REC, LREC, LOFF)`` of :func:`_tile_operands` (autotuned on its own)."""
+    kernel on tiles, ``(REC, LREC, LOFF)`` of :func:`_tile_operands` (autotuned on its own); ``glu``: its
+    activations are ``[gate | up]`` (with ``quant_in``)."""
     _check_device(x)
     _set_helpers(interpret_mode())
     dev = x.device
     B, N, K = x.shape[0], w.shape[0], (x.shape[-1] * 32 if path == "bitplane" and not quant_in else x.shape[1])
+    if glu:
+        K //= 2
     lut = lut.contiguous()
     wsum = wsum.to(device=dev, dtype=torch.float32).contiguous()
     if quant_in:  # the kernel computes scale and zero itself: any fp32 pointer (no allocation, no launch)
@@ -982,7 +1040,8 @@ def _launch(path: str, x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
             consts.update(ABITS=abits, QUANT_IN=quant_in, RB=min(triton.next_power_of_2(K), 1024),
                           CENTER=((1 << abits) - 1) / 2)
             rec, lrec, loff, align = tiled or (0, 0, 0, 1)
-            consts.update(TILED=tiled is not None, REC=rec, LREC=lrec, LOFF=loff, ALIGN=align)
+            consts.update(TILED=tiled is not None, REC=rec, LREC=lrec, LOFF=loff, ALIGN=align, GLU=glu,
+                          ROUND=_round_code(x.dtype) if quant_in else 0)
         else:
             consts.update(CENTER=center)
     if config is None and not interp and not AUTOTUNE:
@@ -1026,20 +1085,21 @@ def w2a4_linear_triton(x: torch.Tensor, packed_w: torch.Tensor, lut: torch.Tenso
                        G: int, act_bits: int = 4, act_clip_ratio: float = 1.0, bias: torch.Tensor | None = None,
                        hadamard_block: int | None = None, apply_hadamard: bool = False,
                        out_dtype: torch.dtype | None = None, config: dict | None = None,
-                       wplanes: torch.Tensor | None = None) -> torch.Tensor:
+                       wplanes: torch.Tensor | None = None, glu: bool = False) -> torch.Tensor:
     """The whole W2A4 linear in two launches: :func:`quantize_activations_triton` then :func:`w2a4_matmul_triton`.
     ``x [B, K]`` -> ``[B, N]`` in ``out_dtype`` (default ``x.dtype``). With ``wplanes`` (int32 ``[N, 2, K / 32]`` or tiles,
     :func:`.layout.weight_bitplanes` of ``packed_w``), a decode batch (``B <= GEMV_MAX_BATCH``) runs the bit-serial
     kernel instead, in one launch (:func:`w2a4_bitplane_linear_triton`) unless the pre-kernel applies a Hadamard
     (then pre-kernel planes + :func:`w2a4_bitplane_matmul_triton`); larger batches the GEMM on ``packed_w`` either
-    way."""
+    way. ``glu``: ``x`` is ``[B, 2K]`` = ``[gate | up]`` and the layer's input is ``silu(gate) * up``, computed by
+    whichever kernel quantizes the activations (:func:`quantize_activations_triton`)."""
     if wplanes is not None and x.shape[0] <= GEMV_MAX_BATCH:
         if not apply_hadamard:  # one launch: the kernel quantizes its own chunks
             return w2a4_bitplane_linear_triton(x, wplanes, lut, wsum, K, G, act_bits, act_clip_ratio, bias,
-                                               out_dtype or x.dtype, config=config)
+                                               out_dtype or x.dtype, config=config, glu=glu)
         planes, s, z = quantize_activations_triton(x, act_bits, act_clip_ratio, G, hadamard_block, apply_hadamard,
-                                                   planes=True)
+                                                   planes=True, glu=glu)
         return w2a4_bitplane_matmul_triton(planes, s, z, wplanes, lut, wsum, K, G, bias, out_dtype or x.dtype,
                                            config=config)
-    codes, s, z = quantize_activations_triton(x, act_bits, act_clip_ratio, G, hadamard_block, apply_hadamard)
+    codes, s, z = quantize_activations_triton(x, act_bits, act_clip_ratio, G, hadamard_block, apply_hadamard, glu=glu)
     return w2a4_matmul_triton(codes, s, z, packed_w, lut, wsum, K, G, bias, out_dtype or x.dtype, config=config)

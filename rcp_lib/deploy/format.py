@@ -61,7 +61,7 @@ from torch import nn
 from .. import models as M
 from ..io import atomic_save_safetensors
 from ..kernels import SUPPORTED_BITS, pack_codes, unpack_codes
-from ..kernels.packed_linear import (PackedLinear, SharedInputLinear, SharedInputSlice, check_gemv_format,
+from ..kernels.packed_linear import (GatedMLP, PackedLinear, SharedInputLinear, SharedInputSlice, check_gemv_format,
                                      clear_shared_inputs, deploy_bits)
 from ..quant.linear import QuantLinear
 from ..rotation.online import OnlineHadamard
@@ -110,6 +110,10 @@ def _sha256(path: Path) -> str:
 
 def _quantized_projections(model: nn.Module) -> dict[str, "QuantLinear | PackedLinear"]:
     out = {}
+    for i, layer in enumerate(M.decoder_layers(model)):
+        if isinstance(M.mlp(layer), GatedMLP):
+            raise ValueError(f"model.layers.{i}.mlp is a fused GatedMLP (fuse_gated_mlps): a deploy-time layout that "
+                             f"is not saved; save the model before fusing it")
     for name, mod in M.named_block_linears(model):
         if isinstance(mod, SharedInputSlice):
             raise ValueError(f"{name} is merged with the projections that share its input (merge_shared_inputs): a "
@@ -668,8 +672,60 @@ def merge_shared_inputs(model: nn.Module) -> int:
     return len(plan)
 
 
+def _is_silu(act: nn.Module | None) -> bool:
+    """Whether a block's ``act_fn`` is the SiLU (torch's module, or transformers' ``SiLUActivation``, which calls
+    ``F.silu``): what :class:`GatedMLP` computes."""
+    return isinstance(act, nn.SiLU) or type(act).__name__ == "SiLUActivation" and type(act).__module__.startswith(
+        "transformers.")
+
+
+def fuse_gated_mlps(model: nn.Module) -> int:
+    """Replace every decoder block's SiLU-gated MLP (``down_proj(act_fn(gate_proj(h)) * up_proj(h))``) with a
+    :class:`~rcp_lib.kernels.packed_linear.GatedMLP` of the same packed tensors, in place: gate and up merged into one
+    product (:meth:`PackedLinear.concat`, or the group :func:`merge_shared_inputs` made), and the SiLU, the product and
+    ``down_proj``'s online Hadamard fused into the kernel that quantizes ``down_proj``'s input on the fused path. A
+    block then runs its MLP in two products and no torch operation between them; every non-fused path computes the
+    same numbers as before, bit for bit. Every block is checked before any is replaced. Returns the number of MLPs
+    fused.
+
+    A deploy-time layout, like :func:`merge_shared_inputs`: not saved (:func:`save_quantized` refuses a fused model).
+
+    Raises:
+        ValueError: a block whose MLP is not a SiLU-gated MLP of packed projections (not deployed, another activation,
+            or already fused), or whose gate and up cannot be merged; nothing is changed.
+    """
+    plan = []
+    for i, layer in enumerate(M.decoder_layers(model)):
+        name = f"model.layers.{i}.mlp"
+        mlp = M.mlp(layer)
+        if isinstance(mlp, GatedMLP):
+            raise ValueError(f"{name} is already fused: fuse_gated_mlps fuses each MLP once")
+        if not all(hasattr(mlp, n) for n in M.MLP_LINEARS) or not _is_silu(getattr(mlp, "act_fn", None)):
+            raise ValueError(f"{name} is not a SiLU-gated MLP (gate_proj, up_proj, down_proj, act_fn SiLU): "
+                             f"fuse_gated_mlps fuses those only")
+        gate, up, down = mlp.gate_proj, mlp.up_proj, mlp.down_proj
+        if not isinstance(down, PackedLinear):
+            raise ValueError(f"{name}.down_proj is a {type(down).__name__}: fuse_gated_mlps fuses packed projections "
+                             f"(load_quantized or deploy first)")
+        shared = getattr(mlp, "merged_gate_proj_up_proj", None)
+        if isinstance(gate, SharedInputSlice) and isinstance(up, SharedInputSlice) and gate.shared is shared \
+                and up.shared is shared and shared.names == ("gate_proj", "up_proj"):
+            gate_up = shared.linear  # merged by merge_shared_inputs: [gate | up]
+        else:
+            for n, m in (("gate_proj", gate), ("up_proj", up)):
+                if not isinstance(m, PackedLinear):
+                    raise ValueError(f"{name}.{n} is a {type(m).__name__}: fuse_gated_mlps fuses packed projections "
+                                     f"(load_quantized or deploy first)")
+            gate_up = PackedLinear.concat([gate, up], [f"{name}.gate_proj", f"{name}.up_proj"])
+        plan.append((name, GatedMLP(gate_up, down)))
+    for name, fused in plan:
+        M.set_submodule(model, name, fused)
+    return len(plan)
+
+
 def load_quantized(path: str | os.PathLike, device: str | torch.device = "cpu", backend: str | None = None,
-                   dtype: torch.dtype = torch.float32, gemv_format: str = "select", merge_projections: bool = False):
+                   dtype: torch.dtype = torch.float32, gemv_format: str = "select", merge_projections: bool = False,
+                   fuse_mlps: bool = False):
     """Load a folder written by :func:`save_quantized`. Returns ``(model, tokenizer or None)``.
 
     The folder is checked first (:func:`check_folder`: nothing is built from a bad folder), then loaded with
@@ -678,7 +734,9 @@ def load_quantized(path: str | os.PathLike, device: str | torch.device = "cpu", 
     (:func:`install_packed_layers`) and transformers loads the stored tensors into them; no full-precision weight of a
     quantized projection is ever built. LUTs keep the stored dtype; the other float tensors are cast to ``dtype``.
     ``backend`` and ``gemv_format`` are set on every :class:`PackedLinear` (deploy-time choices, not stored);
-    ``merge_projections=True`` then merges the projections of a block that share an input (:func:`merge_shared_inputs`).
+    ``merge_projections=True`` then merges the projections of a block that share an input (:func:`merge_shared_inputs`);
+    ``fuse_mlps=True`` replaces each block's gated MLP with a :class:`~rcp_lib.kernels.packed_linear.GatedMLP`
+    (:func:`fuse_gated_mlps`: gate / up merged, the SiLU and product fused into ``down_proj``'s activation quantizer).
 
     Raises:
         PackedFormatError: see :func:`check_folder` and :func:`install_packed_layers`.
@@ -697,6 +755,8 @@ def load_quantized(path: str | os.PathLike, device: str | torch.device = "cpu", 
             mod.gemv_format = gemv_format
     if merge_projections:
         merge_shared_inputs(model)
+    if fuse_mlps:
+        fuse_gated_mlps(model)
     model.to(device).eval()
     tok = None
     if (path / "tokenizer_config.json").exists():

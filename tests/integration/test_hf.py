@@ -161,8 +161,9 @@ def _edit_json(path, fn):
 
 def test_load_quantized_merges_projections_on_request(saved):
     """``load_quantized(..., merge_projections=True)``: q / k / v and gate / up merged per block (a deploy-time
-    layout), the same logits as the folder loaded as stored."""
-    from rcp_lib.kernels.packed_linear import SharedInputSlice
+    layout), the same logits as the folder loaded as stored; ``fuse_mlps=True`` then makes each MLP a GatedMLP of
+    the merged gate / up group and down_proj: the merged model's logits, bit for bit."""
+    from rcp_lib.kernels.packed_linear import GatedMLP, SharedInputSlice
 
     plain, _ = load_quantized(saved)
     merged, _ = load_quantized(saved, merge_projections=True)
@@ -170,6 +171,10 @@ def test_load_quantized_merges_projections_on_request(saved):
     assert sum(isinstance(m, PackedLinear) for m in merged.modules()) == 2 * 4
     with torch.no_grad():
         assert _rel(plain(IDS).logits, merged(IDS).logits) < 1e-6
+    fused, _ = load_quantized(saved, merge_projections=True, fuse_mlps=True)  # MLPs: the merged gate / up group reused
+    assert sum(isinstance(m, GatedMLP) for m in fused.modules()) == 2
+    with torch.no_grad():
+        assert torch.equal(fused(IDS).logits, merged(IDS).logits)
 
 
 def _refused(path, match):

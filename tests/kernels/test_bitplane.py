@@ -382,7 +382,7 @@ def test_quantizing_kernels_launch_without_fma_contraction(tmp_path, monkeypatch
     sig = {"x_ptr": "*fp16", "c_ptr": "*i32", "s_ptr": "*fp32", "z_ptr": "*fp32", "hc_ptr": "*fp32", "hl_ptr": "*fp32",
            "K": "i32", "stride_xb": "i32", "stride_cb": "i32", "stride_cj": "i32", "clip": "fp32", "inv_sqrt": "fp32"}
     const = dict(LEVELS=16, G=128, PERMUTE=False, HADAMARD=False, MIX_ROWS=False, KP=4096, C=16, RP=16, PLANES=True,
-                 ABITS=4, INTERPRET=False)
+                 ABITS=4, INTERPRET=False, GLU=False, ROUND=0)
     ptx = {}
     for fusion in (True, False):
         src = ASTSource(fn=T._jitted("act"), signature={**sig, **{k: "constexpr" for k in const}}, constexprs=const)

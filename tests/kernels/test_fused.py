@@ -287,9 +287,12 @@ def test_matmul_kernels_lower_to_sm90(tmp_path, monkeypatch, name, const):
 
 @pytest.mark.heavy
 @needs_triton
-@pytest.mark.parametrize("hadamard,planes,C,RP", [(False, False, 16, 16), (True, False, 128, 32), (False, True, 16, 16),
-                                                  (True, True, 128, 32)])  # RP = 32: MAX_MIX_ROWS
-def test_prekernel_lowers_to_sm90(tmp_path, monkeypatch, hadamard, planes, C, RP):
+@pytest.mark.parametrize("hadamard,planes,C,RP,glu", [(False, False, 16, 16, False), (True, False, 128, 32, False),
+                                                      (False, True, 16, 16, False), (True, True, 128, 32, False),
+                                                      (True, True, 128, 32, True)])  # RP = 32: MAX_MIX_ROWS
+def test_prekernel_lowers_to_sm90(tmp_path, monkeypatch, hadamard, planes, C, RP, glu):
+    """The pre-kernel compiles to a cubin for sm_90 in each mode, the gated MLP's product (glu, fp16: libdevice's exp)
+    included."""
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))
     sig = {"x_ptr": "*fp16", "c_ptr": "*i32" if planes else "*u8", "s_ptr": "*fp32", "z_ptr": "*fp32",
@@ -297,7 +300,7 @@ def test_prekernel_lowers_to_sm90(tmp_path, monkeypatch, hadamard, planes, C, RP
            "clip": "fp32", "inv_sqrt": "fp32"}
     const = dict(LEVELS=16, G=128, PERMUTE=not planes, HADAMARD=hadamard, MIX_ROWS=hadamard,
                  KP=16 if hadamard else 4096, C=C, RP=RP, PLANES=planes,
-                 ABITS=4, INTERPRET=False)
+                 ABITS=4, INTERPRET=False, GLU=glu, ROUND=1 if glu else 0)
     assert "cubin" in _compile("act", const, sig).asm
 
 

@@ -286,6 +286,9 @@ def test_benchmark_merged_decode_stack_is_the_same_model(packed, fmt):
                 for m in (False, True))
     assert sep.abs().max() > 0
     torch.testing.assert_close(mer, sep, rtol=1e-3, atol=1e-3 * float(sep.abs().max()))
+    if packed and fmt == "bitplane":  # the gated MLP fused: GLU and R4 (128) in down_proj's pre-kernel
+        glu = mod.build_decoder(torch.device("cpu"), packed, 2, 64, 128, 2, 4, 32, fmt, merged=True, glu=True)(x)
+        torch.testing.assert_close(glu.float(), mer, rtol=1e-3, atol=1e-3 * float(sep.abs().max()))
 
 
 @pytest.mark.heavy

@@ -44,7 +44,7 @@ def test_reference_path_is_the_layer_sequence(block, dtype):
 def test_op_schema_and_fake():
     K, G, N = 128, 64, 7
     packed, lut, x, bias = _problem(3, N, K, G)
-    args = (x, packed, lut, x.new_empty(0), bias, None, K, G, 2, 4, 1.0, 0, 0, "torch")
+    args = (x, packed, lut, x.new_empty(0), bias, None, K, G, 2, 4, 1.0, 0, 0, "torch", False)
     torch.library.opcheck(torch.ops.rcp.w2a4_linear.default, args, test_utils=("test_schema", "test_faketensor"))
     meta = [a.to("meta") if isinstance(a, torch.Tensor) else a for a in args]
     y = torch.ops.rcp.w2a4_linear(*meta)
