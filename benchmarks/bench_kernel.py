@@ -452,7 +452,11 @@ def measure(dev, shapes, batches, G: int, copy_mib: int, bench, layers: int = 0,
             on_rows(list(rows))
 
     if layers:
+        from rcp_lib.kernels.triton_w2a4 import hadamard_supported
+
         hidden, inter, heads = decode_dims
+        glu_note = ("; SiLU and product in down_proj's quantizer" if hadamard_supported(inter, None) else
+                    f"; forward_glu, but the R4 of {inter} runs in torch and so do the SiLU and product")
         x = torch.randn(1, hidden, device=dev, dtype=torch.float16, generator=gen)
         t = {}
         for method, packed_model, fmt, merged, glu in DECODE_VARIANTS:  # each row written as soon as it is measured
@@ -464,8 +468,8 @@ def measure(dev, shapes, batches, G: int, copy_mib: int, bench, layers: int = 0,
             ref = "fp16_merged" if merged else "fp16"  # against the fp16 stack of the same layout, measured before
             row = {"bench": "decode", "model": f"LLaMA-2-7B-shaped stack, {layers} layers, attention stand-in "
                    f"(kv {kv_len})", "N_out": hidden, "K_in": inter, "batch": 1, "method": method,
-                   "config": ("q|k|v and gate|up merged" + ("; SiLU and product in down_proj's quantizer" if glu else "")
-                              + "; vs fp16_merged") if merged else "",
+                   "config": ("q|k|v and gate|up merged" + (glu_note if glu else "") + "; vs fp16_merged")
+                   if merged else "",
                    "median_us": round(t[method] * 1e3, 2), "speedup_vs_fp16": round(t[ref] / t[method], 3),
                    "bytes_moved": "", "achieved_GBps": "", "pct_of_peak_bw": "",
                    "tokens_per_s": round(1e3 / t[method], 1), "rel_err_vs_float64": "", **common}  # fmt: skip

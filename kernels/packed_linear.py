@@ -460,9 +460,11 @@ class GatedMLP(nn.Module):
     ``gate_up_proj``, the merged gate / up projection (:meth:`PackedLinear.concat`: ``[..., 2K]`` = ``[gate | up]``),
     and ``down_proj``, called with :meth:`PackedLinear.forward_glu`, so that on the fused path the SiLU, the product
     and the online Hadamard of R4 all run in the kernel that quantizes ``down_proj``'s input (no torch launch and no
-    ``[..., K]`` round trip between the two products). Every other path computes what the MLP it replaces computes,
-    bit for bit. Built by :func:`rcp_lib.deploy.fuse_gated_mlps` in the place of a block's MLP; a deploy-time layout,
-    not saved (:func:`rcp_lib.deploy.save_quantized` refuses it)."""
+    fp16 ``[..., K]`` product written and read back between the two products). Every other path computes what the
+    MLP computes with its gate / up merged (:func:`rcp_lib.deploy.merge_shared_inputs`) bit for bit; against separate
+    gate and up products, to the matrix product's blocking (1e-5 in the tests). Built by
+    :func:`rcp_lib.deploy.fuse_gated_mlps` in the place of a block's MLP; a deploy-time layout, not saved
+    (:func:`rcp_lib.deploy.save_quantized` refuses it)."""
 
     def __init__(self, gate_up_proj: PackedLinear, down_proj: PackedLinear):
         super().__init__()

@@ -139,16 +139,22 @@ def _glu_fn(g, u, ROUND: tl.constexpr, INTERPRET: tl.constexpr):
         e = tl.exp(-g)
     else:
         e = libdevice.exp(-g)
-    a = tl.math.div_rn(g, 1.0 + e)
-    if ROUND == 1:
-        a = a.to(tl.float16).to(tl.float32)
-    elif ROUND == 2:
-        a = a.to(tl.bfloat16).to(tl.float32)
-    v = a * u.to(tl.float32)
+    a = _round_to(tl.math.div_rn(g, 1.0 + e), ROUND, INTERPRET)
+    return _round_to(a * u.to(tl.float32), ROUND, INTERPRET)
+
+
+def _round_to_fn(v, ROUND: tl.constexpr, INTERPRET: tl.constexpr):
+    """fp32 ``v`` rounded to nearest even in the dtype of ``ROUND`` (0: fp32, unchanged; 1: fp16; 2: bf16), as fp32.
+    The interpreter truncates fp32 to bf16, so there the rounding is done on the bits (NaN kept)."""
     if ROUND == 1:
         v = v.to(tl.float16).to(tl.float32)
     elif ROUND == 2:
-        v = v.to(tl.bfloat16).to(tl.float32)
+        if INTERPRET:
+            b = v.to(tl.uint32, bitcast=True)
+            r = ((b + 0x7FFF + ((b >> 16) & 1)) & 0xFFFF0000).to(tl.float32, bitcast=True)
+            v = tl.where(v != v, v, r)
+        else:
+            v = v.to(tl.bfloat16).to(tl.float32)
     return v
 
 
@@ -628,7 +634,7 @@ _DEFAULT_INTERP = {"gemv": dict(BLOCK_N=16, GPI=1, SPLIT_K=1, num_warps=4, NUM_S
 
 _JIT: dict = {}
 _TUNED: dict = {}
-_popcount = _epilogue = _act_range = _act_codes = _split_range = _glu = None  # the jit helpers, bound per mode by _set_helpers before a kernel is decorated or launched
+_popcount = _epilogue = _act_range = _act_codes = _split_range = _glu = _round_to = None  # the jit helpers, bound per mode by _set_helpers before a kernel is decorated or launched
 
 
 _KERNELS = {"act": "_act_quant_kernel", "gemv": "_w2a4_gemv_kernel", "gemm": "_w2a4_gemm_kernel",
@@ -640,7 +646,8 @@ def _set_helpers(interp: bool) -> None:
     kernels, and rebound before every decoration or launch (the interpreter and the compiler need different
     objects)."""
     for name, fn in (("_popcount", _popcount_fn), ("_epilogue", _epilogue_fn), ("_act_range", _act_range_fn),
-                     ("_act_codes", _act_codes_fn), ("_split_range", _split_range_fn), ("_glu", _glu_fn)):
+                     ("_act_codes", _act_codes_fn), ("_split_range", _split_range_fn), ("_glu", _glu_fn),
+                     ("_round_to", _round_to_fn)):
         key = (name, interp)
         if key not in _JIT:
             _JIT[key] = triton.jit(fn)
@@ -674,11 +681,13 @@ def pop_launch_config() -> str:
 
 
 def _tuned(kind: str, G: int, split_k: bool):
-    """``triton.autotune``-wrapped kernel, one per (kind, G, split-K allowed); compiled mode only."""
+    """``triton.autotune``-wrapped kernel, one per (kind, G, split-K allowed); compiled mode only. ``kind`` is the path
+    with its variants (``bitplane_tiled``, ``bitplane_glu``, ...): each tuned on its own, since the autotuner's key
+    (``N``, ``K``, batch) does not see the constexprs that make them read different amounts."""
     key = (kind, G, split_k)
+    base = kind.split("_")[0]
     if key not in _TUNED:
-        cfgs = {"gemv": gemv_configs, "bitplane": bitplane_configs,
-                "bitplane_tiled": bitplane_configs}.get(kind, lambda g: gemm_configs(g, split_k))(G)
+        cfgs = {"gemv": gemv_configs, "bitplane": bitplane_configs}.get(base, lambda g: gemm_configs(g, split_k))(G)
         cfgs = [c for c in cfgs if split_k or c["SPLIT_K"] == 1]  # no workspace: no split-K
         configs = []
         for c in cfgs:
@@ -686,7 +695,7 @@ def _tuned(kind: str, G: int, split_k: bool):
             nw = c.pop("num_warps")
             configs.append(triton.Config(c, num_warps=nw, num_stages=1))
         _set_helpers(False)
-        fn = globals()[_KERNELS[kind.removesuffix("_tiled")]]
+        fn = globals()[_KERNELS[base]]
         _TUNED[key] = triton.autotune(configs=configs, key=["N", "K", "B_KEY"], cache_results=True,
                                       prune_configs_by={"early_config_prune": _early_prune})(triton.jit(fn))
     return _TUNED[key]
@@ -772,7 +781,10 @@ def _hadamard_operands(K: int, hb: int, device: torch.device):
 
 def _round_code(dtype: torch.dtype) -> int:
     """:func:`_glu_fn`'s ``ROUND`` for activations of ``dtype`` (what torch rounds each op of the product to)."""
-    return {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}[dtype]
+    codes = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+    if dtype not in codes:
+        raise ValueError(f"glu needs fp16 / bf16 / fp32 activations, got {dtype}")
+    return codes[dtype]
 
 
 def _check_device(t: torch.Tensor) -> None:
@@ -853,7 +865,7 @@ def quantize_activations_triton(x: torch.Tensor, bits: int, clip_ratio: float, G
         K, x.stride(0), codes.stride(0), codes.stride(1) if planes else 0, float(clip_ratio),
         1.0 / math.sqrt(hb) if hb else 1.0,
         LEVELS=1 << bits, G=G or 16, PERMUTE=G is not None, HADAMARD=hb is not None, MIX_ROWS=hl is not None,
-        KP=KP, C=C, RP=RP, PLANES=planes, ABITS=bits, INTERPRET=interp, GLU=glu, ROUND=_round_code(x.dtype),
+        KP=KP, C=C, RP=RP, PLANES=planes, ABITS=bits, INTERPRET=interp, GLU=glu, ROUND=_round_code(x.dtype) if glu else 0,
         num_warps=num_warps, **QUANT_LAUNCH_OPTIONS,
     )  # fmt: skip
     return codes, s, z
@@ -1007,6 +1019,8 @@ def _launch(path: str, x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
     dev = x.device
     B, N, K = x.shape[0], w.shape[0], (x.shape[-1] * 32 if path == "bitplane" and not quant_in else x.shape[1])
     if glu:
+        if not quant_in:
+            raise ValueError("glu: only a kernel that quantizes its activations reads [gate | up]")
         K //= 2
     lut = lut.contiguous()
     wsum = wsum.to(device=dev, dtype=torch.float32).contiguous()
@@ -1066,7 +1080,7 @@ def _launch(path: str, x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
         _jitted(path)[grid](*args, **consts, **cfg, num_warps=nw, **opts)
         _LAST_LAUNCH["config"] = (path + ("_tiled" if tiled else ""), cfg, nw, "fixed")
     else:
-        kern = _tuned(path + ("_tiled" if tiled else ""), G, split_ok)
+        kern = _tuned(path + ("_tiled" if tiled else "") + ("_glu" if glu else ""), G, split_ok)
 
         def grid(meta):
             bb = meta["BLOCK_B"]

@@ -91,6 +91,8 @@ def test_fuse_refuses_what_it_cannot_fuse_and_changes_nothing(tmp_path):
     assert fuse_gated_mlps(packed) == 2
     with pytest.raises(ValueError, match="already fused"):
         fuse_gated_mlps(packed)
+    with pytest.raises(ValueError, match=r"model\.layers\.0\.mlp is a fused GatedMLP"):
+        merge_shared_inputs(packed)
     with pytest.raises(ValueError, match="save the model before fusing"):
         save_quantized(packed, tmp_path / "out")
     assert not (tmp_path / "out").exists()

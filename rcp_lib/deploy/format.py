@@ -648,6 +648,9 @@ def merge_shared_inputs(model: nn.Module) -> int:
     """
     plan = []
     for i, layer in enumerate(M.decoder_layers(model)):
+        if isinstance(M.mlp(layer), GatedMLP):
+            raise ValueError(f"model.layers.{i}.mlp is a fused GatedMLP (its gate / up are merged already): merge "
+                             f"before fuse_gated_mlps, or not at all")
         linears = M.layer_linears(layer)
         for group in M.shared_input_groups(layer):
             names = [f"model.layers.{i}.{n}" for n in group]
@@ -684,9 +687,10 @@ def fuse_gated_mlps(model: nn.Module) -> int:
     :class:`~rcp_lib.kernels.packed_linear.GatedMLP` of the same packed tensors, in place: gate and up merged into one
     product (:meth:`PackedLinear.concat`, or the group :func:`merge_shared_inputs` made), and the SiLU, the product and
     ``down_proj``'s online Hadamard fused into the kernel that quantizes ``down_proj``'s input on the fused path. A
-    block then runs its MLP in two products and no torch operation between them; every non-fused path computes the
-    same numbers as before, bit for bit. Every block is checked before any is replaced. Returns the number of MLPs
-    fused.
+    block then runs its MLP in two products and no torch operation between them (where the pre-kernel applies
+    down_proj's R4 itself, :func:`rcp_lib.kernels.triton_w2a4.hadamard_supported`). Every non-fused path computes
+    what the model merged by :func:`merge_shared_inputs` computes, bit for bit (the unmerged model to the matrix
+    product's blocking). Every block is checked before any is replaced. Returns the number of MLPs fused.
 
     A deploy-time layout, like :func:`merge_shared_inputs`: not saved (:func:`save_quantized` refuses a fused model).
 
@@ -740,6 +744,8 @@ def load_quantized(path: str | os.PathLike, device: str | torch.device = "cpu", 
 
     Raises:
         PackedFormatError: see :func:`check_folder` and :func:`install_packed_layers`.
+        ValueError: ``merge_projections`` / ``fuse_mlps`` on a model they cannot merge or fuse (e.g. a block left in
+            full precision): see :func:`merge_shared_inputs`, :func:`fuse_gated_mlps`.
     """
     from transformers import AutoModelForCausalLM
 

@@ -335,6 +335,8 @@ def test_bitplane_sm90_code_has_popc_wide_loads_and_fewer_instructions(tmp_path,
         one = ks.stats("bitplane", dict(ks._BP, QUANT_IN=True, BLOCK_B=1, BLOCK_N=128, GPI=1, SPLIT_K=4,
                                         NUM_STAGES=1), 4)
         tiled = ks.stats("bitplane", dict(ks._BP, **ks._TILED, BLOCK_B=1, BLOCK_N=64, GPI=2, SPLIT_K=4, NUM_STAGES=3), 4)
+        glu = ks.stats("bitplane", dict(ks._BP, QUANT_IN=True, GLU=True, ROUND=1, BLOCK_B=1, BLOCK_N=128, GPI=1,
+                                        SPLIT_K=4, NUM_STAGES=1), 4)  # a gated MLP's product quantized on load
     except RuntimeError as e:  # a triton build without the CUDA backend / ptxas
         if "ptxas" in str(e).lower() or "backend" in str(e).lower():
             pytest.skip(f"no CUDA compiler backend: {e}")
@@ -350,6 +352,9 @@ def test_bitplane_sm90_code_has_popc_wide_loads_and_fewer_instructions(tmp_path,
     # tiles: the same loop on one stream per row, still wide (asynchronous) loads and about the planes' instructions
     assert tiled["gemv_format"] == "bitplane_tiled" and tiled["popc"] == bp["popc"]
     assert tiled["ldgsts"] + tiled["ldg_128"] > 0 and tiled["instr_per_weight"] < 1.1 * bp["instr_per_weight"]
+    # the gated MLP's product read and computed in the loop: the same popcounts, more instructions (two loads and an
+    # exp per activation, K times per program), still under the select kernel
+    assert glu["popc"] == one["popc"] and one["instr_per_weight"] < glu["instr_per_weight"] < sel["instr_per_weight"]
 
 
 @needs_triton

@@ -268,6 +268,8 @@ def test_benchmark_measurement_logic_smoke(tmp_path):
     assert [(r["bench"], r["method"]) for r in decode] == [("decode", m[0]) for m in mod.DECODE_VARIANTS]
     merged = [r for r in decode if r["method"].endswith("_merged")]
     assert len(merged) == 3 and all(r["config"].endswith("vs fp16_merged") for r in merged)
+    glu = decode[-1]  # inter 64: the pre-kernel applies the R4, so the SiLU and product run in it too
+    assert glu["method"] == "w2a4_bitplane_glu" and "SiLU and product in down_proj's quantizer" in glu["config"]
 
 
 @pytest.mark.heavy

@@ -49,6 +49,12 @@ def test_op_schema_and_fake():
     meta = [a.to("meta") if isinstance(a, torch.Tensor) else a for a in args]
     y = torch.ops.rcp.w2a4_linear(*meta)
     assert y.device.type == "meta" and y.shape == (3, N) and y.dtype == x.dtype
+    gu = torch.cat([x, x.flip(-1)], -1)  # glu: [gate | up], [B, 2K] -> [B, N]
+    glu_args = (gu, *args[1:-1], True)
+    torch.library.opcheck(torch.ops.rcp.w2a4_linear.default, glu_args, test_utils=("test_schema", "test_faketensor"))
+    assert torch.ops.rcp.w2a4_linear(*[a.to("meta") if isinstance(a, torch.Tensor) else a for a in glu_args]).shape == (3, N)
+    with pytest.raises(ValueError, match=r"\[B, 2K=256\]"):
+        w2a4_linear(x, packed, lut, K, G, glu=True)
     with pytest.raises(ValueError, match="path"):
         w2a4_linear(x, packed, lut, K, G, path="cuda")
     with pytest.raises(ValueError, match="wsum"):
