@@ -300,19 +300,23 @@ def cpu_info() -> dict[str, Any]:
             "blas": ", ".join(blas) or "unknown"}
 
 
-def platform_key() -> str:
-    """What a float result depends on besides the code, as one cache-key string: torch's CPU kernel level, the
-    :data:`VECTOR_FLAGS`, the intra-op thread count and, where CUDA is present, the first GPU's name
-    (e.g. ``"AVX512 avx avx2 ... x2"``). Every cache key carries it (:func:`rcp_lib.experiments.rows.code_key`), so a
-    cache copied to, or a disk kept on, a machine that rounds differently recomputes instead of mixing CPU types in one
-    table (the CPU type acts like a seed: docs/reproducing.md)."""
+def platform_key(device: str = "cpu") -> str:
+    """What a float result computed on ``device`` depends on besides the code, as one cache-key string: on the CPU,
+    torch's kernel level and the :data:`VECTOR_FLAGS` (e.g. ``"cpu AVX512 avx avx2 fma avx512f ..."``); on CUDA, the
+    GPU's name (``"cuda NVIDIA H100 80GB HBM3"``), not the host's CPU, so that students trained by ``train-rows`` on
+    other nodes are found. Every cache key carries it (:func:`rcp_lib.experiments.rows.code_key`), so a cache copied to,
+    or a disk kept on, a machine that rounds differently recomputes instead of mixing CPU types in one table (the CPU
+    type acts like a seed: docs/reproducing.md). The thread count is recorded with every row but not keyed: processes
+    of one ``torchrun`` launch and the notebooks that read their students may differ in it."""
     import torch
 
+    kind = torch.device(device).type
+    if kind == "cuda":
+        return "cuda " + (torch.cuda.get_device_name(torch.device(device)) if torch.cuda.is_available() else "?")
+    if kind != "cpu":
+        return kind
     info = cpu_info()
-    parts = [info["torch_cpu_capability"] or "?", info["cpu_flags"], f"x{torch.get_num_threads()}"]
-    if torch.cuda.is_available():
-        parts.append(torch.cuda.get_device_name(0))
-    return " ".join(p for p in parts if p)
+    return " ".join(p for p in ("cpu", info["torch_cpu_capability"] or "?", info["cpu_flags"]) if p)
 
 
 #: the keys of :func:`provenance`: the columns that say where and when a row was computed, not what it measured

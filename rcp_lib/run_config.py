@@ -111,7 +111,7 @@ class RunConfig:
         d.pop("out_dir", None)
         d.pop("export_dir", None)
         d.pop("eval", None)
-        return config_hash(d, {"code": code_fingerprint(), "platform": platform_key()})
+        return config_hash(d, {"code": code_fingerprint(), "platform": platform_key(self.device)})
 
 
 def export_run(student, cfg: RunConfig, export_dir: str | Path, is_main: bool, skeleton=None) -> None:

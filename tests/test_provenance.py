@@ -122,26 +122,28 @@ def test_cache_keys_contain_the_fingerprint(monkeypatch):
 
 def test_cache_keys_contain_the_cpu_type(monkeypatch):
     """A row, a student and a CLI run computed on one CPU type are not read back on another (the CPU type rounds like a
-    seed): the same code on an AVX2 and an AVX-512 machine, or with another thread count, gives other cache names."""
-    import torch
-
+    seed): the same code on an AVX2 and an AVX-512 machine gives other cache names. A CUDA row is keyed by its GPU,
+    not by the host's CPU or thread count (students of a multi-node launch are found by the notebooks)."""
     from rcp_lib import experiments as X
     from rcp_lib.io import config_hash, cpu_info, platform_key
     from rcp_lib.profiles import get_profile
     from rcp_lib.run_config import RunConfig
 
-    key = platform_key()
-    assert key.split()[0] == (cpu_info()["torch_cpu_capability"] or "?")
-    assert key.endswith(f"x{torch.get_num_threads()}") or torch.cuda.is_available()
+    assert platform_key().split()[:2] == ["cpu", cpu_info()["torch_cpu_capability"] or "?"]
+    assert platform_key("cuda:1").startswith("cuda ") and cpu_info()["cpu_flags"] not in platform_key("cuda")
     P = get_profile("smoke")
     m = X.method("RCP", "W2A4KV4")
     monkeypatch.setattr(rio, "code_fingerprint", lambda: "aaaaaaaaaaaa")
-    monkeypatch.setattr(rio, "platform_key", lambda: "AVX2 avx avx2 fma x2")
+    seen = []
+    monkeypatch.setattr(rio, "platform_key", lambda device="cpu": seen.append(device) or f"{device} AVX2 avx avx2 fma")
     row_a, qat_a, run_a = config_hash(X.row_key(m, P)), X.qat_key(m, P), RunConfig().key()
-    monkeypatch.setattr(rio, "platform_key", lambda: "AVX512 avx avx2 fma avx512f x2")
+    gpu_row = config_hash(X.row_key(m, P.with_overrides(device="cuda")))
+    assert seen == ["cpu", "cpu", "cpu", "cuda"]
+    monkeypatch.setattr(rio, "platform_key", lambda device="cpu": "cpu AVX512 avx avx2 fma avx512f")
     assert config_hash(X.row_key(m, P)) != row_a
     assert X.qat_key(m, P) != qat_a
     assert RunConfig().key() != run_a
+    assert gpu_row != row_a
 
 
 def test_gptq_and_rotation_keys_contain_the_fingerprint(monkeypatch):

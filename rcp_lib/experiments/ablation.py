@@ -184,7 +184,7 @@ def _fp_val_ppl(profile: Profile, seqlen: int, windows: int, holdout: float, pro
     from .build import base_model, tokens
 
     key = {"kind": "fp-val", "model": profile.model, "corpus": profile.corpus, "seqlen": seqlen, "windows": windows,
-           "holdout_fraction": holdout, "code": code_key()}
+           "holdout_fraction": holdout, "code": code_key(profile.device)}
 
     def compute():
         _, val = split_holdout(tokens(profile, "train"), holdout)

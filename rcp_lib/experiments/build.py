@@ -262,7 +262,7 @@ def gptq_start(model: nn.Module, calib: torch.Tensor, progress: bool = True, key
 
     path = None
     if key is not None:
-        key = {**key, "calib": _tensor_digest(calib), "code": code_key()}
+        key = {**key, "calib": _tensor_digest(calib), "code": code_key(key.get("device", "cpu"))}
         name = cache_name("gptq-start", key)
         path = cache_dir() / "start" / f"{name}.pt"
         _log_cache(path.exists(), name, "GPTQ start")

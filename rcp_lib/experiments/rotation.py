@@ -49,7 +49,7 @@ def rotation_key(name: str, profile: Profile) -> dict:
 
     kind, block, group = _rotation_setting(name, profile)
     key = {"kind": "rotation-analysis", "model": profile.model, "rotation": name, "layers": profile.analysis_layers,
-           "group_size": profile.w_group_size, "seed": profile.seed, "code": code_key()}
+           "group_size": profile.w_group_size, "seed": profile.seed, "code": code_key(profile.device)}
     # what determines a row beyond the spec string: the block and group it resolves to, the search settings
     key["setting"] = {"kind": kind, "block": block, "group_size": group, "search": SEARCH,
                       "ratios": [CLIP_RATIOS[0], CLIP_RATIOS[-1], len(CLIP_RATIOS)]}

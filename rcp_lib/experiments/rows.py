@@ -21,13 +21,14 @@ from ..profiles import Profile
 from .methods import Method
 
 
-def code_key() -> str:
-    """What every cache key carries besides its own settings: the code fingerprint and the machine's rounding
-    (:func:`rcp_lib.io.platform_key`), ``"<fingerprint> <platform>"``. A code or config change, or a run on another
-    CPU type, recomputes instead of reading the cache (a table is never resumed on a CPU that rounds differently)."""
+def code_key(device: str = "cpu") -> str:
+    """What every cache key carries besides its own settings: the code fingerprint and the rounding of the machine
+    that computes on ``device`` (:func:`rcp_lib.io.platform_key`), ``"<fingerprint> <platform>"``. A code or config
+    change, or a run on another CPU type (GPU model), recomputes instead of reading the cache (a table is never resumed
+    on a machine that rounds differently)."""
     from ..io import code_fingerprint, platform_key  # looked up at call time (the tests replace them)
 
-    return f"{code_fingerprint()} {platform_key()}"
+    return f"{code_fingerprint()} {platform_key(device)}"
 
 
 def eval_key(kind: str, rotation, quant, profile, calib: bool = False) -> dict:
@@ -36,7 +37,7 @@ def eval_key(kind: str, rotation, quant, profile, calib: bool = False) -> dict:
     model, corpus, windows and code; with ``calib``, the calibration windows (a GPTQ row)."""
     key = {"kind": kind, "model": profile.model, "corpus": profile.corpus, "dtype": profile.dtype,
            "rotation": rotation.to_dict(), "quant": quant.to_dict(), "seqlen": profile.seqlen,
-           "eval_windows": profile.eval_windows, "eval_spread": profile.eval_spread, "code": code_key()}
+           "eval_windows": profile.eval_windows, "eval_spread": profile.eval_spread, "code": code_key(profile.device)}
     if calib:
         key["calib"] = [profile.calib_windows, profile.calib_seqlen, profile.seed]
     return key
@@ -60,7 +61,7 @@ def row_key(method: Method, profile: Profile) -> dict:
         for k in list(p):
             if k.startswith("qat_"):
                 p.pop(k)
-    return {"method": method_config(method, profile), "profile": p, "code": code_key()}
+    return {"method": method_config(method, profile), "profile": p, "code": code_key(profile.device)}
 
 
 def qat_key(method: Method, profile: Profile) -> str:
@@ -68,7 +69,8 @@ def qat_key(method: Method, profile: Profile) -> str:
     weight group and the QAT budget; the model, its parameter dtype and the corpus; with a GPTQ start the calibration
     windows), not the evaluation settings."""
     config = method_config(method, profile)
-    key = {"method": config, "model": profile.model, "corpus": profile.corpus, "dtype": profile.dtype, "code": code_key(),
+    key = {"method": config, "model": profile.model, "corpus": profile.corpus, "dtype": profile.dtype,
+           "code": code_key(profile.device),
            "kind": "qat-student"}
     if (config.get("qat") or {}).get("gptq_start"):
         key["calib"] = [profile.calib_windows, profile.calib_seqlen]
@@ -84,7 +86,7 @@ def ptq_key(method: Method, profile: Profile) -> dict:
     weight = r.quant.weight if r.quant is not None else None
     key = {"kind": f"ptq-{r.ptq}", "model": profile.model, "dtype": profile.dtype,
            "rotation": r.rotation.to_dict() if r.rotation else None,
-           "weights": weight.to_dict() if weight is not None else None, "code": code_key()}
+           "weights": weight.to_dict() if weight is not None else None, "code": code_key(profile.device)}
     if r.ptq == "gptq":
         key.update({"corpus": profile.corpus, "calib_windows": profile.calib_windows,
                     "calib_seqlen": profile.calib_seqlen, "seed": profile.seed, "gptq_activations": "16-bit"})

@@ -194,7 +194,7 @@ def sweep_key(P, pt: dict, seed: int, steps: int):
     Pp = point_profile(P.with_overrides(seed=seed), pt, steps)
     config = method_config(method(*METHOD), Pp)
     key = {"method": config, "model": Pp.model, "corpus": Pp.corpus,
-           "val_seqlen": Pp.seqlen, "val_windows": Pp.sweep_val_windows, "code": code_key()}
+           "val_seqlen": Pp.seqlen, "val_windows": Pp.sweep_val_windows, "code": code_key(Pp.device)}
     if config["qat"]["gptq_start"]:
         key["calib"] = [Pp.calib_windows, Pp.calib_seqlen]
     return Pp, key
