@@ -23,7 +23,9 @@ Sections (each records its own error instead of stopping the others; the exit st
   required 0; ``kernel_code_mismatches_hadamard`` behind the pre-kernel's own fp32 Hadamard, reported: a GPU may
   round that transform differently from torch), and the same folder loaded with q|k|v and gate|up merged
   (``merge_projections=True``) on the fused select path against it unmerged (``merged_ok``: within the fake-quant
-  model's own sensitivity).
+  model's own sensitivity), and loaded with its gated MLPs fused (``fuse_mlps=True``: the SiLU and product in
+  down_proj's quantizer) on the bit-serial path against the same path unfused, on the prompt and on 3 tokens
+  (``glu_ok``, the same bound).
 
 The report (``--out``, default ``results/gpu/check.json``: settled before the first section) is rewritten after every
 section, so a section that fails, hangs past a caller's time limit (SIGTERM is recorded as that section's error) or
@@ -367,6 +369,19 @@ def section_export(args, dev) -> dict:
             out["rel_logits_merged_vs_unmerged_triton"] = _rel(got, logits["_triton"])
             out["rel_logits_vs_fakequant_triton_merged"] = _rel(got, ref)
             del pk
+            # the gated MLPs fused (fuse_gated_mlps) on the bit-serial path: the SiLU, the product and the R4 in the
+            # kernel that quantizes down_proj's input; the prompt (pre-kernel + GEMM) and 3 tokens (decode kernels)
+            from rcp_lib.kernels.packed_linear import GatedMLP
+
+            pk, _ = load_quantized(d, device=dev, backend="triton", gemv_format="bitplane", merge_projections=True,
+                                   fuse_mlps=True)
+            with torch.no_grad():
+                got = pk(input_ids=ids, use_cache=False).logits.double()
+                dec = pk(input_ids=ids[:, :3], use_cache=False).logits.double()
+            out["glu_mlps_triton"] = sum(isinstance(x, GatedMLP) for x in pk.modules())
+            out["rel_logits_glu_vs_unfused_triton_bitplane"] = _rel(got, logits["_triton_bitplane"])
+            out["rel_logits_glu_decode_vs_unfused_triton_bitplane"] = _rel(dec, logits["_triton_bitplane"][:, :3])
+            del pk
     # Every layer right on the same input (teacher forced), and end to end either no further from the fake-quant
     # model than that model moves under a 1e-6 perturbation of its own embeddings (3x margin; 1 % when it hardly
     # moves), or departing from it only where an activation code first flipped on an input that agreed to rounding
@@ -391,6 +406,11 @@ def section_export(args, dev) -> dict:
         # which end to end is bounded like any rounding difference (the model's own sensitivity)
         out["merged_ok"] = (out["merged_groups_triton"] == 2 * dims["num_hidden_layers"]
                             and out["rel_logits_merged_vs_unmerged_triton"] <= floor)
+        # fused gated MLPs: the merged layout plus the MLP's own two torch ops moved into the quantizer, bounded the
+        # same way (prompt and decode)
+        out["glu_ok"] = (out["glu_mlps_triton"] == dims["num_hidden_layers"]
+                         and max(out["rel_logits_glu_vs_unfused_triton_bitplane"],
+                                 out["rel_logits_glu_decode_vs_unfused_triton_bitplane"]) <= floor)
         out["fused_bitplane_ok"] = (max(out["teacher_forced_max_rel_triton_bitplane"],
                                         out["teacher_forced_decode_max_rel_triton_bitplane"]) < 1e-4
                                     and end_to_end_ok("_triton_bitplane") and out["kernel_code_mismatches"] == 0)
