@@ -345,8 +345,8 @@ def test_whole_model_with_reference_codes_forced_into_the_fused_gemm(monkeypatch
     forced = iter(recorded)
 
     def reference_codes(x, bits, clip_ratio, G, hadamard_block=None, apply_hadamard=False, num_warps=None,
-                        planes=False):
-        assert not planes
+                        planes=False, glu=False):
+        assert not planes and not glu
         c, s, z = next(forced)
         assert c.shape == x.shape
         return (permute_activations(c, G) if G is not None else c), s.reshape(-1).float(), z.reshape(-1).float()
