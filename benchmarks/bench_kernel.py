@@ -36,7 +36,8 @@ so that transform runs in torch before the fused pre-kernel); ``w2a4_bitplane`` 
 ``rcp_lib.deploy.merge_shared_inputs``); their ``speedup_vs_fp16`` is against ``fp16_merged``. ``w2a4_bitplane_glu``
 is the merged bit-serial stack with each MLP as ``rcp_lib.deploy.fuse_gated_mlps`` builds it (``down.forward_glu``:
 the SiLU and product inside the kernel that quantizes down_proj's input, where that kernel applies the R4 itself; at
-11008 the R4 stays in torch, and so do the SiLU and product). One token step is
+11008 the R4 stays in torch, and so do the SiLU and product: ``--decode-dims 576 1536 9 --group-size 64``, SmolLM2-135M's shape, is one
+where the fusion acts). One token step is
 captured in a CUDA graph; tokens/s = 1 / median step time (no L2 flush: the weights exceed L2).
 
 Rows carry provenance (:func:`rcp_lib.io.provenance`: git commit, device, torch version, date), the tree that ran
@@ -168,6 +169,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--reps", type=int, default=100, help="timed graph replays per method")
     p.add_argument("--layers", type=int, default=32, help="decoder layers of the decode benchmark (0: skip)")
     p.add_argument("--kv-len", type=int, default=512, help="KV-cache length of the attention stand-in")
+    p.add_argument("--decode-dims", type=int, nargs=3, default=[4096, 11008, 32], metavar=("HIDDEN", "INTER", "HEADS"),
+                   help="the decode stack's shape (default LLaMA-2-7B's; e.g. 576 1536 9 with --group-size 64, "
+                        "SmolLM2-135M's, whose MLP width is one the pre-kernel fuses with the SiLU and product)")
     p.add_argument("--out", type=Path, default=None,
                    help="CSV to write (default: results/gpu/kernel_speed.csv, the registry's 'kernel_speed' file)")
     return p.parse_args(argv)
@@ -466,7 +470,9 @@ def measure(dev, shapes, batches, G: int, copy_mib: int, bench, layers: int = 0,
             if dev.type == "cuda":
                 torch.cuda.empty_cache()
             ref = "fp16_merged" if merged else "fp16"  # against the fp16 stack of the same layout, measured before
-            row = {"bench": "decode", "model": f"LLaMA-2-7B-shaped stack, {layers} layers, attention stand-in "
+            shape = ("LLaMA-2-7B-shaped" if tuple(decode_dims) == (4096, 11008, 32) else
+                     f"hidden {hidden} / MLP {inter} / {heads} heads")
+            row = {"bench": "decode", "model": f"{shape} stack, {layers} layers, attention stand-in "
                    f"(kv {kv_len})", "N_out": hidden, "K_in": inter, "batch": 1, "method": method,
                    "config": ("q|k|v and gate|up merged" + (glu_note if glu else "") + "; vs fp16_merged")
                    if merged else "",
@@ -521,7 +527,8 @@ def main(argv: list[str] | None = None) -> int:
     bench = cuda_graph_timer(dev, args.reps, args.flush_mib)
     done: list[dict] = []
     try:
-        rows = measure(dev, SHAPES, args.batch, args.group_size, args.copy_mib, bench, args.layers, kv_len=args.kv_len,
+        rows = measure(dev, SHAPES, args.batch, args.group_size, args.copy_mib, bench, args.layers,
+                       decode_dims=tuple(args.decode_dims), kv_len=args.kv_len,
                        on_rows=lambda r: done.__setitem__(slice(None), r), tree=tree)
     except KernelMismatch as e:
         print(f"bench_kernel: {e}; no numbers written", file=sys.stderr)

@@ -379,6 +379,8 @@ def section_export(args, dev) -> dict:
                 got = pk(input_ids=ids, use_cache=False).logits.double()
                 dec = pk(input_ids=ids[:, :3], use_cache=False).logits.double()
             out["glu_mlps_triton"] = sum(isinstance(x, GatedMLP) for x in pk.modules())
+            out["glu_in_kernel_mlps_triton"] = sum(isinstance(x, GatedMLP) and x.glu_in_kernel for x in pk.modules())
+            out["glu_quantizer_mismatches"] = _glu_quantizer_mismatches(dims["intermediate_size"], dev)
             out["rel_logits_glu_vs_unfused_triton_bitplane"] = _rel(got, logits["_triton_bitplane"])
             out["rel_logits_glu_decode_vs_unfused_triton_bitplane"] = _rel(dec, logits["_triton_bitplane"][:, :3])
             del pk
@@ -408,7 +410,11 @@ def section_export(args, dev) -> dict:
                             and out["rel_logits_merged_vs_unmerged_triton"] <= floor)
         # fused gated MLPs: the merged layout plus the MLP's own two torch ops moved into the quantizer, bounded the
         # same way (prompt and decode)
+        # and the SiLU and product in the kernel on every block; on CUDA the kernel's product quantized exactly as
+        # torch's (codes, scale, zero); the interpreter's exp is numpy's, which may differ from torch's CPU exp by a bit
         out["glu_ok"] = (out["glu_mlps_triton"] == dims["num_hidden_layers"]
+                         and out["glu_in_kernel_mlps_triton"] == dims["num_hidden_layers"]
+                         and (dev.type != "cuda" or not any(out["glu_quantizer_mismatches"].values()))
                          and max(out["rel_logits_glu_vs_unfused_triton_bitplane"],
                                  out["rel_logits_glu_decode_vs_unfused_triton_bitplane"]) <= floor)
         out["fused_bitplane_ok"] = (max(out["teacher_forced_max_rel_triton_bitplane"],
@@ -418,6 +424,25 @@ def section_export(args, dev) -> dict:
                                               out["teacher_forced_decode_max_rel_triton_bitplane_tiled"]) < 1e-4
                                           and end_to_end_ok("_triton_bitplane_tiled")
                                           and out["kernel_code_mismatches"] == 0)
+    return out
+
+
+def _glu_quantizer_mismatches(K: int, dev) -> dict:
+    """Per activation dtype, how many codes, scales and zeros of the activation quantizer differ between the GLU
+    computed in the kernel (``glu=True`` on ``[gate | up]``) and torch's ``F.silu(gate) * up`` quantized by the same
+    kernel: 0 where the kernel's SiLU and product round as torch's (8 tokens of width ``K``, 4 bits)."""
+    import torch
+
+    from rcp_lib.kernels.reference import glu_input
+    from rcp_lib.kernels.triton_w2a4 import quantize_activations_triton
+
+    out = {}
+    gen = torch.Generator().manual_seed(3)
+    for dtype in (torch.float16, torch.bfloat16, torch.float32):
+        gu = (torch.randn(8, 2 * K, generator=gen) * 3).to(dev, dtype)
+        fused = quantize_activations_triton(gu, 4, 1.0, None, glu=True)
+        plain = quantize_activations_triton(glu_input(gu), 4, 1.0, None)
+        out[str(dtype).replace("torch.", "")] = int(sum((a != b).sum().item() for a, b in zip(fused, plain)))
     return out
 
 

@@ -107,9 +107,11 @@ def _w2a4_linear_op(
     hadamard_n: int,
     hadamard_block: int,
     path: str,
-    glu: bool,
+    glu: bool = False,
 ) -> torch.Tensor:
     """``torch.ops.rcp.w2a4_linear``: the whole deployed linear (arguments: :func:`w2a4_linear`)."""
+    if x.shape[-1] != (2 * K if glu else K):  # a direct call of the op, past the wrapper's check
+        raise ValueError(f"x must be [B, {'2K' if glu else 'K'}={2 * K if glu else K}], got {tuple(x.shape)}")
     if path == "fused":
         from .triton_w2a4 import w2a4_linear_triton
 
@@ -122,7 +124,7 @@ def _w2a4_linear_op(
 
 @_w2a4_linear_op.register_fake
 def _w2a4_linear_fake(x, packed_w, lut, wsum, bias, wplanes, K, G, bits, act_bits, act_clip_ratio, hadamard_n,
-                      hadamard_block, path, glu):
+                      hadamard_block, path, glu=False):
     return x.new_empty((x.shape[0], packed_w.shape[0]))
 
 

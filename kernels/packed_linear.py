@@ -339,6 +339,16 @@ class PackedLinear(nn.Module):
             raise ValueError(f"forward_glu takes [..., 2K={2 * self.in_features}] = [gate | up], got {tuple(gu.shape)}")
         return self._forward(gu, glu=True)
 
+    def glu_in_kernel(self, x: torch.Tensor) -> bool:
+        """Whether :meth:`forward_glu` on ``x`` (its device decides the path) computes the SiLU and the product inside
+        the kernel that quantizes the activations: the fused path, with no input transform or one the pre-kernel
+        builds. False where they run as the MLP's two torch ops before the product: another path, or an online
+        Hadamard the pre-kernel does not build (:func:`.triton_w2a4.hadamard_supported`; e.g. LLaMA-2-7B's 11008)."""
+        if self._use_decode_cache(x) or self.kernel_path(x) != "fused":
+            return False
+        t = self.input_transform
+        return t is None or (isinstance(t, OnlineHadamard) and _fusable_hadamard(t))
+
     def _forward(self, x: torch.Tensor, glu: bool) -> torch.Tensor:
         from .op import w2a4_linear
         from .reference import glu_input
@@ -473,6 +483,12 @@ class GatedMLP(nn.Module):
                              f"{down_proj.in_features}: a gated MLP needs twice as many")
         self.gate_up_proj = gate_up_proj
         self.down_proj = down_proj
+
+    @property
+    def glu_in_kernel(self) -> bool:
+        """Whether a call on the device of the weights runs the SiLU and the product inside ``down_proj``'s activation
+        quantizer (:meth:`PackedLinear.glu_in_kernel`), rather than as torch ops between the two products."""
+        return self.down_proj.glu_in_kernel(self.down_proj.qweight.new_empty(0))
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         return self.down_proj.forward_glu(self.gate_up_proj(h))

@@ -682,8 +682,10 @@ def pop_launch_config() -> str:
 
 def _tuned(kind: str, G: int, split_k: bool):
     """``triton.autotune``-wrapped kernel, one per (kind, G, split-K allowed); compiled mode only. ``kind`` is the path
-    with its variants (``bitplane_tiled``, ``bitplane_glu``, ...): each tuned on its own, since the autotuner's key
-    (``N``, ``K``, batch) does not see the constexprs that make them read different amounts."""
+    with its variants (``bitplane_tiled``, ``bitplane_glu``, ...): each tuned on its own in this process, and the
+    bit-serial kernel's tuning key names the constexprs that make the variants read different amounts (``QUANT_IN``,
+    ``TILED``, ``GLU``) besides ``N``, ``K`` and the batch: Triton's on-disk tuning cache is keyed by the kernel's
+    source, the tuning key and the configurations only, so without them a variant would reuse another's timings."""
     key = (kind, G, split_k)
     base = kind.split("_")[0]
     if key not in _TUNED:
@@ -696,7 +698,8 @@ def _tuned(kind: str, G: int, split_k: bool):
             configs.append(triton.Config(c, num_warps=nw, num_stages=1))
         _set_helpers(False)
         fn = globals()[_KERNELS[base]]
-        _TUNED[key] = triton.autotune(configs=configs, key=["N", "K", "B_KEY"], cache_results=True,
+        tkey = ["N", "K", "B_KEY"] + (["QUANT_IN", "TILED", "GLU"] if base == "bitplane" else [])
+        _TUNED[key] = triton.autotune(configs=configs, key=tkey, cache_results=True,
                                       prune_configs_by={"early_config_prune": _early_prune})(triton.jit(fn))
     return _TUNED[key]
 
@@ -1055,9 +1058,10 @@ def _launch(path: str, x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
                           CENTER=((1 << abits) - 1) / 2)
             rec, lrec, loff, align = tiled or (0, 0, 0, 1)
             consts.update(TILED=tiled is not None, REC=rec, LREC=lrec, LOFF=loff, ALIGN=align, GLU=glu,
-                          ROUND=_round_code(x.dtype) if quant_in else 0)
+                          ROUND=_round_code(x.dtype) if glu else 0)  # ROUND acts on the GLU product only
         else:
             consts.update(CENTER=center)
+    kind = path + ("_tiled" if tiled else "") + ("_glu" if glu else "")  # the variant: its label and its tuning
     if config is None and not interp and not AUTOTUNE:
         config = default_config(path, G)
         if not split_ok:
@@ -1078,9 +1082,9 @@ def _launch(path: str, x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
         bb = consts.get("BLOCK_B", cfg.get("BLOCK_B"))
         grid = (triton.cdiv(N, cfg["BLOCK_N"]), cfg["SPLIT_K"], triton.cdiv(B, bb))
         _jitted(path)[grid](*args, **consts, **cfg, num_warps=nw, **opts)
-        _LAST_LAUNCH["config"] = (path + ("_tiled" if tiled else ""), cfg, nw, "fixed")
+        _LAST_LAUNCH["config"] = (kind, cfg, nw, "fixed")
     else:
-        kern = _tuned(path + ("_tiled" if tiled else "") + ("_glu" if glu else ""), G, split_ok)
+        kern = _tuned(kind, G, split_ok)
 
         def grid(meta):
             bb = meta["BLOCK_B"]
@@ -1091,7 +1095,7 @@ def _launch(path: str, x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
         if best is None:  # no choice to name: an earlier launch's configuration must not stand for this one
             _LAST_LAUNCH.pop("config", None)
         else:
-            _LAST_LAUNCH["config"] = (path + ("_tiled" if tiled else ""), best, None, "autotuned")
+            _LAST_LAUNCH["config"] = (kind, best, None, "autotuned")
     return y
 
 

@@ -16,8 +16,8 @@ from rcp_lib.quant.apply import preset, quantize_model
 from rcp_lib.rotation.fuse import RotationConfig, rotate_model
 
 
-def _deployed(family="llama", layers=2):
-    m = M.tiny_model(family, hidden=64, intermediate=96, heads=2, kv_heads=1, layers=layers, vocab=96, seed=0)
+def _deployed(family="llama", layers=2, intermediate=96):
+    m = M.tiny_model(family, hidden=64, intermediate=intermediate, heads=2, kv_heads=1, layers=layers, vocab=96, seed=0)
     rotate_model(m, RotationConfig(r1="random_hadamard", seed=0))
     quantize_model(m, preset("W2A4KV4", w_group_size=32))
     return m, deploy(copy.deepcopy(m), torch.float32)
@@ -38,7 +38,8 @@ def test_fused_model_computes_the_deployed_model(family, decode_cache):
     merge_shared_inputs(merged)
     downs = [M.mlp(b).down_proj for b in M.decoder_layers(packed)]
     fused = copy.deepcopy(packed)
-    assert fuse_gated_mlps(fused) == 2
+    with pytest.warns(UserWarning, match=r"2 of 2 blocks"):  # R4 of 96 = 12 · 8: not a pre-kernel order
+        assert fuse_gated_mlps(fused) == 2
     blocks = [M.mlp(b) for b in M.decoder_layers(fused)]
     assert all(isinstance(b, GatedMLP) for b in blocks)
     assert all(b.gate_up_proj.out_features == 2 * 96 and b.down_proj.in_features == 96 for b in blocks)
@@ -46,7 +47,8 @@ def test_fused_model_computes_the_deployed_model(family, decode_cache):
                for b, d in zip(blocks, downs))
     from_merged = copy.deepcopy(merged)
     group = M.mlp(M.decoder_layers(from_merged)[0]).merged_gate_proj_up_proj.linear
-    assert fuse_gated_mlps(from_merged) == 2
+    with pytest.warns(UserWarning, match="online Hadamard"):
+        assert fuse_gated_mlps(from_merged) == 2
     assert M.mlp(M.decoder_layers(from_merged)[0]).gate_up_proj is group
     with torch.no_grad():
         want = merged(input_ids=ids).logits
@@ -88,7 +90,8 @@ def test_fuse_refuses_what_it_cannot_fuse_and_changes_nothing(tmp_path):
     with pytest.raises(ValueError, match=r"model\.layers\.1\.mlp\.up_proj is a QuantLinear"):
         fuse_gated_mlps(half)
     assert not any(isinstance(m, GatedMLP) for m in half.modules())
-    assert fuse_gated_mlps(packed) == 2
+    with pytest.warns(UserWarning, match="online Hadamard"):
+        assert fuse_gated_mlps(packed) == 2
     with pytest.raises(ValueError, match="already fused"):
         fuse_gated_mlps(packed)
     with pytest.raises(ValueError, match=r"model\.layers\.0\.mlp is a fused GatedMLP"):
@@ -99,3 +102,28 @@ def test_fuse_refuses_what_it_cannot_fuse_and_changes_nothing(tmp_path):
     down = M.mlp(M.decoder_layers(packed)[0]).down_proj  # 64 outputs, 96 inputs
     with pytest.raises(ValueError, match="twice as many"):
         GatedMLP(PackedLinear.concat([down, down]), down)
+
+
+def test_glu_in_kernel_says_where_the_product_runs():
+    """``GatedMLP.glu_in_kernel``: True only on the fused path with an R4 the pre-kernel builds (192 = 12 · 16, the
+    same rule as SmolLM2's 1536 = 12 · 128); no warning then. The reference backend, or an R4 of an order the
+    pre-kernel does not build (96 = 12 · 8), keeps the SiLU and the product as torch ops, and says so."""
+    import warnings
+
+    _, packed = _deployed(layers=1, intermediate=192)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert fuse_gated_mlps(packed) == 1
+    mlp = M.mlp(M.decoder_layers(packed)[0])
+    mlp.down_proj.backend = "torch"
+    assert not mlp.glu_in_kernel
+    mlp.down_proj.backend = "triton"
+    assert mlp.glu_in_kernel
+    mlp.down_proj.input_transform = None  # no R4: nothing to build, the product still in the kernel
+    assert mlp.glu_in_kernel
+    _, other = _deployed(layers=1, intermediate=96)
+    with pytest.warns(UserWarning, match=r"order 96, block None\) in 1 of 1 blocks"):
+        fuse_gated_mlps(other)
+    down = M.mlp(M.decoder_layers(other)[0]).down_proj
+    down.backend = "triton"
+    assert not M.mlp(M.decoder_layers(other)[0]).glu_in_kernel

@@ -51,6 +51,7 @@ import math
 import os
 import shutil
 import tempfile
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -61,8 +62,8 @@ from torch import nn
 from .. import models as M
 from ..io import atomic_save_safetensors
 from ..kernels import SUPPORTED_BITS, pack_codes, unpack_codes
-from ..kernels.packed_linear import (GatedMLP, PackedLinear, SharedInputLinear, SharedInputSlice, check_gemv_format,
-                                     clear_shared_inputs, deploy_bits)
+from ..kernels.packed_linear import (GatedMLP, PackedLinear, SharedInputLinear, SharedInputSlice, _fusable_hadamard,
+                                     check_gemv_format, clear_shared_inputs, deploy_bits)
 from ..quant.linear import QuantLinear
 from ..rotation.online import OnlineHadamard
 
@@ -693,6 +694,9 @@ def fuse_gated_mlps(model: nn.Module) -> int:
     product's blocking). Every block is checked before any is replaced. Returns the number of MLPs fused.
 
     A deploy-time layout, like :func:`merge_shared_inputs`: not saved (:func:`save_quantized` refuses a fused model).
+    Where the pre-kernel does not build a ``down_proj``'s online Hadamard, its SiLU, product and R4 stay torch ops
+    between the two products (correct, nothing fused but gate and up): a warning says how many blocks that is, and
+    :attr:`GatedMLP.glu_in_kernel` says it per block.
 
     Raises:
         ValueError: a block whose MLP is not a SiLU-gated MLP of packed projections (not deployed, another activation,
@@ -724,6 +728,13 @@ def fuse_gated_mlps(model: nn.Module) -> int:
         plan.append((name, GatedMLP(gate_up, down)))
     for name, fused in plan:
         M.set_submodule(model, name, fused)
+    torch_r4 = [n for n, f in plan if isinstance(f.down_proj.input_transform, OnlineHadamard)
+                and not _fusable_hadamard(f.down_proj.input_transform)]
+    if torch_r4:
+        t = plan[0][1].down_proj.input_transform
+        warnings.warn(f"fuse_gated_mlps: the fused path's pre-kernel does not build down_proj's online Hadamard "
+                      f"(order {t.n}, block {t.block}) in {len(torch_r4)} of {len(plan)} blocks: there the SiLU, the "
+                      f"product and R4 stay torch ops between the two products (GatedMLP.glu_in_kernel)", stacklevel=2)
     return len(plan)
 
 

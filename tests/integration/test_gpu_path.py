@@ -148,7 +148,8 @@ def test_gpu_check_export_fused_paths_under_interpreter(tmp_path):
     assert ex["fused_path_ok"] and ex["fused_bitplane_ok"]
     assert ex["teacher_forced_decode_max_rel_triton_bitplane"] < 1e-4 and ex["packed_linears_triton_bitplane"] == 14
     assert ex["merged_ok"] and ex["merged_groups_triton"] == 4
-    assert ex["glu_ok"] and ex["glu_mlps_triton"] == 2
+    assert ex["glu_ok"] and ex["glu_mlps_triton"] == 2 and ex["glu_in_kernel_mlps_triton"] == 2
+    assert set(ex["glu_quantizer_mismatches"]) == {"float16", "bfloat16", "float32"}
     assert ex["fused_bitplane_tiled_ok"] and ex["teacher_forced_decode_max_rel_triton_bitplane_tiled"] < 1e-4
 
 

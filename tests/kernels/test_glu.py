@@ -99,3 +99,26 @@ def test_fused_linear_glu_is_the_linear_on_the_product(hb):
         assert torch.equal(got, want), (B, wp is not None)
         ref = w2a4_linear_reference(gu, packed, lut, bias, K, G, 2, 4, 0.9, K if hb else 0, hb or 0, glu=True)
         assert ((got - ref).norm() / ref.norm()).item() < 1e-2, B  # fp32 rounding and codes at a tie
+
+
+@needs_triton
+@pytest.mark.parametrize("K", [256, 2048])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_one_launch_glu_rounds_in_the_dtype_and_spans_chunks(dtype, K):
+    """The one-launch bit-serial kernel with ``glu`` (no Hadamard: its quantizer runs inside the GEMV) rounds the
+    SiLU and the product in each activation dtype (``ROUND``) and takes the per-token range over every chunk of the
+    row (K = 2048: two chunks of 1024): bit for bit the same kernel on the emulated product."""
+    from rcp_lib.kernels.triton_w2a4 import w2a4_linear_triton
+
+    N, G = 16, 64
+    g = torch.Generator().manual_seed(5)
+    codes = torch.randint(0, 4, (N, K), dtype=torch.uint8, generator=g)
+    lut = torch.randn(N, K // G, 4, generator=g).sort(-1).values.half()
+    packed = pack_codes(codes)
+    wsum, planes = weight_row_sums(packed, lut, K, G), weight_bitplanes(packed, K)
+    gu = _gu(2, K, dtype, seed=K)
+    gu[1, K + 1500 % K] = 50.0  # the second row's largest product sits in the second chunk when K = 2048
+    gu[1, 1500 % K] = 8.0
+    got = w2a4_linear_triton(gu, packed, lut, wsum, K, G, 4, 1.0, None, glu=True, wplanes=planes)
+    want = w2a4_linear_triton(_glu_numpy(gu), packed, lut, wsum, K, G, 4, 1.0, None, wplanes=planes)
+    assert torch.equal(got, want)

@@ -55,6 +55,10 @@ def test_op_schema_and_fake():
     assert torch.ops.rcp.w2a4_linear(*[a.to("meta") if isinstance(a, torch.Tensor) else a for a in glu_args]).shape == (3, N)
     with pytest.raises(ValueError, match=r"\[B, 2K=256\]"):
         w2a4_linear(x, packed, lut, K, G, glu=True)
+    # glu defaults to False in the schema (a call written before it existed); the op checks the width itself
+    assert torch.equal(torch.ops.rcp.w2a4_linear(*args[:-1]), torch.ops.rcp.w2a4_linear(*args))
+    with pytest.raises(ValueError, match=r"\[B, 2K=256\]"):
+        torch.ops.rcp.w2a4_linear(x, *args[1:-1], True)
     with pytest.raises(ValueError, match="path"):
         w2a4_linear(x, packed, lut, K, G, path="cuda")
     with pytest.raises(ValueError, match="wsum"):
