@@ -235,7 +235,7 @@ def test_ablation_block_in_readme(tmp_path):
     # the report prints the rows and their tests, and states no cause for a gap
     assert "| RCP w/o Clip | 3 | 410 ± 17.30 |" in md and "RCP < RCP w/o Clip (Welch p = 0.01, n = 3, 3) |" in md
     assert "the gap comes from the searched clip start" not in md and "its clip ratio starts at" not in md
-    assert "**Not comparable row to row:** the ablation ran with code new and the perplexity table above with code old" in md
+    assert "**Not comparable row to row:** the ablation ran with code new and the perplexity table with code old" in md
 
 
 def test_code_versions_sentence_checks_the_rows_both_files_compute():
@@ -248,13 +248,34 @@ def test_code_versions_sentence_checks_the_rows_both_files_compute():
                           for s, v in ((0, 30.25), (1, 41.0), (2, 39.0))])
     assert code_versions_markdown(ppl, summary.assign(code_fingerprint="old"), seeds) == ""  # same code
     md = code_versions_markdown(ppl, summary, seeds)
-    assert md.startswith("Code versions: the ablation ran with code new and the perplexity table above with code old")
+    assert md.startswith("Code versions: the ablation ran with code new and the perplexity table with code old")
     assert "(RCP W2A4KV4 seed 0: 30.25) are identical in both files" in md and "Not comparable" not in md
     md = code_versions_markdown(ppl, summary, seeds.assign(ppl=[30.5, 41.0, 39.0]))
     assert md.startswith("**Not comparable row to row:**") and "RCP W2A4KV4 seed 0: 30.50 vs 30.25" in md
     md = code_versions_markdown(ppl, summary, seeds.assign(seed=[1, 2, 3]))  # seed 0 is not in the ablation
     assert md.startswith("**Not comparable row to row:**") and "they share no row" in md
     assert "they share no row" in code_versions_markdown(ppl, summary, None)
+
+
+def test_readme_block_flags_an_ablation_of_other_code(tmp_path):
+    """The README's block, not only SUMMARY, says when the claims "with seeds" (results/ablation/) come from another
+    code version than the table beside them and their shared rows differ; nothing when the code is the same."""
+    from rcp_lib.report import readme_markdown
+
+    res, abl = tmp_path / "cpu", tmp_path / "ablation"
+    res.mkdir()
+    abl.mkdir()
+    ppl = _ppl_rows().assign(seed=0, code_fingerprint="old")
+    ppl.to_csv(res / "perplexity.csv", index=False)
+    seeds = pd.DataFrame([{"method": "RCP", "setting": "W2A4KV4", "seed": s, "ppl": v, "code_fingerprint": "new"}
+                          for s, v in ((0, 30.5), (1, 41.0), (2, 39.0))])
+    seeds.to_csv(abl / "ablation.csv", index=False)
+    seeds.iloc[:1].to_csv(abl / "ablation_summary.csv", index=False)
+    md = readme_markdown("cpu", res)
+    assert "**Not comparable row to row:** the ablation ran with code new" in md
+    assert "RCP W2A4KV4 seed 0: 30.50 vs 30.25" in md
+    seeds.assign(code_fingerprint="old").iloc[:1].to_csv(abl / "ablation_summary.csv", index=False)
+    assert "Not comparable" not in readme_markdown("cpu", res) and "Code versions" not in readme_markdown("cpu", res)
 
 
 def test_reconstruction_recipe_prose_matches_the_configs():
