@@ -284,6 +284,53 @@ def test_save_writes_an_empty_or_new_folder_and_replaces_a_packed_one_only_with_
     load_quantized(empty)
 
 
+def test_overwrite_never_deletes_what_the_export_did_not_write(tmp_path, monkeypatch):
+    """A packed folder that also holds a clone's ``.git`` or a user's results is refused even with overwrite (the
+    entries named, nothing changed); ``"."`` inside a packed folder is that folder by its name (replaced beside, not
+    inside, and nothing of it deleted before the new one is in place)."""
+    from rcp_lib.deploy import check_output_folder
+
+    m = _model(preset("W2A4KV4", w_group_size=32))
+    d = save_quantized(m, tmp_path / "packed")
+    (d / ".git").mkdir()
+    (d / ".git" / "HEAD").write_text("ref: refs/heads/main")
+    (d / "lm_eval_results.json").write_text("{}")
+    before = _tree(d)
+    with pytest.raises(FileExistsError, match=r"entries the export does not write \(\.git, lm_eval_results\.json\)"):
+        save_quantized(m, d, overwrite=True)
+    assert _tree(d) == before and sorted(p.name for p in tmp_path.iterdir()) == ["packed"]
+    import shutil
+
+    shutil.rmtree(d / ".git")
+    (d / "lm_eval_results.json").unlink()
+    monkeypatch.chdir(d)
+    assert check_output_folder(".", overwrite=True) == d
+    assert save_quantized(m, ".", overwrite=True) == d
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["packed"]  # no temporary or old folder left
+    load_quantized(d)
+
+
+def test_replacing_a_folder_keeps_the_old_one_when_the_new_cannot_be_moved_in(tmp_path, monkeypatch):
+    """The old packed folder is renamed aside, not deleted, until the new one is in place: a failure of that last
+    rename puts the old one back, bytes and all."""
+    import rcp_lib.deploy.format as F
+
+    m = _model(preset("W2A4KV4", w_group_size=32))
+    d = save_quantized(m, tmp_path / "packed")
+    before = _tree(d)
+    real = os.replace
+
+    def failing(src, dst):
+        if ".tmp-" in str(src):
+            raise KeyboardInterrupt  # e.g. Ctrl-C between the two renames
+        return real(src, dst)
+
+    monkeypatch.setattr(F.os, "replace", failing)
+    with pytest.raises(KeyboardInterrupt):
+        save_quantized(m, d, overwrite=True)
+    assert _tree(d) == before and sorted(p.name for p in tmp_path.iterdir()) == ["packed"]
+
+
 # -- the exported folder is the evaluated model (issue item 4) --------------------------------------------------------
 
 @pytest.mark.heavy

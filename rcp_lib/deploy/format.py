@@ -49,8 +49,10 @@ import hashlib
 import json
 import math
 import os
+import re
 import shutil
 import tempfile
+import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -332,24 +334,51 @@ def _is_packed_folder(path: Path) -> bool:
     return isinstance(qcfg, dict) and qcfg.get("quant_method") == QUANT_METHOD and (path / MAP).is_file()
 
 
+#: the files :func:`save_quantized` writes besides the weight shards and the tokenizer's: with ``overwrite`` only a
+#: folder holding nothing but these, shards and tokenizer files is replaced (:func:`check_output_folder`)
+WRITER_FILES = frozenset({WEIGHTS, INDEX, MAP, "config.json", SHIM, "generation_config.json", "__pycache__"})
+_SHARD = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")
+#: the names a transformers tokenizer's ``save_pretrained`` writes
+_TOKENIZER_FILE = re.compile(r"tokenizer.*|special_tokens_map\.json|added_tokens\.json|vocab\.(json|txt)|merges\.txt"
+                             r"|chat_template\.(jinja|json)|spiece\.model|sentencepiece\.bpe\.model")
+
+
+def _foreign_entries(path: Path) -> list[str]:
+    """The entries of the folder ``path`` that :func:`save_quantized` does not write (sorted names): what replacing the
+    folder would delete besides an earlier export, e.g. ``.git`` or a user's results."""
+    return sorted(e.name for e in path.iterdir()
+                  if not (e.name in WRITER_FILES or _SHARD.fullmatch(e.name) or _TOKENIZER_FILE.fullmatch(e.name)))
+
+
 def check_output_folder(path: str | os.PathLike, overwrite: bool = False) -> Path:
     """Check that :func:`save_quantized` may write ``path``, before anything is built or written (the CLI's
     ``export`` calls it first). Allowed: a path that does not exist, an empty folder, and, with ``overwrite``, a
-    packed folder (:func:`save_quantized` replaces it whole). Nothing is changed here. Returns ``path`` as a Path.
+    packed folder that holds nothing else (:func:`save_quantized` replaces it whole). Nothing is changed here.
+    Returns ``path`` made absolute (``"."`` is the current folder by its name, not an empty name).
 
     Raises:
-        FileExistsError: ``path`` is a file; a non-empty folder that is not a packed folder (never replaced, whatever
-            ``overwrite`` says); a packed folder without ``overwrite``.
+        FileExistsError: ``path`` is a file or a link, or the root; a non-empty folder that is not a packed folder, or
+            a packed folder that also holds entries the writer does not write (never replaced, whatever ``overwrite``
+            says: they are named); a packed folder without ``overwrite``.
     """
-    path = Path(path)
-    if path.is_symlink() or (path.exists() and not path.is_dir()):
-        raise FileExistsError(f"{path} exists and is not a folder (a file or a link); nothing was changed")
+    if Path(path).is_symlink():
+        raise FileExistsError(f"{path} exists and is not a folder (a link); nothing was changed")
+    path = Path(os.path.abspath(os.path.expanduser(path)))  # "." and "a/.." get their names: replaced beside, not inside
+    if not path.name:
+        raise FileExistsError(f"{path} is the root of the file system: choose a folder for the model")
+    if path.exists() and not path.is_dir():
+        raise FileExistsError(f"{path} exists and is not a folder (a file); nothing was changed")
     if not path.exists() or not any(path.iterdir()):
         return path
     if not _is_packed_folder(path):
         raise FileExistsError(f"{path} is not empty and holds files other than a packed model (no config.json with "
                               f"quantization_config.quant_method = {QUANT_METHOD!r} and {MAP}); nothing was changed: "
                               f"choose a new or empty folder")
+    foreign = _foreign_entries(path)
+    if foreign:
+        shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+        raise FileExistsError(f"{path} holds a packed model and entries the export does not write ({shown}), which "
+                              f"replacing it would delete; nothing was changed: move them, or choose another folder")
     if not overwrite:
         raise FileExistsError(f"{path} holds a packed model already; nothing was changed: pass --overwrite "
                               f"(overwrite=True) to replace it")
@@ -461,13 +490,28 @@ def save_quantized(model: nn.Module, path: str | os.PathLike, tokenizer=None, dt
             tokenizer.save_pretrained(tmp)
         os.chmod(tmp, _folder_mode(path))
         check_output_folder(path, overwrite)  # again: the folder may have changed while the tensors were written
-        if path.exists():
-            shutil.rmtree(path)
-        os.replace(tmp, path)
+        _replace_folder(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return path
+
+
+def _replace_folder(new: Path, path: Path) -> None:
+    """Put the finished folder ``new`` at ``path`` (a sibling): an existing ``path`` is renamed aside first, restored
+    if the rename of ``new`` fails, and deleted only once ``new`` is in place; so an interruption leaves the old
+    folder or the new one at ``path``, never neither (at worst a hidden ``.NAME.old-*`` sibling to delete)."""
+    if not path.exists():
+        os.replace(new, path)
+        return
+    old = path.with_name(f".{path.name}.old-{os.getpid()}-{time.time_ns()}")
+    os.replace(path, old)
+    try:
+        os.replace(new, path)
+    except BaseException:
+        os.replace(old, path)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
 
 
 @dataclass
