@@ -317,6 +317,12 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     else:
         print(f"{args.model} on {args.corpus}/test @ seqlen {args.seqlen}: ppl = {out['ppl']:.4f} "
               f"({out['windows']} windows)")
+        s = out.get("source")
+        if s:
+            what = (f"{s['method']} {s['setting']} seed {s['seed']} of the {s['profile']} profile" if "method" in s
+                    else f"the run {s.get('run')}")
+            print(f"built from {what} by code {s.get('code_fingerprint')} (git {str(s.get('git_commit'))[:8]}) on "
+                  f"{s.get('device')} {s.get('cpu_flags') or ''}".rstrip())
         for r in out.get("zero_shot", []):
             print(f"{r['task']:16s} {r['metric']:10s} {r['value']:.4f} ± {r['stderr']:.4f} (n={r['n_examples']})")
     return 0

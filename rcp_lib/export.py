@@ -54,7 +54,51 @@ def export_run(run_dir: str | os.PathLike, out: str | os.PathLike, dtype: torch.
         rotate_model(model, cfg.recipe.rotation)
     quantize_model(model, cfg.recipe.quant)
     model.load_state_dict(torch.load(ckpt, map_location="cpu", weights_only=True), strict=True)
-    return save_quantized(model, out, tokenizer=tok, dtype=dtype, max_shard_size=max_shard_size, overwrite=overwrite)
+    source = {"run": str(run_dir.resolve()), **_built_by()}
+    return save_quantized(model, out, tokenizer=tok, dtype=dtype, max_shard_size=max_shard_size, overwrite=overwrite,
+                          source=source)
+
+
+def _built_by() -> dict[str, Any]:
+    """The code and machine a folder is written by (:func:`rcp_lib.io.provenance`'s commit, code fingerprint, CPU
+    and versions)."""
+    from .io import provenance
+
+    prov = provenance()
+    return {k: prov.get(k) for k in ("git_commit", "code_fingerprint", "device", "cpu_model", "cpu_flags",
+                                     "torch_cpu_capability", "torch", "transformers", "rcp_lib", "date_utc")}
+
+
+def committed_row_mismatch(method_name: str, setting: str, run_name: str, seed: int, built: dict) -> str | None:
+    """Why a model built now may not reproduce the committed row of ``results/<run_name>/perplexity.csv`` (method,
+    setting, seed): another code fingerprint or another CPU type (which acts like a seed, docs/reproducing.md);
+    None when the row matches both, or there is no such row to compare with."""
+    import pandas as pd
+
+    from .paths import results_dir
+
+    f = results_dir(run_name) / "perplexity.csv"
+    if not f.is_file():
+        return None
+    rows = pd.read_csv(f)
+    if "seed" in rows:
+        rows = rows[rows["seed"] == seed]
+    rows = rows[(rows["method"] == method_name) & (rows["setting"] == setting)]
+    if not len(rows):
+        return None
+    r = rows.iloc[0]
+    why = []
+    if "code_fingerprint" in r and str(r["code_fingerprint"]) != str(built["code_fingerprint"]):
+        why.append(f"its code {r['code_fingerprint']} (git {str(r.get('git_commit', '?'))[:8]}), this code "
+                   f"{built['code_fingerprint']}")
+    if "cpu_flags" in r and str(built.get("device", "")).startswith("cpu") and str(r.get("device", "")).startswith("cpu") \
+            and str(r["cpu_flags"]) != str(built.get("cpu_flags")):
+        why.append(f"its CPU's vector flags '{r['cpu_flags']}', this CPU's '{built.get('cpu_flags')}'")
+    if not why:
+        return None
+    return (f"the committed row {method_name} {setting} seed {seed} of {f} was computed with {'; '.join(why)}: this "
+            f"folder is built anew and may not reproduce its perplexity ({float(r['ppl']):.4g}); to ship that row, "
+            f"export at its commit on a CPU of its type (git worktree add ../frozen <commit>)")
 
 
 def export_method(name: "str | Method", setting: str, profile: str, out: str | os.PathLike,
@@ -84,9 +128,17 @@ def export_method(name: "str | Method", setting: str, profile: str, out: str | o
     if m.recipe(P).quant is None:
         raise ValueError(f"{name} {setting} is a full-precision method: nothing to pack")
     check_packable(m.recipe(P).quant)
+    built = _built_by()
+    why = committed_row_mismatch(m.name, m.setting, P.run_name, P.seed, built)
+    if why:
+        import warnings
+
+        warnings.warn(why, stacklevel=2)
     model = build(m, P, progress=progress)
+    source = {"method": m.name, "setting": m.setting, "profile": P.name, "overrides": P.overrides, "seed": P.seed,
+              **built}
     return save_quantized(model, out, tokenizer=base_model(P)[1], dtype=dtype, max_shard_size=max_shard_size,
-                          overwrite=overwrite)
+                          overwrite=overwrite, source=source)
 
 
 def evaluate_folder(path: str | os.PathLike, corpus: str = "wiki-excerpt", seqlen: int = 512,
@@ -115,6 +167,9 @@ def evaluate_folder(path: str | os.PathLike, corpus: str = "wiki-excerpt", seqle
     r = perplexity_details(model, ids, seqlen=seqlen, max_windows=max_windows, progress=False, spread=spread)
     out: dict[str, Any] = {"model": str(path), "corpus": corpus, "seqlen": seqlen, "windows": r.windows,
                            "tokens_scored": r.tokens_scored, "window_indices": r.window_indices, "ppl": r.ppl}
+    source = json.loads((Path(path) / "quant_map.json").read_text()).get("source")
+    if source:  # what the folder was built from (save_quantized's ``source``)
+        out["source"] = source
     if tasks:
         from .evaluation.zero_shot import zero_shot
 

@@ -310,6 +310,29 @@ def test_overwrite_never_deletes_what_the_export_did_not_write(tmp_path, monkeyp
     load_quantized(d)
 
 
+def test_export_says_when_the_committed_row_came_from_other_code_or_cpu(tmp_path, monkeypatch):
+    """``committed_row_mismatch``: the committed row of the same method, setting and seed, computed by another code
+    fingerprint or on a CPU with other vector flags, is named with what differs; the same code and CPU, another
+    seed, or no results file: nothing to say."""
+    import pandas as pd
+
+    from rcp_lib.export import committed_row_mismatch
+
+    monkeypatch.setenv("RCP_RESULTS_DIR", str(tmp_path))
+    built = {"code_fingerprint": "new", "cpu_flags": "avx avx2", "device": "cpu x2"}
+    assert committed_row_mismatch("RCP", "W2A4KV4", "cpu", 0, built) is None  # no file
+    (tmp_path / "cpu").mkdir()
+    pd.DataFrame([{"method": "RCP", "setting": "W2A4KV4", "seed": 0, "ppl": 89.95, "code_fingerprint": "old",
+                   "git_commit": "113e65b8abc", "cpu_flags": "avx avx2 avx512f", "device": "cpu x2"}]
+                 ).to_csv(tmp_path / "cpu" / "perplexity.csv", index=False)
+    why = committed_row_mismatch("RCP", "W2A4KV4", "cpu", 0, built)
+    assert "its code old (git 113e65b8), this code new" in why and "'avx avx2 avx512f'" in why and "89.95" in why
+    assert "export at its commit" in why
+    assert committed_row_mismatch("RCP", "W2A4KV4", "cpu", 1, built) is None  # no row of that seed
+    same = {**built, "code_fingerprint": "old", "cpu_flags": "avx avx2 avx512f"}
+    assert committed_row_mismatch("RCP", "W2A4KV4", "cpu", 0, same) is None
+
+
 def test_replacing_a_folder_keeps_the_old_one_when_the_new_cannot_be_moved_in(tmp_path, monkeypatch):
     """The old packed folder is renamed aside, not deleted, until the new one is in place: a failure of that last
     rename puts the old one back, bytes and all."""
@@ -382,6 +405,9 @@ def test_exported_folder_scores_the_table_row(embedded, tmp_path, monkeypatch):
     out = export_method(m, m.setting, "smoke", tmp_path / "packed", progress=False)
     qcfg = json.loads((out / "config.json").read_text())["quantization_config"]
     assert qcfg["storage_dtype"] == row["storage_dtype"]
+    src = json.loads((out / "quant_map.json").read_text())["source"]  # which row the folder can reproduce
+    assert (src["method"], src["setting"], src["profile"], src["seed"]) == (m.name, m.setting, "smoke", P.seed)
+    assert src["code_fingerprint"] == row["code_fingerprint"] and src["cpu_flags"] == row["cpu_flags"]
     r = evaluate_folder(out, corpus=P.corpus, seqlen=P.seqlen, max_windows=P.eval_windows, spread=P.eval_spread)
     assert r["window_indices"] == row["window_indices"] and r["tokens_scored"] == row["tokens_scored"]
     rel = abs(r["ppl"] - row["ppl"]) / row["ppl"]

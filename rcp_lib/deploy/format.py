@@ -408,7 +408,7 @@ def compute_dtype(model: nn.Module) -> torch.dtype:
 
 
 def save_quantized(model: nn.Module, path: str | os.PathLike, tokenizer=None, dtype: torch.dtype | None = None,
-                   overwrite: bool = False, max_shard_size: int | str = "2GB") -> Path:
+                   overwrite: bool = False, max_shard_size: int | str = "2GB", source: dict | None = None) -> Path:
     """Export a quantized model (after QAT, GPTQ or plain PTQ; frozen, or deployed / loaded) as a Hugging Face model
     folder (see module docstring) that ``AutoModelForCausalLM.from_pretrained`` loads after ``import rcp_lib`` (or with
     ``trust_remote_code=True`` in a process that has not imported it).
@@ -427,6 +427,9 @@ def save_quantized(model: nn.Module, path: str | os.PathLike, tokenizer=None, dt
             files is never replaced; an empty folder is written into).
         max_shard_size: bytes (or "2GB", "500MB") per safetensors file; above it the tensors are sharded
             (``model-0000i-of-0000n.safetensors`` + ``model.safetensors.index.json``).
+        source: what the model was built from, recorded as ``quant_map.json``'s ``"source"`` (JSON values; the
+            CLI's ``export`` writes the method / run, the commit, the code fingerprint and the CPU or GPU it was built
+            on: :func:`rcp_lib.export.export_method`), so that a folder says which table row it can reproduce.
     Returns:
         the folder (permissions: those of the folder it replaced, else ``0o777`` less the umask).
     Raises:
@@ -474,6 +477,7 @@ def save_quantized(model: nn.Module, path: str | os.PathLike, tokenizer=None, dt
             "tensors": {k: {"shape": list(v.shape), "dtype": str(v.dtype).replace("torch.", ""), "file": where[k]}
                         for k, v in tensors.items()},
             "files": {f: _sha256(tmp / f) for f in names},
+            **({"source": source} if source else {}),
         }
         (tmp / MAP).write_text(json.dumps(qmap, indent=1, sort_keys=True, default=str))
         (tmp / "config.json").write_text(json.dumps(_hf_config_dict(model, qcfg), indent=2, sort_keys=True,

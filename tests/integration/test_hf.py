@@ -304,6 +304,9 @@ def test_export_run_and_eval_commands(tmp_path, monkeypatch, capsys):
     ref = perplexity(loaded, corpus_tokens(tok, "wiki-excerpt", "test"), seqlen=64, max_windows=2, progress=False,
                      spread=True)  # eval scores the tables' windows (evenly spread) by default
     assert out["windows"] == 2 and out["ppl"] == pytest.approx(ref, rel=1e-6)
+    assert out["source"]["run"] == str(run.resolve()) and out["source"]["code_fingerprint"]  # what it was built from
+    assert main(["eval", "--model", str(tmp_path / "packed"), "--seqlen", "64", "--max-windows", "2"]) == 0
+    assert f"built from the run {run.resolve()} by code " in capsys.readouterr().out
 
 
 def _cold(code: str, tmp_path, *args: str, module: bool = False) -> subprocess.CompletedProcess:
