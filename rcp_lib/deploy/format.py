@@ -554,6 +554,13 @@ def check_folder(path: str | os.PathLike) -> PackedFolder:
         qcfg = json.loads(cp.read_text()).get("quantization_config") if cp.is_file() else None
     except json.JSONDecodeError as e:
         raise PackedFormatError(f"{cp} is not valid JSON: {e}") from e
+    if not cp.is_file() and (path / MAP).is_file():  # written before config.json existed (version 1)
+        try:
+            old = json.loads((path / MAP).read_text()).get("format_version")
+        except (OSError, ValueError, AttributeError):
+            old = None
+        if old is not None:
+            check_format_version(old, f"{path / MAP}")
     if not isinstance(qcfg, dict) or qcfg.get("quant_method") != QUANT_METHOD or not (path / MAP).is_file():
         raise PackedFormatError(f"{path} is not an rcp_lib packed model folder (needs config.json with "
                                 f"quantization_config.quant_method = {QUANT_METHOD!r} and {MAP}; "
@@ -564,6 +571,11 @@ def check_folder(path: str | os.PathLike) -> PackedFolder:
         raise PackedFormatError(f"{path / MAP} is not valid JSON: {e}") from e
     for where, ver in (("config.json", qcfg.get("format_version")), (MAP, qmap.get("format_version"))):
         check_format_version(ver, f"{path / where}")
+    if qcfg.get("format_version") == 2:
+        warnings.warn(f"{path} is a format-2 folder: rcp_lib loads it, but plain transformers (no `import rcp_lib`) "
+                      f"loads its model_type as an unquantized model with random weights; re-export it (python -m "
+                      f"rcp_lib export, or save_quantized of the loaded model) to write format {FORMAT_VERSION}",
+                      stacklevel=2)
     try:
         rot = RotationConfig.from_dict(qcfg["rotation"]) if qcfg.get("rotation") else None
         quant = QuantConfig.from_dict(qcfg["quant"])

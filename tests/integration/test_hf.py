@@ -374,6 +374,10 @@ def test_newer_and_older_format_versions_say_what_to_do(saved):
     _refused(saved, "newer rcp_lib: upgrade rcp_lib")
     _edit_json(saved / "config.json", lambda d: d["quantization_config"].update(format_version=1))
     _refused(saved, "re-export the model")
+    (saved / "config.json").unlink()  # a real version-1 folder: quant_map.json only, no config.json (which
+    _edit_json(saved / "quant_map.json", lambda d: d.update(format_version=1))  # transformers itself asks for)
+    with pytest.raises(PackedFormatError, match="version 1 .*re-export the model"):
+        load_quantized(saved)
 
 
 def test_format_version_2_folders_still_load(tmp_path):
@@ -389,7 +393,8 @@ def test_format_version_2_folders_still_load(tmp_path):
 
     _edit_json(path / "config.json", v2)
     _edit_json(path / "quant_map.json", lambda d: d.update(format_version=2))
-    loaded, _ = load_quantized(path)
+    with pytest.warns(UserWarning, match="plain transformers .* random weights; re-export it"):
+        loaded, _ = load_quantized(path)
     with torch.no_grad():
         assert _rel(ref, loaded(IDS).logits) < 1e-5
 
