@@ -54,12 +54,12 @@ def export_run(run_dir: str | os.PathLike, out: str | os.PathLike, dtype: torch.
         rotate_model(model, cfg.recipe.rotation)
     quantize_model(model, cfg.recipe.quant)
     model.load_state_dict(torch.load(ckpt, map_location="cpu", weights_only=True), strict=True)
-    source = {"run": str(run_dir.resolve()), **_built_by()}
+    source = {"run": str(run_dir.resolve()), **built_by()}
     return save_quantized(model, out, tokenizer=tok, dtype=dtype, max_shard_size=max_shard_size, overwrite=overwrite,
                           source=source)
 
 
-def _built_by() -> dict[str, Any]:
+def built_by() -> dict[str, Any]:
     """The code and machine a folder is written by (:func:`rcp_lib.io.provenance`'s commit, code fingerprint, CPU
     and versions)."""
     from .io import provenance
@@ -128,7 +128,7 @@ def export_method(name: "str | Method", setting: str, profile: str, out: str | o
     if m.recipe(P).quant is None:
         raise ValueError(f"{name} {setting} is a full-precision method: nothing to pack")
     check_packable(m.recipe(P).quant)
-    built = _built_by()
+    built = built_by()
     why = committed_row_mismatch(m.name, m.setting, P.run_name, P.seed, built)
     if why:
         import warnings

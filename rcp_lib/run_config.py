@@ -114,22 +114,30 @@ class RunConfig:
         return config_hash(d, {"code": code_fingerprint(), "platform": platform_key(self.device)})
 
 
-def export_run(student, cfg: RunConfig, export_dir: str | Path, is_main: bool, skeleton=None) -> None:
+def export_run(student, cfg: RunConfig, export_dir: str | Path, is_main: bool, skeleton=None,
+               run_dir: str | Path | None = None) -> None:
     """Save the trained ``student`` as a packed model (:func:`rcp_lib.deploy.save_quantized`) from every rank:
     a sharded student's full state dict is gathered (all ranks), then rank 0 loads it into an unsharded skeleton of
     the same surgery on the CPU and writes; an unsharded student is written by rank 0 directly. A packed folder
-    already at ``export_dir`` (the same run's earlier export) is replaced; a folder holding anything else is refused
-    (:func:`rcp_lib.deploy.check_output_folder`, which :func:`run_qat` calls before training).
+    already at ``export_dir`` is replaced only when this run wrote it (its ``quant_map.json`` ``source`` names
+    ``run_dir``: :func:`run_qat` checks that before training, and :func:`rcp_lib.deploy.check_output_folder` refuses a
+    folder holding anything else).
 
     Args:
         skeleton: ``() -> nn.Module``, the unrotated full-precision model to rebuild on (default: ``load(cfg.model)``
             on the CPU in the gathered dtype); only called on rank 0 for a sharded student.
+        run_dir: the run's folder, recorded as the folder's source (:func:`rcp_lib.deploy.save_quantized`).
     """
+    source = None
+    if is_main:
+        from .export import built_by
+
+        source = {"run": str(Path(run_dir).resolve()) if run_dir else None, **built_by()}
     if not is_sharded(student):
         if is_main:
             from .deploy import save_quantized
 
-            save_quantized(student, export_dir, overwrite=True)
+            save_quantized(student, export_dir, overwrite=True, source=source)
         return
     sd = full_state_dict(student)
     if is_main:
@@ -143,7 +151,7 @@ def export_run(student, cfg: RunConfig, export_dir: str | Path, is_main: bool, s
             rotate_model(model, cfg.recipe.rotation, fuse_weights=False)
         quantize_model(model, cfg.recipe.quant)
         model.load_state_dict(sd, strict=True)
-        save_quantized(model, export_dir, overwrite=True)
+        save_quantized(model, export_dir, overwrite=True, source=source)
 
 
 def _dtype_of(sd: dict):
@@ -178,10 +186,16 @@ def run_qat(cfg: RunConfig, progress: bool = True) -> dict:
     from .rotation.fuse import rotate_model
 
     cfg.validate()
-    if cfg.export_dir:  # a folder holding other files fails now, not after training
-        from .deploy import check_output_folder
+    out = Path(cfg.out_dir) if cfg.out_dir else cache_dir() / "qat-cli" / cfg.key()
+    if cfg.export_dir:  # a folder holding other files, or another run's model, fails now, not after training
+        from .deploy import check_output_folder, packed_source
 
-        check_output_folder(cfg.export_dir, overwrite=True)
+        dest = check_output_folder(cfg.export_dir, overwrite=True)
+        src = packed_source(dest) if dest.is_dir() and any(dest.iterdir()) else {"run": str(out.resolve())}
+        if (src or {}).get("run") != str(out.resolve()):
+            raise FileExistsError(f"{dest} holds a packed model this run did not write (its source: "
+                                  f"{(src or {}).get('run') or (src or {}).get('method') or 'not recorded'}); nothing "
+                                  f"was changed: choose another export_dir, or delete that folder")
     recipe = cfg.recipe
     check_model_sizes(recipe.quant, model_dims(cfg.model), cfg.model)  # from the model's config, before loading it
     torch.manual_seed(recipe.qat.seed)
@@ -195,7 +209,6 @@ def run_qat(cfg: RunConfig, progress: bool = True) -> dict:
     if recipe.rotation is not None:
         rotate_model(student, recipe.rotation)
     quantize_model(student, recipe.quant)
-    out = Path(cfg.out_dir) if cfg.out_dir else cache_dir() / "qat-cli" / cfg.key()
     if recipe.qat.gptq_start:
         from .data import calibration_windows
         from .experiments.build import gptq_start
@@ -210,10 +223,11 @@ def run_qat(cfg: RunConfig, progress: bool = True) -> dict:
                             spread=bool(cfg.eval.get("spread", False)))
     summary = {"model": cfg.model, "model_note": describe(cfg.model), "corpus": cfg.corpus, "setting": recipe.label,
                "test_ppl": ev.ppl, "eval_seqlen": ev.seqlen, "eval_windows": ev.windows, "tokens_scored": ev.tokens_scored,
+               "eval_window_indices": ev.window_indices, "eval_spread": bool(cfg.eval.get("spread", False)),
                "train_steps": res.steps, "final_loss": res.final_loss, "train_tokens": res.tokens, "out_dir": str(out),
                "num_processes": state.num_processes, "config": cfg.to_dict(), **provenance()}
     if cfg.export_dir:
-        export_run(student, cfg, cfg.export_dir, state.is_main_process)
+        export_run(student, cfg, cfg.export_dir, state.is_main_process, run_dir=out)
         summary["export_dir"] = cfg.export_dir
     if state.is_main_process:
         atomic_write_json(summary, out / "summary.json")

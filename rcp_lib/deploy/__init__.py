@@ -11,11 +11,11 @@ from ..kernels.packed_linear import PackedLinear
 from .format import (FORMAT_VERSION, READ_VERSIONS, PackedFolder, PackedFormatError, check_folder, check_format_version,
                      check_output_folder, compute_dtype, deploy, install_packed_layers, load_quantized,
                      fuse_gated_mlps, load_quantized_state, load_quantized_state_dict, merge_shared_inputs,
-                     packed_model_bytes,
+                     packed_model_bytes, packed_source,
                      quantized_state_dict, save_quantized, save_quantized_state)
 
 __all__ = ["FORMAT_VERSION", "READ_VERSIONS", "PackedFolder", "PackedFormatError", "PackedLinear", "check_folder",
            "check_format_version", "check_output_folder", "compute_dtype", "deploy", "fuse_gated_mlps",
            "install_packed_layers",
            "load_quantized", "load_quantized_state", "load_quantized_state_dict", "merge_shared_inputs",
-           "packed_model_bytes", "quantized_state_dict", "save_quantized", "save_quantized_state"]
+           "packed_model_bytes", "packed_source", "quantized_state_dict", "save_quantized", "save_quantized_state"]

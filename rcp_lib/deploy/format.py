@@ -350,6 +350,16 @@ def _foreign_entries(path: Path) -> list[str]:
                   if not (e.name in WRITER_FILES or _SHARD.fullmatch(e.name) or _TOKENIZER_FILE.fullmatch(e.name)))
 
 
+def packed_source(path: str | os.PathLike) -> dict | None:
+    """What the packed folder ``path`` was built from (``quant_map.json``'s ``source``, :func:`save_quantized`); None
+    when it records none (written before sources were recorded) or is not a packed folder."""
+    try:
+        src = json.loads((Path(path) / MAP).read_text()).get("source")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return src if isinstance(src, dict) else None
+
+
 def check_output_folder(path: str | os.PathLike, overwrite: bool = False) -> Path:
     """Check that :func:`save_quantized` may write ``path``, before anything is built or written (the CLI's
     ``export`` calls it first). Allowed: a path that does not exist, an empty folder, and, with ``overwrite``, a

@@ -197,3 +197,30 @@ def test_model_sizes_without_loading(tmp_path):
         check_model_sizes(preset("W2A4KV4", w_group_size=24), d)
     with pytest.raises(ValueError, match="KV cache"):
         check_model_sizes(preset("W2A4KV4", w_group_size=8, kv_group_size=16), d)
+
+
+def test_qat_export_dir_replaces_only_its_own_run_export(tmp_path, monkeypatch):
+    """``qat`` with ``export_dir``: a packed folder written by another run (or by ``export --method``) is refused
+    before any model is loaded, naming its source; the folder is left as it was."""
+    import json
+
+    from rcp_lib import models as M
+    from rcp_lib.deploy import save_quantized
+    from rcp_lib.quant.apply import preset, quantize_model
+    from rcp_lib.run_config import RunConfig, run_qat
+
+    monkeypatch.setenv("RCP_CACHE", str(tmp_path / "cache"))
+    m = quantize_model(M.tiny_llama(vocab=64, hidden=64, intermediate=96, heads=2, kv_heads=1, layers=1),
+                       preset("W2A4KV4", w_group_size=32))
+    dest = save_quantized(m, tmp_path / "packed", source={"method": "RCP", "setting": "W2A4KV4"})
+    before = {p.name: p.read_bytes() for p in dest.iterdir()}
+    cfg = RunConfig.from_dict({"model": str(tmp_path / "no-such-model"), "export_dir": str(dest),
+                               "out_dir": str(tmp_path / "run")})
+    with pytest.raises(FileExistsError, match=r"holds a packed model this run did not write \(its source: RCP\)"):
+        run_qat(cfg, progress=False)
+    assert {p.name: p.read_bytes() for p in dest.iterdir()} == before
+    assert json.loads((dest / "quant_map.json").read_text())["source"] == {"method": "RCP", "setting": "W2A4KV4"}
+    save_quantized(m, dest, overwrite=True, source={"run": str((tmp_path / "run").resolve())})  # this run's export
+    with pytest.raises(Exception) as e:  # past the check: the (missing) model is what fails now
+        run_qat(cfg, progress=False)
+    assert not isinstance(e.value, FileExistsError) and "no-such-model" in str(e.value)
