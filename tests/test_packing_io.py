@@ -202,11 +202,28 @@ def test_map_that_the_surgery_does_not_rebuild(saved):
 
 
 def test_unknown_stored_config_field(saved):
+    """A field this version does not know (a folder from another writer, its checksum consistent): re-export."""
+    from rcp_lib.deploy.format import _config_digest
+
     mp = saved / "config.json"
     d = json.loads(mp.read_text())
     d["quantization_config"]["quant"]["w_future_option"] = 1
     mp.write_text(json.dumps(d))
-    with pytest.raises(PackedFormatError, match="re-export"):
+    qm = json.loads((saved / "quant_map.json").read_text())
+    (saved / "quant_map.json").write_text(json.dumps({**qm, "quantization_config_sha256":
+                                                      _config_digest(d["quantization_config"])}))
+    with pytest.raises(PackedFormatError, match="cannot be rebuilt by this rcp_lib .*re-export"):
+        load_quantized(saved)
+
+
+def test_edited_quantization_config_is_refused(saved):
+    """The quantization_config the folder was written with is checksummed in quant_map.json: an edit (here the KV
+    cache's bits, which no tensor records) would rebuild another model from the same tensors, so it is refused."""
+    mp = saved / "config.json"
+    d = json.loads(mp.read_text())
+    d["quantization_config"]["quant"]["kv"]["bits"] = 8
+    mp.write_text(json.dumps(d))
+    with pytest.raises(PackedFormatError, match="quantization_config differs from the one the folder was written with"):
         load_quantized(saved)
 
 

@@ -350,6 +350,11 @@ def _foreign_entries(path: Path) -> list[str]:
                   if not (e.name in WRITER_FILES or _SHARD.fullmatch(e.name) or _TOKENIZER_FILE.fullmatch(e.name)))
 
 
+def _config_digest(qcfg: dict) -> str:
+    """sha256 of a ``quantization_config`` as canonical JSON (sorted keys): what :func:`check_folder` compares."""
+    return hashlib.sha256(json.dumps(qcfg, sort_keys=True, default=str).encode()).hexdigest()
+
+
 def packed_source(path: str | os.PathLike) -> dict | None:
     """What the packed folder ``path`` was built from (``quant_map.json``'s ``source``, :func:`save_quantized`); None
     when it records none (written before sources were recorded) or is not a packed folder."""
@@ -487,6 +492,9 @@ def save_quantized(model: nn.Module, path: str | os.PathLike, tokenizer=None, dt
             "tensors": {k: {"shape": list(v.shape), "dtype": str(v.dtype).replace("torch.", ""), "file": where[k]}
                         for k, v in tensors.items()},
             "files": {f: _sha256(tmp / f) for f in names},
+            # config.json's quantization_config (rotation, quantizers, KV cache) is what rebuilds the layers: an edit
+            # of it would load another model from the same tensors (check_folder compares)
+            "quantization_config_sha256": _config_digest(qcfg),
             **({"source": source} if source else {}),
         }
         (tmp / MAP).write_text(json.dumps(qmap, indent=1, sort_keys=True, default=str))
@@ -581,6 +589,11 @@ def check_folder(path: str | os.PathLike) -> PackedFolder:
         raise PackedFormatError(f"{path / MAP} is not valid JSON: {e}") from e
     for where, ver in (("config.json", qcfg.get("format_version")), (MAP, qmap.get("format_version"))):
         check_format_version(ver, f"{path / where}")
+    digest = qmap.get("quantization_config_sha256")  # absent in folders written before it was recorded
+    if digest is not None and digest != _config_digest(qcfg):
+        raise PackedFormatError(f"{cp}: quantization_config differs from the one the folder was written with ({MAP} "
+                                f"records its checksum): the tensors would be rebuilt into another model; restore the "
+                                f"file or re-export the model")
     if qcfg.get("format_version") == 2:
         warnings.warn(f"{path} is a format-2 folder: rcp_lib loads it, but plain transformers (no `import rcp_lib`) "
                       f"loads its model_type as an unquantized model with random weights; re-export it (python -m "
