@@ -684,8 +684,9 @@ def _tuned(kind: str, G: int, split_k: bool):
     """``triton.autotune``-wrapped kernel, one per (kind, G, split-K allowed); compiled mode only. ``kind`` is the path
     with its variants (``bitplane_tiled``, ``bitplane_glu``, ...): each tuned on its own in this process, and the
     bit-serial kernel's tuning key names the constexprs that make the variants read different amounts (``QUANT_IN``,
-    ``TILED``, ``GLU``) besides ``N``, ``K`` and the batch: Triton's on-disk tuning cache is keyed by the kernel's
-    source, the tuning key and the configurations only, so without them a variant would reuse another's timings."""
+    ``TILED``, ``GLU``, ``ABITS``) besides ``N``, ``K``, the group ``G`` and the batch: Triton's on-disk tuning cache
+    is keyed by the kernel's source, the tuning key and the configurations only, so without them a variant (or
+    another group size at the same shape) would reuse another's timings."""
     key = (kind, G, split_k)
     base = kind.split("_")[0]
     if key not in _TUNED:
@@ -698,7 +699,7 @@ def _tuned(kind: str, G: int, split_k: bool):
             configs.append(triton.Config(c, num_warps=nw, num_stages=1))
         _set_helpers(False)
         fn = globals()[_KERNELS[base]]
-        tkey = ["N", "K", "B_KEY"] + (["QUANT_IN", "TILED", "GLU"] if base == "bitplane" else [])
+        tkey = ["N", "K", "B_KEY", "G"] + (["ABITS", "QUANT_IN", "TILED", "GLU"] if base == "bitplane" else [])
         _TUNED[key] = triton.autotune(configs=configs, key=tkey, cache_results=True,
                                       prune_configs_by={"early_config_prune": _early_prune})(triton.jit(fn))
     return _TUNED[key]

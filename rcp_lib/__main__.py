@@ -319,8 +319,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
               f"({out['windows']} windows)")
         s = out.get("source")
         if s:
-            what = (f"{s['method']} {s['setting']} seed {s['seed']} of the {s['profile']} profile" if "method" in s
-                    else f"the run {s.get('run')}")
+            what = (f"{s.get('method')} {s.get('setting', '')} seed {s.get('seed', '?')} of the "
+                    f"{s.get('profile', '?')} profile" if "method" in s else f"the run {s.get('run')}")
             print(f"built from {what} by code {s.get('code_fingerprint')} (git {str(s.get('git_commit'))[:8]}) on "
                   f"{s.get('device')} {s.get('cpu_flags') or ''}".rstrip())
         for r in out.get("zero_shot", []):

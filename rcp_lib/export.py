@@ -69,10 +69,12 @@ def built_by() -> dict[str, Any]:
                                      "torch_cpu_capability", "torch", "transformers", "rcp_lib", "date_utc")}
 
 
-def committed_row_mismatch(method_name: str, setting: str, run_name: str, seed: int, built: dict) -> str | None:
+def committed_row_mismatch(method_name: str, setting: str, run_name: str, seed: int, built: dict,
+                           on_cpu: bool = True) -> str | None:
     """Why a model built now may not reproduce the committed row of ``results/<run_name>/perplexity.csv`` (method,
-    setting, seed): another code fingerprint or another CPU type (which acts like a seed, docs/reproducing.md);
-    None when the row matches both, or there is no such row to compare with."""
+    setting, seed): another code fingerprint, or (``on_cpu``: the profile builds on the CPU) another CPU type, which
+    acts like a seed (docs/reproducing.md); None when the row matches both, or there is no such row. A column the row
+    does not record is not compared."""
     import pandas as pd
 
     from .paths import results_dir
@@ -80,24 +82,23 @@ def committed_row_mismatch(method_name: str, setting: str, run_name: str, seed: 
     f = results_dir(run_name) / "perplexity.csv"
     if not f.is_file():
         return None
-    rows = pd.read_csv(f)
+    rows = pd.read_csv(f, dtype=str, keep_default_na=False)
     if "seed" in rows:
-        rows = rows[rows["seed"] == seed]
+        rows = rows[rows["seed"] == str(seed)]
     rows = rows[(rows["method"] == method_name) & (rows["setting"] == setting)]
     if not len(rows):
         return None
     r = rows.iloc[0]
     why = []
-    if "code_fingerprint" in r and str(r["code_fingerprint"]) != str(built["code_fingerprint"]):
-        why.append(f"its code {r['code_fingerprint']} (git {str(r.get('git_commit', '?'))[:8]}), this code "
+    if r.get("code_fingerprint") and r["code_fingerprint"] != str(built["code_fingerprint"]):
+        why.append(f"its code {r['code_fingerprint']} (git {r.get('git_commit', '?')[:8]}), this code "
                    f"{built['code_fingerprint']}")
-    if "cpu_flags" in r and str(built.get("device", "")).startswith("cpu") and str(r.get("device", "")).startswith("cpu") \
-            and str(r["cpu_flags"]) != str(built.get("cpu_flags")):
+    if on_cpu and r.get("cpu_flags") and r["cpu_flags"] != str(built.get("cpu_flags")):
         why.append(f"its CPU's vector flags '{r['cpu_flags']}', this CPU's '{built.get('cpu_flags')}'")
     if not why:
         return None
     return (f"the committed row {method_name} {setting} seed {seed} of {f} was computed with {'; '.join(why)}: this "
-            f"folder is built anew and may not reproduce its perplexity ({float(r['ppl']):.4g}); to ship that row, "
+            f"folder is built anew and may not reproduce its perplexity ({r['ppl']}); to ship that row, "
             f"export at its commit on a CPU of its type (git worktree add ../frozen <commit>)")
 
 
@@ -129,7 +130,8 @@ def export_method(name: "str | Method", setting: str, profile: str, out: str | o
         raise ValueError(f"{name} {setting} is a full-precision method: nothing to pack")
     check_packable(m.recipe(P).quant)
     built = built_by()
-    why = committed_row_mismatch(m.name, m.setting, P.run_name, P.seed, built)
+    why = committed_row_mismatch(m.name, m.setting, P.run_name, P.seed, built,
+                                 on_cpu=torch.device(P.device).type == "cpu")
     if why:
         import warnings
 

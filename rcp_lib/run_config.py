@@ -128,16 +128,16 @@ def export_run(student, cfg: RunConfig, export_dir: str | Path, is_main: bool, s
             on the CPU in the gathered dtype); only called on rank 0 for a sharded student.
         run_dir: the run's folder, recorded as the folder's source (:func:`rcp_lib.deploy.save_quantized`).
     """
-    source = None
+    source, run = None, str(Path(run_dir).resolve()) if run_dir else None
     if is_main:
         from .export import built_by
 
-        source = {"run": str(Path(run_dir).resolve()) if run_dir else None, **built_by()}
+        source = {"run": run, **built_by()}
     if not is_sharded(student):
         if is_main:
             from .deploy import save_quantized
 
-            save_quantized(student, export_dir, overwrite=True, source=source)
+            save_quantized(student, export_dir, overwrite=True, source=source, replaces_run=run)
         return
     sd = full_state_dict(student)
     if is_main:
@@ -151,7 +151,7 @@ def export_run(student, cfg: RunConfig, export_dir: str | Path, is_main: bool, s
             rotate_model(model, cfg.recipe.rotation, fuse_weights=False)
         quantize_model(model, cfg.recipe.quant)
         model.load_state_dict(sd, strict=True)
-        save_quantized(model, export_dir, overwrite=True, source=source)
+        save_quantized(model, export_dir, overwrite=True, source=source, replaces_run=run)
 
 
 def _dtype_of(sd: dict):
@@ -188,14 +188,9 @@ def run_qat(cfg: RunConfig, progress: bool = True) -> dict:
     cfg.validate()
     out = Path(cfg.out_dir) if cfg.out_dir else cache_dir() / "qat-cli" / cfg.key()
     if cfg.export_dir:  # a folder holding other files, or another run's model, fails now, not after training
-        from .deploy import check_output_folder, packed_source
+        from .deploy.format import check_output_folder, check_replaces_run
 
-        dest = check_output_folder(cfg.export_dir, overwrite=True)
-        src = packed_source(dest) if dest.is_dir() and any(dest.iterdir()) else {"run": str(out.resolve())}
-        if (src or {}).get("run") != str(out.resolve()):
-            raise FileExistsError(f"{dest} holds a packed model this run did not write (its source: "
-                                  f"{(src or {}).get('run') or (src or {}).get('method') or 'not recorded'}); nothing "
-                                  f"was changed: choose another export_dir, or delete that folder")
+        check_replaces_run(check_output_folder(cfg.export_dir, overwrite=True), str(out.resolve()))
     recipe = cfg.recipe
     check_model_sizes(recipe.quant, model_dims(cfg.model), cfg.model)  # from the model's config, before loading it
     torch.manual_seed(recipe.qat.seed)

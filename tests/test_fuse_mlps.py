@@ -121,6 +121,10 @@ def test_glu_in_kernel_says_where_the_product_runs():
     assert mlp.glu_in_kernel
     mlp.down_proj.input_transform = None  # no R4: nothing to build, the product still in the kernel
     assert mlp.glu_in_kernel
+    _, mixed = _deployed(layers=2, intermediate=96)  # the first block without R4: the warning names a torch-R4 one
+    M.mlp(M.decoder_layers(mixed)[0]).down_proj.input_transform = None
+    with pytest.warns(UserWarning, match=r"order 96, block None\) in 1 of 2 blocks"):
+        fuse_gated_mlps(mixed)
     _, other = _deployed(layers=1, intermediate=96)
     with pytest.warns(UserWarning, match=r"order 96, block None\) in 1 of 1 blocks"):
         fuse_gated_mlps(other)

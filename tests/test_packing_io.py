@@ -320,6 +320,7 @@ def test_overwrite_never_deletes_what_the_export_did_not_write(tmp_path, monkeyp
 
     shutil.rmtree(d / ".git")
     (d / "lm_eval_results.json").unlink()
+    (d / "additional_chat_templates").mkdir()  # what a tokenizer's save_pretrained may write: not foreign
     monkeypatch.chdir(d)
     assert check_output_folder(".", overwrite=True) == d
     assert save_quantized(m, ".", overwrite=True) == d
@@ -346,8 +347,25 @@ def test_export_says_when_the_committed_row_came_from_other_code_or_cpu(tmp_path
     assert "its code old (git 113e65b8), this code new" in why and "'avx avx2 avx512f'" in why and "89.95" in why
     assert "export at its commit" in why
     assert committed_row_mismatch("RCP", "W2A4KV4", "cpu", 1, built) is None  # no row of that seed
+    assert "vector flags" not in committed_row_mismatch("RCP", "W2A4KV4", "cpu", 0, built, on_cpu=False)
+    pd.DataFrame([{"method": "RCP", "setting": "W2A4KV4", "seed": 0, "ppl": 89.95, "code_fingerprint": None,
+                   "cpu_flags": None}]).to_csv(tmp_path / "cpu" / "perplexity.csv", index=False)
+    assert committed_row_mismatch("RCP", "W2A4KV4", "cpu", 0, built) is None  # unrecorded columns: nothing to say
     same = {**built, "code_fingerprint": "old", "cpu_flags": "avx avx2 avx512f"}
     assert committed_row_mismatch("RCP", "W2A4KV4", "cpu", 0, same) is None
+
+
+def test_a_run_replaces_only_its_own_export_even_when_another_wrote_meanwhile(tmp_path):
+    """``replaces_run``: a folder whose source names another run (written, say, while this run trained) is refused
+    with its source named; this run's own export is replaced."""
+    m = _model(preset("W2A4KV4", w_group_size=32))
+    d = save_quantized(m, tmp_path / "packed", source={"run": "/runs/b"})
+    before = _tree(d)
+    with pytest.raises(FileExistsError, match=r"this run did not write \(its source: /runs/b\)"):
+        save_quantized(m, d, overwrite=True, source={"run": "/runs/a"}, replaces_run="/runs/a")
+    assert _tree(d) == before
+    save_quantized(m, d, overwrite=True, source={"run": "/runs/b"}, replaces_run="/runs/b")
+    assert json.loads((d / "quant_map.json").read_text())["source"] == {"run": "/runs/b"}
 
 
 def test_replacing_a_folder_keeps_the_old_one_when_the_new_cannot_be_moved_in(tmp_path, monkeypatch):

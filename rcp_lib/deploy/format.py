@@ -26,7 +26,9 @@ Folder layout (format version :data:`FORMAT_VERSION`), a Hugging Face model fold
   :class:`~rcp_lib.recipe.Recipe`'s rotation and quant dicts: what the loader re-runs) and ``auto_map`` to the shim.
 * ``quant_map.json`` — the manifest: the format version, one entry per projection (bits, group size, N, K,
   activation bits and clip ratio, online R4: checked against the rebuilt skeleton), the name, shape, dtype and file
-  of every tensor, and the SHA-256 of every safetensors file.
+  of every tensor, the SHA-256 of every safetensors file and of ``config.json``'s ``quantization_config``
+  (``quantization_config_sha256``; the rest of ``config.json`` is transformers' and not checked), and optionally
+  ``source``: what the model was built from (method / run, commit, code fingerprint, CPU).
 * ``modeling_rcp.py`` — the loader shim for ``trust_remote_code=True`` (imports rcp_lib, which registers the quantizer).
 * ``generation_config.json``, and the tokenizer files if a tokenizer is given.
 
@@ -336,7 +338,8 @@ def _is_packed_folder(path: Path) -> bool:
 
 #: the files :func:`save_quantized` writes besides the weight shards and the tokenizer's: with ``overwrite`` only a
 #: folder holding nothing but these, shards and tokenizer files is replaced (:func:`check_output_folder`)
-WRITER_FILES = frozenset({WEIGHTS, INDEX, MAP, "config.json", SHIM, "generation_config.json", "__pycache__"})
+WRITER_FILES = frozenset({WEIGHTS, INDEX, MAP, "config.json", SHIM, "generation_config.json", "__pycache__",
+                          "additional_chat_templates"})  # (a tokenizer's save_pretrained writes that folder)
 _SHARD = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")
 #: the names a transformers tokenizer's ``save_pretrained`` writes
 _TOKENIZER_FILE = re.compile(r"tokenizer.*|special_tokens_map\.json|added_tokens\.json|vocab\.(json|txt)|merges\.txt"
@@ -365,6 +368,19 @@ def packed_source(path: str | os.PathLike) -> dict | None:
     return src if isinstance(src, dict) else None
 
 
+def check_replaces_run(path: str | os.PathLike, run: str | None) -> None:
+    """FileExistsError when ``run`` is given and ``path`` holds a packed model whose ``source`` does not name that run
+    (another run's export, an ``export --method`` folder, or one written before sources were recorded)."""
+    path = Path(path)
+    if run is None or not path.is_dir() or not any(path.iterdir()):
+        return
+    src = packed_source(path) or {}
+    if src.get("run") != run:
+        raise FileExistsError(f"{path} holds a packed model this run did not write (its source: "
+                              f"{src.get('run') or src.get('method') or 'not recorded'}); nothing was changed: choose "
+                              f"another export_dir, or delete that folder")
+
+
 def check_output_folder(path: str | os.PathLike, overwrite: bool = False) -> Path:
     """Check that :func:`save_quantized` may write ``path``, before anything is built or written (the CLI's
     ``export`` calls it first). Allowed: a path that does not exist, an empty folder, and, with ``overwrite``, a
@@ -376,9 +392,9 @@ def check_output_folder(path: str | os.PathLike, overwrite: bool = False) -> Pat
             a packed folder that also holds entries the writer does not write (never replaced, whatever ``overwrite``
             says: they are named); a packed folder without ``overwrite``.
     """
-    if Path(path).is_symlink():
-        raise FileExistsError(f"{path} exists and is not a folder (a link); nothing was changed")
     path = Path(os.path.abspath(os.path.expanduser(path)))  # "." and "a/.." get their names: replaced beside, not inside
+    if path.is_symlink():
+        raise FileExistsError(f"{path} exists and is not a folder (a link); nothing was changed")
     if not path.name:
         raise FileExistsError(f"{path} is the root of the file system: choose a folder for the model")
     if path.exists() and not path.is_dir():
@@ -423,7 +439,8 @@ def compute_dtype(model: nn.Module) -> torch.dtype:
 
 
 def save_quantized(model: nn.Module, path: str | os.PathLike, tokenizer=None, dtype: torch.dtype | None = None,
-                   overwrite: bool = False, max_shard_size: int | str = "2GB", source: dict | None = None) -> Path:
+                   overwrite: bool = False, max_shard_size: int | str = "2GB", source: dict | None = None,
+                   replaces_run: str | None = None) -> Path:
     """Export a quantized model (after QAT, GPTQ or plain PTQ; frozen, or deployed / loaded) as a Hugging Face model
     folder (see module docstring) that ``AutoModelForCausalLM.from_pretrained`` loads after ``import rcp_lib`` (or with
     ``trust_remote_code=True`` in a process that has not imported it).
@@ -445,6 +462,9 @@ def save_quantized(model: nn.Module, path: str | os.PathLike, tokenizer=None, dt
         source: what the model was built from, recorded as ``quant_map.json``'s ``"source"`` (JSON values; the
             CLI's ``export`` writes the method / run, the commit, the code fingerprint and the CPU or GPU it was built
             on: :func:`rcp_lib.export.export_method`), so that a folder says which table row it can reproduce.
+        replaces_run: with ``overwrite``, replace a packed folder only if its ``source`` names this run (the folder
+            of a ``qat`` run: :func:`rcp_lib.run_config.run_qat`); checked again just before the swap, so another
+            run that wrote the folder meanwhile is not overwritten.
     Returns:
         the folder (permissions: those of the folder it replaced, else ``0o777`` less the umask).
     Raises:
@@ -458,6 +478,7 @@ def save_quantized(model: nn.Module, path: str | os.PathLike, tokenizer=None, dt
     if not getattr(model.config, "rcp_quant", None):
         raise ValueError("save_quantized needs a model prepared with quantize_model (config.rcp_quant is missing)")
     path = check_output_folder(path, overwrite)
+    check_replaces_run(path, replaces_run)
     if dtype is None:
         dtype = compute_dtype(model)
     recipe = Recipe.from_dict({"rotation": getattr(model.config, "rcp_rotation", None), "quant": model.config.rcp_quant})
@@ -512,6 +533,7 @@ def save_quantized(model: nn.Module, path: str | os.PathLike, tokenizer=None, dt
             tokenizer.save_pretrained(tmp)
         os.chmod(tmp, _folder_mode(path))
         check_output_folder(path, overwrite)  # again: the folder may have changed while the tensors were written
+        check_replaces_run(path, replaces_run)
         _replace_folder(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -527,13 +549,21 @@ def _replace_folder(new: Path, path: Path) -> None:
         os.replace(new, path)
         return
     old = path.with_name(f".{path.name}.old-{os.getpid()}-{time.time_ns()}")
+    try:
+        here = os.getcwd() == str(path)
+    except OSError:
+        here = False
     os.replace(path, old)
     try:
         os.replace(new, path)
     except BaseException:
         os.replace(old, path)
         raise
+    if here:  # this process sat in the replaced folder: into the new one, not the deleted old one
+        os.chdir(path)
     shutil.rmtree(old, ignore_errors=True)
+    if old.exists():
+        warnings.warn(f"{path} was replaced, but its old contents could not be deleted: remove {old}", stacklevel=3)
 
 
 @dataclass
@@ -814,7 +844,7 @@ def fuse_gated_mlps(model: nn.Module) -> int:
     torch_r4 = [n for n, f in plan if isinstance(f.down_proj.input_transform, OnlineHadamard)
                 and not _fusable_hadamard(f.down_proj.input_transform)]
     if torch_r4:
-        t = plan[0][1].down_proj.input_transform
+        t = dict(plan)[torch_r4[0]].down_proj.input_transform
         warnings.warn(f"fuse_gated_mlps: the fused path's pre-kernel does not build down_proj's online Hadamard "
                       f"(order {t.n}, block {t.block}) in {len(torch_r4)} of {len(plan)} blocks: there the SiLU, the "
                       f"product and R4 stay torch ops between the two products (GatedMLP.glu_in_kernel)", stacklevel=2)

@@ -206,7 +206,8 @@ def test_deep_split_k_candidates_are_pruned_exactly_where_a_split_would_be_empty
     assert kern.early_config_prune is _early_prune
     # Triton's on-disk tuning cache sees only the source, the tuning key and the configurations: the constexprs that
     # make the one-launch, tiled and GLU variants read different amounts are in the key (and are kernel arguments)
-    assert {"QUANT_IN", "TILED", "GLU"} <= set(kern.keys) <= set(kern.arg_names)
+    assert {"G", "ABITS", "QUANT_IN", "TILED", "GLU"} <= set(kern.keys) <= set(kern.arg_names)
+    assert "G" in _tuned("gemv", 128, True).keys
     pruned = _early_prune(kern.configs, {"K": 4096, "N": 4096}, G=128)
     assert all(isinstance(c, triton.Config) for c in pruned) and len(pruned) == len(k4096)
 
