@@ -10,6 +10,10 @@ training) and gives the columns every QAT row carries:
 * ``clip_shift``: mean over all groups of ``|ratio_final - ratio_init|``. The mean ratio alone can hide movement: from
   the searched (MSE-optimal) start, groups move both ways and the signed changes cancel (measured on the embedded
   model: mean ratio changed by 3e-5 while the mean per-group change was 3e-3 after 10 steps);
+* ``range_shift``: mean over all groups of ``|(hi - lo)_final / (hi - lo)_init - 1|``, the relative change of the
+  quantizer's own range (:meth:`~rcp_lib.quant.quantizers.WeightQuantizer.clip_range`). ``clip_shift`` divides by the
+  latent group's min-max, which moves with the weights: a frozen static range has ``range_shift`` 0 but a non-zero
+  ``clip_shift`` (on the embedded model, 0.001 of RCP's 0.0025); for LWC's relative range both move with the weights;
 * ``level_shift``: mean ``|c_final - c_init|`` over the *interior* normalised level positions ``c_1 .. c_{L-2}`` of
   every group (the end positions are 0 and 1 by construction); 0 for a uniform grid;
 * ``weight_shift``: relative Frobenius change of the latent weights, ``sqrt(sum ||W1 - W0||^2) / sqrt(sum ||W0||^2)``
@@ -33,7 +37,8 @@ Snapshot = dict[str, dict[str, torch.Tensor]]
 
 @torch.no_grad()
 def snapshot(model: nn.Module, weights: bool = True) -> Snapshot:
-    """Per quantized layer (name -> dict): ``clip_ratio`` float64 ``[out, n_groups]``, ``fractions`` float64
+    """Per quantized layer (name -> dict): ``clip_ratio`` and ``span`` (``hi - lo``) float64 ``[out, n_groups]``,
+    ``fractions`` float64
     ``[out, n_groups or 1, L]``, ``codes`` uint8 ``[out, in]`` (:meth:`~rcp_lib.quant.quantizers.WeightQuantizer.export`)
     and (``weights=True``) ``weight``, a float32 copy of the latent weight ``[out, in]``.
 
@@ -47,8 +52,9 @@ def snapshot(model: nn.Module, weights: bool = True) -> Snapshot:
         if not isinstance(wq, WeightQuantizer):
             continue
         w = mod.weight.detach()
-        rec = {"clip_ratio": wq.clip_ratio(w).cpu(), "fractions": wq.level_fractions(w).cpu(),
-               "codes": wq.export(w)[0].cpu()}
+        lo, hi = wq.clip_range(w)
+        rec = {"clip_ratio": wq.clip_ratio(w).cpu(), "span": (hi.double() - lo.double()).cpu(),
+               "fractions": wq.level_fractions(w).cpu(), "codes": wq.export(w)[0].cpu()}
         if weights:
             rec["weight"] = w.to(device="cpu", dtype=torch.float32, copy=True)
         out[name] = rec
@@ -59,8 +65,10 @@ def movement(before: Snapshot, after: Snapshot) -> dict[str, float]:
     """Movement columns between two snapshots of the same model (see module docstring).
 
     Returns:
-        ``{"clip_ratio_init", "clip_ratio_final", "clip_shift", "level_shift", "weight_shift", "code_flips"}`` as floats
-        (``weight_shift`` is NaN when the snapshots hold no weights, ``code_flips`` when they hold no codes).
+        ``{"clip_ratio_init", "clip_ratio_final", "clip_shift", "range_shift", "level_shift", "weight_shift",
+        "code_flips"}`` as floats (``weight_shift`` is NaN when the snapshots hold no weights, ``code_flips`` when they
+        hold no codes, ``range_shift`` when they hold no spans; a group whose initial span is 0 counts as moved by
+        ``|span_final|``).
     Raises:
         ValueError: the snapshots are empty or name different layers / shapes.
     """
@@ -90,7 +98,12 @@ def movement(before: Snapshot, after: Snapshot) -> dict[str, float]:
             dw2 += float(((w1 - w0) ** 2).sum())
             w2 += float((w0 ** 2).sum())
     level = float(torch.cat(shifts).mean()) if shifts else 0.0
+    rng = float("nan")
+    if all("span" in before[n] and "span" in after[n] for n in before):
+        s0 = torch.cat([before[n]["span"].reshape(-1) for n in before]).double()
+        s1 = torch.cat([after[n]["span"].reshape(-1) for n in before]).double()
+        rng = float(torch.where(s0 != 0, s1 / torch.where(s0 != 0, s0, 1.0) - 1, s1).abs().mean())
     return {"clip_ratio_init": float(r0.mean()), "clip_ratio_final": float(r1.mean()),
-            "clip_shift": float((r1 - r0).abs().mean()), "level_shift": level,
+            "clip_shift": float((r1 - r0).abs().mean()), "range_shift": rng, "level_shift": level,
             "weight_shift": math.sqrt(dw2 / w2) if have_w and w2 > 0 else float("nan"),
             "code_flips": flips / n_codes if have_c and n_codes else float("nan")}

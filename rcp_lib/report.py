@@ -653,9 +653,11 @@ def ablation_markdown(summary: pd.DataFrame, start: pd.DataFrame | None = None,
         means = start.groupby("method")[cols].mean().to_dict("index")
     extra_h, extra_s = ("", "") if not means else (" clip ratio vs FP weights: start → trained | levels off uniform: "
                                                    "start → trained |", "---|---|")
+    rng = "range_shift_mean" in summary  # rows computed since the range's own movement is recorded
+    rng_h, rng_s = (" mean \\|Δ range\\| / range |", "---|") if rng else ("", "")
     lines = ["| method | seeds | ppl (mean ± SE) | start ppl (before QAT) | QAT vs its start | clip ratio init → final | "
-             f"mean \\|Δ clip ratio\\| | mean \\|Δ level\\| | code flips | weight change |{extra_h} vs RCP |",
-             f"|---|---|---|---|---|---|---|---|---|---|{extra_s}---|"]
+             f"mean \\|Δ clip ratio\\| |{rng_h} mean \\|Δ level\\| | code flips | weight change |{extra_h} vs RCP |",
+             f"|---|---|---|---|---|---|---|{rng_s}---|---|---|{extra_s}---|"]
     for r in summary.to_dict("records"):
         vs, vst = r.get("vs_RCP"), r.get("vs_start")
         f = means.get(r["method"])
@@ -667,6 +669,7 @@ def ablation_markdown(summary: pd.DataFrame, start: pd.DataFrame | None = None,
                      f"{num(r, 'step0_ppl_mean', _fmt_ppl)} | {vst if isinstance(vst, str) and vst else '–'} | "
                      f"{num(r, 'clip_ratio_init_mean', lambda x: f'{x:.3f}')} → "
                      f"{num(r, 'clip_ratio_final_mean', lambda x: f'{x:.3f}')} | {num(r, 'clip_shift_mean', lambda x: f'{x:.4f}')} | "
+                     + (f"{num(r, 'range_shift_mean', lambda x: f'{x:.4f}')} | " if rng else "") +
                      f"{num(r, 'level_shift_mean', lambda x: f'{x:.4f}')} | {num(r, 'code_flips_mean', lambda x: f'{x:.2g}')} | "
                      f"{num(r, 'weight_shift_mean', lambda x: f'{x:.2g}')} |"
                      f"{extra} {vs if isinstance(vs, str) and vs else '–'} |")

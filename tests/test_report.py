@@ -222,6 +222,14 @@ def test_ablation_block_in_readme(tmp_path):
     assert "| RCP | 3 | 400 ± 5.77 | 50000 | – | 0.672 → 0.671 | 0.0120 | 0.0130 | – | 0.0034 | – |" in md
     assert "| RCP w/o Clip | 3 | 410 ± 17.30 |" in md and "not separable at this budget (Welch p = 0.5, n = 3, 3) |" in md
     assert "Not comparable row to row" not in md  # no fingerprints recorded on either side: nothing to compare
+    with_range = pd.read_csv(tmp_path / "ablation" / "ablation_summary.csv").assign(range_shift_mean=[0.0023, 0.0])
+    from rcp_lib.report import ablation_markdown
+
+    rmd = ablation_markdown(with_range).splitlines()  # the range's own movement, where the rows record it
+    assert "mean \\|Δ clip ratio\\| | mean \\|Δ range\\| / range | mean \\|Δ level\\|" in rmd[0]
+    assert rmd[2].startswith("| RCP | 3 | 400 ± 5.77 | 50000 | – | 0.672 → 0.671 | 0.0120 | 0.0023 | 0.0130 |")
+    cells = [s.replace("\\|", "").count("|") for s in rmd[:3]]  # column separators, not escaped pipes
+    assert cells[0] == cells[1] == cells[2] == 13
     abl = pd.read_csv(tmp_path / "ablation" / "ablation_summary.csv")
     extra = {**abl.iloc[1].to_dict(), "method": "RCP w/o Rotate", "ppl_mean": 4000.0, "vs_RCP": "RCP < RCP w/o Rotate (Welch p = 0.01, n = 3, 3)"}
     abl = pd.concat([abl, pd.DataFrame([extra])], ignore_index=True)

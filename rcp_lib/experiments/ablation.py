@@ -27,7 +27,8 @@ from .rows import cached_row, code_key
 
 #: the columns of ``ablation.csv``, in order
 ABLATION_COLUMNS = ("method", "setting", "seed", "ppl", "step0_ppl", "clip_ratio_init", "clip_ratio_final",
-                    "clip_shift", "level_shift", "weight_shift", "code_flips", "tokens", "seconds", "git_commit",
+                    "clip_shift", "range_shift", "level_shift", "weight_shift", "code_flips", "tokens", "seconds",
+                    "git_commit",
                     "code_fingerprint")
 ABLATION_SETTING = "W2A4KV4"
 
@@ -67,7 +68,7 @@ def ablation_row(r: dict) -> dict:
     return {"method": r["method"], "setting": r["setting"], "seed": int(r["seed"]), "ppl": float(r["ppl"]),
             "step0_ppl": get("step0_ppl"), "clip_ratio_init": get("clip_ratio_init"),
             "clip_ratio_final": get("clip_ratio_final"), "clip_shift": get("clip_shift"),
-            "level_shift": get("level_shift"), "weight_shift": get("weight_shift"), "code_flips": get("code_flips"),
+            "range_shift": get("range_shift"), "level_shift": get("level_shift"), "weight_shift": get("weight_shift"), "code_flips": get("code_flips"),
             "tokens": get("qat_tokens"), "seconds": get("qat_seconds"), "git_commit": r.get("git_commit"),
             "code_fingerprint": r.get("code_fingerprint")}
 
@@ -84,7 +85,8 @@ def _stats(values: list[float]) -> tuple[float, float, float]:
 def summarize_ablation(rows: list[dict]) -> list[dict]:
     """Per (method, setting), in first-seen order: ``n``, ``ppl_mean``, ``ppl_std`` (sample std), ``ppl_sem``
     (std / sqrt(n)), ``seeds``, ``ppl_values``, the means of ``step0_ppl``, ``clip_ratio_init``, ``clip_ratio_final``,
-    ``clip_shift``, ``level_shift``, ``weight_shift``, ``code_flips`` (NaN where a column is missing), and
+    ``clip_shift``, ``range_shift``, ``level_shift``, ``weight_shift``, ``code_flips`` (NaN where a column is
+    missing), and
     ``vs_start``: the row's start (its model before the first QAT step, ``step0_ppl``) against the trained row, a
     seed-paired t-test (:func:`start_order`; empty without a start for every seed)."""
     groups: dict[tuple[str, str], list[dict]] = {}
@@ -96,8 +98,8 @@ def summarize_ablation(rows: list[dict]) -> list[dict]:
         rec: dict[str, Any] = {"method": name, "setting": setting, "n": len(rs), "seeds": [r["seed"] for r in rs],
                                "ppl_mean": mean, "ppl_std": sd, "ppl_sem": se,
                                "ppl_values": [float(r["ppl"]) for r in rs]}
-        for k in ("step0_ppl", "clip_ratio_init", "clip_ratio_final", "clip_shift", "level_shift", "weight_shift",
-                  "code_flips"):
+        for k in ("step0_ppl", "clip_ratio_init", "clip_ratio_final", "clip_shift", "range_shift", "level_shift",
+                  "weight_shift", "code_flips"):
             vals = [float(r[k]) for r in rs if r.get(k) is not None and r.get(k) == r.get(k)]
             rec[f"{k}_mean"] = statistics.fmean(vals) if vals else float("nan")
         rec["vs_start"] = start_order(name, rs)

@@ -310,7 +310,8 @@ def train_student(model: nn.Module, fp: nn.Module, profile: Profile, qat: QATCon
     there (a killed run resumes).
 
     Returns:
-        ``{"step0_ppl", "clip_ratio_init", "clip_ratio_final", "clip_shift", "level_shift", "weight_shift", "code_flips", "tokens",
+        ``{"step0_ppl", "clip_ratio_init", "clip_ratio_final", "clip_shift", "range_shift", "level_shift", "weight_shift",
+        "code_flips", "tokens",
         "seconds", "block_ap"}`` (``step0_ppl`` None without ``step0_eval``; ``seconds`` = Block-AP + training, without the
         evaluations).
     """

@@ -15,8 +15,8 @@ from .rows import cached_row, row_key, method_config
 
 
 #: movement / start columns of every perplexity row (None for rows without QAT); see :mod:`rcp_lib.movement`
-QAT_COLUMNS = ("step0_ppl", "clip_ratio_init", "clip_ratio_final", "clip_shift", "level_shift", "weight_shift",
-               "code_flips")
+QAT_COLUMNS = ("step0_ppl", "clip_ratio_init", "clip_ratio_final", "clip_shift", "range_shift", "level_shift",
+               "weight_shift", "code_flips")
 
 
 def _window_note(idx: list[int], n_total: int) -> str:
