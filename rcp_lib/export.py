@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -133,8 +134,6 @@ def export_method(name: "str | Method", setting: str, profile: str, out: str | o
     why = committed_row_mismatch(m.name, m.setting, P.run_name, P.seed, built,
                                  on_cpu=torch.device(P.device).type == "cpu")
     if why:
-        import warnings
-
         warnings.warn(why, stacklevel=2)
     model = build(m, P, progress=progress)
     source = {"method": m.name, "setting": m.setting, "profile": P.name, "overrides": P.overrides, "seed": P.seed,
@@ -160,7 +159,7 @@ def evaluate_folder(path: str | os.PathLike, corpus: str = "wiki-excerpt", seqle
     """
     from .data import corpus_tokens
     from .evaluation import perplexity_details
-    from .deploy import load_quantized
+    from .deploy import load_quantized, packed_source
 
     model, tok = load_quantized(path, device=device)
     if tok is None:
@@ -169,7 +168,7 @@ def evaluate_folder(path: str | os.PathLike, corpus: str = "wiki-excerpt", seqle
     r = perplexity_details(model, ids, seqlen=seqlen, max_windows=max_windows, progress=False, spread=spread)
     out: dict[str, Any] = {"model": str(path), "corpus": corpus, "seqlen": seqlen, "windows": r.windows,
                            "tokens_scored": r.tokens_scored, "window_indices": r.window_indices, "ppl": r.ppl}
-    source = json.loads((Path(path) / "quant_map.json").read_text()).get("source")
+    source = packed_source(path)
     if source:  # what the folder was built from (save_quantized's ``source``)
         out["source"] = source
     if tasks:

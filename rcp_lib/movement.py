@@ -11,7 +11,7 @@ training) and gives the columns every QAT row carries:
   the searched (MSE-optimal) start, groups move both ways and the signed changes cancel (measured on the embedded
   model: mean ratio changed by 3e-5 while the mean per-group change was 3e-3 after 10 steps);
 * ``range_shift``: mean over all groups of ``|(hi - lo)_final / (hi - lo)_init - 1|``, the relative change of the
-  quantizer's own range (:meth:`~rcp_lib.quant.quantizers.WeightQuantizer.clip_range`). ``clip_shift`` divides by the
+  quantizer's own range (:meth:`~rcp_lib.quant.quantizers.WeightQuantizer.clip_ratio_and_span`). ``clip_shift`` divides by the
   latent group's min-max, which moves with the weights: a frozen static range has ``range_shift`` 0 but a non-zero
   ``clip_shift`` (on the embedded model, 0.001 of RCP's 0.0025); for LWC's relative range both move with the weights;
 * ``level_shift``: mean ``|c_final - c_init|`` over the *interior* normalised level positions ``c_1 .. c_{L-2}`` of
@@ -52,9 +52,9 @@ def snapshot(model: nn.Module, weights: bool = True) -> Snapshot:
         if not isinstance(wq, WeightQuantizer):
             continue
         w = mod.weight.detach()
-        lo, hi = wq.clip_range(w)
-        rec = {"clip_ratio": wq.clip_ratio(w).cpu(), "span": (hi.double() - lo.double()).cpu(),
-               "fractions": wq.level_fractions(w).cpu(), "codes": wq.export(w)[0].cpu()}
+        ratio, width = wq.clip_ratio_and_span(w)
+        rec = {"clip_ratio": ratio.cpu(), "span": width.cpu(), "fractions": wq.level_fractions(w).cpu(),
+               "codes": wq.export(w)[0].cpu()}
         if weights:
             rec["weight"] = w.to(device="cpu", dtype=torch.float32, copy=True)
         out[name] = rec

@@ -839,11 +839,18 @@ class WeightQuantizer(nn.Module):
     def clip_ratio(self, weight: torch.Tensor) -> torch.Tensor:
         """Per-group clip ratio ``(hi - lo) / (max(w_g) - min(w_g))``, float64 ``[out, n_groups]`` (1 = min-max; a
         constant group counts as 1). The same definition for LWC, static and fixed ranges."""
+        return self.clip_ratio_and_span(weight)[0]
+
+    @torch.no_grad()
+    def clip_ratio_and_span(self, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`clip_ratio` and the range's own width ``hi - lo``, both float64 ``[out, n_groups]``, from one
+        evaluation of the range (an MSE clip search runs once)."""
         wg = self._grouped(weight).to(torch.float64)
         lo, hi = self._range(wg)
+        width = hi.to(torch.float64) - lo.to(torch.float64)
         span = wg.amax(-1) - wg.amin(-1)
-        ratio = (hi.to(torch.float64) - lo.to(torch.float64)) / span.clamp_min(_EPS)
-        return torch.where(span > _EPS, ratio, torch.ones_like(ratio))
+        ratio = width / span.clamp_min(_EPS)
+        return torch.where(span > _EPS, ratio, torch.ones_like(ratio)), width
 
     @torch.no_grad()
     def level_fractions(self, weight: torch.Tensor | None = None) -> torch.Tensor:
