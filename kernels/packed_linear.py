@@ -346,8 +346,13 @@ class PackedLinear(nn.Module):
         Hadamard the pre-kernel does not build (:func:`.triton_w2a4.hadamard_supported`; e.g. LLaMA-2-7B's 11008)."""
         if self._use_decode_cache(x) or self.kernel_path(x) != "fused":
             return False
+        return self.input_transform is None or self._hadamard_in_prekernel()
+
+    def _hadamard_in_prekernel(self) -> bool:
+        """Whether the fused path's pre-kernel applies this layer's input transform itself (a supported
+        :class:`OnlineHadamard`); any other transform runs in torch before the op."""
         t = self.input_transform
-        return t is None or (isinstance(t, OnlineHadamard) and _fusable_hadamard(t))
+        return isinstance(t, OnlineHadamard) and _fusable_hadamard(t)
 
     def _forward(self, x: torch.Tensor, glu: bool) -> torch.Tensor:
         from .op import w2a4_linear
@@ -367,7 +372,7 @@ class PackedLinear(nn.Module):
         path = self.kernel_path(x)
         fused = path == "fused"
         # the pre-kernel fuses a supported Hadamard (block or full); any other input transform runs in torch first
-        from_op = fused and isinstance(t, OnlineHadamard) and _fusable_hadamard(t)
+        from_op = fused and self._hadamard_in_prekernel()
         if t is not None and not from_op:
             if glu:  # the product comes before a transform that runs in torch
                 x, glu = glu_input(x), False
