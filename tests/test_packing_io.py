@@ -323,7 +323,9 @@ def test_overwrite_never_deletes_what_the_export_did_not_write(tmp_path, monkeyp
     (d / "additional_chat_templates").mkdir()  # what a tokenizer's save_pretrained may write: not foreign
     monkeypatch.chdir(d)
     assert check_output_folder(".", overwrite=True) == d
-    assert save_quantized(m, ".", overwrite=True) == d
+    with pytest.warns(UserWarning, match="working directory: a shell that sat in it.*cd into"):
+        assert save_quantized(m, ".", overwrite=True) == d
+    assert os.getcwd() == str(d) and (d / "quant_map.json").is_file()  # the process itself is in the new folder
     assert sorted(p.name for p in tmp_path.iterdir()) == ["packed"]  # no temporary or old folder left
     load_quantized(d)
 

@@ -561,6 +561,9 @@ def _replace_folder(new: Path, path: Path) -> None:
         raise
     if here:  # this process sat in the replaced folder: into the new one, not the deleted old one
         os.chdir(path)
+        # a shell that started this process sat there too, and stays in the deleted old folder (it shows as empty)
+        warnings.warn(f"{path} was replaced while it was the working directory: a shell that sat in it is now in the "
+                      f"deleted old folder; cd into {path} again", stacklevel=3)
     shutil.rmtree(old, ignore_errors=True)
     if old.exists():
         warnings.warn(f"{path} was replaced, but its old contents could not be deleted: remove {old}", stacklevel=3)
