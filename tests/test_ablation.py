@@ -58,12 +58,14 @@ def test_ablation_profile_and_table_columns(monkeypatch):
                      rec.qat.seed if rec.qat else p.seed))  # a PTQ row: the profile's seed picks its calibration
         return {"ppl": 100.0 + p.seed, "step0_ppl": 1e4, "clip_ratio_init": 0.98, "clip_ratio_final": 0.9,
                 "level_shift": 0.02, "weight_shift": 1e-3, "qat_tokens": 10240, "qat_seconds": 60.0,
-                "git_commit": "abc"}
+                "git_commit": "abc", "cpu_flags": "avx avx2", "config": '{"w_bits": 2}'}
 
     monkeypatch.setattr(X.tables, "ppl_row", fake_row)
     rows = A.ablation_table(P, progress=False)
     assert len(rows) == len(P.ablation_seeds) * len(names)
     assert all(tuple(r) == A.ABLATION_COLUMNS for r in rows)
+    # each per-seed row says where it ran and what it ran (the perplexity row's provenance and config)
+    assert all(r["cpu_flags"] == "avx avx2" and r["config"] == '{"w_bits": 2}' and r["device"] is None for r in rows)
     # the seed sets the R1 signs (rotation seed) and the data order (QAT seed) of every row that rotates
     assert all(s == q and (rs is None or rs == s) for _, s, rs, q in seen)
     summ = A.summarize_ablation(rows)

@@ -28,8 +28,9 @@ from .rows import cached_row, code_key
 #: the columns of ``ablation.csv``, in order
 ABLATION_COLUMNS = ("method", "setting", "seed", "ppl", "step0_ppl", "clip_ratio_init", "clip_ratio_final",
                     "clip_shift", "range_shift", "level_shift", "weight_shift", "code_flips", "tokens", "seconds",
-                    "git_commit",
-                    "code_fingerprint")
+                    "git_commit", "code_fingerprint",
+                    # where the row ran (a CPU type rounds like a seed) and what it ran: the perplexity row's own
+                    "device", "cpu_model", "cpu_flags", "torch_cpu_capability", "config")
 ABLATION_SETTING = "W2A4KV4"
 
 
@@ -70,7 +71,8 @@ def ablation_row(r: dict) -> dict:
             "clip_ratio_final": get("clip_ratio_final"), "clip_shift": get("clip_shift"),
             "range_shift": get("range_shift"), "level_shift": get("level_shift"), "weight_shift": get("weight_shift"), "code_flips": get("code_flips"),
             "tokens": get("qat_tokens"), "seconds": get("qat_seconds"), "git_commit": r.get("git_commit"),
-            "code_fingerprint": r.get("code_fingerprint")}
+            "code_fingerprint": r.get("code_fingerprint"),
+            **{k: get(k) for k in ("device", "cpu_model", "cpu_flags", "torch_cpu_capability", "config")}}
 
 
 def _stats(values: list[float]) -> tuple[float, float, float]:
