@@ -939,8 +939,10 @@ def results_markdown(profile: str = "cpu", results: Path | None = None, link_roo
                 f"ablation`; W2A4KV4, the `cpu` profile's test windows and QAT budget, one run per seed, the seed "
                 f"setting the R1 signs and the data order; `results/ablation/`, git {', '.join(c[:8] for c in commits)}). "
                 "An order against RCP is stated only from a t-test on log perplexity over the seeds (paired by seed) "
-                "(two-sided p < 0.05, p shown).", "",
-                ablation_markdown(abl, pd.read_csv(start_p) if start_p.exists() else None,
+                "(two-sided p < 0.05, p shown).", ""]
+        t = timing_markdown(abl_p.parent, "ablation")  # the ablation profile's run (GSR, R4, zero-shot included)
+        out += [t, ""] if t else []
+        out += [ablation_markdown(abl, pd.read_csv(start_p) if start_p.exists() else None,
                                   pd.read_csv(abl_p.parent / _file("ablation"))
                                   if (abl_p.parent / _file("ablation")).exists() else None), ""]
         line = ablation_versions_markdown(d, ppl)

@@ -222,6 +222,13 @@ def test_ablation_block_in_readme(tmp_path):
     assert "| RCP | 3 | 400 ± 5.77 | 50000 | – | 0.672 → 0.671 | 0.0120 | 0.0130 | – | 0.0034 | – |" in md
     assert "| RCP w/o Clip | 3 | 410 ± 17.30 |" in md and "not separable at this budget (Welch p = 0.5, n = 3, 3) |" in md
     assert "Not comparable row to row" not in md  # no fingerprints recorded on either side: nothing to compare
+    assert "reproduce --profile ablation` took" not in md  # no timing file: no time line
+    (tmp_path / "ablation" / "reproduce_timing.json").write_text(json.dumps(
+        {"total_seconds": 5580.0, "device": "cpu x2", "git_commit": "abcdef012345", "date_utc": "2026-12-08",
+         "notebooks": {"06_ablation.ipynb": 5578.9}, "rows": {"06_ablation.ipynb": {"computed": 28, "hits": 61}}}))
+    md = results_markdown("cpu", res)  # the ablation profile's own run time, with what it took from the cache
+    assert ("The last full `reproduce --profile ablation` took **93 min** computing 28 result rows and taking 61 from "
+            "the cache") in md.split("Ablation with seeds")[1]
     with_range = pd.read_csv(tmp_path / "ablation" / "ablation_summary.csv").assign(range_shift_mean=[0.0023, 0.0])
     from rcp_lib.report import ablation_markdown
 
