@@ -11,9 +11,11 @@ and cached models stay in the cache: the same command resumes).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import time
+import warnings
 from pathlib import Path
 
 
@@ -516,6 +518,18 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+@contextlib.contextmanager
+def _one_line_warnings(cmd: str):
+    """Inside: a warning prints as one line, ``python -m rcp_lib CMD: warning: MESSAGE``, not as the file, line and
+    source of the library call that raised it; the warning machinery as it was is restored on exit."""
+    def show(message, category, filename, lineno, file=None, line=None):
+        print(f"python -m rcp_lib {cmd}: warning: {' '.join(str(message).split())}", file=sys.stderr)
+
+    with warnings.catch_warnings():
+        warnings.showwarning = show
+        yield
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run one command; known errors (:func:`_known_errors`) print one line and return 2 (``--debug``: raise)."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -524,7 +538,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     t = time.time()
     try:
-        rc = args.func(args)
+        with contextlib.nullcontext() if debug else _one_line_warnings(args.cmd):
+            rc = args.func(args)
     except KeyboardInterrupt:
         if debug:
             raise

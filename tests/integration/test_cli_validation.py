@@ -161,6 +161,28 @@ def test_os_and_not_implemented_errors_are_one_line(exc, needle, monkeypatch, ca
     assert "\n" not in err and needle in err and "error:" in err, err
 
 
+def test_warnings_of_a_command_print_as_one_line(monkeypatch, capsys):
+    """A library warning during a command prints as ``python -m rcp_lib CMD: warning: MESSAGE`` (no file, line or
+    source of the call); ``--debug`` leaves the warning machinery alone; either way it is as it was afterwards."""
+    import warnings
+
+    import rcp_lib.__main__ as M
+
+    def warn(args):
+        warnings.warn("the committed row was computed by other code:\n  export at its commit", UserWarning)
+        return 0
+
+    monkeypatch.setattr(M, "_cmd_readme", warn)
+    before = warnings.showwarning
+    assert M.main(["readme", "--profile", "cpu"]) == 0
+    err = capsys.readouterr().err.splitlines()
+    assert err[0] == ("python -m rcp_lib readme: warning: the committed row was computed by other code: export at its "
+                      "commit") and "UserWarning" not in "".join(err) and warnings.showwarning is before
+    with pytest.warns(UserWarning, match="computed by other code"):
+        assert M.main(["readme", "--profile", "cpu", "--debug"]) == 0
+    assert warnings.showwarning is before
+
+
 # ---- the checks themselves (in process) ------------------------------------------------------------------------
 
 
