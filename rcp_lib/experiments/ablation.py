@@ -25,12 +25,12 @@ from ..stats import NOT_SEPARABLE, order  # noqa: F401 (NOT_SEPARABLE: re-export
 from .methods import ABLATIONS, EQUAL_BITS, QAT_BASELINES, SEEDED_PTQ, Method, method
 from .rows import cached_row, code_key
 
+#: where an ablation row ran (a CPU type rounds like a seed) and what it ran, copied from its perplexity row
+ROW_PROVENANCE = ("device", "cpu_model", "cpu_flags", "torch_cpu_capability", "config")
 #: the columns of ``ablation.csv``, in order
 ABLATION_COLUMNS = ("method", "setting", "seed", "ppl", "step0_ppl", "clip_ratio_init", "clip_ratio_final",
                     "clip_shift", "range_shift", "level_shift", "weight_shift", "code_flips", "tokens", "seconds",
-                    "git_commit", "code_fingerprint",
-                    # where the row ran (a CPU type rounds like a seed) and what it ran: the perplexity row's own
-                    "device", "cpu_model", "cpu_flags", "torch_cpu_capability", "config")
+                    "git_commit", "code_fingerprint") + ROW_PROVENANCE
 ABLATION_SETTING = "W2A4KV4"
 
 
@@ -69,10 +69,11 @@ def ablation_row(r: dict) -> dict:
     return {"method": r["method"], "setting": r["setting"], "seed": int(r["seed"]), "ppl": float(r["ppl"]),
             "step0_ppl": get("step0_ppl"), "clip_ratio_init": get("clip_ratio_init"),
             "clip_ratio_final": get("clip_ratio_final"), "clip_shift": get("clip_shift"),
-            "range_shift": get("range_shift"), "level_shift": get("level_shift"), "weight_shift": get("weight_shift"), "code_flips": get("code_flips"),
+            "range_shift": get("range_shift"), "level_shift": get("level_shift"), "weight_shift": get("weight_shift"),
+            "code_flips": get("code_flips"),
             "tokens": get("qat_tokens"), "seconds": get("qat_seconds"), "git_commit": r.get("git_commit"),
             "code_fingerprint": r.get("code_fingerprint"),
-            **{k: get(k) for k in ("device", "cpu_model", "cpu_flags", "torch_cpu_capability", "config")}}
+            **{k: get(k) for k in ROW_PROVENANCE}}
 
 
 def _stats(values: list[float]) -> tuple[float, float, float]:
